@@ -1,0 +1,475 @@
+//! `Health`: knows whether every actor with work is making progress, and whether the server is
+//! ready for traffic.
+//!
+//! Actors send `ReportProgress` after real work (not on a timer), each report carrying a
+//! deadline: "expect my next report within this". A component whose deadline (capped by
+//! `HEALTHCHECK_MAX_STALE_SECONDS`) has passed is stale; one that reported `ReportStopped` is
+//! stopped. Either makes `/_health` answer 503 naming it. Readiness is separate: false until the
+//! topology has started, and false again once shutdown begins, so load balancers drain first.
+//!
+//! Receives: `ReportProgress`, `ReportStopped`, `Deregister` from every actor with work;
+//! `SetReady`, `BeginShutdown` from the topology; `GetHealth`, `GetReadiness` from HTTP.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Context, Handler, Message, MessageResult, Supervised};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::stats::ActorStats;
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// "I did real work; expect my next report within `deadline`." The first report registers the
+/// component.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReportProgress {
+    pub component: String,
+    pub deadline: Duration,
+}
+
+/// The component has stopped working and will not recover by itself.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReportStopped {
+    pub component: String,
+    pub reason: String,
+}
+
+/// The component has finished on purpose (its work is done): stop checking it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Deregister {
+    pub component: String,
+}
+
+/// The topology has started: readiness may turn green.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct SetReady;
+
+/// Shutdown has begun: readiness turns red for good.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct BeginShutdown;
+
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "HealthReport")]
+pub struct GetHealth;
+
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Readiness")]
+pub struct GetReadiness;
+
+/// The state of one check, as `/_health` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckStatus {
+    Ok,
+    Stale {
+        silent_for: Duration,
+        deadline: Duration,
+    },
+    Stopped {
+        reason: String,
+    },
+}
+
+impl CheckStatus {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Self::Ok)
+    }
+}
+
+impl fmt::Display for CheckStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ok => f.write_str("ok"),
+            Self::Stale {
+                silent_for,
+                deadline,
+            } => write!(
+                f,
+                "stale: no progress for {}s (deadline {}s)",
+                silent_for.as_secs(),
+                deadline.as_secs()
+            ),
+            Self::Stopped { reason } => write!(f, "stopped: {reason}"),
+        }
+    }
+}
+
+impl Serialize for CheckStatus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// The answer to `GetHealth`; serializes to PostHog's `/_health` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub checks: BTreeMap<String, CheckStatus>,
+}
+
+impl HealthReport {
+    pub fn is_healthy(&self) -> bool {
+        self.checks.values().all(CheckStatus::is_ok)
+    }
+}
+
+impl Serialize for HealthReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("status", if self.is_healthy() { "ok" } else { "error" })?;
+        map.serialize_entry("checks", &self.checks)?;
+        map.end()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    Starting,
+    Ready,
+    ShuttingDown,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config and actor
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// `HEALTHCHECK_MAX_STALE_SECONDS`: no component may stay silent longer, whatever deadline
+    /// it asked for.
+    pub max_stale: Duration,
+}
+
+struct Component {
+    last_progress: Instant,
+    deadline: Duration,
+    stopped: Option<String>,
+    /// Whether the last check found it stale, so the transition is logged once.
+    reported_stale: bool,
+}
+
+pub struct Health {
+    config: HealthConfig,
+    stats: Arc<ActorStats>,
+    components: BTreeMap<String, Component>,
+    readiness: Readiness,
+}
+
+impl Health {
+    pub fn new(config: HealthConfig, stats: Arc<ActorStats>) -> Self {
+        Self {
+            config,
+            stats,
+            components: BTreeMap::new(),
+            readiness: Readiness::Starting,
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> HealthReport {
+        let max_stale = self.config.max_stale;
+        let mut checks = BTreeMap::new();
+        for (name, component) in &mut self.components {
+            let status = if let Some(reason) = &component.stopped {
+                CheckStatus::Stopped {
+                    reason: reason.clone(),
+                }
+            } else {
+                let deadline = component.deadline.min(max_stale);
+                let silent_for = now.saturating_duration_since(component.last_progress);
+                if silent_for > deadline {
+                    CheckStatus::Stale {
+                        silent_for,
+                        deadline,
+                    }
+                } else {
+                    CheckStatus::Ok
+                }
+            };
+            let stale = !status.is_ok();
+            if stale && !component.reported_stale {
+                tracing::warn!(component = %name, status = %status, "component is unhealthy");
+            }
+            component.reported_stale = stale;
+            checks.insert(name.clone(), status);
+        }
+        HealthReport { checks }
+    }
+}
+
+impl Actor for Health {
+    type Context = Context<Self>;
+}
+
+/// Health holds no state a panic could corrupt; a restart keeps the reports it has.
+impl Supervised for Health {}
+
+impl Handler<ReportProgress> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: ReportProgress, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        let now = Instant::now();
+        let component = self
+            .components
+            .entry(message.component)
+            .or_insert_with(|| Component {
+                last_progress: now,
+                deadline: message.deadline,
+                stopped: None,
+                reported_stale: false,
+            });
+        component.last_progress = now;
+        component.deadline = message.deadline;
+        component.stopped = None;
+        self.stats.record_progress();
+    }
+}
+
+impl Handler<ReportStopped> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: ReportStopped, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        tracing::warn!(component = %message.component, reason = %message.reason, "component stopped");
+        let now = Instant::now();
+        let component = self
+            .components
+            .entry(message.component)
+            .or_insert_with(|| Component {
+                last_progress: now,
+                deadline: Duration::ZERO,
+                stopped: None,
+                reported_stale: false,
+            });
+        component.stopped = Some(message.reason);
+    }
+}
+
+impl Handler<Deregister> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: Deregister, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        self.components.remove(&message.component);
+    }
+}
+
+impl Handler<SetReady> for Health {
+    type Result = ();
+
+    fn handle(&mut self, _: SetReady, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        if self.readiness == Readiness::Starting {
+            self.readiness = Readiness::Ready;
+        }
+    }
+}
+
+impl Handler<BeginShutdown> for Health {
+    type Result = ();
+
+    fn handle(&mut self, _: BeginShutdown, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        self.readiness = Readiness::ShuttingDown;
+    }
+}
+
+impl Handler<GetHealth> for Health {
+    type Result = MessageResult<GetHealth>;
+
+    fn handle(&mut self, _: GetHealth, _: &mut Context<Self>) -> Self::Result {
+        let _timer = self.stats.message_received();
+        MessageResult(self.check(Instant::now()))
+    }
+}
+
+impl Handler<GetReadiness> for Health {
+    type Result = MessageResult<GetReadiness>;
+
+    fn handle(&mut self, _: GetReadiness, _: &mut Context<Self>) -> Self::Result {
+        let _timer = self.stats.message_received();
+        MessageResult(self.readiness)
+    }
+}
+
+/// What an actor with work holds to report its progress: one `do_send` per report (control
+/// traffic, never blocks the event path) plus its own stats for `/_actors`.
+#[derive(Clone)]
+pub struct ProgressReporter {
+    component: String,
+    health: actix::Recipient<ReportProgress>,
+    stopped: actix::Recipient<ReportStopped>,
+    stats: Arc<ActorStats>,
+}
+
+impl ProgressReporter {
+    pub fn new(
+        component: impl Into<String>,
+        health: &actix::Addr<Health>,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        Self {
+            component: component.into(),
+            health: health.clone().recipient(),
+            stopped: health.clone().recipient(),
+            stats,
+        }
+    }
+
+    pub fn report(&self, deadline: Duration) {
+        self.stats.record_progress();
+        self.health.do_send(ReportProgress {
+            component: self.component.clone(),
+            deadline,
+        });
+    }
+
+    pub fn report_stopped(&self, reason: impl Into<String>) {
+        self.stopped.do_send(ReportStopped {
+            component: self.component.clone(),
+            reason: reason.into(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::stats::{ActorRegistry, ObservedAddr};
+    use crate::supervisor::{SpawnOptions, spawn_supervised};
+
+    fn start(max_stale: Duration) -> ObservedAddr<Health> {
+        let registry = ActorRegistry::new(Metrics::new().expect("metrics"));
+        spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
+            Health::new(HealthConfig { max_stale }, stats)
+        })
+    }
+
+    fn progress(component: &str, deadline_secs: u64) -> ReportProgress {
+        ReportProgress {
+            component: component.to_owned(),
+            deadline: Duration::from_secs(deadline_secs),
+        }
+    }
+
+    #[actix::test]
+    async fn a_component_that_stops_reporting_turns_stale() {
+        tokio::time::pause();
+        let health = start(Duration::from_secs(7200));
+        health.send(progress("ingestion", 30)).await.expect("sent");
+        health.send(progress("scheduler", 300)).await.expect("sent");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert!(report.is_healthy(), "{report:?}");
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let report = health.send(GetHealth).await.expect("answered");
+        assert!(!report.is_healthy());
+        assert_eq!(
+            report.checks["ingestion"].to_string(),
+            "stale: no progress for 31s (deadline 30s)"
+        );
+        assert!(report.checks["scheduler"].is_ok());
+
+        health.send(progress("ingestion", 30)).await.expect("sent");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert!(report.is_healthy(), "progress makes it healthy again");
+    }
+
+    #[actix::test]
+    async fn max_stale_caps_every_deadline() {
+        tokio::time::pause();
+        let health = start(Duration::from_secs(60));
+        health.send(progress("jobs", 3600)).await.expect("sent");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let report = health.send(GetHealth).await.expect("answered");
+        assert_eq!(
+            report.checks["jobs"].to_string(),
+            "stale: no progress for 61s (deadline 60s)"
+        );
+    }
+
+    #[actix::test]
+    async fn a_stopped_component_is_unhealthy_until_it_reports_again() {
+        let health = start(Duration::from_secs(7200));
+        health.send(progress("writer", 30)).await.expect("sent");
+        health
+            .send(ReportStopped {
+                component: "writer".to_owned(),
+                reason: "clickhouse unreachable".to_owned(),
+            })
+            .await
+            .expect("sent");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert_eq!(
+            serde_json::to_value(&report).expect("serializes"),
+            serde_json::json!({
+                "status": "error",
+                "checks": {"writer": "stopped: clickhouse unreachable"}
+            })
+        );
+        health
+            .send(Deregister {
+                component: "writer".to_owned(),
+            })
+            .await
+            .expect("sent");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert_eq!(
+            serde_json::to_value(&report).expect("serializes"),
+            serde_json::json!({"status": "ok", "checks": {}})
+        );
+    }
+
+    #[actix::test]
+    async fn readiness_goes_starting_ready_shutting_down() {
+        let health = start(Duration::from_secs(7200));
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::Starting
+        );
+        health.send(SetReady).await.expect("sent");
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::Ready
+        );
+        health.send(BeginShutdown).await.expect("sent");
+        health.send(SetReady).await.expect("sent");
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::ShuttingDown,
+            "shutdown is final"
+        );
+    }
+
+    #[actix::test]
+    async fn the_progress_reporter_feeds_health_and_stats() {
+        let registry = ActorRegistry::new(Metrics::new().expect("metrics"));
+        let health = spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
+            Health::new(
+                HealthConfig {
+                    max_stale: Duration::from_secs(60),
+                },
+                stats,
+            )
+        });
+        let worker_stats = registry.register("worker");
+        let reporter = ProgressReporter::new("worker", health.addr(), Arc::clone(&worker_stats));
+        reporter.report(Duration::from_secs(10));
+        let report = health.send(GetHealth).await.expect("answered");
+        assert!(report.checks["worker"].is_ok());
+        assert!(worker_stats.snapshot().last_progress_unix_ms.is_some());
+        reporter.report_stopped("gave up");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert_eq!(report.checks["worker"].to_string(), "stopped: gave up");
+    }
+}

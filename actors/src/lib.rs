@@ -1,0 +1,17 @@
+//! The actors of plugin-server, and the pieces they share: supervision, per-actor stats,
+//! Prometheus metrics, health, and the database migrations.
+//!
+//! Nothing here reads env vars or files: `src/settings.rs` builds each actor's config struct
+//! and `src/topology.rs` wires the actors together.
+
+pub mod health;
+pub mod metrics;
+pub mod migrations;
+pub mod stats;
+pub mod supervisor;
+
+/// Asks an actor to finish its in-flight work (flush, commit, tear down) before the process
+/// exits. Sent in reverse dependency order by the topology; the reply means "drained".
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;

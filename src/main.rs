@@ -1,0 +1,150 @@
+//! The `plugin-server` command: runs the server, or `--migrate`, or `--healthcheck`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use plugin_server::settings::{LoadOptions, Settings};
+use plugin_server::{ServerError, telemetry};
+use plugin_server_actors::migrations::{self, ClickHouseTarget};
+
+/// Exit code for settings that cannot be loaded (as `EX_CONFIG` in sysexits).
+const EXIT_BAD_SETTINGS: u8 = 78;
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// PostHog's plugin server, in Rust. Settings come from config/default.toml, an optional
+/// profile or file, then PostHog's env vars (DATABASE_URL, KAFKA_HOSTS, ...).
+#[derive(Debug, Parser)]
+#[command(name = "plugin-server", version, disable_version_flag = true)]
+struct Cli {
+    /// Print the version and exit.
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
+    version: Option<bool>,
+
+    /// Run the Postgres and ClickHouse migrations this server needs, then exit.
+    #[arg(long, conflicts_with = "healthcheck")]
+    migrate: bool,
+
+    /// Exit 0 if the instance running on this machine answers /_health with 200, else 1.
+    #[arg(long)]
+    healthcheck: bool,
+
+    /// A TOML settings file layered over the defaults and profile (env vars still win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// A settings profile: config/NAME.toml, or a built-in one (cluster, test).
+    #[arg(long, value_name = "NAME", env = "PLUGIN_SERVER_PROFILE")]
+    profile: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&LoadOptions {
+        profile: cli.profile.clone(),
+        config_file: cli.config.clone(),
+        env: None,
+    }) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("plugin-server: {error}");
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
+    };
+    telemetry::init(&settings);
+
+    if cli.healthcheck {
+        return healthcheck(&settings);
+    }
+    let system = actix::System::new();
+    let outcome = if cli.migrate {
+        system.block_on(migrate(&settings))
+    } else {
+        system.block_on(serve(settings))
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "plugin server failed");
+            eprintln!("plugin-server: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> Result<(), ServerError> {
+    plugin_server::start(settings)
+        .await?
+        .run_until_signal()
+        .await
+}
+
+/// Runs the migrations of every store that is configured. The embedded stores need none.
+async fn migrate(settings: &Settings) -> Result<(), ServerError> {
+    let mut migrated = false;
+    if let Some(url) = settings.database_url() {
+        let report = migrations::migrate_postgres(&url).await?;
+        tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "postgres is up to date");
+        migrated = true;
+    }
+    if let Some(url) = settings.clickhouse_url() {
+        let target = ClickHouseTarget {
+            url,
+            database: settings.clickhouse_database.clone(),
+            user: settings.clickhouse_user.clone(),
+            password: settings.clickhouse_password.clone(),
+        };
+        let report = migrations::migrate_clickhouse(&target).await?;
+        tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "clickhouse is up to date");
+        migrated = true;
+    }
+    if !migrated {
+        tracing::info!(
+            "nothing to migrate: DATABASE_URL and CLICKHOUSE_HOST are unset, so the embedded \
+             stores are used"
+        );
+    }
+    Ok(())
+}
+
+/// Asks the local instance's `/_health`; for container and orchestrator probes.
+fn healthcheck(settings: &Settings) -> ExitCode {
+    let port = settings.http_server_port;
+    // A server listening on every interface is reached through loopback.
+    let host = match settings.http_listen_addr() {
+        Ok(addr) if !addr.ip().is_unspecified() => addr.ip().to_string(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let url = format!("http://{host}:{port}/_health");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("plugin-server: cannot start the health check: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(HEALTHCHECK_TIMEOUT)
+            .build()?;
+        let response = client.get(&url).send().await?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        Ok::<_, reqwest::Error>((status, body))
+    });
+    match outcome {
+        Ok((status, _)) if status.is_success() => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("plugin-server: unhealthy: {url} answered {status}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("plugin-server: unhealthy: {url}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
