@@ -22,6 +22,7 @@ PGBIN=/usr/lib/postgresql/15/bin
 log() { printf 'services: %s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+redis_up() { redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; }
 
 wait_for() { # wait_for NAME TRIES CMD...
   local name=$1 tries=$2; shift 2
@@ -58,11 +59,11 @@ start_postgres() {
 }
 
 start_redis() {
-  if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+  if ! redis_up; then
     log "starting redis on $REDIS_PORT"
     redis-server --daemonize yes --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
       --dir "$SVC_DIR" --logfile "$SVC_DIR/redis.log" --pidfile "$SVC_DIR/redis.pid"
-    wait_for redis 50 redis-cli -p "$REDIS_PORT" ping
+    wait_for redis 50 redis_up
   fi
 }
 

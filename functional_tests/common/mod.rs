@@ -1,0 +1,121 @@
+//! Shared helpers for the black-box functional tests: where the real services are, fresh
+//! databases per test, and running the built binary.
+//!
+//! The services come from `docker/services.sh start`; `functional_tests/run.sh` exports their
+//! addresses as PostHog's env vars before running the tests.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_plugin-server");
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the functional tests with `bash functional_tests/run.sh`")
+    })
+}
+
+/// `postgres://...` of the server, without a database name.
+pub fn postgres_server_url() -> String {
+    let url = required_env("DATABASE_URL");
+    match url.rsplit_once('/') {
+        Some((server, _database)) if server.contains("://") && !server.ends_with('/') => {
+            server.to_owned()
+        }
+        _ => url,
+    }
+}
+
+/// The ClickHouse HTTP endpoint, `http://host:port`.
+pub fn clickhouse_http_url() -> String {
+    let host = required_env("CLICKHOUSE_HOST");
+    if host.contains("://") {
+        host
+    } else {
+        format!("http://{host}")
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.subsec_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A Postgres database created for one test and dropped at the end of it.
+pub struct FreshPostgres {
+    pub name: String,
+    pub url: String,
+}
+
+impl FreshPostgres {
+    pub async fn create() -> Self {
+        let name = unique_name("ps_test");
+        let admin = connect(&format!("{}/postgres", postgres_server_url())).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let url = format!("{}/{name}", postgres_server_url());
+        Self { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    pub async fn drop_database(self) {
+        let admin = connect(&format!("{}/postgres", postgres_server_url())).await;
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop database");
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// Runs a ClickHouse query over HTTP and returns the body; panics on an error status.
+pub async fn clickhouse_query(sql: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(clickhouse_http_url())
+        .body(sql.to_owned())
+        .send()
+        .await
+        .expect("clickhouse reachable");
+    let status = response.status();
+    let body = response.text().await.expect("body");
+    assert!(status.is_success(), "{sql}: {status}: {body}");
+    body
+}
+
+/// Runs the binary with only the given env vars (plus PATH), waiting for it to exit.
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
