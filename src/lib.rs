@@ -32,6 +32,7 @@ pub struct RunningServer {
 /// Starts the actors, then the HTTP server, then marks the server ready.
 /// Must be called inside an actix `System` (as `main` and `#[actix::test]` provide).
 pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
+    telemetry::install_tls_provider();
     let topology = Topology::start(&settings)?;
     let addr = settings.http_listen_addr()?;
     let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;

@@ -52,7 +52,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
-    telemetry::init(&settings);
+    // Held to the end of main: dropping it flushes queued error reports.
+    let _telemetry = telemetry::init(&settings);
 
     if cli.healthcheck {
         return healthcheck(&settings);

@@ -276,3 +276,61 @@ fn a_config_file_and_a_profile_are_read() {
     let server = start_server(&["--profile", "test"], &[]);
     assert_eq!(http_get(server.port, "/_ready").0, 200);
 }
+
+/// A stand-in for Sentry's ingest endpoint: records the body of every request it gets.
+fn fake_sentry() -> (u16, mpsc::Receiver<(String, String)>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut content_length = 0;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    content_length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; content_length];
+            let _ = reader.read_exact(&mut body);
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+            let _ = sender.send((request_line, String::from_utf8_lossy(&body).into_owned()));
+        }
+    });
+    (port, receiver)
+}
+
+#[test]
+fn errors_are_reported_to_sentry_when_a_dsn_is_set() {
+    let (port, requests) = fake_sentry();
+    let dsn = format!("http://publickey@127.0.0.1:{port}/42");
+    let output = run(
+        &["--migrate"],
+        &[
+            ("SENTRY_DSN", &dsn),
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let (request_line, body) = requests
+        .recv_timeout(Duration::from_secs(10))
+        .expect("an error report reached the DSN");
+    assert!(
+        request_line.starts_with("POST /api/42/envelope/"),
+        "{request_line}"
+    );
+    assert!(body.contains("plugin server failed"), "{body}");
+    assert!(body.contains("DATABASE_URL"), "{body}");
+}

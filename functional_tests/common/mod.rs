@@ -98,6 +98,7 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// Runs a ClickHouse query over HTTP and returns the body; panics on an error status.
 pub async fn clickhouse_query(sql: &str) -> String {
+    plugin_server::telemetry::install_tls_provider();
     let response = reqwest::Client::new()
         .post(clickhouse_http_url())
         .body(sql.to_owned())
