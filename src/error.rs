@@ -18,6 +18,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot reach Redis (check REDIS_URL): {0}")]
+    Redis(#[source] plugin_server_actors::cluster::ClusterError),
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }

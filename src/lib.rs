@@ -33,7 +33,7 @@ pub struct RunningServer {
 /// Must be called inside an actix `System` (as `main` and `#[actix::test]` provide).
 pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     telemetry::install_tls_provider();
-    let topology = Topology::start(&settings)?;
+    let topology = Topology::start(&settings).await?;
     let addr = settings.http_listen_addr()?;
     let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
     let local_addr = listener
@@ -64,6 +64,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         %local_addr,
         version = env!("CARGO_PKG_VERSION"),
         profile = profile_summary(&settings),
+        instance = %topology.cluster.instance,
         "plugin server started"
     );
     Ok(RunningServer {

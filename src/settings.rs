@@ -100,6 +100,7 @@ pub struct Settings {
     pub posthog_redis_password: String,
     pub redis_pool_min_size: usize,
     pub redis_pool_max_size: usize,
+    pub cluster_prefix: String,
 
     pub clickhouse_host: String,
     pub clickhouse_offline_cluster_host: String,

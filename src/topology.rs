@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use actix::{MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
+use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
+use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, SetReady};
 use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
@@ -21,13 +23,19 @@ pub struct Topology {
     pub metrics: Metrics,
     pub registry: Arc<ActorRegistry>,
     pub health: ObservedAddr<Health>,
+    /// Cache, pub/sub, sync messages, locks and event queue: Redis when `REDIS_URL` is set.
+    pub cluster: Cluster,
     /// Actors to drain on shutdown, in start order (dependencies first).
     drain_order: Vec<(String, Recipient<Shutdown>)>,
 }
 
 impl Topology {
-    /// Starts every actor this instance runs. Must be called inside an actix `System`.
-    pub fn start(settings: &Settings) -> Result<Self, ServerError> {
+    /// Connects the cluster primitives and starts every actor this instance runs. Must be
+    /// called inside an actix `System`.
+    pub async fn start(settings: &Settings) -> Result<Self, ServerError> {
+        let cluster = Cluster::connect(cluster_config(settings))
+            .await
+            .map_err(ServerError::Redis)?;
         let metrics = Metrics::new()?;
         let registry = Arc::new(ActorRegistry::new(metrics.clone()));
         let health_config = HealthConfig {
@@ -40,6 +48,7 @@ impl Topology {
             metrics,
             registry,
             health,
+            cluster,
             drain_order: Vec::new(),
         })
     }
@@ -67,5 +76,18 @@ impl Topology {
                 Err(MailboxError::Timeout) => tracing::warn!(actor = %name, "drain timed out"),
             }
         }
+    }
+}
+
+/// The cluster primitives' settings: Redis when a URL is configured, in-process otherwise.
+fn cluster_config(settings: &Settings) -> ClusterConfig {
+    ClusterConfig {
+        redis: settings.redis_url().map(|url| RedisPoolConfig {
+            url,
+            min_size: settings.redis_pool_min_size,
+            max_size: settings.redis_pool_max_size,
+        }),
+        prefix: settings.cluster_prefix.clone(),
+        instance: InstanceId::generate(),
     }
 }

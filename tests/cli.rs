@@ -334,3 +334,18 @@ fn errors_are_reported_to_sentry_when_a_dsn_is_set() {
     assert!(body.contains("plugin server failed"), "{body}");
     assert!(body.contains("DATABASE_URL"), "{body}");
 }
+
+#[test]
+fn an_unreachable_redis_stops_startup_naming_redis_url() {
+    let output = run(
+        &[],
+        &[
+            ("REDIS_URL", "redis://127.0.0.1:1"),
+            ("HTTP_SERVER_PORT", "0"),
+            ("HTTP_SERVER_HOST", "127.0.0.1"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("check REDIS_URL"), "{stderr}");
+}
