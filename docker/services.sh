@@ -7,6 +7,7 @@
 #   docker/services.sh start   install what is missing, start what is down, print the env to use
 #   docker/services.sh stop    stop what `start` started (by pid file)
 #   docker/services.sh env     print the env lines for the running services
+#   docker/services.sh deps    install only what building the server needs (cmake, headers)
 set -euo pipefail
 
 SVC_DIR=${SVC_DIR:-/tmp/plugin-server-services}
@@ -30,19 +31,38 @@ wait_for() { # wait_for NAME TRIES CMD...
   log "$name did not come up; see $SVC_DIR"; return 1
 }
 
+# What the vendored librdkafka build needs: cmake, OpenSSL headers (Kafka TLS and SASL), and the
+# curl headers, because librdkafka 2.12 includes <curl/curl.h> whenever OIDC is merely
+# configured off (it tests the macro with #ifdef); nothing links against curl.
+build_deps_missing() {
+  command -v cmake >/dev/null || echo cmake
+  command -v pkg-config >/dev/null || echo pkg-config
+  [ -f /usr/include/openssl/ssl.h ] || echo libssl-dev
+  [ -f /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -f /usr/include/curl/curl.h ] || echo libcurl4-openssl-dev
+}
+
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  log "installing $*"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "$@" >/dev/null
+}
+
+install_build_deps() {
+  local need
+  mapfile -t need < <(build_deps_missing)
+  apt_install "${need[@]}"
+}
+
 install_missing() {
   local need=()
+  mapfile -t need < <(build_deps_missing)
   [ -x "$PGBIN/initdb" ] || need+=(postgresql-15)
   command -v redis-server >/dev/null || need+=(redis-server)
   command -v clickhouse-server >/dev/null || need+=(clickhouse-server clickhouse-client)
-  command -v cmake >/dev/null || need+=(cmake)   # rdkafka's vendored librdkafka build
   command -v curl >/dev/null || need+=(curl)
-  if [ ${#need[@]} -gt 0 ]; then
-    log "installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
-  fi
+  apt_install "${need[@]}"
 }
 
 start_postgres() {
@@ -136,6 +156,7 @@ case "${1:-start}" in
     print_env
     ;;
   stop) stop_all ;;
+  deps) install_build_deps ;;
   env) print_env ;;
   *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
 esac

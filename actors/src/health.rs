@@ -33,6 +33,17 @@ pub struct ReportProgress {
     pub deadline: Duration,
 }
 
+/// The component keeps working but a dependency is failing (it retries). Shown in `/_health`
+/// until its next `ReportProgress`; does not fail liveness by itself, because restarting the
+/// process would not bring the dependency back. If it lasts past the component's deadline,
+/// the component turns stale as usual.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReportDegraded {
+    pub component: String,
+    pub reason: String,
+}
+
 /// The component has stopped working and will not recover by itself.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -77,11 +88,19 @@ pub enum CheckStatus {
     Stopped {
         reason: String,
     },
+    Degraded {
+        reason: String,
+    },
 }
 
 impl CheckStatus {
     pub fn is_ok(&self) -> bool {
         matches!(self, Self::Ok)
+    }
+
+    /// Whether liveness fails: stale or stopped. Degraded components are alive.
+    pub fn is_failing(&self) -> bool {
+        matches!(self, Self::Stale { .. } | Self::Stopped { .. })
     }
 }
 
@@ -99,6 +118,7 @@ impl fmt::Display for CheckStatus {
                 deadline.as_secs()
             ),
             Self::Stopped { reason } => write!(f, "stopped: {reason}"),
+            Self::Degraded { reason } => write!(f, "degraded: {reason}"),
         }
     }
 }
@@ -116,8 +136,20 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
+    /// Liveness: no check is stale or stopped (degraded ones still count as alive).
     pub fn is_healthy(&self) -> bool {
-        self.checks.values().all(CheckStatus::is_ok)
+        !self.checks.values().any(CheckStatus::is_failing)
+    }
+
+    /// `ok`, `degraded` (alive, a dependency failing) or `error`.
+    pub fn status(&self) -> &'static str {
+        if !self.is_healthy() {
+            "error"
+        } else if self.checks.values().all(CheckStatus::is_ok) {
+            "ok"
+        } else {
+            "degraded"
+        }
     }
 }
 
@@ -125,7 +157,7 @@ impl Serialize for HealthReport {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(2))?;
-        map.serialize_entry("status", if self.is_healthy() { "ok" } else { "error" })?;
+        map.serialize_entry("status", self.status())?;
         map.serialize_entry("checks", &self.checks)?;
         map.end()
     }
@@ -153,6 +185,7 @@ struct Component {
     last_progress: Instant,
     deadline: Duration,
     stopped: Option<String>,
+    degraded: Option<String>,
     /// Whether the last check found it stale, so the transition is logged once.
     reported_stale: bool,
 }
@@ -190,11 +223,15 @@ impl Health {
                         silent_for,
                         deadline,
                     }
+                } else if let Some(reason) = &component.degraded {
+                    CheckStatus::Degraded {
+                        reason: reason.clone(),
+                    }
                 } else {
                     CheckStatus::Ok
                 }
             };
-            let stale = !status.is_ok();
+            let stale = status.is_failing();
             if stale && !component.reported_stale {
                 tracing::warn!(component = %name, status = %status, "component is unhealthy");
             }
@@ -225,11 +262,13 @@ impl Handler<ReportProgress> for Health {
                 last_progress: now,
                 deadline: message.deadline,
                 stopped: None,
+                degraded: None,
                 reported_stale: false,
             });
         component.last_progress = now;
         component.deadline = message.deadline;
         component.stopped = None;
+        component.degraded = None;
         self.stats.record_progress();
     }
 }
@@ -248,9 +287,38 @@ impl Handler<ReportStopped> for Health {
                 last_progress: now,
                 deadline: Duration::ZERO,
                 stopped: None,
+                degraded: None,
                 reported_stale: false,
             });
         component.stopped = Some(message.reason);
+    }
+}
+
+impl Handler<ReportDegraded> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: ReportDegraded, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        let Some(component) = self.components.get_mut(&message.component) else {
+            // Degraded before any work was reported: register it with the longest deadline,
+            // so it shows as degraded now and turns stale only if it never recovers.
+            let max_stale = self.config.max_stale;
+            self.components.insert(
+                message.component,
+                Component {
+                    last_progress: Instant::now(),
+                    deadline: max_stale,
+                    stopped: None,
+                    degraded: Some(message.reason),
+                    reported_stale: false,
+                },
+            );
+            return;
+        };
+        if component.degraded.is_none() {
+            tracing::warn!(component = %message.component, reason = %message.reason, "component degraded");
+        }
+        component.degraded = Some(message.reason);
     }
 }
 
@@ -308,6 +376,8 @@ pub struct ProgressReporter {
     component: String,
     health: actix::Recipient<ReportProgress>,
     stopped: actix::Recipient<ReportStopped>,
+    degraded: actix::Recipient<ReportDegraded>,
+    deregister: actix::Recipient<Deregister>,
     stats: Arc<ActorStats>,
 }
 
@@ -321,6 +391,8 @@ impl ProgressReporter {
             component: component.into(),
             health: health.clone().recipient(),
             stopped: health.clone().recipient(),
+            degraded: health.clone().recipient(),
+            deregister: health.clone().recipient(),
             stats,
         }
     }
@@ -337,6 +409,20 @@ impl ProgressReporter {
         self.stopped.do_send(ReportStopped {
             component: self.component.clone(),
             reason: reason.into(),
+        });
+    }
+
+    pub fn report_degraded(&self, reason: impl Into<String>) {
+        self.degraded.do_send(ReportDegraded {
+            component: self.component.clone(),
+            reason: reason.into(),
+        });
+    }
+
+    /// No work left: the component cannot be stale while it has nothing to do.
+    pub fn report_idle(&self) {
+        self.deregister.do_send(Deregister {
+            component: self.component.clone(),
         });
     }
 }

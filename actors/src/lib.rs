@@ -5,9 +5,14 @@
 //! and `src/topology.rs` wires the actors together.
 
 pub mod cluster;
+pub mod event_writer;
 pub mod health;
+pub mod ingestion;
+pub mod ingestion_pipeline;
 pub mod metrics;
 pub mod migrations;
+pub mod postgres;
+pub mod sinks;
 pub mod stats;
 pub mod supervisor;
 

@@ -85,11 +85,7 @@ async fn cache_rows(
                 async move {
                     let key = format!("k{}", i % 10_000);
                     match kind {
-                        0 => {
-                            store
-                                .set(&key, "value-of-about-thirty-bytes....", None)
-                                .await?
-                        }
+                        0 => store.set(&key, CACHE_VALUE, None).await?,
                         1 => {
                             store.get(&key).await?;
                         }
@@ -113,16 +109,30 @@ async fn cache_rows(
     Ok(rows)
 }
 
+/// Messages published but not yet received that the pub/sub benchmark allows. Pub/sub drops a
+/// message for a subscriber more than 1024 behind (fire and forget: a slow subscriber must not
+/// stall delivery), so an unthrottled publisher measures drops, not delivery. With this window
+/// plus `concurrency` publishes in flight the subscriber never falls that far behind.
+const PUBSUB_WINDOW: usize = 512;
+/// The receiver reports its count to the publishers every this many messages.
+const PUBSUB_REPORT_EVERY: usize = 32;
+
 /// Publishes `ops` messages from one instance and waits until another has received them all.
+/// Publish `i` waits until fewer than `PUBSUB_WINDOW` messages are undelivered (credit-based
+/// flow control), so this is the sustained publish → delivered rate with nothing dropped.
 async fn pubsub_rate(
     publisher: PubSub,
     subscriber: PubSub,
     ops: usize,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
+    if concurrency + PUBSUB_WINDOW + PUBSUB_REPORT_EVERY > 1024 {
+        bail!("concurrency {concurrency} is too high for the pub/sub window (at most 480)");
+    }
     let mut subscription = subscriber
         .subscribe("bench", SubscribeOptions::default())
         .await?;
+    let (progress, received_so_far) = tokio::sync::watch::channel(0_usize);
     let received = tokio::spawn(async move {
         let mut count = 0;
         while count < ops {
@@ -130,22 +140,32 @@ async fn pubsub_rate(
                 Ok(Some(_)) => count += 1,
                 _ => break,
             }
+            if count % PUBSUB_REPORT_EVERY == 0 {
+                progress.send_replace(count);
+            }
         }
+        // Dropping `progress` here also wakes any publisher still waiting for credit.
         count
     });
     let started = Instant::now();
     let publisher = Arc::new(publisher);
-    measure(ops, concurrency, move |i| {
+    let published = measure(ops, concurrency, move |i| {
         let publisher = Arc::clone(&publisher);
+        let mut received_so_far = received_so_far.clone();
         async move {
+            received_so_far
+                .wait_for(|&received| i < received + PUBSUB_WINDOW)
+                .await
+                .context("the subscriber stopped receiving")?;
             publisher
                 .publish("bench", &json!({"i": i}), PublishOptions::default())
                 .await?;
             Ok(())
         }
     })
-    .await?;
+    .await;
     let count = received.await?;
+    published?;
     if count < ops {
         bail!("pub/sub delivered {count} of {ops}");
     }
@@ -232,18 +252,31 @@ async fn queue_rate(
     Ok(rate)
 }
 
+/// The value the cache benchmark stores (31 bytes); redis-benchmark SET/GET use the same size.
+const CACHE_VALUE: &str = "value-of-about-thirty-bytes....";
+
+/// Host and port of a `redis://[user:password@]host[:port][/db]` URL.
+fn redis_host_port(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.to_owned()),
+        None => (authority.to_owned(), "6379".to_owned()),
+    }
+}
+
 /// `redis-benchmark -q` for the same operations, parsed from its "X: N requests per second".
 fn redis_benchmark(url: &str, ops: usize, concurrency: usize) -> Vec<(String, f64)> {
-    let port = url
-        .rsplit(':')
-        .next()
-        .unwrap_or("6379")
-        .trim_end_matches('/');
+    let (host, port) = redis_host_port(url);
+    let value_size = CACHE_VALUE.len().to_string();
     let run = |args: &[&str]| -> Option<f64> {
         let output = Command::new("redis-benchmark")
             .args([
+                "-h",
+                &host,
                 "-p",
-                port,
+                &port,
                 "-q",
                 "-n",
                 &ops.to_string(),
@@ -261,8 +294,8 @@ fn redis_benchmark(url: &str, ops: usize, concurrency: usize) -> Vec<(String, f6
     };
     let mut results = Vec::new();
     for (name, args) in [
-        ("SET", vec!["-t", "set"]),
-        ("GET", vec!["-t", "get"]),
+        ("SET", vec!["-t", "set", "-d", &value_size]),
+        ("GET", vec!["-t", "get", "-d", &value_size]),
         ("INCR", vec!["-t", "incr"]),
         ("PUBLISH", vec!["PUBLISH", "bench", "payload"]),
     ] {
@@ -296,83 +329,109 @@ async fn main() -> anyhow::Result<()> {
         prefix.clone(),
     ));
     let redis_cache: Arc<dyn CacheStore> = Arc::new(RedisCache::new(pool.clone(), prefix.clone()));
-    let mut rows = cache_rows(local_cache, Arc::clone(&redis_cache), ops, concurrency).await?;
+    // Every key this run creates (cache, locks, queue streams) is under `prefix`: removed at
+    // the end, also when a measurement fails.
+    let measured = async {
+        let mut rows = cache_rows(local_cache, Arc::clone(&redis_cache), ops, concurrency).await?;
 
-    let bus = InProcessBus::new();
-    let in_process_pubsub = |name: &str| {
-        let (transport, inbound) = bus.transport();
-        PubSub::new(InstanceId::new(name), prefix.clone(), transport, inbound)
-    };
-    let local_pubsub = pubsub_rate(
-        in_process_pubsub("a"),
-        in_process_pubsub("b"),
-        ops,
-        concurrency,
-    )
-    .await?;
-    let redis_pubsub = |name: &str, pool: RedisPool| {
-        let (transport, inbound) = RedisTransport::spawn(pool);
-        PubSub::new(InstanceId::new(name), prefix.clone(), transport, inbound)
-    };
-    let subscriber_pool = RedisPool::connect(&pool_config).await?;
-    let remote_pubsub = pubsub_rate(
-        redis_pubsub("a", pool.clone()),
-        redis_pubsub("b", subscriber_pool),
-        ops,
-        concurrency,
-    )
-    .await?;
-    rows.push(Row {
-        operation: "pub/sub publish → delivered".to_owned(),
-        in_process: Some(local_pubsub),
-        redis: Some(remote_pubsub),
-        redis_benchmark: None,
-    });
-
-    let local_locks: Arc<dyn LockManager> = Arc::new(InProcessLocks::new(
-        InProcessLockBackend::new(),
-        InstanceId::new("bench"),
-    ));
-    let redis_locks: Arc<dyn LockManager> = Arc::new(RedisLocks::new(
-        pool.clone(),
-        prefix.clone(),
-        InstanceId::new("bench"),
-    ));
-    rows.push(Row {
-        operation: "lock try_acquire + release".to_owned(),
-        in_process: Some(lock_rate(local_locks, ops, concurrency).await?),
-        redis: Some(lock_rate(redis_locks, ops, concurrency).await?),
-        redis_benchmark: None,
-    });
-
-    let local_queue: Arc<dyn EventQueue> =
-        Arc::new(InProcessEventQueue::new(InProcessQueueBackend::new()));
-    let redis_queue: Arc<dyn EventQueue> = Arc::new(RedisEventQueue::new(
-        pool.clone(),
-        prefix.clone(),
-        InstanceId::new("bench"),
-    ));
-    rows.push(Row {
-        operation: "event queue publish → processed".to_owned(),
-        in_process: Some(queue_rate(local_queue, ops, concurrency).await?),
-        redis: Some(queue_rate(redis_queue, ops, concurrency).await?),
-        redis_benchmark: None,
-    });
-
-    for (command, rate) in redis_benchmark(&url, ops, concurrency) {
-        let row = match command.as_str() {
-            "SET" => rows.iter_mut().find(|row| row.operation == "cache set"),
-            "GET" => rows.iter_mut().find(|row| row.operation == "cache get"),
-            "INCR" => rows.iter_mut().find(|row| row.operation == "cache incr"),
-            _ => rows
-                .iter_mut()
-                .find(|row| row.operation.starts_with("pub/sub")),
+        let bus = InProcessBus::new();
+        let in_process_pubsub = |name: &str| {
+            let (transport, inbound) = bus.transport();
+            PubSub::new(InstanceId::new(name), prefix.clone(), transport, inbound)
         };
-        if let Some(row) = row {
-            row.redis_benchmark = Some(rate);
+        let local_pubsub = pubsub_rate(
+            in_process_pubsub("a"),
+            in_process_pubsub("b"),
+            ops,
+            concurrency,
+        )
+        .await
+        .context("in-process pub/sub")?;
+        let redis_pubsub = |name: &str, pool: RedisPool| {
+            let (transport, inbound) = RedisTransport::spawn(pool);
+            PubSub::new(InstanceId::new(name), prefix.clone(), transport, inbound)
+        };
+        let subscriber_pool = RedisPool::connect(&pool_config).await?;
+        let remote_pubsub = pubsub_rate(
+            redis_pubsub("a", pool.clone()),
+            redis_pubsub("b", subscriber_pool),
+            ops,
+            concurrency,
+        )
+        .await
+        .context("Redis pub/sub")?;
+        rows.push(Row {
+            operation: "pub/sub publish → delivered".to_owned(),
+            in_process: Some(local_pubsub),
+            redis: Some(remote_pubsub),
+            redis_benchmark: None,
+        });
+
+        let local_locks: Arc<dyn LockManager> = Arc::new(InProcessLocks::new(
+            InProcessLockBackend::new(),
+            InstanceId::new("bench"),
+        ));
+        let redis_locks: Arc<dyn LockManager> = Arc::new(RedisLocks::new(
+            pool.clone(),
+            prefix.clone(),
+            InstanceId::new("bench"),
+        ));
+        rows.push(Row {
+            operation: "lock try_acquire + release".to_owned(),
+            in_process: Some(
+                lock_rate(local_locks, ops, concurrency)
+                    .await
+                    .context("in-process locks")?,
+            ),
+            redis: Some(
+                lock_rate(redis_locks, ops, concurrency)
+                    .await
+                    .context("Redis locks")?,
+            ),
+            redis_benchmark: None,
+        });
+
+        let local_queue: Arc<dyn EventQueue> =
+            Arc::new(InProcessEventQueue::new(InProcessQueueBackend::new()));
+        let redis_queue: Arc<dyn EventQueue> = Arc::new(RedisEventQueue::new(
+            pool.clone(),
+            prefix.clone(),
+            InstanceId::new("bench"),
+        ));
+        rows.push(Row {
+            operation: "event queue publish → processed".to_owned(),
+            in_process: Some(
+                queue_rate(local_queue, ops, concurrency)
+                    .await
+                    .context("in-process event queue")?,
+            ),
+            redis: Some(
+                queue_rate(redis_queue, ops, concurrency)
+                    .await
+                    .context("Redis event queue")?,
+            ),
+            redis_benchmark: None,
+        });
+
+        for (command, rate) in redis_benchmark(&url, ops, concurrency) {
+            let row = match command.as_str() {
+                "SET" => rows.iter_mut().find(|row| row.operation == "cache set"),
+                "GET" => rows.iter_mut().find(|row| row.operation == "cache get"),
+                "INCR" => rows.iter_mut().find(|row| row.operation == "cache incr"),
+                _ => rows
+                    .iter_mut()
+                    .find(|row| row.operation.starts_with("pub/sub")),
+            };
+            if let Some(row) = row {
+                row.redis_benchmark = Some(rate);
+            }
         }
+        Ok::<_, anyhow::Error>(rows)
     }
-    redis_cache.reset().await?;
+    .await;
+    let cleaned = redis_cache.reset().await;
+    let rows = measured?;
+    cleaned?;
 
     let cell = |value: Option<f64>| value.map_or("–".to_owned(), |v| format!("{v:.0}"));
     println!("ops per run: {ops}, concurrency: {concurrency}\n");

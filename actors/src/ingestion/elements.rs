@@ -1,0 +1,417 @@
+//! The `elements_chain` column: autocapture's clicked element and its ancestors, flattened
+//! into one string that ClickHouse can match with regular expressions (spec 1.8, PostHog's
+//! `extractElements` and `elementsToString`).
+//!
+//! Actions match on this exact text, so the format, the attribute order and the escaping
+//! follow PostHog's to the character.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use serde_json::{Number, Value};
+
+/// Longer element texts are cut: they are page content, not selectors.
+const MAX_TEXT_CHARS: usize = 400;
+/// Longer links are cut in the `href` pair (the raw `attr__href` pair is kept whole).
+const MAX_HREF_CHARS: usize = 2048;
+
+/// Builds the chain from the entries of `properties.$elements`: one part per element, joined
+/// by `;`, each `tag.classA.classB:` followed by its `key="value"` pairs sorted by key.
+///
+/// Where PostHog's JavaScript would throw (a `null` attribute value, a non-string text) the
+/// chain skips the attribute or stringifies the value instead of losing the event.
+pub fn elements_chain(elements: &[Value]) -> String {
+    let mut chain = String::new();
+    for (index, element) in elements.iter().enumerate() {
+        if index > 0 {
+            chain.push(';');
+        }
+        append_element(&mut chain, element);
+    }
+    chain
+}
+
+fn append_element(chain: &mut String, element: &Value) {
+    // A non-object entry has no fields; PostHog renders it like an empty element.
+    let field = |name: &str| element.get(name).filter(|value| !value.is_null());
+    let truthy_field = |name: &str| field(name).filter(|value| is_truthy(value));
+
+    if let Some(tag_name) = truthy_field("tag_name") {
+        chain.push_str(&js_to_string(tag_name));
+    }
+
+    if let Some(attr_class) = truthy_field("attr__class") {
+        let mut classes: Vec<String> = match attr_class {
+            Value::Array(items) => items.iter().map(js_to_string).collect(),
+            // A single space, as in PostHog: doubled spaces give empty class names.
+            other => js_to_string(other).split(' ').map(str::to_owned).collect(),
+        };
+        classes.sort();
+        for class in &classes {
+            chain.push('.');
+            chain.extend(class.chars().filter(|character| *character != '"'));
+        }
+    }
+
+    let mut attributes: Vec<(Cow<'_, str>, String)> = Vec::new();
+    if let Some(text) = truthy_field("$el_text") {
+        let text = truncate_chars(js_to_string(text), MAX_TEXT_CHARS);
+        if !text.is_empty() {
+            attributes.push((Cow::Borrowed("text"), text));
+        }
+    }
+    let position = |name: &str| field(name).map_or_else(|| "0".to_owned(), js_to_string);
+    attributes.push((Cow::Borrowed("nth-child"), position("nth_child")));
+    attributes.push((Cow::Borrowed("nth-of-type"), position("nth_of_type")));
+    if let Some(href) = truthy_field("attr__href") {
+        let href = truncate_chars(js_to_string(href), MAX_HREF_CHARS);
+        if !href.is_empty() {
+            attributes.push((Cow::Borrowed("href"), href));
+        }
+    }
+    if let Some(id) = truthy_field("attr__id") {
+        attributes.push((Cow::Borrowed("attr_id"), js_to_string(id)));
+    }
+    if let Some(fields) = element.as_object() {
+        for (key, value) in fields {
+            if key.starts_with("attr__") && !value.is_null() {
+                attributes.push((Cow::Borrowed(key.as_str()), js_to_string(value)));
+            }
+        }
+    }
+    attributes.sort_by(|(left, _), (right, _)| locale_compare(left, right));
+
+    chain.push(':');
+    for (key, value) in &attributes {
+        push_escaped(chain, key);
+        chain.push_str("=\"");
+        push_escaped(chain, value);
+        chain.push('"');
+    }
+}
+
+/// PostHog's `escapeQuotes`: only `"` is escaped, backslashes are left as they are.
+fn push_escaped(chain: &mut String, text: &str) {
+    for character in text.chars() {
+        if character == '"' {
+            chain.push('\\');
+        }
+        chain.push(character);
+    }
+}
+
+/// The first `max_chars` characters. PostHog cuts UTF-16 units, which can split a surrogate
+/// pair; cutting characters keeps the text valid.
+fn truncate_chars(mut text: String, max_chars: usize) -> String {
+    if let Some((byte_index, _)) = text.char_indices().nth(max_chars) {
+        text.truncate(byte_index);
+    }
+    text
+}
+
+fn is_truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(flag) => *flag,
+        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0),
+        Value::String(text) => !text.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+/// JavaScript's `String(value)` for a JSON value, which PostHog applies to element fields and
+/// to `distinct_id`: `1.0` is `"1"`, arrays are comma-joined, objects are `[object Object]`.
+pub(crate) fn js_to_string(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_owned(),
+        Value::Bool(flag) => flag.to_string(),
+        Value::Number(number) => js_number_to_string(number),
+        Value::String(text) => text.clone(),
+        Value::Array(items) => {
+            let parts: Vec<String> = items
+                .iter()
+                .map(|item| match item {
+                    // `[null].join(',')` renders null as nothing.
+                    Value::Null => String::new(),
+                    other => js_to_string(other),
+                })
+                .collect();
+            parts.join(",")
+        }
+        Value::Object(_) => "[object Object]".to_owned(),
+    }
+}
+
+fn js_number_to_string(number: &Number) -> String {
+    if number.is_i64() || number.is_u64() {
+        return number.to_string();
+    }
+    let Some(float) = number.as_f64() else {
+        return number.to_string();
+    };
+    if float == 0.0 {
+        // Also `-0`, which JavaScript prints as `0`.
+        return "0".to_owned();
+    }
+    if float.fract() == 0.0 && float.abs() < 1e21 {
+        return format!("{float:.0}");
+    }
+    // serde_json prints the shortest round-trip digits like JavaScript, except that
+    // JavaScript signs positive exponents (`1e+21`).
+    let text = number.to_string();
+    match text.split_once('e') {
+        Some((mantissa, exponent)) if !exponent.starts_with(['-', '+']) => {
+            format!("{mantissa}e+{exponent}")
+        }
+        _ => text,
+    }
+}
+
+/// JavaScript's `a.localeCompare(b)` as V8 computes it with ICU's root collation, for the
+/// characters attribute names contain: whitespace, then punctuation in ICU's order, then
+/// digits, then letters ignoring case; case only breaks ties, lowercase first. Characters
+/// outside ASCII sort after, by code point.
+fn locale_compare(left: &str, right: &str) -> Ordering {
+    let primary = left
+        .chars()
+        .map(primary_weight)
+        .cmp(right.chars().map(primary_weight));
+    primary
+        .then_with(|| {
+            left.chars()
+                .map(|character| character.is_ascii_uppercase())
+                .cmp(
+                    right
+                        .chars()
+                        .map(|character| character.is_ascii_uppercase()),
+                )
+        })
+        .then_with(|| left.cmp(right))
+}
+
+/// ICU root collation order of ASCII whitespace and punctuation (non-ignorable).
+const COLLATION_SYMBOLS: &str = "\t\n\u{b}\u{c}\r _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$";
+
+fn primary_weight(character: char) -> u32 {
+    const DIGITS: u32 = 100;
+    const LETTERS: u32 = 200;
+    const OTHERS: u32 = 1000;
+    if let Some(index) = COLLATION_SYMBOLS.find(character) {
+        // The symbols are ASCII, so the byte index is the rank.
+        return 1 + index as u32;
+    }
+    if let Some(digit) = character.to_digit(10) {
+        return DIGITS + digit;
+    }
+    if character.is_ascii_alphabetic() {
+        return LETTERS + u32::from(character.to_ascii_lowercase()) - u32::from('a');
+    }
+    if character.is_ascii() {
+        // Control characters are ignorable in ICU; first is the closest simple rule.
+        return 0;
+    }
+    OTHERS + u32::from(character)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn chain_of(elements: Value) -> String {
+        match elements {
+            Value::Array(elements) => elements_chain(&elements),
+            other => panic!("not an array: {other}"),
+        }
+    }
+
+    #[test]
+    fn posthog_process_event_example() {
+        // The `$elements` of PostHog's process-event tests, and the chain they expect.
+        let chain = chain_of(json!([
+            { "tag_name": "a", "nth_child": 1, "nth_of_type": 2, "attr__class": "btn btn-sm" },
+            { "tag_name": "div", "nth_child": 1, "nth_of_type": 2, "$el_text": "💻" },
+        ]));
+        assert_eq!(
+            chain,
+            "a.btn.btn-sm:attr__class=\"btn btn-sm\"nth-child=\"1\"nth-of-type=\"2\";\
+             div:nth-child=\"1\"nth-of-type=\"2\"text=\"💻\""
+        );
+    }
+
+    #[test]
+    fn posthog_elements_to_string_example() {
+        // PostHog's elements-chain test, as raw `$elements` entries.
+        let chain = chain_of(json!([
+            {
+                "tag_name": "a",
+                "attr__href": "/a-url",
+                "attr__class": ["small"],
+                "$el_text": "bla bla",
+                "attr__prop": "value",
+                "attr__number": 33,
+                "attr__data-attr": "something \" that; could mess up",
+                "attr__style": "min-height: 100vh;",
+                "nth_child": 1,
+                "nth_of_type": 0,
+            },
+            { "tag_name": "button", "attr__class": ["btn", "btn-primary"], "nth_child": 0, "nth_of_type": 0 },
+            { "tag_name": "div", "nth_child": 0, "nth_of_type": 0 },
+            { "tag_name": "div", "nth_child": 0, "nth_of_type": 0, "attr__id": "nested" },
+        ]));
+        let expected = [
+            "a.small:attr__class=\"small\"attr__data-attr=\"something \\\" that; could mess up\"\
+             attr__href=\"/a-url\"attr__number=\"33\"attr__prop=\"value\"\
+             attr__style=\"min-height: 100vh;\"href=\"/a-url\"nth-child=\"1\"nth-of-type=\"0\"\
+             text=\"bla bla\"",
+            "button.btn.btn-primary:attr__class=\"btn,btn-primary\"nth-child=\"0\"nth-of-type=\"0\"",
+            "div:nth-child=\"0\"nth-of-type=\"0\"",
+            "div:attr__id=\"nested\"attr_id=\"nested\"nth-child=\"0\"nth-of-type=\"0\"",
+        ]
+        .join(";");
+        assert_eq!(chain, expected);
+    }
+
+    #[test]
+    fn empty_input_gives_empty_chain() {
+        assert_eq!(elements_chain(&[]), "");
+    }
+
+    #[test]
+    fn missing_positions_default_to_zero() {
+        assert_eq!(
+            chain_of(json!([{ "tag_name": "span" }])),
+            "span:nth-child=\"0\"nth-of-type=\"0\""
+        );
+        assert_eq!(
+            chain_of(json!([{ "tag_name": "span", "nth_child": null, "nth_of_type": "3" }])),
+            "span:nth-child=\"0\"nth-of-type=\"3\""
+        );
+    }
+
+    #[test]
+    fn non_object_entries_render_as_empty_elements() {
+        assert_eq!(
+            chain_of(json!(["button", null])),
+            ":nth-child=\"0\"nth-of-type=\"0\";:nth-child=\"0\"nth-of-type=\"0\""
+        );
+    }
+
+    #[test]
+    fn classes_are_sorted_and_lose_quotes() {
+        assert_eq!(
+            chain_of(json!([{ "tag_name": "a", "attr__class": ["zeta", "al\"pha", "Beta"] }])),
+            "a.Beta.alpha.zeta:attr__class=\"zeta,al\\\"pha,Beta\"nth-child=\"0\"nth-of-type=\"0\""
+        );
+    }
+
+    #[test]
+    fn class_string_is_split_on_single_spaces() {
+        assert_eq!(
+            chain_of(json!([{ "tag_name": "a", "attr__class": "b  a" }])),
+            "a..a.b:attr__class=\"b  a\"nth-child=\"0\"nth-of-type=\"0\""
+        );
+    }
+
+    #[test]
+    fn empty_class_and_tag_are_skipped() {
+        assert_eq!(
+            chain_of(json!([{ "tag_name": "", "attr__class": "" }])),
+            ":attr__class=\"\"nth-child=\"0\"nth-of-type=\"0\""
+        );
+    }
+
+    #[test]
+    fn text_is_cut_to_400_characters() {
+        let long_text = "é".repeat(450);
+        let chain = chain_of(json!([{ "tag_name": "p", "$el_text": long_text }]));
+        let expected_text = "é".repeat(400);
+        assert_eq!(
+            chain,
+            format!("p:nth-child=\"0\"nth-of-type=\"0\"text=\"{expected_text}\"")
+        );
+    }
+
+    #[test]
+    fn href_is_cut_to_2048_characters_but_raw_attribute_is_kept() {
+        let long_href = format!("/{}", "x".repeat(3000));
+        let chain = chain_of(json!([{ "tag_name": "a", "attr__href": long_href }]));
+        let cut_href: String = long_href.chars().take(2048).collect();
+        assert_eq!(
+            chain,
+            format!(
+                "a:attr__href=\"{long_href}\"href=\"{cut_href}\"nth-child=\"0\"nth-of-type=\"0\""
+            )
+        );
+    }
+
+    #[test]
+    fn quotes_are_escaped_in_keys_and_values_but_backslashes_are_not() {
+        assert_eq!(
+            chain_of(
+                json!([{ "tag_name": "a", "attr__x\"y": "a\\b\"c", "$el_text": "say \"hi\"" }])
+            ),
+            "a:attr__x\\\"y=\"a\\b\\\"c\"nth-child=\"0\"nth-of-type=\"0\"text=\"say \\\"hi\\\"\""
+        );
+    }
+
+    #[test]
+    fn non_string_values_are_stringified_like_javascript() {
+        assert_eq!(
+            chain_of(json!([{
+                "tag_name": "input",
+                "attr__checked": true,
+                "attr__value": 2.0,
+                "attr__list": [1, null, "x"],
+                "attr__data": { "a": 1 },
+                "attr__missing": null,
+                "$el_text": 42,
+            }])),
+            "input:attr__checked=\"true\"attr__data=\"[object Object]\"attr__list=\"1,,x\"\
+             attr__value=\"2\"nth-child=\"0\"nth-of-type=\"0\"text=\"42\""
+        );
+    }
+
+    #[test]
+    fn attributes_sort_like_locale_compare() {
+        // ICU puts `_` before `-` and ignores case at first; byte order would not.
+        assert_eq!(
+            chain_of(
+                json!([{ "attr__a-b": "1", "attr__a_b": "2", "attr__Ab": "3", "attr__ab": "4" }])
+            ),
+            ":attr__a_b=\"2\"attr__a-b=\"1\"attr__ab=\"4\"attr__Ab=\"3\"nth-child=\"0\"nth-of-type=\"0\""
+        );
+    }
+
+    #[test]
+    fn locale_compare_orders_symbols_digits_letters() {
+        let mut keys = vec!["b", "B", "a", "1", "_", "-", ":", "$", "é", "a1", "a_"];
+        keys.sort_by(|left, right| locale_compare(left, right));
+        assert_eq!(
+            keys,
+            ["_", "-", ":", "$", "1", "a", "a_", "a1", "b", "B", "é"]
+        );
+    }
+
+    #[test]
+    fn js_to_string_matches_javascript() {
+        let cases = [
+            (json!(null), "null"),
+            (json!(false), "false"),
+            (json!(12), "12"),
+            (json!(-3), "-3"),
+            (json!(1.5), "1.5"),
+            (json!(3.0), "3"),
+            (json!(-0.0), "0"),
+            (json!(1e21), "1e+21"),
+            (json!(1.5e-7), "1.5e-7"),
+            (json!("text"), "text"),
+            (json!([1, [2, 3], null]), "1,2,3,"),
+            (json!({}), "[object Object]"),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(js_to_string(&value), expected, "{value}");
+        }
+    }
+}

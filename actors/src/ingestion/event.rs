@@ -1,0 +1,105 @@
+//! The three shapes of an event: as parsed from the envelope, as plugins see it, and as
+//! the row written to ClickHouse (spec 1.1, 1.4, 1.8).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A JSON object, the type of `properties`, `$set` and `$set_once`.
+pub type Properties = Map<String, Value>;
+
+/// An event after envelope parsing and normalization (spec 1.1), before its team is known.
+///
+/// `team_id` is trusted when present (events produced by PostHog itself); otherwise the
+/// `token` finds the team.
+///
+/// Built by `envelope::parse_envelope`, never by serde: the JSON envelope is parsed field by
+/// field there, and the inner `PluginEvent` carries PostHog's shape for plugins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineEvent {
+    pub team_id: Option<i64>,
+    pub token: Option<String>,
+    pub event: PluginEvent,
+}
+
+/// The event as plugins receive and return it from `processEvent` (PostHog's `PluginEvent`).
+///
+/// Field names and JSON shape are PostHog's, because plugins read and write them directly.
+/// `team_id` is 0 until the team step has run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginEvent {
+    pub distinct_id: String,
+    pub ip: Option<String>,
+    pub site_url: Option<String>,
+    #[serde(default)]
+    pub team_id: i64,
+    /// Server time when the event was captured, ISO 8601. Trusted.
+    pub now: String,
+    pub event: String,
+    /// Client time when the event was sent, ISO 8601. Not trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+    #[serde(default)]
+    pub properties: Properties,
+    /// As sent by the client: usually an ISO string, occasionally something else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<Value>,
+    /// Milliseconds before `now` at which the event happened (mobile SDKs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<Value>,
+    pub uuid: String,
+    #[serde(rename = "$set", default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<Properties>,
+    #[serde(rename = "$set_once", default, skip_serializing_if = "Option::is_none")]
+    pub set_once: Option<Properties>,
+}
+
+/// One row of the `events` table (spec 1.8), independent of how a sink encodes it.
+///
+/// Person and group columns keep their empty values (nil uuid, `{}`, the epoch) until the
+/// person and group steps fill them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub uuid: Uuid,
+    pub event: String,
+    /// The properties object, serialized as JSON.
+    pub properties: String,
+    pub timestamp: DateTime<Utc>,
+    pub team_id: i64,
+    pub distinct_id: String,
+    pub elements_chain: String,
+    /// When this server ingested the event.
+    pub created_at: DateTime<Utc>,
+    pub person_id: Uuid,
+    pub person_properties: String,
+    pub person_created_at: DateTime<Utc>,
+    pub group_properties: [String; 5],
+    pub group_created_at: [DateTime<Utc>; 5],
+}
+
+impl EventRow {
+    /// A rough size in bytes, for batching by KAFKA_MAX_MESSAGE_BATCH_SIZE.
+    pub fn approximate_size(&self) -> usize {
+        const FIXED: usize = 16 * 2 + 8 * 9;
+        FIXED
+            + self.event.len()
+            + self.properties.len()
+            + self.distinct_id.len()
+            + self.elements_chain.len()
+            + self.person_properties.len()
+            + self.group_properties.iter().map(String::len).sum::<usize>()
+    }
+}
+
+/// A problem with an event that does not stop its ingestion, written to the
+/// `ingestion_warnings` table (spec 1.9) so that the team can see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestionWarning {
+    pub team_id: i64,
+    /// PostHog's warning type, e.g. `ignored_invalid_timestamp`, `event_timestamp_in_future`.
+    pub kind: &'static str,
+    /// A JSON object with the specifics (event uuid, offending field and value, ...).
+    pub details: Value,
+    pub timestamp: DateTime<Utc>,
+}

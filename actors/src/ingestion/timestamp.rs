@@ -1,0 +1,319 @@
+//! When an event happened (spec 1.6, PostHog's `timestamps.ts`).
+//!
+//! Clients lie about time: their clocks drift and mobile SDKs send events long after they
+//! happened. Only `now`, set by the capture endpoint, is trusted; the client's `timestamp`,
+//! `sent_at` and `offset` are used relative to it.
+
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, SecondsFormat, TimeDelta, Utc};
+use serde_json::{Value, json};
+
+use super::event::{IngestionWarning, PluginEvent};
+
+/// PostHog's `ignored_invalid_timestamp` warning: a client time could not be used.
+pub const WARNING_IGNORED_INVALID_TIMESTAMP: &str = "ignored_invalid_timestamp";
+/// PostHog's `event_timestamp_in_future` warning: the computed time was too far ahead.
+pub const WARNING_EVENT_TIMESTAMP_IN_FUTURE: &str = "event_timestamp_in_future";
+
+/// Events computed to be further ahead of `now` than this are instrumentation bugs; they are
+/// stored at `now` instead (PostHog's `FutureEventHoursCutoffMillis`).
+const FUTURE_EVENT_CUTOFF: TimeDelta = TimeDelta::hours(23);
+
+/// The time of the event, as PostHog's `parseEventTimestamp` computes it. Each client time
+/// that had to be ignored adds a warning for the event's team.
+pub fn parse_event_timestamp(
+    event: &PluginEvent,
+    warnings: &mut Vec<IngestionWarning>,
+) -> DateTime<Utc> {
+    // `now` comes from the capture endpoint; should it be broken anyway, the ingestion time
+    // is the closest trustworthy substitute.
+    let now = parse_iso8601(&event.now).unwrap_or_else(Utc::now);
+
+    let sent_at = match event.sent_at.as_deref() {
+        Some(text) if !text.is_empty() => {
+            let parsed = parse_iso8601(text);
+            if parsed.is_none() {
+                warnings.push(invalid_timestamp_warning(
+                    event,
+                    "sent_at",
+                    Value::String(text.to_owned()),
+                    unparseable_reason(text),
+                ));
+            }
+            parsed
+        }
+        _ => None,
+    };
+
+    let timestamp_value = event.timestamp.as_ref().filter(|value| is_truthy(value));
+    let computed = match timestamp_value {
+        Some(value) => {
+            let timestamp = value.as_str().and_then(parse_iso8601);
+            match (timestamp, sent_at) {
+                // sent_at − timestamp is how long the client held the event; the same span
+                // before the trusted `now` is when it really happened.
+                (Some(timestamp), Some(sent_at)) => {
+                    now.checked_add_signed(timestamp.signed_duration_since(sent_at))
+                }
+                // PostHog returns the client's timestamp untouched here, skipping both the
+                // offset and the future clamp; only an unusable value is replaced.
+                (Some(timestamp), None) => return timestamp,
+                (None, _) => {
+                    warnings.push(invalid_timestamp_warning(
+                        event,
+                        "timestamp",
+                        value.clone(),
+                        unparseable_reason(&js_display(value)),
+                    ));
+                    return Utc::now();
+                }
+            }
+        }
+        None => Some(now),
+    };
+    // `None` is a time out of chrono's range: luxon's invalid DateTime.
+    let computed = match offset_milliseconds(event) {
+        Some(offset_ms) => subtract_milliseconds(now, offset_ms),
+        None => computed,
+    };
+
+    let Some(computed) = computed else {
+        warnings.push(invalid_timestamp_warning(
+            event,
+            "timestamp",
+            event.timestamp.clone().unwrap_or_else(empty_string),
+            "the computed time is out of range".to_owned(),
+        ));
+        return Utc::now();
+    };
+
+    if computed.signed_duration_since(now) > FUTURE_EVENT_CUTOFF {
+        warnings.push(IngestionWarning {
+            team_id: event.team_id,
+            kind: WARNING_EVENT_TIMESTAMP_IN_FUTURE,
+            details: json!({
+                "timestamp": event.timestamp.clone().unwrap_or_else(empty_string),
+                "sentAt": event.sent_at.clone().unwrap_or_default(),
+                "offset": event.offset.clone().unwrap_or_else(empty_string),
+                "now": event.now,
+                "result": computed.to_rfc3339_opts(SecondsFormat::Millis, true),
+            }),
+            timestamp: Utc::now(),
+        });
+        return now;
+    }
+    computed
+}
+
+/// The event's `offset` in milliseconds, if usable and non-zero.
+///
+/// Like luxon's `Duration.fromMillis`, a numeric string counts as a number. Zero is ignored
+/// because PostHog tests the offset for truthiness.
+fn offset_milliseconds(event: &PluginEvent) -> Option<f64> {
+    let offset_ms = match event.offset.as_ref()? {
+        Value::Number(number) => number.as_f64()?,
+        Value::String(text) => text.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (offset_ms != 0.0 && offset_ms.is_finite()).then_some(offset_ms)
+}
+
+/// `time − milliseconds`, or `None` when that is out of range.
+fn subtract_milliseconds(time: DateTime<Utc>, milliseconds: f64) -> Option<DateTime<Utc>> {
+    // Microseconds keep fractional milliseconds; `as` saturates absurd values, which then
+    // fail the checked subtraction instead of panicking.
+    let delta = TimeDelta::microseconds((milliseconds * 1000.0).round() as i64);
+    time.checked_sub_signed(delta)
+}
+
+fn invalid_timestamp_warning(
+    event: &PluginEvent,
+    field: &str,
+    value: Value,
+    reason: String,
+) -> IngestionWarning {
+    IngestionWarning {
+        team_id: event.team_id,
+        kind: WARNING_IGNORED_INVALID_TIMESTAMP,
+        details: json!({
+            "eventUuid": event.uuid,
+            "field": field,
+            "value": value,
+            "reason": reason,
+        }),
+        timestamp: Utc::now(),
+    }
+}
+
+/// luxon's `invalidExplanation` for text that is not ISO 8601.
+fn unparseable_reason(text: &str) -> String {
+    format!("the input \"{text}\" can't be parsed as ISO 8601")
+}
+
+/// PostHog's `?? ''` for absent fields in warning details.
+fn empty_string() -> Value {
+    Value::String(String::new())
+}
+
+fn js_display(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// JavaScript truthiness, which PostHog uses to decide whether `timestamp` is present.
+fn is_truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(flag) => *flag,
+        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0 && !n.is_nan()),
+        Value::String(text) => !text.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+/// Parses an ISO 8601 date or date-time as leniently as luxon's `DateTime.fromISO`.
+///
+/// Accepted: `YYYY`, `YYYY-MM`, `YYYY-MM-DD` or `YYYYMMDD`, optionally followed by `T`, `t`
+/// or a space and a time `HH[:MM[:SS[.fraction]]]` (or `HH[MM[SS[.fraction]]]`), the
+/// fraction separated by `.` or `,`, then an optional zone `Z`, `±HH`, `±HHMM` or `±HH:MM`.
+/// A time without a zone is UTC: luxon would use the process zone, which is UTC in PostHog's
+/// deployments. Ordinal and week dates, six-digit years and `[Zone/Name]` suffixes are not
+/// accepted; clients do not send them.
+pub fn parse_iso8601(text: &str) -> Option<DateTime<Utc>> {
+    let mut cursor = Cursor {
+        bytes: text.as_bytes(),
+        position: 0,
+    };
+
+    let year = cursor.digits(4)?;
+    let (month, day) = if cursor.eat(b'-') {
+        let month = cursor.digits(2)?;
+        let day = if cursor.eat(b'-') {
+            cursor.digits(2)?
+        } else {
+            1
+        };
+        (month, day)
+    } else if cursor.peek_digit() {
+        (cursor.digits(2)?, cursor.digits(2)?)
+    } else {
+        (1, 1)
+    };
+    let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
+
+    if cursor.at_end() {
+        return Some(date.and_time(NaiveTime::MIN).and_utc());
+    }
+    if !(cursor.eat(b'T') || cursor.eat(b't') || cursor.eat(b' ')) {
+        return None;
+    }
+
+    let hour = cursor.digits(2)?;
+    let mut minute = 0;
+    let mut second = 0;
+    let mut nanosecond = 0;
+    let extended = cursor.peek() == Some(b':');
+    if cursor.eat(b':') || (!extended && cursor.peek_digit()) {
+        minute = cursor.digits(2)?;
+        if (extended && cursor.eat(b':')) || (!extended && cursor.peek_digit()) {
+            second = cursor.digits(2)?;
+            if cursor.eat(b'.') || cursor.eat(b',') {
+                nanosecond = cursor.fraction_as_nanoseconds()?;
+            }
+        }
+    }
+    let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanosecond)?;
+
+    let offset_seconds = match cursor.next() {
+        None => 0,
+        Some(b'Z' | b'z') => 0,
+        Some(sign @ (b'+' | b'-')) => {
+            let hours = cursor.digits(2)?;
+            let minutes = if cursor.at_end() {
+                0
+            } else {
+                cursor.eat(b':');
+                cursor.digits(2)?
+            };
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let magnitude = i32::try_from(hours * 3600 + minutes * 60).ok()?;
+            if sign == b'-' { -magnitude } else { magnitude }
+        }
+        Some(_) => return None,
+    };
+    if !cursor.at_end() {
+        return None;
+    }
+
+    let offset = FixedOffset::east_opt(offset_seconds)?;
+    let local = date.and_time(time);
+    let utc = local.checked_sub_offset(offset)?;
+    Some(utc.and_utc())
+}
+
+/// A byte position in ASCII date text; every method returns `None` rather than panicking.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.position).copied()
+    }
+
+    fn peek_digit(&self) -> bool {
+        self.peek().is_some_and(|byte| byte.is_ascii_digit())
+    }
+
+    fn at_end(&self) -> bool {
+        self.position >= self.bytes.len()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.position += 1;
+        Some(byte)
+    }
+
+    fn eat(&mut self, expected: u8) -> bool {
+        if self.peek() == Some(expected) {
+            self.position += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Exactly `count` decimal digits as a number.
+    fn digits(&mut self, count: usize) -> Option<u32> {
+        let mut value = 0u32;
+        for _ in 0..count {
+            let byte = self.next()?;
+            if !byte.is_ascii_digit() {
+                return None;
+            }
+            value = value * 10 + u32::from(byte - b'0');
+        }
+        Some(value)
+    }
+
+    /// One or more digits after the decimal separator; digits past nanoseconds are dropped.
+    fn fraction_as_nanoseconds(&mut self) -> Option<u32> {
+        let mut nanoseconds = 0u32;
+        let mut scale = 100_000_000u32;
+        let start = self.position;
+        while let Some(byte) = self.peek().filter(u8::is_ascii_digit) {
+            nanoseconds += u32::from(byte - b'0') * scale;
+            scale /= 10;
+            self.position += 1;
+        }
+        (self.position > start).then_some(nanoseconds)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,363 @@
+//! `IngestionPipeline`: raw messages in, stored rows out (spec 1.3, in PostHog's order).
+//!
+//! For each batch: parse and normalize every envelope; find each event's team (one lookup per
+//! distinct token or team id, cached); run the team's plugin chain (the event passes through
+//! unchanged when the team has no plugins, which is the case until the plugin runtime is
+//! wired in); prepare the row; then hand rows, dead letters and warnings to the `EventWriter`
+//! in one `WriteRows` and reply once it has stored them. Bad events never fail the batch: they
+//! are counted by reason, logged once per batch, and dead-lettered with their raw payload. A
+//! batch fails only when a dependency is unavailable (team store, writer), so that the caller
+//! retries it instead of losing events, as PostHog's `DependencyUnavailableError` does.
+//!
+//! The CPU-heavy steps run on tokio's blocking pool, so batches from several partitions use
+//! every core while this actor's own thread stays free to accept more.
+//!
+//! Receives: `IngestBatch` from the Kafka consumer and from HTTP capture (embedded profile).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::Utc;
+use prometheus::{IntCounter, IntCounterVec, Opts};
+
+use crate::event_writer::{EventWriter, WriteError, WriteRows};
+use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
+use crate::ingestion::prepare::{dead_letter_for_event, prepare_event};
+use crate::ingestion::team::TeamStoreError;
+use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
+use crate::metrics::{Metrics, MetricsError};
+use crate::sinks::WriteBatch;
+use crate::stats::{ActorStats, ObservedAddr};
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// Ingest these messages (each a spec 1.1 envelope); the reply comes once every resulting row
+/// is stored.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<BatchOutcome, PipelineError>")]
+pub struct IngestBatch {
+    pub messages: Vec<Vec<u8>>,
+}
+
+/// What became of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub written: usize,
+    pub dead_lettered: usize,
+    pub dropped: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Teams(#[from] TeamStoreError),
+    #[error(transparent)]
+    Writer(#[from] WriteError),
+    #[error("the event writer is not running")]
+    WriterGone,
+    #[error("a pipeline step panicked: {0}")]
+    Step(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+#[derive(Clone)]
+pub struct PipelineMetrics {
+    received: IntCounter,
+    written: IntCounter,
+    dropped: IntCounterVec,
+}
+
+impl PipelineMetrics {
+    pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
+        let received = IntCounter::new(
+            "ingestion_events_received_total",
+            "Messages the ingestion pipeline received.",
+        )?;
+        let written = IntCounter::new(
+            "ingestion_events_written_total",
+            "Events the ingestion pipeline had stored.",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "ingestion_event_dropped_total",
+                "Events not ingested, by cause; all but dropped_by_plugin are dead-lettered.",
+            ),
+            &["drop_cause"],
+        )?;
+        // Every cause shows from the start, so dashboards and alerts see zeros, not gaps.
+        for reason in DropReason::ALL {
+            dropped.with_label_values(&[reason.as_str()]);
+        }
+        let registry = metrics.registry();
+        registry.register(Box::new(received.clone()))?;
+        registry.register(Box::new(written.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        Ok(Self {
+            received,
+            written,
+            dropped,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actor
+
+#[derive(Debug, Clone, Default)]
+pub struct PipelineConfig {
+    pub limits: EnvelopeLimits,
+}
+
+pub struct IngestionPipeline {
+    config: PipelineConfig,
+    teams: Arc<TeamManager>,
+    writer: ObservedAddr<EventWriter>,
+    stats: Arc<ActorStats>,
+    metrics: PipelineMetrics,
+    step_duration: prometheus::HistogramVec,
+}
+
+impl IngestionPipeline {
+    pub fn new(
+        config: PipelineConfig,
+        teams: Arc<TeamManager>,
+        writer: ObservedAddr<EventWriter>,
+        stats: Arc<ActorStats>,
+        metrics: &Metrics,
+        pipeline_metrics: PipelineMetrics,
+    ) -> Self {
+        Self {
+            config,
+            teams,
+            writer,
+            stats,
+            metrics: pipeline_metrics,
+            step_duration: metrics.pipeline_step_duration.clone(),
+        }
+    }
+}
+
+impl Actor for IngestionPipeline {
+    type Context = Context<Self>;
+}
+
+/// The pipeline keeps no state between batches; a restart only loses batches in flight,
+/// whose callers get an error and retry.
+impl Supervised for IngestionPipeline {}
+
+impl Handler<IngestBatch> for IngestionPipeline {
+    type Result = ResponseFuture<Result<BatchOutcome, PipelineError>>;
+
+    fn handle(&mut self, batch: IngestBatch, _: &mut Context<Self>) -> Self::Result {
+        let timer = self.stats.message_received();
+        let run = Run {
+            config: self.config.clone(),
+            teams: Arc::clone(&self.teams),
+            writer: self.writer.clone(),
+            metrics: self.metrics.clone(),
+            step_duration: self.step_duration.clone(),
+        };
+        let stats = Arc::clone(&self.stats);
+        Box::pin(async move {
+            let _timer = timer;
+            let outcome = run.ingest(batch.messages).await;
+            if outcome.is_err() {
+                stats.record_error();
+            }
+            outcome
+        })
+    }
+}
+
+/// One batch's trip through the steps; owns clones of what it needs so that batches run
+/// concurrently.
+struct Run {
+    config: PipelineConfig,
+    teams: Arc<TeamManager>,
+    writer: ObservedAddr<EventWriter>,
+    metrics: PipelineMetrics,
+    step_duration: prometheus::HistogramVec,
+}
+
+impl Run {
+    async fn ingest(self, messages: Vec<Vec<u8>>) -> Result<BatchOutcome, PipelineError> {
+        self.metrics.received.inc_by(messages.len() as u64);
+        let limits = self.config.limits;
+        let parsed = self
+            .step("parse", move || {
+                messages
+                    .iter()
+                    .map(|raw| parse_envelope(raw, &limits))
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+
+        let started = std::time::Instant::now();
+        let teams = self.resolve_teams(&parsed).await?;
+        self.step_duration
+            .with_label_values(&["populate_team"])
+            .observe(started.elapsed().as_secs_f64());
+
+        // Plugins run here (spec 1.3 step 3) once the plugin runtime exists; with no plugins
+        // the events go on unchanged.
+
+        let batch = self
+            .step("prepare", move || prepare_batch(parsed, &teams))
+            .await?;
+
+        let mut outcome = BatchOutcome {
+            written: batch.events.len(),
+            dead_lettered: batch.dead_letters.len(),
+            dropped: 0,
+        };
+        self.count_dead_letters(&batch.dead_letters);
+        outcome.dropped = outcome.dead_lettered;
+
+        let started = std::time::Instant::now();
+        self.writer
+            .send(WriteRows(batch))
+            .await
+            .map_err(|_| PipelineError::WriterGone)??;
+        self.step_duration
+            .with_label_values(&["write"])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.written.inc_by(outcome.written as u64);
+        Ok(outcome)
+    }
+
+    /// Runs a CPU-bound step on the blocking pool and times it.
+    async fn step<T: Send + 'static>(
+        &self,
+        name: &'static str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PipelineError> {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| PipelineError::Step(error.to_string()))?;
+        self.step_duration
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(result)
+    }
+
+    /// One store lookup per distinct team id or token in the batch (most batches have few).
+    async fn resolve_teams(
+        &self,
+        parsed: &[Result<PipelineEvent, Box<DeadLetter>>],
+    ) -> Result<Teams, PipelineError> {
+        let mut teams = Teams::default();
+        for event in parsed.iter().filter_map(|result| result.as_ref().ok()) {
+            if let Some(id) = event.team_id {
+                if let std::collections::hash_map::Entry::Vacant(entry) = teams.by_id.entry(id) {
+                    entry.insert(self.teams.by_id(id).await?);
+                }
+            } else if let Some(token) = &event.token
+                && !teams.by_token.contains_key(token)
+            {
+                let team = self.teams.by_token(token).await?;
+                teams.by_token.insert(token.clone(), team);
+            }
+        }
+        Ok(teams)
+    }
+
+    fn count_dead_letters(&self, letters: &[DeadLetter]) {
+        if letters.is_empty() {
+            return;
+        }
+        let mut by_reason: HashMap<DropReason, usize> = HashMap::new();
+        for letter in letters {
+            *by_reason.entry(letter.reason).or_default() += 1;
+        }
+        for (reason, count) in &by_reason {
+            self.metrics
+                .dropped
+                .with_label_values(&[reason.as_str()])
+                .inc_by(*count as u64);
+        }
+        // Once per batch, with the first error as an example: a flood of bad events must
+        // not flood the log.
+        let example = &letters[0];
+        tracing::warn!(
+            dead_lettered = letters.len(),
+            reasons = ?by_reason,
+            example = %example.error_message(),
+            "events dead-lettered"
+        );
+    }
+}
+
+#[derive(Default)]
+struct Teams {
+    by_id: HashMap<i64, Option<Arc<Team>>>,
+    by_token: HashMap<String, Option<Arc<Team>>>,
+}
+
+impl Teams {
+    fn for_event(&self, event: &PipelineEvent) -> Result<Arc<Team>, (DropReason, String)> {
+        if let Some(id) = event.team_id {
+            return self.by_id.get(&id).and_then(Clone::clone).ok_or_else(|| {
+                (
+                    DropReason::InvalidToken,
+                    format!("team {id} does not exist"),
+                )
+            });
+        }
+        let Some(token) = &event.token else {
+            return Err((DropReason::NoToken, "no team_id and no token".to_owned()));
+        };
+        self.by_token
+            .get(token)
+            .and_then(Clone::clone)
+            .ok_or_else(|| {
+                (
+                    DropReason::InvalidToken,
+                    format!("no team has the token \"{token}\""),
+                )
+            })
+    }
+}
+
+fn prepare_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Teams) -> WriteBatch {
+    let created_at = Utc::now();
+    let mut batch = WriteBatch {
+        events: Vec::with_capacity(parsed.len()),
+        ..WriteBatch::default()
+    };
+    for result in parsed {
+        let event = match result {
+            Ok(event) => event,
+            Err(letter) => {
+                batch.dead_letters.push(*letter);
+                continue;
+            }
+        };
+        let team = match teams.for_event(&event) {
+            Ok(team) => team,
+            Err((reason, error)) => {
+                let mut letter = dead_letter_for_event(&event.event, reason, error);
+                letter.team_id = event.team_id.unwrap_or(0);
+                batch.dead_letters.push(letter);
+                continue;
+            }
+        };
+        let mut plugin_event = event.event;
+        if team.anonymize_ips {
+            // Spec 1.3 step 1: the address is gone before plugins ever see the event.
+            plugin_event.ip = None;
+        }
+        match prepare_event(plugin_event, &team, created_at, &mut batch.warnings) {
+            Ok(row) => batch.events.push(row),
+            Err(letter) => batch.dead_letters.push(*letter),
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests;

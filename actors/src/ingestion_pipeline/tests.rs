@@ -1,0 +1,238 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::event_writer::{EventWriterConfig, WriterMetrics};
+use crate::health::{Health, HealthConfig, ProgressReporter};
+use crate::ingestion::team::{EmbeddedTeamStore, TeamCacheConfig, TeamStore};
+use crate::sinks::{EventSink, JsonLinesConfig, JsonLinesSink};
+use crate::stats::ActorRegistry;
+use crate::supervisor::{SpawnOptions, spawn_supervised};
+
+/// Knows exactly one token, `phc_known`, as team 1; and team 2 (by id) with anonymize_ips.
+struct TwoTeams(EmbeddedTeamStore);
+
+#[async_trait]
+impl TeamStore for TwoTeams {
+    async fn by_token(&self, token: &str) -> Result<Option<Team>, TeamStoreError> {
+        if token != "phc_known" {
+            return Ok(None);
+        }
+        self.0.by_token(token).await
+    }
+
+    async fn by_id(&self, id: i64) -> Result<Option<Team>, TeamStoreError> {
+        let team = self.0.by_id(id).await?;
+        Ok(team.map(|mut team| {
+            team.anonymize_ips = team.id == 2;
+            team
+        }))
+    }
+}
+
+struct Harness {
+    pipeline: ObservedAddr<IngestionPipeline>,
+    data: tempfile::TempDir,
+}
+
+async fn start() -> Harness {
+    let data = tempfile::tempdir().expect("tempdir");
+    let metrics = Metrics::new().expect("metrics");
+    let registry = ActorRegistry::new(metrics.clone());
+    let health = spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
+        Health::new(
+            HealthConfig {
+                max_stale: Duration::from_secs(7200),
+            },
+            stats,
+        )
+    });
+    let sink: Arc<dyn EventSink> =
+        Arc::new(JsonLinesSink::open(&JsonLinesConfig::under(data.path())).expect("sink"));
+    let writer_metrics = WriterMetrics::register(&metrics).expect("metrics");
+    let health_addr = health.addr().clone();
+    let writer = spawn_supervised(&registry, SpawnOptions::new("event_writer"), move |stats| {
+        let progress = ProgressReporter::new("event_writer", &health_addr, Arc::clone(&stats));
+        EventWriter::new(
+            EventWriterConfig {
+                flush_interval: Duration::from_millis(10),
+                ..EventWriterConfig::default()
+            },
+            Arc::clone(&sink),
+            stats,
+            writer_metrics.clone(),
+            progress,
+        )
+    });
+    let store = TwoTeams(EmbeddedTeamStore::new());
+    // Create teams 1 (phc_known) and 2 (phc_anonymous) in that order.
+    store.0.by_token("phc_known").await.expect("team");
+    store.0.by_token("phc_anonymous").await.expect("team");
+    let teams = Arc::new(TeamManager::new(
+        Arc::new(store),
+        TeamCacheConfig::default(),
+    ));
+    let pipeline_metrics = PipelineMetrics::register(&metrics).expect("metrics");
+    let pipeline = spawn_supervised(&registry, SpawnOptions::new("pipeline"), move |stats| {
+        IngestionPipeline::new(
+            PipelineConfig {
+                limits: EnvelopeLimits {
+                    max_message_bytes: 10_000,
+                },
+            },
+            Arc::clone(&teams),
+            writer.clone(),
+            stats,
+            &metrics,
+            pipeline_metrics.clone(),
+        )
+    });
+    Harness { pipeline, data }
+}
+
+fn envelope(event: Value, outer: Value) -> Vec<u8> {
+    let mut message = json!({
+        "distinct_id": "user-1",
+        "ip": "1.2.3.4",
+        "site_url": "https://example.com",
+        "now": "2026-11-23T05:00:00.000Z",
+        "sent_at": "2026-11-23T05:10:00.000Z",
+        "uuid": uuid::Uuid::now_v7().to_string(),
+        "token": "phc_known",
+        "data": event.to_string(),
+    });
+    if let (Some(message), Value::Object(outer)) = (message.as_object_mut(), outer) {
+        message.extend(outer);
+    }
+    serde_json::to_vec(&message).expect("json")
+}
+
+fn read_lines(dir: &std::path::Path, kind: &str) -> Vec<Value> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(dir.join("data")).expect("data dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with(&format!("{kind}-")) {
+            let text = std::fs::read_to_string(&path).expect("read");
+            lines.extend(
+                text.lines()
+                    .map(|line| serde_json::from_str::<Value>(line).expect("json line")),
+            );
+        }
+    }
+    lines
+}
+
+#[actix::test]
+async fn good_events_are_written_and_each_bad_kind_is_dead_lettered() {
+    let harness = start().await;
+    let good = envelope(
+        json!({"event": "$pageview", "properties": {"$current_url": "https://example.com/a"}, "timestamp": "2026-11-23T05:08:00.000Z"}),
+        json!({}),
+    );
+    let anonymous_team = envelope(
+        json!({"event": "signup", "properties": {}}),
+        json!({"team_id": 2, "token": null}),
+    );
+    let messages = vec![
+        good,
+        b"{not json".to_vec(),
+        vec![b'{', 0xff, 0xfe, b'}'],
+        envelope(json!({"event": "x"}), json!({"token": null})),
+        envelope(json!({"event": "x"}), json!({"token": "phc_unknown"})),
+        envelope(
+            json!({"event": "x", "properties": {"blob": "y".repeat(20_000)}}),
+            json!({}),
+        ),
+        envelope(json!({"event": ""}), json!({})),
+        envelope(json!({"event": "x"}), json!({"uuid": "not-a-uuid"})),
+        anonymous_team,
+    ];
+    let outcome = harness
+        .pipeline
+        .send(IngestBatch { messages })
+        .await
+        .expect("delivered")
+        .expect("ingested");
+    assert_eq!(outcome.written, 2);
+    assert_eq!(outcome.dead_lettered, 7);
+
+    let events = read_lines(harness.data.path(), "events");
+    assert_eq!(events.len(), 2);
+    let pageview = events
+        .iter()
+        .find(|e| e["event"] == "$pageview")
+        .expect("pageview");
+    assert_eq!(pageview["team_id"], 1);
+    assert_eq!(pageview["distinct_id"], "user-1");
+    // Clock skew corrected: now 05:00 + (05:08 - 05:10) = 04:58.
+    assert_eq!(pageview["timestamp"], "2026-11-23 04:58:00.000");
+    let properties: Value =
+        serde_json::from_str(pageview["properties"].as_str().expect("string")).expect("json");
+    assert_eq!(properties["$ip"], "1.2.3.4");
+    assert_eq!(properties["$current_url"], "https://example.com/a");
+
+    let signup = events
+        .iter()
+        .find(|e| e["event"] == "signup")
+        .expect("signup");
+    assert_eq!(signup["team_id"], 2);
+    let properties: Value =
+        serde_json::from_str(signup["properties"].as_str().expect("string")).expect("json");
+    assert!(
+        properties.get("$ip").is_none(),
+        "anonymize_ips keeps the ip out"
+    );
+
+    let letters = read_lines(harness.data.path(), "dead_letters");
+    let mut reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().expect("reason"))
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        [
+            "event_too_large",
+            "illegal_event_name",
+            "invalid_json",
+            "invalid_token",
+            "invalid_utf8",
+            "invalid_uuid",
+            "no_token",
+        ]
+    );
+    for letter in &letters {
+        assert!(
+            !letter["raw_payload"].as_str().expect("raw").is_empty(),
+            "{letter}"
+        );
+        assert!(
+            letter["error"]
+                .as_str()
+                .expect("error")
+                .starts_with("ingestEvent failed. Error: "),
+            "{letter}"
+        );
+    }
+}
+
+#[actix::test]
+async fn an_empty_batch_is_fine() {
+    let harness = start().await;
+    let outcome = harness
+        .pipeline
+        .send(IngestBatch {
+            messages: Vec::new(),
+        })
+        .await
+        .expect("delivered")
+        .expect("ingested");
+    assert_eq!(outcome, BatchOutcome::default());
+}

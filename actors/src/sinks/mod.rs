@@ -1,0 +1,85 @@
+//! Where ingested events end up: ClickHouse in the cluster profile, JSON-lines files in the
+//! embedded one. The `EventWriter` actor batches and retries; a sink only writes.
+//!
+//! A sink writes three kinds of rows, each to its own table or file, so that the writer can
+//! retry the one that failed without rewriting the others.
+
+pub mod clickhouse;
+pub mod jsonl;
+mod posthog_json;
+
+use async_trait::async_trait;
+
+use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+
+pub use self::clickhouse::ClickHouseSink;
+pub use self::jsonl::{JsonLinesConfig, JsonLinesSink};
+
+/// Rows to store together. The writer acknowledges the requests behind a batch only after
+/// every non-empty part of it is stored.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteBatch {
+    pub events: Vec<EventRow>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub warnings: Vec<IngestionWarning>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.dead_letters.is_empty() && self.warnings.is_empty()
+    }
+
+    /// Rough bytes, to cut batches at KAFKA_MAX_MESSAGE_BATCH_SIZE.
+    pub fn approximate_size(&self) -> usize {
+        self.events
+            .iter()
+            .map(EventRow::approximate_size)
+            .sum::<usize>()
+            + self
+                .dead_letters
+                .iter()
+                .map(|letter| 256 + letter.raw_payload.len() + letter.properties.len())
+                .sum::<usize>()
+            + self.warnings.len() * 256
+    }
+
+    pub fn append(&mut self, other: WriteBatch) {
+        self.events.extend(other.events);
+        self.dead_letters.extend(other.dead_letters);
+        self.warnings.extend(other.warnings);
+    }
+}
+
+/// Why a write failed. Every failure is retried by the writer; the variants say where to look.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("ClickHouse insert into {table} failed (check CLICKHOUSE_HOST): {source}")]
+    ClickHouse {
+        table: &'static str,
+        #[source]
+        source: ::clickhouse::error::Error,
+    },
+    #[error("writing {path} failed (check BASE_DIR): {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the file writer thread failed: {0}")]
+    Join(String),
+}
+
+/// A store for ingested rows. Each call writes all of its rows or returns an error; a retry
+/// after an error may store some rows twice, which the tables (ReplacingMergeTree on the event
+/// uuid, dead letters on their id) collapse.
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// For logs and metrics: `clickhouse` or `jsonl`.
+    fn name(&self) -> &'static str;
+
+    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError>;
+
+    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError>;
+
+    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError>;
+}

@@ -1,0 +1,138 @@
+//! PostHog's JSON encoding of the rows (the values of its `clickhouse_events_json` and
+//! `clickhouse_ingestion_warnings` topics and its dead-letter rows), used by the JSON-lines sink
+//! so that files written by the embedded profile load into PostHog's tables unchanged.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+
+/// `yyyy-MM-dd HH:mm:ss.SSS` in UTC, PostHog's `castTimestampOrNow` format.
+fn millis(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+}
+
+/// `yyyy-MM-dd HH:mm:ss` in UTC, for person and group creation times.
+fn seconds(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+#[derive(Serialize)]
+pub(super) struct EventJson<'a> {
+    uuid: Uuid,
+    event: &'a str,
+    properties: &'a str,
+    timestamp: String,
+    team_id: i64,
+    distinct_id: &'a str,
+    elements_chain: &'a str,
+    created_at: String,
+    person_id: Uuid,
+    person_properties: &'a str,
+    person_created_at: String,
+    group0_properties: &'a str,
+    group1_properties: &'a str,
+    group2_properties: &'a str,
+    group3_properties: &'a str,
+    group4_properties: &'a str,
+    group0_created_at: String,
+    group1_created_at: String,
+    group2_created_at: String,
+    group3_created_at: String,
+    group4_created_at: String,
+}
+
+impl<'a> From<&'a EventRow> for EventJson<'a> {
+    fn from(row: &'a EventRow) -> Self {
+        let [g0, g1, g2, g3, g4] = &row.group_properties;
+        let [c0, c1, c2, c3, c4] = &row.group_created_at;
+        Self {
+            uuid: row.uuid,
+            event: &row.event,
+            properties: &row.properties,
+            timestamp: millis(&row.timestamp),
+            team_id: row.team_id,
+            distinct_id: &row.distinct_id,
+            elements_chain: &row.elements_chain,
+            created_at: millis(&row.created_at),
+            person_id: row.person_id,
+            person_properties: &row.person_properties,
+            person_created_at: seconds(&row.person_created_at),
+            group0_properties: g0,
+            group1_properties: g1,
+            group2_properties: g2,
+            group3_properties: g3,
+            group4_properties: g4,
+            group0_created_at: seconds(c0),
+            group1_created_at: seconds(c1),
+            group2_created_at: seconds(c2),
+            group3_created_at: seconds(c3),
+            group4_created_at: seconds(c4),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct DeadLetterJson<'a> {
+    id: Uuid,
+    event_uuid: Uuid,
+    event: &'a str,
+    properties: &'a str,
+    distinct_id: &'a str,
+    team_id: i64,
+    ip: &'a str,
+    site_url: &'a str,
+    now: String,
+    raw_payload: &'a str,
+    error_timestamp: String,
+    error_location: &'static str,
+    error: String,
+    /// Machine-readable reason, which PostHog folds into `error`; kept apart for filtering.
+    reason: &'static str,
+    tags: [&'static str; 2],
+}
+
+impl<'a> From<&'a DeadLetter> for DeadLetterJson<'a> {
+    fn from(letter: &'a DeadLetter) -> Self {
+        Self {
+            id: letter.id,
+            event_uuid: letter.event_uuid,
+            event: &letter.event,
+            properties: &letter.properties,
+            distinct_id: &letter.distinct_id,
+            team_id: letter.team_id,
+            ip: &letter.ip,
+            site_url: &letter.site_url,
+            now: millis(&letter.now),
+            raw_payload: &letter.raw_payload,
+            error_timestamp: millis(&letter.error_timestamp),
+            error_location: DeadLetter::ERROR_LOCATION,
+            error: letter.error_message(),
+            reason: letter.reason.as_str(),
+            tags: DeadLetter::TAGS,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct WarningJson {
+    team_id: i64,
+    source: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    details: String,
+    timestamp: String,
+}
+
+impl From<&IngestionWarning> for WarningJson {
+    fn from(warning: &IngestionWarning) -> Self {
+        Self {
+            team_id: warning.team_id,
+            source: "plugin-server",
+            kind: warning.kind,
+            details: warning.details.to_string(),
+            timestamp: millis(&warning.timestamp),
+        }
+    }
+}
