@@ -20,6 +20,14 @@ pub enum ServerError {
     },
     #[error("cannot reach Redis (check REDIS_URL): {0}")]
     Redis(#[source] plugin_server_actors::cluster::ClusterError),
+    #[error(transparent)]
+    Postgres(#[from] plugin_server_actors::postgres::PostgresError),
+    #[error("cannot reach ClickHouse (check CLICKHOUSE_HOST and CLICKHOUSE_USER): {0}")]
+    ClickHouse(#[source] clickhouse::error::Error),
+    #[error(transparent)]
+    Sink(#[from] plugin_server_actors::sinks::SinkError),
+    #[error(transparent)]
+    Kafka(#[from] plugin_server_actors::kafka::KafkaSetupError),
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }

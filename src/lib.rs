@@ -45,9 +45,15 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         registry: topology.registry.clone(),
         metrics: topology.metrics.clone(),
     };
+    let capture = web::Data::new(http::capture::CaptureState {
+        intake: topology.intake.clone(),
+        max_body_bytes: http::capture::DEFAULT_MAX_BODY_BYTES,
+    });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
+            .app_data(capture.clone())
+            .configure(http::capture::routes)
             .configure(http::routes)
     })
     // Signals are ours: shutdown must drain the actors before the listener goes away.

@@ -126,6 +126,9 @@ pub struct Settings {
     pub kafka_max_message_batch_size: u64,
     pub kafka_flush_frequency_ms: u64,
     pub kafka_partitions_consumed_concurrently: u32,
+    /// Not PostHog's: the consumer group session timeout (librdkafka `session.timeout.ms`).
+    /// A group join takes about half of it on some brokers, so tests lower it.
+    pub kafka_session_timeout_ms: u64,
 
     /// 0 means one worker thread per core.
     pub worker_concurrency: usize,
@@ -283,6 +286,7 @@ impl Settings {
             u64::from(self.kafka_partitions_consumed_concurrently),
         )?;
         positive("KAFKA_FLUSH_FREQUENCY_MS", self.kafka_flush_frequency_ms)?;
+        positive("KAFKA_SESSION_TIMEOUT_MS", self.kafka_session_timeout_ms)?;
         positive(
             "HEALTHCHECK_MAX_STALE_SECONDS",
             self.healthcheck_max_stale_seconds,

@@ -6,17 +6,32 @@
 
 use std::sync::Arc;
 
-use actix::{MailboxError, Recipient};
+use actix::{Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
+use plugin_server_actors::event_writer::{EventWriter, EventWriterConfig, WriterMetrics};
+use plugin_server_actors::health::ProgressReporter;
 use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, SetReady};
+use plugin_server_actors::ingestion::TeamManager;
+use plugin_server_actors::ingestion::envelope::EnvelopeLimits;
+use plugin_server_actors::ingestion::intake::EventIntake;
+use plugin_server_actors::ingestion::team::{
+    EmbeddedTeamStore, PostgresTeamStore, TeamCacheConfig, TeamStore,
+};
+use plugin_server_actors::ingestion_pipeline::{
+    IngestionPipeline, PipelineConfig, PipelineIntake, PipelineMetrics,
+};
+use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake};
+use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
 use plugin_server_actors::metrics::Metrics;
+use plugin_server_actors::migrations::ClickHouseTarget;
+use plugin_server_actors::sinks::{ClickHouseSink, EventSink, JsonLinesConfig, JsonLinesSink};
 use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
-use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised};
+use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
 use crate::error::ServerError;
-use crate::settings::Settings;
+use crate::settings::{PluginServerMode, Settings};
 
 /// The running actors.
 pub struct Topology {
@@ -25,6 +40,12 @@ pub struct Topology {
     pub health: ObservedAddr<Health>,
     /// Cache, pub/sub, sync messages, locks and event queue: Redis when `REDIS_URL` is set.
     pub cluster: Cluster,
+    /// Where HTTP capture hands events: Kafka when `KAFKA_HOSTS` is set, else the pipeline.
+    pub intake: Arc<dyn EventIntake>,
+    pub pipeline: ObservedAddr<IngestionPipeline>,
+    pub writer: ObservedAddr<EventWriter>,
+    /// Kept so the arbiters' threads live as long as the topology.
+    _arbiters: Vec<Arbiter>,
     /// Actors to drain on shutdown, in start order (dependencies first).
     drain_order: Vec<(String, Recipient<Shutdown>)>,
 }
@@ -44,12 +65,123 @@ impl Topology {
         let health = spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
             Health::new(health_config, stats)
         });
+        let mut drain_order: Vec<(String, Recipient<Shutdown>)> = Vec::new();
+        let mut arbiters = Vec::new();
+
+        let database = match settings.database_url() {
+            Some(url) => Some(plugin_server_actors::postgres::connect(&url, 10).await?),
+            None => None,
+        };
+        let team_store: Arc<dyn TeamStore> = match &database {
+            Some(pool) => Arc::new(PostgresTeamStore::new(pool.clone())),
+            None => Arc::new(EmbeddedTeamStore::new()),
+        };
+        let teams = Arc::new(TeamManager::new(team_store, TeamCacheConfig::default()));
+
+        let sink = event_sink(settings).await?;
+        let writer_config = EventWriterConfig {
+            max_batch_bytes: settings.kafka_max_message_batch_size as usize,
+            flush_interval: std::time::Duration::from_millis(settings.kafka_flush_frequency_ms),
+            ..EventWriterConfig::default()
+        };
+        let writer_metrics = WriterMetrics::register(&metrics)?;
+        let health_addr = health.addr().clone();
+        let writer = spawn_supervised(&registry, SpawnOptions::new("event_writer"), {
+            let sink = Arc::clone(&sink);
+            move |stats| {
+                let progress =
+                    ProgressReporter::new("event_writer", &health_addr, Arc::clone(&stats));
+                EventWriter::new(
+                    writer_config.clone(),
+                    Arc::clone(&sink),
+                    stats,
+                    writer_metrics.clone(),
+                    progress,
+                )
+            }
+        });
+        drain_order.push(("event_writer".to_owned(), writer.addr().clone().recipient()));
+
+        let pipeline_metrics = PipelineMetrics::register(&metrics)?;
+        let pipeline = spawn_supervised(&registry, SpawnOptions::new("ingestion_pipeline"), {
+            let writer = writer.clone();
+            let metrics = metrics.clone();
+            move |stats| {
+                IngestionPipeline::new(
+                    PipelineConfig {
+                        limits: EnvelopeLimits::default(),
+                    },
+                    Arc::clone(&teams),
+                    writer.clone(),
+                    stats,
+                    &metrics,
+                    pipeline_metrics.clone(),
+                )
+            }
+        });
+
+        let kafka = kafka_connection(settings);
+        let intake: Arc<dyn EventIntake> = match &kafka {
+            Some(connection) => {
+                Arc::new(KafkaIntake::new(connection, consumption_topic(settings))?)
+            }
+            None => Arc::new(PipelineIntake::new(pipeline.clone())),
+        };
+
+        if let Some(connection) = kafka
+            && runs_ingestion(settings)?
+        {
+            let config = consumer_config(settings, connection);
+            // Consumer and batch runners on their own threads: the rebalance callback blocks
+            // the consumer's thread until the runners have stored the in-flight batches.
+            let consumer_arbiter = Arbiter::new();
+            let workers = Arbiter::new();
+            let consumer_metrics = ConsumerMetrics::register(&metrics)?;
+            // Validate the Kafka settings once here, so a bad certificate stops startup.
+            connection_check(&config)?;
+            let health_addr = health.addr().clone();
+            let consumer = spawn_supervised_in(
+                &consumer_arbiter.handle(),
+                &registry,
+                SpawnOptions::new("kafka_consumer"),
+                {
+                    let pipeline = pipeline.clone();
+                    let workers = workers.handle();
+                    move |stats| {
+                        let progress = ProgressReporter::new(
+                            "analytics-ingestion",
+                            &health_addr,
+                            Arc::clone(&stats),
+                        );
+                        KafkaConsumer::new(
+                            config.clone(),
+                            pipeline.clone(),
+                            workers.clone(),
+                            stats,
+                            consumer_metrics.clone(),
+                            progress,
+                        )
+                    }
+                },
+            );
+            drain_order.push((
+                "kafka_consumer".to_owned(),
+                consumer.addr().clone().recipient(),
+            ));
+            arbiters.push(consumer_arbiter);
+            arbiters.push(workers);
+        }
+
         Ok(Self {
             metrics,
             registry,
             health,
             cluster,
-            drain_order: Vec::new(),
+            intake,
+            pipeline,
+            writer,
+            _arbiters: arbiters,
+            drain_order,
         })
     }
 
@@ -77,6 +209,77 @@ impl Topology {
             }
         }
     }
+}
+
+/// ClickHouse when `CLICKHOUSE_HOST` is set (checked with a query now, so a wrong host stops
+/// startup), JSON-lines files under `BASE_DIR/data` otherwise.
+async fn event_sink(settings: &Settings) -> Result<Arc<dyn EventSink>, ServerError> {
+    let Some(url) = settings.clickhouse_url() else {
+        let sink = JsonLinesSink::open(&JsonLinesConfig::under(&settings.base_dir))?;
+        return Ok(Arc::new(sink));
+    };
+    let target = ClickHouseTarget {
+        url,
+        database: settings.clickhouse_database.clone(),
+        user: settings.clickhouse_user.clone(),
+        password: settings.clickhouse_password.clone(),
+    };
+    target
+        .database_client()
+        .query("SELECT 1")
+        .fetch_one::<u8>()
+        .await
+        .map_err(ServerError::ClickHouse)?;
+    Ok(Arc::new(ClickHouseSink::new(&target)))
+}
+
+fn kafka_connection(settings: &Settings) -> Option<KafkaConnection> {
+    if settings.kafka_hosts.trim().is_empty() {
+        return None;
+    }
+    Some(KafkaConnection {
+        brokers: settings.kafka_hosts.clone(),
+        security_protocol: settings.kafka_security_protocol.clone(),
+        sasl_mechanism: settings.kafka_sasl_mechanism.clone(),
+        sasl_user: settings.kafka_sasl_user.clone(),
+        sasl_password: settings.kafka_sasl_password.clone(),
+        client_cert_b64: settings.kafka_client_cert_b64.clone(),
+        client_cert_key_b64: settings.kafka_client_cert_key_b64.clone(),
+        trusted_cert_b64: settings.kafka_trusted_cert_b64.clone(),
+    })
+}
+
+/// All topic names get `KAFKA_PREFIX` (spec 1.1).
+fn consumption_topic(settings: &Settings) -> String {
+    format!(
+        "{}{}",
+        settings.kafka_prefix, settings.kafka_consumption_topic
+    )
+}
+
+fn consumer_config(settings: &Settings, connection: KafkaConnection) -> KafkaConsumerConfig {
+    let mut config = KafkaConsumerConfig::new(
+        connection,
+        consumption_topic(settings),
+        format!("{}clickhouse-ingestion", settings.kafka_prefix),
+    );
+    // One batch per partition consumed concurrently, plus one being read.
+    config.max_in_flight_batches = settings.kafka_partitions_consumed_concurrently as usize + 1;
+    config.session_timeout = std::time::Duration::from_millis(settings.kafka_session_timeout_ms);
+    config
+}
+
+fn connection_check(config: &KafkaConsumerConfig) -> Result<(), ServerError> {
+    config.connection.client_config()?;
+    Ok(())
+}
+
+/// Analytics ingestion runs when PLUGIN_SERVER_MODE is unset or one of the ingestion modes.
+fn runs_ingestion(settings: &Settings) -> Result<bool, ServerError> {
+    Ok(matches!(
+        settings.mode()?,
+        None | Some(PluginServerMode::Ingestion | PluginServerMode::AnalyticsIngestion)
+    ))
 }
 
 /// The cluster primitives' settings: Redis when a URL is configured, in-process otherwise.

@@ -38,7 +38,8 @@ use crate::stats::{ActorStats, ObservedAddr};
 #[derive(Debug, Message)]
 #[rtype(result = "Result<BatchOutcome, PipelineError>")]
 pub struct IngestBatch {
-    pub messages: Vec<Vec<u8>>,
+    /// Shared so that a caller can retry the same batch without copying it.
+    pub messages: Arc<Vec<Vec<u8>>>,
 }
 
 /// What became of a batch.
@@ -184,7 +185,7 @@ struct Run {
 }
 
 impl Run {
-    async fn ingest(self, messages: Vec<Vec<u8>>) -> Result<BatchOutcome, PipelineError> {
+    async fn ingest(self, messages: Arc<Vec<Vec<u8>>>) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
         let parsed = self
@@ -361,3 +362,37 @@ fn prepare_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Te
 
 #[cfg(test)]
 mod tests;
+
+/// HTTP capture's intake in the embedded profile: straight into the pipeline, answering once
+/// the events are stored.
+pub struct PipelineIntake {
+    pipeline: ObservedAddr<IngestionPipeline>,
+}
+
+impl PipelineIntake {
+    pub fn new(pipeline: ObservedAddr<IngestionPipeline>) -> Self {
+        Self { pipeline }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::ingestion::intake::EventIntake for PipelineIntake {
+    async fn submit(
+        &self,
+        events: Vec<crate::ingestion::intake::CapturedEvent>,
+    ) -> Result<(), crate::ingestion::intake::IntakeError> {
+        let messages = events.into_iter().map(|event| event.payload).collect();
+        self.pipeline
+            .send(IngestBatch {
+                messages: Arc::new(messages),
+            })
+            .await
+            .map_err(|error| {
+                crate::ingestion::intake::IntakeError::Unavailable(format!(
+                    "the pipeline is not running: {error}"
+                ))
+            })?
+            .map(|_| ())
+            .map_err(|error| crate::ingestion::intake::IntakeError::Unavailable(error.to_string()))
+    }
+}

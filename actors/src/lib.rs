@@ -9,6 +9,8 @@ pub mod event_writer;
 pub mod health;
 pub mod ingestion;
 pub mod ingestion_pipeline;
+pub mod kafka;
+pub mod kafka_consumer;
 pub mod metrics;
 pub mod migrations;
 pub mod postgres;

@@ -2,6 +2,7 @@
 //! stats or `send` to actors; they never do work of their own.
 
 mod actors;
+pub mod capture;
 mod health;
 mod metrics;
 

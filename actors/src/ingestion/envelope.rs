@@ -449,16 +449,12 @@ enum JsonFailure {
     Invalid(serde_json::Error),
 }
 
-/// Parses straight from the bytes; only a failed parse pays for UTF-8 validation and the
-/// surrogate repair.
+/// Validates UTF-8 over the whole message first: invalid bytes anywhere, even in a field this
+/// server skips, mean the message is not what an SDK sent, and PostHog (which decodes the
+/// whole message) rejects it too. Parsing a validated `str` then skips serde_json's own checks.
 fn from_slice_repairing<T: DeserializeOwned>(raw: &[u8]) -> Result<T, JsonFailure> {
-    match serde_json::from_slice(raw) {
-        Ok(parsed) => Ok(parsed),
-        Err(error) => {
-            let text = std::str::from_utf8(raw).map_err(JsonFailure::InvalidUtf8)?;
-            retry_without_lone_surrogates(text, error).map_err(JsonFailure::Invalid)
-        }
-    }
+    let text = std::str::from_utf8(raw).map_err(JsonFailure::InvalidUtf8)?;
+    from_str_repairing(text).map_err(JsonFailure::Invalid)
 }
 
 fn from_str_repairing<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {

@@ -156,7 +156,9 @@ async fn good_events_are_written_and_each_bad_kind_is_dead_lettered() {
     ];
     let outcome = harness
         .pipeline
-        .send(IngestBatch { messages })
+        .send(IngestBatch {
+            messages: Arc::new(messages),
+        })
         .await
         .expect("delivered")
         .expect("ingested");
@@ -229,7 +231,7 @@ async fn an_empty_batch_is_fine() {
     let outcome = harness
         .pipeline
         .send(IngestBatch {
-            messages: Vec::new(),
+            messages: Arc::new(Vec::new()),
         })
         .await
         .expect("delivered")

@@ -1,0 +1,143 @@
+//! Kafka client settings shared by the consumer and the producer: brokers, TLS from PostHog's
+//! base64 PEM variables, SASL; and the producer that HTTP capture uses in the cluster profile.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
+
+/// How to reach the brokers: PostHog's KAFKA_* variables.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaConnection {
+    /// `KAFKA_HOSTS`, comma-separated.
+    pub brokers: String,
+    /// `KAFKA_SECURITY_PROTOCOL`: empty (plaintext, or SSL when certificates are given),
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub security_protocol: String,
+    pub sasl_mechanism: String,
+    pub sasl_user: String,
+    pub sasl_password: String,
+    /// `KAFKA_CLIENT_CERT_B64`, `KAFKA_CLIENT_CERT_KEY_B64`, `KAFKA_TRUSTED_CERT_B64`: base64 of
+    /// PEM files, as PostHog's Heroku-style deployments pass them.
+    pub client_cert_b64: String,
+    pub client_cert_key_b64: String,
+    pub trusted_cert_b64: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("invalid {var}: not base64 of a PEM file ({reason})")]
+    Certificate { var: &'static str, reason: String },
+    #[error("cannot create the Kafka client (check KAFKA_HOSTS and KAFKA_* settings): {0}")]
+    Client(#[source] rdkafka::error::KafkaError),
+}
+
+impl KafkaConnection {
+    /// A librdkafka config with the connection settings applied.
+    pub fn client_config(&self) -> Result<ClientConfig, KafkaSetupError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        let pem = |var: &'static str, value: &str| -> Result<Option<String>, KafkaSetupError> {
+            if value.trim().is_empty() {
+                return Ok(None);
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.trim())
+                .map_err(|error| KafkaSetupError::Certificate {
+                    var,
+                    reason: error.to_string(),
+                })?;
+            let text = String::from_utf8(bytes).map_err(|_| KafkaSetupError::Certificate {
+                var,
+                reason: "not UTF-8 text".to_owned(),
+            })?;
+            if !text.contains("-----BEGIN") {
+                return Err(KafkaSetupError::Certificate {
+                    var,
+                    reason: "no PEM header".to_owned(),
+                });
+            }
+            Ok(Some(text))
+        };
+        let cert = pem("KAFKA_CLIENT_CERT_B64", &self.client_cert_b64)?;
+        let key = pem("KAFKA_CLIENT_CERT_KEY_B64", &self.client_cert_key_b64)?;
+        let ca = pem("KAFKA_TRUSTED_CERT_B64", &self.trusted_cert_b64)?;
+        let has_certificates = cert.is_some() || key.is_some() || ca.is_some();
+        if let Some(cert) = cert {
+            config.set("ssl.certificate.pem", cert);
+        }
+        if let Some(key) = key {
+            config.set("ssl.key.pem", key);
+        }
+        if let Some(ca) = ca {
+            config.set("ssl.ca.pem", ca);
+        }
+        let protocol = if !self.security_protocol.trim().is_empty() {
+            self.security_protocol.trim().to_lowercase()
+        } else if has_certificates {
+            // PostHog turns TLS on whenever certificates are configured.
+            "ssl".to_owned()
+        } else {
+            "plaintext".to_owned()
+        };
+        config.set("security.protocol", protocol);
+        if !self.sasl_mechanism.trim().is_empty() {
+            config.set("sasl.mechanism", self.sasl_mechanism.trim().to_uppercase());
+            config.set("sasl.username", &self.sasl_user);
+            config.set("sasl.password", &self.sasl_password);
+        }
+        Ok(config)
+    }
+}
+
+/// HTTP capture's intake in the cluster profile: each event is produced to the consumption
+/// topic and the request succeeds only once Kafka acknowledged all of them (durable first).
+pub struct KafkaIntake {
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+impl KafkaIntake {
+    pub fn new(connection: &KafkaConnection, topic: String) -> Result<Self, KafkaSetupError> {
+        let producer = connection
+            .client_config()?
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", "30000")
+            // Nothing may be lost once the client has its 200.
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .create()
+            .map_err(KafkaSetupError::Client)?;
+        Ok(Self {
+            producer,
+            topic,
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+#[async_trait]
+impl EventIntake for KafkaIntake {
+    async fn submit(&self, events: Vec<CapturedEvent>) -> Result<(), IntakeError> {
+        let deliveries = events.iter().map(|event| {
+            self.producer.send(
+                FutureRecord::to(&self.topic)
+                    .key(&event.key)
+                    .payload(&event.payload),
+                self.timeout,
+            )
+        });
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.map_err(|(error, _)| {
+                IntakeError::Unavailable(format!("Kafka did not take the event: {error}"))
+            })?;
+        }
+        Ok(())
+    }
+}

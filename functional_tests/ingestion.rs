@@ -1,0 +1,436 @@
+//! Ingestion end to end against the real services: events produced to the Kafka topic (and
+//! sent through HTTP capture) appear in ClickHouse with PostHog's columns, bad input lands in
+//! the dead-letter table with its reason while the good events of the same batch are written,
+//! and every offset is committed.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::{Value, json};
+
+fn kafka_hosts() -> String {
+    std::env::var("KAFKA_HOSTS").expect("KAFKA_HOSTS: run functional_tests/run.sh")
+}
+
+/// Everything one test run owns: a Postgres database, a ClickHouse database, a topic prefix.
+struct Deployment {
+    postgres: FreshPostgres,
+    clickhouse_database: String,
+    kafka_prefix: String,
+    token: String,
+    team_id: i64,
+}
+
+impl Deployment {
+    async fn create() -> Self {
+        let postgres = FreshPostgres::create().await;
+        let clickhouse_database = unique_name("ps_ingest");
+        let kafka_prefix = format!("{}_", unique_name("t"));
+        let deployment = Self {
+            postgres,
+            clickhouse_database,
+            kafka_prefix,
+            token: unique_name("phc"),
+            team_id: 0,
+        };
+        let env = deployment.env_pairs();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let migrated = run_binary(&["--migrate"], &env);
+        assert!(
+            migrated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+        let topic = deployment.topic();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", kafka_hosts())
+            .create()
+            .expect("admin client");
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .expect("create topics");
+        for result in created {
+            result.expect("topic created");
+        }
+        let mut deployment = deployment;
+        deployment.team_id = deployment.insert_team().await;
+        deployment
+    }
+
+    fn topic(&self) -> String {
+        format!("{}events_plugin_ingestion", self.kafka_prefix)
+    }
+
+    fn env_pairs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.postgres.url.clone()),
+            ("CLICKHOUSE_HOST", clickhouse_http_url()),
+            ("CLICKHOUSE_DATABASE", self.clickhouse_database.clone()),
+            ("KAFKA_HOSTS", kafka_hosts()),
+            ("KAFKA_PREFIX", self.kafka_prefix.clone()),
+            ("KAFKA_SESSION_TIMEOUT_MS", "1000".to_owned()),
+            ("KAFKA_FLUSH_FREQUENCY_MS", "20".to_owned()),
+            ("HTTP_SERVER_HOST", "127.0.0.1".to_owned()),
+            ("HTTP_SERVER_PORT", "0".to_owned()),
+            ("LOG_FORMAT", "json".to_owned()),
+        ]
+    }
+
+    async fn insert_team(&self) -> i64 {
+        let client = self.postgres.client().await;
+        let organization: uuid::Uuid = client
+            .query_one(
+                "INSERT INTO posthog_organization (id, name) VALUES (gen_random_uuid(), 'Org') RETURNING id",
+                &[],
+            )
+            .await
+            .expect("organization")
+            .get(0);
+        let team: i32 = client
+            .query_one(
+                "INSERT INTO posthog_team (organization_id, api_token, name) VALUES ($1, $2, 'Team') RETURNING id",
+                &[&organization, &self.token],
+            )
+            .await
+            .expect("team")
+            .get(0);
+        i64::from(team)
+    }
+
+    /// Starts the server binary; returns it and its HTTP address once it logged its start.
+    fn start_server(&self) -> (Server, String) {
+        let mut child = Command::new(common::BIN)
+            .env_clear()
+            .envs(self.env_pairs())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starts");
+        let stderr = child.stderr.take().expect("piped");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(log) = serde_json::from_str::<Value>(&line) {
+                    if log["fields"]["message"] == "plugin server started" {
+                        let _ =
+                            sender.send(log["fields"]["local_addr"].as_str().map(str::to_owned));
+                    }
+                    if log["level"] == "ERROR" || log["level"] == "WARN" {
+                        eprintln!("server: {line}");
+                    }
+                }
+            }
+        });
+        let addr = receiver
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server started")
+            .expect("local_addr logged");
+        (Server(child), addr)
+    }
+
+    async fn events(&self) -> Vec<Value> {
+        let rows = clickhouse_query(&format!(
+            "SELECT uuid, event, properties, toString(timestamp) AS timestamp, team_id, \
+             distinct_id, elements_chain FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
+            self.clickhouse_database, self.team_id
+        ))
+        .await;
+        rows.lines()
+            .map(|line| serde_json::from_str(line).expect("row"))
+            .collect()
+    }
+
+    async fn dead_letters(&self) -> Vec<Value> {
+        let rows = clickhouse_query(&format!(
+            "SELECT error, raw_payload, error_location FROM {}.events_dead_letter_queue FORMAT JSONEachRow",
+            self.clickhouse_database
+        ))
+        .await;
+        rows.lines()
+            .map(|line| serde_json::from_str(line).expect("row"))
+            .collect()
+    }
+
+    /// Committed offsets of PostHog's group, summed over partitions.
+    fn committed(&self) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_hosts())
+            .set(
+                "group.id",
+                format!("{}clickhouse-ingestion", self.kafka_prefix),
+            )
+            .create()
+            .expect("consumer");
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition(&self.topic(), 0);
+        partitions.add_partition(&self.topic(), 1);
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .map(|element| match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Kills the server when the test ends, passed or failed.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn envelope(token: &str, distinct_id: &str, event: Value, outer: Value) -> Vec<u8> {
+    let mut message = json!({
+        "distinct_id": distinct_id,
+        "ip": "10.1.2.3",
+        "site_url": "https://example.com",
+        "now": "2026-11-23T05:00:00.000Z",
+        "sent_at": "2026-11-23T05:10:00.000Z",
+        "uuid": uuid::Uuid::now_v7().to_string(),
+        "token": token,
+        "data": event.to_string(),
+    });
+    if let (Some(message), Value::Object(outer)) = (message.as_object_mut(), outer) {
+        message.extend(outer);
+    }
+    serde_json::to_vec(&message).expect("json")
+}
+
+async fn produce(topic: &str, messages: &[Vec<u8>]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("linger.ms", "5")
+        // The oversized-event case needs a message over the server's 1 MiB event limit.
+        .set("message.max.bytes", "4000000")
+        .create()
+        .expect("producer");
+    for (index, payload) in messages.iter().enumerate() {
+        let key = format!("key-{index}");
+        producer
+            .send(
+                FutureRecord::to(topic).key(&key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(error, _)| panic!("message {index} not produced: {error}"));
+    }
+}
+
+async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
+    let deployment = Deployment::create().await;
+    let (server, addr) = deployment.start_server();
+    let token = deployment.token.clone();
+    let marker = unique_name("bad");
+
+    // One batch of good events and every kind of bad input, interleaved.
+    let good_skewed = envelope(
+        &token,
+        "user-1",
+        json!({"event": "$pageview", "properties": {"$current_url": "https://example.com/a", "$elements": [{"tag_name": "a", "attr__href": "/next", "$el_text": "Next", "nth_child": 1, "nth_of_type": 2}]}, "timestamp": "2026-11-23T05:08:00.000Z"}),
+        json!({}),
+    );
+    let good_offset = envelope(
+        &token,
+        "user-2",
+        json!({"event": "tap", "properties": {}, "offset": 60000}),
+        json!({"sent_at": null}),
+    );
+    let good_no_sent_at = envelope(
+        &token,
+        "user-3",
+        json!({"event": "raw", "properties": {}, "timestamp": "2026-11-20T10:00:00Z"}),
+        json!({"sent_at": null}),
+    );
+    let messages = vec![
+        good_skewed,
+        format!("{{not json {marker}").into_bytes(),
+        good_offset,
+        [
+            format!("{{\"x\":\"{marker}").as_bytes(),
+            &[0xff, 0xfe],
+            b"\"}",
+        ]
+        .concat(),
+        envelope(
+            "",
+            &format!("{marker}-no-token"),
+            json!({"event": "x"}),
+            json!({"token": null}),
+        ),
+        envelope(
+            "phc_nobody",
+            &format!("{marker}-bad-token"),
+            json!({"event": "x"}),
+            json!({}),
+        ),
+        envelope(
+            &token,
+            &format!("{marker}-big"),
+            json!({"event": "x", "properties": {"blob": "y".repeat(1_100_000)}}),
+            json!({}),
+        ),
+        envelope(
+            &token,
+            &format!("{marker}-name"),
+            json!({"event": ""}),
+            json!({}),
+        ),
+        envelope(
+            &token,
+            &format!("{marker}-uuid"),
+            json!({"event": "x"}),
+            json!({"uuid": "nope"}),
+        ),
+        good_no_sent_at,
+    ];
+    produce(&deployment.topic(), &messages).await;
+
+    let events = wait_for("3 events in ClickHouse", async || {
+        let events = deployment.events().await;
+        (events.len() >= 3).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 3, "{events:#?}");
+    let by_name = |name: &str| {
+        events
+            .iter()
+            .find(|event| event["event"] == name)
+            .unwrap_or_else(|| panic!("{name} in {events:#?}"))
+            .clone()
+    };
+    let pageview = by_name("$pageview");
+    assert_eq!(pageview["distinct_id"], "user-1");
+    // now 05:00 + (timestamp 05:08 - sent_at 05:10)
+    assert_eq!(pageview["timestamp"], "2026-11-23 04:58:00");
+    assert_eq!(
+        pageview["elements_chain"],
+        r#"a:attr__href="/next"href="/next"nth-child="1"nth-of-type="2"text="Next""#
+    );
+    let properties: Value =
+        serde_json::from_str(pageview["properties"].as_str().expect("string")).expect("json");
+    assert_eq!(properties["$ip"], "10.1.2.3");
+    assert!(properties.get("$elements").is_none());
+    // offset 60 s before now, no sent_at
+    assert_eq!(by_name("tap")["timestamp"], "2026-11-23 04:59:00");
+    // timestamp without sent_at is kept as is
+    assert_eq!(by_name("raw")["timestamp"], "2026-11-20 10:00:00");
+
+    let letters = wait_for("7 dead letters", async || {
+        let letters: Vec<Value> = deployment
+            .dead_letters()
+            .await
+            .into_iter()
+            .filter(|letter| {
+                letter["raw_payload"]
+                    .as_str()
+                    .is_some_and(|raw| raw.contains(&marker))
+            })
+            .collect();
+        (letters.len() >= 7).then_some(letters)
+    })
+    .await;
+    let mut reasons: Vec<String> = letters
+        .iter()
+        .map(|letter| {
+            let error = letter["error"].as_str().expect("error");
+            let rest = error
+                .strip_prefix("ingestEvent failed. Error: ")
+                .unwrap_or_else(|| panic!("PostHog's prefix in {error}"));
+            rest.split(':').next().expect("reason").to_owned()
+        })
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        [
+            "event_too_large",
+            "illegal_event_name",
+            "invalid_json",
+            "invalid_token",
+            "invalid_utf8",
+            "invalid_uuid",
+            "no_token",
+        ]
+    );
+    assert!(
+        letters
+            .iter()
+            .all(|l| l["error_location"] == "plugin_server_ingest_event")
+    );
+
+    // The same kind of event through HTTP capture (cluster profile: capture → Kafka → here).
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/capture/"))
+        .json(&json!({
+            "api_key": token,
+            "event": "captured",
+            "distinct_id": "user-http",
+            "properties": {"$current_url": "https://example.com/b"},
+            "timestamp": "2026-11-23T05:08:00.000Z",
+            "sent_at": "2026-11-23T05:10:00.000Z",
+        }))
+        .send()
+        .await
+        .expect("capture answered");
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+    let captured = wait_for("the captured event", async || {
+        deployment
+            .events()
+            .await
+            .into_iter()
+            .find(|event| event["event"] == "captured")
+    })
+    .await;
+    assert_eq!(captured["distinct_id"], "user-http");
+    let properties: Value =
+        serde_json::from_str(captured["properties"].as_str().expect("string")).expect("json");
+    assert_eq!(properties["$current_url"], "https://example.com/b");
+    assert_eq!(properties["$ip"], "127.0.0.1");
+
+    // Every offset committed: 10 messages produced here plus 1 from capture.
+    wait_for("all offsets committed", async || {
+        (deployment.committed() == 11).then_some(())
+    })
+    .await;
+
+    drop(server);
+    deployment.postgres.drop_database().await;
+    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+}
