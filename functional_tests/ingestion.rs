@@ -458,6 +458,45 @@ async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
     clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
 }
 
+/// Reads `expected` messages from the start of a topic: (the `reason` header, the payload).
+fn read_topic(topic: &str, expected: usize) -> Vec<(String, Vec<u8>)> {
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "1000")
+        .set("heartbeat.interval.ms", "100")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let started = Instant::now();
+    let mut messages = Vec::new();
+    while messages.len() < expected {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} of {expected} messages on {topic}",
+            messages.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.expect("message");
+        let reason = message
+            .headers()
+            .and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|header| header.key == "reason")
+                    .and_then(|header| header.value)
+                    .map(|value| String::from_utf8_lossy(value).into_owned())
+            })
+            .unwrap_or_default();
+        messages.push((reason, message.payload().unwrap_or_default().to_vec()));
+    }
+    messages
+}
+
 /// Simple good events for the failure tests, each with its own uuid.
 fn good_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
     (0..count)

@@ -126,6 +126,10 @@ pub struct Settings {
     pub kafka_max_message_batch_size: u64,
     pub kafka_flush_frequency_ms: u64,
     pub kafka_partitions_consumed_concurrently: u32,
+    /// Not PostHog's: with CLICKHOUSE_HOST set, also produce event rows and ingestion warnings
+    /// to PostHog's topics (for ClickHouse Kafka-engine tables next to the direct inserts).
+    #[serde(deserialize_with = "deserialize_flag")]
+    pub kafka_produce_clickhouse_rows: bool,
     /// Not PostHog's: the consumer group session timeout (librdkafka `session.timeout.ms`).
     /// A group join takes about half of it on some brokers, so tests lower it.
     pub kafka_session_timeout_ms: u64,

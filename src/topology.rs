@@ -22,11 +22,14 @@ use plugin_server_actors::ingestion::team::{
 use plugin_server_actors::ingestion_pipeline::{
     IngestionPipeline, PipelineConfig, PipelineIntake, PipelineMetrics,
 };
-use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake};
+use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
 use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
 use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::migrations::ClickHouseTarget;
-use plugin_server_actors::sinks::{ClickHouseSink, EventSink, JsonLinesConfig, JsonLinesSink};
+use plugin_server_actors::sinks::{
+    ClickHouseSink, EventSink, FanOutSink, JsonLinesConfig, JsonLinesSink, KafkaSink,
+    KafkaSinkConfig,
+};
 use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
 use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
@@ -78,7 +81,8 @@ impl Topology {
         };
         let teams = Arc::new(TeamManager::new(team_store, TeamCacheConfig::default()));
 
-        let sink = event_sink(settings).await?;
+        let kafka = kafka_connection(settings);
+        let sink = event_sink(settings, kafka.as_ref()).await?;
         let writer_config = EventWriterConfig {
             max_batch_bytes: settings.kafka_max_message_batch_size as usize,
             flush_interval: std::time::Duration::from_millis(settings.kafka_flush_frequency_ms),
@@ -120,7 +124,6 @@ impl Topology {
             }
         });
 
-        let kafka = kafka_connection(settings);
         let intake: Arc<dyn EventIntake> = match &kafka {
             Some(connection) => {
                 Arc::new(KafkaIntake::new(connection, consumption_topic(settings))?)
@@ -211,12 +214,48 @@ impl Topology {
     }
 }
 
-/// ClickHouse when `CLICKHOUSE_HOST` is set (checked with a query now, so a wrong host stops
-/// startup), JSON-lines files under `BASE_DIR/data` otherwise.
-async fn event_sink(settings: &Settings) -> Result<Arc<dyn EventSink>, ServerError> {
+/// Where rows go:
+/// - ClickHouse when `CLICKHOUSE_HOST` is set (checked with a query now, so a wrong host stops
+///   startup);
+/// - with Kafka, dead letters also go to the DLQ topic, and event rows and warnings to PostHog's
+///   topics when ClickHouse is not set (PostHog's own way) or KAFKA_PRODUCE_CLICKHOUSE_ROWS;
+/// - with neither, JSON-lines files under `BASE_DIR/data`.
+async fn event_sink(
+    settings: &Settings,
+    kafka: Option<&KafkaConnection>,
+) -> Result<Arc<dyn EventSink>, ServerError> {
+    let clickhouse = clickhouse_sink(settings).await?;
+    let Some(connection) = kafka else {
+        return Ok(match clickhouse {
+            Some(sink) => sink,
+            None => Arc::new(JsonLinesSink::open(&JsonLinesConfig::under(
+                &settings.base_dir,
+            ))?),
+        });
+    };
+    let prefix = &settings.kafka_prefix;
+    let rows_to_kafka = clickhouse.is_none() || settings.kafka_produce_clickhouse_rows;
+    let config = KafkaSinkConfig {
+        dead_letter_topic: format!("{prefix}events_plugin_ingestion_dlq"),
+        events_json_topic: rows_to_kafka
+            .then(|| format!("{prefix}{}", settings.clickhouse_json_events_kafka_topic)),
+        warnings_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_ingestion_warnings")),
+    };
+    let topics: Vec<String> = std::iter::once(config.dead_letter_topic.clone())
+        .chain(config.events_json_topic.clone())
+        .chain(config.warnings_topic.clone())
+        .collect();
+    ensure_topics(connection, &topics).await?;
+    let kafka_sink: Arc<dyn EventSink> = Arc::new(KafkaSink::new(connection, config)?);
+    Ok(match clickhouse {
+        Some(clickhouse) => Arc::new(FanOutSink::new(vec![clickhouse, kafka_sink])),
+        None => kafka_sink,
+    })
+}
+
+async fn clickhouse_sink(settings: &Settings) -> Result<Option<Arc<dyn EventSink>>, ServerError> {
     let Some(url) = settings.clickhouse_url() else {
-        let sink = JsonLinesSink::open(&JsonLinesConfig::under(&settings.base_dir))?;
-        return Ok(Arc::new(sink));
+        return Ok(None);
     };
     let target = ClickHouseTarget {
         url,
@@ -230,7 +269,7 @@ async fn event_sink(settings: &Settings) -> Result<Arc<dyn EventSink>, ServerErr
         .fetch_one::<u8>()
         .await
         .map_err(ServerError::ClickHouse)?;
-    Ok(Arc::new(ClickHouseSink::new(&target)))
+    Ok(Some(Arc::new(ClickHouseSink::new(&target))))
 }
 
 fn kafka_connection(settings: &Settings) -> Option<KafkaConnection> {

@@ -141,3 +141,47 @@ impl EventIntake for KafkaIntake {
         Ok(())
     }
 }
+
+/// Creates the topics this server produces to when they are missing (one partition per topic
+/// unless the broker's default says otherwise is not expressible here, so 1; existing topics
+/// are left alone). Brokers without auto-creation would otherwise time out every produce, and
+/// the writer would retry forever. Failure to create (e.g. no ACL) is logged, not fatal: the
+/// topics may exist and be invisible to this user.
+pub async fn ensure_topics(
+    connection: &KafkaConnection,
+    topics: &[String],
+) -> Result<(), KafkaSetupError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = connection
+        .client_config()?
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|topic| NewTopic::new(topic, 1, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    match admin.create_topics(&new_topics, &options).await {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(topic) => tracing::info!(%topic, "created Kafka topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, code)) => {
+                        tracing::warn!(%topic, error = %code, "could not create Kafka topic")
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not create the Kafka topics this server produces to")
+        }
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@
 
 pub mod clickhouse;
 pub mod jsonl;
+pub mod kafka;
 mod posthog_json;
 
 use async_trait::async_trait;
@@ -14,6 +15,7 @@ use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 
 pub use self::clickhouse::ClickHouseSink;
 pub use self::jsonl::{JsonLinesConfig, JsonLinesSink};
+pub use self::kafka::{KafkaSink, KafkaSinkConfig};
 
 /// Rows to store together. The writer acknowledges the requests behind a batch only after
 /// every non-empty part of it is stored.
@@ -65,6 +67,12 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("producing to {topic} failed (check KAFKA_HOSTS): {source}")]
+    Kafka {
+        topic: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     #[error("the file writer thread failed: {0}")]
     Join(String),
 }
@@ -82,4 +90,45 @@ pub trait EventSink: Send + Sync + 'static {
     async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError>;
 
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError>;
+}
+
+/// Writes every part to each sink in turn, e.g. ClickHouse then the Kafka dead-letter topic.
+/// A part counts as stored only when every sink stored it; a retry rewrites it to all of them,
+/// which the stores tolerate (see `EventSink`).
+pub struct FanOutSink {
+    sinks: Vec<std::sync::Arc<dyn EventSink>>,
+}
+
+impl FanOutSink {
+    pub fn new(sinks: Vec<std::sync::Arc<dyn EventSink>>) -> Self {
+        Self { sinks }
+    }
+}
+
+#[async_trait]
+impl EventSink for FanOutSink {
+    fn name(&self) -> &'static str {
+        "fan-out"
+    }
+
+    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_events(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_dead_letters(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_warnings(rows).await?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,147 @@
+//! Kafka outputs next to ClickHouse in the cluster profile:
+//!
+//! - dead letters to `<KAFKA_PREFIX>events_plugin_ingestion_dlq` (PostHog's later name): the raw
+//!   message as received, with headers `error`, `reason`, `event-id` and `error-location`, so a
+//!   fixed event can be re-produced to the ingestion topic unchanged;
+//! - optionally, event rows to `<KAFKA_PREFIX>clickhouse_events_json` and warnings to
+//!   `<KAFKA_PREFIX>clickhouse_ingestion_warnings`, in PostHog's format, for deployments whose
+//!   ClickHouse reads those topics with its Kafka engine.
+//!
+//! Each write waits for every delivery report, so the writer acknowledges events only once Kafka
+//! has them too.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::posthog_json::{EventJson, WarningJson};
+use super::{EventSink, SinkError};
+use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+use crate::kafka::{KafkaConnection, KafkaSetupError};
+
+#[derive(Debug, Clone)]
+pub struct KafkaSinkConfig {
+    pub dead_letter_topic: String,
+    /// `None` leaves events to the ClickHouse sink only.
+    pub events_json_topic: Option<String>,
+    pub warnings_topic: Option<String>,
+}
+
+pub struct KafkaSink {
+    producer: FutureProducer,
+    config: KafkaSinkConfig,
+}
+
+impl KafkaSink {
+    pub fn new(
+        connection: &KafkaConnection,
+        config: KafkaSinkConfig,
+    ) -> Result<Self, KafkaSetupError> {
+        let producer = connection
+            .client_config()?
+            .set("linger.ms", "20")
+            .set("compression.type", "lz4")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            // Dead letters keep raw payloads of up to the ingestion topic's own limit.
+            .set("message.max.bytes", "20000000")
+            .create()
+            .map_err(KafkaSetupError::Client)?;
+        Ok(Self { producer, config })
+    }
+
+    async fn deliver(
+        &self,
+        topic: &'static str,
+        records: Vec<FutureRecord<'_, [u8], [u8]>>,
+    ) -> Result<(), SinkError> {
+        let deliveries = records
+            .into_iter()
+            .map(|record| self.producer.send(record, Duration::from_secs(30)));
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.map_err(|(source, _)| SinkError::Kafka { topic, source })?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventSink for KafkaSink {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
+        let Some(topic) = &self.config.events_json_topic else {
+            return Ok(());
+        };
+        let encoded: Vec<(String, Vec<u8>)> = rows
+            .iter()
+            .filter_map(|row| {
+                let json = serde_json::to_vec(&EventJson::from(row)).ok()?;
+                Some((row.uuid.to_string(), json))
+            })
+            .collect();
+        let records = encoded
+            .iter()
+            .map(|(key, value)| {
+                FutureRecord::to(topic)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice())
+            })
+            .collect();
+        self.deliver("clickhouse_events_json", records).await
+    }
+
+    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
+        let described: Vec<(String, String)> = rows
+            .iter()
+            .map(|letter| (letter.error_message(), letter.event_uuid.to_string()))
+            .collect();
+        let records = rows
+            .iter()
+            .zip(&described)
+            .map(|(letter, (error, event_id))| {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "error",
+                        value: Some(error.as_str()),
+                    })
+                    .insert(Header {
+                        key: "reason",
+                        value: Some(letter.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: "event-id",
+                        value: Some(event_id.as_str()),
+                    })
+                    .insert(Header {
+                        key: "error-location",
+                        value: Some(DeadLetter::ERROR_LOCATION),
+                    });
+                FutureRecord::to(&self.config.dead_letter_topic)
+                    .key(letter.distinct_id.as_bytes())
+                    .payload(letter.raw_payload.as_bytes())
+                    .headers(headers)
+            })
+            .collect();
+        self.deliver("events_plugin_ingestion_dlq", records).await
+    }
+
+    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
+        let Some(topic) = &self.config.warnings_topic else {
+            return Ok(());
+        };
+        let encoded: Vec<Vec<u8>> = rows
+            .iter()
+            .filter_map(|warning| serde_json::to_vec(&WarningJson::from(warning)).ok())
+            .collect();
+        let records = encoded
+            .iter()
+            .map(|value| FutureRecord::to(topic).payload(value.as_slice()))
+            .collect();
+        self.deliver("clickhouse_ingestion_warnings", records).await
+    }
+}
