@@ -418,6 +418,20 @@ async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
             .all(|l| l["error_location"] == "plugin_server_ingest_event")
     );
 
+    // The same dead letters on the DLQ topic: the raw message, the reason in a header.
+    let dlq = read_topic(
+        &format!("{}events_plugin_ingestion_dlq", deployment.kafka_prefix),
+        7,
+    );
+    let mut dlq_reasons: Vec<String> = dlq.iter().map(|(reason, _)| reason.clone()).collect();
+    dlq_reasons.sort_unstable();
+    assert_eq!(dlq_reasons, reasons);
+    assert!(dlq.iter().all(|(_, payload)| {
+        payload
+            .windows(marker.len())
+            .any(|window| window == marker.as_bytes())
+    }));
+
     // The same kind of event through HTTP capture (cluster profile: capture → Kafka → here).
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/capture/"))
