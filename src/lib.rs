@@ -13,6 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
+use plugin_server_actors::metrics::MetricsError;
 
 pub use error::ServerError;
 pub use settings::{LoadOptions, Settings};
@@ -45,7 +46,12 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         registry: topology.registry.clone(),
         metrics: topology.metrics.clone(),
     };
+    let capture_metrics = http::capture::CaptureMetrics::new().map_err(MetricsError::from)?;
+    capture_metrics
+        .register(topology.metrics.registry())
+        .map_err(MetricsError::from)?;
     let capture = web::Data::new(http::capture::CaptureState {
+        metrics: capture_metrics,
         intake: topology.intake.clone(),
         max_body_bytes: http::capture::DEFAULT_MAX_BODY_BYTES,
     });

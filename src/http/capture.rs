@@ -27,6 +27,7 @@ use flate2::read::MultiGzDecoder;
 use futures::StreamExt;
 use plugin_server_actors::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
 use plugin_server_actors::ingestion::timestamp::parse_iso8601;
+use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -76,6 +77,37 @@ pub struct CaptureState {
     pub intake: Arc<dyn EventIntake>,
     /// Larger bodies, and gzip bodies that inflate past it, are refused with 413.
     pub max_body_bytes: usize,
+    pub metrics: CaptureMetrics,
+}
+
+/// Requests by outcome (`ok` or the error code) and events accepted.
+#[derive(Clone)]
+pub struct CaptureMetrics {
+    requests: IntCounterVec,
+    events: IntCounter,
+}
+
+impl CaptureMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "capture_requests_total",
+                    "HTTP capture requests, by outcome: ok or PostHog's error code.",
+                ),
+                &["outcome"],
+            )?,
+            events: IntCounter::new(
+                "capture_events_accepted_total",
+                "Events HTTP capture handed to Kafka or the pipeline.",
+            )?,
+        })
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.requests.clone()))?;
+        registry.register(Box::new(self.events.clone()))
+    }
 }
 
 /// Registers the capture endpoints. Each path is one resource with all its methods, because
@@ -203,10 +235,17 @@ async fn capture(
 ) -> HttpResponse {
     let mut response = match accept(&state, &request, payload).await {
         Ok(accepted) => {
+            state.metrics.requests.with_label_values(&["ok"]).inc();
+            state.metrics.events.inc_by(accepted as u64);
             tracing::trace!(accepted, path = request.path(), "captured events");
             HttpResponse::Ok().json(json!({"status": 1}))
         }
         Err(error) => {
+            state
+                .metrics
+                .requests
+                .with_label_values(&[error.classify().2])
+                .inc();
             match &error {
                 CaptureError::Unavailable(_) | CaptureError::Internal(_) => {
                     tracing::warn!(%error, path = request.path(), "capture failed")

@@ -62,6 +62,7 @@ async fn respond(
     request: TestRequest,
 ) -> ServiceResponse {
     let state = CaptureState {
+        metrics: CaptureMetrics::new().expect("metrics"),
         intake: intake.clone(),
         max_body_bytes,
     };
