@@ -467,6 +467,34 @@ async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
     })
     .await;
 
+    // PostHog's gauge: the Kafka timestamp of the last stored message, in ms, recent.
+    let metrics = reqwest::get(format!("http://{addr}/_metrics"))
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("metrics text");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as f64;
+    let gauges: Vec<f64> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("latest_processed_timestamp_ms{")
+                && line.contains(r#"groupId="ingestion""#)
+                && line.contains(&format!(r#"topic="{}""#, deployment.topic()))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!gauges.is_empty(), "{metrics}");
+    assert!(
+        gauges
+            .iter()
+            .all(|&ms| now_ms - ms < 60_000.0 && ms <= now_ms),
+        "{gauges:?} vs {now_ms}"
+    );
+
     drop(server);
     deployment.postgres.drop_database().await;
     clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
@@ -699,4 +727,135 @@ async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_write
     .await;
     deployment.postgres.drop_database().await;
     clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+}
+
+/// Sends SIGTERM and waits for a clean exit.
+fn terminate(mut server: Server) {
+    let pid = server.0.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let status = server.0.wait().expect("exits");
+    assert!(status.success(), "graceful exit: {status}");
+}
+
+#[tokio::test]
+async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
+    let deployment = Deployment::create().await;
+    let (first, _) = deployment.start_server();
+    let total = 10_000;
+    let events = good_events(&deployment.token, total, "rebalance");
+    let topic = deployment.topic();
+    let producing = tokio::spawn(async move {
+        for slice in events.chunks(250) {
+            produce(&topic, slice).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    wait_for("some events stored by the first instance", async || {
+        (deployment.counts().await.0 >= 1_000).then_some(())
+    })
+    .await;
+    // The second instance joins: the group rebalances while events flow.
+    let (_second, _) = deployment.start_server();
+    wait_for("more events stored after the join", async || {
+        (deployment.counts().await.0 >= 4_000).then_some(())
+    })
+    .await;
+    // The first leaves gracefully: it drains and commits, the second takes every partition.
+    terminate(first);
+    producing.await.expect("producer task");
+
+    wait_for_up_to(Duration::from_secs(120), "every event stored", async || {
+        (deployment.counts().await.1 == total as u64).then_some(())
+    })
+    .await;
+    wait_for("all offsets committed", async || {
+        (deployment.committed() == total as i64).then_some(())
+    })
+    .await;
+    let (rows, distinct) = deployment.counts().await;
+    eprintln!("rebalance: {rows} rows for {distinct} events before merging");
+    deployment.postgres.drop_database().await;
+    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+}
+
+#[tokio::test]
+async fn the_embedded_profile_captures_over_http_into_json_lines() {
+    plugin_server::telemetry::install_tls_provider();
+    let base_dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(common::BIN)
+        .env_clear()
+        .envs([
+            ("BASE_DIR", base_dir.path().to_str().expect("utf-8 path")),
+            ("HTTP_SERVER_HOST", "127.0.0.1"),
+            ("HTTP_SERVER_PORT", "0"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stderr = child.stderr.take().expect("piped");
+    let server = Server(child);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["fields"]["message"] == "plugin server started"
+            {
+                let _ = sender.send(log["fields"]["local_addr"].as_str().map(str::to_owned));
+            }
+        }
+    });
+    let addr = receiver
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server started")
+        .expect("local_addr logged");
+
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/batch"))
+        .json(&json!({
+            "api_key": "phc_embedded",
+            "batch": [
+                {"event": "$pageview", "distinct_id": "u1", "properties": {"$current_url": "https://example.com"}},
+                {"event": "signup", "distinct_id": "u2", "properties": {"utm_source": "news"}},
+            ],
+        }))
+        .send()
+        .await
+        .expect("capture answered");
+    assert_eq!(response.status(), 200);
+
+    // Acknowledged means stored: the lines are on disk already.
+    let data = base_dir.path().join("data");
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(&data).expect("data dir") {
+        let path = entry.expect("entry").path();
+        if path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("events-"))
+        {
+            let text = std::fs::read_to_string(&path).expect("read");
+            rows.extend(
+                text.lines()
+                    .map(|line| serde_json::from_str::<Value>(line).expect("json")),
+            );
+        }
+    }
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let signup = rows
+        .iter()
+        .find(|row| row["event"] == "signup")
+        .expect("signup");
+    assert_eq!(signup["distinct_id"], "u2");
+    assert_eq!(signup["team_id"], 1, "the first token seen is team 1");
+    let properties: Value =
+        serde_json::from_str(signup["properties"].as_str().expect("string")).expect("json");
+    assert_eq!(properties["$set"]["utm_source"], "news");
+    assert_eq!(properties["$set_once"]["$initial_utm_source"], "news");
+    assert_eq!(properties["$ip"], "127.0.0.1");
+    drop(server);
 }
