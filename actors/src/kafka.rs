@@ -185,3 +185,88 @@ pub async fn ensure_topics(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    fn b64(text: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn plaintext_without_certificates() {
+        let config = KafkaConnection {
+            brokers: "k1:9092,k2:9092".to_owned(),
+            ..KafkaConnection::default()
+        }
+        .client_config()
+        .expect("config");
+        assert_eq!(config.get("bootstrap.servers"), Some("k1:9092,k2:9092"));
+        assert_eq!(config.get("security.protocol"), Some("plaintext"));
+        assert_eq!(config.get("ssl.ca.pem"), None);
+    }
+
+    #[test]
+    fn base64_certificates_turn_tls_on_as_in_posthog() {
+        let config = KafkaConnection {
+            brokers: "k:9093".to_owned(),
+            client_cert_b64: b64(PEM),
+            client_cert_key_b64: b64(PEM),
+            trusted_cert_b64: b64(PEM),
+            ..KafkaConnection::default()
+        }
+        .client_config()
+        .expect("config");
+        assert_eq!(config.get("security.protocol"), Some("ssl"));
+        assert_eq!(config.get("ssl.certificate.pem"), Some(PEM));
+        assert_eq!(config.get("ssl.key.pem"), Some(PEM));
+        assert_eq!(config.get("ssl.ca.pem"), Some(PEM));
+    }
+
+    #[test]
+    fn sasl_settings_are_passed_through() {
+        let config = KafkaConnection {
+            brokers: "k:9096".to_owned(),
+            security_protocol: "SASL_SSL".to_owned(),
+            sasl_mechanism: "scram-sha-512".to_owned(),
+            sasl_user: "posthog".to_owned(),
+            sasl_password: "secret".to_owned(),
+            ..KafkaConnection::default()
+        }
+        .client_config()
+        .expect("config");
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.username"), Some("posthog"));
+        assert_eq!(config.get("sasl.password"), Some("secret"));
+    }
+
+    #[test]
+    fn a_bad_certificate_names_its_variable() {
+        let not_base64 = KafkaConnection {
+            trusted_cert_b64: "%%%".to_owned(),
+            ..KafkaConnection::default()
+        }
+        .client_config()
+        .expect_err("refused");
+        assert!(
+            not_base64
+                .to_string()
+                .starts_with("invalid KAFKA_TRUSTED_CERT_B64: "),
+            "{not_base64}"
+        );
+        let not_pem = KafkaConnection {
+            client_cert_b64: b64("hello"),
+            ..KafkaConnection::default()
+        }
+        .client_config()
+        .expect_err("refused");
+        assert_eq!(
+            not_pem.to_string(),
+            "invalid KAFKA_CLIENT_CERT_B64: not base64 of a PEM file (no PEM header)"
+        );
+    }
+}
