@@ -167,18 +167,21 @@ pub fn normalize_event(event: &mut PluginEvent) {
 }
 
 /// PostHog's `personInitialAndUTMProperties`, in place.
+///
+/// One pass over the event's keys, matching each against the fixed names, instead of one map
+/// lookup per name: this runs twice per event on the hot path, and events carry few of them.
 fn add_campaign_and_initial_properties(properties: &mut Properties) {
-    let campaign: Vec<(String, Value)> = CAMPAIGN_PROPERTIES
-        .iter()
-        .filter_map(|(name, _)| Some(((*name).to_owned(), properties.get(*name)?.clone())))
-        .collect();
-    let initial: Vec<(String, Value)> = CAMPAIGN_PROPERTIES
-        .iter()
-        .chain(INITIAL_PROPERTIES.iter())
-        .filter_map(|(name, initial_name)| {
-            Some(((*initial_name).to_owned(), properties.get(*name)?.clone()))
-        })
-        .collect();
+    let mut campaign: Vec<(String, Value)> = Vec::new();
+    let mut initial: Vec<(String, Value)> = Vec::new();
+    for (key, value) in properties.iter() {
+        let Some((is_campaign, initial_name)) = person_property(key) else {
+            continue;
+        };
+        if is_campaign {
+            campaign.push((key.clone(), value.clone()));
+        }
+        initial.push((initial_name.to_owned(), value.clone()));
+    }
 
     if !campaign.is_empty()
         && let Some(target) = nested_object(properties, "$set")
@@ -190,6 +193,23 @@ fn add_campaign_and_initial_properties(properties: &mut Properties) {
     {
         target.extend(initial);
     }
+}
+
+/// Whether `key` is a campaign parameter, and its `$initial_` name, for the names in
+/// `CAMPAIGN_PROPERTIES` and `INITIAL_PROPERTIES`. Cheap to reject: most keys differ from
+/// every name in their first bytes or their length.
+fn person_property(key: &str) -> Option<(bool, &'static str)> {
+    let first = *key.as_bytes().first()?;
+    if first != b'$' && first != b'u' && first != b'g' && first != b'f' && first != b'm' {
+        return None;
+    }
+    if let Some((_, initial)) = CAMPAIGN_PROPERTIES.iter().find(|(name, _)| *name == key) {
+        return Some((true, initial));
+    }
+    INITIAL_PROPERTIES
+        .iter()
+        .find(|(name, _)| *name == key)
+        .map(|(_, initial)| (false, *initial))
 }
 
 /// The object under `key`, created (or replacing a non-object, which JavaScript's spread
