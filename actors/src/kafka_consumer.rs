@@ -470,36 +470,44 @@ struct Batch {
 
 impl Reader {
     async fn run(self) {
-        let tick = Duration::from_secs(1);
+        use futures::StreamExt;
+        use tokio::time::Instant;
+
+        let idle_tick = Duration::from_secs(1);
+        // One message stream and one timer for the whole loop: creating them per message
+        // costs more than the message itself at high rates.
+        let mut stream = self.consumer.stream();
+        let timer = tokio::time::sleep(idle_tick);
+        tokio::pin!(timer);
         loop {
             let mut batch = Batch::default();
-            let mut deadline = None;
+            timer.as_mut().reset(Instant::now() + idle_tick);
             loop {
-                let wait = match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline),
-                    None => tokio::time::sleep(tick),
-                };
                 let received = tokio::select! {
                     biased;
                     () = self.stop.cancelled() => break,
-                    () = wait => None,
-                    received = self.consumer.recv() => Some(received),
+                    () = &mut timer => None,
+                    received = stream.next() => received,
                 };
                 match received {
-                    None if deadline.is_some() => break,
-                    None => self.progress.report(self.config.progress_deadline),
+                    None if !batch.messages.is_empty() => break,
+                    None => {
+                        self.progress.report(self.config.progress_deadline);
+                        timer.as_mut().reset(Instant::now() + idle_tick);
+                    }
                     Some(Ok(message)) => {
                         let payload = message.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                        if batch.messages.is_empty() {
+                            timer
+                                .as_mut()
+                                .reset(Instant::now() + self.config.max_batch_wait);
+                        }
                         batch.bytes += payload.len();
                         batch.messages.push(payload);
                         batch.spans.insert(
                             message.partition(),
                             (message.offset(), message.timestamp().to_millis()),
                         );
-                        if deadline.is_none() {
-                            deadline =
-                                Some(tokio::time::Instant::now() + self.config.max_batch_wait);
-                        }
                         if batch.messages.len() >= self.config.max_batch_messages
                             || batch.bytes >= self.config.max_batch_bytes
                         {
