@@ -23,7 +23,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
 use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
-use crate::ingestion::prepare::{dead_letter_for_event, prepare_event};
+use crate::ingestion::prepare::{dead_letter_for_event, prepare_normalized_event};
 use crate::ingestion::team::TeamStoreError;
 use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
 use crate::metrics::{Metrics, MetricsError};
@@ -352,7 +352,9 @@ fn prepare_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Te
             // Spec 1.3 step 1: the address is gone before plugins ever see the event.
             plugin_event.ip = None;
         }
-        match prepare_event(plugin_event, &team, created_at, &mut batch.warnings) {
+        // Parsing normalized the event and no plugin has changed it since; once plugins run,
+        // their output goes through `prepare_event`, which normalizes again as PostHog does.
+        match prepare_normalized_event(plugin_event, &team, created_at, &mut batch.warnings) {
             Ok(row) => batch.events.push(row),
             Err(letter) => batch.dead_letters.push(*letter),
         }

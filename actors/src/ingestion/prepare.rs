@@ -41,8 +41,19 @@ pub fn prepare_event(
     created_at: DateTime<Utc>,
     warnings: &mut Vec<IngestionWarning>,
 ) -> Result<EventRow, Box<DeadLetter>> {
-    event.team_id = team.id;
     normalize_event(&mut event);
+    prepare_normalized_event(event, team, created_at, warnings)
+}
+
+/// `prepare_event` for an event that is normalized already and was not changed since: no
+/// plugin ran on it. Normalization is idempotent, so this only saves its cost.
+pub fn prepare_normalized_event(
+    mut event: PluginEvent,
+    team: &Team,
+    created_at: DateTime<Utc>,
+    warnings: &mut Vec<IngestionWarning>,
+) -> Result<EventRow, Box<DeadLetter>> {
+    event.team_id = team.id;
     let timestamp = parse_event_timestamp(&event, warnings);
 
     let Some(uuid) = parse_hyphenated_uuid(&event.uuid) else {
