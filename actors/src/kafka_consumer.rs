@@ -354,9 +354,8 @@ impl KafkaConsumer {
             // librdkafka waits up to 500 ms for a fetch to fill by default, which dominated the
             // produce-to-stored latency in bench/results/ingestion.md.
             .set("fetch.wait.max.ms", "100")
-            // Bound the prefetch (64 MB per partition by default): the pipeline's own batches
-            // are the buffer that matters, and RSS is part of the promise.
-            .set("queued.max.messages.kbytes", "16384")
+            // The prefetch is left at librdkafka's default: bounding it to 16 MB halved the
+            // throughput in bench/results/ingestion.md (the consumer starved between fetches).
             .create_with_context(context)
             .map_err(KafkaSetupError::Client)?;
         consumer
