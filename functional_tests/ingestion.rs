@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name};
+use common::{
+    FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
+};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -117,33 +118,11 @@ impl Deployment {
     }
 
     fn start_server_with(&self, overrides: &[(&'static str, String)]) -> (Server, String) {
-        let mut child = Command::new(common::BIN)
-            .env_clear()
-            .envs(self.env_pairs())
-            .envs(overrides.iter().cloned())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starts");
-        let stderr = child.stderr.take().expect("piped");
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(log) = serde_json::from_str::<Value>(&line) {
-                    if log["fields"]["message"] == "plugin server started" {
-                        let _ =
-                            sender.send(log["fields"]["local_addr"].as_str().map(str::to_owned));
-                    }
-                    if log["level"] == "ERROR" || log["level"] == "WARN" {
-                        eprintln!("server: {line}");
-                    }
-                }
-            }
-        });
-        let addr = receiver
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server started")
-            .expect("local_addr logged");
-        (Server(child), addr)
+        let mut env = self.env_pairs();
+        env.extend(overrides.iter().cloned());
+        let server = ServerProcess::start(&env);
+        let addr = server.addr();
+        (server, addr)
     }
 
     async fn events(&self) -> Vec<Value> {
@@ -209,15 +188,7 @@ impl Deployment {
     }
 }
 
-/// Kills the server when the test ends, passed or failed.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+type Server = ServerProcess;
 
 fn envelope(token: &str, distinct_id: &str, event: Value, outer: Value) -> Vec<u8> {
     let mut message = json!({
@@ -731,13 +702,13 @@ async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_write
 
 /// Sends SIGTERM and waits for a clean exit.
 fn terminate(mut server: Server) {
-    let pid = server.0.id().to_string();
+    let pid = server.child.id().to_string();
     let sent = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill runs");
     assert!(sent.success());
-    let status = server.0.wait().expect("exits");
+    let status = server.child.wait().expect("exits");
     assert!(status.success(), "graceful exit: {status}");
 }
 
@@ -786,33 +757,11 @@ async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
 async fn the_embedded_profile_captures_over_http_into_json_lines() {
     plugin_server::telemetry::install_tls_provider();
     let base_dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(common::BIN)
-        .env_clear()
-        .envs([
-            ("BASE_DIR", base_dir.path().to_str().expect("utf-8 path")),
-            ("HTTP_SERVER_HOST", "127.0.0.1"),
-            ("HTTP_SERVER_PORT", "0"),
-            ("LOG_FORMAT", "json"),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let stderr = child.stderr.take().expect("piped");
-    let server = Server(child);
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(log) = serde_json::from_str::<Value>(&line)
-                && log["fields"]["message"] == "plugin server started"
-            {
-                let _ = sender.send(log["fields"]["local_addr"].as_str().map(str::to_owned));
-            }
-        }
-    });
-    let addr = receiver
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server started")
-        .expect("local_addr logged");
+    let server = ServerProcess::start(&[(
+        "BASE_DIR",
+        base_dir.path().to_str().expect("utf-8 path").to_owned(),
+    )]);
+    let addr = server.addr();
 
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/batch"))

@@ -120,3 +120,68 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
         .output()
         .expect("binary runs")
 }
+
+/// The server binary running as a child process with JSON logs; killed (SIGKILL) when dropped,
+/// so a failing test never leaves it behind.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    /// The fields of its "plugin server started" log line (local_addr, profile, instance, ...).
+    pub started: serde_json::Value,
+}
+
+impl ServerProcess {
+    /// Starts the binary with only `env` (plus JSON logs on an ephemeral local port unless
+    /// `env` says otherwise) and waits up to 60 s for its start. Warnings and errors it logs
+    /// are copied to the test's output.
+    pub fn start(env: &[(&str, String)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+
+        let defaults = [
+            ("HTTP_SERVER_HOST", "127.0.0.1"),
+            ("HTTP_SERVER_PORT", "0"),
+            ("LOG_FORMAT", "json"),
+        ];
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .envs(defaults)
+            .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the server binary starts");
+        let stderr = child.stderr.take().expect("piped");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(log) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if log["fields"]["message"] == "plugin server started" {
+                    let _ = sender.send(log["fields"].clone());
+                }
+                if log["level"] == "ERROR" || log["level"] == "WARN" {
+                    eprintln!("server: {line}");
+                }
+            }
+        });
+        let started = receiver
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the server logged its start within 60 s");
+        Self { child, started }
+    }
+
+    /// `host:port` of its HTTP server.
+    pub fn addr(&self) -> String {
+        self.started["local_addr"]
+            .as_str()
+            .expect("local_addr logged")
+            .to_owned()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
