@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod kafka_consumer;
 pub mod metrics;
 pub mod migrations;
+pub mod persons;
 pub mod postgres;
 pub mod sinks;
 pub mod stats;
