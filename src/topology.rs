@@ -140,8 +140,6 @@ impl Topology {
             let consumer_arbiter = Arbiter::new();
             let workers = Arbiter::new();
             let consumer_metrics = ConsumerMetrics::register(&metrics)?;
-            // Validate the Kafka settings once here, so a bad certificate stops startup.
-            connection_check(&config)?;
             let health_addr = health.addr().clone();
             let consumer = spawn_supervised_in(
                 &consumer_arbiter.handle(),
@@ -306,11 +304,6 @@ fn consumer_config(settings: &Settings, connection: KafkaConnection) -> KafkaCon
     config.max_in_flight_batches = settings.kafka_partitions_consumed_concurrently as usize + 1;
     config.session_timeout = std::time::Duration::from_millis(settings.kafka_session_timeout_ms);
     config
-}
-
-fn connection_check(config: &KafkaConsumerConfig) -> Result<(), ServerError> {
-    config.connection.client_config()?;
-    Ok(())
 }
 
 /// Analytics ingestion runs when PLUGIN_SERVER_MODE is unset or one of the ingestion modes.

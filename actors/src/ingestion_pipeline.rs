@@ -114,12 +114,9 @@ pub struct PipelineConfig {
 }
 
 pub struct IngestionPipeline {
-    config: PipelineConfig,
-    teams: Arc<TeamManager>,
-    writer: ObservedAddr<EventWriter>,
+    /// Shared with every batch in flight, so that batches run concurrently.
+    run: Arc<Run>,
     stats: Arc<ActorStats>,
-    metrics: PipelineMetrics,
-    step_duration: prometheus::HistogramVec,
 }
 
 impl IngestionPipeline {
@@ -132,12 +129,14 @@ impl IngestionPipeline {
         pipeline_metrics: PipelineMetrics,
     ) -> Self {
         Self {
-            config,
-            teams,
-            writer,
+            run: Arc::new(Run {
+                config,
+                teams,
+                writer,
+                metrics: pipeline_metrics,
+                step_duration: metrics.pipeline_step_duration.clone(),
+            }),
             stats,
-            metrics: pipeline_metrics,
-            step_duration: metrics.pipeline_step_duration.clone(),
         }
     }
 }
@@ -155,13 +154,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
 
     fn handle(&mut self, batch: IngestBatch, _: &mut Context<Self>) -> Self::Result {
         let timer = self.stats.message_received();
-        let run = Run {
-            config: self.config.clone(),
-            teams: Arc::clone(&self.teams),
-            writer: self.writer.clone(),
-            metrics: self.metrics.clone(),
-            step_duration: self.step_duration.clone(),
-        };
+        let run = Arc::clone(&self.run);
         let stats = Arc::clone(&self.stats);
         Box::pin(async move {
             let _timer = timer;
@@ -174,8 +167,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
     }
 }
 
-/// One batch's trip through the steps; owns clones of what it needs so that batches run
-/// concurrently.
+/// What a batch's trip through the steps needs.
 struct Run {
     config: PipelineConfig,
     teams: Arc<TeamManager>,
@@ -185,7 +177,7 @@ struct Run {
 }
 
 impl Run {
-    async fn ingest(self, messages: Arc<Vec<Vec<u8>>>) -> Result<BatchOutcome, PipelineError> {
+    async fn ingest(&self, messages: Arc<Vec<Vec<u8>>>) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
         let parsed = self

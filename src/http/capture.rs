@@ -25,6 +25,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use chrono::{DateTime, SecondsFormat, Utc};
 use flate2::read::MultiGzDecoder;
 use futures::StreamExt;
+use plugin_server_actors::ingestion::envelope::from_str_repairing;
 use plugin_server_actors::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
 use plugin_server_actors::ingestion::timestamp::parse_iso8601;
 use prometheus::{IntCounter, IntCounterVec, Opts};
@@ -621,70 +622,12 @@ fn decode_base64(encoded: &[u8]) -> Result<Vec<u8>, CaptureError> {
         .map_err(|error| CaptureError::InvalidBase64(error.to_string()))
 }
 
+/// Browsers send strings with lone UTF-16 surrogates, which JavaScript (and PostHog's
+/// `surrogatepass`) accept but serde_json refuses; the pipeline's parser repairs them.
 fn parse_json(text: &[u8]) -> Result<Value, CaptureError> {
-    match serde_json::from_slice(text) {
-        Ok(value) => Ok(value),
-        Err(error) => {
-            // Browsers send strings with lone UTF-16 surrogates, which JavaScript (and
-            // PostHog's `surrogatepass`) accept but serde_json refuses. Such events are worth
-            // keeping, so the surrogates become U+FFFD and the text is parsed again.
-            let repaired = std::str::from_utf8(text)
-                .ok()
-                .and_then(replace_lone_surrogate_escapes);
-            match repaired {
-                Some(repaired) => serde_json::from_str(&repaired)
-                    .map_err(|_| CaptureError::InvalidJson(error.to_string())),
-                None => Err(CaptureError::InvalidJson(error.to_string())),
-            }
-        }
-    }
-}
-
-/// `text` with every `\uXXXX` escape of an unpaired surrogate replaced by `\ufffd`, or `None`
-/// when it has none (so the caller's error stands).
-fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
-    fn escaped_unit(bytes: &[u8], at: usize) -> Option<u16> {
-        let digits = bytes.get(at..at + 6)?;
-        if digits.first() != Some(&b'\\') || digits.get(1) != Some(&b'u') {
-            return None;
-        }
-        u16::from_str_radix(std::str::from_utf8(digits.get(2..)?).ok()?, 16).ok()
-    }
-    let is_high = |unit: u16| (0xD800..0xDC00).contains(&unit);
-    let is_low = |unit: u16| (0xDC00..0xE000).contains(&unit);
-
-    let bytes = text.as_bytes();
-    let mut repaired = String::with_capacity(text.len());
-    let mut copied_up_to = 0;
-    let mut position = 0;
-    let mut changed = false;
-    while let Some(&byte) = bytes.get(position) {
-        if byte != b'\\' {
-            position += 1;
-            continue;
-        }
-        match escaped_unit(bytes, position) {
-            Some(unit)
-                if is_high(unit) && escaped_unit(bytes, position + 6).is_some_and(is_low) =>
-            {
-                position += 12;
-            }
-            Some(unit) if is_high(unit) || is_low(unit) => {
-                repaired.push_str(text.get(copied_up_to..position)?);
-                repaired.push_str("\\ufffd");
-                position += 6;
-                copied_up_to = position;
-                changed = true;
-            }
-            // Any other escape, including `\\`, is two bytes that cannot start a surrogate.
-            _ => position += 2,
-        }
-    }
-    if !changed {
-        return None;
-    }
-    repaired.push_str(text.get(copied_up_to..)?);
-    Some(repaired)
+    let text =
+        std::str::from_utf8(text).map_err(|error| CaptureError::InvalidJson(error.to_string()))?;
+    from_str_repairing(text).map_err(|error| CaptureError::InvalidJson(error.to_string()))
 }
 
 /// The events of a request, and where its request-wide fields (`api_key`, `sent_at`) are.

@@ -477,7 +477,9 @@ fn from_slice_repairing<T: DeserializeOwned>(raw: &[u8]) -> Result<T, JsonFailur
     from_str_repairing(text).map_err(JsonFailure::Invalid)
 }
 
-fn from_str_repairing<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
+/// Parses JSON, accepting the lone UTF-16 surrogate escapes that browsers send (see
+/// `retry_without_lone_surrogates`). Shared with HTTP capture, which meets the same bodies.
+pub fn from_str_repairing<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
     match serde_json::from_str(text) {
         Ok(parsed) => Ok(parsed),
         Err(error) => retry_without_lone_surrogates(text, error),
