@@ -392,15 +392,10 @@ impl Actor for KafkaConsumer {
         };
         self.consumer = Some(Arc::clone(&consumer));
         let reader = Reader {
-            config: self.config.clone(),
-            consumer: Arc::clone(&consumer),
-            shared: Arc::clone(&self.shared),
             runner: self.batch_runner(&consumer),
             workers: self.workers.clone(),
             permits: Arc::clone(&self.permits),
             stop: self.stop_reading.clone(),
-            progress: self.progress.clone(),
-            metrics: self.metrics.clone(),
             stats: Arc::clone(&self.stats),
         };
         ctx.spawn(reader.run().into_actor(self));
@@ -452,16 +447,12 @@ impl Handler<Shutdown> for KafkaConsumer {
 }
 
 /// The read loop: fills a batch, waits for an in-flight slot, hands the batch to a worker.
+/// Reads through `runner`'s consumer, config, metrics and progress reporter.
 struct Reader {
-    config: KafkaConsumerConfig,
-    consumer: Arc<Client>,
-    shared: Arc<Shared>,
     runner: BatchRunner,
     workers: ArbiterHandle,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
-    progress: ProgressReporter,
-    metrics: ConsumerMetrics,
     stats: Arc<ActorStats>,
 }
 
@@ -481,7 +472,7 @@ impl Reader {
         let idle_tick = Duration::from_secs(1);
         // One message stream and one timer for the whole loop: creating them per message
         // costs more than the message itself at high rates.
-        let mut stream = self.consumer.stream();
+        let mut stream = self.runner.consumer.stream();
         let timer = tokio::time::sleep(idle_tick);
         tokio::pin!(timer);
         loop {
@@ -497,7 +488,9 @@ impl Reader {
                 match received {
                     None if !batch.messages.is_empty() => break,
                     None => {
-                        self.progress.report(self.config.progress_deadline);
+                        self.runner
+                            .progress
+                            .report(self.runner.config.progress_deadline);
                         timer.as_mut().reset(Instant::now() + idle_tick);
                     }
                     Some(Ok(message)) => {
@@ -505,7 +498,7 @@ impl Reader {
                         if batch.messages.is_empty() {
                             timer
                                 .as_mut()
-                                .reset(Instant::now() + self.config.max_batch_wait);
+                                .reset(Instant::now() + self.runner.config.max_batch_wait);
                         }
                         batch.bytes += payload.len();
                         batch.messages.push(payload);
@@ -513,14 +506,14 @@ impl Reader {
                             message.partition(),
                             (message.offset(), message.timestamp().to_millis()),
                         );
-                        if batch.messages.len() >= self.config.max_batch_messages
-                            || batch.bytes >= self.config.max_batch_bytes
+                        if batch.messages.len() >= self.runner.config.max_batch_messages
+                            || batch.bytes >= self.runner.config.max_batch_bytes
                         {
                             break;
                         }
                     }
                     Some(Err(error)) => {
-                        self.metrics.errors.inc();
+                        self.runner.metrics.errors.inc();
                         self.stats.record_error();
                         tracing::warn!(%error, "Kafka read failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -532,12 +525,15 @@ impl Reader {
                     return;
                 };
                 let id = self
+                    .runner
                     .shared
                     .tracker
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .register(&batch.spans);
-                self.progress.report(self.config.progress_deadline);
+                self.runner
+                    .progress
+                    .report(self.runner.config.progress_deadline);
                 let runner = self.runner.clone();
                 self.workers.spawn(async move {
                     runner.run(id, batch.messages).await;
