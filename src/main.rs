@@ -11,8 +11,10 @@ use plugin_server_actors::migrations::{self, ClickHouseTarget};
 
 /// The pipeline allocates many small strings and maps per event: with glibc malloc, allocation
 /// and free took a quarter of the pipeline's CPU in a perf profile of `bench`'s `pipeline_cpu`.
+/// Wrapped so that one plugin call cannot take more than its memory budget (see the alloc crate).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
+    plugin_server_alloc::BudgetedAllocator(mimalloc::MiMalloc);
 
 /// Exit code for settings that cannot be loaded (as `EX_CONFIG` in sysexits).
 const EXIT_BAD_SETTINGS: u8 = 78;

@@ -14,10 +14,19 @@ pub mod kafka_consumer;
 pub mod metrics;
 pub mod migrations;
 pub mod persons;
+pub mod plugin_vm_pool;
+pub mod plugins;
 pub mod postgres;
 pub mod sinks;
 pub mod stats;
 pub mod supervisor;
+
+/// Unit tests of this crate run plugins, so they need the allocator that caps a plugin call's
+/// memory (the server binary installs it in `main.rs`).
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: plugin_server_alloc::BudgetedAllocator<std::alloc::System> =
+    plugin_server_alloc::BudgetedAllocator(std::alloc::System);
 
 /// Asks an actor to finish its in-flight work (flush, commit, tear down) before the process
 /// exits. Sent in reverse dependency order by the topology; the reply means "drained".

@@ -1,0 +1,137 @@
+//! A global allocator wrapper that caps the memory one plugin call may take.
+//!
+//! boa has no heap limit, and a failed allocation aborts a Rust process, so a plugin that
+//! doubles a string until it fails (or fills a 10^9-element array) would take the whole server
+//! down. The worker thread opens a *budget* around each plugin call; every allocation made on
+//! that thread while the budget is open is charged to it, every free refunded. An allocation
+//! that would take the call past its limit never returns: the thread sleeps for good, holding
+//! at most the limit, and the pool's watchdog sees it stuck, abandons it, starts a fresh
+//! worker and disables the config. The process lives on and every other team keeps flowing.
+//!
+//! Threads without an open budget (everything but plugin calls) pay one thread-local read.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Clone, Copy)]
+struct Budget {
+    open: bool,
+    /// Net bytes allocated on this thread since the budget opened.
+    used: i64,
+    limit: i64,
+}
+
+thread_local! {
+    // `const` initialization and a `Copy` value: reading it never allocates, which an
+    // allocator must not do.
+    static BUDGET: Cell<Budget> = const { Cell::new(Budget { open: false, used: 0, limit: 0 }) };
+}
+
+static THREADS_STOPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Wraps the real allocator (mimalloc in the server, the system allocator in tests).
+pub struct BudgetedAllocator<A>(pub A);
+
+/// Opens a budget of `limit_bytes` for the current thread; it closes when the guard drops.
+pub fn open_budget(limit_bytes: u64) -> BudgetGuard {
+    let limit = i64::try_from(limit_bytes).unwrap_or(i64::MAX);
+    BUDGET.with(|b| {
+        b.set(Budget {
+            open: true,
+            used: 0,
+            limit,
+        })
+    });
+    BudgetGuard {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// How many threads an exhausted budget has stopped since the process started.
+pub fn threads_stopped() -> u64 {
+    THREADS_STOPPED.load(Ordering::Relaxed)
+}
+
+/// Closes the budget of the thread that opened it.
+pub struct BudgetGuard {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        BUDGET.with(|b| {
+            b.set(Budget {
+                open: false,
+                used: 0,
+                limit: 0,
+            })
+        });
+    }
+}
+
+fn charge(bytes: usize) {
+    let over = BUDGET
+        .try_with(|b| {
+            let mut budget = b.get();
+            if !budget.open {
+                return false;
+            }
+            budget.used = budget.used.saturating_add(bytes as i64);
+            b.set(budget);
+            budget.used > budget.limit
+        })
+        .unwrap_or(false);
+    if over {
+        THREADS_STOPPED.fetch_add(1, Ordering::Relaxed);
+        // Never return: failing the allocation would abort the process. Sleeping does not
+        // allocate.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+fn refund(bytes: usize) {
+    let _ = BUDGET.try_with(|b| {
+        let mut budget = b.get();
+        if budget.open {
+            budget.used = budget.used.saturating_sub(bytes as i64);
+            b.set(budget);
+        }
+    });
+}
+
+// SAFETY: every method forwards to the wrapped allocator with the caller's arguments unchanged;
+// the bookkeeping around it touches only a thread-local `Cell` and never allocates.
+#[allow(unsafe_code)]
+unsafe impl<A: GlobalAlloc> GlobalAlloc for BudgetedAllocator<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        charge(layout.size());
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { self.0.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        charge(layout.size());
+        // SAFETY: as above.
+        unsafe { self.0.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        refund(layout.size());
+        // SAFETY: as above; `ptr` came from this allocator with `layout`.
+        unsafe { self.0.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            charge(new_size - layout.size());
+        } else {
+            refund(layout.size() - new_size);
+        }
+        // SAFETY: as above.
+        unsafe { self.0.realloc(ptr, layout, new_size) }
+    }
+}

@@ -1,0 +1,469 @@
+//! The native functions behind the prelude's `host` object, and the services they reach.
+//!
+//! Natives are plain `fn`s (boa's closures would need GC tracing for captured state). What a
+//! call needs lives in the thread-local `ACTIVE` slot, set by `begin_call` for exactly the
+//! duration of one VM call on this worker thread.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use boa_engine::object::ObjectInitializer;
+use boa_engine::object::builtins::JsUint8Array;
+use boa_engine::property::{Attribute, PropertyKey};
+use boa_engine::{
+    Context, JsNativeError, JsObject, JsResult, JsString, JsValue, NativeFunction, js_string,
+};
+use chrono::Utc;
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
+use md5::Md5;
+use prometheus::HistogramVec;
+use serde_json::Value;
+use sha1::Sha1;
+use sha2::{Digest, Sha256, Sha512};
+
+use super::vm::{CallEffects, CapturedByPlugin, VmIdentity, parse_level};
+use super::{LogSource, PluginLogEntry};
+
+/// An HTTP request made with `fetch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchRequest {
+    pub url: String,
+    pub method: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    /// The plugin's own `timeout` option; the host caps it at EXTERNAL_REQUEST_TIMEOUT_MS.
+    pub timeout: Option<Duration>,
+}
+
+/// The answer to a `fetch`, read fully: plugins call `.json()`/`.text()` on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchReply {
+    pub status: u16,
+    pub status_text: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// What the VMs of one worker thread reach outside themselves. Calls block the worker thread:
+/// a plugin's writes are then visible to its next event even when it does not await them,
+/// which plugins rely on (plugin-compat point 11).
+pub trait PluginHost {
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String>;
+}
+
+struct Timer {
+    id: u32,
+    due: Instant,
+    callback: JsObject,
+}
+
+/// Unix milliseconds at which the VM call in progress on a worker thread started, 0 when idle.
+/// The pool's watchdog reads it to find a thread stuck in code the deadline could not
+/// interrupt (a loop inside a native callback such as `Array.prototype.map`).
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    started_unix_ms: AtomicU64,
+    plugin_config_id: AtomicI64,
+    /// The pool's id of the request the worker is handling.
+    request_id: AtomicU64,
+}
+
+impl Heartbeat {
+    pub fn set_request(&self, request_id: u64) {
+        self.request_id.store(request_id, Ordering::Relaxed);
+    }
+
+    pub fn request(&self) -> u64 {
+        self.request_id.load(Ordering::Relaxed)
+    }
+
+    /// How long the call in progress has run, and whose config it is.
+    pub fn busy(&self) -> Option<(Duration, i64)> {
+        let started = self.started_unix_ms.load(Ordering::Relaxed);
+        (started != 0).then(|| {
+            (
+                Duration::from_millis(unix_ms().saturating_sub(started)),
+                self.plugin_config_id.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a worker thread reports about its calls.
+pub struct WorkerInstruments {
+    pub heartbeat: Arc<Heartbeat>,
+    /// `plugin_method_duration_seconds{method}`.
+    pub durations: HistogramVec,
+}
+
+struct ActiveCall {
+    /// Caps the memory this call may take; closed when the call ends.
+    _budget: plugin_server_alloc::BudgetGuard,
+    started: Instant,
+    method: &'static str,
+    host: Rc<dyn PluginHost>,
+    identity: VmIdentity,
+    effects: CallEffects,
+    timers: Vec<Timer>,
+    next_timer_id: u32,
+    deadline: Instant,
+}
+
+thread_local! {
+    static ACTIVE: RefCell<Option<ActiveCall>> = const { RefCell::new(None) };
+    static INSTRUMENTS: RefCell<Option<WorkerInstruments>> = const { RefCell::new(None) };
+}
+
+/// Installs this thread's instruments; a worker does it once when its thread starts.
+pub fn install_instruments(instruments: WorkerInstruments) {
+    INSTRUMENTS.with(|slot| *slot.borrow_mut() = Some(instruments));
+}
+
+pub(super) fn begin_call(
+    host: Rc<dyn PluginHost>,
+    identity: VmIdentity,
+    deadline: Instant,
+    method: &'static str,
+    memory_limit_bytes: u64,
+) {
+    INSTRUMENTS.with(|slot| {
+        if let Some(instruments) = slot.borrow().as_ref() {
+            let heartbeat = &instruments.heartbeat;
+            heartbeat
+                .plugin_config_id
+                .store(identity.plugin_config_id, Ordering::Relaxed);
+            heartbeat
+                .started_unix_ms
+                .store(unix_ms().max(1), Ordering::Relaxed);
+        }
+    });
+    ACTIVE.with(|slot| {
+        *slot.borrow_mut() = Some(ActiveCall {
+            _budget: plugin_server_alloc::open_budget(memory_limit_bytes),
+            started: Instant::now(),
+            method,
+            host,
+            identity,
+            effects: CallEffects::default(),
+            timers: Vec::new(),
+            next_timer_id: 1,
+            deadline,
+        });
+    });
+}
+
+/// Ends the call: its effects go to the caller and its pending timers are dropped (a timer
+/// that outlives its call would run in some later, unrelated call).
+pub(super) fn end_call() -> CallEffects {
+    let call = ACTIVE.with(|slot| slot.borrow_mut().take());
+    INSTRUMENTS.with(|slot| {
+        if let Some(instruments) = slot.borrow().as_ref() {
+            instruments
+                .heartbeat
+                .started_unix_ms
+                .store(0, Ordering::Relaxed);
+            if let Some(call) = &call {
+                instruments
+                    .durations
+                    .with_label_values(&[call.method])
+                    .observe(call.started.elapsed().as_secs_f64());
+            }
+        }
+    });
+    call.map(|call| call.effects).unwrap_or_default()
+}
+
+/// Removes and returns the earliest timer of the call in progress.
+pub(super) fn next_timer() -> Option<(Instant, JsObject)> {
+    ACTIVE.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let call = slot.as_mut()?;
+        let index = call
+            .timers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, t)| (t.due, t.id))
+            .map(|(i, _)| i)?;
+        let timer = call.timers.swap_remove(index);
+        Some((timer.due, timer.callback))
+    })
+}
+
+fn with_call<T>(f: impl FnOnce(&mut ActiveCall) -> JsResult<T>) -> JsResult<T> {
+    ACTIVE.with(|slot| match slot.borrow_mut().as_mut() {
+        Some(call) => f(call),
+        None => Err(JsNativeError::error()
+            .with_message("host functions are only available while the plugin is being called")
+            .into()),
+    })
+}
+
+type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
+
+/// Builds the `host` object the prelude closes over.
+pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
+    let functions: [(&str, usize, NativeFn); 9] = [
+        ("log", 2, log),
+        ("hash", 3, hash),
+        ("decode", 2, decode),
+        ("encode", 2, encode),
+        ("randomUUID", 0, random_uuid),
+        ("fetch", 5, fetch),
+        ("capture", 2, capture),
+        ("setTimeout", 2, set_timeout),
+        ("clearTimeout", 1, clear_timeout),
+    ];
+    let mut object = ObjectInitializer::new(context);
+    for (name, length, function) in functions {
+        object.function(
+            NativeFunction::from_fn_ptr(function),
+            js_string!(name),
+            length,
+        );
+    }
+    Ok(object.build())
+}
+
+fn string_arg(args: &[JsValue], index: usize, context: &mut Context) -> JsResult<String> {
+    Ok(args
+        .get(index)
+        .cloned()
+        .unwrap_or_default()
+        .to_string(context)?
+        .to_std_string_escaped())
+}
+
+fn log(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let level = string_arg(args, 0, context)?;
+    let message = string_arg(args, 1, context)?;
+    with_call(|call| {
+        call.effects.logs.push(PluginLogEntry {
+            plugin_config_id: call.identity.plugin_config_id,
+            plugin_id: call.identity.plugin_id,
+            team_id: call.identity.team_id,
+            timestamp: Utc::now(),
+            source: LogSource::Console,
+            level: parse_level(&level),
+            message,
+        });
+        Ok(JsValue::undefined())
+    })
+}
+
+/// Bytes of a string (UTF-8) or of a typed array.
+fn bytes_of(value: &JsValue, context: &mut Context) -> JsResult<Vec<u8>> {
+    if let Some(object) = value.as_object()
+        && let Ok(array) = JsUint8Array::from_object(object.clone())
+    {
+        return array.to_vec(context);
+    }
+    Ok(value
+        .to_string(context)?
+        .to_std_string_escaped()
+        .into_bytes())
+}
+
+fn hash(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let algorithm = string_arg(args, 0, context)?.to_ascii_lowercase();
+    let parts = args
+        .get(1)
+        .and_then(JsValue::as_object)
+        .ok_or_else(|| JsNativeError::typ().with_message("hash: expected the list of parts"))?;
+    let length = parts
+        .get(js_string!("length"), context)?
+        .to_length(context)?;
+    let mut data = Vec::new();
+    for index in 0..length {
+        let part = parts.get(index, context)?;
+        data.extend(bytes_of(&part, context)?);
+    }
+    let key = match args.get(2) {
+        Some(key) if !key.is_null_or_undefined() => Some(bytes_of(key, context)?),
+        _ => None,
+    };
+    let digest = match (algorithm.as_str(), key) {
+        ("md5", None) => Md5::digest(&data).to_vec(),
+        ("sha1", None) => Sha1::digest(&data).to_vec(),
+        ("sha256", None) => Sha256::digest(&data).to_vec(),
+        ("sha512", None) => Sha512::digest(&data).to_vec(),
+        ("md5", Some(key)) => hmac::<Hmac<Md5>>(&key, &data)?,
+        ("sha1", Some(key)) => hmac::<Hmac<Sha1>>(&key, &data)?,
+        ("sha256", Some(key)) => hmac::<Hmac<Sha256>>(&key, &data)?,
+        ("sha512", Some(key)) => hmac::<Hmac<Sha512>>(&key, &data)?,
+        (other, _) => {
+            return Err(JsNativeError::error()
+                .with_message(format!("Digest method not supported: {other}"))
+                .into());
+        }
+    };
+    Ok(JsUint8Array::from_iter(digest, context)?.into())
+}
+
+fn hmac<M: Mac + KeyInit>(key: &[u8], data: &[u8]) -> JsResult<Vec<u8>> {
+    let mut mac = <M as KeyInit>::new_from_slice(key)
+        .map_err(|e| JsNativeError::typ().with_message(format!("createHmac: {e}")))?;
+    mac.update(data);
+    Ok(mac.finalize().into_bytes().to_vec())
+}
+
+fn decode(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let bytes = bytes_of(&args.first().cloned().unwrap_or_default(), context)?;
+    let encoding = string_arg(args, 1, context)?.to_ascii_lowercase();
+    let text = match encoding.as_str() {
+        "hex" => hex::encode(&bytes),
+        "base64" => base64::engine::general_purpose::STANDARD.encode(&bytes),
+        "latin1" | "binary" | "ascii" => bytes.iter().map(|&b| char::from(b)).collect(),
+        _ => String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    Ok(JsString::from(text.as_str()).into())
+}
+
+fn encode(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let text = string_arg(args, 0, context)?;
+    let encoding = string_arg(args, 1, context)?.to_ascii_lowercase();
+    let bytes = match encoding.as_str() {
+        "hex" => {
+            hex::decode(&text).map_err(|e| JsNativeError::typ().with_message(e.to_string()))?
+        }
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(text.trim_end_matches('\n'))
+            .map_err(|e| JsNativeError::typ().with_message(e.to_string()))?,
+        "latin1" | "binary" | "ascii" => text.chars().map(|c| c as u32 as u8).collect(),
+        _ => text.into_bytes(),
+    };
+    Ok(JsUint8Array::from_iter(bytes, context)?.into())
+}
+
+fn random_uuid(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
+    Ok(JsString::from(uuid::Uuid::new_v4().to_string().as_str()).into())
+}
+
+fn fetch(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let url = string_arg(args, 0, context)?;
+    let method = string_arg(args, 1, context)?.to_ascii_uppercase();
+    let mut headers = BTreeMap::new();
+    if let Some(object) = args.get(2).and_then(JsValue::as_object) {
+        for key in object.own_property_keys(context)? {
+            if let PropertyKey::String(name) = &key {
+                let value = object.get(key.clone(), context)?.to_string(context)?;
+                headers.insert(name.to_std_string_escaped(), value.to_std_string_escaped());
+            }
+        }
+    }
+    let body = match args.get(3) {
+        Some(body) if !body.is_null_or_undefined() => {
+            Some(body.to_string(context)?.to_std_string_escaped())
+        }
+        _ => None,
+    };
+    let timeout = match args.get(4) {
+        Some(ms) if ms.is_number() => {
+            let ms = ms.to_number(context)?;
+            (ms.is_finite() && ms > 0.0).then(|| Duration::from_millis(ms as u64))
+        }
+        _ => None,
+    };
+    let host = with_call(|call| Ok(call.host.clone()))?;
+    let reply = host
+        .fetch(FetchRequest {
+            url,
+            method,
+            headers,
+            body,
+            timeout,
+        })
+        .map_err(|message| {
+            JsNativeError::error().with_message(format!("fetch failed: {message}"))
+        })?;
+    let mut header_object = ObjectInitializer::new(context);
+    for (name, value) in &reply.headers {
+        header_object.property(
+            JsString::from(name.as_str()),
+            JsString::from(value.as_str()),
+            Attribute::all(),
+        );
+    }
+    let header_object = header_object.build();
+    let reply_object = ObjectInitializer::new(context)
+        .property(
+            js_string!("status"),
+            i32::from(reply.status),
+            Attribute::all(),
+        )
+        .property(
+            js_string!("statusText"),
+            JsString::from(reply.status_text.as_str()),
+            Attribute::all(),
+        )
+        .property(js_string!("headers"), header_object, Attribute::all())
+        .property(
+            js_string!("body"),
+            JsString::from(reply.body.as_str()),
+            Attribute::all(),
+        )
+        .build();
+    Ok(reply_object.into())
+}
+
+fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let event = string_arg(args, 0, context)?;
+    let properties = match args.get(1) {
+        Some(value) if !value.is_null_or_undefined() => {
+            value.to_json(context)?.unwrap_or(Value::Null)
+        }
+        _ => Value::Object(serde_json::Map::new()),
+    };
+    with_call(|call| {
+        call.effects
+            .captures
+            .push(CapturedByPlugin { event, properties });
+        Ok(JsValue::undefined())
+    })
+}
+
+fn set_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let callback = args.first().and_then(JsValue::as_callable).ok_or_else(|| {
+        JsNativeError::typ().with_message("setTimeout: the callback is not a function")
+    })?;
+    let ms = args
+        .get(1)
+        .cloned()
+        .unwrap_or_default()
+        .to_number(context)?;
+    let delay = if ms.is_finite() && ms > 0.0 {
+        Duration::from_millis(ms as u64)
+    } else {
+        Duration::ZERO
+    };
+    with_call(|call| {
+        let id = call.next_timer_id;
+        call.next_timer_id += 1;
+        // A timer past the deadline can never run; keeping it lets `settle` report the timeout.
+        let due = Instant::now()
+            .checked_add(delay)
+            .unwrap_or(call.deadline + Duration::from_secs(1));
+        call.timers.push(Timer { id, due, callback });
+        Ok(JsValue::from(id))
+    })
+}
+
+fn clear_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let id = args.first().cloned().unwrap_or_default().to_u32(context)?;
+    with_call(|call| {
+        call.timers.retain(|t| t.id != id);
+        Ok(JsValue::undefined())
+    })
+}

@@ -1,0 +1,423 @@
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::host::{FetchReply, FetchRequest, PluginHost};
+use super::vm::{Attachment, CallError, Method, PluginVm, VmError, VmIdentity, VmLimits, VmSource};
+use super::{LogLevel, LogSource};
+
+#[derive(Default)]
+struct MockHost {
+    requests: RefCell<Vec<FetchRequest>>,
+}
+
+impl PluginHost for MockHost {
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
+        let reply = FetchReply {
+            status: 200,
+            status_text: "OK".into(),
+            headers: [("content-type".to_string(), "application/json".to_string())].into(),
+            body: json!({"echo": request.url, "method": request.method}).to_string(),
+        };
+        self.requests.borrow_mut().push(request);
+        Ok(reply)
+    }
+}
+
+fn identity() -> VmIdentity {
+    VmIdentity {
+        plugin_config_id: 7,
+        plugin_id: 3,
+        team_id: 2,
+        plugin_name: "test plugin".into(),
+    }
+}
+
+fn limits() -> VmLimits {
+    VmLimits {
+        task_timeout: Duration::from_millis(300),
+        ..VmLimits::default()
+    }
+}
+
+fn load_with(code: &str, config: Value, attachments: &[Attachment]) -> Result<PluginVm, VmError> {
+    let source = VmSource {
+        file_name: "index.js".into(),
+        code: std::sync::Arc::from(code),
+    };
+    PluginVm::load(
+        identity(),
+        &source,
+        &config,
+        attachments,
+        limits(),
+        Rc::new(MockHost::default()),
+    )
+    .map(|(vm, _)| vm)
+}
+
+fn load(code: &str) -> PluginVm {
+    load_with(code, json!({"suffix": "_x"}), &[]).expect("the plugin loads")
+}
+
+fn event() -> Value {
+    json!({"event": "page", "distinct_id": "u1", "properties": {"i": 1, "$current_url": "https://example.com/x?y=1"}})
+}
+
+const SMALL_PLUGIN: &str = r#"
+function processEvent(event, meta) {
+    const props = event.properties || {}
+    const url = new URL(props.$current_url)
+    props.host_seen = url.hostname
+    props.renamed = props.i; delete props.i
+    event.event = event.event + meta.config.suffix
+    event.properties = props
+    return event
+}
+module.exports = { processEvent }
+"#;
+
+#[test]
+fn runs_a_small_process_event_plugin() {
+    let mut vm = load(SMALL_PLUGIN);
+    assert!(vm.has(Method::ProcessEvent));
+    assert!(!vm.has(Method::OnEvent));
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let out = result.expect("no error").expect("an event");
+    assert_eq!(out["event"], "page_x");
+    assert_eq!(out["properties"]["host_seen"], "example.com");
+    assert_eq!(out["properties"]["renamed"], 1);
+    assert!(out["properties"].get("i").is_none());
+}
+
+#[test]
+fn finds_exports_in_every_module_shape() {
+    let shapes = [
+        "exports.processEvent = (e) => ({ ...e, event: 'shape' })",
+        "module.exports = { processEvent: (e) => ({ ...e, event: 'shape' }) }",
+        "exports.default = { processEvent: (e) => ({ ...e, event: 'shape' }) }",
+        "function processEvent(e) { return { ...e, event: 'shape' } }",
+        "Object.defineProperty(exports, 'processEvent', { enumerable: true, get: () => (e) => ({ ...e, event: 'shape' }) })",
+        "const plugin = { processEvent: async (e) => ({ ...e, event: 'shape' }) }; module.exports = plugin",
+    ];
+    for shape in shapes {
+        let mut vm = load(shape);
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert_eq!(
+            result.expect(shape).expect(shape)["event"],
+            "shape",
+            "{shape}"
+        );
+    }
+}
+
+#[test]
+fn undefined_and_null_drop_the_event() {
+    for body in ["return", "return null", "return undefined"] {
+        let mut vm = load(&format!("exports.processEvent = function (e) {{ {body} }}"));
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert_eq!(result, Ok(None), "{body}");
+    }
+}
+
+#[test]
+fn async_methods_and_timers_are_driven_to_completion() {
+    let mut vm = load(
+        r#"
+        exports.processEvent = async function (e) {
+            await new Promise((resolve) => setTimeout(resolve, 20))
+            const later = await Promise.resolve('later')
+            e.properties.waited = later
+            return e
+        }"#,
+    );
+    let started = Instant::now();
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert_eq!(
+        result.expect("no error").expect("event")["properties"]["waited"],
+        "later"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(20));
+}
+
+#[test]
+fn thrown_values_keep_name_and_message() {
+    let cases = [
+        ("throw new TypeError('bad type')", "TypeError", "bad type"),
+        ("throw 'a plain string'", "Error", "a plain string"),
+        ("null.x", "TypeError", ""),
+        (
+            "const { RetryError } = require('@posthog/plugin-scaffold'); throw new RetryError('again')",
+            "RetryError",
+            "again",
+        ),
+    ];
+    for (body, name, message) in cases {
+        let mut vm = load(&format!(
+            "exports.processEvent = async function (e) {{ {body} }}"
+        ));
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        match result {
+            Err(CallError::Thrown {
+                name: n,
+                message: m,
+            }) => {
+                assert_eq!(n, name, "{body}");
+                assert!(m.contains(message), "{body}: {m}");
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+    let mut vm = load("exports.processEvent = () => { throw new RetryError('global') }");
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert!(result.expect_err("throws").is_retry());
+}
+
+#[test]
+fn modules_outside_the_allow_list_fail_the_load_naming_the_module() {
+    let error = load_with("const fs = require('fs')", json!({}), &[]).expect_err("fs is refused");
+    let text = error.to_string();
+    assert!(text.contains("'fs'"), "{text}");
+    assert!(matches!(error, VmError::Load { .. }));
+}
+
+#[test]
+fn no_process_env_files_or_host_globals() {
+    let mut vm = load(
+        r#"exports.processEvent = (e) => {
+            e.properties.kinds = [typeof process, typeof require, typeof __ps_host, typeof host].join(',')
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    // `require` is the module-scoped allow-list resolver, as in Node; nothing else leaks.
+    assert_eq!(
+        result.expect("ok").expect("event")["properties"]["kinds"],
+        "undefined,function,undefined,undefined"
+    );
+    let mut vm =
+        load("exports.processEvent = (e) => { e.properties.env = process.env.HOME; return e }");
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert!(
+        matches!(result, Err(CallError::Thrown { ref name, .. }) if name == "ReferenceError"),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn runaway_code_is_stopped_and_reported() {
+    let cases = [
+        "while (true) {}",
+        "function f() { return f() + 1 }; f()",
+        "function spin() { for (let i = 0; i < 5e6; i++) {} } for (;;) { spin() }",
+    ];
+    for body in cases {
+        let mut vm = load(&format!("exports.processEvent = function (e) {{ {body} }}"));
+        let started = Instant::now();
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert!(result.is_err(), "{body}: {result:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{body}: took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn promises_that_never_settle_or_wait_too_long_fail() {
+    let mut vm = load("exports.processEvent = () => new Promise(() => {})");
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert_eq!(result, Err(CallError::NeverSettled));
+
+    let mut vm = load(
+        "exports.processEvent = async (e) => { await new Promise((r) => setTimeout(r, 60000)); return e }",
+    );
+    let started = Instant::now();
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert!(matches!(result, Err(CallError::Timeout(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn crypto_hashes_and_uuids() {
+    let mut vm = load(
+        r#"
+        const crypto = require('crypto')
+        exports.processEvent = (e) => {
+            e.properties.sha256 = crypto.createHash('sha256').update('abc').digest('hex')
+            e.properties.md5 = crypto.createHash('md5').update('a').update('bc').digest('hex')
+            const digest = crypto.createHash('sha1').update('abc').digest()
+            digest[0] = 0
+            e.properties.sha1_first = [digest[0], digest[1], digest.length]
+            e.properties.hmac = crypto.createHmac('sha256', 'key').update('abc').digest('base64')
+            e.properties.uuid = crypto.randomUUID()
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let props = result.expect("ok").expect("event")["properties"].clone();
+    assert_eq!(
+        props["sha256"],
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(props["md5"], "900150983cd24fb0d6963f7d28e17f72");
+    assert_eq!(props["sha1_first"], json!([0, 0x99, 20]));
+    assert_eq!(
+        props["hmac"],
+        "nBluMtwBdfhvSxy4konWYZ3mvuaZ5MN45oMJ7Zehpqs="
+    );
+    assert_eq!(props["uuid"].as_str().map(str::len), Some(36));
+}
+
+#[test]
+fn attachments_behave_like_buffers() {
+    let attachments = [Attachment {
+        key: "mapping".into(),
+        content_type: "application/json".into(),
+        file_name: "mapping.json".into(),
+        contents: br#"{"from": "to", "emoji": "\u00e9\u2603"}"#.to_vec(),
+    }];
+    let mut vm = load_with(
+        r#"exports.processEvent = (e, { attachments }) => {
+            const a = attachments.mapping
+            e.properties.parsed = JSON.parse(a.contents)
+            e.properties.text = a.contents.toString().length
+            e.properties.meta = [a.content_type, a.file_name]
+            return e
+        }"#,
+        json!({}),
+        &attachments,
+    )
+    .expect("loads");
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let props = result.expect("ok").expect("event")["properties"].clone();
+    assert_eq!(props["parsed"]["from"], "to");
+    assert_eq!(props["meta"], json!(["application/json", "mapping.json"]));
+}
+
+#[test]
+fn console_output_becomes_log_entries() {
+    let mut vm = load(
+        r#"exports.processEvent = (e) => {
+            console.log('seen', e.event, { n: 1 })
+            console.error(new Error('boom'))
+            return e
+        }"#,
+    );
+    let (_, effects) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert_eq!(effects.logs.len(), 2);
+    assert_eq!(effects.logs[0].message, r#"seen page {"n":1}"#);
+    assert_eq!(effects.logs[0].level, LogLevel::Log);
+    assert_eq!(effects.logs[0].source, LogSource::Console);
+    assert_eq!(effects.logs[0].plugin_config_id, 7);
+    assert_eq!(effects.logs[1].level, LogLevel::Error);
+    assert!(
+        effects.logs[1].message.contains("boom"),
+        "{}",
+        effects.logs[1].message
+    );
+}
+
+#[test]
+fn posthog_capture_and_fetch_reach_the_host() {
+    let mut vm = load(
+        r#"exports.processEvent = async (e) => {
+            posthog.capture('derived', { from: e.event })
+            const fetch = require('node-fetch')
+            const reply = await fetch('https://example.com/hook', { method: 'post', body: JSON.stringify(e) })
+            e.properties.fetched = [reply.status, reply.ok, reply.headers.get('Content-Type'), (await reply.json()).method]
+            return e
+        }"#,
+    );
+    let (result, effects) = vm.call(Method::ProcessEvent, &[&event()]);
+    let props = result.expect("ok").expect("event")["properties"].clone();
+    assert_eq!(
+        props["fetched"],
+        json!([200, true, "application/json", "POST"])
+    );
+    assert_eq!(effects.captures.len(), 1);
+    assert_eq!(effects.captures[0].event, "derived");
+    assert_eq!(effects.captures[0].properties, json!({"from": "page"}));
+}
+
+#[test]
+fn meta_global_is_kept_across_calls_and_setup_sees_config() {
+    let mut vm = load(
+        r#"
+        export_count = 0
+        exports.setupPlugin = ({ global, config }) => { global.count = 0; global.suffix = config.suffix }
+        exports.processEvent = (e, { global }) => { global.count += 1; e.properties.n = global.count + global.suffix; return e }
+        "#,
+    );
+    let (setup, _) = vm.call(Method::SetupPlugin, &[]);
+    assert_eq!(setup, Ok(None));
+    for expected in ["1_x", "2_x"] {
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert_eq!(
+            result.expect("ok").expect("event")["properties"]["n"],
+            expected
+        );
+    }
+}
+
+#[test]
+fn property_key_order_survives_the_round_trip() {
+    let mut vm = load(
+        "exports.processEvent = (e) => { e.properties.hash = JSON.stringify(e.properties); return e }",
+    );
+    let input = json!({"event": "e", "properties": {"z": 1, "a": 2, "m": {"y": 1, "b": 2}}});
+    let (result, _) = vm.call(Method::ProcessEvent, &[&input]);
+    let out = result.expect("ok").expect("event");
+    assert_eq!(
+        out["properties"]["hash"],
+        r#"{"z":1,"a":2,"m":{"y":1,"b":2}}"#
+    );
+    let keys: Vec<&String> = out["properties"]
+        .as_object()
+        .expect("object")
+        .keys()
+        .collect();
+    assert_eq!(keys, ["z", "a", "m", "hash"]);
+}
+
+#[test]
+fn jobs_are_found_and_called_with_their_payload() {
+    let mut vm = load(
+        "exports.jobs = { resend: async (payload, meta) => ({ got: payload.id, suffix: meta.config.suffix }) }",
+    );
+    assert_eq!(vm.job_names().collect::<Vec<_>>(), ["resend"]);
+    let (result, _) = vm.call_job("resend", &json!({"id": 5}));
+    assert_eq!(result, Ok(Some(json!({"got": 5, "suffix": "_x"}))));
+    let (result, _) = vm.call_job("missing", &json!({}));
+    assert!(result.is_err());
+}
+
+#[test]
+fn a_vm_stays_usable_after_a_thrown_error() {
+    let mut vm = load(
+        "exports.processEvent = (e) => { if (e.event === 'bad') throw new Error('x'); return e }",
+    );
+    let (bad, _) = vm.call(Method::ProcessEvent, &[&json!({"event": "bad"})]);
+    assert!(bad.is_err());
+    let (good, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert_eq!(good.expect("ok").expect("event")["event"], "page");
+}
+
+#[test]
+fn time_is_utc_and_intl_formats_like_node() {
+    let mut vm = load(
+        r#"exports.processEvent = (e) => {
+            const d = new Date(Date.UTC(2024, 0, 2, 3, 4, 5))
+            e.properties.hours = d.getHours()
+            e.properties.gb = d.toLocaleDateString('en-GB', { year: 'numeric', month: 'long', day: 'numeric' })
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let props = result.expect("ok").expect("event")["properties"].clone();
+    assert_eq!(props["hours"], 3);
+    assert_eq!(props["gb"], "2 January 2024");
+}
