@@ -778,22 +778,7 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
     assert_eq!(response.status(), 200);
 
     // Acknowledged means stored: the lines are on disk already.
-    let data = base_dir.path().join("data");
-    let mut rows = Vec::new();
-    for entry in std::fs::read_dir(&data).expect("data dir") {
-        let path = entry.expect("entry").path();
-        if path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with("events-"))
-        {
-            let text = std::fs::read_to_string(&path).expect("read");
-            rows.extend(
-                text.lines()
-                    .map(|line| serde_json::from_str::<Value>(line).expect("json")),
-            );
-        }
-    }
+    let rows = common::read_event_rows(base_dir.path());
     assert_eq!(rows.len(), 2, "{rows:?}");
     let signup = rows
         .iter()
@@ -801,8 +786,7 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
         .expect("signup");
     assert_eq!(signup["distinct_id"], "u2");
     assert_eq!(signup["team_id"], 1, "the first token seen is team 1");
-    let properties: Value =
-        serde_json::from_str(signup["properties"].as_str().expect("string")).expect("json");
+    let properties = &signup["properties"];
     assert_eq!(properties["$set"]["utm_source"], "news");
     assert_eq!(properties["$set_once"]["$initial_utm_source"], "news");
     assert_eq!(properties["$ip"], "127.0.0.1");

@@ -146,6 +146,11 @@ pub struct Settings {
     /// Seconds.
     pub schedule_lock_ttl: u64,
     pub external_request_timeout_ms: u64,
+    /// Not PostHog's: per-team plugin configs in the embedded profile (no Postgres).
+    pub plugins_config_file: PathBuf,
+    /// Not PostHog's: refuse plugin `fetch` to loopback, private and link-local addresses.
+    #[serde(deserialize_with = "deserialize_flag")]
+    pub fetch_refuse_private_addresses: bool,
     pub app_metrics_flush_frequency_ms: u64,
 
     pub distinct_id_lru_size: usize,

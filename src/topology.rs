@@ -33,6 +33,17 @@ use plugin_server_actors::sinks::{
 use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
 use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
+use plugin_server_actors::plugin_vm_pool::{
+    HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
+};
+use plugin_server_actors::plugins::host::PluginHost;
+use plugin_server_actors::plugins::outputs::ServerOutputs;
+use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
+use plugin_server_actors::plugins::server_host::{ServerHost, ServerHostConfig};
+use plugin_server_actors::plugins::vm::VmLimits;
+use plugin_server_actors::plugins::worker::SideEffects;
+use std::rc::Rc;
+
 use crate::error::ServerError;
 use crate::settings::{PluginServerMode, Settings};
 
@@ -106,6 +117,15 @@ impl Topology {
         });
         drain_order.push(("event_writer".to_owned(), writer.addr().clone().recipient()));
 
+        let plugin_outputs = Arc::new(ServerOutputs::new(database.clone()));
+        let plugins = start_plugins(
+            settings,
+            database.as_ref(),
+            &metrics,
+            plugin_outputs.clone(),
+        )
+        .await?;
+
         let pipeline_metrics = PipelineMetrics::register(&metrics)?;
         let pipeline = spawn_supervised(&registry, SpawnOptions::new("ingestion_pipeline"), {
             let writer = writer.clone();
@@ -121,6 +141,7 @@ impl Topology {
                     &metrics,
                     pipeline_metrics.clone(),
                 )
+                .with_plugins(plugins.clone())
             }
         });
 
@@ -130,6 +151,7 @@ impl Topology {
             }
             None => Arc::new(PipelineIntake::new(pipeline.clone())),
         };
+        plugin_outputs.set_intake(Arc::clone(&intake));
 
         if let Some(connection) = kafka
             && runs_ingestion(settings)?
@@ -210,6 +232,68 @@ impl Topology {
             }
         }
     }
+}
+
+/// Loads every active plugin config (Postgres when DATABASE_URL is set, else
+/// `BASE_DIR/plugins` with `plugins_config_file`) and starts the VM pool that runs them.
+/// A plugin that cannot be loaded is recorded and skipped; the others run.
+async fn start_plugins(
+    settings: &Settings,
+    database: Option<&deadpool_postgres::Pool>,
+    metrics: &Metrics,
+    outputs: Arc<ServerOutputs>,
+) -> Result<PluginVmPool, ServerError> {
+    let source = match database {
+        Some(pool) => RegistrySource::Postgres {
+            pool: pool.clone(),
+            base_dir: settings.base_dir.clone(),
+        },
+        None => RegistrySource::Directory {
+            plugins_dir: settings.base_dir.join("plugins"),
+            configs_file: settings.plugins_config_file.clone(),
+        },
+    };
+    let mut registry = PluginRegistry::new(source);
+    let (configs, problems) = registry.load().await?;
+    let host_config = ServerHostConfig {
+        request_timeout: std::time::Duration::from_millis(settings.external_request_timeout_ms),
+        refuse_private_addresses: settings.fetch_refuse_private_addresses,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let client = reqwest::Client::new();
+    let host_factory: HostFactory = Arc::new(move || {
+        Rc::new(ServerHost::new(
+            runtime.clone(),
+            client.clone(),
+            host_config.clone(),
+        )) as Rc<dyn PluginHost>
+    });
+    let config = PluginVmPoolConfig {
+        workers: settings.worker_threads(),
+        tasks_per_worker: settings.tasks_per_worker,
+        limits: VmLimits {
+            task_timeout: settings.task_timeout(),
+            ..VmLimits::default()
+        },
+        setup_retry_base: std::time::Duration::from_secs(5),
+    };
+    let pool = PluginVmPool::start(config, host_factory, outputs.clone(), metrics)?;
+    tracing::info!(
+        configs = configs.len(),
+        failed = problems.len(),
+        workers = settings.worker_threads(),
+        "Plugins loaded."
+    );
+    if !problems.is_empty() {
+        let mut side = SideEffects::default();
+        for problem in problems {
+            tracing::error!(plugin_config_id = problem.identity.plugin_config_id, plugin = %problem.identity.plugin_name, error = %problem.message, "A plugin could not be loaded; its config is skipped.");
+            side.config_errors.push((problem.identity, problem.message));
+        }
+        outputs.side_effects(side);
+    }
+    pool.set_plugins(PluginSet::new(configs));
+    Ok(pool)
 }
 
 /// Where rows go:

@@ -22,11 +22,13 @@ use chrono::Utc;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
+use crate::ingestion::PluginEvent;
 use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
-use crate::ingestion::prepare::{dead_letter_for_event, prepare_normalized_event};
+use crate::ingestion::prepare::{dead_letter_for_event, prepare_event, prepare_normalized_event};
 use crate::ingestion::team::TeamStoreError;
 use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
 use crate::metrics::{Metrics, MetricsError};
+use crate::plugin_vm_pool::PluginVmPool;
 use crate::sinks::WriteBatch;
 use crate::stats::{ActorStats, ObservedAddr};
 
@@ -131,6 +133,7 @@ impl IngestionPipeline {
         Self {
             run: Arc::new(Run {
                 config,
+                plugins: None,
                 teams,
                 writer,
                 metrics: pipeline_metrics,
@@ -138,6 +141,16 @@ impl IngestionPipeline {
             }),
             stats,
         }
+    }
+}
+
+impl IngestionPipeline {
+    /// Runs each team's processEvent chain on `pool` between team lookup and prepare.
+    pub fn with_plugins(mut self, pool: PluginVmPool) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.plugins = Some(pool);
+        }
+        self
     }
 }
 
@@ -170,6 +183,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
 /// What a batch's trip through the steps needs.
 struct Run {
     config: PipelineConfig,
+    plugins: Option<PluginVmPool>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
     metrics: PipelineMetrics,
@@ -195,11 +209,17 @@ impl Run {
             .with_label_values(&["populate_team"])
             .observe(started.elapsed().as_secs_f64());
 
-        // Plugins run here (spec 1.3 step 3) once the plugin runtime exists; with no plugins
-        // the events go on unchanged.
+        let resolved = self
+            .step("resolve", move || resolve_batch(parsed, &teams))
+            .await?;
+        let started = std::time::Instant::now();
+        let (resolved, dropped_by_plugins) = self.run_plugins(resolved).await;
+        self.step_duration
+            .with_label_values(&["plugins"])
+            .observe(started.elapsed().as_secs_f64());
 
         let batch = self
-            .step("prepare", move || prepare_batch(parsed, &teams))
+            .step("prepare", move || prepare_batch(resolved))
             .await?;
 
         let mut outcome = BatchOutcome {
@@ -208,7 +228,13 @@ impl Run {
             dropped: 0,
         };
         self.count_dead_letters(&batch.dead_letters);
-        outcome.dropped = outcome.dead_lettered;
+        if dropped_by_plugins > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&[DropReason::DroppedByPlugin.as_str()])
+                .inc_by(dropped_by_plugins as u64);
+        }
+        outcome.dropped = outcome.dead_lettered + dropped_by_plugins;
 
         let started = std::time::Instant::now();
         self.writer
@@ -220,6 +246,64 @@ impl Run {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.written.inc_by(outcome.written as u64);
         Ok(outcome)
+    }
+
+    /// Spec 1.3 step 3: each team's processEvent chain, teams in parallel. Returns the events
+    /// that go on and how many plugins dropped. Output that is no longer an event is
+    /// dead-lettered with the plugin's error.
+    async fn run_plugins(&self, mut resolved: Resolved) -> (Resolved, usize) {
+        let Some(pool) = &self.plugins else {
+            return (resolved, 0);
+        };
+        let mut by_team: HashMap<i64, Vec<usize>> = HashMap::new();
+        for (index, event) in resolved.events.iter().enumerate() {
+            if pool.has_plugins(event.team.id) {
+                by_team.entry(event.team.id).or_default().push(index);
+            }
+        }
+        if by_team.is_empty() {
+            return (resolved, 0);
+        }
+        let calls = by_team.into_iter().map(|(team_id, indices)| {
+            let values: Vec<serde_json::Value> = indices
+                .iter()
+                .map(|&i| serde_json::to_value(&resolved.events[i].event).unwrap_or_default())
+                .collect();
+            async move { (indices, pool.process_events(team_id, values).await) }
+        });
+        let results = futures::future::join_all(calls).await;
+
+        let mut keep = vec![true; resolved.events.len()];
+        let mut dropped = 0;
+        for (indices, outcomes) in results {
+            for (index, outcome) in indices.into_iter().zip(outcomes) {
+                let Some(value) = outcome.event else {
+                    keep[index] = false;
+                    dropped += 1;
+                    continue;
+                };
+                let slot = &mut resolved.events[index];
+                match serde_json::from_value::<PluginEvent>(value) {
+                    Ok(event) => {
+                        slot.event = event;
+                        slot.changed = true;
+                    }
+                    Err(error) => {
+                        keep[index] = false;
+                        let mut letter = dead_letter_for_event(
+                            &slot.event,
+                            DropReason::InvalidJson,
+                            format!("a plugin returned something that is not an event: {error}"),
+                        );
+                        letter.team_id = slot.team.id;
+                        resolved.dead_letters.push(letter);
+                    }
+                }
+            }
+        }
+        let mut flags = keep.into_iter();
+        resolved.events.retain(|_| flags.next().unwrap_or(true));
+        (resolved, dropped)
     }
 
     /// Runs a CPU-bound step on the blocking pool and times it.
@@ -316,17 +400,29 @@ impl Teams {
     }
 }
 
-fn prepare_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Teams) -> WriteBatch {
-    let created_at = Utc::now();
-    let mut batch = WriteBatch {
+/// Events matched to their team, ready for plugins.
+struct Resolved {
+    events: Vec<ResolvedEvent>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+struct ResolvedEvent {
+    event: PluginEvent,
+    team: Arc<Team>,
+    /// A plugin returned this event, so it is normalized again before it is stored.
+    changed: bool,
+}
+
+fn resolve_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Teams) -> Resolved {
+    let mut resolved = Resolved {
         events: Vec::with_capacity(parsed.len()),
-        ..WriteBatch::default()
+        dead_letters: Vec::new(),
     };
     for result in parsed {
         let event = match result {
             Ok(event) => event,
             Err(letter) => {
-                batch.dead_letters.push(*letter);
+                resolved.dead_letters.push(*letter);
                 continue;
             }
         };
@@ -335,18 +431,45 @@ fn prepare_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Te
             Err((reason, error)) => {
                 let mut letter = dead_letter_for_event(&event.event, reason, error);
                 letter.team_id = event.team_id.unwrap_or(0);
-                batch.dead_letters.push(letter);
+                resolved.dead_letters.push(letter);
                 continue;
             }
         };
         let mut plugin_event = event.event;
+        plugin_event.team_id = team.id;
         if team.anonymize_ips {
             // Spec 1.3 step 1: the address is gone before plugins ever see the event.
             plugin_event.ip = None;
         }
-        // Parsing normalized the event and no plugin has changed it since; once plugins run,
-        // their output goes through `prepare_event`, which normalizes again as PostHog does.
-        match prepare_normalized_event(plugin_event, &team, created_at, &mut batch.warnings) {
+        resolved.events.push(ResolvedEvent {
+            event: plugin_event,
+            team,
+            changed: false,
+        });
+    }
+    resolved
+}
+
+fn prepare_batch(resolved: Resolved) -> WriteBatch {
+    let created_at = Utc::now();
+    let mut batch = WriteBatch {
+        events: Vec::with_capacity(resolved.events.len()),
+        dead_letters: resolved.dead_letters,
+        ..WriteBatch::default()
+    };
+    for ResolvedEvent {
+        event,
+        team,
+        changed,
+    } in resolved.events
+    {
+        // Parsing normalized the event; a plugin's output is normalized again, as PostHog does.
+        let prepared = if changed {
+            prepare_event(event, &team, created_at, &mut batch.warnings)
+        } else {
+            prepare_normalized_event(event, &team, created_at, &mut batch.warnings)
+        };
+        match prepared {
             Ok(row) => batch.events.push(row),
             Err(letter) => batch.dead_letters.push(*letter),
         }

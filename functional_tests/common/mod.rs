@@ -185,3 +185,30 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Every row the embedded profile's JSON-lines sink wrote under `BASE_DIR/data`, with each
+/// row's `properties` string parsed.
+pub fn read_event_rows(base_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    let Ok(entries) = std::fs::read_dir(base_dir.join("data")) else {
+        return rows;
+    };
+    for entry in entries {
+        let path = entry.expect("entry").path();
+        let is_events = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("events-"));
+        if is_events {
+            let text = std::fs::read_to_string(&path).expect("read");
+            for line in text.lines() {
+                let mut row: serde_json::Value = serde_json::from_str(line).expect("json");
+                if let Some(properties) = row["properties"].as_str() {
+                    row["properties"] = serde_json::from_str(properties).expect("properties json");
+                }
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}

@@ -2,7 +2,9 @@
 
 pub mod chain;
 pub mod host;
+pub mod outputs;
 pub mod registry;
+pub mod server_host;
 pub mod transpile;
 pub mod vm;
 pub mod worker;

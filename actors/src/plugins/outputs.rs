@@ -1,0 +1,135 @@
+//! Where the server sends what plugins produce besides events: `posthog.capture` events back
+//! into ingestion, config errors to `posthog_pluginconfig`, and console output to the log.
+
+use std::sync::{Arc, OnceLock};
+
+use chrono::{SecondsFormat, Utc};
+use deadpool_postgres::Pool;
+use serde_json::{Value, json};
+
+use crate::ingestion::intake::{CapturedEvent, EventIntake};
+use crate::plugin_vm_pool::PluginOutputs;
+use crate::plugins::worker::SideEffects;
+
+pub struct ServerOutputs {
+    /// Set once the intake exists (it is built after the pipeline that needs these outputs).
+    intake: OnceLock<Arc<dyn EventIntake>>,
+    postgres: Option<Pool>,
+}
+
+impl ServerOutputs {
+    pub fn new(postgres: Option<Pool>) -> Self {
+        Self {
+            intake: OnceLock::new(),
+            postgres,
+        }
+    }
+
+    pub fn set_intake(&self, intake: Arc<dyn EventIntake>) {
+        let _ = self.intake.set(intake);
+    }
+}
+
+impl PluginOutputs for ServerOutputs {
+    fn side_effects(&self, side: SideEffects) {
+        for entry in &side.logs {
+            tracing::info!(
+                target: "plugin_log",
+                team_id = entry.team_id,
+                plugin_id = entry.plugin_id,
+                plugin_config_id = entry.plugin_config_id,
+                source = entry.source.as_str(),
+                level = entry.level.as_str(),
+                "{}",
+                entry.message
+            );
+        }
+        if !side.captures.is_empty() {
+            match self.intake.get() {
+                Some(intake) => {
+                    let events = side
+                        .captures
+                        .iter()
+                        .map(|(identity, captured)| {
+                            capture_envelope(
+                                identity.team_id,
+                                &identity.plugin_name,
+                                &captured.event,
+                                &captured.properties,
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    let intake = Arc::clone(intake);
+                    actix::spawn(async move {
+                        let count = events.len();
+                        if let Err(error) = intake.submit(events).await {
+                            tracing::error!(count, %error, "Events a plugin captured could not be ingested.");
+                        }
+                    });
+                }
+                None => tracing::error!(
+                    count = side.captures.len(),
+                    "Events a plugin captured were lost: no intake yet."
+                ),
+            }
+        }
+        if let Some(pool) = &self.postgres {
+            for (identity, message) in side.config_errors {
+                let pool = pool.clone();
+                actix::spawn(async move {
+                    let error = json!({"message": message, "time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)});
+                    let result = match pool.get().await {
+                        Ok(client) => client
+                            .execute(
+                                "UPDATE posthog_pluginconfig SET error = $2, enabled = false WHERE id = $1",
+                                &[&(identity.plugin_config_id as i32), &error],
+                            )
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(error) = result {
+                        tracing::error!(plugin_config_id = identity.plugin_config_id, %error, "Could not record a plugin config's error.");
+                    }
+                });
+            }
+        } else {
+            for (identity, message) in side.config_errors {
+                tracing::error!(plugin_config_id = identity.plugin_config_id, plugin = %identity.plugin_name, "Plugin disabled: {message}");
+            }
+        }
+    }
+}
+
+/// PostHog's `posthog.capture` envelope: the plugin's name is the default distinct id and
+/// `$lib` says where the event came from.
+fn capture_envelope(
+    team_id: i64,
+    plugin_name: &str,
+    event: &str,
+    properties: &Value,
+) -> CapturedEvent {
+    let mut properties = properties.as_object().cloned().unwrap_or_default();
+    let distinct_id = properties
+        .get("distinct_id")
+        .and_then(Value::as_str)
+        .map_or_else(|| plugin_name.to_string(), str::to_string);
+    properties.insert("$lib".into(), Value::String("posthog-plugin-server".into()));
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let data = json!({"event": event, "distinct_id": distinct_id, "properties": properties, "timestamp": now});
+    let envelope = json!({
+        "distinct_id": distinct_id,
+        "ip": null,
+        "site_url": "",
+        "data": data.to_string(),
+        "team_id": team_id,
+        "now": now,
+        "sent_at": now,
+        "uuid": uuid::Uuid::now_v7().to_string(),
+    });
+    CapturedEvent {
+        key: format!("{team_id}:{distinct_id}"),
+        payload: envelope.to_string().into_bytes(),
+    }
+}

@@ -1,0 +1,329 @@
+//! Plugins in the running server: the embedded profile's plugin directory, and PostHog's
+//! Postgres tables (source plugins, zip archives, config errors written back).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{FreshPostgres, ServerProcess, read_event_rows, run_binary};
+use serde_json::{Value, json};
+
+/// ESM TypeScript: an enum, interface, a type-only scaffold import, `url`, config, capture.
+const TS_PLUGIN: &str = r#"
+import { PluginEvent, PluginMeta } from '@posthog/plugin-scaffold'
+import { URL } from 'url'
+
+enum Tag { Seen = 'seen_by_ts' }
+interface Config { suffix: string }
+
+export async function setupPlugin({ global, config }: PluginMeta<{ config: Config }>) {
+    global.suffix = config.suffix as string
+}
+
+export function processEvent(event: PluginEvent, { global }: any): PluginEvent {
+    const props = event.properties!
+    if (props.$current_url) {
+        props.host = new URL(props.$current_url as string).hostname
+    }
+    props.renamed = props.i
+    delete props.i
+    props[Tag.Seen] = true
+    event.event = `${event.event}${global.suffix}`
+    if (props.capture_derived) {
+        posthog.capture('derived', { from: event.event })
+    }
+    return event
+}
+"#;
+
+/// CommonJS, bundled to `dist/` and named by plugin.json's `main`, as repository plugins ship.
+const CJS_PLUGIN: &str = r#"
+const crypto = require('crypto')
+module.exports = {
+    processEvent(event) {
+        event.properties.hash = crypto.createHash('sha256').update(event.distinct_id).digest('hex').slice(0, 8)
+        return event
+    },
+}
+"#;
+
+const DROPPER: &str =
+    "exports.processEvent = (event) => (event.event.startsWith('drop') ? null : event)";
+
+/// Fails at load: the module is outside the allow-list.
+const BROKEN: &str = "const fs = require('fs'); exports.processEvent = (e) => e";
+
+fn write_plugin(root: &Path, name: &str, files: &[(&str, &str)]) {
+    for (file, text) in files {
+        let path = root.join("plugins").join(name).join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+async fn post_batch(addr: &str, token: &str, batch: Value) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/batch"))
+        .json(&json!({"api_key": token, "batch": batch}))
+        .send()
+        .await
+        .expect("capture answered")
+        .status()
+        .as_u16()
+}
+
+async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = read_event_rows(base_dir);
+        if check(&rows) {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "rows never matched: {rows:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_profile_runs_a_plugin_chain_from_the_plugins_directory() {
+    plugin_server::telemetry::install_tls_provider();
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(base.path(), "ts-suffix", &[("index.ts", TS_PLUGIN)]);
+    write_plugin(
+        base.path(),
+        "bundled-hash",
+        &[
+            (
+                "plugin.json",
+                r#"{"name": "bundled", "main": "dist/index.js"}"#,
+            ),
+            ("dist/index.js", CJS_PLUGIN),
+        ],
+    );
+    write_plugin(base.path(), "dropper", &[("index.js", DROPPER)]);
+    write_plugin(base.path(), "broken", &[("index.js", BROKEN)]);
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        r#"
+        [[plugin_config]]
+        plugin = "bundled-hash"
+        team_id = 1
+        order = 2
+
+        [[plugin_config]]
+        plugin = "ts-suffix"
+        team_id = 1
+        order = 1
+        config = { suffix = "_ts" }
+
+        [[plugin_config]]
+        plugin = "dropper"
+        team_id = 1
+        order = 3
+
+        [[plugin_config]]
+        plugin = "broken"
+        team_id = 1
+        order = 4
+        "#,
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+    ]);
+    let addr = server.addr();
+
+    let status = post_batch(
+        &addr,
+        "phc_plugins",
+        json!([
+            {"event": "$pageview", "distinct_id": "u1", "properties": {"$current_url": "https://example.com/a", "i": 7}},
+            {"event": "drop_me", "distinct_id": "u2", "properties": {}},
+            {"event": "signup", "distinct_id": "u3", "properties": {"capture_derived": true}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // `posthog.capture` re-ingests asynchronously, through the whole pipeline including this
+    // team's plugins (as in PostHog), so the derived event gets the suffix too.
+    let rows = wait_for_rows(base.path(), |rows| {
+        rows.iter().any(|r| r["event"] == "derived_ts")
+    })
+    .await;
+    let pageview = rows
+        .iter()
+        .find(|r| r["distinct_id"] == "u1")
+        .expect("pageview row");
+    assert_eq!(pageview["event"], "$pageview_ts");
+    let props = &pageview["properties"];
+    assert_eq!(props["host"], "example.com");
+    assert_eq!(props["renamed"], 7);
+    assert!(props.get("i").is_none());
+    assert_eq!(props["seen_by_ts"], true);
+    assert_eq!(props["hash"].as_str().map(str::len), Some(8));
+    // Chain order is `order`; the config ids follow the file order (1-based).
+    assert_eq!(
+        props["$plugins_succeeded"],
+        json!(["ts-suffix (2)", "bundled-hash (1)", "dropper (3)"])
+    );
+    assert_eq!(props["$plugins_failed"], json!(["broken (4)"]));
+
+    assert!(
+        !rows.iter().any(|r| r["distinct_id"] == "u2"),
+        "dropped by the plugin"
+    );
+    let derived = rows
+        .iter()
+        .find(|r| r["event"] == "derived_ts")
+        .expect("captured event");
+    assert_eq!(derived["properties"]["from"], "signup_ts");
+    assert_eq!(derived["properties"]["$lib"], "posthog-plugin-server");
+    assert_eq!(derived["distinct_id"], "ts-suffix");
+    drop(server);
+}
+
+fn zip_archive(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut buffer = std::io::Cursor::new(Vec::new());
+    {
+        let mut zip = zip::ZipWriter::new(&mut buffer);
+        for (name, text) in files {
+            zip.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            zip.write_all(text.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+    buffer.into_inner()
+}
+
+#[tokio::test]
+async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
+    plugin_server::telemetry::install_tls_provider();
+    let database = FreshPostgres::create().await;
+    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let client = database.client().await;
+    let archive = zip_archive(&[
+        (
+            "plugin-repo-main/plugin.json",
+            r#"{"name": "from zip", "main": "dist/plugin.js"}"#,
+        ),
+        ("plugin-repo-main/dist/plugin.js", CJS_PLUGIN),
+    ]);
+    client
+        .batch_execute(
+            "INSERT INTO posthog_organization (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'org');
+             INSERT INTO posthog_team (id, organization_id, api_token) VALUES (2, '00000000-0000-0000-0000-000000000001', 'phc_pg');
+             INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                 VALUES (1, '00000000-0000-0000-0000-000000000001', 'source', 'ts source', now()),
+                        (3, '00000000-0000-0000-0000-000000000001', 'source', 'failing setup', now()),
+                        (4, '00000000-0000-0000-0000-000000000001', 'source', 'disabled one', now());",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, archive, updated_at)
+             VALUES (2, '00000000-0000-0000-0000-000000000001', 'repository', 'zip plugin', $1, now())",
+            &[&archive],
+        )
+        .await
+        .unwrap();
+    for (plugin_id, file, source) in [
+        (1, "index.ts", TS_PLUGIN),
+        (
+            3,
+            "index.js",
+            "exports.setupPlugin = () => { throw new Error('missing API key') }; exports.processEvent = (e) => e",
+        ),
+        (
+            4,
+            "index.js",
+            "exports.processEvent = (e) => { e.event = 'never'; return e }",
+        ),
+    ] {
+        client
+            .execute(
+                "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES ($1, $2, $3)",
+                &[&plugin_id, &file, &source],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            r#"INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, "order", config) VALUES
+                 (10, 2, 1, true, 1, '{"suffix": "_pg"}'),
+                 (11, 2, 2, true, 2, '{}'),
+                 (12, 2, 3, true, 3, '{}'),
+                 (13, 2, 4, false, 4, '{}');"#,
+        )
+        .await
+        .unwrap();
+
+    let base = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("DATABASE_URL", database.url.clone()),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_pg",
+        json!([{"event": "e", "distinct_id": "d1", "properties": {"i": 1}}]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let rows = read_event_rows(base.path());
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let props = &rows[0]["properties"];
+    assert_eq!(rows[0]["event"], "e_pg");
+    assert_eq!(rows[0]["team_id"], 2);
+    assert_eq!(props["renamed"], 1);
+    assert_eq!(props["hash"].as_str().map(str::len), Some(8));
+    assert_eq!(
+        props["$plugins_succeeded"],
+        json!(["ts source (10)", "zip plugin (11)"])
+    );
+    assert_eq!(props["$plugins_failed"], json!(["failing setup (12)"]));
+
+    // PostHog records the error on the config and disables it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT enabled, error FROM posthog_pluginconfig WHERE id = 12",
+                &[],
+            )
+            .await
+            .unwrap();
+        let enabled: bool = row.get(0);
+        let error: Option<Value> = row.get(1);
+        if !enabled {
+            let message = error.expect("an error")["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(message.contains("missing API key"), "{message}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed config was not disabled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(server);
+    drop(client);
+    database.drop_database().await;
+}
