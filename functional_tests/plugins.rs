@@ -189,6 +189,21 @@ async fn the_embedded_profile_runs_a_plugin_chain_from_the_plugins_directory() {
     drop(server);
 }
 
+/// Uses the cursor, storage and the cache; the cursor value shows in the event.
+const STATEFUL: &str = r#"
+exports.processEvent = async (event, { cache, storage, utils }) => {
+    await utils.cursor.init('n', 100)
+    event.properties.cursor = await utils.cursor.increment('n')
+    await cache.set('last', event.distinct_id)
+    await storage.set('last', { id: event.distinct_id })
+    return event
+}
+"#;
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
 fn zip_archive(files: &[(&str, &str)]) -> Vec<u8> {
     let mut buffer = std::io::Cursor::new(Vec::new());
     {
@@ -228,7 +243,8 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
              INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
                  VALUES (1, '00000000-0000-0000-0000-000000000001', 'source', 'ts source', now()),
                         (3, '00000000-0000-0000-0000-000000000001', 'source', 'failing setup', now()),
-                        (4, '00000000-0000-0000-0000-000000000001', 'source', 'disabled one', now());",
+                        (4, '00000000-0000-0000-0000-000000000001', 'source', 'disabled one', now()),
+                        (5, '00000000-0000-0000-0000-000000000001', 'source', 'stateful', now());",
         )
         .await
         .unwrap();
@@ -252,6 +268,7 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
             "index.js",
             "exports.processEvent = (e) => { e.event = 'never'; return e }",
         ),
+        (5, "index.js", STATEFUL),
     ] {
         client
             .execute(
@@ -267,7 +284,8 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
                  (10, 2, 1, true, 1, '{"suffix": "_pg"}'),
                  (11, 2, 2, true, 2, '{}'),
                  (12, 2, 3, true, 3, '{}'),
-                 (13, 2, 4, false, 4, '{}');"#,
+                 (13, 2, 4, false, 4, '{}'),
+                 (14, 2, 5, true, 5, '{}');"#,
         )
         .await
         .unwrap();
@@ -276,6 +294,7 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
     let server = ServerProcess::start(&[
         ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
         ("DATABASE_URL", database.url.clone()),
+        ("REDIS_URL", redis_url()),
     ]);
     let status = post_batch(
         &server.addr(),
@@ -293,9 +312,41 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
     assert_eq!(props["hash"].as_str().map(str::len), Some(8));
     assert_eq!(
         props["$plugins_succeeded"],
-        json!(["ts source (10)", "zip plugin (11)"])
+        json!(["ts source (10)", "zip plugin (11)", "stateful (14)"])
     );
     assert_eq!(props["$plugins_failed"], json!(["failing setup (12)"]));
+    assert_eq!(props["cursor"], 101);
+
+    // meta.storage and meta.utils.cursor live in posthog_pluginstorage, meta.cache in Redis
+    // under PostHog's `@plugin/<pluginId>/<teamId>/` keys.
+    let stored: Vec<(String, String)> = client
+        .query(
+            "SELECT key, value FROM posthog_pluginstorage WHERE plugin_config_id = 14 ORDER BY key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("last".to_owned(), r#"{"id":"d1"}"#.to_owned()),
+            ("n".to_owned(), "101".to_owned())
+        ]
+    );
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let cached: Option<String> = redis::cmd("GET")
+        .arg("@plugin/5/2/last")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(cached.as_deref(), Some(r#""d1""#));
 
     // PostHog records the error on the config and disables it.
     let deadline = Instant::now() + Duration::from_secs(10);

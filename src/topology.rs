@@ -33,13 +33,14 @@ use plugin_server_actors::sinks::{
 use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
 use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
+use plugin_server_actors::cluster::cache::CacheStore;
 use plugin_server_actors::plugin_vm_pool::{
     HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
 use plugin_server_actors::plugins::host::PluginHost;
 use plugin_server_actors::plugins::outputs::ServerOutputs;
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
-use plugin_server_actors::plugins::server_host::{ServerHost, ServerHostConfig};
+use plugin_server_actors::plugins::server_host::{PluginStorage, ServerHost, ServerHostConfig};
 use plugin_server_actors::plugins::vm::VmLimits;
 use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
@@ -121,6 +122,7 @@ impl Topology {
         let plugins = start_plugins(
             settings,
             database.as_ref(),
+            Arc::clone(&cluster.cache),
             &metrics,
             plugin_outputs.clone(),
         )
@@ -240,6 +242,7 @@ impl Topology {
 async fn start_plugins(
     settings: &Settings,
     database: Option<&deadpool_postgres::Pool>,
+    cache: Arc<dyn CacheStore>,
     metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
 ) -> Result<PluginVmPool, ServerError> {
@@ -261,11 +264,17 @@ async fn start_plugins(
     };
     let runtime = tokio::runtime::Handle::current();
     let client = reqwest::Client::new();
+    let storage = match database {
+        Some(pool) => PluginStorage::Postgres(pool.clone()),
+        None => PluginStorage::InProcess(Arc::default()),
+    };
     let host_factory: HostFactory = Arc::new(move || {
         Rc::new(ServerHost::new(
             runtime.clone(),
             client.clone(),
             host_config.clone(),
+            Arc::clone(&cache),
+            storage.clone(),
         )) as Rc<dyn PluginHost>
     });
     let config = PluginVmPoolConfig {

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::plugins::host::{FetchReply, FetchRequest};
+use crate::plugins::host::{CacheOp, FetchReply, FetchRequest, StorageOp};
 use crate::plugins::vm::{VmIdentity, VmSource};
 
 struct NoNetwork;
@@ -12,6 +12,14 @@ struct NoNetwork;
 impl PluginHost for NoNetwork {
     fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
         Err(format!("no network in this test ({})", request.url))
+    }
+
+    fn cache(&self, _: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+        Err(format!("no cache in this test ({op:?})"))
+    }
+
+    fn storage(&self, _: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+        Err(format!("no storage in this test ({op:?})"))
     }
 }
 

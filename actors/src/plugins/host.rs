@@ -50,11 +50,83 @@ pub struct FetchReply {
     pub body: String,
 }
 
+/// A `meta.cache` operation (spec 2.3), on the config's own key space
+/// (`@plugin/<pluginId>/<teamId>/`). Values are strings: the prelude does the JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheOp {
+    Set {
+        key: String,
+        value: String,
+        ttl_seconds: Option<u64>,
+    },
+    Get {
+        key: String,
+    },
+    Incr {
+        key: String,
+    },
+    Expire {
+        key: String,
+        ttl_seconds: u64,
+    },
+    Lpush {
+        key: String,
+        values: Vec<String>,
+    },
+    Lrange {
+        key: String,
+        start: i64,
+        stop: i64,
+    },
+    Llen {
+        key: String,
+    },
+    Lrem {
+        key: String,
+        count: i64,
+        value: String,
+    },
+    Lpop {
+        key: String,
+        count: u64,
+    },
+}
+
+/// A `meta.storage` or `meta.utils.cursor` operation on `posthog_pluginstorage`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageOp {
+    Get {
+        key: String,
+    },
+    /// Upsert; the value is JSON text.
+    Set {
+        key: String,
+        value: String,
+    },
+    Del {
+        key: String,
+    },
+    /// Creates the cursor at `initial` unless it exists.
+    CursorInit {
+        key: String,
+        initial: i64,
+    },
+    /// Atomically adds `by` and returns the new value.
+    CursorIncrement {
+        key: String,
+        by: i64,
+    },
+}
+
 /// What the VMs of one worker thread reach outside themselves. Calls block the worker thread:
 /// a plugin's writes are then visible to its next event even when it does not await them,
 /// which plugins rely on (plugin-compat point 11).
 pub trait PluginHost {
     fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String>;
+    /// The reply is JSON: null, a string, a number or an array of strings.
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String>;
+    /// The reply is the stored JSON text (Get), the cursor value, or null.
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String>;
 }
 
 struct Timer {
@@ -215,7 +287,9 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 9] = [
+    let functions: [(&str, usize, NativeFn); 11] = [
+        ("cache", 4, cache),
+        ("storage", 3, storage),
         ("log", 2, log),
         ("hash", 3, hash),
         ("decode", 2, decode),
@@ -466,4 +540,121 @@ fn clear_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResu
         call.timers.retain(|t| t.id != id);
         Ok(JsValue::undefined())
     })
+}
+
+fn integer_arg(args: &[JsValue], index: usize, what: &str, context: &mut Context) -> JsResult<i64> {
+    let value = args.get(index).cloned().unwrap_or_default();
+    // PostHog throws on non-number indexes and counts rather than coercing them.
+    if !value.is_number() {
+        return Err(JsNativeError::typ()
+            .with_message(format!("{what} must be a number"))
+            .into());
+    }
+    Ok(value.to_number(context)? as i64)
+}
+
+fn cache(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let op = string_arg(args, 0, context)?;
+    let key = string_arg(args, 1, context)?;
+    let op = match op.as_str() {
+        "set" => {
+            let value = string_arg(args, 2, context)?;
+            let ttl = match args.get(3) {
+                Some(ttl) if !ttl.is_null_or_undefined() => {
+                    Some(integer_arg(args, 3, "ttlSeconds", context)?.max(1) as u64)
+                }
+                _ => None,
+            };
+            CacheOp::Set {
+                key,
+                value,
+                ttl_seconds: ttl,
+            }
+        }
+        "get" => CacheOp::Get { key },
+        "incr" => CacheOp::Incr { key },
+        "expire" => CacheOp::Expire {
+            key,
+            ttl_seconds: integer_arg(args, 2, "ttlSeconds", context)?.max(1) as u64,
+        },
+        "lpush" => {
+            let list = args
+                .get(2)
+                .and_then(JsValue::as_object)
+                .ok_or_else(|| JsNativeError::typ().with_message("lpush: expected values"))?;
+            let length = list
+                .get(js_string!("length"), context)?
+                .to_length(context)?;
+            if length > 1000 {
+                return Err(JsNativeError::range()
+                    .with_message("lpush: at most 1000 elements at once")
+                    .into());
+            }
+            let mut values = Vec::with_capacity(length as usize);
+            for index in 0..length {
+                values.push(
+                    list.get(index, context)?
+                        .to_string(context)?
+                        .to_std_string_escaped(),
+                );
+            }
+            CacheOp::Lpush { key, values }
+        }
+        "lrange" => CacheOp::Lrange {
+            key,
+            start: integer_arg(args, 2, "startIndex", context)?,
+            stop: integer_arg(args, 3, "endIndex", context)?,
+        },
+        "llen" => CacheOp::Llen { key },
+        "lrem" => CacheOp::Lrem {
+            key,
+            count: integer_arg(args, 2, "count", context)?,
+            value: string_arg(args, 3, context)?,
+        },
+        "lpop" => CacheOp::Lpop {
+            key,
+            count: integer_arg(args, 2, "count", context)?.max(0) as u64,
+        },
+        other => {
+            return Err(JsNativeError::typ()
+                .with_message(format!("unknown cache operation {other}"))
+                .into());
+        }
+    };
+    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
+    let reply = host
+        .cache(&identity, op)
+        .map_err(|message| JsNativeError::error().with_message(format!("cache: {message}")))?;
+    JsValue::from_json(&reply, context)
+}
+
+fn storage(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let op = string_arg(args, 0, context)?;
+    let key = string_arg(args, 1, context)?;
+    let op = match op.as_str() {
+        "get" => StorageOp::Get { key },
+        "set" => StorageOp::Set {
+            key,
+            value: string_arg(args, 2, context)?,
+        },
+        "del" => StorageOp::Del { key },
+        "cursorInit" => StorageOp::CursorInit {
+            key,
+            initial: integer_arg(args, 2, "initialValue", context)?,
+        },
+        "cursorIncrement" => StorageOp::CursorIncrement {
+            key,
+            by: integer_arg(args, 2, "incrementBy", context)?,
+        },
+        other => {
+            return Err(JsNativeError::typ()
+                .with_message(format!("unknown storage operation {other}"))
+                .into());
+        }
+    };
+    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
+    let reply = host
+        .storage(&identity, op)
+        .map_err(|message| JsNativeError::error().with_message(format!("storage: {message}")))?;
+    JsValue::from_json(&reply, context)
 }

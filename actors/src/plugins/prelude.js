@@ -146,6 +146,57 @@
         },
     }
 
+    // meta.cache: JSON by default, raw strings with { jsonSerialize: false } (PostHog's API).
+    const cache = {
+        async set(key, value, ttlSeconds, options) {
+            const json = !options || options.jsonSerialize !== false
+            host.cache('set', String(key), json ? JSON.stringify(value) : String(value), ttlSeconds)
+        },
+        async get(key, defaultValue, options) {
+            const json = !options || options.jsonSerialize !== false
+            const raw = host.cache('get', String(key))
+            if (raw === null || raw === undefined) return defaultValue === undefined ? null : defaultValue
+            return json ? JSON.parse(raw) : raw
+        },
+        async incr(key) { return host.cache('incr', String(key)) },
+        async expire(key, ttlSeconds) { return host.cache('expire', String(key), ttlSeconds) },
+        async lpush(key, elementOrArray) {
+            const values = Array.isArray(elementOrArray) ? elementOrArray : [elementOrArray]
+            return host.cache('lpush', String(key), values.map(String))
+        },
+        async lrange(key, startIndex, endIndex) { return host.cache('lrange', String(key), startIndex, endIndex) },
+        async llen(key) { return host.cache('llen', String(key)) },
+        async lrem(key, count, elementKey) { return host.cache('lrem', String(key), count, String(elementKey)) },
+        async lpop(key, count) { return host.cache('lpop', String(key), count) },
+    }
+
+    // meta.storage: values are JSON; setting undefined deletes (PostHog's API).
+    const storage = {
+        async get(key, defaultValue) {
+            const raw = host.storage('get', String(key))
+            if (raw === null || raw === undefined) return defaultValue === undefined ? null : defaultValue
+            return JSON.parse(raw)
+        },
+        async set(key, value) {
+            if (value === undefined) {
+                host.storage('del', String(key))
+            } else {
+                host.storage('set', String(key), JSON.stringify(value))
+            }
+        },
+        async del(key) { host.storage('del', String(key)) },
+    }
+    const utils = {
+        cursor: {
+            async init(key, initialValue) {
+                host.storage('cursorInit', String(key), initialValue === undefined ? 0 : initialValue)
+            },
+            async increment(key, incrementBy) {
+                return host.storage('cursorIncrement', String(key), incrementBy === undefined ? 1 : incrementBy)
+            },
+        },
+    }
+
     const modules = {
         crypto: { createHash, createHmac, randomUUID: () => host.randomUUID() },
         url: { URL: g.URL, URLSearchParams: g.URLSearchParams },
@@ -185,5 +236,5 @@
     for (const [name, value] of Object.entries({ console, fetch, posthog, RetryError, Buffer, ...timers })) {
         Object.defineProperty(g, name, { value, writable: true, configurable: true, enumerable: false })
     }
-    return { require, resolveExports, Buffer, methods }
+    return { require, resolveExports, Buffer, methods, cache, storage, utils }
 })

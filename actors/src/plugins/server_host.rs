@@ -1,15 +1,31 @@
-//! The host services plugin VMs use in the server: `fetch` over reqwest.
+//! The host services plugin VMs use in the server: `fetch` over reqwest, `meta.cache` on the
+//! cluster cache (Redis in the cluster profile, in-process in the embedded one) under PostHog's
+//! `@plugin/<pluginId>/<teamId>/` keys, and `meta.storage` on `posthog_pluginstorage` (or an
+//! in-process map without Postgres).
 //!
 //! VM calls block their worker thread (see `PluginHost`), so each request is driven to
 //! completion on the server's tokio runtime from that thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deadpool_postgres::Pool;
+use serde_json::Value;
 use tokio::runtime::Handle;
 
-use super::host::{FetchReply, FetchRequest, PluginHost};
+use super::host::{CacheOp, FetchReply, FetchRequest, PluginHost, StorageOp};
+use super::vm::VmIdentity;
+use crate::cluster::cache::CacheStore;
+
+/// Where `meta.storage` keeps its values.
+#[derive(Clone)]
+pub enum PluginStorage {
+    Postgres(Pool),
+    /// The embedded profile without Postgres: kept for the life of the process.
+    InProcess(Arc<Mutex<HashMap<(i64, String), String>>>),
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerHostConfig {
@@ -23,14 +39,78 @@ pub struct ServerHost {
     runtime: Handle,
     client: reqwest::Client,
     config: ServerHostConfig,
+    cache: Arc<dyn CacheStore>,
+    storage: PluginStorage,
 }
 
 impl ServerHost {
-    pub fn new(runtime: Handle, client: reqwest::Client, config: ServerHostConfig) -> Self {
+    pub fn new(
+        runtime: Handle,
+        client: reqwest::Client,
+        config: ServerHostConfig,
+        cache: Arc<dyn CacheStore>,
+        storage: PluginStorage,
+    ) -> Self {
         Self {
             runtime,
             client,
             config,
+            cache,
+            storage,
+        }
+    }
+
+    async fn cache_op(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+        let store = self.cache.scoped(&format!(
+            "@plugin/{}/{}/",
+            identity.plugin_id, identity.team_id
+        ));
+        let reply = match op {
+            CacheOp::Set {
+                key,
+                value,
+                ttl_seconds,
+            } => store
+                .set(&key, &value, ttl_seconds.map(Duration::from_secs))
+                .await
+                .map(|()| Value::Null),
+            CacheOp::Get { key } => store
+                .get(&key)
+                .await
+                .map(|v| v.map_or(Value::Null, Value::String)),
+            CacheOp::Incr { key } => store.incr_by(&key, 1, None).await.map(Value::from),
+            CacheOp::Expire { key, ttl_seconds } => store
+                .expire(&key, Duration::from_secs(ttl_seconds))
+                .await
+                .map(Value::from),
+            CacheOp::Lpush { key, values } => {
+                let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                store.lpush(&key, &values).await.map(Value::from)
+            }
+            CacheOp::Lrange { key, start, stop } => {
+                store.lrange(&key, start, stop).await.map(Value::from)
+            }
+            CacheOp::Llen { key } => store.llen(&key).await.map(Value::from),
+            CacheOp::Lrem { key, count, value } => {
+                store.lrem(&key, count, &value).await.map(Value::from)
+            }
+            CacheOp::Lpop { key, count } => store.lpop(&key, count).await.map(Value::from),
+        };
+        reply.map_err(|e| e.to_string())
+    }
+
+    async fn storage_op(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+        let config_id = identity.plugin_config_id;
+        match &self.storage {
+            PluginStorage::Postgres(pool) => postgres_storage(pool, config_id, op)
+                .await
+                .map_err(|e| e.to_string()),
+            PluginStorage::InProcess(map) => {
+                let mut map = map
+                    .lock()
+                    .map_err(|_| "the storage map is poisoned".to_string())?;
+                Ok(in_process_storage(&mut map, config_id, op))
+            }
         }
     }
 
@@ -83,6 +163,123 @@ impl ServerHost {
 impl PluginHost for ServerHost {
     fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
         self.runtime.block_on(self.send(request))
+    }
+
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+        self.runtime.block_on(self.cache_op(identity, op))
+    }
+
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+        self.runtime.block_on(self.storage_op(identity, op))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StorageError {
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+    #[error("the cursor {0:?} does not hold a number")]
+    NotANumber(String),
+}
+
+async fn postgres_storage(
+    pool: &Pool,
+    config_id: i64,
+    op: StorageOp,
+) -> Result<Value, StorageError> {
+    let client = pool.get().await?;
+    let config_id = config_id as i32;
+    Ok(match op {
+        StorageOp::Get { key } => client
+            .query_opt(
+                "SELECT value FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2",
+                &[&config_id, &key],
+            )
+            .await?
+            .and_then(|row| row.get::<_, Option<String>>(0))
+            .map_or(Value::Null, Value::String),
+        StorageOp::Set { key, value } => {
+            client
+                .execute(
+                    "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (plugin_config_id, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&config_id, &key, &value],
+                )
+                .await?;
+            Value::Null
+        }
+        StorageOp::Del { key } => {
+            client
+                .execute(
+                    "DELETE FROM posthog_pluginstorage WHERE plugin_config_id = $1 AND key = $2",
+                    &[&config_id, &key],
+                )
+                .await?;
+            Value::Null
+        }
+        StorageOp::CursorInit { key, initial } => {
+            client
+                .execute(
+                    "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (plugin_config_id, key) DO NOTHING",
+                    &[&config_id, &key, &initial.to_string()],
+                )
+                .await?;
+            Value::Null
+        }
+        StorageOp::CursorIncrement { key, by } => {
+            // One statement, so concurrent increments from several instances never lose one.
+            let row = client
+                .query_one(
+                    "INSERT INTO posthog_pluginstorage (plugin_config_id, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (plugin_config_id, key) \
+                     DO UPDATE SET value = (posthog_pluginstorage.value::bigint + $4)::text RETURNING value",
+                    &[&config_id, &key, &by.to_string(), &by],
+                )
+                .await?;
+            let value: String = row.get(0);
+            Value::from(
+                value
+                    .parse::<i64>()
+                    .map_err(|_| StorageError::NotANumber(key))?,
+            )
+        }
+    })
+}
+
+fn in_process_storage(
+    map: &mut HashMap<(i64, String), String>,
+    config_id: i64,
+    op: StorageOp,
+) -> Value {
+    match op {
+        StorageOp::Get { key } => map
+            .get(&(config_id, key))
+            .cloned()
+            .map_or(Value::Null, Value::String),
+        StorageOp::Set { key, value } => {
+            map.insert((config_id, key), value);
+            Value::Null
+        }
+        StorageOp::Del { key } => {
+            map.remove(&(config_id, key));
+            Value::Null
+        }
+        StorageOp::CursorInit { key, initial } => {
+            map.entry((config_id, key))
+                .or_insert_with(|| initial.to_string());
+            Value::Null
+        }
+        StorageOp::CursorIncrement { key, by } => {
+            let entry = map
+                .entry((config_id, key))
+                .or_insert_with(|| "0".to_string());
+            let value = entry.parse::<i64>().unwrap_or(0) + by;
+            *entry = value.to_string();
+            Value::from(value)
+        }
     }
 }
 
@@ -155,6 +352,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn the_switch_refuses_loopback_before_connecting() {
+        // The server installs ring as the process's TLS provider at start; so does this test.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let host = ServerHost::new(
             Handle::current(),
             reqwest::Client::new(),
@@ -162,6 +361,11 @@ mod tests {
                 request_timeout: Duration::from_secs(1),
                 refuse_private_addresses: true,
             },
+            Arc::new(crate::cluster::cache::InProcessCache::new(
+                crate::cluster::cache::InProcessCacheBackend::new(),
+                "",
+            )),
+            PluginStorage::InProcess(Arc::default()),
         );
         let request = FetchRequest {
             url: "http://localhost:1/x".into(),

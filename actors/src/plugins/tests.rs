@@ -4,13 +4,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::host::{FetchReply, FetchRequest, PluginHost};
+use super::host::{CacheOp, FetchReply, FetchRequest, PluginHost, StorageOp};
 use super::vm::{Attachment, CallError, Method, PluginVm, VmError, VmIdentity, VmLimits, VmSource};
 use super::{LogLevel, LogSource};
 
 #[derive(Default)]
 struct MockHost {
     requests: RefCell<Vec<FetchRequest>>,
+    cache: RefCell<std::collections::HashMap<String, String>>,
+    storage: RefCell<std::collections::HashMap<String, String>>,
 }
 
 impl PluginHost for MockHost {
@@ -23,6 +25,50 @@ impl PluginHost for MockHost {
         };
         self.requests.borrow_mut().push(request);
         Ok(reply)
+    }
+
+    /// Enough of a cache to show the prelude's JSON handling and the key scoping.
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+        let scope =
+            |key: &str| format!("@plugin/{}/{}/{key}", identity.plugin_id, identity.team_id);
+        let mut cache = self.cache.borrow_mut();
+        Ok(match op {
+            CacheOp::Set { key, value, .. } => {
+                cache.insert(scope(&key), value);
+                Value::Null
+            }
+            CacheOp::Get { key } => cache
+                .get(&scope(&key))
+                .cloned()
+                .map_or(Value::Null, Value::String),
+            CacheOp::Incr { key } => {
+                let entry = cache.entry(scope(&key)).or_insert_with(|| "0".into());
+                let next = entry.parse::<i64>().map_err(|e| e.to_string())? + 1;
+                *entry = next.to_string();
+                json!(next)
+            }
+            other => return Err(format!("not in this mock: {other:?}")),
+        })
+    }
+
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+        let scope = |key: &str| format!("{}/{key}", identity.plugin_config_id);
+        let mut storage = self.storage.borrow_mut();
+        Ok(match op {
+            StorageOp::Get { key } => storage
+                .get(&scope(&key))
+                .cloned()
+                .map_or(Value::Null, Value::String),
+            StorageOp::Set { key, value } => {
+                storage.insert(scope(&key), value);
+                Value::Null
+            }
+            StorageOp::Del { key } => {
+                storage.remove(&scope(&key));
+                Value::Null
+            }
+            other => return Err(format!("not in this mock: {other:?}")),
+        })
     }
 }
 
@@ -420,4 +466,39 @@ fn time_is_utc_and_intl_formats_like_node() {
     let props = result.expect("ok").expect("event")["properties"].clone();
     assert_eq!(props["hours"], 3);
     assert_eq!(props["gb"], "2 January 2024");
+}
+
+#[test]
+fn meta_cache_and_storage_round_trip_json_and_raw_values() {
+    let mut vm = load(
+        r#"exports.processEvent = async (e, { cache, storage }) => {
+            await cache.set('obj', { a: [1, 2] })
+            await cache.set('raw', 'text', 60, { jsonSerialize: false })
+            const n1 = await cache.incr('n')
+            const n2 = await cache.incr('n')
+            storage.set('seen', { at: 5 })
+            const seen = await storage.get('seen')
+            await storage.set('gone', 1)
+            await storage.set('gone', undefined)
+            e.properties.out = [
+                await cache.get('obj'), await cache.get('raw', null, { jsonSerialize: false }),
+                await cache.get('missing', 'fallback'), n1, n2, seen, await storage.get('gone', 'deleted'),
+            ]
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let out = result.expect("ok").expect("event")["properties"]["out"].clone();
+    assert_eq!(
+        out,
+        json!([{"a": [1, 2]}, "text", "fallback", 1, 2, {"at": 5}, "deleted"])
+    );
+    let mut vm = load(
+        "exports.processEvent = async (e, { cache }) => { await cache.lrange('k', 'a', 2); return e }",
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    assert!(
+        matches!(result, Err(CallError::Thrown { ref name, .. }) if name == "TypeError"),
+        "{result:?}"
+    );
 }

@@ -542,6 +542,10 @@ impl PluginVm {
             )?;
         }
         meta.set(js_string!("attachments"), attachment_map, false, context)?;
+        for name in ["cache", "storage", "utils"] {
+            let value = prelude.get(js_string!(name), context)?;
+            meta.set(JsString::from(name), value, false, context)?;
+        }
         Ok(meta.into())
     }
 }
