@@ -378,3 +378,115 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
     drop(client);
     database.drop_database().await;
 }
+
+/// Logs with one INFO and one ERROR line, and fails on events named `fail`.
+const CHATTY: &str = r#"
+exports.processEvent = (event) => {
+    console.info('info line', event.event)
+    console.error('error line', event.event)
+    if (event.event === 'fail') throw new TypeError('cannot handle fail')
+    return event
+}
+"#;
+
+#[tokio::test]
+async fn plugin_logs_and_app_metrics_reach_clickhouse() {
+    plugin_server::telemetry::install_tls_provider();
+    let database = common::unique_name("ps_plugins");
+    let env = [
+        ("CLICKHOUSE_HOST", common::clickhouse_http_url()),
+        ("CLICKHOUSE_DATABASE", database.clone()),
+    ];
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let migrated = run_binary(&["--migrate"], &env_refs);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(base.path(), "chatty", &[("index.js", CHATTY)]);
+    let configs = base.path().join("plugins.toml");
+    // log_level 2 drops LOG and INFO: only the ERROR console line and the failure are kept.
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"chatty\"\nteam_id = 1\nlog_level = 2\n",
+    )
+    .unwrap();
+    let mut server_env: Vec<(&str, String)> = env.to_vec();
+    server_env.extend([
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        ("APP_METRICS_FLUSH_FREQUENCY_MS", "100".to_owned()),
+    ]);
+    let server = ServerProcess::start(&server_env);
+    let status = post_batch(
+        &server.addr(),
+        "phc_chatty",
+        json!([
+            {"event": "ok", "distinct_id": "a"},
+            {"event": "ok", "distinct_id": "b"},
+            {"event": "fail", "distinct_id": "c"},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (logs, metrics) = loop {
+        let logs = common::clickhouse_query(&format!(
+            "SELECT source, type, message FROM {database}.plugin_log_entries WHERE plugin_config_id = 1 \
+             ORDER BY source, message FORMAT JSONEachRow"
+        ))
+        .await;
+        let metrics = common::clickhouse_query(&format!(
+            "SELECT category, error_type, sum(successes) AS s, sum(failures) AS f FROM {database}.app_metrics \
+             WHERE plugin_config_id = 1 GROUP BY category, error_type ORDER BY error_type FORMAT JSONEachRow"
+        ))
+        .await;
+        let logs: Vec<Value> = logs
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let metrics: Vec<Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if logs.len() >= 4 && metrics.len() >= 2 {
+            break (logs, metrics);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs {logs:#?} metrics {metrics:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let console: Vec<&Value> = logs.iter().filter(|l| l["source"] == "CONSOLE").collect();
+    assert_eq!(console.len(), 3, "{logs:#?}");
+    assert!(
+        console.iter().all(|l| l["type"] == "ERROR"),
+        "INFO is below log_level 2: {logs:#?}"
+    );
+    let plugin: Vec<&Value> = logs.iter().filter(|l| l["source"] == "PLUGIN").collect();
+    assert_eq!(plugin.len(), 1, "{logs:#?}");
+    assert!(
+        plugin[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot handle fail")
+    );
+    assert_eq!(metrics[0]["category"], "processEvent");
+    assert_eq!(
+        (metrics[0]["error_type"].as_str(), metrics[0]["s"].as_str()),
+        (Some(""), Some("2")),
+        "{metrics:#?}"
+    );
+    assert_eq!(
+        (metrics[1]["error_type"].as_str(), metrics[1]["f"].as_str()),
+        (Some("TypeError"), Some("1")),
+        "{metrics:#?}"
+    );
+    drop(server);
+    common::clickhouse_query(&format!("DROP DATABASE IF EXISTS {database}")).await;
+}

@@ -41,6 +41,7 @@ use plugin_server_actors::plugins::host::PluginHost;
 use plugin_server_actors::plugins::outputs::ServerOutputs;
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
 use plugin_server_actors::plugins::server_host::{PluginStorage, ServerHost, ServerHostConfig};
+use plugin_server_actors::plugins::telemetry::PluginTelemetry;
 use plugin_server_actors::plugins::vm::VmLimits;
 use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
@@ -118,7 +119,14 @@ impl Topology {
         });
         drain_order.push(("event_writer".to_owned(), writer.addr().clone().recipient()));
 
-        let plugin_outputs = Arc::new(ServerOutputs::new(database.clone()));
+        let telemetry = clickhouse_target(settings).map(|target| {
+            PluginTelemetry::start(
+                target.database_client(),
+                uuid::Uuid::new_v4(),
+                std::time::Duration::from_millis(settings.app_metrics_flush_frequency_ms),
+            )
+        });
+        let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
         let plugins = start_plugins(
             settings,
             database.as_ref(),
@@ -344,15 +352,18 @@ async fn event_sink(
     })
 }
 
-async fn clickhouse_sink(settings: &Settings) -> Result<Option<Arc<dyn EventSink>>, ServerError> {
-    let Some(url) = settings.clickhouse_url() else {
-        return Ok(None);
-    };
-    let target = ClickHouseTarget {
-        url,
+fn clickhouse_target(settings: &Settings) -> Option<ClickHouseTarget> {
+    Some(ClickHouseTarget {
+        url: settings.clickhouse_url()?,
         database: settings.clickhouse_database.clone(),
         user: settings.clickhouse_user.clone(),
         password: settings.clickhouse_password.clone(),
+    })
+}
+
+async fn clickhouse_sink(settings: &Settings) -> Result<Option<Arc<dyn EventSink>>, ServerError> {
+    let Some(target) = clickhouse_target(settings) else {
+        return Ok(None);
     };
     target
         .database_client()

@@ -25,11 +25,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, MetricsError};
-use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments};
+use crate::plugins::telemetry::MethodOutcome;
 use crate::plugins::vm::{CallError, VmLimits};
 use crate::plugins::worker::{ProcessEvents, SideEffects, TeardownAll, VmWorker};
+use crate::plugins::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
 #[derive(Debug, Clone)]
@@ -287,7 +288,9 @@ impl PluginVmPool {
             let dropped = reply.value.iter().filter(|o| o.event.is_none()).count();
             self.inner.metrics.events_failed.inc_by(failed as u64);
             self.inner.metrics.events_dropped.inc_by(dropped as u64);
-            self.inner.outputs.side_effects(reply.side);
+            let mut side = reply.side;
+            account(&mut side, &reply.value, &chain);
+            self.inner.outputs.side_effects(side);
             return reply.value;
         }
         let chain = self
@@ -410,6 +413,46 @@ fn spawn_worker(
         abandoned: CancellationToken::new(),
         stuck_request: Arc::new(AtomicU64::new(0)),
         permits: Arc::new(Semaphore::new(config.tasks_per_worker.max(1))),
+    }
+}
+
+/// Completes what the worker reported: drops log entries below each config's log_level,
+/// adds PostHog's PLUGIN/ERROR entry for each failed event, and the app-metric outcomes.
+fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<LoadedConfig>]) {
+    let config = |id: i64| chain.iter().find(|c| c.identity.plugin_config_id == id);
+    side.logs
+        .retain(|entry| config(entry.plugin_config_id).is_none_or(|c| c.keeps(entry)));
+    for outcome in outcomes {
+        for &id in &outcome.succeeded {
+            if let Some(config) = config(id) {
+                side.outcomes.push(MethodOutcome {
+                    team_id: config.identity.team_id,
+                    plugin_config_id: id,
+                    category: "processEvent",
+                    error_type: None,
+                });
+            }
+        }
+        for failure in &outcome.failures {
+            let Some(config) = config(failure.plugin_config_id) else {
+                continue;
+            };
+            side.outcomes.push(MethodOutcome {
+                team_id: config.identity.team_id,
+                plugin_config_id: failure.plugin_config_id,
+                category: "processEvent",
+                error_type: Some(failure.error.error_type().to_string()),
+            });
+            side.logs.push(PluginLogEntry {
+                plugin_config_id: failure.plugin_config_id,
+                plugin_id: config.identity.plugin_id,
+                team_id: config.identity.team_id,
+                timestamp: chrono::Utc::now(),
+                source: LogSource::Plugin,
+                level: LogLevel::Error,
+                message: format!("processEvent failed: {}", failure.error),
+            });
+        }
     }
 }
 

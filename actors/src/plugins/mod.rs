@@ -5,6 +5,7 @@ pub mod host;
 pub mod outputs;
 pub mod registry;
 pub mod server_host;
+pub mod telemetry;
 pub mod transpile;
 pub mod vm;
 pub mod worker;

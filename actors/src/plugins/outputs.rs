@@ -9,19 +9,23 @@ use serde_json::{Value, json};
 
 use crate::ingestion::intake::{CapturedEvent, EventIntake};
 use crate::plugin_vm_pool::PluginOutputs;
+use crate::plugins::telemetry::PluginTelemetry;
 use crate::plugins::worker::SideEffects;
 
 pub struct ServerOutputs {
     /// Set once the intake exists (it is built after the pipeline that needs these outputs).
     intake: OnceLock<Arc<dyn EventIntake>>,
     postgres: Option<Pool>,
+    /// ClickHouse `plugin_log_entries` and `app_metrics`, when ClickHouse is configured.
+    telemetry: Option<PluginTelemetry>,
 }
 
 impl ServerOutputs {
-    pub fn new(postgres: Option<Pool>) -> Self {
+    pub fn new(postgres: Option<Pool>, telemetry: Option<PluginTelemetry>) -> Self {
         Self {
             intake: OnceLock::new(),
             postgres,
+            telemetry,
         }
     }
 
@@ -32,7 +36,12 @@ impl ServerOutputs {
 
 impl PluginOutputs for ServerOutputs {
     fn side_effects(&self, side: SideEffects) {
-        for entry in &side.logs {
+        if let Some(telemetry) = &self.telemetry {
+            for outcome in side.outcomes {
+                telemetry.outcome(outcome);
+            }
+        }
+        for entry in side.logs {
             tracing::info!(
                 target: "plugin_log",
                 team_id = entry.team_id,
@@ -43,6 +52,9 @@ impl PluginOutputs for ServerOutputs {
                 "{}",
                 entry.message
             );
+            if let Some(telemetry) = &self.telemetry {
+                telemetry.log(entry);
+            }
         }
         if !side.captures.is_empty() {
             match self.intake.get() {

@@ -54,6 +54,8 @@ pub struct SideEffects {
     pub captures: Vec<(VmIdentity, CapturedByPlugin)>,
     /// Configs that failed to load or set up: PostHog records the error and disables them.
     pub config_errors: Vec<(VmIdentity, String)>,
+    /// Per call outcomes, for app metrics (filled by the pool, which knows the categories).
+    pub outcomes: Vec<crate::plugins::telemetry::MethodOutcome>,
 }
 
 impl SideEffects {

@@ -1,0 +1,199 @@
+//! Plugin log entries and app metrics into ClickHouse (`plugin_log_entries`, `app_metrics`,
+//! spec 2.6), batched off the event path.
+//!
+//! Log entries are inserted every second (or at 1,000 entries). App metrics are summed per
+//! (team, config, category, error type) and inserted every APP_METRICS_FLUSH_FREQUENCY_MS, as
+//! PostHog does. A failed insert is logged and the rows dropped: these are diagnostics, and
+//! holding events back for them would be the wrong trade.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clickhouse::Row;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::PluginLogEntry;
+
+/// PostHog drops longer messages.
+const MAX_MESSAGE_CHARS: usize = 50_000;
+const LOG_BATCH: usize = 1_000;
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+
+/// One outcome of one plugin method call, for app metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodOutcome {
+    pub team_id: i64,
+    pub plugin_config_id: i64,
+    /// processEvent | onEvent | exportEvents | scheduledTask
+    pub category: &'static str,
+    /// `None` for a success.
+    pub error_type: Option<String>,
+}
+
+enum Record {
+    Log(PluginLogEntry),
+    Outcome(MethodOutcome),
+}
+
+/// A cheap handle; records go to a background task.
+#[derive(Clone)]
+pub struct PluginTelemetry {
+    sender: mpsc::UnboundedSender<Record>,
+}
+
+impl PluginTelemetry {
+    /// Starts the writer task on the current runtime.
+    pub fn start(
+        client: clickhouse::Client,
+        instance_id: Uuid,
+        app_metrics_flush: Duration,
+    ) -> Self {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(receiver, client, instance_id, app_metrics_flush));
+        Self { sender }
+    }
+
+    pub fn log(&self, entry: PluginLogEntry) {
+        if entry.message.chars().count() <= MAX_MESSAGE_CHARS {
+            let _ = self.sender.send(Record::Log(entry));
+        }
+    }
+
+    pub fn outcome(&self, outcome: MethodOutcome) {
+        let _ = self.sender.send(Record::Outcome(outcome));
+    }
+}
+
+#[derive(Row, Serialize)]
+struct LogRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    id: Uuid,
+    team_id: i64,
+    plugin_id: i64,
+    plugin_config_id: i64,
+    #[serde(with = "clickhouse::serde::chrono::datetime")]
+    timestamp: DateTime<Utc>,
+    source: &'static str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: String,
+    #[serde(with = "clickhouse::serde::uuid")]
+    instance_id: Uuid,
+    _offset: u64,
+}
+
+#[derive(Row, Serialize)]
+struct MetricRow {
+    #[serde(with = "clickhouse::serde::chrono::datetime")]
+    timestamp: DateTime<Utc>,
+    team_id: i64,
+    plugin_config_id: i64,
+    job_id: String,
+    category: &'static str,
+    successes: i64,
+    successes_on_retry: i64,
+    failures: i64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    error_uuid: Uuid,
+    error_type: String,
+    error_details: String,
+    _offset: u64,
+}
+
+type MetricKey = (i64, i64, &'static str, String);
+
+async fn run(
+    mut receiver: mpsc::UnboundedReceiver<Record>,
+    client: clickhouse::Client,
+    instance_id: Uuid,
+    app_metrics_flush: Duration,
+) {
+    let mut logs: Vec<LogRow> = Vec::new();
+    let mut metrics: HashMap<MetricKey, (i64, i64)> = HashMap::new();
+    let mut log_tick = tokio::time::interval(LOG_FLUSH);
+    let mut metric_tick = tokio::time::interval(app_metrics_flush.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            record = receiver.recv() => match record {
+                Some(Record::Log(entry)) => {
+                    logs.push(LogRow {
+                        id: Uuid::now_v7(),
+                        team_id: entry.team_id,
+                        plugin_id: entry.plugin_id,
+                        plugin_config_id: entry.plugin_config_id,
+                        timestamp: entry.timestamp,
+                        source: entry.source.as_str(),
+                        kind: entry.level.as_str(),
+                        message: entry.message,
+                        instance_id,
+                        _offset: 0,
+                    });
+                    if logs.len() >= LOG_BATCH {
+                        insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await;
+                    }
+                }
+                Some(Record::Outcome(outcome)) => {
+                    let key = (outcome.team_id, outcome.plugin_config_id, outcome.category, outcome.error_type.clone().unwrap_or_default());
+                    let counts = metrics.entry(key).or_default();
+                    if outcome.error_type.is_some() { counts.1 += 1 } else { counts.0 += 1 }
+                }
+                None => {
+                    insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await;
+                    insert(&client, "app_metrics", metric_rows(std::mem::take(&mut metrics))).await;
+                    return;
+                }
+            },
+            _ = log_tick.tick() => insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await,
+            _ = metric_tick.tick() => insert(&client, "app_metrics", metric_rows(std::mem::take(&mut metrics))).await,
+        }
+    }
+}
+
+fn metric_rows(metrics: HashMap<MetricKey, (i64, i64)>) -> Vec<MetricRow> {
+    let now = Utc::now();
+    metrics
+        .into_iter()
+        .map(
+            |((team_id, plugin_config_id, category, error_type), (successes, failures))| {
+                MetricRow {
+                    timestamp: now,
+                    team_id,
+                    plugin_config_id,
+                    job_id: String::new(),
+                    category,
+                    successes,
+                    successes_on_retry: 0,
+                    failures,
+                    error_uuid: Uuid::nil(),
+                    error_type,
+                    error_details: String::new(),
+                    _offset: 0,
+                }
+            },
+        )
+        .collect()
+}
+
+async fn insert<R>(client: &clickhouse::Client, table: &str, rows: Vec<R>)
+where
+    R: for<'a> clickhouse::RowWrite<Value<'a> = R>,
+{
+    if rows.is_empty() {
+        return;
+    }
+    let count = rows.len();
+    let result = async {
+        let mut insert = client.insert::<R>(table).await?;
+        for row in &rows {
+            insert.write(row).await?;
+        }
+        insert.end().await
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(table, count, %error, "Could not store plugin telemetry; these rows are dropped.");
+    }
+}
