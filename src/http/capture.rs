@@ -27,6 +27,7 @@ use flate2::read::MultiGzDecoder;
 use futures::StreamExt;
 use plugin_server_actors::ingestion::envelope::from_str_repairing;
 use plugin_server_actors::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
+use plugin_server_actors::ingestion::js::type_name;
 use plugin_server_actors::ingestion::timestamp::parse_iso8601;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde::Serialize;
@@ -667,14 +668,14 @@ impl CaptureRequest {
                 Some(other) => {
                     return Err(CaptureError::InvalidPayload(format!(
                         "`batch` must be an array, got {}",
-                        json_type(&other)
+                        type_name(&other)
                     )));
                 }
             },
             other => {
                 return Err(CaptureError::InvalidPayload(format!(
                     "expected an event object, an array of events or a batch, got {}",
-                    json_type(&other)
+                    type_name(&other)
                 )));
             }
         };
@@ -693,17 +694,6 @@ impl CaptureRequest {
             None if self.is_single_event => self.events.first().and_then(Value::as_object),
             None => None,
         }
-    }
-}
-
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -8,7 +8,9 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
-use serde_json::{Number, Value};
+use serde_json::Value;
+
+use super::js::{is_truthy, to_js_string};
 
 /// Longer element texts are cut: they are page content, not selectors.
 const MAX_TEXT_CHARS: usize = 400;
@@ -37,14 +39,14 @@ fn append_element(chain: &mut String, element: &Value) {
     let truthy_field = |name: &str| field(name).filter(|value| is_truthy(value));
 
     if let Some(tag_name) = truthy_field("tag_name") {
-        chain.push_str(&js_to_string(tag_name));
+        chain.push_str(&to_js_string(tag_name));
     }
 
     if let Some(attr_class) = truthy_field("attr__class") {
         let mut classes: Vec<String> = match attr_class {
-            Value::Array(items) => items.iter().map(js_to_string).collect(),
+            Value::Array(items) => items.iter().map(to_js_string).collect(),
             // A single space, as in PostHog: doubled spaces give empty class names.
-            other => js_to_string(other).split(' ').map(str::to_owned).collect(),
+            other => to_js_string(other).split(' ').map(str::to_owned).collect(),
         };
         classes.sort();
         for class in &classes {
@@ -55,27 +57,27 @@ fn append_element(chain: &mut String, element: &Value) {
 
     let mut attributes: Vec<(Cow<'_, str>, String)> = Vec::new();
     if let Some(text) = truthy_field("$el_text") {
-        let text = truncate_chars(js_to_string(text), MAX_TEXT_CHARS);
+        let text = truncate_chars(to_js_string(text), MAX_TEXT_CHARS);
         if !text.is_empty() {
             attributes.push((Cow::Borrowed("text"), text));
         }
     }
-    let position = |name: &str| field(name).map_or_else(|| "0".to_owned(), js_to_string);
+    let position = |name: &str| field(name).map_or_else(|| "0".to_owned(), to_js_string);
     attributes.push((Cow::Borrowed("nth-child"), position("nth_child")));
     attributes.push((Cow::Borrowed("nth-of-type"), position("nth_of_type")));
     if let Some(href) = truthy_field("attr__href") {
-        let href = truncate_chars(js_to_string(href), MAX_HREF_CHARS);
+        let href = truncate_chars(to_js_string(href), MAX_HREF_CHARS);
         if !href.is_empty() {
             attributes.push((Cow::Borrowed("href"), href));
         }
     }
     if let Some(id) = truthy_field("attr__id") {
-        attributes.push((Cow::Borrowed("attr_id"), js_to_string(id)));
+        attributes.push((Cow::Borrowed("attr_id"), to_js_string(id)));
     }
     if let Some(fields) = element.as_object() {
         for (key, value) in fields {
             if key.starts_with("attr__") && !value.is_null() {
-                attributes.push((Cow::Borrowed(key.as_str()), js_to_string(value)));
+                attributes.push((Cow::Borrowed(key.as_str()), to_js_string(value)));
             }
         }
     }
@@ -107,64 +109,6 @@ fn truncate_chars(mut text: String, max_chars: usize) -> String {
         text.truncate(byte_index);
     }
     text
-}
-
-fn is_truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(flag) => *flag,
-        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0),
-        Value::String(text) => !text.is_empty(),
-        Value::Array(_) | Value::Object(_) => true,
-    }
-}
-
-/// JavaScript's `String(value)` for a JSON value, which PostHog applies to element fields and
-/// to `distinct_id`: `1.0` is `"1"`, arrays are comma-joined, objects are `[object Object]`.
-pub(crate) fn js_to_string(value: &Value) -> String {
-    match value {
-        Value::Null => "null".to_owned(),
-        Value::Bool(flag) => flag.to_string(),
-        Value::Number(number) => js_number_to_string(number),
-        Value::String(text) => text.clone(),
-        Value::Array(items) => {
-            let parts: Vec<String> = items
-                .iter()
-                .map(|item| match item {
-                    // `[null].join(',')` renders null as nothing.
-                    Value::Null => String::new(),
-                    other => js_to_string(other),
-                })
-                .collect();
-            parts.join(",")
-        }
-        Value::Object(_) => "[object Object]".to_owned(),
-    }
-}
-
-fn js_number_to_string(number: &Number) -> String {
-    if number.is_i64() || number.is_u64() {
-        return number.to_string();
-    }
-    let Some(float) = number.as_f64() else {
-        return number.to_string();
-    };
-    if float == 0.0 {
-        // Also `-0`, which JavaScript prints as `0`.
-        return "0".to_owned();
-    }
-    if float.fract() == 0.0 && float.abs() < 1e21 {
-        return format!("{float:.0}");
-    }
-    // serde_json prints the shortest round-trip digits like JavaScript, except that
-    // JavaScript signs positive exponents (`1e+21`).
-    let text = number.to_string();
-    match text.split_once('e') {
-        Some((mantissa, exponent)) if !exponent.starts_with(['-', '+']) => {
-            format!("{mantissa}e+{exponent}")
-        }
-        _ => text,
-    }
 }
 
 /// JavaScript's `a.localeCompare(b)` as V8 computes it with ICU's root collation, for the
@@ -395,7 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn js_to_string_matches_javascript() {
+    fn to_js_string_matches_javascript() {
         let cases = [
             (json!(null), "null"),
             (json!(false), "false"),
@@ -411,7 +355,7 @@ mod tests {
             (json!({}), "[object Object]"),
         ];
         for (value, expected) in cases {
-            assert_eq!(js_to_string(&value), expected, "{value}");
+            assert_eq!(to_js_string(&value), expected, "{value}");
         }
     }
 }

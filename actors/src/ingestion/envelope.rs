@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::dead_letter::{DeadLetter, DropReason};
-use super::elements::js_to_string;
 use super::event::{PipelineEvent, PluginEvent, Properties};
+use super::js::to_js_string;
 use super::timestamp::parse_iso8601;
 
 /// Limits applied before a message is parsed.
@@ -389,7 +389,7 @@ fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent
 fn into_text(value: Value) -> String {
     match value {
         Value::String(text) => text,
-        other => js_to_string(&other),
+        other => to_js_string(&other),
     }
 }
 
@@ -429,7 +429,7 @@ fn dead_letter(
     error: String,
 ) -> Box<DeadLetter> {
     let mut letter = DeadLetter::unparsed(raw, reason, error);
-    let text_of = |value: Option<&Value>| value.map(js_to_string).unwrap_or_default();
+    let text_of = |value: Option<&Value>| value.map(to_js_string).unwrap_or_default();
     letter.distinct_id = text_of(fields.distinct_id.as_ref());
     letter.event = fields
         .event

@@ -9,6 +9,7 @@ pub mod elements;
 pub mod envelope;
 pub mod event;
 pub mod intake;
+pub mod js;
 pub mod prepare;
 pub mod team;
 pub mod timestamp;

@@ -8,6 +8,7 @@ use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, SecondsFormat, TimeDel
 use serde_json::{Value, json};
 
 use super::event::{IngestionWarning, PluginEvent};
+use super::js::is_truthy;
 
 /// PostHog's `ignored_invalid_timestamp` warning: a client time could not be used.
 pub const WARNING_IGNORED_INVALID_TIMESTAMP: &str = "ignored_invalid_timestamp";
@@ -158,17 +159,6 @@ fn js_display(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
         other => other.to_string(),
-    }
-}
-
-/// JavaScript truthiness, which PostHog uses to decide whether `timestamp` is present.
-fn is_truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(flag) => *flag,
-        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0 && !n.is_nan()),
-        Value::String(text) => !text.is_empty(),
-        Value::Array(_) | Value::Object(_) => true,
     }
 }
 

@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::ingestion::js::{is_truthy, to_js_string};
+
 /// Ingestion warning for a merge refused because one side is a placeholder id.
 pub const CANNOT_MERGE_WITH_ILLEGAL_DISTINCT_ID: &str = "cannot_merge_with_illegal_distinct_id";
 /// Ingestion warning for a merge refused because both people are already identified.
@@ -170,7 +172,7 @@ pub fn merge_intent(
     let (kind, previous) = match event_name {
         "$create_alias" | "$merge_dangerously" => {
             // PostHog tests `alias` for truthiness, so "", 0, false and null mean "no alias".
-            match properties.get("alias").filter(|alias| is_js_truthy(alias)) {
+            match properties.get("alias").filter(|alias| is_truthy(alias)) {
                 Some(alias) => {
                     let kind = if event_name == "$create_alias" {
                         MergeKind::Alias
@@ -189,7 +191,7 @@ pub fn merge_intent(
         },
         _ => return Ok(MergeIntent::None),
     };
-    let previous_distinct_id = js_string(previous);
+    let previous_distinct_id = to_js_string(previous);
     if previous_distinct_id == distinct_id {
         return Ok(MergeIntent::None);
     }
@@ -223,72 +225,6 @@ pub fn merge_intent(
             distinct_id: distinct_id.to_owned(),
             kind,
         }),
-    }
-}
-
-/// JS truthiness of a JSON value: containers are always truthy, even when empty.
-fn is_js_truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(flag) => *flag,
-        Value::Number(number) => number.as_f64().is_some_and(|n| n != 0.0 && !n.is_nan()),
-        Value::String(text) => !text.is_empty(),
-        Value::Array(_) | Value::Object(_) => true,
-    }
-}
-
-/// JS `String(value)`, which PostHog applies to the alias and anonymous id, so that a numeric
-/// id sent by an SDK names the same person here as there.
-fn js_string(value: &Value) -> String {
-    match value {
-        Value::Null => "null".to_owned(),
-        Value::Bool(flag) => flag.to_string(),
-        Value::Number(number) => js_number(number),
-        Value::String(text) => text.clone(),
-        // Array.prototype.toString joins with commas and prints null elements as "".
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item {
-                Value::Null => String::new(),
-                other => js_string(other),
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        Value::Object(_) => "[object Object]".to_owned(),
-    }
-}
-
-/// JS number-to-string. Integers that fit i64/u64 print exactly; JS would round those above
-/// 2^53, but keeping every digit is the more faithful id and such ids are vanishingly rare.
-fn js_number(number: &serde_json::Number) -> String {
-    if number.is_i64() || number.is_u64() {
-        return number.to_string();
-    }
-    let Some(float) = number.as_f64() else {
-        return number.to_string();
-    };
-    if float == 0.0 {
-        // Covers -0, which JS prints as "0".
-        return "0".to_owned();
-    }
-    if float.is_nan() {
-        return "NaN".to_owned();
-    }
-    if float.is_infinite() {
-        return if float > 0.0 { "Infinity" } else { "-Infinity" }.to_owned();
-    }
-    let magnitude = float.abs();
-    if (1e-6..1e21).contains(&magnitude) {
-        // Rust's Display is the shortest round-trip form, like JS, and prints 1.0 as "1".
-        return float.to_string();
-    }
-    // Outside that range JS switches to exponent form with an explicit sign: "1e+21".
-    let exponent_form = format!("{float:e}");
-    match exponent_form.split_once('e') {
-        Some((mantissa, exponent)) if !exponent.starts_with('-') => {
-            format!("{mantissa}e+{exponent}")
-        }
-        _ => exponent_form,
     }
 }
 

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::vm::{CallError, Method, PluginVm};
+use crate::ingestion::js::type_name;
 
 /// `"<plugin name> (<config id>)"`, PostHog's identifier in `$plugins_succeeded`/`$plugins_failed`.
 pub fn config_label(plugin_name: &str, plugin_config_id: i64) -> String {
@@ -84,7 +85,7 @@ pub fn run_chain(
                         name: "TypeError".into(),
                         message: format!(
                             "processEvent returned {} instead of an event",
-                            kind(&other)
+                            type_name(&other)
                         ),
                     },
                 });
@@ -164,16 +165,5 @@ fn append_labels(event: &mut Value, key: &str, labels: Vec<String>) {
     }
     if let Some(list) = list.as_array_mut() {
         list.extend(labels.into_iter().map(Value::String));
-    }
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
