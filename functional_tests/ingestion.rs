@@ -3,12 +3,12 @@
 //! the dead-letter table with its reason while the good events of the same batch are written,
 //! and every offset is committed.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
 };
 use rdkafka::ClientConfig;

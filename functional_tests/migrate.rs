@@ -1,9 +1,10 @@
 //! `--migrate` against the real Postgres and ClickHouse: creates what is missing, is idempotent,
 //! and tolerates concurrent runs.
 
-mod common;
 
-use common::{FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name};
+use crate::common::{
+    FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
+};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

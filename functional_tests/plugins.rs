@@ -3,13 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{FreshPostgres, ServerProcess, read_event_rows, run_binary};
+use crate::common::{FreshPostgres, ServerProcess, read_event_rows, run_binary};
 use serde_json::{Value, json};
 
 /// ESM TypeScript: an enum, interface, a type-only scaffold import, `url`, config, capture.

@@ -1,6 +1,6 @@
 //! The cache contract, run against the in-process adapter and against the real Redis.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The pub/sub contract across two instances, in-process and on the real Redis, plus a Redis
 //! restart in the middle.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The server on the cluster profile's Redis: it starts, and says so.
 
-mod common;
+use crate::common;
 
 #[test]
 fn the_server_starts_on_redis_and_reports_its_instance() {

@@ -2,7 +2,7 @@
 //! failed commit, and only to the other instances.
 #![cfg(feature = "integration-tests")]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The lock contract across two instances, in-process and on the real Redis, plus Redis-only
 //! checks: a holder process killed with SIGKILL, and raw looks at the lease key.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,7 +3,7 @@
 //! mid-message, a poison message's backoff, 200 messages across two instances, delayed publish
 //! and a Redis restart.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,0 +1,9 @@
+//! The black-box functional tests against real Postgres, Redis, ClickHouse and Kafka (see
+//! `run.sh`), in one test binary: each module starts the built `plugin-server` binary or its
+//! actors against fresh databases and topics of its own, so the modules run side by side.
+
+mod common;
+mod ingestion;
+mod migrate;
+mod plugins;
+mod server_on_redis;
