@@ -1,7 +1,6 @@
 //! `--migrate` against the real Postgres and ClickHouse: creates what is missing, is idempotent,
 //! and tolerates concurrent runs.
 
-
 use crate::common::{
     FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
 };
