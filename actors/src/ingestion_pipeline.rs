@@ -255,9 +255,11 @@ impl Run {
         let Some(pool) = &self.plugins else {
             return (resolved, 0);
         };
+        // One look at the plugin set per batch, not one lock per event.
+        let plugins = pool.plugins();
         let mut by_team: HashMap<i64, Vec<usize>> = HashMap::new();
         for (index, event) in resolved.events.iter().enumerate() {
-            if pool.has_plugins(event.team.id) {
+            if plugins.chain(event.team.id).is_some() {
                 by_team.entry(event.team.id).or_default().push(index);
             }
         }

@@ -242,13 +242,14 @@ impl PluginVmPool {
     /// back unchanged. Never fails: a stuck worker turns into failures marked on the events.
     pub async fn process_events(&self, team_id: i64, events: Vec<Value>) -> Vec<ChainOutcome> {
         let index = (team_id.unsigned_abs() % self.inner.workers.len() as u64) as usize;
-        // Kept so that events can go on, marked failed, if their worker is abandoned.
-        let mut pending = events;
+        // Shared with the worker and kept here, so that events can be re-sent or go on marked
+        // failed if their worker is abandoned.
+        let pending = Arc::new(events);
         // A request queued behind a stuck one is re-sent to the replacement worker; one that
         // keeps meeting stuck workers gives up after a few tries.
         for _ in 0..3 {
             let Some(chain) = self.plugins().chain(team_id) else {
-                return pending.into_iter().map(passthrough).collect();
+                return take_events(pending).into_iter().map(passthrough).collect();
             };
             let (addr, abandoned, stuck_request, permits) = {
                 let Ok(slot) = self.inner.workers[index].lock() else {
@@ -268,7 +269,7 @@ impl PluginVmPool {
             let request = addr.send(ProcessEvents {
                 request_id,
                 chain: Arc::clone(&chain),
-                events: pending.clone(),
+                events: Arc::clone(&pending),
             });
             let reply = tokio::select! {
                 reply = request => reply.ok(),
@@ -280,7 +281,7 @@ impl PluginVmPool {
                     let message = format!(
                         "the plugin call ran past {limit:?} (twice TASK_TIMEOUT) or its memory limit; its worker was replaced"
                     );
-                    return fail_all(pending, &chain, &message);
+                    return fail_all(take_events(pending), &chain, &message);
                 }
                 continue;
             };
@@ -298,7 +299,7 @@ impl PluginVmPool {
             .chain(team_id)
             .unwrap_or_else(|| Arc::from(Vec::new()));
         fail_all(
-            std::mem::take(&mut pending),
+            take_events(pending),
             &chain,
             "the plugin worker is unavailable",
         )
@@ -454,6 +455,12 @@ fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<Loade
             });
         }
     }
+}
+
+/// The events back from their `Arc`: free once no worker holds them, a copy if an abandoned
+/// worker still does.
+fn take_events(events: Arc<Vec<Value>>) -> Vec<Value> {
+    Arc::try_unwrap(events).unwrap_or_else(|shared| shared.as_ref().clone())
 }
 
 fn passthrough(event: Value) -> ChainOutcome {

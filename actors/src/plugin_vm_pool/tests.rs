@@ -210,3 +210,47 @@ async fn the_watchdog_contains_what_the_deadline_cannot() {
         assert!(reported, "{bomb}");
     }
 }
+
+/// A call's captured events belong to the config that made them, even when configs before it
+/// in the chain did not run (they once went to the chain's first config instead).
+#[actix::test]
+async fn captures_are_attributed_to_the_config_that_made_them() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(40, 2, 1, "broken", "exports.processEvent = (e) => { ("),
+        config(
+            41,
+            2,
+            2,
+            "no processEvent",
+            "exports.setupPlugin = () => {}",
+        ),
+        config(
+            42,
+            2,
+            3,
+            "capturer",
+            "exports.processEvent = (e) => { posthog.capture('seen', { of: e.event }); return e }",
+        ),
+    ]));
+    let outcomes = pool
+        .process_events(2, vec![event(2, "a"), event(2, "b")])
+        .await;
+    assert_eq!(outcomes.len(), 2);
+    let captures: Vec<(i64, String)> = outputs
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(|s| {
+            s.captures
+                .iter()
+                .map(|(id, c)| (id.plugin_config_id, c.properties["of"].to_string()))
+        })
+        .collect();
+    assert_eq!(
+        captures,
+        vec![(42, "\"a\"".to_string()), (42, "\"b\"".to_string())]
+    );
+}

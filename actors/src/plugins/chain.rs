@@ -1,5 +1,7 @@
 //! The `processEvent` chain of one team, as PostHog runs it (spec 1.4), on one worker thread.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use super::vm::{CallError, Method, PluginVm};
@@ -29,7 +31,7 @@ pub struct ChainOutcome {
 /// A step of the chain: the VM and its label. `None` when the config could not be loaded or
 /// set up; the chain then goes on without it, as PostHog does once it disabled the config.
 pub struct ChainStep<'a> {
-    pub label: String,
+    pub label: &'a str,
     pub plugin_config_id: i64,
     pub vm: &'a mut PluginVm,
 }
@@ -37,11 +39,12 @@ pub struct ChainStep<'a> {
 /// Runs `event` through `steps` in order. A throw keeps the last good event and goes on; a
 /// missing result drops the event at once; a config already listed in the event's
 /// `$plugins_succeeded`/`$plugins_failed` (an event re-ingested by `posthog.capture` or a
-/// retry) is skipped.
+/// retry) is skipped. The input is copied only when no plugin returned a new event. Each
+/// call's effects come back with the id of the config that made them.
 pub fn run_chain(
-    mut event: Value,
+    input: &Value,
     steps: &mut [ChainStep<'_>],
-) -> (ChainOutcome, Vec<super::vm::CallEffects>) {
+) -> (ChainOutcome, Vec<(i64, super::vm::CallEffects)>) {
     let mut succeeded_labels = Vec::new();
     let mut failed_labels = Vec::new();
     let mut outcome = ChainOutcome {
@@ -50,19 +53,20 @@ pub fn run_chain(
         failures: Vec::new(),
     };
     let mut effects = Vec::new();
-    let original_team = event.get("team_id").cloned();
+    let original_team = input.get("team_id");
+    let mut event = Cow::Borrowed(input);
 
     for step in steps.iter_mut() {
-        if already_ran(&event, &step.label) {
+        if already_ran(&event, step.label) {
             continue;
         }
         let (result, call_effects) = call_process_event(step.vm, &event);
-        effects.push(call_effects);
+        effects.push((step.plugin_config_id, call_effects));
         match result {
             Ok(Some(next)) if next.is_object() => {
-                if next.get("team_id").cloned() != original_team {
+                if next.get("team_id") != original_team {
                     // Changing team_id is undone and counts as a throw (spec 1.4).
-                    failed_labels.push(step.label.clone());
+                    failed_labels.push(step.label.to_owned());
                     outcome.failures.push(EventFailure {
                         plugin_config_id: step.plugin_config_id,
                         error: CallError::Thrown {
@@ -72,13 +76,13 @@ pub fn run_chain(
                     });
                     continue;
                 }
-                event = next;
-                succeeded_labels.push(step.label.clone());
+                event = Cow::Owned(next);
+                succeeded_labels.push(step.label.to_owned());
                 outcome.succeeded.push(step.plugin_config_id);
             }
             Ok(None) => return (outcome, effects),
             Ok(Some(other)) => {
-                failed_labels.push(step.label.clone());
+                failed_labels.push(step.label.to_owned());
                 outcome.failures.push(EventFailure {
                     plugin_config_id: step.plugin_config_id,
                     error: CallError::Thrown {
@@ -91,7 +95,7 @@ pub fn run_chain(
                 });
             }
             Err(error) => {
-                failed_labels.push(step.label.clone());
+                failed_labels.push(step.label.to_owned());
                 outcome.failures.push(EventFailure {
                     plugin_config_id: step.plugin_config_id,
                     error,
@@ -99,6 +103,7 @@ pub fn run_chain(
             }
         }
     }
+    let mut event = event.into_owned();
     if !succeeded_labels.is_empty() || !failed_labels.is_empty() {
         append_labels(&mut event, "$plugins_succeeded", succeeded_labels);
         append_labels(&mut event, "$plugins_failed", failed_labels);

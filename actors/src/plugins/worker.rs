@@ -32,7 +32,8 @@ pub struct ProcessEvents {
     /// worker from those merely queued behind it.
     pub request_id: u64,
     pub chain: Arc<[Arc<LoadedConfig>]>,
-    pub events: Vec<Value>,
+    /// Shared with the pool, which keeps them to re-send if this worker is replaced.
+    pub events: Arc<Vec<Value>>,
 }
 
 /// Run `teardownPlugin` on every VM that ran its setup, and drop them all (shutdown).
@@ -161,14 +162,8 @@ impl VmWorker {
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    side.system_log(
-                        identity,
-                        LogLevel::Error,
-                        format!("Plugin failed to load: {message}"),
-                    );
-                    side.config_errors.push((identity.clone(), message.clone()));
-                    slot.setup = SetupState::Failed(message.clone());
-                    return Err(message);
+                    let log = format!("Plugin failed to load: {message}");
+                    return Err(disable(slot, side, identity, log, message));
                 }
             }
         }
@@ -208,16 +203,10 @@ impl VmWorker {
             }
             Err(error) => {
                 let message = format!("setupPlugin failed: {error}");
-                side.system_log(
-                    identity,
-                    LogLevel::Error,
-                    format!("{message}; the plugin is disabled"),
-                );
-                side.config_errors.push((identity.clone(), message.clone()));
-                slot.setup = SetupState::Failed(message.clone());
+                let log = format!("{message}; the plugin is disabled");
                 // A VM that failed its setup reports no methods (PostHog); drop it.
                 slot.vm = None;
-                Err(message)
+                Err(disable(slot, side, identity, log, message))
             }
         }
     }
@@ -240,92 +229,121 @@ impl VmWorker {
     fn process(
         &mut self,
         chain: &[Arc<LoadedConfig>],
-        events: Vec<Value>,
+        events: &[Value],
     ) -> WorkerReply<Vec<ChainOutcome>> {
         let mut side = SideEffects::default();
         // Configs that could not be made ready fail every event of this batch, so that the
         // event records it in `$plugins_failed` rather than silently missing the plugin.
         let mut unavailable: Vec<(usize, String)> = Vec::new();
+        // The chain's VMs leave their slots for the batch, so that each event borrows them in
+        // chain order without a lookup; they go back afterwards, unless a call poisoned one.
+        let mut vms: Vec<Option<PluginVm>> = Vec::with_capacity(chain.len());
         for (index, config) in chain.iter().enumerate() {
-            if let Err(error) = self.ready(config, &mut side) {
-                unavailable.push((index, error));
+            match self.ready(config, &mut side) {
+                Ok(()) => vms.push(
+                    self.slots
+                        .get_mut(&config.identity.plugin_config_id)
+                        .and_then(|slot| slot.vm.take()),
+                ),
+                Err(error) => {
+                    unavailable.push((index, error));
+                    vms.push(None);
+                }
             }
         }
+        let labels: Vec<String> = chain
+            .iter()
+            .map(|c| config_label(&c.identity.plugin_name, c.identity.plugin_config_id))
+            .collect();
+        let unavailable_labels: Vec<&String> =
+            unavailable.iter().map(|(i, _)| &labels[*i]).collect();
+
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
-            let mut steps = Vec::with_capacity(chain.len());
-            let mut poisoned = Vec::new();
-            // Borrow each ready VM mutably once per event, in chain order.
-            let mut vms: HashMap<i64, &mut PluginVm> = self
-                .slots
-                .iter_mut()
-                .filter_map(|(id, slot)| slot.vm.as_mut().map(|vm| (*id, vm)))
+            let mut steps: Vec<ChainStep<'_>> = chain
+                .iter()
+                .zip(&labels)
+                .zip(vms.iter_mut())
+                .filter_map(|((config, label), vm)| {
+                    let vm = vm.as_mut()?;
+                    (vm.has(Method::ProcessEvent) || vm.has(Method::ProcessEventBatch)).then_some(
+                        ChainStep {
+                            label,
+                            plugin_config_id: config.identity.plugin_config_id,
+                            vm,
+                        },
+                    )
+                })
                 .collect();
-            for (index, config) in chain.iter().enumerate() {
-                if unavailable.iter().any(|(i, _)| *i == index) {
-                    continue;
-                }
-                let id = config.identity.plugin_config_id;
-                let Some(vm) = vms.remove(&id) else { continue };
-                if !(vm.has(Method::ProcessEvent) || vm.has(Method::ProcessEventBatch)) {
-                    continue;
-                }
-                steps.push(ChainStep {
-                    label: config_label(&config.identity.plugin_name, id),
-                    plugin_config_id: id,
-                    vm,
-                });
-            }
             let (mut outcome, effects) = run_chain(event, &mut steps);
             drop(steps);
-            for (config, effects) in chain.iter().zip(effects) {
-                side.absorb(&config.identity, effects);
+            for (plugin_config_id, effects) in effects {
+                if let Some(config) = chain
+                    .iter()
+                    .find(|c| c.identity.plugin_config_id == plugin_config_id)
+                {
+                    side.absorb(&config.identity, effects);
+                }
             }
             for failure in &outcome.failures {
-                if failure.error.poisons_vm() {
-                    poisoned.push(failure.plugin_config_id);
+                if failure.error.poisons_vm()
+                    && let Some(position) = chain
+                        .iter()
+                        .position(|c| c.identity.plugin_config_id == failure.plugin_config_id)
+                {
+                    // Dropped now; rebuilt (and set up again) before its next call.
+                    vms[position] = None;
+                    if let Some(slot) = self.slots.get_mut(&failure.plugin_config_id) {
+                        slot.setup = SetupState::NotRun;
+                    }
                 }
             }
-            if !unavailable.is_empty()
+            if !unavailable_labels.is_empty()
                 && let Some(event) = outcome.event.as_mut()
             {
-                {
-                    let labels = unavailable
-                        .iter()
-                        .map(|(i, _)| {
-                            config_label(
-                                &chain[*i].identity.plugin_name,
-                                chain[*i].identity.plugin_config_id,
-                            )
-                        })
-                        .collect();
-                    mark_failed(event, labels);
-                }
+                mark_failed(
+                    event,
+                    unavailable_labels.iter().map(|l| (*l).clone()).collect(),
+                );
             }
             for (index, error) in &unavailable {
-                let config = &chain[*index];
                 outcome.failures.push(EventFailure {
-                    plugin_config_id: config.identity.plugin_config_id,
+                    plugin_config_id: chain[*index].identity.plugin_config_id,
                     error: CallError::Thrown {
                         name: "Error".into(),
                         message: error.clone(),
                     },
                 });
             }
-            for id in poisoned {
-                // Rebuilt (and set up again) before its next call.
-                if let Some(slot) = self.slots.get_mut(&id) {
-                    slot.vm = None;
-                    slot.setup = SetupState::NotRun;
-                }
-            }
             outcomes.push(outcome);
+        }
+        for (config, vm) in chain.iter().zip(vms) {
+            if let (Some(vm), Some(slot)) =
+                (vm, self.slots.get_mut(&config.identity.plugin_config_id))
+            {
+                slot.vm = Some(vm);
+            }
         }
         WorkerReply {
             value: outcomes,
             side,
         }
     }
+}
+
+/// Disables a config for good (until its next version): logs why, records the error for
+/// `posthog_pluginconfig`, and fails every later call with `message`, which it returns.
+fn disable(
+    slot: &mut Slot,
+    side: &mut SideEffects,
+    identity: &VmIdentity,
+    log: String,
+    message: String,
+) -> String {
+    side.system_log(identity, LogLevel::Error, log);
+    side.config_errors.push((identity.clone(), message.clone()));
+    slot.setup = SetupState::Failed(message.clone());
+    message
 }
 
 impl Actor for VmWorker {
@@ -337,7 +355,7 @@ impl Handler<ProcessEvents> for VmWorker {
 
     fn handle(&mut self, message: ProcessEvents, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
-        MessageResult(self.process(&message.chain, message.events))
+        MessageResult(self.process(&message.chain, &message.events))
     }
 }
 
