@@ -63,20 +63,9 @@
         error: logger('ERROR'),
     }
 
-    function createHash(algorithm) {
-        const parts = []
-        return {
-            update(data) {
-                parts.push(typeof data === 'string' ? data : new Uint8Array(data))
-                return this
-            },
-            digest(encoding) {
-                const bytes = new Buffer(host.hash(String(algorithm), parts, null))
-                return encoding === undefined ? bytes : bytes.toString(encoding)
-            },
-        }
-    }
-    function createHmac(algorithm, key) {
+    // Node's Hash and Hmac: the input is kept until digest(), which hashes it natively
+    // (`key` is null for a plain hash).
+    function hasher(algorithm, key) {
         const parts = []
         return {
             update(data) {
@@ -89,6 +78,8 @@
             },
         }
     }
+    const createHash = (algorithm) => hasher(algorithm, null)
+    const createHmac = (algorithm, key) => hasher(algorithm, key)
 
     class Headers {
         constructor(entries) {
