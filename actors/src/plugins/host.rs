@@ -16,7 +16,8 @@ use boa_engine::object::ObjectInitializer;
 use boa_engine::object::builtins::JsUint8Array;
 use boa_engine::property::{Attribute, PropertyKey};
 use boa_engine::{
-    Context, JsNativeError, JsObject, JsResult, JsString, JsValue, NativeFunction, js_string,
+    Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, NativeFunction,
+    js_string,
 };
 use chrono::Utc;
 use hmac::digest::KeyInit;
@@ -553,6 +554,25 @@ fn integer_arg(args: &[JsValue], index: usize, what: &str, context: &mut Context
     Ok(value.to_number(context)? as i64)
 }
 
+fn unknown_operation(kind: &str, operation: &str) -> JsError {
+    JsNativeError::typ()
+        .with_message(format!("unknown {kind} operation {operation}"))
+        .into()
+}
+
+/// Hands an operation to the call's host, outside the call's borrow (the host may block), and
+/// turns its JSON reply into a JS value or its error into an Error naming `kind`.
+fn ask_host(
+    kind: &str,
+    context: &mut Context,
+    operation: impl FnOnce(&dyn PluginHost, &VmIdentity) -> Result<Value, String>,
+) -> JsResult<JsValue> {
+    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
+    let reply = operation(host.as_ref(), &identity)
+        .map_err(|message| JsNativeError::error().with_message(format!("{kind}: {message}")))?;
+    JsValue::from_json(&reply, context)
+}
+
 fn cache(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let op = string_arg(args, 0, context)?;
     let key = string_arg(args, 1, context)?;
@@ -615,17 +635,9 @@ fn cache(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsVal
             key,
             count: integer_arg(args, 2, "count", context)?.max(0) as u64,
         },
-        other => {
-            return Err(JsNativeError::typ()
-                .with_message(format!("unknown cache operation {other}"))
-                .into());
-        }
+        other => return Err(unknown_operation("cache", other)),
     };
-    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
-    let reply = host
-        .cache(&identity, op)
-        .map_err(|message| JsNativeError::error().with_message(format!("cache: {message}")))?;
-    JsValue::from_json(&reply, context)
+    ask_host("cache", context, |host, identity| host.cache(identity, op))
 }
 
 fn storage(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
@@ -646,15 +658,9 @@ fn storage(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsV
             key,
             by: integer_arg(args, 2, "incrementBy", context)?,
         },
-        other => {
-            return Err(JsNativeError::typ()
-                .with_message(format!("unknown storage operation {other}"))
-                .into());
-        }
+        other => return Err(unknown_operation("storage", other)),
     };
-    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
-    let reply = host
-        .storage(&identity, op)
-        .map_err(|message| JsNativeError::error().with_message(format!("storage: {message}")))?;
-    JsValue::from_json(&reply, context)
+    ask_host("storage", context, |host, identity| {
+        host.storage(identity, op)
+    })
 }
