@@ -248,17 +248,24 @@ fn events_per_s(events: usize, elapsed: Duration) -> u64 {
     (events as f64 / elapsed.as_secs_f64()).round() as u64
 }
 
+/// A VM as the pool builds one, with default limits and the benchmark's host.
+fn load_bench_vm(
+    identity: VmIdentity,
+    source: &VmSource,
+    config: &Value,
+) -> anyhow::Result<PluginVm> {
+    let (vm, _) = PluginVm::load(identity, source, config, &[], VmLimits::default(), host())
+        .context("load the VM")?;
+    Ok(vm)
+}
+
 fn throughput_direct(events: usize, warmup: usize) -> anyhow::Result<()> {
     let raw = bench_event()?;
-    let (mut vm, _) = PluginVm::load(
+    let mut vm = load_bench_vm(
         identity(1, 2, "bench"),
         &source(BENCH_PLUGIN)?,
         &json!({"suffix": "_x"}),
-        &[],
-        VmLimits::default(),
-        host(),
-    )
-    .context("load the VM")?;
+    )?;
     for _ in 0..warmup {
         one_event(&mut vm, &raw)?;
     }
@@ -407,15 +414,7 @@ fn memory(count: usize, variant: Variant, loaded_events: usize) -> anyhow::Resul
         let id = i as i64 + 1;
         held.push(match variant {
             Variant::Plugin => {
-                let (vm, _) = PluginVm::load(
-                    identity(id, id, "small"),
-                    &code,
-                    &config,
-                    &[],
-                    VmLimits::default(),
-                    host(),
-                )
-                .context("load the VM")?;
+                let vm = load_bench_vm(identity(id, id, "small"), &code, &config)?;
                 Held::Vm(Box::new(vm))
             }
             Variant::Realm => Held::Realm {
@@ -472,15 +471,11 @@ fn memory(count: usize, variant: Variant, loaded_events: usize) -> anyhow::Resul
         // The throughput loop of `throughput_direct` on one more VM, next to the N others:
         // boa's GC is one per thread, so each collection traces every VM of the thread.
         let raw = bench_event()?;
-        let (mut vm, _) = PluginVm::load(
+        let mut vm = load_bench_vm(
             identity(0, 0, "bench"),
             &source(BENCH_PLUGIN)?,
             &json!({"suffix": "_x"}),
-            &[],
-            VmLimits::default(),
-            host(),
-        )
-        .context("load the VM")?;
+        )?;
         for _ in 0..loaded_events / 10 {
             one_event(&mut vm, &raw)?;
         }
