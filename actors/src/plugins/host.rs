@@ -321,6 +321,32 @@ fn string_arg(args: &[JsValue], index: usize, context: &mut Context) -> JsResult
         .to_std_string_escaped())
 }
 
+/// The elements of an array-like argument, refused before anything is read when it claims
+/// more than `max_len` of them. `operation` names the caller in errors.
+fn list_arg(
+    args: &[JsValue],
+    index: usize,
+    operation: &str,
+    max_len: u64,
+    context: &mut Context,
+) -> JsResult<Vec<JsValue>> {
+    let list = args
+        .get(index)
+        .and_then(JsValue::as_object)
+        .ok_or_else(|| {
+            JsNativeError::typ().with_message(format!("{operation}: expected a list"))
+        })?;
+    let length = list
+        .get(js_string!("length"), context)?
+        .to_length(context)?;
+    if length > max_len {
+        return Err(JsNativeError::range()
+            .with_message(format!("{operation}: at most {max_len} elements at once"))
+            .into());
+    }
+    (0..length).map(|i| list.get(i, context)).collect()
+}
+
 fn log(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let level = string_arg(args, 0, context)?;
     let message = string_arg(args, 1, context)?;
@@ -353,16 +379,8 @@ fn bytes_of(value: &JsValue, context: &mut Context) -> JsResult<Vec<u8>> {
 
 fn hash(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let algorithm = string_arg(args, 0, context)?.to_ascii_lowercase();
-    let parts = args
-        .get(1)
-        .and_then(JsValue::as_object)
-        .ok_or_else(|| JsNativeError::typ().with_message("hash: expected the list of parts"))?;
-    let length = parts
-        .get(js_string!("length"), context)?
-        .to_length(context)?;
     let mut data = Vec::new();
-    for index in 0..length {
-        let part = parts.get(index, context)?;
+    for part in list_arg(args, 1, "hash", u64::from(u32::MAX), context)? {
         data.extend(bytes_of(&part, context)?);
     }
     let key = match args.get(2) {
@@ -598,25 +616,10 @@ fn cache(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsVal
             ttl_seconds: integer_arg(args, 2, "ttlSeconds", context)?.max(1) as u64,
         },
         "lpush" => {
-            let list = args
-                .get(2)
-                .and_then(JsValue::as_object)
-                .ok_or_else(|| JsNativeError::typ().with_message("lpush: expected values"))?;
-            let length = list
-                .get(js_string!("length"), context)?
-                .to_length(context)?;
-            if length > 1000 {
-                return Err(JsNativeError::range()
-                    .with_message("lpush: at most 1000 elements at once")
-                    .into());
-            }
-            let mut values = Vec::with_capacity(length as usize);
-            for index in 0..length {
-                values.push(
-                    list.get(index, context)?
-                        .to_string(context)?
-                        .to_std_string_escaped(),
-                );
+            let list = list_arg(args, 2, "lpush", 1000, context)?;
+            let mut values = Vec::with_capacity(list.len());
+            for value in list {
+                values.push(value.to_string(context)?.to_std_string_escaped());
             }
             CacheOp::Lpush { key, values }
         }
