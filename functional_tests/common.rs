@@ -212,3 +212,79 @@ pub fn read_event_rows(base_dir: &std::path::Path) -> Vec<serde_json::Value> {
     }
     rows
 }
+
+/// A local HTTP destination for plugins' fetches and webhooks: answers 200 to everything and
+/// hands each request over as (method, path, body).
+pub struct HttpRecorder {
+    pub url: String,
+    requests: tokio::sync::mpsc::UnboundedReceiver<(String, String, String)>,
+}
+
+impl HttpRecorder {
+    pub async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (sender, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    // Headers, then as much body as Content-Length says.
+                    let (head_end, length) = loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        data.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (end + 4, length);
+                        }
+                    };
+                    while data.len() < head_end + length {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        data.extend_from_slice(&chunk[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&data[..head_end]).to_string();
+                    let mut first = head.lines().next().unwrap_or("").split(' ');
+                    let method = first.next().unwrap_or("").to_owned();
+                    let path = first.next().unwrap_or("").to_owned();
+                    let body = String::from_utf8_lossy(&data[head_end..]).to_string();
+                    let _ = sender.send((method, path, body));
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        Self { url, requests }
+    }
+
+    /// Waits up to `within` for the next request.
+    pub async fn next(&mut self, within: std::time::Duration) -> Option<(String, String, String)> {
+        tokio::time::timeout(within, self.requests.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}

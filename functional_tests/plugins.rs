@@ -490,3 +490,127 @@ async fn plugin_logs_and_app_metrics_reach_clickhouse() {
     drop(server);
     common::clickhouse_query(&format!("DROP DATABASE IF EXISTS {database}")).await;
 }
+
+/// onEvent with a RetryError on its first try, composeWebhook and exportEvents, all against a
+/// real HTTP destination.
+const POST_INGESTION: &str = r#"
+exports.onEvent = async (event, { config, global }) => {
+    if (event.event === 'flaky' && !global.retried) {
+        global.retried = true
+        throw new RetryError('try again later')
+    }
+    await fetch(config.url + '/on-event', {
+        method: 'POST',
+        body: JSON.stringify({ event: event.event, uuid: event.uuid, elements: event.elements, team_id: event.team_id, properties: event.properties }),
+    })
+}
+exports.composeWebhook = (event, { config }) =>
+    event.event === 'flaky' ? null : { url: config.url + '/webhook', body: JSON.stringify({ hooked: event.event }) }
+exports.exportEvents = async (events, { config }) => {
+    await fetch(config.url + '/export', { method: 'POST', body: JSON.stringify(events.map((e) => e.event)) })
+}
+"#;
+
+/// The cluster profile's queue (Redis) carries stored events to onEvent, composeWebhook and
+/// exportEvents; a RetryError comes back 5 s later through the queue's delayed delivery.
+#[tokio::test]
+async fn stored_events_reach_on_event_webhooks_and_exports_through_the_redis_queue() {
+    plugin_server::telemetry::install_tls_provider();
+    let mut destination = common::HttpRecorder::start().await;
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(base.path(), "after", &[("index.js", POST_INGESTION)]);
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        format!(
+            r#"
+            [[plugin_config]]
+            plugin = "after"
+            team_id = 1
+            config = {{ url = "{}", exportEventsBufferSeconds = "1" }}
+            "#,
+            destination.url
+        ),
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        ("REDIS_URL", redis_url()),
+        // Each run gets its own queue keys.
+        ("CLUSTER_PREFIX", format!("ft-post-{}:", std::process::id())),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_post",
+        json!([
+            {"event": "$autocapture", "distinct_id": "u1", "properties": {"$elements": [
+                {"tag_name": "div", "nth_child": 1, "nth_of_type": 2, "$el_text": "💻"}
+            ]}},
+            {"event": "flaky", "distinct_id": "u2", "properties": {"a": 1}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let mut seen: Vec<(String, String, Value)> = Vec::new();
+    let started = Instant::now();
+    // on-event ×2 (one after its retry), one webhook, one export of both events.
+    while seen.len() < 4 {
+        let Some((method, path, body)) = destination.next(Duration::from_secs(30)).await else {
+            panic!("only {} requests arrived: {seen:#?}", seen.len());
+        };
+        seen.push((
+            method,
+            path,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ));
+    }
+    let elapsed = started.elapsed();
+    let on_event: Vec<&Value> = seen
+        .iter()
+        .filter(|(_, path, _)| path == "/on-event")
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(on_event.len(), 2, "{seen:#?}");
+    let autocapture = on_event
+        .iter()
+        .find(|b| b["event"] == "$autocapture")
+        .expect("autocapture onEvent");
+    assert_eq!(autocapture["team_id"], 1);
+    assert_eq!(
+        autocapture["elements"],
+        json!([{"attributes": {}, "order": 0, "tag_name": "div", "nth_child": 1,
+                "nth_of_type": 2, "text": "💻", "$el_text": "💻"}])
+    );
+    assert!(autocapture["uuid"].as_str().is_some_and(|u| u.len() == 36));
+    let flaky = on_event
+        .iter()
+        .find(|b| b["event"] == "flaky")
+        .expect("flaky onEvent after its retry");
+    assert_eq!(flaky["properties"]["a"], 1);
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "the retry waited PostHog's 5 s: {elapsed:?}"
+    );
+    let webhooks: Vec<&(String, String, Value)> = seen
+        .iter()
+        .filter(|(_, path, _)| path == "/webhook")
+        .collect();
+    assert_eq!(webhooks.len(), 1, "{seen:#?}");
+    assert_eq!(webhooks[0].0, "POST");
+    assert_eq!(webhooks[0].2, json!({"hooked": "$autocapture"}));
+    let exports: Vec<&Value> = seen
+        .iter()
+        .filter(|(_, path, _)| path == "/export")
+        .map(|(_, _, body)| body)
+        .collect();
+    assert_eq!(
+        exports,
+        vec![&json!(["$autocapture", "flaky"])],
+        "{seen:#?}"
+    );
+    // Nothing more: the retry ran onEvent alone.
+    assert!(destination.next(Duration::from_secs(2)).await.is_none());
+    drop(server);
+}

@@ -34,13 +34,16 @@ use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
 use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
 use plugin_server_actors::cluster::cache::CacheStore;
+use plugin_server_actors::plugin_async::{PostIngestionConsumer, PostIngestionPublisher};
 use plugin_server_actors::plugin_vm_pool::{
     HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
 use plugin_server_actors::plugins::host::PluginHost;
 use plugin_server_actors::plugins::outputs::ServerOutputs;
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
-use plugin_server_actors::plugins::server_host::{PluginStorage, ServerHost, ServerHostConfig};
+use plugin_server_actors::plugins::server_host::{
+    PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
+};
 use plugin_server_actors::plugins::telemetry::PluginTelemetry;
 use plugin_server_actors::plugins::vm::VmLimits;
 use plugin_server_actors::plugins::worker::SideEffects;
@@ -64,6 +67,9 @@ pub struct Topology {
     _arbiters: Vec<Arbiter>,
     /// Actors to drain on shutdown, in start order (dependencies first).
     drain_order: Vec<(String, Recipient<Shutdown>)>,
+    pub plugins: PluginVmPool,
+    /// Taken at shutdown, after ingestion drained.
+    post_ingestion: std::sync::Mutex<Option<PostIngestionConsumer>>,
 }
 
 impl Topology {
@@ -127,7 +133,7 @@ impl Topology {
             )
         });
         let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
-        let plugins = start_plugins(
+        let (plugins, plugin_http) = start_plugins(
             settings,
             database.as_ref(),
             Arc::clone(&cluster.cache),
@@ -135,10 +141,23 @@ impl Topology {
             plugin_outputs.clone(),
         )
         .await?;
+        let publisher = PostIngestionPublisher::new(Arc::clone(&cluster.queue), &metrics)?;
+        plugin_outputs.set_delivery(publisher.clone(), plugin_http);
+        let post_ingestion = if runs_post_ingestion(settings)? {
+            let slots = settings.worker_threads() * settings.tasks_per_worker.max(1);
+            Some(
+                PostIngestionConsumer::start(&cluster.queue, plugins.clone(), slots)
+                    .await
+                    .map_err(ServerError::Redis)?,
+            )
+        } else {
+            None
+        };
 
         let pipeline_metrics = PipelineMetrics::register(&metrics)?;
         let pipeline = spawn_supervised(&registry, SpawnOptions::new("ingestion_pipeline"), {
             let writer = writer.clone();
+            let plugins = plugins.clone();
             let metrics = metrics.clone();
             move |stats| {
                 IngestionPipeline::new(
@@ -152,6 +171,7 @@ impl Topology {
                     pipeline_metrics.clone(),
                 )
                 .with_plugins(plugins.clone())
+                .with_post_ingestion(publisher.clone())
             }
         });
 
@@ -215,6 +235,8 @@ impl Topology {
             writer,
             _arbiters: arbiters,
             drain_order,
+            plugins,
+            post_ingestion: std::sync::Mutex::new(post_ingestion),
         })
     }
 
@@ -241,6 +263,13 @@ impl Topology {
                 Err(MailboxError::Timeout) => tracing::warn!(actor = %name, "drain timed out"),
             }
         }
+        // Ingestion has stopped: finish the post-ingestion work in flight, export every
+        // buffer, then run teardownPlugin everywhere.
+        let consumer = self.post_ingestion.lock().ok().and_then(|mut c| c.take());
+        if let Some(consumer) = consumer {
+            consumer.stop().await;
+        }
+        self.plugins.teardown().await;
     }
 }
 
@@ -253,7 +282,7 @@ async fn start_plugins(
     cache: Arc<dyn CacheStore>,
     metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
-) -> Result<PluginVmPool, ServerError> {
+) -> Result<(PluginVmPool, PluginHttp), ServerError> {
     let source = match database {
         Some(pool) => RegistrySource::Postgres {
             pool: pool.clone(),
@@ -271,19 +300,21 @@ async fn start_plugins(
         refuse_private_addresses: settings.fetch_refuse_private_addresses,
     };
     let runtime = tokio::runtime::Handle::current();
-    let client = reqwest::Client::new();
+    let http = PluginHttp::new(reqwest::Client::new(), host_config);
     let storage = match database {
         Some(pool) => PluginStorage::Postgres(pool.clone()),
         None => PluginStorage::InProcess(Arc::default()),
     };
-    let host_factory: HostFactory = Arc::new(move || {
-        Rc::new(ServerHost::new(
-            runtime.clone(),
-            client.clone(),
-            host_config.clone(),
-            Arc::clone(&cache),
-            storage.clone(),
-        )) as Rc<dyn PluginHost>
+    let host_factory: HostFactory = Arc::new({
+        let http = http.clone();
+        move || {
+            Rc::new(ServerHost::new(
+                runtime.clone(),
+                http.clone(),
+                Arc::clone(&cache),
+                storage.clone(),
+            )) as Rc<dyn PluginHost>
+        }
     });
     let config = PluginVmPoolConfig {
         workers: settings.worker_threads(),
@@ -310,7 +341,7 @@ async fn start_plugins(
         outputs.side_effects(side);
     }
     pool.set_plugins(PluginSet::new(configs));
-    Ok(pool)
+    Ok((pool, http))
 }
 
 /// Where rows go:
@@ -415,6 +446,15 @@ fn runs_ingestion(settings: &Settings) -> Result<bool, ServerError> {
     Ok(matches!(
         settings.mode()?,
         None | Some(PluginServerMode::Ingestion | PluginServerMode::AnalyticsIngestion)
+    ))
+}
+
+/// onEvent, composeWebhook and exportEvents run when PLUGIN_SERVER_MODE is unset or one of the
+/// modes PostHog runs them in.
+fn runs_post_ingestion(settings: &Settings) -> Result<bool, ServerError> {
+    Ok(matches!(
+        settings.mode()?,
+        None | Some(PluginServerMode::Async | PluginServerMode::Exports)
     ))
 }
 

@@ -28,6 +28,7 @@ use crate::ingestion::prepare::{dead_letter_for_event, prepare_event, prepare_no
 use crate::ingestion::team::TeamStoreError;
 use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
 use crate::metrics::{Metrics, MetricsError};
+use crate::plugin_async::{FollowUp, PostIngestionPublisher};
 use crate::plugin_vm_pool::PluginVmPool;
 use crate::sinks::WriteBatch;
 use crate::stats::{ActorStats, ObservedAddr};
@@ -134,6 +135,7 @@ impl IngestionPipeline {
             run: Arc::new(Run {
                 config,
                 plugins: None,
+                post_ingestion: None,
                 teams,
                 writer,
                 metrics: pipeline_metrics,
@@ -149,6 +151,14 @@ impl IngestionPipeline {
     pub fn with_plugins(mut self, pool: PluginVmPool) -> Self {
         if let Some(run) = Arc::get_mut(&mut self.run) {
             run.plugins = Some(pool);
+        }
+        self
+    }
+
+    /// Queues stored events for onEvent, composeWebhook and exportEvents (with plugins).
+    pub fn with_post_ingestion(mut self, publisher: PostIngestionPublisher) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.post_ingestion = Some(publisher);
         }
         self
     }
@@ -184,6 +194,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
 struct Run {
     config: PipelineConfig,
     plugins: Option<PluginVmPool>,
+    post_ingestion: Option<PostIngestionPublisher>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
     metrics: PipelineMetrics,
@@ -236,6 +247,10 @@ impl Run {
         }
         outcome.dropped = outcome.dead_lettered + dropped_by_plugins;
 
+        let follow_up = match (&self.plugins, &self.post_ingestion) {
+            (Some(pool), Some(_)) => PostIngestionPublisher::follow_up(pool, &batch.events),
+            _ => FollowUp::default(),
+        };
         let started = std::time::Instant::now();
         self.writer
             .send(WriteRows(batch))
@@ -245,6 +260,12 @@ impl Run {
             .with_label_values(&["write"])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.written.inc_by(outcome.written as u64);
+        // Only stored events reach onEvent and the exports, as in PostHog.
+        if let Some(publisher) = &self.post_ingestion
+            && !follow_up.is_empty()
+        {
+            publisher.publish_stored(follow_up).await;
+        }
         Ok(outcome)
     }
 

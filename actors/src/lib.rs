@@ -14,6 +14,7 @@ pub mod kafka_consumer;
 pub mod metrics;
 pub mod migrations;
 pub mod persons;
+pub mod plugin_async;
 pub mod plugin_vm_pool;
 pub mod plugins;
 pub mod postgres;

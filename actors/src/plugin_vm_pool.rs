@@ -12,7 +12,7 @@
 //! requests with a timeout failure, and starts a fresh worker in its place, so every other
 //! team keeps flowing. The abandoned thread exits when (if) its call returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,12 +25,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Metrics, MetricsError};
+use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
+use crate::plugins::delivery::AsyncTarget;
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments};
-use crate::plugins::telemetry::MethodOutcome;
 use crate::plugins::vm::{CallError, VmLimits};
-use crate::plugins::worker::{ProcessEvents, SideEffects, TeardownAll, VmWorker};
-use crate::plugins::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
+use crate::plugins::worker::{
+    FlushExports, ProcessEvents, RunAsync, SideEffects, TeardownAll, VmWorker,
+};
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
 #[derive(Debug, Clone)]
@@ -171,6 +173,15 @@ struct Inner {
     plugins: RwLock<Arc<PluginSet>>,
     metrics: PoolMetrics,
     next_request_id: AtomicU64,
+    /// Configs with onEvent, exportEvents or composeWebhook, as their VMs showed when built.
+    async_capable: RwLock<HashSet<i64>>,
+}
+
+/// How a request to a worker ended.
+enum Sent<R> {
+    Reply(R),
+    Abandoned { stuck: bool },
+    Unavailable,
 }
 
 /// A cheap handle to the pool; clone it freely.
@@ -208,6 +219,7 @@ impl PluginVmPool {
                 plugins: RwLock::new(Arc::new(PluginSet::default())),
                 metrics,
                 next_request_id: AtomicU64::new(1),
+                async_capable: RwLock::default(),
             }),
         };
         pool.spawn_watchdog();
@@ -238,10 +250,64 @@ impl PluginVmPool {
         self.plugins().chain(team_id).is_some()
     }
 
+    /// Whether stored events of this team have anything to run after ingestion: a config
+    /// whose VM, once built, showed onEvent, exportEvents or composeWebhook.
+    pub fn wants_async(&self, team_id: i64) -> bool {
+        let Some(chain) = self.plugins().chain(team_id) else {
+            return false;
+        };
+        let Ok(capable) = self.inner.async_capable.read() else {
+            return false;
+        };
+        chain
+            .iter()
+            .any(|config| capable.contains(&config.identity.plugin_config_id))
+    }
+
+    fn worker_index(&self, team_id: i64) -> usize {
+        (team_id.unsigned_abs() % self.inner.workers.len() as u64) as usize
+    }
+
+    /// Sends a request to a worker once a permit is free. A worker that the watchdog abandons
+    /// meanwhile answers `Abandoned`; `stuck` tells whether this very request stopped it.
+    async fn send_to<M>(&self, index: usize, message: impl FnOnce(u64) -> M) -> Sent<M::Result>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        VmWorker: Handler<M>,
+    {
+        let (addr, abandoned, stuck_request, permits) = {
+            let Ok(slot) = self.inner.workers[index].lock() else {
+                return Sent::Unavailable;
+            };
+            (
+                slot.addr.clone(),
+                slot.abandoned.clone(),
+                Arc::clone(&slot.stuck_request),
+                Arc::clone(&slot.permits),
+            )
+        };
+        let Ok(_permit) = permits.acquire_owned().await else {
+            return Sent::Unavailable;
+        };
+        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let request = addr.send(message(request_id));
+        let reply = tokio::select! {
+            reply = request => reply.ok(),
+            () = abandoned.cancelled() => None,
+        };
+        match reply {
+            Some(reply) => Sent::Reply(reply),
+            None => Sent::Abandoned {
+                stuck: stuck_request.load(Ordering::Relaxed) == request_id,
+            },
+        }
+    }
+
     /// Runs the team's processEvent chain over `events`. Events of a team without plugins come
     /// back unchanged. Never fails: a stuck worker turns into failures marked on the events.
     pub async fn process_events(&self, team_id: i64, events: Vec<Value>) -> Vec<ChainOutcome> {
-        let index = (team_id.unsigned_abs() % self.inner.workers.len() as u64) as usize;
+        let index = self.worker_index(team_id);
         // Shared with the worker and kept here, so that events can be re-sent or go on marked
         // failed if their worker is abandoned.
         let pending = Arc::new(events);
@@ -251,39 +317,24 @@ impl PluginVmPool {
             let Some(chain) = self.plugins().chain(team_id) else {
                 return take_events(pending).into_iter().map(passthrough).collect();
             };
-            let (addr, abandoned, stuck_request, permits) = {
-                let Ok(slot) = self.inner.workers[index].lock() else {
-                    break;
-                };
-                (
-                    slot.addr.clone(),
-                    slot.abandoned.clone(),
-                    Arc::clone(&slot.stuck_request),
-                    Arc::clone(&slot.permits),
-                )
-            };
-            let Ok(_permit) = permits.acquire_owned().await else {
-                break;
-            };
-            let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-            let request = addr.send(ProcessEvents {
-                request_id,
-                chain: Arc::clone(&chain),
-                events: Arc::clone(&pending),
-            });
-            let reply = tokio::select! {
-                reply = request => reply.ok(),
-                () = abandoned.cancelled() => None,
-            };
-            let Some(reply) = reply else {
-                if stuck_request.load(Ordering::Relaxed) == request_id {
+            let sent = self
+                .send_to(index, |request_id| ProcessEvents {
+                    request_id,
+                    chain: Arc::clone(&chain),
+                    events: Arc::clone(&pending),
+                })
+                .await;
+            let reply = match sent {
+                Sent::Reply(reply) => reply,
+                Sent::Abandoned { stuck: true } => {
                     let limit = self.inner.config.limits.task_timeout * 2;
                     let message = format!(
                         "the plugin call ran past {limit:?} (twice TASK_TIMEOUT) or its memory limit; its worker was replaced"
                     );
                     return fail_all(take_events(pending), &chain, &message);
                 }
-                continue;
+                Sent::Abandoned { stuck: false } => continue,
+                Sent::Unavailable => break,
             };
             let failed: usize = reply.value.iter().map(|o| o.failures.len()).sum();
             let dropped = reply.value.iter().filter(|o| o.event.is_none()).count();
@@ -291,7 +342,7 @@ impl PluginVmPool {
             self.inner.metrics.events_dropped.inc_by(dropped as u64);
             let mut side = reply.side;
             account(&mut side, &reply.value, &chain);
-            self.inner.outputs.side_effects(side);
+            self.deliver(side, &chain);
             return reply.value;
         }
         let chain = self
@@ -303,6 +354,73 @@ impl PluginVmPool {
             &chain,
             "the plugin worker is unavailable",
         )
+    }
+
+    /// Runs onEvent, composeWebhook and exportEvents of the team's configs over its stored
+    /// events (or, with a `target`, retries one config's method). An error means the worker
+    /// went away before answering: the caller's queue delivers the message again.
+    pub async fn run_async(
+        &self,
+        team_id: i64,
+        events: Vec<Value>,
+        target: Option<AsyncTarget>,
+    ) -> Result<(), String> {
+        let Some(chain) = self.plugins().chain(team_id) else {
+            return Ok(());
+        };
+        let events = Arc::new(events);
+        let sent = self
+            .send_to(self.worker_index(team_id), |request_id| RunAsync {
+                request_id,
+                chain: Arc::clone(&chain),
+                events: Arc::clone(&events),
+                target,
+            })
+            .await;
+        match sent {
+            Sent::Reply(reply) => {
+                self.deliver(reply.side, &chain);
+                Ok(())
+            }
+            Sent::Abandoned { .. } => {
+                Err("the plugin worker was replaced before it answered".to_owned())
+            }
+            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+        }
+    }
+
+    /// Exports the buffers that are due, or all of them (shutdown).
+    pub async fn flush_exports(&self, all: bool) {
+        let plugins = self.plugins();
+        for index in 0..self.inner.workers.len() {
+            if let Sent::Reply(reply) = self
+                .send_to(index, |request_id| FlushExports { request_id, all })
+                .await
+            {
+                let configs: Vec<Arc<LoadedConfig>> = plugins.configs().cloned().collect();
+                self.deliver(reply.side, &configs);
+            }
+        }
+    }
+
+    /// Passes a worker's side effects on: log entries below each config's log_level are
+    /// dropped, and which configs have post-ingestion methods is noted.
+    fn deliver(&self, mut side: SideEffects, configs: &[Arc<LoadedConfig>]) {
+        let config = |id: i64| configs.iter().find(|c| c.identity.plugin_config_id == id);
+        side.logs
+            .retain(|entry| config(entry.plugin_config_id).is_none_or(|c| c.keeps(entry)));
+        if !side.async_capable.is_empty()
+            && let Ok(mut capable) = self.inner.async_capable.write()
+        {
+            for (id, has) in side.async_capable.drain(..) {
+                if has {
+                    capable.insert(id);
+                } else {
+                    capable.remove(&id);
+                }
+            }
+        }
+        self.inner.outputs.side_effects(side);
     }
 
     /// Runs teardownPlugin everywhere (shutdown).
@@ -417,42 +535,31 @@ fn spawn_worker(
     }
 }
 
-/// Completes what the worker reported: drops log entries below each config's log_level,
-/// adds PostHog's PLUGIN/ERROR entry for each failed event, and the app-metric outcomes.
+/// Adds what only the pool knows to a processEvent reply: PostHog's PLUGIN/ERROR entry for
+/// each failed event, and the app-metric outcomes.
 fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<LoadedConfig>]) {
     let config = |id: i64| chain.iter().find(|c| c.identity.plugin_config_id == id);
-    side.logs
-        .retain(|entry| config(entry.plugin_config_id).is_none_or(|c| c.keeps(entry)));
     for outcome in outcomes {
         for &id in &outcome.succeeded {
             if let Some(config) = config(id) {
-                side.outcomes.push(MethodOutcome {
-                    team_id: config.identity.team_id,
-                    plugin_config_id: id,
-                    category: "processEvent",
-                    error_type: None,
-                });
+                side.outcome(&config.identity, "processEvent", 1, false, None);
             }
         }
         for failure in &outcome.failures {
             let Some(config) = config(failure.plugin_config_id) else {
                 continue;
             };
-            side.outcomes.push(MethodOutcome {
-                team_id: config.identity.team_id,
-                plugin_config_id: failure.plugin_config_id,
-                category: "processEvent",
-                error_type: Some(failure.error.error_type().to_string()),
-            });
-            side.logs.push(PluginLogEntry {
-                plugin_config_id: failure.plugin_config_id,
-                plugin_id: config.identity.plugin_id,
-                team_id: config.identity.team_id,
-                timestamp: chrono::Utc::now(),
-                source: LogSource::Plugin,
-                level: LogLevel::Error,
-                message: format!("processEvent failed: {}", failure.error),
-            });
+            side.outcome(
+                &config.identity,
+                "processEvent",
+                1,
+                false,
+                Some(&failure.error),
+            );
+            side.plugin_error(
+                &config.identity,
+                format!("processEvent failed: {}", failure.error),
+            );
         }
     }
 }

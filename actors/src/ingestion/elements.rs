@@ -157,6 +157,162 @@ fn primary_weight(character: char) -> u32 {
     OTHERS + u32::from(character)
 }
 
+/// PostHog's `chainToElements`, then `convertDatabaseElementsToRawElements`: the elements a
+/// plugin's `onEvent`/`exportEvents` sees, rebuilt from the stored chain. Each element is
+/// `{attributes, order, tag_name, attr_class?, <chain pairs>}`; the pairs `href`, `text` and
+/// `attr_id` become fields, `nth-child`/`nth-of-type` become numbers, any other pair goes into
+/// `attributes`; `attr_class` comes from `attributes.attr__class` when present and `$el_text`
+/// repeats a non-empty `text`. Values stay escaped as stored, as in PostHog.
+pub fn chain_to_elements(chain: &str) -> Vec<Value> {
+    let chain: String = chain.chars().filter(|c| *c != '\n').collect();
+    split_chain(&chain)
+        .into_iter()
+        .enumerate()
+        .map(|(order, part)| parse_element(part, order))
+        .collect()
+}
+
+/// The elements of a chain: runs of characters other than whitespace, `;` and `"`, and quoted
+/// strings (with backslash escapes) wherever they appear.
+fn split_chain(chain: &str) -> Vec<&str> {
+    let bytes = chain.as_bytes();
+    let mut parts = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        if byte == b'"' {
+            if let Some(end) = closing_quote(bytes, index + 1) {
+                start.get_or_insert(index);
+                index = end + 1;
+                continue;
+            }
+        } else if !(byte.is_ascii_whitespace() || byte == b';') {
+            start.get_or_insert(index);
+            index += 1;
+            continue;
+        }
+        // A separator, or a quote that is never closed.
+        if let Some(begin) = start.take() {
+            parts.push(&chain[begin..index]);
+        }
+        index += 1;
+    }
+    if let Some(begin) = start {
+        parts.push(&chain[begin..]);
+    }
+    parts
+}
+
+fn closing_quote(bytes: &[u8], mut index: usize) -> Option<usize> {
+    while index < bytes.len() {
+        match bytes[index] {
+            b'\\' if index + 1 < bytes.len() => index += 2,
+            b'"' => return Some(index),
+            _ => index += 1,
+        }
+    }
+    None
+}
+
+fn parse_element(part: &str, order: usize) -> Value {
+    let mut element = serde_json::Map::new();
+    element.insert("attributes".into(), Value::Object(serde_json::Map::new()));
+    element.insert("order".into(), Value::from(order));
+    // Tag and classes end at the first `:` that starts `name=…`; classes may contain `:`.
+    let (selector, pairs) = match attributes_start(part) {
+        Some(colon) => (&part[..colon], &part[colon + 1..]),
+        None => (part, ""),
+    };
+    if !selector.is_empty() {
+        let mut names = selector.split('.');
+        if let Some(tag) = names.next() {
+            element.insert("tag_name".into(), Value::String(tag.to_owned()));
+        }
+        let classes: Vec<Value> = names
+            .filter(|name| !name.is_empty())
+            .map(|name| Value::String(name.to_owned()))
+            .collect();
+        if selector.contains('.') {
+            element.insert("attr_class".into(), Value::Array(classes));
+        }
+    }
+    let mut attributes = serde_json::Map::new();
+    for (key, value) in attribute_pairs(pairs) {
+        let field = match key {
+            "href" => "href",
+            "text" => "text",
+            "attr_id" => "attr_id",
+            "nth-child" => "nth_child",
+            "nth-of-type" => "nth_of_type",
+            "" => continue,
+            other => {
+                attributes.insert(other.to_owned(), Value::String(value.to_owned()));
+                continue;
+            }
+        };
+        let value = if field.starts_with("nth_") {
+            js_parse_int(value).map_or(Value::Null, Value::from)
+        } else {
+            Value::String(value.to_owned())
+        };
+        element.insert(field.into(), value);
+    }
+    if let Some(class) = attributes.get("attr__class") {
+        element.insert("attr_class".into(), class.clone());
+    }
+    if let Some(text) = element.get("text").filter(|text| is_truthy(text)).cloned() {
+        element.insert("$el_text".into(), text);
+    }
+    element.insert("attributes".into(), Value::Object(attributes));
+    Value::Object(element)
+}
+
+/// Where `:name=` starts the attribute pairs (`name` of letters, digits, `_` and `-`).
+fn attributes_start(part: &str) -> Option<usize> {
+    part.match_indices(':').map(|(i, _)| i).find(|&colon| {
+        let rest = &part[colon + 1..];
+        rest.find('=').is_some_and(|eq| {
+            rest[..eq]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+    })
+}
+
+/// PostHog's `/((.*?)="(.*?[^\\])")/g`: the shortest key before `="`, then the shortest value
+/// of at least one character whose closing `"` is not escaped.
+fn attribute_pairs(pairs: &str) -> Vec<(&str, &str)> {
+    let mut found = Vec::new();
+    let mut rest = pairs;
+    while let Some(eq) = rest.find("=\"") {
+        let key = &rest[..eq];
+        let value_start = eq + 2;
+        let bytes = rest.as_bytes();
+        let close =
+            (value_start + 1..bytes.len()).find(|&i| bytes[i] == b'"' && bytes[i - 1] != b'\\');
+        let Some(close) = close else { break };
+        found.push((key, &rest[value_start..close]));
+        rest = &rest[close + 1..];
+    }
+    found
+}
+
+/// JavaScript's `parseInt(text)` for decimal text; `None` stands for NaN.
+fn js_parse_int(text: &str) -> Option<i64> {
+    let trimmed = text.trim_start();
+    let (sign, digits) = match trimmed.as_bytes().first() {
+        Some(b'-') => (-1, &trimmed[1..]),
+        Some(b'+') => (1, &trimmed[1..]),
+        _ => (1, trimmed),
+    };
+    let end = digits
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse::<i64>().ok().map(|n| sign * n)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -357,5 +513,48 @@ mod tests {
         for (value, expected) in cases {
             assert_eq!(to_js_string(&value), expected, "{value}");
         }
+    }
+
+    #[test]
+    fn chain_to_elements_reads_back_what_the_chain_wrote() {
+        let elements = vec![
+            json!({"tag_name": "div", "$el_text": "💻", "nth_child": 1, "nth_of_type": 2}),
+            json!({"tag_name": "a", "attr__class": "btn big", "attr__href": "/x?a=\"b\"",
+                   "attr__id": "main", "nth_child": 3, "nth_of_type": 1, "attr__data-x": "1"}),
+        ];
+        let chain = elements_chain(&elements);
+        let parsed = chain_to_elements(&chain);
+        assert_eq!(
+            parsed[0],
+            json!({"attributes": {}, "order": 0, "tag_name": "div", "text": "💻",
+                   "nth_child": 1, "nth_of_type": 2, "$el_text": "💻"})
+        );
+        assert_eq!(parsed[1]["tag_name"], "a");
+        assert_eq!(parsed[1]["order"], 1);
+        assert_eq!(parsed[1]["attr_id"], "main");
+        assert_eq!(parsed[1]["nth_child"], 3);
+        // `attr_class` is the raw attribute when there is one, as PostHog's conversion does.
+        assert_eq!(parsed[1]["attr_class"], "btn big");
+        assert_eq!(parsed[1]["attributes"]["attr__data-x"], "1");
+        assert_eq!(parsed[1]["attributes"]["attr__id"], "main");
+        // Escaped quotes stay escaped, as PostHog leaves them.
+        assert_eq!(parsed[1]["href"], "/x?a=\\\"b\\\"");
+    }
+
+    #[test]
+    fn chain_to_elements_handles_classes_with_colons_and_odd_input() {
+        let parsed = chain_to_elements("button.hover:bg-red.x:nth-child=\"2\"text=\"a;b c\"");
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0]["tag_name"], "button");
+        assert_eq!(parsed[0]["attr_class"], json!(["hover:bg-red", "x"]));
+        assert_eq!(parsed[0]["nth_child"], 2);
+        assert_eq!(parsed[0]["text"], "a;b c");
+        assert_eq!(chain_to_elements(""), Vec::<Value>::new());
+        // Without a `name=` after it, a colon belongs to the selector, as PostHog parses it.
+        assert_eq!(chain_to_elements("a:;b:")[1]["tag_name"], "b:");
+        assert_eq!(
+            chain_to_elements("p:nth-child=\"x\"")[0]["nth_child"],
+            Value::Null
+        );
     }
 }

@@ -254,3 +254,161 @@ async fn captures_are_attributed_to_the_config_that_made_them() {
         vec![(42, "\"a\"".to_string()), (42, "\"b\"".to_string())]
     );
 }
+
+fn collected<T>(outputs: &Collected, pick: impl Fn(&SideEffects) -> Vec<T>) -> Vec<T> {
+    outputs
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(pick)
+        .collect()
+}
+
+/// onEvent sees each stored event, composeWebhook's requests come back for the server to
+/// send, exportEvents gets its buffer when it fills up or is flushed, and RetryError becomes a
+/// retry of that config alone with PostHog's delays.
+#[actix::test]
+async fn post_ingestion_methods_run_and_retry() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    let mut exporter = config(
+        52,
+        2,
+        3,
+        "exporter",
+        "exports.exportEvents = (events) => { console.log('exported ' + events.map(e => e.event).join(',')) }",
+    );
+    exporter.config = json!({"exportEventsBufferBytes": "100000", "exportEventsToIgnore": "skip"});
+    pool.set_plugins(PluginSet::new([
+        config(
+            50,
+            2,
+            1,
+            "listener",
+            "exports.onEvent = (e) => { if (e.event === 'flaky') throw new RetryError('later'); console.log('saw ' + e.event) }",
+        ),
+        config(
+            51,
+            2,
+            2,
+            "hooker",
+            "exports.composeWebhook = (e) => e.event === 'a' ? { url: 'http://hooks.example/x', body: JSON.stringify({ e: e.event }) } : null",
+        ),
+        exporter,
+        config(53, 2, 4, "plain", "exports.processEvent = (e) => e"),
+    ]));
+    assert!(!pool.wants_async(2), "unknown until a VM was built");
+    pool.process_events(2, vec![event(2, "warm")]).await;
+    assert!(pool.wants_async(2));
+
+    pool.run_async(
+        2,
+        vec![event(2, "a"), event(2, "flaky"), event(2, "skip")],
+        None,
+    )
+    .await
+    .expect("ran");
+    let logs = collected(&outputs, |s| {
+        s.logs
+            .iter()
+            .map(|l| (l.plugin_config_id, l.message.clone()))
+            .collect()
+    });
+    assert!(logs.contains(&(50, "saw a".to_string())), "{logs:?}");
+    assert!(logs.contains(&(50, "saw skip".to_string())), "{logs:?}");
+    let hooks = collected(&outputs, |s| {
+        s.webhooks
+            .iter()
+            .map(|(id, r)| (id.plugin_config_id, r.url.clone(), r.body.clone()))
+            .collect()
+    });
+    assert_eq!(
+        hooks,
+        vec![(
+            51,
+            "http://hooks.example/x".to_string(),
+            Some("{\"e\":\"a\"}".to_string())
+        )]
+    );
+    let retries = collected(&outputs, |s| s.retries.clone());
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    assert_eq!(retries[0].target.plugin_config_id, 50);
+    assert_eq!(retries[0].target.attempt, 1);
+    assert_eq!(retries[0].delay, Duration::from_secs(5));
+    assert_eq!(retries[0].events.len(), 1);
+
+    // Nothing exported yet: the buffer is far from full and not due.
+    assert!(!logs.iter().any(|(id, _)| *id == 52), "{logs:?}");
+    pool.flush_exports(true).await;
+    let logs = collected(&outputs, |s| {
+        s.logs
+            .iter()
+            .map(|l| (l.plugin_config_id, l.message.clone()))
+            .collect()
+    });
+    assert!(
+        logs.contains(&(52, "exported a,flaky".to_string())),
+        "{logs:?}"
+    );
+
+    // A retry runs only its target: no second webhook, no export.
+    let target = retries[0].target;
+    pool.run_async(2, retries[0].events.clone(), Some(target))
+        .await
+        .expect("ran");
+    let retries = collected(&outputs, |s| s.retries.clone());
+    assert_eq!(retries.len(), 2);
+    assert_eq!(retries[1].target.attempt, 2);
+    assert_eq!(retries[1].delay, Duration::from_secs(10));
+    assert_eq!(collected(&outputs, |s| s.webhooks.clone()).len(), 1);
+    let outcomes = collected(&outputs, |s| s.outcomes.clone());
+    assert!(
+        outcomes.iter().any(|o| o.plugin_config_id == 52
+            && o.category == "exportEvents"
+            && o.count == 2
+            && o.error_type.is_none()),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.plugin_config_id == 51 && o.category == "composeWebhook"),
+        "{outcomes:?}"
+    );
+}
+
+/// An export that keeps throwing RetryError is retried 3 times (6, 12, 24 s), then dropped and
+/// counted as failed; a full buffer exports at once.
+#[actix::test]
+async fn exports_retry_three_times_then_fail() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    let mut exporter = config(
+        60,
+        2,
+        1,
+        "down",
+        "exports.exportEvents = () => { throw new RetryError('destination down') }",
+    );
+    exporter.config = json!({"exportEventsBufferBytes": "1"});
+    pool.set_plugins(PluginSet::new([exporter]));
+    pool.run_async(2, vec![event(2, "a")], None)
+        .await
+        .expect("ran");
+    for attempt in 1..=3u32 {
+        let retries = collected(&outputs, |s| s.retries.clone());
+        let retry = retries.last().expect("a retry").clone();
+        assert_eq!(retry.target.attempt, attempt);
+        assert_eq!(retry.delay, Duration::from_secs(6 * 2u64.pow(attempt - 1)));
+        pool.run_async(2, retry.events, Some(retry.target))
+            .await
+            .expect("ran");
+    }
+    assert_eq!(collected(&outputs, |s| s.retries.clone()).len(), 3);
+    let failures: Vec<_> = collected(&outputs, |s| s.outcomes.clone())
+        .into_iter()
+        .filter(|o| o.category == "exportEvents" && o.error_type.as_deref() == Some("RetryError"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+}

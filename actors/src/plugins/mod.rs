@@ -1,6 +1,7 @@
 //! The plugin runtime: PostHog plugins (JavaScript or TypeScript) run unmodified on boa.
 
 pub mod chain;
+pub mod delivery;
 pub mod host;
 pub mod outputs;
 pub mod registry;

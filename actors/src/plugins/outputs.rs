@@ -1,5 +1,7 @@
-//! Where the server sends what plugins produce besides events: `posthog.capture` events back
-//! into ingestion, config errors to `posthog_pluginconfig`, and console output to the log.
+//! Where the server sends what plugins produce besides events (from any tokio task: the
+//! post-ingestion consumer runs outside actix): `posthog.capture` events back
+//! into ingestion, config errors to `posthog_pluginconfig`, console output to the log, the
+//! webhooks `composeWebhook` composed, and RetryError retries back to the queue.
 
 use std::sync::{Arc, OnceLock};
 
@@ -8,8 +10,12 @@ use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 
 use crate::ingestion::intake::{CapturedEvent, EventIntake};
+use crate::plugin_async::PostIngestionPublisher;
 use crate::plugin_vm_pool::PluginOutputs;
-use crate::plugins::telemetry::PluginTelemetry;
+use crate::plugins::host::FetchRequest;
+use crate::plugins::server_host::PluginHttp;
+use crate::plugins::telemetry::{MethodOutcome, PluginTelemetry};
+use crate::plugins::vm::VmIdentity;
 use crate::plugins::worker::SideEffects;
 
 pub struct ServerOutputs {
@@ -18,6 +24,8 @@ pub struct ServerOutputs {
     postgres: Option<Pool>,
     /// ClickHouse `plugin_log_entries` and `app_metrics`, when ClickHouse is configured.
     telemetry: Option<PluginTelemetry>,
+    /// Set once the pool and the queue exist: where webhooks and retries go.
+    delivery: OnceLock<(PostIngestionPublisher, PluginHttp)>,
 }
 
 impl ServerOutputs {
@@ -26,7 +34,39 @@ impl ServerOutputs {
             intake: OnceLock::new(),
             postgres,
             telemetry,
+            delivery: OnceLock::new(),
         }
+    }
+
+    pub fn set_delivery(&self, publisher: PostIngestionPublisher, http: PluginHttp) {
+        let _ = self.delivery.set((publisher, http));
+    }
+
+    /// Sends a composed webhook; the delivery is app metric `webhook`.
+    fn send_webhook(&self, http: &PluginHttp, identity: VmIdentity, request: FetchRequest) {
+        let http = http.clone();
+        let telemetry = self.telemetry.clone();
+        tokio::spawn(async move {
+            let url = request.url.clone();
+            let error = match http.send(request).await {
+                Ok(reply) if reply.status < 400 => None,
+                Ok(reply) => Some(format!("HTTP {} {}", reply.status, reply.status_text)),
+                Err(error) => Some(error),
+            };
+            if let Some(error) = &error {
+                tracing::warn!(team_id = identity.team_id, plugin_config_id = identity.plugin_config_id, %url, %error, "A plugin's webhook failed.");
+            }
+            if let Some(telemetry) = telemetry {
+                telemetry.outcome(MethodOutcome {
+                    team_id: identity.team_id,
+                    plugin_config_id: identity.plugin_config_id,
+                    category: "webhook",
+                    count: 1,
+                    on_retry: false,
+                    error_type: error.map(|_| "WebhookError".to_owned()),
+                });
+            }
+        });
     }
 
     pub fn set_intake(&self, intake: Arc<dyn EventIntake>) {
@@ -36,6 +76,23 @@ impl ServerOutputs {
 
 impl PluginOutputs for ServerOutputs {
     fn side_effects(&self, side: SideEffects) {
+        match self.delivery.get() {
+            Some((publisher, http)) => {
+                for (identity, request) in side.webhooks {
+                    self.send_webhook(http, identity, request);
+                }
+                for retry in side.retries {
+                    let publisher = publisher.clone();
+                    tokio::spawn(async move { publisher.publish_retry(retry).await });
+                }
+            }
+            None if !side.webhooks.is_empty() || !side.retries.is_empty() => tracing::error!(
+                webhooks = side.webhooks.len(),
+                retries = side.retries.len(),
+                "Plugin webhooks and retries were lost: post-ingestion delivery is not set up."
+            ),
+            None => {}
+        }
         if let Some(telemetry) = &self.telemetry {
             for outcome in side.outcomes {
                 telemetry.outcome(outcome);
@@ -72,7 +129,7 @@ impl PluginOutputs for ServerOutputs {
                         })
                         .collect::<Vec<_>>();
                     let intake = Arc::clone(intake);
-                    actix::spawn(async move {
+                    tokio::spawn(async move {
                         let count = events.len();
                         if let Err(error) = intake.submit(events).await {
                             tracing::error!(count, %error, "Events a plugin captured could not be ingested.");
@@ -88,7 +145,7 @@ impl PluginOutputs for ServerOutputs {
         if let Some(pool) = &self.postgres {
             for (identity, message) in side.config_errors {
                 let pool = pool.clone();
-                actix::spawn(async move {
+                tokio::spawn(async move {
                     let error = json!({"message": message, "time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)});
                     let result = match pool.get().await {
                         Ok(client) => client

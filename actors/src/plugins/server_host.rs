@@ -35,10 +35,17 @@ pub struct ServerHostConfig {
     pub refuse_private_addresses: bool,
 }
 
-pub struct ServerHost {
-    runtime: Handle,
+/// Outgoing HTTP for plugins: their `fetch` calls and the webhooks they compose, under one
+/// timeout cap and the same address policy. Cheap to clone.
+#[derive(Clone)]
+pub struct PluginHttp {
     client: reqwest::Client,
     config: ServerHostConfig,
+}
+
+pub struct ServerHost {
+    runtime: Handle,
+    http: PluginHttp,
     cache: Arc<dyn CacheStore>,
     storage: PluginStorage,
 }
@@ -46,15 +53,13 @@ pub struct ServerHost {
 impl ServerHost {
     pub fn new(
         runtime: Handle,
-        client: reqwest::Client,
-        config: ServerHostConfig,
+        http: PluginHttp,
         cache: Arc<dyn CacheStore>,
         storage: PluginStorage,
     ) -> Self {
         Self {
             runtime,
-            client,
-            config,
+            http,
             cache,
             storage,
         }
@@ -113,8 +118,16 @@ impl ServerHost {
             }
         }
     }
+}
 
-    async fn send(&self, request: FetchRequest) -> Result<FetchReply, String> {
+impl PluginHttp {
+    pub fn new(client: reqwest::Client, config: ServerHostConfig) -> Self {
+        Self { client, config }
+    }
+
+    /// Sends the request and reads the whole answer; errors say what went wrong in words a
+    /// plugin author can act on.
+    pub async fn send(&self, request: FetchRequest) -> Result<FetchReply, String> {
         let url = reqwest::Url::parse(&request.url)
             .map_err(|e| format!("invalid URL {:?}: {e}", request.url))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -162,7 +175,7 @@ impl ServerHost {
 
 impl PluginHost for ServerHost {
     fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
-        self.runtime.block_on(self.send(request))
+        self.runtime.block_on(self.http.send(request))
     }
 
     fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
@@ -356,11 +369,13 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let host = ServerHost::new(
             Handle::current(),
-            reqwest::Client::new(),
-            ServerHostConfig {
-                request_timeout: Duration::from_secs(1),
-                refuse_private_addresses: true,
-            },
+            PluginHttp::new(
+                reqwest::Client::new(),
+                ServerHostConfig {
+                    request_timeout: Duration::from_secs(1),
+                    refuse_private_addresses: true,
+                },
+            ),
             Arc::new(crate::cluster::cache::InProcessCache::new(
                 crate::cluster::cache::InProcessCacheBackend::new(),
                 "",

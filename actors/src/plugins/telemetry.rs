@@ -27,8 +27,12 @@ const LOG_FLUSH: Duration = Duration::from_secs(1);
 pub struct MethodOutcome {
     pub team_id: i64,
     pub plugin_config_id: i64,
-    /// processEvent | onEvent | exportEvents | scheduledTask
+    /// processEvent | onEvent | exportEvents | composeWebhook | webhook | scheduledTask
     pub category: &'static str,
+    /// Events the call covered (exportEvents takes many at once).
+    pub count: u64,
+    /// A success after a RetryError (PostHog's `successes_on_retry`).
+    pub on_retry: bool,
     /// `None` for a success.
     pub error_type: Option<String>,
 }
@@ -112,7 +116,7 @@ async fn run(
     app_metrics_flush: Duration,
 ) {
     let mut logs: Vec<LogRow> = Vec::new();
-    let mut metrics: HashMap<MetricKey, (i64, i64)> = HashMap::new();
+    let mut metrics: HashMap<MetricKey, Counts> = HashMap::new();
     let mut log_tick = tokio::time::interval(LOG_FLUSH);
     let mut metric_tick = tokio::time::interval(app_metrics_flush.max(Duration::from_millis(10)));
     loop {
@@ -138,7 +142,12 @@ async fn run(
                 Some(Record::Outcome(outcome)) => {
                     let key = (outcome.team_id, outcome.plugin_config_id, outcome.category, outcome.error_type.clone().unwrap_or_default());
                     let counts = metrics.entry(key).or_default();
-                    if outcome.error_type.is_some() { counts.1 += 1 } else { counts.0 += 1 }
+                    let count = i64::try_from(outcome.count).unwrap_or(i64::MAX);
+                    match (&outcome.error_type, outcome.on_retry) {
+                        (Some(_), _) => counts.failures += count,
+                        (None, true) => counts.successes_on_retry += count,
+                        (None, false) => counts.successes += count,
+                    }
                 }
                 None => {
                     insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await;
@@ -152,26 +161,31 @@ async fn run(
     }
 }
 
-fn metric_rows(metrics: HashMap<MetricKey, (i64, i64)>) -> Vec<MetricRow> {
+#[derive(Default)]
+struct Counts {
+    successes: i64,
+    successes_on_retry: i64,
+    failures: i64,
+}
+
+fn metric_rows(metrics: HashMap<MetricKey, Counts>) -> Vec<MetricRow> {
     let now = Utc::now();
     metrics
         .into_iter()
         .map(
-            |((team_id, plugin_config_id, category, error_type), (successes, failures))| {
-                MetricRow {
-                    timestamp: now,
-                    team_id,
-                    plugin_config_id,
-                    job_id: String::new(),
-                    category,
-                    successes,
-                    successes_on_retry: 0,
-                    failures,
-                    error_uuid: Uuid::nil(),
-                    error_type,
-                    error_details: String::new(),
-                    _offset: 0,
-                }
+            |((team_id, plugin_config_id, category, error_type), counts)| MetricRow {
+                timestamp: now,
+                team_id,
+                plugin_config_id,
+                job_id: String::new(),
+                category,
+                successes: counts.successes,
+                successes_on_retry: counts.successes_on_retry,
+                failures: counts.failures,
+                error_uuid: Uuid::nil(),
+                error_type,
+                error_details: String::new(),
+                _offset: 0,
             },
         )
         .collect()

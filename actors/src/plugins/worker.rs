@@ -14,7 +14,12 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
-use super::host::{Heartbeat, PluginHost, WorkerInstruments, install_instruments};
+use super::delivery::{
+    AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
+    ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, webhook_request,
+};
+use super::host::{FetchRequest, Heartbeat, PluginHost, WorkerInstruments, install_instruments};
+use super::telemetry::MethodOutcome;
 use super::vm::{CallEffects, CallError, CapturedByPlugin, Method, PluginVm, VmIdentity, VmLimits};
 use super::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
 
@@ -36,6 +41,26 @@ pub struct ProcessEvents {
     pub events: Arc<Vec<Value>>,
 }
 
+/// Run the post-ingestion methods over stored events of one team (spec 1.11): `onEvent` and
+/// `composeWebhook` per event, `exportEvents` through each config's buffer. With a `target`,
+/// only that config's method, at once: a retry.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<()>")]
+pub struct RunAsync {
+    pub request_id: u64,
+    pub chain: Arc<[Arc<LoadedConfig>]>,
+    pub events: Arc<Vec<Value>>,
+    pub target: Option<AsyncTarget>,
+}
+
+/// Export the buffers that are due (`exportEventsBufferSeconds`), or all of them.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<()>")]
+pub struct FlushExports {
+    pub request_id: u64,
+    pub all: bool,
+}
+
 /// Run `teardownPlugin` on every VM that ran its setup, and drop them all (shutdown).
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
@@ -55,8 +80,14 @@ pub struct SideEffects {
     pub captures: Vec<(VmIdentity, CapturedByPlugin)>,
     /// Configs that failed to load or set up: PostHog records the error and disables them.
     pub config_errors: Vec<(VmIdentity, String)>,
-    /// Per call outcomes, for app metrics (filled by the pool, which knows the categories).
-    pub outcomes: Vec<crate::plugins::telemetry::MethodOutcome>,
+    /// Per call outcomes, for app metrics.
+    pub outcomes: Vec<MethodOutcome>,
+    /// Calls that threw RetryError and have attempts left.
+    pub retries: Vec<AsyncRetry>,
+    /// Requests composed by `composeWebhook`, for the server to send.
+    pub webhooks: Vec<(VmIdentity, FetchRequest)>,
+    /// Configs whose VM was (re)built: whether it has a post-ingestion method.
+    pub async_capable: Vec<(i64, bool)>,
 }
 
 impl SideEffects {
@@ -67,14 +98,42 @@ impl SideEffects {
     }
 
     fn system_log(&mut self, identity: &VmIdentity, level: LogLevel, message: String) {
+        self.log(identity, LogSource::System, level, message);
+    }
+
+    /// PostHog's PLUGIN/ERROR entry for a failed call.
+    pub(crate) fn plugin_error(&mut self, identity: &VmIdentity, message: String) {
+        self.log(identity, LogSource::Plugin, LogLevel::Error, message);
+    }
+
+    fn log(&mut self, identity: &VmIdentity, source: LogSource, level: LogLevel, message: String) {
         self.logs.push(PluginLogEntry {
             plugin_config_id: identity.plugin_config_id,
             plugin_id: identity.plugin_id,
             team_id: identity.team_id,
             timestamp: Utc::now(),
-            source: LogSource::System,
+            source,
             level,
             message,
+        });
+    }
+
+    /// An app-metric outcome of `count` events for one call.
+    pub(crate) fn outcome(
+        &mut self,
+        identity: &VmIdentity,
+        category: &'static str,
+        count: u64,
+        on_retry: bool,
+        error: Option<&CallError>,
+    ) {
+        self.outcomes.push(MethodOutcome {
+            team_id: identity.team_id,
+            plugin_config_id: identity.plugin_config_id,
+            category,
+            count,
+            on_retry,
+            error_type: error.map(|e| e.error_type().to_owned()),
         });
     }
 }
@@ -94,9 +153,11 @@ enum SetupState {
 }
 
 struct Slot {
-    version: String,
+    config: Arc<LoadedConfig>,
     vm: Option<PluginVm>,
     setup: SetupState,
+    export: ExportSettings,
+    buffer: ExportBuffer,
 }
 
 pub struct VmWorker {
@@ -127,12 +188,12 @@ impl VmWorker {
     }
 
     /// Makes the config's VM ready to call: built, current, and set up.
-    fn ready(&mut self, config: &LoadedConfig, side: &mut SideEffects) -> Result<(), String> {
+    fn ready(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
         let identity = &config.identity;
         let stale = self
             .slots
             .get(&identity.plugin_config_id)
-            .is_some_and(|slot| slot.version != config.version);
+            .is_some_and(|slot| slot.config.version != config.version);
         if stale && let Some(slot) = self.slots.remove(&identity.plugin_config_id) {
             self.teardown(slot, side);
         }
@@ -140,9 +201,11 @@ impl VmWorker {
             .slots
             .entry(identity.plugin_config_id)
             .or_insert_with(|| Slot {
-                version: config.version.clone(),
+                config: Arc::clone(config),
                 vm: None,
                 setup: SetupState::NotRun,
+                export: ExportSettings::from_config(&config.config),
+                buffer: ExportBuffer::default(),
             });
         if let SetupState::Failed(error) = &slot.setup {
             return Err(error.clone());
@@ -158,6 +221,15 @@ impl VmWorker {
             ) {
                 Ok((vm, effects)) => {
                     side.absorb(identity, effects);
+                    let post_ingestion = [
+                        Method::OnEvent,
+                        Method::ExportEvents,
+                        Method::ComposeWebhook,
+                    ];
+                    side.async_capable.push((
+                        identity.plugin_config_id,
+                        post_ingestion.iter().any(|m| vm.has(*m)),
+                    ));
                     slot.vm = Some(vm);
                 }
                 Err(error) => {
@@ -211,7 +283,12 @@ impl VmWorker {
         }
     }
 
-    fn teardown(&mut self, slot: Slot, side: &mut SideEffects) {
+    fn teardown(&mut self, mut slot: Slot, side: &mut SideEffects) {
+        // PostHog flushes the export buffer before teardown.
+        if !slot.buffer.is_empty() && matches!(slot.setup, SetupState::Done) {
+            let events = slot.buffer.take();
+            export(&mut slot, events, 0, side);
+        }
         if let (Some(mut vm), SetupState::Done) = (slot.vm, slot.setup) {
             let identity = vm.identity().clone();
             let (result, effects) = vm.call(Method::TeardownPlugin, &[]);
@@ -331,6 +408,207 @@ impl VmWorker {
     }
 }
 
+impl VmWorker {
+    fn run_async(
+        &mut self,
+        chain: &[Arc<LoadedConfig>],
+        events: &[Value],
+        target: Option<AsyncTarget>,
+    ) -> SideEffects {
+        let mut side = SideEffects::default();
+        for config in chain {
+            let id = config.identity.plugin_config_id;
+            if target.is_some_and(|t| t.plugin_config_id != id) {
+                continue;
+            }
+            // A config that cannot be made ready was disabled and its error recorded.
+            if self.ready(config, &mut side).is_err() {
+                continue;
+            }
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            match target {
+                Some(AsyncTarget {
+                    method: AsyncMethod::OnEvent,
+                    attempt,
+                    ..
+                }) => on_event(slot, events, attempt, &mut side),
+                Some(AsyncTarget {
+                    method: AsyncMethod::ExportEvents,
+                    attempt,
+                    ..
+                }) => export(slot, events.to_vec(), attempt, &mut side),
+                None => {
+                    on_event(slot, events, 0, &mut side);
+                    compose_webhooks(slot, events, &mut side);
+                    buffer_exports(slot, events, &mut side);
+                }
+            }
+        }
+        side
+    }
+
+    fn flush_exports(&mut self, all: bool) -> SideEffects {
+        let mut side = SideEffects::default();
+        let now = Instant::now();
+        let due: Vec<Arc<LoadedConfig>> = self
+            .slots
+            .values()
+            .filter(|slot| {
+                !slot.buffer.is_empty() && (all || slot.buffer.is_due(&slot.export, now))
+            })
+            .map(|slot| Arc::clone(&slot.config))
+            .collect();
+        for config in due {
+            // The VM may have been dropped by a poisoned call since the events were buffered.
+            if self.ready(&config, &mut side).is_err() {
+                continue;
+            }
+            if let Some(slot) = self.slots.get_mut(&config.identity.plugin_config_id) {
+                let events = slot.buffer.take();
+                export(slot, events, 0, &mut side);
+            }
+        }
+        side
+    }
+}
+
+/// Drops a VM whose call may have left it half-run; it is rebuilt before its next call.
+fn forget_if_poisoned(slot: &mut Slot, error: &CallError) {
+    if error.poisons_vm() {
+        slot.vm = None;
+        slot.setup = SetupState::NotRun;
+    }
+}
+
+/// `onEvent` per event. Events that threw RetryError come back together as one retry.
+fn on_event(slot: &mut Slot, events: &[Value], attempt: u32, side: &mut SideEffects) {
+    let identity = slot.config.identity.clone();
+    let mut retry = Vec::new();
+    for event in events {
+        let Some(vm) = slot.vm.as_mut().filter(|vm| vm.has(Method::OnEvent)) else {
+            return;
+        };
+        let (result, effects) = vm.call(Method::OnEvent, &[event]);
+        side.absorb(&identity, effects);
+        match result {
+            Ok(_) => side.outcome(&identity, "onEvent", 1, attempt > 0, None),
+            Err(error) if error.is_retry() && attempt + 1 < ON_EVENT_ATTEMPTS => {
+                retry.push(event.clone());
+            }
+            Err(error) => {
+                side.outcome(&identity, "onEvent", 1, false, Some(&error));
+                side.plugin_error(&identity, format!("onEvent failed: {error}"));
+                forget_if_poisoned(slot, &error);
+            }
+        }
+    }
+    if !retry.is_empty() {
+        side.retries.push(AsyncRetry {
+            team_id: identity.team_id,
+            target: AsyncTarget {
+                plugin_config_id: identity.plugin_config_id,
+                method: AsyncMethod::OnEvent,
+                attempt: attempt + 1,
+            },
+            events: retry,
+            delay: ON_EVENT_RETRY_BASE * 2u32.pow(attempt),
+        });
+    }
+}
+
+/// `composeWebhook` per event; the requests it returns are sent by the server.
+fn compose_webhooks(slot: &mut Slot, events: &[Value], side: &mut SideEffects) {
+    let identity = slot.config.identity.clone();
+    for event in events {
+        let Some(vm) = slot.vm.as_mut().filter(|vm| vm.has(Method::ComposeWebhook)) else {
+            return;
+        };
+        let (result, effects) = vm.call(Method::ComposeWebhook, &[event]);
+        side.absorb(&identity, effects);
+        match result {
+            Ok(Some(webhook)) if webhook.is_object() => match webhook_request(&webhook) {
+                Ok(request) => {
+                    side.outcome(&identity, "composeWebhook", 1, false, None);
+                    side.webhooks.push((identity.clone(), request));
+                }
+                Err(message) => {
+                    let error = CallError::Thrown {
+                        name: "TypeError".into(),
+                        message,
+                    };
+                    side.outcome(&identity, "composeWebhook", 1, false, Some(&error));
+                    side.plugin_error(&identity, format!("composeWebhook failed: {error}"));
+                }
+            },
+            // null: nothing to send for this event.
+            Ok(_) => side.outcome(&identity, "composeWebhook", 1, false, None),
+            Err(error) => {
+                side.outcome(&identity, "composeWebhook", 1, false, Some(&error));
+                side.plugin_error(&identity, format!("composeWebhook failed: {error}"));
+                forget_if_poisoned(slot, &error);
+            }
+        }
+    }
+}
+
+/// Adds the events to the config's export buffer and exports it whenever it fills up.
+fn buffer_exports(slot: &mut Slot, events: &[Value], side: &mut SideEffects) {
+    if !slot
+        .vm
+        .as_ref()
+        .is_some_and(|vm| vm.has(Method::ExportEvents))
+    {
+        return;
+    }
+    for event in events {
+        if slot.buffer.push(event, &slot.export) {
+            let batch = slot.buffer.take();
+            export(slot, batch, 0, side);
+        }
+    }
+}
+
+/// One `exportEvents` call. RetryError sends the batch back through the queue 6, 12 and 24 s
+/// later; after that, or on any other error, the batch is dropped and counted as failed.
+fn export(slot: &mut Slot, events: Vec<Value>, attempt: u32, side: &mut SideEffects) {
+    let identity = slot.config.identity.clone();
+    let Some(vm) = slot.vm.as_mut().filter(|vm| vm.has(Method::ExportEvents)) else {
+        return;
+    };
+    let count = events.len() as u64;
+    let batch = Value::Array(events);
+    let (result, effects) = vm.call(Method::ExportEvents, &[&batch]);
+    side.absorb(&identity, effects);
+    let Err(error) = result else {
+        side.outcome(&identity, "exportEvents", count, attempt > 0, None);
+        return;
+    };
+    match batch {
+        Value::Array(events) if error.is_retry() && attempt < EXPORT_RETRIES => {
+            side.retries.push(AsyncRetry {
+                team_id: identity.team_id,
+                target: AsyncTarget {
+                    plugin_config_id: identity.plugin_config_id,
+                    method: AsyncMethod::ExportEvents,
+                    attempt: attempt + 1,
+                },
+                events,
+                delay: EXPORT_RETRY_BASE * 2u32.pow(attempt),
+            });
+        }
+        _ => {
+            side.outcome(&identity, "exportEvents", count, false, Some(&error));
+            side.plugin_error(
+                &identity,
+                format!("exportEvents failed; {count} events are dropped: {error}"),
+            );
+        }
+    }
+    forget_if_poisoned(slot, &error);
+}
+
 /// Disables a config for good (until its next version): logs why, records the error for
 /// `posthog_pluginconfig`, and fails every later call with `message`, which it returns.
 fn disable(
@@ -356,6 +634,26 @@ impl Handler<ProcessEvents> for VmWorker {
     fn handle(&mut self, message: ProcessEvents, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         MessageResult(self.process(&message.chain, &message.events))
+    }
+}
+
+impl Handler<RunAsync> for VmWorker {
+    type Result = MessageResult<RunAsync>;
+
+    fn handle(&mut self, message: RunAsync, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let side = self.run_async(&message.chain, &message.events, message.target);
+        MessageResult(WorkerReply { value: (), side })
+    }
+}
+
+impl Handler<FlushExports> for VmWorker {
+    type Result = MessageResult<FlushExports>;
+
+    fn handle(&mut self, message: FlushExports, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let side = self.flush_exports(message.all);
+        MessageResult(WorkerReply { value: (), side })
     }
 }
 
