@@ -584,7 +584,12 @@ mod redis_backed {
     }
 
     const CHILD_ENV: &str = "EVENT_QUEUE_TEST_CHILD";
-    const CHILD_TEST: &str = "redis_backed::child_consumer_that_hangs";
+    /// The child test's name as the harness lists it: its module path without the crate.
+    fn child_test() -> String {
+        let module = module_path!();
+        let path = module.split_once("::").map_or(module, |(_, rest)| rest);
+        format!("{path}::child_consumer_that_hangs")
+    }
 
     /// Not a test on its own: the child process of
     /// `a_consumer_killed_mid_message_has_it_redelivered`. It consumes as instance
@@ -633,7 +638,7 @@ mod redis_backed {
             .expect("published");
 
         let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", CHILD_TEST, "--ignored", "--nocapture"])
+            .args(["--exact", &child_test(), "--ignored", "--nocapture"])
             .env(CHILD_ENV, format!("{child_consumer}|{prefix}"))
             .env("REDIS_URL", &url)
             .stdout(std::process::Stdio::piped())

@@ -314,7 +314,12 @@ mod redis_backed {
     /// Set in the child process that plays the holder to be killed.
     const HOLDER_KEY_ENV: &str = "LOCK_HOLDER_KEY";
     const HOLDER_PREFIX_ENV: &str = "LOCK_HOLDER_PREFIX";
-    const HOLDER_TEST: &str = "redis_backed::lock_holder_process";
+    /// The child test's name as the harness lists it: its module path without the crate.
+    fn holder_test() -> String {
+        let module = module_path!();
+        let path = module.split_once("::").map_or(module, |(_, rest)| rest);
+        format!("{path}::lock_holder_process")
+    }
 
     async fn pool() -> RedisPool {
         RedisPool::connect(&RedisPoolConfig {
@@ -441,7 +446,7 @@ mod redis_backed {
         let ttl = Duration::from_secs(1);
         let prefix = common::unique_prefix("lock");
         let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", HOLDER_TEST, "--ignored", "--nocapture"])
+            .args(["--exact", &holder_test(), "--ignored", "--nocapture"])
             .env(HOLDER_KEY_ENV, "k")
             .env(HOLDER_PREFIX_ENV, &prefix)
             .stdout(Stdio::piped())
