@@ -186,6 +186,20 @@ async fn the_embedded_profile_runs_a_plugin_chain_from_the_plugins_directory() {
     assert_eq!(derived["properties"]["from"], "signup_ts");
     assert_eq!(derived["properties"]["$lib"], "posthog-plugin-server");
     assert_eq!(derived["distinct_id"], "ts-suffix");
+
+    // `/_actors` shows the pool: three live VMs (the broken plugin never loaded) and the heap
+    // they took to load.
+    let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pool = &actors["plugin_vm_pool"];
+    assert_eq!(pool["configs"], 4, "{pool}");
+    assert_eq!(pool["vms"], 3, "{pool}");
+    let heap = pool["vm_heap_bytes_at_load"].as_i64().unwrap_or(0);
+    assert!((100_000..50_000_000).contains(&heap), "{pool}");
     drop(server);
 }
 

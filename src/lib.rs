@@ -45,6 +45,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         health: topology.health.clone(),
         registry: topology.registry.clone(),
         metrics: topology.metrics.clone(),
+        plugins: Some(topology.plugins.clone()),
     };
     let capture_metrics = http::capture::CaptureMetrics::new().map_err(MetricsError::from)?;
     capture_metrics

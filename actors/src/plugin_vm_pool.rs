@@ -28,7 +28,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
 use crate::plugins::delivery::AsyncTarget;
-use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments};
+use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::vm::{CallError, VmLimits};
 use crate::plugins::worker::{
     FlushExports, ProcessEvents, RunAsync, SideEffects, TeardownAll, VmWorker,
@@ -95,6 +95,7 @@ impl PluginSet {
 struct WorkerSlot {
     addr: Addr<VmWorker>,
     heartbeat: Arc<Heartbeat>,
+    load: Arc<WorkerLoad>,
     /// Cancelled when the watchdog abandons this worker.
     abandoned: CancellationToken,
     /// Set before `abandoned` is cancelled: the request that was running when the worker
@@ -423,6 +424,36 @@ impl PluginVmPool {
         self.inner.outputs.side_effects(side);
     }
 
+    /// What `/_actors` shows of the pool: configs, live VMs and the heap they took to load,
+    /// per worker thread, and how many threads the watchdog replaced.
+    pub fn stats(&self) -> Value {
+        let workers: Vec<Value> = self
+            .inner
+            .workers
+            .iter()
+            .enumerate()
+            .filter_map(|(index, slot)| {
+                let slot = slot.lock().ok()?;
+                let busy = slot.heartbeat.busy();
+                Some(serde_json::json!({
+                    "worker": index,
+                    "vms": slot.load.vms.load(Ordering::Relaxed),
+                    "vm_heap_bytes_at_load": slot.load.vm_heap_bytes_at_load.load(Ordering::Relaxed),
+                    "busy_ms": busy.map(|(for_, _)| for_.as_millis() as u64),
+                    "busy_plugin_config_id": busy.map(|(_, id)| id),
+                }))
+            })
+            .collect();
+        let total = |key: &str| workers.iter().filter_map(|w| w[key].as_i64()).sum::<i64>();
+        serde_json::json!({
+            "configs": self.plugins().config_count(),
+            "vms": total("vms"),
+            "vm_heap_bytes_at_load": total("vm_heap_bytes_at_load"),
+            "workers_replaced": self.inner.metrics.workers_replaced.get(),
+            "workers": workers,
+        })
+    }
+
     /// Runs teardownPlugin everywhere (shutdown).
     pub async fn teardown(&self) {
         let addrs: Vec<_> = self
@@ -512,8 +543,10 @@ fn spawn_worker(
     metrics: &PoolMetrics,
 ) -> WorkerSlot {
     let heartbeat = Arc::new(Heartbeat::default());
+    let load = Arc::new(WorkerLoad::default());
     let factory = {
         let heartbeat = Arc::clone(&heartbeat);
+        let load = Arc::clone(&load);
         let host_factory = Arc::clone(host_factory);
         let limits = config.limits.clone();
         let retry = config.setup_retry_base;
@@ -521,6 +554,7 @@ fn spawn_worker(
         move || {
             let instruments = WorkerInstruments {
                 heartbeat: Arc::clone(&heartbeat),
+                load: Arc::clone(&load),
                 durations: durations.clone(),
             };
             VmWorker::new(host_factory(), limits.clone(), retry, instruments)
@@ -529,6 +563,7 @@ fn spawn_worker(
     WorkerSlot {
         addr: SyncArbiter::start(1, factory),
         heartbeat,
+        load,
         abandoned: CancellationToken::new(),
         stuck_request: Arc::new(AtomicU64::new(0)),
         permits: Arc::new(Semaphore::new(config.tasks_per_worker.max(1))),

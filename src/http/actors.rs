@@ -1,11 +1,16 @@
 //! `GET /_actors`: per-actor JSON (name, mailbox length, messages handled, errors, restarts,
-//! last progress). Read from the shared stats, not by asking each actor, so a stuck actor
-//! still shows up, with its growing mailbox.
+//! last progress), and the plugin VM pool (configs, live VMs and their heap at load, per worker
+//! thread). Read from shared stats, not by asking each actor, so a stuck actor still shows up,
+//! with its growing mailbox.
 
 use actix_web::{HttpResponse, web};
 
 use super::AppState;
 
 pub async fn actors(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"actors": state.registry.snapshot()}))
+    let plugins = state.plugins.as_ref().map(|pool| pool.stats());
+    HttpResponse::Ok().json(serde_json::json!({
+        "actors": state.registry.snapshot(),
+        "plugin_vm_pool": plugins,
+    }))
 }

@@ -6,6 +6,7 @@ pub mod capture;
 mod health;
 mod metrics;
 
+use plugin_server_actors::plugin_vm_pool::PluginVmPool;
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
@@ -19,6 +20,8 @@ pub struct AppState {
     pub health: ObservedAddr<Health>,
     pub registry: Arc<ActorRegistry>,
     pub metrics: Metrics,
+    /// The plugin VM pool, shown in `/_actors` beside the actors.
+    pub plugins: Option<PluginVmPool>,
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {

@@ -21,12 +21,18 @@ struct Budget {
     /// Net bytes allocated on this thread since the budget opened.
     used: i64,
     limit: i64,
+    /// A measurement independent of the budget (it may span budgets): net bytes allocated on
+    /// this thread since the tally opened.
+    tally_open: bool,
+    tally: i64,
 }
 
 thread_local! {
     // `const` initialization and a `Copy` value: reading it never allocates, which an
     // allocator must not do.
-    static BUDGET: Cell<Budget> = const { Cell::new(Budget { open: false, used: 0, limit: 0 }) };
+    static BUDGET: Cell<Budget> = const {
+        Cell::new(Budget { open: false, used: 0, limit: 0, tally_open: false, tally: 0 })
+    };
 }
 
 static THREADS_STOPPED: AtomicU64 = AtomicU64::new(0);
@@ -38,11 +44,11 @@ pub struct BudgetedAllocator<A>(pub A);
 pub fn open_budget(limit_bytes: u64) -> BudgetGuard {
     let limit = i64::try_from(limit_bytes).unwrap_or(i64::MAX);
     BUDGET.with(|b| {
-        b.set(Budget {
-            open: true,
-            used: 0,
-            limit,
-        })
+        let mut budget = b.get();
+        budget.open = true;
+        budget.used = 0;
+        budget.limit = limit;
+        b.set(budget);
     });
     BudgetGuard {
         _not_send: std::marker::PhantomData,
@@ -62,11 +68,48 @@ pub struct BudgetGuard {
 impl Drop for BudgetGuard {
     fn drop(&mut self) {
         BUDGET.with(|b| {
-            b.set(Budget {
-                open: false,
-                used: 0,
-                limit: 0,
-            })
+            let mut budget = b.get();
+            budget.open = false;
+            budget.used = 0;
+            budget.limit = 0;
+            b.set(budget);
+        });
+    }
+}
+
+/// Starts counting the net bytes this thread allocates (budgets or not), to size what a piece
+/// of work keeps, such as a plugin VM while it loads. Not nestable: a new tally restarts it.
+pub fn open_tally() -> Tally {
+    BUDGET.with(|b| {
+        let mut budget = b.get();
+        budget.tally_open = true;
+        budget.tally = 0;
+        b.set(budget);
+    });
+    Tally {
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// An open tally of the current thread; it stops counting when dropped.
+pub struct Tally {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Tally {
+    /// Net bytes allocated on this thread since the tally opened.
+    pub fn bytes(&self) -> i64 {
+        BUDGET.with(|b| b.get().tally)
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        BUDGET.with(|b| {
+            let mut budget = b.get();
+            budget.tally_open = false;
+            budget.tally = 0;
+            b.set(budget);
         });
     }
 }
@@ -75,6 +118,10 @@ fn charge(bytes: usize) {
     let over = BUDGET
         .try_with(|b| {
             let mut budget = b.get();
+            if budget.tally_open {
+                budget.tally = budget.tally.saturating_add(bytes as i64);
+                b.set(budget);
+            }
             if !budget.open {
                 return false;
             }
@@ -96,10 +143,13 @@ fn charge(bytes: usize) {
 fn refund(bytes: usize) {
     let _ = BUDGET.try_with(|b| {
         let mut budget = b.get();
+        if budget.tally_open {
+            budget.tally = budget.tally.saturating_sub(bytes as i64);
+        }
         if budget.open {
             budget.used = budget.used.saturating_sub(bytes as i64);
-            b.set(budget);
         }
+        b.set(budget);
     });
 }
 

@@ -99,6 +99,12 @@ async fn chains_run_in_order_and_record_success_and_failure() {
     );
     assert_eq!(outcomes[0].failures.len(), 1);
     assert!(outcomes[1].event.is_none(), "dropped");
+    let stats = pool.stats();
+    assert_eq!(stats["vms"], 4, "{stats}");
+    assert_eq!(stats["configs"], 4, "{stats}");
+    // A boa realm and the prelude alone take well over 100 kB.
+    let heap = stats["vm_heap_bytes_at_load"].as_i64().expect("bytes");
+    assert!(heap > 4 * 100_000, "{stats}");
 
     // A team without plugins passes through untouched.
     let outcomes = pool.process_events(3, vec![event(3, "other")]).await;

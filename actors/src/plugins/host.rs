@@ -175,9 +175,19 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a worker thread holds, for `/_actors`: its live VMs and the heap they took while
+/// loading (the net bytes allocated on the thread during `PluginVm::load`: boa's realm, the
+/// prelude and the plugin's top level).
+#[derive(Debug, Default)]
+pub struct WorkerLoad {
+    pub vms: AtomicI64,
+    pub vm_heap_bytes_at_load: AtomicI64,
+}
+
 /// What a worker thread reports about its calls.
 pub struct WorkerInstruments {
     pub heartbeat: Arc<Heartbeat>,
+    pub load: Arc<WorkerLoad>,
     /// `plugin_method_duration_seconds{method}`.
     pub durations: HistogramVec,
 }

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -18,7 +19,9 @@ use super::delivery::{
     AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
     ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, webhook_request,
 };
-use super::host::{FetchRequest, Heartbeat, PluginHost, WorkerInstruments, install_instruments};
+use super::host::{
+    FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
+};
 use super::telemetry::MethodOutcome;
 use super::vm::{CallEffects, CallError, CapturedByPlugin, Method, PluginVm, VmIdentity, VmLimits};
 use super::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
@@ -158,10 +161,13 @@ struct Slot {
     setup: SetupState,
     export: ExportSettings,
     buffer: ExportBuffer,
+    /// Net heap bytes allocated while the current VM loaded.
+    vm_bytes: i64,
 }
 
 pub struct VmWorker {
     heartbeat: Arc<Heartbeat>,
+    load: Arc<WorkerLoad>,
     host: Rc<dyn PluginHost>,
     limits: VmLimits,
     setup_retry_base: Duration,
@@ -177,9 +183,11 @@ impl VmWorker {
         instruments: WorkerInstruments,
     ) -> Self {
         let heartbeat = Arc::clone(&instruments.heartbeat);
+        let load = Arc::clone(&instruments.load);
         install_instruments(instruments);
         Self {
             heartbeat,
+            load,
             host,
             limits,
             setup_retry_base,
@@ -206,19 +214,24 @@ impl VmWorker {
                 setup: SetupState::NotRun,
                 export: ExportSettings::from_config(&config.config),
                 buffer: ExportBuffer::default(),
+                vm_bytes: 0,
             });
         if let SetupState::Failed(error) = &slot.setup {
             return Err(error.clone());
         }
         if slot.vm.is_none() {
-            match PluginVm::load(
+            let tally = plugin_server_alloc::open_tally();
+            let loaded = PluginVm::load(
                 identity.clone(),
                 &config.source,
                 &config.config,
                 &config.attachments,
                 self.limits.clone(),
                 self.host.clone(),
-            ) {
+            );
+            slot.vm_bytes = tally.bytes().max(0);
+            drop(tally);
+            match loaded {
                 Ok((vm, effects)) => {
                     side.absorb(identity, effects);
                     let post_ingestion = [
@@ -409,6 +422,21 @@ impl VmWorker {
 }
 
 impl VmWorker {
+    /// Counts the live VMs for `/_actors` (after each message, when every VM is in its slot).
+    fn publish_load(&self) {
+        let (vms, bytes) = self
+            .slots
+            .values()
+            .filter(|slot| slot.vm.is_some())
+            .fold((0, 0), |(vms, bytes), slot| {
+                (vms + 1, bytes + slot.vm_bytes)
+            });
+        self.load.vms.store(vms, Ordering::Relaxed);
+        self.load
+            .vm_heap_bytes_at_load
+            .store(bytes, Ordering::Relaxed);
+    }
+
     fn run_async(
         &mut self,
         chain: &[Arc<LoadedConfig>],
@@ -633,7 +661,9 @@ impl Handler<ProcessEvents> for VmWorker {
 
     fn handle(&mut self, message: ProcessEvents, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
-        MessageResult(self.process(&message.chain, &message.events))
+        let reply = self.process(&message.chain, &message.events);
+        self.publish_load();
+        MessageResult(reply)
     }
 }
 
@@ -643,6 +673,7 @@ impl Handler<RunAsync> for VmWorker {
     fn handle(&mut self, message: RunAsync, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         let side = self.run_async(&message.chain, &message.events, message.target);
+        self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
 }
@@ -653,6 +684,7 @@ impl Handler<FlushExports> for VmWorker {
     fn handle(&mut self, message: FlushExports, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         let side = self.flush_exports(message.all);
+        self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
 }
@@ -665,6 +697,7 @@ impl Handler<TeardownAll> for VmWorker {
         for (_, slot) in std::mem::take(&mut self.slots) {
             self.teardown(slot, &mut side);
         }
+        self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
 }
