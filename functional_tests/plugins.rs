@@ -628,3 +628,77 @@ async fn stored_events_reach_on_event_webhooks_and_exports_through_the_redis_que
     assert!(destination.next(Duration::from_secs(2)).await.is_none());
     drop(server);
 }
+
+/// The heart of PostHog's GeoIP plugin, unmodified in what it asks of `meta.geoip`.
+const GEOIP_PLUGIN: &str = r#"
+exports.processEvent = async (event, { geoip }) => {
+    const ip = event.properties.$ip || event.ip
+    if (ip) {
+        const response = await geoip.locate(ip)
+        if (response) {
+            if (response.city) event.properties.$geoip_city_name = response.city.names?.en
+            if (response.country) {
+                event.properties.$geoip_country_name = response.country.names?.en
+                event.properties.$geoip_country_code = response.country.isoCode
+            }
+            if (response.location) event.properties.$geoip_time_zone = response.location.timeZone
+        }
+    }
+    return event
+}
+"#;
+
+/// MMDB_FILE_LOCATION (the real GeoLite2 City) feeds `meta.geoip.locate` in the running server.
+#[tokio::test]
+async fn meta_geoip_locates_with_the_database_at_mmdb_file_location() {
+    plugin_server::telemetry::install_tls_provider();
+    let mmdb =
+        std::env::var("GEOIP_TEST_MMDB").expect("GEOIP_TEST_MMDB: run functional_tests/run.sh");
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(base.path(), "geoip", &[("index.js", GEOIP_PLUGIN)]);
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"geoip\"\nteam_id = 1\n",
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        ("MMDB_FILE_LOCATION", mmdb),
+    ]);
+    let addr = server.addr();
+    // The database loads in the background after start; probe until it answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut probe = 0;
+    let located = loop {
+        probe += 1;
+        let distinct_id = format!("probe-{probe}");
+        let status = post_batch(
+            &addr,
+            "phc_geo",
+            json!([{"event": "$pageview", "distinct_id": distinct_id, "properties": {"$ip": "81.2.69.142"}}]),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let rows = wait_for_rows(base.path(), |rows| {
+            rows.iter().any(|r| r["distinct_id"] == distinct_id)
+        })
+        .await;
+        let row = rows
+            .into_iter()
+            .find(|r| r["distinct_id"] == distinct_id)
+            .unwrap();
+        if row["properties"].get("$geoip_city_name").is_some() {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "never located: {row}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let props = &located["properties"];
+    assert_eq!(props["$geoip_city_name"], "East Finchley");
+    assert_eq!(props["$geoip_country_code"], "GB");
+    assert_eq!(props["$geoip_country_name"], "United Kingdom");
+    assert_eq!(props["$geoip_time_zone"], "Europe/London");
+    drop(server);
+}

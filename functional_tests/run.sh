@@ -7,4 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(bash docker/services.sh start)"
+# GeoLite2 City for the GeoIP tests, fetched into a cache outside the repository (its licence
+# forbids committing it).
+GEOIP_TEST_MMDB="$(bash docker/fetch_geolite2.sh)"
+export GEOIP_TEST_MMDB
 cargo test --workspace --features plugin-server/functional-tests "$@"

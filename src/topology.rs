@@ -11,6 +11,7 @@ use plugin_server_actors::Shutdown;
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::event_writer::{EventWriter, EventWriterConfig, WriterMetrics};
+use plugin_server_actors::geoip::{GeoIpActor, GeoIpConfig, GeoIpHandle, GeoIpSource};
 use plugin_server_actors::health::ProgressReporter;
 use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, SetReady};
 use plugin_server_actors::ingestion::TeamManager;
@@ -133,10 +134,13 @@ impl Topology {
             )
         });
         let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
+        let geoip = GeoIpHandle::new();
+        start_geoip(settings, &registry, &geoip);
         let (plugins, plugin_http) = start_plugins(
             settings,
             database.as_ref(),
             Arc::clone(&cluster.cache),
+            geoip,
             &metrics,
             plugin_outputs.clone(),
         )
@@ -273,6 +277,32 @@ impl Topology {
     }
 }
 
+/// GeoIP for `meta.geoip`: the MaxMind City file at MMDB_FILE_LOCATION, loaded off the actor
+/// thread and reloaded when it changes; lookups go straight to `handle` from the VM threads.
+/// Without a location (or with DISABLE_MMDB) every lookup answers null.
+fn start_geoip(settings: &Settings, registry: &ActorRegistry, handle: &GeoIpHandle) {
+    if settings.disable_mmdb {
+        tracing::info!("DISABLE_MMDB is set: meta.geoip.locate answers null.");
+        return;
+    }
+    if settings.mmdb_file_location.is_empty() {
+        tracing::info!("MMDB_FILE_LOCATION is not set: meta.geoip.locate answers null.");
+        return;
+    }
+    let path = std::path::PathBuf::from(&settings.mmdb_file_location);
+    let handle = handle.clone();
+    spawn_supervised(registry, SpawnOptions::new("geoip"), move |_| {
+        GeoIpActor::new(
+            GeoIpConfig {
+                source: GeoIpSource::File(path),
+                disabled: false,
+                reload_check_interval: std::time::Duration::from_secs(60),
+            },
+            handle,
+        )
+    });
+}
+
 /// Loads every active plugin config (Postgres when DATABASE_URL is set, else
 /// `BASE_DIR/plugins` with `plugins_config_file`) and starts the VM pool that runs them.
 /// A plugin that cannot be loaded is recorded and skipped; the others run.
@@ -280,6 +310,7 @@ async fn start_plugins(
     settings: &Settings,
     database: Option<&deadpool_postgres::Pool>,
     cache: Arc<dyn CacheStore>,
+    geoip: GeoIpHandle,
     metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
 ) -> Result<(PluginVmPool, PluginHttp), ServerError> {
@@ -313,6 +344,7 @@ async fn start_plugins(
                 http.clone(),
                 Arc::clone(&cache),
                 storage.clone(),
+                geoip.clone(),
             )) as Rc<dyn PluginHost>
         }
     });

@@ -21,6 +21,10 @@ impl PluginHost for NoNetwork {
     fn storage(&self, _: &VmIdentity, op: StorageOp) -> Result<Value, String> {
         Err(format!("no storage in this test ({op:?})"))
     }
+
+    fn geoip(&self, _: &str) -> Value {
+        Value::Null
+    }
 }
 
 #[derive(Default)]

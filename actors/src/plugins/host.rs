@@ -128,6 +128,8 @@ pub trait PluginHost {
     fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String>;
     /// The reply is the stored JSON text (Get), the cursor value, or null.
     fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String>;
+    /// `meta.geoip.locate(ip)`: geoip2-node's City, or null without a database or a match.
+    fn geoip(&self, ip: &str) -> Value;
 }
 
 struct Timer {
@@ -298,8 +300,9 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 11] = [
+    let functions: [(&str, usize, NativeFn); 12] = [
         ("cache", 4, cache),
+        ("geoip", 1, geoip),
         ("storage", 3, storage),
         ("log", 2, log),
         ("hash", 3, hash),
@@ -580,6 +583,11 @@ fn integer_arg(args: &[JsValue], index: usize, what: &str, context: &mut Context
             .into());
     }
     Ok(value.to_number(context)? as i64)
+}
+
+fn geoip(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let ip = string_arg(args, 0, context)?;
+    ask_host("geoip", context, |host, _| Ok(host.geoip(&ip)))
 }
 
 fn unknown_operation(kind: &str, operation: &str) -> JsError {

@@ -188,6 +188,13 @@
         },
     }
 
+    // PostHog's `meta.geoip`: a promise of geoip2-node's City, or null.
+    const geoip = {
+        async locate(ip) {
+            return host.geoip(String(ip))
+        },
+    }
+
     const modules = {
         crypto: { createHash, createHmac, randomUUID: () => host.randomUUID() },
         url: { URL: g.URL, URLSearchParams: g.URLSearchParams },
@@ -227,5 +234,5 @@
     for (const [name, value] of Object.entries({ console, fetch, posthog, RetryError, Buffer, ...timers })) {
         Object.defineProperty(g, name, { value, writable: true, configurable: true, enumerable: false })
     }
-    return { require, resolveExports, Buffer, methods, cache, storage, utils }
+    return { require, resolveExports, Buffer, methods, cache, storage, utils, geoip }
 })

@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 use super::host::{CacheOp, FetchReply, FetchRequest, PluginHost, StorageOp};
 use super::vm::VmIdentity;
 use crate::cluster::cache::CacheStore;
+use crate::geoip::GeoIpHandle;
 
 /// Where `meta.storage` keeps its values.
 #[derive(Clone)]
@@ -48,6 +49,7 @@ pub struct ServerHost {
     http: PluginHttp,
     cache: Arc<dyn CacheStore>,
     storage: PluginStorage,
+    geoip: GeoIpHandle,
 }
 
 impl ServerHost {
@@ -56,12 +58,14 @@ impl ServerHost {
         http: PluginHttp,
         cache: Arc<dyn CacheStore>,
         storage: PluginStorage,
+        geoip: GeoIpHandle,
     ) -> Self {
         Self {
             runtime,
             http,
             cache,
             storage,
+            geoip,
         }
     }
 
@@ -184,6 +188,11 @@ impl PluginHost for ServerHost {
 
     fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
         self.runtime.block_on(self.storage_op(identity, op))
+    }
+
+    /// Straight from the shared reader, on this thread: no actor round trip per lookup.
+    fn geoip(&self, ip: &str) -> Value {
+        self.geoip.locate(ip).unwrap_or(Value::Null)
     }
 }
 
@@ -381,6 +390,7 @@ mod tests {
                 "",
             )),
             PluginStorage::InProcess(Arc::default()),
+            GeoIpHandle::new(),
         );
         let request = FetchRequest {
             url: "http://localhost:1/x".into(),

@@ -51,6 +51,15 @@ impl PluginHost for MockHost {
         })
     }
 
+    /// One known address, in geoip2-node's shape.
+    fn geoip(&self, ip: &str) -> Value {
+        if ip == "81.2.69.142" {
+            json!({"city": {"names": {"en": "East Finchley"}}, "country": {"isoCode": "GB"}})
+        } else {
+            Value::Null
+        }
+    }
+
     fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
         let scope = |key: &str| format!("{}/{key}", identity.plugin_config_id);
         let mut storage = self.storage.borrow_mut();
@@ -501,4 +510,26 @@ fn meta_cache_and_storage_round_trip_json_and_raw_values() {
         matches!(result, Err(CallError::Thrown { ref name, .. }) if name == "TypeError"),
         "{result:?}"
     );
+}
+
+/// `meta.geoip.locate` resolves to the host's answer (the GeoIP plugin's usage), null when
+/// there is none.
+#[test]
+fn geoip_locate_answers_through_the_host() {
+    let mut vm = load(
+        r#"
+        exports.processEvent = async (event, { geoip }) => {
+            const known = await geoip.locate('81.2.69.142')
+            event.properties.city = known.city.names.en
+            event.properties.country = known.country.isoCode
+            event.properties.unknown = await geoip.locate('10.0.0.1')
+            return event
+        }
+        "#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let out = result.expect("no error").expect("an event");
+    assert_eq!(out["properties"]["city"], "East Finchley");
+    assert_eq!(out["properties"]["country"], "GB");
+    assert_eq!(out["properties"]["unknown"], Value::Null);
 }

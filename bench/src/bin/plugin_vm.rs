@@ -157,6 +157,10 @@ impl PluginHost for NoNetwork {
     ) -> Result<Value, String> {
         Err(format!("no storage in the benchmark ({op:?})"))
     }
+
+    fn geoip(&self, _: &str) -> Value {
+        Value::Null
+    }
 }
 
 /// Counts what the pool reports besides events; a config error fails the run.
