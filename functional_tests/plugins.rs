@@ -702,3 +702,122 @@ async fn meta_geoip_locates_with_the_database_at_mmdb_file_location() {
     assert_eq!(props["$geoip_time_zone"], "Europe/London");
     drop(server);
 }
+
+fn versioned_plugin(version: u32) -> String {
+    format!(
+        "exports.processEvent = (e) => {{ e.properties.version = {version}; return e }}
+         exports.teardownPlugin = async ({{ storage }}) => {{ await storage.set('torn down', {version}) }}"
+    )
+}
+
+/// A plugin's source changes in Postgres and `reload-plugins` is published (as PostHog's app
+/// does, with a bare string): the old VM is torn down, later events get the new version, and
+/// every event is stored once.
+#[tokio::test]
+async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
+    plugin_server::telemetry::install_tls_provider();
+    let database = FreshPostgres::create().await;
+    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let client = database.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO posthog_organization (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'org');
+             INSERT INTO posthog_team (id, organization_id, api_token) VALUES (2, '00000000-0000-0000-0000-000000000001', 'phc_reload');
+             INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                 VALUES (1, '00000000-0000-0000-0000-000000000001', 'source', 'versioned', now() - interval '1 hour');
+             INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config) VALUES (10, 2, 1, true, 1, '{}');",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.js', $1)",
+            &[&versioned_plugin(1)],
+        )
+        .await
+        .unwrap();
+    let channel = format!("reload-plugins-test-{}", std::process::id());
+    let base = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("DATABASE_URL", database.url.clone()),
+        ("REDIS_URL", redis_url()),
+        ("PLUGINS_RELOAD_PUBSUB_CHANNEL", channel.clone()),
+        ("RELOAD_PLUGIN_JITTER_MAX_MS", "0".to_owned()),
+    ]);
+    let addr = server.addr();
+    let mut sent = 0;
+    let send = async |sent: &mut i32| {
+        *sent += 1;
+        let status = post_batch(
+            &addr,
+            "phc_reload",
+            json!([{"event": "e", "distinct_id": format!("d{sent}"), "properties": {}}]),
+        )
+        .await;
+        assert_eq!(status, 200);
+    };
+    send(&mut sent).await;
+    assert_eq!(read_event_rows(base.path())[0]["properties"]["version"], 1);
+
+    client
+        .execute(
+            "UPDATE posthog_pluginsourcefile SET source = $1 WHERE plugin_id = 1",
+            &[&versioned_plugin(2)],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE posthog_plugin SET updated_at = now() WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 1, "the server listens on {channel}");
+
+    // Events keep flowing while the reload happens; once it is done they carry version 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        send(&mut sent).await;
+        let rows = read_event_rows(base.path());
+        if rows.last().is_some_and(|r| r["properties"]["version"] == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reloaded: {rows:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = read_event_rows(base.path());
+    assert_eq!(rows.len(), sent as usize, "every event stored once");
+    let versions: Vec<i64> = rows
+        .iter()
+        .map(|r| r["properties"]["version"].as_i64().unwrap())
+        .collect();
+    let switch = versions.iter().position(|v| *v == 2).unwrap();
+    assert!(versions[..switch].iter().all(|v| *v == 1), "{versions:?}");
+    assert!(versions[switch..].iter().all(|v| *v == 2), "{versions:?}");
+    // The old VM ran its teardownPlugin.
+    let torn: Option<String> = client
+        .query_opt(
+            "SELECT value FROM posthog_pluginstorage WHERE plugin_config_id = 10 AND key = 'torn down'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0));
+    assert_eq!(torn.as_deref(), Some("1"));
+    drop(server);
+}

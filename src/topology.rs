@@ -36,6 +36,7 @@ use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_sup
 
 use plugin_server_actors::cluster::cache::CacheStore;
 use plugin_server_actors::plugin_async::{PostIngestionConsumer, PostIngestionPublisher};
+use plugin_server_actors::plugin_reloader::{PluginReloader, PluginReloaderConfig};
 use plugin_server_actors::plugin_vm_pool::{
     HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
@@ -71,6 +72,8 @@ pub struct Topology {
     pub plugins: PluginVmPool,
     /// Taken at shutdown, after ingestion drained.
     post_ingestion: std::sync::Mutex<Option<PostIngestionConsumer>>,
+    /// Reloads plugins on `reload-plugins` for as long as the topology lives.
+    _reloader: PluginReloader,
 }
 
 impl Topology {
@@ -136,7 +139,7 @@ impl Topology {
         let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
         let geoip = GeoIpHandle::new();
         start_geoip(settings, &registry, &geoip);
-        let (plugins, plugin_http) = start_plugins(
+        let (plugins, plugin_http, plugin_registry) = start_plugins(
             settings,
             database.as_ref(),
             Arc::clone(&cluster.cache),
@@ -145,6 +148,18 @@ impl Topology {
             plugin_outputs.clone(),
         )
         .await?;
+        let reloader = PluginReloader::start(
+            PluginReloaderConfig {
+                channel: settings.plugins_reload_pubsub_channel.clone(),
+                jitter_max: std::time::Duration::from_millis(settings.reload_plugin_jitter_max_ms),
+            },
+            &cluster.pubsub,
+            plugin_registry,
+            plugins.clone(),
+            plugin_outputs.clone(),
+        )
+        .await
+        .map_err(ServerError::Redis)?;
         let publisher = PostIngestionPublisher::new(Arc::clone(&cluster.queue), &metrics)?;
         plugin_outputs.set_delivery(publisher.clone(), plugin_http);
         let post_ingestion = if runs_post_ingestion(settings)? {
@@ -241,6 +256,7 @@ impl Topology {
             drain_order,
             plugins,
             post_ingestion: std::sync::Mutex::new(post_ingestion),
+            _reloader: reloader,
         })
     }
 
@@ -313,7 +329,7 @@ async fn start_plugins(
     geoip: GeoIpHandle,
     metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
-) -> Result<(PluginVmPool, PluginHttp), ServerError> {
+) -> Result<(PluginVmPool, PluginHttp, PluginRegistry), ServerError> {
     let source = match database {
         Some(pool) => RegistrySource::Postgres {
             pool: pool.clone(),
@@ -373,7 +389,7 @@ async fn start_plugins(
         outputs.side_effects(side);
     }
     pool.set_plugins(PluginSet::new(configs));
-    Ok((pool, http))
+    Ok((pool, http, registry))
 }
 
 /// Where rows go:

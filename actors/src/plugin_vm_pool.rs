@@ -31,7 +31,7 @@ use crate::plugins::delivery::AsyncTarget;
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::vm::{CallError, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, ProcessEvents, RunAsync, SideEffects, TeardownAll, VmWorker,
+    FlushExports, ProcessEvents, Retire, RunAsync, SideEffects, TeardownAll, VmWorker,
 };
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
@@ -235,6 +235,31 @@ impl PluginVmPool {
             .set(plugins.config_count() as i64);
         if let Ok(mut current) = self.inner.plugins.write() {
             *current = Arc::new(plugins);
+        }
+    }
+
+    /// A reload: swaps in `plugins`, then has every worker tear down the VMs of configs that
+    /// are gone or changed. Batches already sent finish on the chain they were sent with.
+    pub async fn replace_plugins(&self, plugins: PluginSet) {
+        let current: Arc<HashMap<i64, String>> = Arc::new(
+            plugins
+                .configs()
+                .map(|c| (c.identity.plugin_config_id, c.version.clone()))
+                .collect(),
+        );
+        let configs: Vec<Arc<LoadedConfig>> = self.plugins().configs().cloned().collect();
+        self.set_plugins(plugins);
+        for index in 0..self.inner.workers.len() {
+            if let Sent::Reply(reply) = self
+                .send_to(index, |request_id| Retire {
+                    request_id,
+                    current: Arc::clone(&current),
+                })
+                .await
+            {
+                // Log entries of retired configs are filtered by their old settings.
+                self.deliver(reply.side, &configs);
+            }
         }
     }
 

@@ -128,6 +128,8 @@ struct Inner {
     /// Full channel → local subscribers.
     subscribers: Mutex<HashMap<String, Vec<LocalSubscriber>>>,
     next_subscriber: AtomicU64,
+    /// Channels other programs publish on (`subscribe_foreign`), by full name.
+    foreign: Mutex<HashSet<String>>,
 }
 
 /// One instance's pub/sub. Cheap to clone.
@@ -151,6 +153,7 @@ impl PubSub {
             transport,
             subscribers: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(0),
+            foreign: Mutex::new(HashSet::new()),
         });
         tokio::spawn(dispatch(Arc::downgrade(&inner), inbound));
         Self { inner }
@@ -188,7 +191,28 @@ impl PubSub {
         channel: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription, ClusterError> {
-        let full = self.full_channel(channel);
+        self.subscribe_full(self.full_channel(channel), options)
+            .await
+    }
+
+    /// Subscribes to a channel that another program publishes on, such as PostHog's
+    /// `reload-plugins` (Django sends a bare string): the exact channel name, without the
+    /// deployment prefix, and a message that is not an envelope arrives with its raw text as
+    /// a string payload and an empty publisher.
+    pub async fn subscribe_foreign(
+        &self,
+        channel: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, ClusterError> {
+        lock(&self.inner.foreign).insert(channel.to_owned());
+        self.subscribe_full(channel.to_owned(), options).await
+    }
+
+    async fn subscribe_full(
+        &self,
+        full: String,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, ClusterError> {
         let id = self.inner.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(SUBSCRIBER_BUFFER);
         let sender = match options.debounce {
@@ -268,6 +292,14 @@ async fn dispatch(inner: Weak<Inner>, mut inbound: mpsc::UnboundedReceiver<Inbou
         };
         let envelope: Envelope = match serde_json::from_str(&raw) {
             Ok(envelope) => envelope,
+            Err(_) if lock(&inner.foreign).contains(&channel) => Envelope {
+                id: uuid::Uuid::now_v7().to_string(),
+                publisher: String::new(),
+                ts: unix_millis(),
+                skip_self: false,
+                only_self: false,
+                payload: Value::String(raw),
+            },
             Err(error) => {
                 tracing::warn!(%channel, %error, "dropped a pub/sub message that is not an envelope");
                 continue;
@@ -381,6 +413,11 @@ impl Subscription {
     /// The next message; `None` once the `PubSub` is gone.
     pub async fn recv(&mut self) -> Option<PubSubMessage> {
         self.receiver.recv().await
+    }
+
+    /// A message already received, without waiting.
+    pub fn try_recv(&mut self) -> Result<PubSubMessage, mpsc::error::TryRecvError> {
+        self.receiver.try_recv()
     }
 
     /// As a stream, for `ctx.add_stream` in actors.
@@ -674,6 +711,25 @@ mod tests {
         assert_eq!(teams, vec![json!(1), json!(2)]);
         let more = tokio::time::timeout(Duration::from_secs(5), subscription.recv()).await;
         assert!(more.is_err(), "nothing else: {more:?}");
+    }
+
+    #[tokio::test]
+    async fn foreign_channels_take_raw_messages_without_the_prefix() {
+        let bus = InProcessBus::new();
+        let listener = instance(&bus, "b");
+        let mut subscription = listener
+            .subscribe_foreign("reload-plugins", SubscribeOptions::default())
+            .await
+            .expect("subscribed");
+        let (raw_transport, _inbound) = bus.transport();
+        raw_transport
+            .publish("reload-plugins", "")
+            .await
+            .expect("sent");
+        let message = subscription.recv().await.expect("the raw message arrives");
+        assert_eq!(message.payload, json!(""));
+        assert_eq!(message.channel, "reload-plugins");
+        assert_eq!(message.publisher, "");
     }
 
     #[tokio::test]

@@ -64,6 +64,15 @@ pub struct FlushExports {
     pub all: bool,
 }
 
+/// After a reload: tear down the VMs of configs that are gone or changed (`current` maps each
+/// active config to its version). Changed configs are rebuilt on their next use.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<()>")]
+pub struct Retire {
+    pub request_id: u64,
+    pub current: Arc<HashMap<i64, String>>,
+}
+
 /// Run `teardownPlugin` on every VM that ran its setup, and drop them all (shutdown).
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
@@ -684,6 +693,28 @@ impl Handler<FlushExports> for VmWorker {
     fn handle(&mut self, message: FlushExports, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         let side = self.flush_exports(message.all);
+        self.publish_load();
+        MessageResult(WorkerReply { value: (), side })
+    }
+}
+
+impl Handler<Retire> for VmWorker {
+    type Result = MessageResult<Retire>;
+
+    fn handle(&mut self, message: Retire, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let retired: Vec<i64> = self
+            .slots
+            .iter()
+            .filter(|(id, slot)| message.current.get(id) != Some(&slot.config.version))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut side = SideEffects::default();
+        for id in retired {
+            if let Some(slot) = self.slots.remove(&id) {
+                self.teardown(slot, &mut side);
+            }
+        }
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
