@@ -700,6 +700,116 @@ async fn meta_geoip_locates_with_the_database_at_mmdb_file_location() {
     assert_eq!(props["$geoip_country_code"], "GB");
     assert_eq!(props["$geoip_country_name"], "United Kingdom");
     assert_eq!(props["$geoip_time_zone"], "Europe/London");
+    // A private address is not located.
+    let row = post_and_read(&addr, base.path(), "private", "10.1.2.3").await;
+    assert!(row["properties"].get("$geoip_city_name").is_none(), "{row}");
+    drop(server);
+
+    // DISABLE_MMDB: the same database is never read.
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        (
+            "MMDB_FILE_LOCATION",
+            std::env::var("GEOIP_TEST_MMDB").unwrap(),
+        ),
+        ("DISABLE_MMDB", "true".to_owned()),
+    ]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let row = post_and_read(&server.addr(), base.path(), "disabled", "81.2.69.142").await;
+    assert!(row["properties"].get("$geoip_city_name").is_none(), "{row}");
+    drop(server);
+}
+
+/// Posts one event from `ip` and returns its stored row.
+async fn post_and_read(addr: &str, base_dir: &Path, distinct_id: &str, ip: &str) -> Value {
+    let status = post_batch(
+        addr,
+        "phc_geo",
+        json!([{"event": "$pageview", "distinct_id": distinct_id, "properties": {"$ip": ip}}]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_rows(base_dir, |rows| {
+        rows.iter().any(|r| r["distinct_id"] == distinct_id)
+    })
+    .await
+    .into_iter()
+    .find(|r| r["distinct_id"] == distinct_id)
+    .unwrap()
+}
+
+/// Without MMDB_FILE_LOCATION, the database comes from PostHog's `@posthog/mmdb` attachment
+/// (Brotli-compressed, global) in Postgres.
+#[tokio::test]
+async fn meta_geoip_loads_posthogs_mmdb_attachment_from_postgres() {
+    plugin_server::telemetry::install_tls_provider();
+    let mmdb = std::fs::read(
+        std::env::var("GEOIP_TEST_MMDB").expect("GEOIP_TEST_MMDB: run functional_tests/run.sh"),
+    )
+    .unwrap();
+    let mut compressed = Vec::new();
+    {
+        let mut writer = brotli::CompressorWriter::new(&mut compressed, 1 << 16, 1, 22);
+        writer.write_all(&mmdb).unwrap();
+    }
+    let database = FreshPostgres::create().await;
+    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let client = database.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO posthog_organization (id, name) VALUES ('00000000-0000-0000-0000-000000000001', 'org');
+             INSERT INTO posthog_team (id, organization_id, api_token) VALUES (2, '00000000-0000-0000-0000-000000000001', 'phc_geo');
+             INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                 VALUES (1, '00000000-0000-0000-0000-000000000001', 'source', 'geoip', now());
+             INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config) VALUES (10, 2, 1, true, 1, '{}');",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.js', $1)",
+            &[&GEOIP_PLUGIN],
+        )
+        .await
+        .unwrap();
+    let size = compressed.len() as i32;
+    client
+        .execute(
+            "INSERT INTO posthog_pluginattachment (key, content_type, file_name, file_size, contents)
+             VALUES ('@posthog/mmdb', 'application/vnd.maxmind.maxmind-db', 'GeoLite2-City.mmdb.br', $1, $2)",
+            &[&size, &compressed],
+        )
+        .await
+        .unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("DATABASE_URL", database.url.clone()),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut probe = 0;
+    loop {
+        probe += 1;
+        let row = post_and_read(
+            &server.addr(),
+            base.path(),
+            &format!("probe-{probe}"),
+            "81.2.69.142",
+        )
+        .await;
+        if row["properties"].get("$geoip_city_name").is_some() {
+            assert_eq!(row["properties"]["$geoip_city_name"], "East Finchley");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never located: {row}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(server);
 }
 

@@ -27,6 +27,7 @@ use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
 use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
 use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::migrations::ClickHouseTarget;
+use plugin_server_actors::postgres::PostgresError;
 use plugin_server_actors::sinks::{
     ClickHouseSink, EventSink, FanOutSink, JsonLinesConfig, JsonLinesSink, KafkaSink,
     KafkaSinkConfig,
@@ -138,7 +139,7 @@ impl Topology {
         });
         let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
         let geoip = GeoIpHandle::new();
-        start_geoip(settings, &registry, &geoip);
+        start_geoip(settings, database.as_ref(), &registry, &geoip).await?;
         let (plugins, plugin_http, plugin_registry) = start_plugins(
             settings,
             database.as_ref(),
@@ -293,30 +294,63 @@ impl Topology {
     }
 }
 
-/// GeoIP for `meta.geoip`: the MaxMind City file at MMDB_FILE_LOCATION, loaded off the actor
-/// thread and reloaded when it changes; lookups go straight to `handle` from the VM threads.
-/// Without a location (or with DISABLE_MMDB) every lookup answers null.
-fn start_geoip(settings: &Settings, registry: &ActorRegistry, handle: &GeoIpHandle) {
+/// GeoIP for `meta.geoip`: the MaxMind City file at MMDB_FILE_LOCATION (reloaded when it
+/// changes), else PostHog's Brotli-compressed `@posthog/mmdb` attachment in Postgres. Loaded off
+/// the actor thread; lookups go straight to `handle` from the VM threads. With DISABLE_MMDB or
+/// neither source, every lookup answers null.
+async fn start_geoip(
+    settings: &Settings,
+    database: Option<&deadpool_postgres::Pool>,
+    registry: &ActorRegistry,
+    handle: &GeoIpHandle,
+) -> Result<(), ServerError> {
     if settings.disable_mmdb {
         tracing::info!("DISABLE_MMDB is set: meta.geoip.locate answers null.");
-        return;
+        return Ok(());
     }
-    if settings.mmdb_file_location.is_empty() {
+    let source = if !settings.mmdb_file_location.is_empty() {
+        GeoIpSource::File(std::path::PathBuf::from(&settings.mmdb_file_location))
+    } else if let Some(pool) = database {
+        match mmdb_attachment(pool).await? {
+            Some(compressed) => GeoIpSource::Brotli(compressed),
+            None => {
+                tracing::info!(
+                    "No MMDB_FILE_LOCATION and no @posthog/mmdb attachment: meta.geoip.locate answers null."
+                );
+                return Ok(());
+            }
+        }
+    } else {
         tracing::info!("MMDB_FILE_LOCATION is not set: meta.geoip.locate answers null.");
-        return;
-    }
-    let path = std::path::PathBuf::from(&settings.mmdb_file_location);
+        return Ok(());
+    };
     let handle = handle.clone();
     spawn_supervised(registry, SpawnOptions::new("geoip"), move |_| {
         GeoIpActor::new(
             GeoIpConfig {
-                source: GeoIpSource::File(path),
+                source,
                 disabled: false,
                 reload_check_interval: std::time::Duration::from_secs(60),
             },
             handle,
         )
     });
+    Ok(())
+}
+
+/// PostHog's GeoIP database row: the largest global `@posthog/mmdb` attachment.
+async fn mmdb_attachment(pool: &deadpool_postgres::Pool) -> Result<Option<Vec<u8>>, ServerError> {
+    let client = pool.get().await.map_err(PostgresError::Connect)?;
+    let row = client
+        .query_opt(
+            "SELECT contents FROM posthog_pluginattachment \
+             WHERE key = '@posthog/mmdb' AND plugin_config_id IS NULL AND team_id IS NULL \
+             ORDER BY file_size DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(PostgresError::Query)?;
+    Ok(row.map(|row| row.get(0)))
 }
 
 /// Loads every active plugin config (Postgres when DATABASE_URL is set, else

@@ -13,6 +13,8 @@ pub enum PostgresError {
     Build(String),
     #[error("cannot reach Postgres (check DATABASE_URL): {0}")]
     Connect(#[source] deadpool_postgres::PoolError),
+    #[error("a Postgres query failed: {0}")]
+    Query(#[source] tokio_postgres::Error),
 }
 
 /// A pool of at most `max_size` connections (PostHog uses 10), checked with one connection
