@@ -629,24 +629,8 @@ async fn stored_events_reach_on_event_webhooks_and_exports_through_the_redis_que
     drop(server);
 }
 
-/// The heart of PostHog's GeoIP plugin, unmodified in what it asks of `meta.geoip`.
-const GEOIP_PLUGIN: &str = r#"
-exports.processEvent = async (event, { geoip }) => {
-    const ip = event.properties.$ip || event.ip
-    if (ip) {
-        const response = await geoip.locate(ip)
-        if (response) {
-            if (response.city) event.properties.$geoip_city_name = response.city.names?.en
-            if (response.country) {
-                event.properties.$geoip_country_name = response.country.names?.en
-                event.properties.$geoip_country_code = response.country.isoCode
-            }
-            if (response.location) event.properties.$geoip_time_zone = response.location.timeZone
-        }
-    }
-    return event
-}
-"#;
+/// The GeoIP plugin of this project's tests (TypeScript, ESM), doing what PostHog's does.
+const GEOIP_PLUGIN: &str = include_str!("fixtures/geoip/index.ts");
 
 /// MMDB_FILE_LOCATION (the real GeoLite2 City) feeds `meta.geoip.locate` in the running server.
 #[tokio::test]
@@ -655,7 +639,7 @@ async fn meta_geoip_locates_with_the_database_at_mmdb_file_location() {
     let mmdb =
         std::env::var("GEOIP_TEST_MMDB").expect("GEOIP_TEST_MMDB: run functional_tests/run.sh");
     let base = tempfile::tempdir().unwrap();
-    write_plugin(base.path(), "geoip", &[("index.js", GEOIP_PLUGIN)]);
+    write_plugin(base.path(), "geoip", &[("index.ts", GEOIP_PLUGIN)]);
     let configs = base.path().join("plugins.toml");
     std::fs::write(
         &configs,
@@ -700,6 +684,10 @@ async fn meta_geoip_locates_with_the_database_at_mmdb_file_location() {
     assert_eq!(props["$geoip_country_code"], "GB");
     assert_eq!(props["$geoip_country_name"], "United Kingdom");
     assert_eq!(props["$geoip_time_zone"], "Europe/London");
+    assert_eq!(props["$geoip_continent_code"], "EU");
+    assert_eq!(props["$geoip_subdivision_1_code"], "ENG");
+    assert_eq!(props["$set"]["$geoip_city_name"], "East Finchley");
+    assert_eq!(props["$set_once"]["$initial_geoip_country_code"], "GB");
     // A private address is not located.
     let row = post_and_read(&addr, base.path(), "private", "10.1.2.3").await;
     assert!(row["properties"].get("$geoip_city_name").is_none(), "{row}");
@@ -773,7 +761,7 @@ async fn meta_geoip_loads_posthogs_mmdb_attachment_from_postgres() {
         .unwrap();
     client
         .execute(
-            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.js', $1)",
+            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.ts', $1)",
             &[&GEOIP_PLUGIN],
         )
         .await
