@@ -919,3 +919,106 @@ async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
     assert_eq!(torn.as_deref(), Some("1"));
     drop(server);
 }
+
+/// Reports each run of its scheduled task to the test's HTTP destination, with the run's time.
+const SCHEDULED: &str = r#"
+exports.runEveryMinute = async ({ config }) => {
+    await fetch(config.url + '/tick', { method: 'POST', body: String(Date.now()) })
+}
+"#;
+
+/// Which of `servers` holds the schedule lock, from `/_actors`.
+async fn schedule_holders(servers: &[Option<ServerProcess>]) -> Vec<usize> {
+    let mut holders = Vec::new();
+    for (index, server) in servers.iter().enumerate() {
+        let Some(server) = server else { continue };
+        let actors: Value = reqwest::get(format!("http://{}/_actors", server.addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if actors["plugin_scheduler"]["holds_lock"] == true {
+            holders.push(index);
+        }
+    }
+    holders
+}
+
+/// Tick times (ms) that arrive within `window`.
+async fn ticks_during(destination: &mut common::HttpRecorder, window: Duration) -> Vec<u64> {
+    let until = Instant::now() + window;
+    let mut ticks = Vec::new();
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Some((_, path, body)) = destination.next(left).await {
+            assert_eq!(path, "/tick");
+            ticks.push(body.parse().unwrap());
+        }
+    }
+    ticks
+}
+
+/// Three instances on one Redis with a 1.5 s "minute": each boundary runs the task exactly
+/// once; when the lock holder is killed, another instance takes over within the lock's TTL.
+#[tokio::test]
+async fn scheduled_tasks_run_once_per_tick_across_instances_and_survive_the_holder_dying() {
+    plugin_server::telemetry::install_tls_provider();
+    const PERIOD_MS: u64 = 1500;
+    let mut destination = common::HttpRecorder::start().await;
+    let prefix = format!("ft-schedule-{}:", std::process::id());
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers: Vec<Option<ServerProcess>> = Vec::new();
+    for dir in &dirs {
+        write_plugin(dir.path(), "ticker", &[("index.js", SCHEDULED)]);
+        let configs = dir.path().join("plugins.toml");
+        std::fs::write(
+            &configs,
+            format!(
+                "[[plugin_config]]\nplugin = \"ticker\"\nteam_id = 1\nconfig = {{ url = \"{}\" }}\n",
+                destination.url
+            ),
+        )
+        .unwrap();
+        servers.push(Some(ServerProcess::start(&[
+            ("BASE_DIR", dir.path().to_str().unwrap().to_owned()),
+            ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+            ("REDIS_URL", redis_url()),
+            ("CLUSTER_PREFIX", prefix.clone()),
+            ("SCHEDULE_LOCK_TTL", "2".to_owned()),
+            ("SCHEDULE_MINUTE_MS", PERIOD_MS.to_string()),
+        ])));
+    }
+    let once_per_tick = |ticks: &[u64]| {
+        let mut boundaries: Vec<u64> = ticks.iter().map(|t| t / PERIOD_MS).collect();
+        boundaries.sort_unstable();
+        let count = boundaries.len();
+        boundaries.dedup();
+        assert_eq!(boundaries.len(), count, "a boundary ran twice: {ticks:?}");
+        count
+    };
+
+    let ticks = ticks_during(&mut destination, Duration::from_millis(PERIOD_MS * 5)).await;
+    assert!(once_per_tick(&ticks) >= 3, "{ticks:?}");
+    let holders = schedule_holders(&servers).await;
+    assert_eq!(
+        holders.len(),
+        1,
+        "exactly one instance schedules: {holders:?}"
+    );
+
+    // SIGKILL the holder: its lease lapses after the 2 s TTL and another instance goes on.
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    drop(servers[holders[0]].take());
+    let ticks = ticks_during(&mut destination, Duration::from_millis(PERIOD_MS * 6)).await;
+    assert!(once_per_tick(&ticks) >= 3, "{ticks:?}");
+    let first = ticks.iter().min().copied().unwrap_or(u64::MAX);
+    assert!(
+        first < killed_at + 2_000 + PERIOD_MS + 1_500,
+        "taken over within TTL + one period: killed at {killed_at}, first tick {first}"
+    );
+    let holders = schedule_holders(&servers).await;
+    assert_eq!(holders.len(), 1, "{holders:?}");
+}

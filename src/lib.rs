@@ -46,6 +46,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         registry: topology.registry.clone(),
         metrics: topology.metrics.clone(),
         plugins: Some(topology.plugins.clone()),
+        scheduler: topology.scheduler.as_ref().map(|s| s.stats()),
     };
     let capture_metrics = http::capture::CaptureMetrics::new().map_err(MetricsError::from)?;
     capture_metrics

@@ -145,6 +145,10 @@ pub struct Settings {
     pub reload_plugin_jitter_max_ms: u64,
     /// Seconds.
     pub schedule_lock_ttl: u64,
+    /// Not PostHog's: the periods of runEveryMinute/Hour/Day, in ms (shorter only in tests).
+    pub schedule_minute_ms: u64,
+    pub schedule_hour_ms: u64,
+    pub schedule_day_ms: u64,
     pub external_request_timeout_ms: u64,
     /// Not PostHog's: per-team plugin configs in the embedded profile (no Postgres).
     pub plugins_config_file: PathBuf,
@@ -289,6 +293,9 @@ impl Settings {
         positive("TASKS_PER_WORKER", self.tasks_per_worker as u64)?;
         positive("TASK_TIMEOUT", self.task_timeout)?;
         positive("SCHEDULE_LOCK_TTL", self.schedule_lock_ttl)?;
+        positive("SCHEDULE_MINUTE_MS", self.schedule_minute_ms)?;
+        positive("SCHEDULE_HOUR_MS", self.schedule_hour_ms)?;
+        positive("SCHEDULE_DAY_MS", self.schedule_day_ms)?;
         positive("REDIS_POOL_MAX_SIZE", self.redis_pool_max_size as u64)?;
         positive(
             "KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY",

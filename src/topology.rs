@@ -38,6 +38,7 @@ use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_sup
 use plugin_server_actors::cluster::cache::CacheStore;
 use plugin_server_actors::plugin_async::{PostIngestionConsumer, PostIngestionPublisher};
 use plugin_server_actors::plugin_reloader::{PluginReloader, PluginReloaderConfig};
+use plugin_server_actors::plugin_scheduler::{PluginScheduler, SchedulerConfig};
 use plugin_server_actors::plugin_vm_pool::{
     HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
@@ -75,6 +76,8 @@ pub struct Topology {
     post_ingestion: std::sync::Mutex<Option<PostIngestionConsumer>>,
     /// Reloads plugins on `reload-plugins` for as long as the topology lives.
     _reloader: PluginReloader,
+    /// runEveryMinute/Hour/Day, when this instance's mode runs them.
+    pub scheduler: Option<PluginScheduler>,
 }
 
 impl Topology {
@@ -161,6 +164,18 @@ impl Topology {
         )
         .await
         .map_err(ServerError::Redis)?;
+        let scheduler = runs_scheduler(settings)?.then(|| {
+            PluginScheduler::start(
+                SchedulerConfig {
+                    lock_ttl: std::time::Duration::from_secs(settings.schedule_lock_ttl),
+                    minute: std::time::Duration::from_millis(settings.schedule_minute_ms),
+                    hour: std::time::Duration::from_millis(settings.schedule_hour_ms),
+                    day: std::time::Duration::from_millis(settings.schedule_day_ms),
+                },
+                Arc::clone(&cluster.locks),
+                plugins.clone(),
+            )
+        });
         let publisher = PostIngestionPublisher::new(Arc::clone(&cluster.queue), &metrics)?;
         plugin_outputs.set_delivery(publisher.clone(), plugin_http);
         let post_ingestion = if runs_post_ingestion(settings)? {
@@ -258,6 +273,7 @@ impl Topology {
             plugins,
             post_ingestion: std::sync::Mutex::new(post_ingestion),
             _reloader: reloader,
+            scheduler,
         })
     }
 
@@ -528,6 +544,14 @@ fn runs_ingestion(settings: &Settings) -> Result<bool, ServerError> {
     Ok(matches!(
         settings.mode()?,
         None | Some(PluginServerMode::Ingestion | PluginServerMode::AnalyticsIngestion)
+    ))
+}
+
+/// Scheduled tasks run when PLUGIN_SERVER_MODE is unset, `async` or `scheduler` (spec 5.3).
+fn runs_scheduler(settings: &Settings) -> Result<bool, ServerError> {
+    Ok(matches!(
+        settings.mode()?,
+        None | Some(PluginServerMode::Async | PluginServerMode::Scheduler)
     ))
 }
 

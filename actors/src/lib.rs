@@ -17,6 +17,7 @@ pub mod migrations;
 pub mod persons;
 pub mod plugin_async;
 pub mod plugin_reloader;
+pub mod plugin_scheduler;
 pub mod plugin_vm_pool;
 pub mod plugins;
 pub mod postgres;

@@ -29,9 +29,9 @@ use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
 use crate::plugins::delivery::AsyncTarget;
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
-use crate::plugins::vm::{CallError, VmLimits};
+use crate::plugins::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, ProcessEvents, Retire, RunAsync, SideEffects, TeardownAll, VmWorker,
+    FlushExports, ProcessEvents, Retire, RunAsync, RunScheduled, SideEffects, TeardownAll, VmWorker,
 };
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
@@ -81,6 +81,10 @@ impl PluginSet {
 
     pub fn chain(&self, team_id: i64) -> Option<Arc<[Arc<LoadedConfig>]>> {
         self.teams.get(&team_id).cloned()
+    }
+
+    pub fn teams(&self) -> Vec<i64> {
+        self.teams.keys().copied().collect()
     }
 
     pub fn config_count(&self) -> usize {
@@ -413,6 +417,36 @@ impl PluginVmPool {
             }
             Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
         }
+    }
+
+    /// Runs a scheduled method of the team's configs that have it. An error means the worker
+    /// went away before answering.
+    pub async fn run_scheduled(&self, team_id: i64, method: Method) -> Result<(), String> {
+        let Some(chain) = self.plugins().chain(team_id) else {
+            return Ok(());
+        };
+        let sent = self
+            .send_to(self.worker_index(team_id), |request_id| RunScheduled {
+                request_id,
+                chain: Arc::clone(&chain),
+                method,
+            })
+            .await;
+        match sent {
+            Sent::Reply(reply) => {
+                self.deliver(reply.side, &chain);
+                Ok(())
+            }
+            Sent::Abandoned { .. } => {
+                Err("the plugin worker was replaced before it answered".to_owned())
+            }
+            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+        }
+    }
+
+    /// Teams that have plugins, for the scheduler.
+    pub fn teams(&self) -> Vec<i64> {
+        self.plugins().teams()
     }
 
     /// Exports the buffers that are due, or all of them (shutdown).

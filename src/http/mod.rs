@@ -6,6 +6,7 @@ pub mod capture;
 mod health;
 mod metrics;
 
+use plugin_server_actors::plugin_scheduler::SchedulerStats;
 use plugin_server_actors::plugin_vm_pool::PluginVmPool;
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The plugin VM pool, shown in `/_actors` beside the actors.
     pub plugins: Option<PluginVmPool>,
+    /// The scheduler's state (`holds_lock`, ticks), shown in `/_actors`.
+    pub scheduler: Option<SchedulerStats>,
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {

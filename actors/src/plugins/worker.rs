@@ -56,6 +56,16 @@ pub struct RunAsync {
     pub target: Option<AsyncTarget>,
 }
 
+/// Run a scheduled method (`runEveryMinute`, `runEveryHour` or `runEveryDay`) of every config
+/// in `chain` that has it.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<()>")]
+pub struct RunScheduled {
+    pub request_id: u64,
+    pub chain: Arc<[Arc<LoadedConfig>]>,
+    pub method: Method,
+}
+
 /// Export the buffers that are due (`exportEventsBufferSeconds`), or all of them.
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
@@ -682,6 +692,43 @@ impl Handler<RunAsync> for VmWorker {
     fn handle(&mut self, message: RunAsync, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         let side = self.run_async(&message.chain, &message.events, message.target);
+        self.publish_load();
+        MessageResult(WorkerReply { value: (), side })
+    }
+}
+
+impl Handler<RunScheduled> for VmWorker {
+    type Result = MessageResult<RunScheduled>;
+
+    fn handle(&mut self, message: RunScheduled, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let mut side = SideEffects::default();
+        for config in message.chain.iter() {
+            // PostHog sets up plugins with scheduled tasks eagerly; here the first tick does.
+            if self.ready(config, &mut side).is_err() {
+                continue;
+            }
+            let Some(slot) = self.slots.get_mut(&config.identity.plugin_config_id) else {
+                continue;
+            };
+            let Some(vm) = slot.vm.as_mut().filter(|vm| vm.has(message.method)) else {
+                continue;
+            };
+            let identity = config.identity.clone();
+            let (result, effects) = vm.call(message.method, &[]);
+            side.absorb(&identity, effects);
+            match result {
+                Ok(_) => side.outcome(&identity, "scheduledTask", 1, false, None),
+                Err(error) => {
+                    side.outcome(&identity, "scheduledTask", 1, false, Some(&error));
+                    side.plugin_error(
+                        &identity,
+                        format!("{} failed: {error}", message.method.name()),
+                    );
+                    forget_if_poisoned(slot, &error);
+                }
+            }
+        }
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
