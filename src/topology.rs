@@ -300,8 +300,11 @@ impl Topology {
                 Err(MailboxError::Timeout) => tracing::warn!(actor = %name, "drain timed out"),
             }
         }
-        // Ingestion has stopped: finish the post-ingestion work in flight, export every
-        // buffer, then run teardownPlugin everywhere.
+        // Ingestion has stopped: no more scheduled ticks, finish the post-ingestion work in
+        // flight, export every buffer, then run teardownPlugin everywhere.
+        if let Some(scheduler) = &self.scheduler {
+            scheduler.stop();
+        }
         let consumer = self.post_ingestion.lock().ok().and_then(|mut c| c.take());
         if let Some(consumer) = consumer {
             consumer.stop().await;

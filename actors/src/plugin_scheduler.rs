@@ -75,6 +75,12 @@ impl PluginScheduler {
         Self { stop, state }
     }
 
+    /// Stops scheduling and releases the lock (in the background), so that another instance
+    /// takes over at once rather than after the TTL.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
     pub fn stats(&self) -> SchedulerStats {
         SchedulerStats(Arc::clone(&self.state))
     }
