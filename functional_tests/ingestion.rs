@@ -790,5 +790,15 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
     assert_eq!(properties["$set"]["utm_source"], "news");
     assert_eq!(properties["$set_once"]["$initial_utm_source"], "news");
     assert_eq!(properties["$ip"], "127.0.0.1");
+    // The in-process person store gave each distinct id its person, with the $set applied.
+    let pageview = rows
+        .iter()
+        .find(|row| row["event"] == "$pageview")
+        .expect("pageview");
+    assert_ne!(signup["person_id"], uuid::Uuid::nil().to_string());
+    assert_ne!(signup["person_id"], pageview["person_id"]);
+    let person: Value =
+        serde_json::from_str(signup["person_properties"].as_str().expect("string")).expect("json");
+    assert_eq!(person["utm_source"], "news");
     drop(server);
 }

@@ -5,5 +5,6 @@
 mod common;
 mod ingestion;
 mod migrate;
+mod persons;
 mod plugins;
 mod server_on_redis;

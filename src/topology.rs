@@ -27,6 +27,10 @@ use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
 use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
 use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::migrations::ClickHouseTarget;
+use plugin_server_actors::persons::{
+    MemoryPersonStore, PersonConfig, PersonManager, PersonMetrics, PostgresPersonStore,
+    SharedPersonStore,
+};
 use plugin_server_actors::postgres::PostgresError;
 use plugin_server_actors::sinks::{
     ClickHouseSink, EventSink, FanOutSink, JsonLinesConfig, JsonLinesSink, KafkaSink,
@@ -107,6 +111,21 @@ impl Topology {
             None => Arc::new(EmbeddedTeamStore::new()),
         };
         let teams = Arc::new(TeamManager::new(team_store, TeamCacheConfig::default()));
+        let person_store: SharedPersonStore = match &database {
+            Some(pool) => Arc::new(PostgresPersonStore::new(pool.clone())),
+            None => Arc::new(MemoryPersonStore::new()),
+        };
+        let persons = Arc::new(
+            PersonManager::new(
+                person_store,
+                PersonConfig {
+                    cache_size: settings.distinct_id_lru_size,
+                    cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
+                    ..PersonConfig::default()
+                },
+            )
+            .with_metrics(PersonMetrics::register(&metrics)?),
+        );
 
         let kafka = kafka_connection(settings);
         let sink = event_sink(settings, kafka.as_ref()).await?;
@@ -206,6 +225,7 @@ impl Topology {
                     pipeline_metrics.clone(),
                 )
                 .with_plugins(plugins.clone())
+                .with_persons(Arc::clone(&persons))
                 .with_post_ingestion(publisher.clone())
             }
         });
@@ -471,10 +491,15 @@ async fn event_sink(
         events_json_topic: rows_to_kafka
             .then(|| format!("{prefix}{}", settings.clickhouse_json_events_kafka_topic)),
         warnings_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_ingestion_warnings")),
+        persons_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_person")),
+        person_distinct_ids_topic: rows_to_kafka
+            .then(|| format!("{prefix}clickhouse_person_distinct_id")),
     };
     let topics: Vec<String> = std::iter::once(config.dead_letter_topic.clone())
         .chain(config.events_json_topic.clone())
         .chain(config.warnings_topic.clone())
+        .chain(config.persons_topic.clone())
+        .chain(config.person_distinct_ids_topic.clone())
         .collect();
     ensure_topics(connection, &topics).await?;
     let kafka_sink: Arc<dyn EventSink> = Arc::new(KafkaSink::new(connection, config)?);

@@ -84,7 +84,7 @@ impl WriterMetrics {
         let rows_written = IntCounterVec::new(
             Opts::new(
                 "event_writer_rows_written_total",
-                "Rows the event writer has stored, by kind (events, dead_letters, warnings).",
+                "Rows the event writer has stored, by kind (events, dead_letters, warnings, persons, person_distinct_ids).",
             ),
             &["kind"],
         )?;
@@ -236,9 +236,13 @@ async fn store(
 ) -> bool {
     let started = std::time::Instant::now();
     let mut delay = config.retry_initial;
+    // Persons before events, as PostHog produces them, so that a reader never sees an event
+    // whose person is not there yet.
     let mut done = [
         batch.dead_letters.is_empty(),
         batch.warnings.is_empty(),
+        batch.persons.is_empty(),
+        batch.person_distinct_ids.is_empty(),
         batch.events.is_empty(),
     ];
     loop {
@@ -257,6 +261,17 @@ async fn store(
                     "warnings",
                     batch.warnings.len(),
                     sink.write_warnings(&batch.warnings).await,
+                ),
+                2 => (
+                    "persons",
+                    batch.persons.len(),
+                    sink.write_persons(&batch.persons).await,
+                ),
+                3 => (
+                    "person_distinct_ids",
+                    batch.person_distinct_ids.len(),
+                    sink.write_person_distinct_ids(&batch.person_distinct_ids)
+                        .await,
                 ),
                 _ => (
                     "events",

@@ -2,9 +2,10 @@
 //!
 //! For each batch: parse and normalize every envelope; find each event's team (one lookup per
 //! distinct token or team id, cached); run the team's plugin chain (the event passes through
-//! unchanged when the team has no plugins, which is the case until the plugin runtime is
-//! wired in); prepare the row; then hand rows, dead letters and warnings to the `EventWriter`
-//! in one `WriteRows` and reply once it has stored them. Bad events never fail the batch: they
+//! unchanged when the team has no plugins); parse timestamps and check uuids; resolve persons
+//! (identify, alias, merges, `$set`/`$set_once`/`$unset`); build the rows; then hand rows,
+//! person changes, dead letters and warnings to the `EventWriter` in one `WriteRows` and reply
+//! once it has stored them. Bad events never fail the batch: they
 //! are counted by reason, logged once per batch, and dead-lettered with their raw payload. A
 //! batch fails only when a dependency is unavailable (team store, writer), so that the caller
 //! retries it instead of losing events, as PostHog's `DependencyUnavailableError` does.
@@ -23,11 +24,18 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
 use crate::ingestion::PluginEvent;
+use crate::ingestion::envelope::normalize_event;
 use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
-use crate::ingestion::prepare::{dead_letter_for_event, prepare_event, prepare_normalized_event};
+use crate::ingestion::prepare::{
+    RowPerson, StampedEvent, build_row, dead_letter_for_event, stamp_event,
+};
 use crate::ingestion::team::TeamStoreError;
 use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
 use crate::metrics::{Metrics, MetricsError};
+use crate::persons::{
+    PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError, merge_intent,
+    person_updates,
+};
 use crate::plugin_async::{FollowUp, PostIngestionPublisher};
 use crate::plugin_vm_pool::PluginVmPool;
 use crate::sinks::WriteBatch;
@@ -63,6 +71,8 @@ pub enum PipelineError {
     WriterGone,
     #[error("a pipeline step panicked: {0}")]
     Step(String),
+    #[error("the person step failed: {0}")]
+    Persons(#[from] PersonError),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,6 +145,7 @@ impl IngestionPipeline {
             run: Arc::new(Run {
                 config,
                 plugins: None,
+                persons: None,
                 post_ingestion: None,
                 teams,
                 writer,
@@ -151,6 +162,14 @@ impl IngestionPipeline {
     pub fn with_plugins(mut self, pool: PluginVmPool) -> Self {
         if let Some(run) = Arc::get_mut(&mut self.run) {
             run.plugins = Some(pool);
+        }
+        self
+    }
+
+    /// Resolves each event's person before its row is built (without it, rows carry no person).
+    pub fn with_persons(mut self, persons: Arc<PersonManager>) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.persons = Some(persons);
         }
         self
     }
@@ -194,6 +213,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
 struct Run {
     config: PipelineConfig,
     plugins: Option<PluginVmPool>,
+    persons: Option<Arc<PersonManager>>,
     post_ingestion: Option<PostIngestionPublisher>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
@@ -229,8 +249,24 @@ impl Run {
             .with_label_values(&["plugins"])
             .observe(started.elapsed().as_secs_f64());
 
+        let with_persons = self.persons.is_some();
+        let mut stamped = self
+            .step("stamp", move || stamp_batch(resolved, with_persons))
+            .await?;
+        let persons = match &self.persons {
+            Some(manager) => {
+                let started = std::time::Instant::now();
+                let outcomes = manager.resolve_batch(&stamped.person_events).await;
+                self.step_duration
+                    .with_label_values(&["persons"])
+                    .observe(started.elapsed().as_secs_f64());
+                Some(check_persons(outcomes)?)
+            }
+            None => None,
+        };
+        stamped.person_events.clear();
         let batch = self
-            .step("prepare", move || prepare_batch(resolved))
+            .step("prepare", move || build_batch(stamped, persons))
             .await?;
 
         let mut outcome = BatchOutcome {
@@ -473,28 +509,114 @@ fn resolve_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Te
     resolved
 }
 
-fn prepare_batch(resolved: Resolved) -> WriteBatch {
-    let created_at = Utc::now();
-    let mut batch = WriteBatch {
+/// Events with their timestamps parsed and uuids checked, ready for the person step.
+struct Stamped {
+    events: Vec<(StampedEvent, Arc<Team>)>,
+    /// One per event, in the same order; empty without a person step.
+    person_events: Vec<PersonEvent>,
+    dead_letters: Vec<DeadLetter>,
+    warnings: Vec<crate::ingestion::IngestionWarning>,
+}
+
+fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
+    let mut stamped = Stamped {
         events: Vec::with_capacity(resolved.events.len()),
+        person_events: Vec::new(),
         dead_letters: resolved.dead_letters,
-        ..WriteBatch::default()
+        warnings: Vec::new(),
     };
     for ResolvedEvent {
-        event,
+        mut event,
         team,
         changed,
     } in resolved.events
     {
         // Parsing normalized the event; a plugin's output is normalized again, as PostHog does.
-        let prepared = if changed {
-            prepare_event(event, &team, created_at, &mut batch.warnings)
-        } else {
-            prepare_normalized_event(event, &team, created_at, &mut batch.warnings)
+        if changed {
+            normalize_event(&mut event);
+        }
+        match stamp_event(event, &team, &mut stamped.warnings) {
+            Ok(event) => {
+                if with_persons {
+                    stamped.person_events.push(person_event(&event));
+                }
+                stamped.events.push((event, team));
+            }
+            Err(letter) => stamped.dead_letters.push(*letter),
+        }
+    }
+    stamped
+}
+
+/// What the person step reads of an event.
+fn person_event(stamped: &StampedEvent) -> PersonEvent {
+    let event = &stamped.event;
+    PersonEvent {
+        team_id: event.team_id,
+        distinct_id: event.distinct_id.clone(),
+        event_uuid: event.uuid.clone(),
+        timestamp: stamped.timestamp,
+        intent: merge_intent(&event.event, &event.distinct_id, &event.properties),
+        updates: person_updates(&event.properties),
+    }
+}
+
+/// The person step's answer for one event: its person, or why it is dead-lettered.
+type PersonAnswer = Result<PersonOutcome, String>;
+
+/// Fails the batch if the person store could not answer for some event, so that the whole
+/// batch is retried rather than stored without persons; an event the store refused is only
+/// that event's problem.
+fn check_persons(
+    outcomes: Vec<Result<PersonOutcome, PersonError>>,
+) -> Result<Vec<PersonAnswer>, PipelineError> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(outcome) => Ok(Ok(outcome)),
+            Err(PersonError::Store(PersonStoreError::Rejected(reason))) => Ok(Err(reason)),
+            Err(error) => Err(PipelineError::Persons(error)),
+        })
+        .collect()
+}
+
+fn build_batch(stamped: Stamped, persons: Option<Vec<PersonAnswer>>) -> WriteBatch {
+    let created_at = Utc::now();
+    let mut batch = WriteBatch {
+        events: Vec::with_capacity(stamped.events.len()),
+        dead_letters: stamped.dead_letters,
+        warnings: stamped.warnings,
+        ..WriteBatch::default()
+    };
+    let mut persons = persons.map(Vec::into_iter);
+    for (event, team) in stamped.events {
+        let answer = persons.as_mut().and_then(Iterator::next);
+        let outcome = match answer {
+            Some(Ok(outcome)) => Some(outcome),
+            Some(Err(reason)) => {
+                let letter = dead_letter_for_event(
+                    &event.event,
+                    DropReason::PersonRejected,
+                    format!("the person store refused the event: {reason}"),
+                );
+                batch.dead_letters.push(letter);
+                continue;
+            }
+            None => None,
         };
-        match prepared {
+        let row_person = outcome.as_ref().map(|outcome| RowPerson {
+            uuid: outcome.person.uuid,
+            properties: &outcome.person.properties,
+            created_at: outcome.person.created_at,
+        });
+        match build_row(event, &team, created_at, row_person) {
             Ok(row) => batch.events.push(row),
             Err(letter) => batch.dead_letters.push(*letter),
+        }
+        if let Some(changes) = outcome.and_then(|outcome| outcome.changes) {
+            batch.persons.extend(changes.person_rows);
+            batch.person_distinct_ids.extend(changes.distinct_id_rows);
+            batch.warnings.extend(changes.warnings);
         }
     }
     batch

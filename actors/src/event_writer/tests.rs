@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::*;
 use crate::health::{GetHealth, Health, HealthConfig};
 use crate::ingestion::{DeadLetter, DropReason, EventRow, IngestionWarning};
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 use crate::stats::{ActorRegistry, ObservedAddr};
 use crate::supervisor::{SpawnOptions, spawn_supervised};
 
@@ -19,6 +20,8 @@ struct ScriptedSink {
     events: Mutex<Vec<Uuid>>,
     dead_letters: AtomicUsize,
     warnings: AtomicUsize,
+    /// Person and distinct-id rows together.
+    persons: AtomicUsize,
     writes: AtomicUsize,
     failures: AtomicUsize,
     gate: Option<Semaphore>,
@@ -91,6 +94,21 @@ impl EventSink for ScriptedSink {
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
         self.attempt().await?;
         self.warnings.fetch_add(rows.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
+        self.attempt().await?;
+        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError> {
+        self.attempt().await?;
+        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
         Ok(())
     }
 }

@@ -25,10 +25,13 @@ pub enum DropReason {
     InvalidUuid,
     /// A plugin's `processEvent` returned null or undefined. Counted, never dead-lettered.
     DroppedByPlugin,
+    /// The person store refused the event's person data (a distinct id longer than its
+    /// column, a `\u0000` in a `$set` value).
+    PersonRejected,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::InvalidUtf8,
         Self::InvalidJson,
         Self::NoToken,
@@ -38,6 +41,7 @@ impl DropReason {
         Self::IllegalDistinctId,
         Self::InvalidUuid,
         Self::DroppedByPlugin,
+        Self::PersonRejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +55,7 @@ impl DropReason {
             Self::IllegalDistinctId => "illegal_distinct_id",
             Self::InvalidUuid => "invalid_uuid",
             Self::DroppedByPlugin => "dropped_by_plugin",
+            Self::PersonRejected => "person_rejected",
         }
     }
 

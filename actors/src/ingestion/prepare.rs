@@ -1,6 +1,6 @@
 //! From the event the plugins returned to the row of the `events` table (spec 1.3 steps 4-6,
-//! PostHog's `processPersonsStep`, `prepareEventStep` and `createEventStep`, without the
-//! person and group lookups, which need databases and fill their columns later).
+//! PostHog's `processPersonsStep`, `prepareEventStep` and `createEventStep`). The person step
+//! itself runs between [`stamp_event`] and [`build_row`]; group lookups are not done yet.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -32,9 +32,8 @@ const UNKNOWN_GROUP_PROPERTIES: &str = "{}";
 /// properties. Its `team_id` is set to the team's, so that warnings name the right team.
 /// Warnings about ignored client timestamps are pushed to `warnings` in both outcomes.
 ///
-/// The person columns are ClickHouse's defaults for "no person" (nil uuid, empty properties,
-/// the epoch), which PostHog writes when it has no person either; the group columns are
-/// PostHog's unknown-group values (`{}`, the epoch).
+/// The person columns are ClickHouse's defaults for "no person" (see [`build_row`]); the group
+/// columns are PostHog's unknown-group values (`{}`, the epoch).
 pub fn prepare_event(
     mut event: PluginEvent,
     team: &Team,
@@ -48,11 +47,41 @@ pub fn prepare_event(
 /// `prepare_event` for an event that is normalized already and was not changed since: no
 /// plugin ran on it. Normalization is idempotent, so this only saves its cost.
 pub fn prepare_normalized_event(
-    mut event: PluginEvent,
+    event: PluginEvent,
     team: &Team,
     created_at: DateTime<Utc>,
     warnings: &mut Vec<IngestionWarning>,
 ) -> Result<EventRow, Box<DeadLetter>> {
+    let stamped = stamp_event(event, team, warnings)?;
+    build_row(stamped, team, created_at, None)
+}
+
+/// A normalized event with its team, parsed timestamp and checked uuid: what the person step
+/// needs, and what [`build_row`] turns into the stored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StampedEvent {
+    pub event: PluginEvent,
+    pub uuid: Uuid,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// The person columns of a row: the person the event belongs to after the person step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowPerson<'a> {
+    pub uuid: Uuid,
+    /// The person's properties as JSON.
+    pub properties: &'a str,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Sets the team, parses the timestamp (spec 1.6) and checks the uuid of a normalized event.
+/// An event whose `uuid` is unusable is dead-lettered here, before the person step, so that
+/// an event that is never stored changes no person.
+pub fn stamp_event(
+    mut event: PluginEvent,
+    team: &Team,
+    warnings: &mut Vec<IngestionWarning>,
+) -> Result<StampedEvent, Box<DeadLetter>> {
     event.team_id = team.id;
     let timestamp = parse_event_timestamp(&event, warnings);
 
@@ -71,7 +100,27 @@ pub fn prepare_normalized_event(
             error,
         )));
     };
+    Ok(StampedEvent {
+        event,
+        uuid,
+        timestamp,
+    })
+}
 
+/// Builds the row of a stamped event (spec 1.3 steps 5-6). Without a person, the person columns
+/// keep ClickHouse's defaults for "no person" (nil uuid, empty properties, the epoch), which
+/// PostHog writes when it has no person either.
+pub fn build_row(
+    stamped: StampedEvent,
+    team: &Team,
+    created_at: DateTime<Utc>,
+    person: Option<RowPerson<'_>>,
+) -> Result<EventRow, Box<DeadLetter>> {
+    let StampedEvent {
+        mut event,
+        uuid,
+        timestamp,
+    } = stamped;
     let event_name = truncate_chars(std::mem::take(&mut event.event), MAX_EVENT_NAME_CHARS);
 
     // PostHog keeps an empty or non-array `$elements` in the properties.
@@ -104,6 +153,10 @@ pub fn prepare_normalized_event(
         }
     };
 
+    let (person_id, person_properties, person_created_at) = match person {
+        Some(person) => (person.uuid, person.properties.to_owned(), person.created_at),
+        None => (Uuid::nil(), String::new(), DateTime::<Utc>::UNIX_EPOCH),
+    };
     Ok(EventRow {
         uuid,
         event: event_name,
@@ -113,9 +166,9 @@ pub fn prepare_normalized_event(
         distinct_id: event.distinct_id,
         elements_chain: chain,
         created_at,
-        person_id: Uuid::nil(),
-        person_properties: String::new(),
-        person_created_at: DateTime::<Utc>::UNIX_EPOCH,
+        person_id,
+        person_properties,
+        person_created_at,
         group_properties: std::array::from_fn(|_| UNKNOWN_GROUP_PROPERTIES.to_owned()),
         group_created_at: [DateTime::<Utc>::UNIX_EPOCH; GROUP_COLUMNS],
     })

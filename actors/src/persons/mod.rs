@@ -1,19 +1,35 @@
-//! The database-free rules of PostHog's `PersonState` (spec 1.5): which events merge two
-//! distinct ids, which ids may never be merged, what a merge does depending on which people
-//! already exist, and how an event's `$set`/`$set_once`/`$unset` change a person's properties.
+//! Persons (spec 1.5): PostHog's `PersonState` on a [`PersonStore`].
 //!
-//! Everything here is a pure function of its inputs so the Postgres-backed person store can be
-//! wired in later without re-deciding any of these rules inside a transaction.
+//! - [`identity`] and [`properties`]: the database-free rules: which events merge two distinct
+//!   ids, which ids may never be merged, what a merge does depending on which people already
+//!   exist, and how `$set`/`$set_once`/`$unset` change a person's properties;
+//! - [`state`]: those rules applied to one event in one store transaction, retried on races;
+//! - [`manager`]: a batch's events through [`state`], concurrently per distinct id, with the
+//!   DISTINCT_ID_LRU_SIZE cache in front;
+//! - [`postgres`] and [`memory`]: the stores of the cluster and embedded profiles;
+//! - [`rows`]: the changes as ClickHouse's `person` and `person_distinct_id` rows.
 
 pub mod identity;
+pub mod manager;
+pub mod memory;
+pub mod postgres;
 pub mod properties;
+pub mod rows;
+pub mod state;
+pub mod store;
 
 pub use identity::{
     CANNOT_MERGE_ALREADY_IDENTIFIED, CANNOT_MERGE_WITH_ILLEGAL_DISTINCT_ID, IllegalIdReason,
     IllegalIdSide, IllegalMerge, MergeDecision, MergeIntent, MergeKind, PersonRef, decide,
     illegal_distinct_id_reason, is_illegal_distinct_id, merge_intent,
 };
+pub use manager::{EventPerson, PersonConfig, PersonManager, PersonMetrics, PersonOutcome};
+pub use memory::MemoryPersonStore;
+pub use postgres::PostgresPersonStore;
 pub use properties::{
     CREATOR_EVENT_UUID, PersonUpdates, apply_updates, initial_properties, merged_properties,
     person_updates,
 };
+pub use rows::{PersonDistinctIdRow, PersonRow};
+pub use state::{PersonError, PersonEvent, Resolution};
+pub use store::{Person, PersonStore, PersonStoreError, SharedPersonStore};

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{EventSink, SinkError};
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::migrations::ClickHouseTarget;
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 pub struct ClickHouseSink {
     client: clickhouse::Client,
@@ -59,6 +60,18 @@ impl EventSink for ClickHouseSink {
 
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
         self.insert::<WarningRecord<'_>, _>("ingestion_warnings", rows)
+            .await
+    }
+
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
+        self.insert::<PersonRecord<'_>, _>("person", rows).await
+    }
+
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError> {
+        self.insert::<PersonDistinctIdRecord<'_>, _>("person_distinct_id", rows)
             .await
     }
 }
@@ -195,6 +208,59 @@ impl<'a> From<&'a IngestionWarning> for WarningRecord<'a> {
             kind: warning.kind,
             details: warning.details.to_string(),
             timestamp: seconds(&warning.timestamp),
+            _offset: 0,
+        }
+    }
+}
+
+#[derive(Row, Serialize)]
+struct PersonRecord<'a> {
+    #[serde(with = "clickhouse::serde::uuid")]
+    id: Uuid,
+    created_at: u32,
+    team_id: i64,
+    properties: &'a str,
+    is_identified: i8,
+    is_deleted: i8,
+    /// UInt64 in the table; Postgres versions start at 0 and only grow.
+    version: u64,
+    _offset: u64,
+}
+
+impl<'a> From<&'a PersonRow> for PersonRecord<'a> {
+    fn from(row: &'a PersonRow) -> Self {
+        Self {
+            id: row.id,
+            created_at: seconds(&row.created_at),
+            team_id: row.team_id,
+            properties: &row.properties,
+            is_identified: i8::from(row.is_identified),
+            is_deleted: i8::from(row.is_deleted),
+            version: u64::try_from(row.version).unwrap_or(0),
+            _offset: 0,
+        }
+    }
+}
+
+#[derive(Row, Serialize)]
+struct PersonDistinctIdRecord<'a> {
+    team_id: i64,
+    distinct_id: &'a str,
+    #[serde(with = "clickhouse::serde::uuid")]
+    person_id: Uuid,
+    is_deleted: i8,
+    version: i64,
+    _offset: u64,
+}
+
+impl<'a> From<&'a PersonDistinctIdRow> for PersonDistinctIdRecord<'a> {
+    fn from(row: &'a PersonDistinctIdRow) -> Self {
+        Self {
+            team_id: row.team_id,
+            distinct_id: &row.distinct_id,
+            person_id: row.person_id,
+            is_deleted: i8::from(row.is_deleted),
+            version: row.version,
             _offset: 0,
         }
     }

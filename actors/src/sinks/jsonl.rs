@@ -13,9 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::{NaiveDate, Utc};
 
-use super::posthog_json::{DeadLetterJson, EventJson, WarningJson};
+use super::posthog_json::{
+    DeadLetterJson, EventJson, PersonDistinctIdJson, PersonJson, WarningJson,
+};
 use super::{EventSink, SinkError};
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 #[derive(Debug, Clone)]
 pub struct JsonLinesConfig {
@@ -40,6 +43,8 @@ pub struct JsonLinesSink {
     events: Arc<Mutex<RotatingFile>>,
     dead_letters: Arc<Mutex<RotatingFile>>,
     warnings: Arc<Mutex<RotatingFile>>,
+    persons: Arc<Mutex<RotatingFile>>,
+    person_distinct_ids: Arc<Mutex<RotatingFile>>,
 }
 
 impl JsonLinesSink {
@@ -54,6 +59,8 @@ impl JsonLinesSink {
             events: file("events"),
             dead_letters: file("dead_letters"),
             warnings: file("ingestion_warnings"),
+            persons: file("person"),
+            person_distinct_ids: file("person_distinct_id"),
         })
     }
 
@@ -110,6 +117,23 @@ impl EventSink for JsonLinesSink {
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
         Self::append(&self.warnings, rows, |out, row| {
             serde_json::to_writer(out, &WarningJson::from(row))
+        })
+        .await
+    }
+
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
+        Self::append(&self.persons, rows, |out, row| {
+            serde_json::to_writer(out, &PersonJson::from(row))
+        })
+        .await
+    }
+
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError> {
+        Self::append(&self.person_distinct_ids, rows, |out, row| {
+            serde_json::to_writer(out, &PersonDistinctIdJson::from(row))
         })
         .await
     }

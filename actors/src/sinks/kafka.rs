@@ -3,9 +3,11 @@
 //! - dead letters to `<KAFKA_PREFIX>events_plugin_ingestion_dlq` (PostHog's later name): the raw
 //!   message as received, with headers `error`, `reason`, `event-id` and `error-location`, so a
 //!   fixed event can be re-produced to the ingestion topic unchanged;
-//! - optionally, event rows to `<KAFKA_PREFIX>clickhouse_events_json` and warnings to
-//!   `<KAFKA_PREFIX>clickhouse_ingestion_warnings`, in PostHog's format, for deployments whose
-//!   ClickHouse reads those topics with its Kafka engine.
+//! - optionally, event rows to `<KAFKA_PREFIX>clickhouse_events_json`, warnings to
+//!   `<KAFKA_PREFIX>clickhouse_ingestion_warnings` and person changes to
+//!   `<KAFKA_PREFIX>clickhouse_person` and `<KAFKA_PREFIX>clickhouse_person_distinct_id`, in
+//!   PostHog's format, for deployments whose ClickHouse reads those topics with its Kafka
+//!   engine.
 //!
 //! Each write waits for every delivery report, so the writer acknowledges events only once Kafka
 //! has them too.
@@ -16,10 +18,11 @@ use async_trait::async_trait;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::posthog_json::{EventJson, WarningJson};
+use super::posthog_json::{EventJson, PersonDistinctIdJson, PersonJson, WarningJson};
 use super::{EventSink, SinkError};
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 #[derive(Debug, Clone)]
 pub struct KafkaSinkConfig {
@@ -27,6 +30,9 @@ pub struct KafkaSinkConfig {
     /// `None` leaves events to the ClickHouse sink only.
     pub events_json_topic: Option<String>,
     pub warnings_topic: Option<String>,
+    /// `None` leaves person changes to the ClickHouse sink only.
+    pub persons_topic: Option<String>,
+    pub person_distinct_ids_topic: Option<String>,
 }
 
 pub struct KafkaSink {
@@ -143,5 +149,52 @@ impl EventSink for KafkaSink {
             .map(|value| FutureRecord::to(topic).payload(value.as_slice()))
             .collect();
         self.deliver("clickhouse_ingestion_warnings", records).await
+    }
+
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
+        let Some(topic) = &self.config.persons_topic else {
+            return Ok(());
+        };
+        let encoded: Vec<(String, Vec<u8>)> = rows
+            .iter()
+            .filter_map(|row| {
+                let json = serde_json::to_vec(&PersonJson::from(row)).ok()?;
+                Some((row.id.to_string(), json))
+            })
+            .collect();
+        let records = encoded
+            .iter()
+            .map(|(key, value)| {
+                FutureRecord::to(topic)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice())
+            })
+            .collect();
+        self.deliver("clickhouse_person", records).await
+    }
+
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError> {
+        let Some(topic) = &self.config.person_distinct_ids_topic else {
+            return Ok(());
+        };
+        let encoded: Vec<(String, Vec<u8>)> = rows
+            .iter()
+            .filter_map(|row| {
+                let json = serde_json::to_vec(&PersonDistinctIdJson::from(row)).ok()?;
+                Some((row.person_id.to_string(), json))
+            })
+            .collect();
+        let records = encoded
+            .iter()
+            .map(|(key, value)| {
+                FutureRecord::to(topic)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice())
+            })
+            .collect();
+        self.deliver("clickhouse_person_distinct_id", records).await
     }
 }

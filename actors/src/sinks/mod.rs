@@ -12,6 +12,7 @@ mod posthog_json;
 use async_trait::async_trait;
 
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 pub use self::clickhouse::ClickHouseSink;
 pub use self::jsonl::{JsonLinesConfig, JsonLinesSink};
@@ -24,11 +25,18 @@ pub struct WriteBatch {
     pub events: Vec<EventRow>,
     pub dead_letters: Vec<DeadLetter>,
     pub warnings: Vec<IngestionWarning>,
+    /// Person versions the person step committed to its store, for ClickHouse's copy.
+    pub persons: Vec<PersonRow>,
+    pub person_distinct_ids: Vec<PersonDistinctIdRow>,
 }
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.dead_letters.is_empty() && self.warnings.is_empty()
+        self.events.is_empty()
+            && self.dead_letters.is_empty()
+            && self.warnings.is_empty()
+            && self.persons.is_empty()
+            && self.person_distinct_ids.is_empty()
     }
 
     /// Rough bytes, to cut batches at KAFKA_MAX_MESSAGE_BATCH_SIZE.
@@ -43,12 +51,24 @@ impl WriteBatch {
                 .map(|letter| 256 + letter.raw_payload.len() + letter.properties.len())
                 .sum::<usize>()
             + self.warnings.len() * 256
+            + self
+                .persons
+                .iter()
+                .map(|person| 64 + person.properties.len())
+                .sum::<usize>()
+            + self
+                .person_distinct_ids
+                .iter()
+                .map(|row| 48 + row.distinct_id.len())
+                .sum::<usize>()
     }
 
     pub fn append(&mut self, other: WriteBatch) {
         self.events.extend(other.events);
         self.dead_letters.extend(other.dead_letters);
         self.warnings.extend(other.warnings);
+        self.persons.extend(other.persons);
+        self.person_distinct_ids.extend(other.person_distinct_ids);
     }
 }
 
@@ -90,6 +110,15 @@ pub trait EventSink: Send + Sync + 'static {
     async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError>;
 
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError>;
+
+    /// Person versions; the tables keep the highest version of each person.
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError>;
+
+    /// Distinct-id versions; the tables keep the highest version of each distinct id.
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError>;
 }
 
 /// Writes every part to each sink in turn, e.g. ClickHouse then the Kafka dead-letter topic.
@@ -128,6 +157,23 @@ impl EventSink for FanOutSink {
     async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
         for sink in &self.sinks {
             sink.write_warnings(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_persons(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_person_distinct_ids(
+        &self,
+        rows: &[PersonDistinctIdRow],
+    ) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_person_distinct_ids(rows).await?;
         }
         Ok(())
     }

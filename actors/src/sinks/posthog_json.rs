@@ -1,5 +1,6 @@
-//! PostHog's JSON encoding of the rows (the values of its `clickhouse_events_json` and
-//! `clickhouse_ingestion_warnings` topics and its dead-letter rows), used by the JSON-lines sink
+//! PostHog's JSON encoding of the rows (the values of its `clickhouse_events_json`,
+//! `clickhouse_ingestion_warnings`, `clickhouse_person` and `clickhouse_person_distinct_id`
+//! topics and its dead-letter rows), used by the JSON-lines sink
 //! so that files written by the embedded profile load into PostHog's tables unchanged.
 
 use chrono::{DateTime, Utc};
@@ -7,6 +8,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
+use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 /// `yyyy-MM-dd HH:mm:ss.SSS` in UTC, PostHog's `castTimestampOrNow` format.
 fn millis(time: &DateTime<Utc>) -> String {
@@ -133,6 +135,54 @@ impl From<&IngestionWarning> for WarningJson {
             kind: warning.kind,
             details: warning.details.to_string(),
             timestamp: millis(&warning.timestamp),
+        }
+    }
+}
+
+/// A `clickhouse_person` message (spec 1.9).
+#[derive(Serialize)]
+pub(super) struct PersonJson<'a> {
+    id: Uuid,
+    created_at: String,
+    properties: &'a str,
+    team_id: i64,
+    is_identified: u8,
+    is_deleted: u8,
+    version: i64,
+}
+
+impl<'a> From<&'a PersonRow> for PersonJson<'a> {
+    fn from(row: &'a PersonRow) -> Self {
+        Self {
+            id: row.id,
+            created_at: seconds(&row.created_at),
+            properties: &row.properties,
+            team_id: row.team_id,
+            is_identified: u8::from(row.is_identified),
+            is_deleted: u8::from(row.is_deleted),
+            version: row.version,
+        }
+    }
+}
+
+/// A `clickhouse_person_distinct_id` message (spec 1.9).
+#[derive(Serialize)]
+pub(super) struct PersonDistinctIdJson<'a> {
+    distinct_id: &'a str,
+    person_id: Uuid,
+    team_id: i64,
+    version: i64,
+    is_deleted: u8,
+}
+
+impl<'a> From<&'a PersonDistinctIdRow> for PersonDistinctIdJson<'a> {
+    fn from(row: &'a PersonDistinctIdRow) -> Self {
+        Self {
+            distinct_id: &row.distinct_id,
+            person_id: row.person_id,
+            team_id: row.team_id,
+            version: row.version,
+            is_deleted: u8::from(row.is_deleted),
         }
     }
 }

@@ -1,0 +1,268 @@
+//! `PersonManager`: the pipeline's person step for a whole batch.
+//!
+//! Events of one distinct id run one after another in batch order, as PostHog's sub-batches
+//! guarantee; different distinct ids run concurrently, up to `concurrency` transactions at once
+//! (below the Postgres pool's size, so team and plugin lookups still get connections).
+//!
+//! An LRU of DISTINCT_ID_LRU_SIZE entries keeps the person of each recently seen distinct id
+//! for PERSON_INFO_CACHE_TTL. An event that can change nothing (no `$set`, `$set_once`,
+//! `$unset`, no identify or alias) and whose id is cached costs no database round trip. Events
+//! that can change the person always go to the store, so a stale entry never overwrites
+//! another instance's change; a stale entry only lags in the event's `person_properties` by at
+//! most the TTL, as with PostHog's Redis person cache.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use lru::LruCache;
+use prometheus::{IntCounter, IntCounterVec, Opts};
+use uuid::Uuid;
+
+use super::state::{PersonError, PersonEvent, Resolution, resolve};
+use super::store::{Person, SharedPersonStore};
+use crate::metrics::{Metrics, MetricsError};
+
+#[derive(Debug, Clone)]
+pub struct PersonConfig {
+    /// DISTINCT_ID_LRU_SIZE; 0 turns the cache off.
+    pub cache_size: usize,
+    /// PERSON_INFO_CACHE_TTL.
+    pub cache_ttl: Duration,
+    /// Person transactions in flight at once.
+    pub concurrency: usize,
+    /// Tries per event when transactions lose races (PostHog retries merges 3 times).
+    pub max_attempts: u32,
+}
+
+impl Default for PersonConfig {
+    fn default() -> Self {
+        Self {
+            cache_size: 10_000,
+            cache_ttl: Duration::from_secs(300),
+            concurrency: 8,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// The person columns of an event row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPerson {
+    pub uuid: Uuid,
+    /// The person's properties as JSON, serialized once per person version.
+    pub properties: Arc<str>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl EventPerson {
+    fn of(person: &Person) -> Self {
+        Self {
+            uuid: person.uuid,
+            properties: serde_json::Value::Object(person.properties.clone())
+                .to_string()
+                .into(),
+            created_at: person.created_at,
+        }
+    }
+}
+
+/// What the person step gives back for one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PersonOutcome {
+    pub person: EventPerson,
+    /// Store changes to mirror in ClickHouse, and warnings; `None` for a cache hit.
+    pub changes: Option<Resolution>,
+}
+
+#[derive(Clone)]
+pub struct PersonMetrics {
+    cache: IntCounterVec,
+    conflicts: IntCounter,
+    created: IntCounter,
+    merged: IntCounter,
+}
+
+impl PersonMetrics {
+    pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "person_cache_lookups_total",
+                "Person lookups of read-only events, by result (hit, miss).",
+            ),
+            &["result"],
+        )?;
+        let conflicts = IntCounter::new(
+            "person_transaction_conflicts_total",
+            "Person transactions that lost a race with another and were retried.",
+        )?;
+        let created = IntCounter::new("persons_created_total", "Persons created by ingestion.")?;
+        let merged = IntCounter::new(
+            "persons_merged_total",
+            "Persons merged into another and deleted.",
+        )?;
+        let registry = metrics.registry();
+        registry.register(Box::new(cache.clone()))?;
+        registry.register(Box::new(conflicts.clone()))?;
+        registry.register(Box::new(created.clone()))?;
+        registry.register(Box::new(merged.clone()))?;
+        Ok(Self {
+            cache,
+            conflicts,
+            created,
+            merged,
+        })
+    }
+}
+
+type CacheKey = (i64, String);
+
+struct Cached {
+    person: EventPerson,
+    stored_at: Instant,
+}
+
+pub struct PersonManager {
+    store: SharedPersonStore,
+    config: PersonConfig,
+    cache: Option<Mutex<LruCache<CacheKey, Cached>>>,
+    metrics: Option<PersonMetrics>,
+}
+
+impl PersonManager {
+    pub fn new(store: SharedPersonStore, config: PersonConfig) -> Self {
+        let cache =
+            NonZeroUsize::new(config.cache_size).map(|size| Mutex::new(LruCache::new(size)));
+        Self {
+            store,
+            config,
+            cache,
+            metrics: None,
+        }
+    }
+
+    pub fn with_metrics(mut self, metrics: PersonMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    /// Runs the person step for every event, answering in the same order. An event whose step
+    /// failed gets its error; the others are unaffected.
+    pub async fn resolve_batch(
+        &self,
+        events: &[PersonEvent],
+    ) -> Vec<Result<PersonOutcome, PersonError>> {
+        let mut groups: HashMap<(i64, &str), Vec<usize>> = HashMap::new();
+        for (index, event) in events.iter().enumerate() {
+            groups
+                .entry((event.team_id, event.distinct_id.as_str()))
+                .or_default()
+                .push(index);
+        }
+        let concurrency = self.config.concurrency.max(1);
+        let mut results: Vec<Option<Result<PersonOutcome, PersonError>>> =
+            (0..events.len()).map(|_| None).collect();
+        let mut runs = futures::stream::iter(groups.into_values())
+            .map(|indices| async move {
+                let mut answers = Vec::with_capacity(indices.len());
+                for index in indices {
+                    answers.push((index, self.resolve_one(&events[index]).await));
+                }
+                answers
+            })
+            .buffer_unordered(concurrency);
+        while let Some(answers) = runs.next().await {
+            for (index, answer) in answers {
+                results[index] = Some(answer);
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(PersonError::Contention {
+                        attempts: 0,
+                        last: "the event was not processed".to_owned(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    async fn resolve_one(&self, event: &PersonEvent) -> Result<PersonOutcome, PersonError> {
+        let key = (event.team_id, event.distinct_id.clone());
+        if event.is_read_only() {
+            let hit = self.cached(&key);
+            self.count_lookup(hit.is_some());
+            if let Some(person) = hit {
+                return Ok(PersonOutcome {
+                    person,
+                    changes: None,
+                });
+            }
+        }
+        let resolution = resolve(self.store.as_ref(), event, self.config.max_attempts).await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.conflicts.inc_by(u64::from(resolution.conflicts));
+            if resolution.created {
+                metrics.created.inc();
+            }
+            if resolution.merged_person.is_some() {
+                metrics.merged.inc();
+            }
+        }
+        let person = EventPerson::of(&resolution.person);
+        self.remember(event.team_id, &resolution.distinct_ids, &person);
+        Ok(PersonOutcome {
+            person,
+            changes: Some(resolution),
+        })
+    }
+
+    fn cached(&self, key: &CacheKey) -> Option<EventPerson> {
+        let cache = self.cache.as_ref()?;
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = cache
+            .get(key)
+            .filter(|cached| cached.stored_at.elapsed() < self.config.cache_ttl)
+            .map(|cached| cached.person.clone());
+        if fresh.is_none() {
+            cache.pop(key);
+        }
+        fresh
+    }
+
+    fn remember(&self, team_id: i64, distinct_ids: &[String], person: &EventPerson) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored_at = Instant::now();
+        for distinct_id in distinct_ids {
+            cache.put(
+                (team_id, distinct_id.clone()),
+                Cached {
+                    person: person.clone(),
+                    stored_at,
+                },
+            );
+        }
+    }
+
+    fn count_lookup(&self, hit: bool) {
+        if let Some(metrics) = &self.metrics {
+            let result = if hit { "hit" } else { "miss" };
+            metrics.cache.with_label_values(&[result]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::persons::store::{PersonStore, PersonStoreError, PersonTransaction};
+use crate::persons::{MemoryPersonStore, merge_intent, person_updates};
+
+/// The memory store, counting transactions.
+#[derive(Default)]
+struct CountingStore {
+    inner: MemoryPersonStore,
+    transactions: AtomicUsize,
+}
+
+#[async_trait]
+impl PersonStore for CountingStore {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError> {
+        self.transactions.fetch_add(1, Ordering::SeqCst);
+        self.inner.begin().await
+    }
+}
+
+fn event(distinct_id: &str, name: &str, properties: Value) -> PersonEvent {
+    let Value::Object(properties) = properties else {
+        panic!("object");
+    };
+    PersonEvent {
+        team_id: 2,
+        distinct_id: distinct_id.to_owned(),
+        event_uuid: Uuid::now_v7().to_string(),
+        timestamp: Utc::now(),
+        intent: merge_intent(name, distinct_id, &properties),
+        updates: person_updates(&properties),
+    }
+}
+
+fn manager(config: PersonConfig) -> (PersonManager, Arc<CountingStore>) {
+    let store = Arc::new(CountingStore::default());
+    let shared: SharedPersonStore = store.clone();
+    (PersonManager::new(shared, config), store)
+}
+
+fn person(outcome: &Result<PersonOutcome, PersonError>) -> &EventPerson {
+    &outcome.as_ref().expect("resolved").person
+}
+
+#[tokio::test]
+async fn a_known_id_without_changes_is_answered_from_the_cache() {
+    let (manager, store) = manager(PersonConfig::default());
+    let first = manager
+        .resolve_batch(&[event("u", "$pageview", json!({}))])
+        .await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    let events: Vec<PersonEvent> = (0..5).map(|_| event("u", "$pageview", json!({}))).collect();
+    let again = manager.resolve_batch(&events).await;
+    assert_eq!(
+        store.transactions.load(Ordering::SeqCst),
+        1,
+        "no new transaction"
+    );
+    for outcome in &again {
+        assert_eq!(person(outcome), person(&first[0]));
+        assert!(outcome.as_ref().expect("ok").changes.is_none());
+    }
+
+    // An event that may change the person always goes to the store, and refreshes the cache.
+    let set = manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "k": 1 } }))])
+        .await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    let cached = manager
+        .resolve_batch(&[event("u", "$pageview", json!({}))])
+        .await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    assert_eq!(person(&cached[0]).properties, person(&set[0]).properties);
+    assert!(person(&cached[0]).properties.contains("\"k\":1"));
+}
+
+#[tokio::test]
+async fn an_expired_or_disabled_cache_goes_to_the_store() {
+    for config in [
+        PersonConfig {
+            cache_ttl: Duration::ZERO,
+            ..PersonConfig::default()
+        },
+        PersonConfig {
+            cache_size: 0,
+            ..PersonConfig::default()
+        },
+    ] {
+        let (manager, store) = manager(config);
+        for _ in 0..3 {
+            manager
+                .resolve_batch(&[event("u", "$pageview", json!({}))])
+                .await;
+        }
+        assert_eq!(store.transactions.load(Ordering::SeqCst), 3);
+    }
+}
+
+#[tokio::test]
+async fn events_of_one_id_apply_in_batch_order_and_answers_keep_it() {
+    let (manager, _) = manager(PersonConfig::default());
+    let mut events = Vec::new();
+    for step in 0..20 {
+        events.push(event(
+            "ordered",
+            "$pageview",
+            json!({ "$set": { "step": step } }),
+        ));
+        events.push(event(&format!("other-{step}"), "$pageview", json!({})));
+    }
+    let outcomes = manager.resolve_batch(&events).await;
+    assert_eq!(outcomes.len(), events.len());
+    for (index, outcome) in outcomes.iter().enumerate() {
+        let person = person(outcome);
+        let properties: Value = serde_json::from_str(&person.properties).expect("json");
+        if index % 2 == 0 {
+            // Each event sees the person as it left it: its own step, not a later one.
+            assert_eq!(properties["step"], json!(index / 2), "event {index}");
+        } else {
+            assert!(properties.get("step").is_none(), "event {index}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_merge_points_every_cached_id_at_the_surviving_person() {
+    let (manager, _) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[
+            event("anon", "$pageview", json!({})),
+            event("user", "$pageview", json!({})),
+        ])
+        .await;
+    let merged = manager
+        .resolve_batch(&[event(
+            "user",
+            "$identify",
+            json!({ "$anon_distinct_id": "anon" }),
+        )])
+        .await;
+    let survivor = person(&merged[0]).uuid;
+    let after = manager
+        .resolve_batch(&[event("anon", "$pageview", json!({}))])
+        .await;
+    assert_eq!(person(&after[0]).uuid, survivor);
+}
+
+#[tokio::test]
+async fn a_refused_merge_of_a_cached_id_still_raises_its_warning() {
+    let (manager, _) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[event("user", "$pageview", json!({}))])
+        .await;
+    let refused = manager
+        .resolve_batch(&[event(
+            "user",
+            "$identify",
+            json!({ "$anon_distinct_id": "undefined" }),
+        )])
+        .await;
+    let changes = refused[0]
+        .as_ref()
+        .expect("resolved")
+        .changes
+        .as_ref()
+        .expect("went to the store");
+    assert_eq!(
+        changes.warnings[0].kind,
+        crate::persons::CANNOT_MERGE_WITH_ILLEGAL_DISTINCT_ID
+    );
+}

@@ -1,0 +1,318 @@
+//! Persons in PostHog's Postgres tables, `posthog_person` and `posthog_persondistinctid`.
+//!
+//! Each transaction runs at READ COMMITTED on one pooled connection. Reads take row locks
+//! (`FOR UPDATE`), so two instances working on the same person queue behind each other; a race
+//! the locks cannot order (two inserts of the same new distinct id, a deadlock between two
+//! merges) surfaces as a unique violation or deadlock error, which becomes
+//! [`PersonStoreError::Conflict`] and a retry of the event's whole person step.
+//!
+//! `BEGIN` is not awaited on its own: it is sent in the same round trip as the first query,
+//! which makes the common case (read a known person, commit) two round trips, not three.
+
+use async_trait::async_trait;
+use deadpool_postgres::{Object, Pool};
+use serde_json::{Map, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{Json, ToSql};
+
+use super::store::{
+    MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
+};
+
+pub struct PostgresPersonStore {
+    pool: Pool,
+}
+
+impl PostgresPersonStore {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl PersonStore for PostgresPersonStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        Ok(Box::new(PostgresTransaction {
+            client: Some(client),
+            begun: false,
+        }))
+    }
+}
+
+const SELECT_PERSON: &str = "SELECT p.id, p.uuid, p.team_id, p.created_at, p.properties, \
+     p.is_identified, COALESCE(p.version, 0) AS version \
+     FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
+     WHERE d.team_id = $1 AND d.distinct_id = $2 \
+     FOR UPDATE";
+
+const INSERT_PERSON: &str = "INSERT INTO posthog_person \
+     (uuid, created_at, team_id, properties, properties_last_updated_at, \
+      properties_last_operation, is_identified, version) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 0) RETURNING id";
+
+const INSERT_DISTINCT_ID: &str = "INSERT INTO posthog_persondistinctid \
+     (distinct_id, person_id, team_id, version) VALUES ($1, $2, $3, 0)";
+
+const UPDATE_PERSON: &str = "UPDATE posthog_person \
+     SET properties = $2, is_identified = $3, created_at = $4, \
+         version = COALESCE(version, 0) + 1 \
+     WHERE id = $1 RETURNING version";
+
+const MOVE_DISTINCT_IDS: &str = "UPDATE posthog_persondistinctid \
+     SET person_id = $1, version = COALESCE(version, 0) + 1 \
+     WHERE person_id = $2 RETURNING distinct_id, version";
+
+const MOVE_COHORTS: &str = "UPDATE posthog_cohortpeople SET person_id = $1 WHERE person_id = $2";
+
+const DELETE_PERSON: &str = "DELETE FROM posthog_person WHERE id = $1";
+
+struct PostgresTransaction {
+    /// Taken by `commit`; still here on drop means roll back.
+    client: Option<Object>,
+    begun: bool,
+}
+
+impl PostgresTransaction {
+    fn client(&self) -> Result<&Object, PersonStoreError> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| PersonStoreError::Unavailable("the transaction has ended".to_owned()))
+    }
+
+    /// Runs a statement, sending `BEGIN` ahead of it in the same round trip if the transaction
+    /// has not started yet.
+    async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, PersonStoreError> {
+        let begin = !self.begun;
+        self.begun = true;
+        let client = self.client()?;
+        let statement = client.prepare_cached(sql).await.map_err(classify)?;
+        if begin {
+            let (began, rows) = futures::join!(
+                client.batch_execute("BEGIN"),
+                client.query(&statement, params)
+            );
+            began.map_err(classify)?;
+            rows.map_err(classify)
+        } else {
+            client.query(&statement, params).await.map_err(classify)
+        }
+    }
+}
+
+impl Drop for PostgresTransaction {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if !self.begun {
+            return;
+        }
+        // The connection goes back to the pool only once it is out of the transaction.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(Object::take(client)),
+        }
+    }
+}
+
+/// Sorts a Postgres error into the three outcomes the person step handles differently.
+fn classify(error: tokio_postgres::Error) -> PersonStoreError {
+    let Some(code) = error.code() else {
+        return PersonStoreError::Unavailable(error.to_string());
+    };
+    let message = error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |db| db.message().to_owned());
+    if [
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+    ]
+    .contains(code)
+    {
+        return PersonStoreError::Conflict(message);
+    }
+    // Class 22 is "data exception": a value the columns cannot hold, such as an over-long
+    // distinct id or a \u0000 in a property; 23503 is a team that does not exist.
+    if code.code().starts_with("22") || *code == SqlState::FOREIGN_KEY_VIOLATION {
+        return PersonStoreError::Rejected(message);
+    }
+    PersonStoreError::Unavailable(message)
+}
+
+/// `posthog_person.team_id` is an integer column.
+fn team_column(team_id: i64) -> Result<i32, PersonStoreError> {
+    i32::try_from(team_id)
+        .map_err(|_| PersonStoreError::Rejected(format!("team id {team_id} is out of range")))
+}
+
+fn person_from_row(row: &tokio_postgres::Row) -> Result<Person, PersonStoreError> {
+    let read = |error: tokio_postgres::Error| PersonStoreError::Unavailable(error.to_string());
+    let Json(properties): Json<Value> = row.try_get("properties").map_err(read)?;
+    Ok(Person {
+        id: row.try_get("id").map_err(read)?,
+        uuid: row.try_get("uuid").map_err(read)?,
+        team_id: i64::from(row.try_get::<_, i32>("team_id").map_err(read)?),
+        created_at: row.try_get("created_at").map_err(read)?,
+        // PostHog's column is jsonb NOT NULL; anything but an object is treated as empty.
+        properties: match properties {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        },
+        is_identified: row.try_get("is_identified").map_err(read)?,
+        version: row.try_get("version").map_err(read)?,
+    })
+}
+
+#[async_trait]
+impl PersonTransaction for PostgresTransaction {
+    async fn person_by_distinct_id(
+        &mut self,
+        team_id: i64,
+        distinct_id: &str,
+    ) -> Result<Option<Person>, PersonStoreError> {
+        let team = team_column(team_id)?;
+        let rows = self.query(SELECT_PERSON, &[&team, &distinct_id]).await?;
+        rows.first().map(person_from_row).transpose()
+    }
+
+    async fn create_person(
+        &mut self,
+        person: NewPerson,
+        distinct_ids: &[&str],
+    ) -> Result<Person, PersonStoreError> {
+        let team = team_column(person.team_id)?;
+        let updated_at: Map<String, Value> = person
+            .properties
+            .keys()
+            .map(|key| (key.clone(), Value::String(person.created_at.to_rfc3339())))
+            .collect();
+        let rows = self
+            .query(
+                INSERT_PERSON,
+                &[
+                    &person.uuid,
+                    &person.created_at,
+                    &team,
+                    &Json(&person.properties),
+                    &Json(&updated_at),
+                    &Json(&person.properties_last_operation),
+                    &person.is_identified,
+                ],
+            )
+            .await?;
+        let id: i64 = rows
+            .first()
+            .ok_or_else(|| PersonStoreError::Unavailable("INSERT returned no id".to_owned()))?
+            .try_get("id")
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        for distinct_id in distinct_ids {
+            self.query(INSERT_DISTINCT_ID, &[distinct_id, &id, &team])
+                .await?;
+        }
+        Ok(Person {
+            id,
+            uuid: person.uuid,
+            team_id: person.team_id,
+            created_at: person.created_at,
+            properties: person.properties,
+            is_identified: person.is_identified,
+            version: 0,
+        })
+    }
+
+    async fn add_distinct_id(
+        &mut self,
+        person: &Person,
+        distinct_id: &str,
+    ) -> Result<(), PersonStoreError> {
+        let team = team_column(person.team_id)?;
+        self.query(INSERT_DISTINCT_ID, &[&distinct_id, &person.id, &team])
+            .await?;
+        Ok(())
+    }
+
+    async fn update_person(&mut self, person: &Person) -> Result<Person, PersonStoreError> {
+        let rows = self
+            .query(
+                UPDATE_PERSON,
+                &[
+                    &person.id,
+                    &Json(&person.properties),
+                    &person.is_identified,
+                    &person.created_at,
+                ],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(PersonStoreError::Conflict(format!(
+                "person {} was deleted meanwhile",
+                person.id
+            )));
+        };
+        let version: i64 = row
+            .try_get("version")
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        Ok(Person {
+            version,
+            ..person.clone()
+        })
+    }
+
+    async fn move_distinct_ids(
+        &mut self,
+        source: &Person,
+        target: &Person,
+    ) -> Result<Vec<MovedDistinctId>, PersonStoreError> {
+        let rows = self
+            .query(MOVE_DISTINCT_IDS, &[&target.id, &source.id])
+            .await?;
+        self.query(MOVE_COHORTS, &[&target.id, &source.id]).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(MovedDistinctId {
+                    distinct_id: row
+                        .try_get("distinct_id")
+                        .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?,
+                    version: row
+                        .try_get("version")
+                        .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_person(&mut self, person: &Person) -> Result<(), PersonStoreError> {
+        self.query(DELETE_PERSON, &[&person.id]).await?;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), PersonStoreError> {
+        let Some(client) = self.client.take() else {
+            return Ok(());
+        };
+        if self.begun {
+            client.batch_execute("COMMIT").await.map_err(classify)?;
+        }
+        Ok(())
+    }
+}

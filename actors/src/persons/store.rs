@@ -1,0 +1,116 @@
+//! Where persons live: `posthog_person` and `posthog_persondistinctid` in Postgres, or the
+//! embedded profile's in-process store. Both are used through transactions, so that the rules
+//! of [`super::state`] are written once and hold for both.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// A `posthog_person` row as ingestion reads and writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Person {
+    /// `posthog_person.id`, the key distinct ids point at.
+    pub id: i64,
+    /// The id events and ClickHouse know the person by.
+    pub uuid: Uuid,
+    pub team_id: i64,
+    pub created_at: DateTime<Utc>,
+    pub properties: Map<String, Value>,
+    pub is_identified: bool,
+    pub version: i64,
+}
+
+/// A person to insert: everything but the row id, which the store assigns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPerson {
+    pub uuid: Uuid,
+    pub team_id: i64,
+    pub created_at: DateTime<Utc>,
+    pub properties: Map<String, Value>,
+    /// Per key, `set` or `set_once`: PostHog's `properties_last_operation`.
+    pub properties_last_operation: Map<String, Value>,
+    pub is_identified: bool,
+}
+
+/// A distinct id moved to another person by a merge, with its new version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedDistinctId {
+    pub distinct_id: String,
+    pub version: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersonStoreError {
+    /// Another transaction changed the same rows first (a unique key taken, a deadlock, a
+    /// serialization failure). The whole person step for the event is retried.
+    #[error("a concurrent change to the same person: {0}")]
+    Conflict(String),
+    /// The store cannot answer; the batch is retried later rather than its events stored
+    /// without persons.
+    #[error("cannot reach the person store (check DATABASE_URL): {0}")]
+    Unavailable(String),
+    /// The store refused this event's data (e.g. a distinct id longer than its column). Only
+    /// this event is affected: it is dead-lettered.
+    #[error("the person store refused the event: {0}")]
+    Rejected(String),
+}
+
+/// Starts person transactions.
+#[async_trait]
+pub trait PersonStore: Send + Sync + 'static {
+    /// For logs: `postgres` or `memory`.
+    fn name(&self) -> &'static str;
+
+    async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError>;
+}
+
+/// One transaction. Reads lock what they return until commit, so a person read here is not
+/// changed by anyone else before this transaction ends. Dropping it without `commit` rolls
+/// back.
+#[async_trait]
+pub trait PersonTransaction: Send {
+    /// The person owning `distinct_id` in `team_id`, locked.
+    async fn person_by_distinct_id(
+        &mut self,
+        team_id: i64,
+        distinct_id: &str,
+    ) -> Result<Option<Person>, PersonStoreError>;
+
+    /// Inserts a person and its distinct ids (version 0 each). A distinct id that already has
+    /// a person is a [`PersonStoreError::Conflict`].
+    async fn create_person(
+        &mut self,
+        person: NewPerson,
+        distinct_ids: &[&str],
+    ) -> Result<Person, PersonStoreError>;
+
+    /// Points `distinct_id` at `person` (version 0). A taken id is a conflict.
+    async fn add_distinct_id(
+        &mut self,
+        person: &Person,
+        distinct_id: &str,
+    ) -> Result<(), PersonStoreError>;
+
+    /// Writes `properties`, `is_identified` and `created_at` of `person` and increments its
+    /// version; returns the person as stored.
+    async fn update_person(&mut self, person: &Person) -> Result<Person, PersonStoreError>;
+
+    /// Moves every distinct id of `source` to `target`, incrementing each one's version, and
+    /// repoints `source`'s cohort memberships.
+    async fn move_distinct_ids(
+        &mut self,
+        source: &Person,
+        target: &Person,
+    ) -> Result<Vec<MovedDistinctId>, PersonStoreError>;
+
+    /// Deletes a person that no longer owns any distinct id.
+    async fn delete_person(&mut self, person: &Person) -> Result<(), PersonStoreError>;
+
+    async fn commit(self: Box<Self>) -> Result<(), PersonStoreError>;
+}
+
+/// A store shared by the pipeline's tasks.
+pub type SharedPersonStore = Arc<dyn PersonStore>;
