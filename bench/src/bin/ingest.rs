@@ -44,9 +44,14 @@ struct Args {
     /// KAFKA_MAX_MESSAGE_BATCH_SIZE values to run, one fresh deployment each.
     #[arg(long, value_delimiter = ',', default_value = "900000,16000000")]
     batch_sizes: Vec<u64>,
-    /// The server binary (a release build).
-    #[arg(long, default_value = "target/release/plugin-server")]
-    server: PathBuf,
+    /// The server binaries (release builds), comma-separated; each runs every batch size, so
+    /// two builds (e.g. before and after a change) are compared within one run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "target/release/plugin-server"
+    )]
+    server: Vec<PathBuf>,
     /// Events per second in the latency phase (every 100th is a marker).
     #[arg(long, default_value_t = 20_000)]
     latency_rate: u64,
@@ -87,11 +92,13 @@ async fn main() -> Result<()> {
     // only plain HTTP is used here, but building a client still needs one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    ensure!(
-        args.server.exists(),
-        "{} not found: cargo build --release -p plugin-server",
-        args.server.display()
-    );
+    for server in &args.server {
+        ensure!(
+            server.exists(),
+            "{} not found: cargo build --release -p plugin-server",
+            server.display()
+        );
+    }
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     }
@@ -116,14 +123,27 @@ async fn main() -> Result<()> {
     }
 
     let mut results = Vec::new();
-    for &batch_size in &args.batch_sizes {
-        println!("\n== KAFKA_MAX_MESSAGE_BATCH_SIZE={batch_size} ==");
-        let deployment = Deployment::create(&services, &args).await?;
-        let result = run_scenario(&services, &args, &deployment, batch_size, clock_ticks).await;
-        deployment.remove(&services).await;
-        let result = result?;
-        println!("{}", serde_json::to_string_pretty(&result)?);
-        results.push(result);
+    for server in &args.server {
+        for &batch_size in &args.batch_sizes {
+            println!(
+                "\n== {} KAFKA_MAX_MESSAGE_BATCH_SIZE={batch_size} ==",
+                server.display()
+            );
+            let deployment = Deployment::create(&services, server).await?;
+            let result = run_scenario(
+                &services,
+                &args,
+                server,
+                &deployment,
+                batch_size,
+                clock_ticks,
+            )
+            .await;
+            deployment.remove(&services).await;
+            let result = result?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            results.push(result);
+        }
     }
 
     println!("\nload after: {}", load_average());
@@ -254,7 +274,7 @@ struct Deployment {
 impl Deployment {
     const TEAM_ID: i32 = 2;
 
-    async fn create(services: &Services, args: &Args) -> Result<Self> {
+    async fn create(services: &Services, server: &Path) -> Result<Self> {
         let id = Uuid::new_v4().simple().to_string();
         let name = format!("bench_{}", &id[..12]);
         let prefix = format!("{name}_");
@@ -264,21 +284,21 @@ impl Deployment {
             prefix,
         };
         // Everything below is undone by `remove`, which tolerates a half-made deployment.
-        if let Err(error) = deployment.set_up(services, args).await {
+        if let Err(error) = deployment.set_up(services, server).await {
             deployment.remove(services).await;
             return Err(error);
         }
         Ok(deployment)
     }
 
-    async fn set_up(&self, services: &Services, args: &Args) -> Result<()> {
+    async fn set_up(&self, services: &Services, server: &Path) -> Result<()> {
         services
             .postgres("postgres")
             .await?
             .batch_execute(&format!("CREATE DATABASE {}", self.name))
             .await
             .context("create the Postgres database")?;
-        let migrated = Command::new(&args.server)
+        let migrated = Command::new(server)
             .env_clear()
             .envs(self.base_env(services))
             .arg("--migrate")
@@ -721,6 +741,8 @@ fn cpu_between(start: CpuSample, end: CpuSample, ticks: f64) -> CpuUse {
 
 #[derive(Debug, serde::Serialize)]
 struct ScenarioResult {
+    /// The binary's file name.
+    server: String,
     batch_size: u64,
     events: usize,
     produce_seconds: f64,
@@ -743,6 +765,7 @@ struct ScenarioResult {
 async fn run_scenario(
     services: &Services,
     args: &Args,
+    server_binary: &Path,
     deployment: &Deployment,
     batch_size: u64,
     ticks: f64,
@@ -755,14 +778,19 @@ async fn run_scenario(
     };
     println!("produced {events} events in {:.1} s", produce.as_secs_f64());
 
-    let label = format!("batch{batch_size}");
+    let label = format!(
+        "{}-batch{batch_size}",
+        server_binary
+            .file_name()
+            .map_or_else(String::new, |name| name.to_string_lossy().into_owned())
+    );
     let log_file = args
         .out
         .as_ref()
         .map(|out| out.join(format!("server-{label}.log")));
     let env = deployment.server_env(services, batch_size, &args.extra_env)?;
     let spawned_at = Instant::now();
-    let (server, mut logs) = Server::spawn(&args.server, env, log_file)?;
+    let (server, mut logs) = Server::spawn(server_binary, env, log_file)?;
     let watched = Watched {
         server: server.pid,
         clickhouse: find_process("clickhouse-serv"),
@@ -864,6 +892,9 @@ async fn run_scenario(
     let steady = drained_at.duration_since(first_at).as_secs_f64();
     let cpu = cpu_between(start_sample, end_sample, ticks);
     Ok(ScenarioResult {
+        server: server_binary
+            .file_name()
+            .map_or_else(String::new, |name| name.to_string_lossy().into_owned()),
         batch_size,
         events,
         produce_seconds: produce.as_secs_f64(),
@@ -1155,9 +1186,9 @@ async fn run_peer(args: &Args, services: &Services) -> Result<PeerResult> {
 
 fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     println!(
-        "\n| KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
+        "\n| server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let per_1000 = |seconds: Option<f64>, events: usize| {
         seconds.map_or("n/a".to_owned(), |s| {
             format!("{:.4}", s * 1000.0 / events as f64)
@@ -1178,7 +1209,8 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
                     )
                 });
         println!(
-            "| {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            result.server,
             result.batch_size,
             result.events_per_second,
             ratio,
