@@ -30,6 +30,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "plugin_server_jobs",
         sql: include_str!("../migrations/postgres/0002_plugin_server_jobs.sql"),
     },
+    Migration {
+        version: 3,
+        name: "feature_flag_hash_key_overrides",
+        sql: include_str!("../migrations/postgres/0003_feature_flag_hash_key_overrides.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[

@@ -73,6 +73,17 @@ const MOVE_DISTINCT_IDS: &str = "UPDATE posthog_persondistinctid \
 
 const MOVE_COHORTS: &str = "UPDATE posthog_cohortpeople SET person_id = $1 WHERE person_id = $2";
 
+/// The target keeps its own override where both people have one for the same flag, as in
+/// PostHog; the source's rows go, since they would block deleting the source.
+const COPY_FLAG_OVERRIDES: &str = "INSERT INTO posthog_featureflaghashkeyoverride \
+     (team_id, person_id, feature_flag_key, hash_key) \
+     SELECT team_id, $1, feature_flag_key, hash_key \
+     FROM posthog_featureflaghashkeyoverride WHERE person_id = $2 \
+     ON CONFLICT DO NOTHING";
+
+const DELETE_FLAG_OVERRIDES: &str =
+    "DELETE FROM posthog_featureflaghashkeyoverride WHERE person_id = $1";
+
 const DELETE_PERSON: &str = "DELETE FROM posthog_person WHERE id = $1";
 
 struct PostgresTransaction {
@@ -287,6 +298,9 @@ impl PersonTransaction for PostgresTransaction {
             .query(MOVE_DISTINCT_IDS, &[&target.id, &source.id])
             .await?;
         self.query(MOVE_COHORTS, &[&target.id, &source.id]).await?;
+        self.query(COPY_FLAG_OVERRIDES, &[&target.id, &source.id])
+            .await?;
+        self.query(DELETE_FLAG_OVERRIDES, &[&source.id]).await?;
         rows.iter()
             .map(|row| {
                 Ok(MovedDistinctId {

@@ -99,7 +99,7 @@ pub trait PersonTransaction: Send {
     async fn update_person(&mut self, person: &Person) -> Result<Person, PersonStoreError>;
 
     /// Moves every distinct id of `source` to `target`, incrementing each one's version, and
-    /// repoints `source`'s cohort memberships.
+    /// hands `source`'s cohort memberships and feature-flag hash-key overrides to `target`.
     async fn move_distinct_ids(
         &mut self,
         source: &Person,

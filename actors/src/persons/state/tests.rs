@@ -413,6 +413,12 @@ mod postgres {
 
     /// A fresh database per scenario, migrated, with team 2, on the Postgres of the test run.
     async fn postgres_store(scenario: u32) -> Arc<dyn PersonStore> {
+        postgres_store_and_pool(scenario).await.0
+    }
+
+    async fn postgres_store_and_pool(
+        scenario: u32,
+    ) -> (Arc<dyn PersonStore>, deadpool_postgres::Pool) {
         let url = std::env::var("DATABASE_URL")
             .expect("DATABASE_URL: run the suite with `bash functional_tests/run.sh`");
         let server = url
@@ -449,7 +455,68 @@ mod postgres {
             )
             .await
             .expect("team 2");
-        Arc::new(PostgresPersonStore::new(pool))
+        (Arc::new(PostgresPersonStore::new(pool.clone())), pool)
+    }
+
+    /// A merge hands the source's feature-flag hash-key overrides to the target, keeping the
+    /// target's own where both have one, and leaves none pointing at the deleted person.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_on_postgres_moves_feature_flag_overrides() {
+        let (store, pool) = postgres_store_and_pool(50).await;
+        let target = run(store.as_ref(), &event("user", "$pageview", json!({}), 1)).await;
+        let source = run(store.as_ref(), &event("anon", "$pageview", json!({}), 2)).await;
+        let client = pool.get().await.expect("connection");
+        for (person, flag, hash) in [
+            (&target.person, "shared", "target-hash"),
+            (&source.person, "shared", "source-hash"),
+            (&source.person, "only-source", "source-only-hash"),
+        ] {
+            client
+                .execute(
+                    "INSERT INTO posthog_featureflaghashkeyoverride \
+                     (team_id, person_id, feature_flag_key, hash_key) VALUES (2, $1, $2, $3)",
+                    &[&person.id, &flag, &hash],
+                )
+                .await
+                .expect("override");
+        }
+        run(
+            store.as_ref(),
+            &event(
+                "user",
+                "$identify",
+                json!({ "$anon_distinct_id": "anon" }),
+                3,
+            ),
+        )
+        .await;
+        let rows = client
+            .query(
+                "SELECT person_id, feature_flag_key, hash_key \
+                 FROM posthog_featureflaghashkeyoverride ORDER BY feature_flag_key",
+                &[],
+            )
+            .await
+            .expect("overrides");
+        let overrides: Vec<(i64, String, String)> = rows
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        assert_eq!(
+            overrides,
+            vec![
+                (
+                    target.person.id,
+                    "only-source".to_owned(),
+                    "source-only-hash".to_owned()
+                ),
+                (
+                    target.person.id,
+                    "shared".to_owned(),
+                    "target-hash".to_owned()
+                ),
+            ]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
