@@ -39,6 +39,10 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with_persons(None).await
+}
+
+async fn start_with_persons(persons: Option<Arc<PersonManager>>) -> Harness {
     let data = tempfile::tempdir().expect("tempdir");
     let metrics = Metrics::new().expect("metrics");
     let registry = ActorRegistry::new(metrics.clone());
@@ -77,7 +81,7 @@ async fn start() -> Harness {
     ));
     let pipeline_metrics = PipelineMetrics::register(&metrics).expect("metrics");
     let pipeline = spawn_supervised(&registry, SpawnOptions::new("pipeline"), move |stats| {
-        IngestionPipeline::new(
+        let pipeline = IngestionPipeline::new(
             PipelineConfig {
                 limits: EnvelopeLimits {
                     max_message_bytes: 10_000,
@@ -88,7 +92,11 @@ async fn start() -> Harness {
             stats,
             &metrics,
             pipeline_metrics.clone(),
-        )
+        );
+        match &persons {
+            Some(persons) => pipeline.with_persons(Arc::clone(persons)),
+            None => pipeline,
+        }
     });
     Harness { pipeline, data }
 }
@@ -237,4 +245,169 @@ async fn an_empty_batch_is_fine() {
         .expect("delivered")
         .expect("ingested");
     assert_eq!(outcome, BatchOutcome::default());
+}
+
+/// The in-process person store, except that the distinct id `rejected` is refused and
+/// `unreachable` finds the store down.
+#[derive(Default)]
+struct TroubledPersons(crate::persons::MemoryPersonStore);
+
+struct TroubledTransaction<'a>(Box<dyn crate::persons::store::PersonTransaction + 'a>);
+
+#[async_trait]
+impl crate::persons::PersonStore for TroubledPersons {
+    fn name(&self) -> &'static str {
+        "troubled"
+    }
+
+    async fn begin(
+        &self,
+    ) -> Result<Box<dyn crate::persons::store::PersonTransaction + '_>, PersonStoreError> {
+        Ok(Box::new(TroubledTransaction(self.0.begin().await?)))
+    }
+}
+
+#[async_trait]
+impl crate::persons::store::PersonTransaction for TroubledTransaction<'_> {
+    async fn person_by_distinct_id(
+        &mut self,
+        team_id: i64,
+        distinct_id: &str,
+    ) -> Result<Option<crate::persons::Person>, PersonStoreError> {
+        match distinct_id {
+            "rejected" => Err(PersonStoreError::Rejected("value too long".to_owned())),
+            "unreachable" => Err(PersonStoreError::Unavailable(
+                "connection refused".to_owned(),
+            )),
+            _ => self.0.person_by_distinct_id(team_id, distinct_id).await,
+        }
+    }
+
+    async fn create_person(
+        &mut self,
+        person: crate::persons::store::NewPerson,
+        distinct_ids: &[&str],
+    ) -> Result<crate::persons::Person, PersonStoreError> {
+        self.0.create_person(person, distinct_ids).await
+    }
+
+    async fn add_distinct_id(
+        &mut self,
+        person: &crate::persons::Person,
+        distinct_id: &str,
+    ) -> Result<(), PersonStoreError> {
+        self.0.add_distinct_id(person, distinct_id).await
+    }
+
+    async fn update_person(
+        &mut self,
+        person: &crate::persons::Person,
+    ) -> Result<crate::persons::Person, PersonStoreError> {
+        self.0.update_person(person).await
+    }
+
+    async fn move_distinct_ids(
+        &mut self,
+        source: &crate::persons::Person,
+        target: &crate::persons::Person,
+    ) -> Result<Vec<crate::persons::store::MovedDistinctId>, PersonStoreError> {
+        self.0.move_distinct_ids(source, target).await
+    }
+
+    async fn delete_person(
+        &mut self,
+        person: &crate::persons::Person,
+    ) -> Result<(), PersonStoreError> {
+        self.0.delete_person(person).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), PersonStoreError> {
+        self.0.commit().await
+    }
+}
+
+fn troubled_persons() -> Arc<PersonManager> {
+    Arc::new(PersonManager::new(
+        Arc::new(TroubledPersons::default()),
+        crate::persons::PersonConfig::default(),
+    ))
+}
+
+#[actix::test]
+async fn rows_carry_their_person_and_a_refused_person_dead_letters_only_its_event() {
+    let harness = start_with_persons(Some(troubled_persons())).await;
+    let messages = vec![
+        envelope(
+            json!({"event": "$pageview", "properties": {"$set": {"plan": "pro"}}}),
+            json!({}),
+        ),
+        envelope(
+            json!({"event": "$pageview"}),
+            json!({"distinct_id": "rejected"}),
+        ),
+        envelope(json!({"event": "second"}), json!({})),
+    ];
+    let outcome = harness
+        .pipeline
+        .send(IngestBatch {
+            messages: Arc::new(messages),
+        })
+        .await
+        .expect("delivered")
+        .expect("ingested");
+    assert_eq!((outcome.written, outcome.dead_lettered), (2, 1));
+
+    let events = read_lines(harness.data.path(), "events");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["person_id"], events[1]["person_id"]);
+    assert_ne!(events[0]["person_id"], uuid::Uuid::nil().to_string());
+    for event in &events {
+        let person: Value =
+            serde_json::from_str(event["person_properties"].as_str().expect("string"))
+                .expect("json");
+        assert_eq!(person["plan"], "pro", "{event}");
+    }
+    let persons = read_lines(harness.data.path(), "person");
+    assert_eq!(
+        persons.len(),
+        1,
+        "one version: the second event changed nothing"
+    );
+    assert_eq!(persons[0]["id"], events[0]["person_id"]);
+    assert_eq!(
+        read_lines(harness.data.path(), "person_distinct_id").len(),
+        1
+    );
+    let letters = read_lines(harness.data.path(), "dead_letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason"], "person_rejected");
+    assert_eq!(letters[0]["distinct_id"], "rejected");
+}
+
+#[actix::test]
+async fn a_person_store_that_cannot_answer_fails_the_batch_for_a_retry() {
+    let harness = start_with_persons(Some(troubled_persons())).await;
+    let messages = vec![
+        envelope(json!({"event": "$pageview"}), json!({})),
+        envelope(
+            json!({"event": "$pageview"}),
+            json!({"distinct_id": "unreachable"}),
+        ),
+    ];
+    let outcome = harness
+        .pipeline
+        .send(IngestBatch {
+            messages: Arc::new(messages),
+        })
+        .await
+        .expect("delivered");
+    assert!(
+        matches!(outcome, Err(PipelineError::Persons(_))),
+        "{outcome:?}"
+    );
+    // Nothing of the batch was written, so a retry stores it exactly once.
+    let written = std::fs::read_dir(harness.data.path().join("data"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(written, 0);
 }
