@@ -4,6 +4,7 @@
 
 mod common;
 mod ingestion;
+mod jobs;
 mod migrate;
 mod persons;
 mod plugins;

@@ -47,6 +47,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         metrics: topology.metrics.clone(),
         plugins: Some(topology.plugins.clone()),
         scheduler: topology.scheduler.as_ref().map(|s| s.stats()),
+        job_queue: topology.job_queue.as_ref().map(|q| q.stats()),
     };
     let capture_metrics = http::capture::CaptureMetrics::new().map_err(MetricsError::from)?;
     capture_metrics

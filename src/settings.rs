@@ -149,6 +149,9 @@ pub struct Settings {
     pub schedule_minute_ms: u64,
     pub schedule_hour_ms: u64,
     pub schedule_day_ms: u64,
+    /// Not PostHog's: the longest wait between two looks at the plugin job queue, in ms (jobs
+    /// queued elsewhere wake the runner at once through Postgres NOTIFY).
+    pub job_queue_poll_interval_ms: u64,
     pub external_request_timeout_ms: u64,
     /// Not PostHog's: per-team plugin configs in the embedded profile (no Postgres).
     pub plugins_config_file: PathBuf,
@@ -296,6 +299,10 @@ impl Settings {
         positive("SCHEDULE_MINUTE_MS", self.schedule_minute_ms)?;
         positive("SCHEDULE_HOUR_MS", self.schedule_hour_ms)?;
         positive("SCHEDULE_DAY_MS", self.schedule_day_ms)?;
+        positive(
+            "JOB_QUEUE_POLL_INTERVAL_MS",
+            self.job_queue_poll_interval_ms,
+        )?;
         positive("REDIS_POOL_MAX_SIZE", self.redis_pool_max_size as u64)?;
         positive(
             "KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY",

@@ -40,7 +40,9 @@ use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
 use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
 
 use plugin_server_actors::cluster::cache::CacheStore;
+use plugin_server_actors::jobs::{JobStore, MemoryJobStore, PostgresJobStore};
 use plugin_server_actors::plugin_async::{PostIngestionConsumer, PostIngestionPublisher};
+use plugin_server_actors::plugin_job_queue::{JobQueueConfig, PluginJobQueue};
 use plugin_server_actors::plugin_reloader::{PluginReloader, PluginReloaderConfig};
 use plugin_server_actors::plugin_scheduler::{PluginScheduler, SchedulerConfig};
 use plugin_server_actors::plugin_vm_pool::{
@@ -82,6 +84,8 @@ pub struct Topology {
     _reloader: PluginReloader,
     /// runEveryMinute/Hour/Day, when this instance's mode runs them.
     pub scheduler: Option<PluginScheduler>,
+    /// Plugin jobs, when this instance's mode runs them.
+    pub job_queue: Option<PluginJobQueue>,
 }
 
 impl Topology {
@@ -162,15 +166,34 @@ impl Topology {
         let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
         let geoip = GeoIpHandle::new();
         start_geoip(settings, database.as_ref(), &registry, &geoip).await?;
+        let job_store: Arc<dyn JobStore> = match (&database, settings.database_url()) {
+            (Some(pool), Some(url)) => Arc::new(PostgresJobStore::start(pool.clone(), url)),
+            _ => Arc::new(MemoryJobStore::new()),
+        };
         let (plugins, plugin_http, plugin_registry) = start_plugins(
             settings,
             database.as_ref(),
             Arc::clone(&cluster.cache),
             geoip,
+            Arc::clone(&job_store),
             &metrics,
             plugin_outputs.clone(),
         )
         .await?;
+        let job_queue = runs_jobs(settings)?.then(|| {
+            PluginJobQueue::start(
+                JobQueueConfig {
+                    instance: cluster.instance.to_string(),
+                    concurrency: settings.worker_threads() * settings.tasks_per_worker.max(1),
+                    poll_interval: std::time::Duration::from_millis(
+                        settings.job_queue_poll_interval_ms,
+                    ),
+                    claim_timeout: settings.task_timeout() * 2 + std::time::Duration::from_secs(30),
+                },
+                Arc::clone(&job_store),
+                plugins.clone(),
+            )
+        });
         let reloader = PluginReloader::start(
             PluginReloaderConfig {
                 channel: settings.plugins_reload_pubsub_channel.clone(),
@@ -294,6 +317,7 @@ impl Topology {
             post_ingestion: std::sync::Mutex::new(post_ingestion),
             _reloader: reloader,
             scheduler,
+            job_queue,
         })
     }
 
@@ -324,6 +348,9 @@ impl Topology {
         // flight, export every buffer, then run teardownPlugin everywhere.
         if let Some(scheduler) = &self.scheduler {
             scheduler.stop();
+        }
+        if let Some(job_queue) = &self.job_queue {
+            job_queue.stop();
         }
         let consumer = self.post_ingestion.lock().ok().and_then(|mut c| c.take());
         if let Some(consumer) = consumer {
@@ -400,6 +427,7 @@ async fn start_plugins(
     database: Option<&deadpool_postgres::Pool>,
     cache: Arc<dyn CacheStore>,
     geoip: GeoIpHandle,
+    jobs: Arc<dyn JobStore>,
     metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
 ) -> Result<(PluginVmPool, PluginHttp, PluginRegistry), ServerError> {
@@ -434,6 +462,7 @@ async fn start_plugins(
                 Arc::clone(&cache),
                 storage.clone(),
                 geoip.clone(),
+                Arc::clone(&jobs),
             )) as Rc<dyn PluginHost>
         }
     });
@@ -585,6 +614,14 @@ fn runs_scheduler(settings: &Settings) -> Result<bool, ServerError> {
 
 /// onEvent, composeWebhook and exportEvents run when PLUGIN_SERVER_MODE is unset or one of the
 /// modes PostHog runs them in.
+/// Plugin jobs run when PLUGIN_SERVER_MODE is unset, `async` or `jobs` (spec 5.3).
+fn runs_jobs(settings: &Settings) -> Result<bool, ServerError> {
+    Ok(matches!(
+        settings.mode()?,
+        None | Some(PluginServerMode::Async | PluginServerMode::Jobs)
+    ))
+}
+
 fn runs_post_ingestion(settings: &Settings) -> Result<bool, ServerError> {
     Ok(matches!(
         settings.mode()?,

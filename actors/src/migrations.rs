@@ -35,6 +35,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "feature_flag_hash_key_overrides",
         sql: include_str!("../migrations/postgres/0003_feature_flag_hash_key_overrides.sql"),
     },
+    Migration {
+        version: 4,
+        name: "plugin_server_job_retries",
+        sql: include_str!("../migrations/postgres/0004_plugin_server_job_retries.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[

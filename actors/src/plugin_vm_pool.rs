@@ -31,10 +31,21 @@ use crate::plugins::delivery::AsyncTarget;
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, ProcessEvents, Retire, RunAsync, RunScheduled, SideEffects, TeardownAll, VmWorker,
+    FlushExports, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled, SideEffects, TeardownAll,
+    VmWorker,
 };
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
+/// Why a job did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobRunError {
+    /// Its config is disabled, deleted, or belongs to no loaded plugin.
+    #[error("its plugin config is not active")]
+    ConfigInactive,
+    #[error("{0}")]
+    Failed(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct PluginVmPoolConfig {
     /// WORKER_CONCURRENCY.
@@ -441,6 +452,49 @@ impl PluginVmPool {
                 Err("the plugin worker was replaced before it answered".to_owned())
             }
             Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+        }
+    }
+
+    /// Runs `jobs[name](payload)` of a config that is loaded now. The error says why the job
+    /// did not succeed: the config is not active, the job threw, or the worker went away.
+    pub async fn run_job(
+        &self,
+        plugin_config_id: i64,
+        job_name: &str,
+        payload: Value,
+    ) -> Result<(), JobRunError> {
+        let plugins = self.plugins();
+        let Some(config) = plugins
+            .configs()
+            .find(|config| config.identity.plugin_config_id == plugin_config_id)
+            .cloned()
+        else {
+            return Err(JobRunError::ConfigInactive);
+        };
+        let team_id = config.identity.team_id;
+        let chain = plugins
+            .chain(team_id)
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        let sent = self
+            .send_to(self.worker_index(team_id), |request_id| RunJob {
+                request_id,
+                config,
+                job_name: job_name.to_owned(),
+                payload,
+            })
+            .await;
+        match sent {
+            Sent::Reply(reply) => {
+                self.deliver(reply.side, &chain);
+                reply.value.map_err(JobRunError::Failed)
+            }
+            Sent::Abandoned { .. } => Err(JobRunError::Failed(
+                "the plugin worker was replaced before it answered (the job ran too long)"
+                    .to_owned(),
+            )),
+            Sent::Unavailable => Err(JobRunError::Failed(
+                "the plugin worker is unavailable".to_owned(),
+            )),
         }
     }
 

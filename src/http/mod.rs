@@ -6,6 +6,7 @@ pub mod capture;
 mod health;
 mod metrics;
 
+use plugin_server_actors::plugin_job_queue::JobQueueStats;
 use plugin_server_actors::plugin_scheduler::SchedulerStats;
 use plugin_server_actors::plugin_vm_pool::PluginVmPool;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub plugins: Option<PluginVmPool>,
     /// The scheduler's state (`holds_lock`, ticks), shown in `/_actors`.
     pub scheduler: Option<SchedulerStats>,
+    /// The job queue's counters (claimed, succeeded, retried, dead-lettered), in `/_actors`.
+    pub job_queue: Option<JobQueueStats>,
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {

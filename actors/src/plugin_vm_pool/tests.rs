@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::plugins::host::{CacheOp, FetchReply, FetchRequest, StorageOp};
+use crate::plugins::host::{CacheOp, FetchReply, FetchRequest, JobRequest, StorageOp};
 use crate::plugins::vm::{VmIdentity, VmSource};
 
 struct NoNetwork;
@@ -24,6 +24,10 @@ impl PluginHost for NoNetwork {
 
     fn geoip(&self, _: &str) -> Value {
         Value::Null
+    }
+
+    fn enqueue_job(&self, _: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+        Err(format!("no job queue in this test ({})", job.name))
     }
 }
 

@@ -130,6 +130,19 @@ pub trait PluginHost {
     fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String>;
     /// `meta.geoip.locate(ip)`: geoip2-node's City, or null without a database or a match.
     fn geoip(&self, ip: &str) -> Value;
+    /// `meta.jobs.<name>(payload).runNow()|runIn()|runAt()`: queues the job for this config.
+    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String>;
+}
+
+/// A job a plugin queued through `meta.jobs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRequest {
+    pub name: String,
+    pub payload: Value,
+    pub run_at_unix_ms: i64,
+    /// 1 = no retry (PostHog's behaviour).
+    pub max_attempts: u32,
+    pub retry_delay_ms: u64,
 }
 
 struct Timer {
@@ -300,9 +313,11 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 12] = [
+    let functions: [(&str, usize, NativeFn); 14] = [
         ("cache", 4, cache),
         ("geoip", 1, geoip),
+        ("jobs", 5, jobs),
+        ("jobDelay", 2, job_delay),
         ("storage", 3, storage),
         ("log", 2, log),
         ("hash", 3, hash),
@@ -588,6 +603,39 @@ fn integer_arg(args: &[JsValue], index: usize, what: &str, context: &mut Context
 fn geoip(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let ip = string_arg(args, 0, context)?;
     ask_host("geoip", context, |host, _| Ok(host.geoip(&ip)))
+}
+
+/// `host.jobs(name, payloadJson, runAtMs, maxAttempts, retryDelayMs)`.
+fn jobs(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let name = string_arg(args, 0, context)?;
+    let payload_json = string_arg(args, 1, context)?;
+    let payload: Value = serde_json::from_str(&payload_json).map_err(|error| {
+        JsNativeError::typ().with_message(format!("the job payload is not JSON: {error}"))
+    })?;
+    let run_at_unix_ms = integer_arg(args, 2, "runAt", context)?;
+    let max_attempts = integer_arg(args, 3, "maxAttempts", context)?;
+    let retry_delay_ms = integer_arg(args, 4, "retryDelayMs", context)?;
+    let job = JobRequest {
+        name,
+        payload,
+        run_at_unix_ms,
+        max_attempts: u32::try_from(max_attempts.max(1)).unwrap_or(u32::MAX),
+        retry_delay_ms: u64::try_from(retry_delay_ms.max(0)).unwrap_or(0),
+    };
+    ask_host("jobs", context, |host, identity| {
+        host.enqueue_job(identity, job)
+    })
+}
+
+/// `host.jobDelay(amount, unit)`: `runIn`'s duration in milliseconds.
+fn job_delay(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let amount = args
+        .first()
+        .map_or(Ok(f64::NAN), |value| value.to_number(context))?;
+    let unit = string_arg(args, 1, context)?;
+    let duration = crate::jobs::duration_of(amount, &unit)
+        .map_err(|message| JsNativeError::range().with_message(message))?;
+    Ok(JsValue::from(duration.as_millis() as f64))
 }
 
 fn unknown_operation(kind: &str, operation: &str) -> JsError {

@@ -15,10 +15,11 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::runtime::Handle;
 
-use super::host::{CacheOp, FetchReply, FetchRequest, PluginHost, StorageOp};
+use super::host::{CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp};
 use super::vm::VmIdentity;
 use crate::cluster::cache::CacheStore;
 use crate::geoip::GeoIpHandle;
+use crate::jobs::{JobStore, NewJob, RetryPolicy};
 
 /// Where `meta.storage` keeps its values.
 #[derive(Clone)]
@@ -50,6 +51,7 @@ pub struct ServerHost {
     cache: Arc<dyn CacheStore>,
     storage: PluginStorage,
     geoip: GeoIpHandle,
+    jobs: Arc<dyn JobStore>,
 }
 
 impl ServerHost {
@@ -59,6 +61,7 @@ impl ServerHost {
         cache: Arc<dyn CacheStore>,
         storage: PluginStorage,
         geoip: GeoIpHandle,
+        jobs: Arc<dyn JobStore>,
     ) -> Self {
         Self {
             runtime,
@@ -66,6 +69,7 @@ impl ServerHost {
             cache,
             storage,
             geoip,
+            jobs,
         }
     }
 
@@ -193,6 +197,26 @@ impl PluginHost for ServerHost {
     /// Straight from the shared reader, on this thread: no actor round trip per lookup.
     fn geoip(&self, ip: &str) -> Value {
         self.geoip.locate(ip).unwrap_or(Value::Null)
+    }
+
+    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+        let run_at = chrono::DateTime::from_timestamp_millis(job.run_at_unix_ms)
+            .ok_or_else(|| format!("runAt {} is not a representable time", job.run_at_unix_ms))?;
+        let new = NewJob {
+            plugin_config_id: identity.plugin_config_id,
+            team_id: identity.team_id,
+            job_name: job.name,
+            payload: job.payload,
+            run_at,
+            retry: RetryPolicy {
+                max_attempts: job.max_attempts.clamp(1, RetryPolicy::MAX_ATTEMPTS),
+                delay: Duration::from_millis(job.retry_delay_ms).min(RetryPolicy::MAX_DELAY),
+            },
+        };
+        self.runtime
+            .block_on(self.jobs.enqueue(new))
+            .map(|_| Value::Null)
+            .map_err(|error| error.to_string())
     }
 }
 
@@ -391,6 +415,7 @@ mod tests {
             )),
             PluginStorage::InProcess(Arc::default()),
             GeoIpHandle::new(),
+            Arc::new(crate::jobs::MemoryJobStore::new()),
         );
         let request = FetchRequest {
             url: "http://localhost:1/x".into(),

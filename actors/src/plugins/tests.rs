@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::host::{CacheOp, FetchReply, FetchRequest, PluginHost, StorageOp};
+use super::host::{CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp};
 use super::vm::{Attachment, CallError, Method, PluginVm, VmError, VmIdentity, VmLimits, VmSource};
 use super::{LogLevel, LogSource};
 
@@ -13,6 +13,7 @@ struct MockHost {
     requests: RefCell<Vec<FetchRequest>>,
     cache: RefCell<std::collections::HashMap<String, String>>,
     storage: RefCell<std::collections::HashMap<String, String>>,
+    jobs: RefCell<Vec<(i64, JobRequest)>>,
 }
 
 impl PluginHost for MockHost {
@@ -49,6 +50,13 @@ impl PluginHost for MockHost {
             }
             other => return Err(format!("not in this mock: {other:?}")),
         })
+    }
+
+    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+        self.jobs
+            .borrow_mut()
+            .push((identity.plugin_config_id, job));
+        Ok(Value::Null)
     }
 
     /// One known address, in geoip2-node's shape.
@@ -532,4 +540,66 @@ fn geoip_locate_answers_through_the_host() {
     assert_eq!(out["properties"]["city"], "East Finchley");
     assert_eq!(out["properties"]["country"], "GB");
     assert_eq!(out["properties"]["unknown"], Value::Null);
+}
+
+#[test]
+fn meta_jobs_queue_jobs_with_posthogs_api() {
+    let host = Rc::new(MockHost::default());
+    let source = VmSource {
+        file_name: "index.js".into(),
+        code: std::sync::Arc::from(
+            r#"exports.processEvent = async (event, meta) => {
+                await meta.jobs.resend({ id: 1 }).runNow()
+                await meta.jobs.resend({ id: 2 }).runIn(2, 'seconds')
+                await meta.jobs.later({ id: 3 }, { maxAttempts: 4, retryDelayMs: 250 })
+                    .runAt(new Date('2030-01-01T00:00:00Z'))
+                let unit = null
+                try { await meta.jobs.resend({}).runIn(1, 'fortnights') } catch (e) { unit = e.message }
+                let date = null
+                try { await meta.jobs.resend({}).runAt('not a date') } catch (e) { date = e.message }
+                return { ...event, properties: { unit, date } }
+            }"#,
+        ),
+    };
+    let (mut vm, _) = PluginVm::load(identity(), &source, &json!({}), &[], limits(), host.clone())
+        .expect("the plugin loads");
+    let before = chrono::Utc::now().timestamp_millis();
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let after = chrono::Utc::now().timestamp_millis();
+    let out = result.expect("no error").expect("an event");
+    assert!(
+        out["properties"]["unit"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown unit")),
+        "{out}"
+    );
+    assert!(
+        out["properties"]["date"]
+            .as_str()
+            .is_some_and(|m| m.contains("runAt needs a date")),
+        "{out}"
+    );
+
+    let jobs = host.jobs.borrow();
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    for (config_id, _) in jobs.iter() {
+        assert_eq!(*config_id, identity().plugin_config_id);
+    }
+    let (_, now) = &jobs[0];
+    assert_eq!(
+        (now.name.as_str(), &now.payload),
+        ("resend", &json!({"id": 1}))
+    );
+    assert!((before..=after).contains(&now.run_at_unix_ms));
+    assert_eq!(
+        (now.max_attempts, now.retry_delay_ms),
+        (1, 1000),
+        "PostHog: no retry"
+    );
+    let (_, later) = &jobs[1];
+    assert!((before + 2000..=after + 2000).contains(&later.run_at_unix_ms));
+    let (_, dated) = &jobs[2];
+    assert_eq!(dated.name, "later");
+    assert_eq!(dated.run_at_unix_ms, 1_893_456_000_000);
+    assert_eq!((dated.max_attempts, dated.retry_delay_ms), (4, 250));
 }

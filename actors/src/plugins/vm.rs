@@ -542,7 +542,7 @@ impl PluginVm {
             )?;
         }
         meta.set(js_string!("attachments"), attachment_map, false, context)?;
-        for name in ["cache", "storage", "utils", "geoip"] {
+        for name in ["cache", "storage", "utils", "geoip", "jobs"] {
             let value = prelude.get(js_string!(name), context)?;
             meta.set(JsString::from(name), value, false, context)?;
         }

@@ -66,6 +66,16 @@ pub struct RunScheduled {
     pub method: Method,
 }
 
+/// Run `jobs[name](payload, meta)` of one config. The reply is the job's error, if it failed.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<Result<(), String>>")]
+pub struct RunJob {
+    pub request_id: u64,
+    pub config: Arc<LoadedConfig>,
+    pub job_name: String,
+    pub payload: Value,
+}
+
 /// Export the buffers that are due (`exportEventsBufferSeconds`), or all of them.
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
@@ -731,6 +741,54 @@ impl Handler<RunScheduled> for VmWorker {
         }
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
+    }
+}
+
+impl Handler<RunJob> for VmWorker {
+    type Result = MessageResult<RunJob>;
+
+    fn handle(&mut self, message: RunJob, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let mut side = SideEffects::default();
+        let config = &message.config;
+        let result = match self.ready(config, &mut side) {
+            Err(error) => Err(format!("the plugin could not be set up: {error}")),
+            Ok(()) => match self
+                .slots
+                .get_mut(&config.identity.plugin_config_id)
+                .and_then(|slot| slot.vm.is_some().then_some(slot))
+            {
+                None => Err("the plugin is not loaded".to_owned()),
+                Some(slot) => {
+                    let identity = config.identity.clone();
+                    let (result, effects) = match slot.vm.as_mut() {
+                        Some(vm) => vm.call_job(&message.job_name, &message.payload),
+                        None => (Ok(None), Default::default()),
+                    };
+                    side.absorb(&identity, effects);
+                    match result {
+                        Ok(_) => {
+                            side.outcome(&identity, "job", 1, false, None);
+                            Ok(())
+                        }
+                        Err(error) => {
+                            side.outcome(&identity, "job", 1, false, Some(&error));
+                            side.plugin_error(
+                                &identity,
+                                format!("job {} failed: {error}", message.job_name),
+                            );
+                            forget_if_poisoned(slot, &error);
+                            Err(error.to_string())
+                        }
+                    }
+                }
+            },
+        };
+        self.publish_load();
+        MessageResult(WorkerReply {
+            value: result,
+            side,
+        })
     }
 }
 

@@ -161,6 +161,14 @@ impl PluginHost for NoNetwork {
     fn geoip(&self, _: &str) -> Value {
         Value::Null
     }
+
+    fn enqueue_job(
+        &self,
+        _: &VmIdentity,
+        job: plugin_server_actors::plugins::host::JobRequest,
+    ) -> Result<Value, String> {
+        Err(format!("no job queue in the benchmark ({})", job.name))
+    }
 }
 
 /// Counts what the pool reports besides events; a config error fails the run.
