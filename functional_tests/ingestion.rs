@@ -753,6 +753,65 @@ async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
     clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
 }
 
+/// PLUGIN_SERVER_MODE=ingestion-overflow consumes only the overflow topic, in its own group,
+/// into the same tables; the main topic is left to the ingestion instances.
+#[tokio::test]
+async fn the_ingestion_overflow_mode_consumes_only_the_overflow_topic() {
+    let deployment = Deployment::create().await;
+    let overflow = format!(
+        "{}events_plugin_ingestion_overflow",
+        deployment.kafka_prefix
+    );
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .create()
+        .expect("admin client");
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(&overflow, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic")
+    {
+        result.expect("overflow topic created");
+    }
+    produce(&overflow, &good_events(&deployment.token, 50, "overflowed")).await;
+    produce(
+        &deployment.topic(),
+        &good_events(&deployment.token, 30, "main"),
+    )
+    .await;
+    let (server, addr) =
+        deployment.start_server_with(&[("PLUGIN_SERVER_MODE", "ingestion-overflow".to_owned())]);
+    wait_for("the overflow events stored", async || {
+        (deployment.counts().await.1 == 50).then_some(())
+    })
+    .await;
+    // Time for the main topic's events to show up, if this instance wrongly read them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = deployment.events().await;
+    assert_eq!(events.len(), 50, "only the overflow topic was consumed");
+    let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
+        .await
+        .expect("actors")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = actors["actors"]
+        .as_array()
+        .expect("actors list")
+        .iter()
+        .filter_map(|actor| actor["name"].as_str())
+        .collect();
+    assert!(names.contains(&"kafka_overflow_consumer"), "{names:?}");
+    assert!(!names.contains(&"kafka_consumer"), "{names:?}");
+    assert!(actors["plugin_scheduler"].is_null());
+    drop(server);
+    deployment.postgres.drop_database().await;
+    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+}
+
 #[tokio::test]
 async fn the_embedded_profile_captures_over_http_into_json_lines() {
     plugin_server::telemetry::install_tls_provider();

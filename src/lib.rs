@@ -48,6 +48,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         plugins: Some(topology.plugins.clone()),
         scheduler: topology.scheduler.as_ref().map(|s| s.stats()),
         job_queue: topology.job_queue.as_ref().map(|q| q.stats()),
+        mode: settings.mode()?.map(|mode| mode.as_str().to_owned()),
+        capabilities: topology.capabilities.names(),
     };
     let capture_metrics = http::capture::CaptureMetrics::new().map_err(MetricsError::from)?;
     capture_metrics

@@ -122,6 +122,8 @@ pub struct Settings {
     pub kafka_client_cert_key_b64: String,
     pub kafka_trusted_cert_b64: String,
     pub kafka_consumption_topic: String,
+    /// Read by the `ingestion-overflow` capability.
+    pub kafka_consumption_overflow_topic: String,
     pub kafka_producer_max_queue_size: u64,
     pub kafka_max_message_batch_size: u64,
     pub kafka_flush_frequency_ms: u64,
@@ -235,6 +237,55 @@ impl PluginServerMode {
                     ),
                 )
             })
+    }
+}
+
+/// What an instance runs (PostHog's `src/capabilities.ts`, spec 5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The analytics ingestion consumer on KAFKA_CONSUMPTION_TOPIC.
+    pub ingestion: bool,
+    /// The consumer of KAFKA_CONSUMPTION_OVERFLOW_TOPIC.
+    pub ingestion_overflow: bool,
+    /// runEveryMinute/Hour/Day.
+    pub plugin_scheduled_tasks: bool,
+    /// meta.jobs.
+    pub process_plugin_jobs: bool,
+    /// onEvent, composeWebhook, exportEvents.
+    pub process_async_handlers: bool,
+    /// The GeoIP database for meta.geoip.
+    pub mmdb: bool,
+}
+
+impl Capabilities {
+    pub fn of(mode: Option<PluginServerMode>) -> Self {
+        use PluginServerMode as M;
+        let all = mode.is_none();
+        let is = |modes: &[M]| all || mode.is_some_and(|mode| modes.contains(&mode));
+        Self {
+            ingestion: is(&[M::Ingestion, M::AnalyticsIngestion]),
+            ingestion_overflow: is(&[M::IngestionOverflow]),
+            plugin_scheduled_tasks: is(&[M::Async, M::Scheduler]),
+            process_plugin_jobs: is(&[M::Async, M::Jobs]),
+            process_async_handlers: is(&[M::Async, M::Exports]),
+            mmdb: mode != Some(M::RecordingsIngestion),
+        }
+    }
+
+    /// PostHog's names of the capabilities that are on, for `/_actors`.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.mmdb, "mmdb"),
+            (self.ingestion, "ingestion"),
+            (self.ingestion_overflow, "ingestionOverflow"),
+            (self.plugin_scheduled_tasks, "pluginScheduledTasks"),
+            (self.process_plugin_jobs, "processPluginJobs"),
+            (self.process_async_handlers, "processAsyncHandlers"),
+            (true, "http"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
     }
 }
 
@@ -367,6 +418,10 @@ impl Settings {
         )?;
         not_blank("KAFKA_CONSUMPTION_TOPIC", &self.kafka_consumption_topic)?;
         not_blank(
+            "KAFKA_CONSUMPTION_OVERFLOW_TOPIC",
+            &self.kafka_consumption_overflow_topic,
+        )?;
+        not_blank(
             "PLUGINS_RELOAD_PUBSUB_CHANNEL",
             &self.plugins_reload_pubsub_channel,
         )?;
@@ -381,7 +436,7 @@ impl Settings {
             ));
         }
         self.http_listen_addr()?;
-        self.mode()?;
+        self.capabilities()?;
         Ok(())
     }
 
@@ -483,6 +538,21 @@ impl Settings {
     /// `PLUGIN_SERVER_MODE`, `None` when unset (every capability).
     pub fn mode(&self) -> Result<Option<PluginServerMode>, SettingsError> {
         PluginServerMode::parse(&self.plugin_server_mode)
+    }
+
+    /// What PLUGIN_SERVER_MODE asks this instance to run. Session recordings are not ingested
+    /// by this server, so `recordings-ingestion`, whose only capability they are, is refused.
+    pub fn capabilities(&self) -> Result<Capabilities, SettingsError> {
+        let mode = self.mode()?;
+        if mode == Some(PluginServerMode::RecordingsIngestion) {
+            return Err(SettingsError::invalid(
+                "PLUGIN_SERVER_MODE",
+                "recordings-ingestion: session recording ingestion is not supported yet by \
+                 this server; run PostHog's plugin server for it"
+                    .to_owned(),
+            ));
+        }
+        Ok(Capabilities::of(mode))
     }
 
     /// Where the HTTP server listens: `HTTP_SERVER_HOST`:`HTTP_SERVER_PORT` (0 picks a free port).

@@ -60,7 +60,7 @@ use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
 
 use crate::error::ServerError;
-use crate::settings::{PluginServerMode, Settings};
+use crate::settings::{Capabilities, Settings};
 
 /// The running actors.
 pub struct Topology {
@@ -86,12 +86,15 @@ pub struct Topology {
     pub scheduler: Option<PluginScheduler>,
     /// Plugin jobs, when this instance's mode runs them.
     pub job_queue: Option<PluginJobQueue>,
+    /// What PLUGIN_SERVER_MODE asked this instance to run.
+    pub capabilities: Capabilities,
 }
 
 impl Topology {
     /// Connects the cluster primitives and starts every actor this instance runs. Must be
     /// called inside an actix `System`.
     pub async fn start(settings: &Settings) -> Result<Self, ServerError> {
+        let capabilities = settings.capabilities()?;
         let cluster = Cluster::connect(cluster_config(settings))
             .await
             .map_err(ServerError::Redis)?;
@@ -180,7 +183,7 @@ impl Topology {
             plugin_outputs.clone(),
         )
         .await?;
-        let job_queue = runs_jobs(settings)?.then(|| {
+        let job_queue = capabilities.process_plugin_jobs.then(|| {
             PluginJobQueue::start(
                 JobQueueConfig {
                     instance: cluster.instance.to_string(),
@@ -206,7 +209,7 @@ impl Topology {
         )
         .await
         .map_err(ServerError::Redis)?;
-        let scheduler = runs_scheduler(settings)?.then(|| {
+        let scheduler = capabilities.plugin_scheduled_tasks.then(|| {
             PluginScheduler::start(
                 SchedulerConfig {
                     lock_ttl: std::time::Duration::from_secs(settings.schedule_lock_ttl),
@@ -220,7 +223,7 @@ impl Topology {
         });
         let publisher = PostIngestionPublisher::new(Arc::clone(&cluster.queue), &metrics)?;
         plugin_outputs.set_delivery(publisher.clone(), plugin_http);
-        let post_ingestion = if runs_post_ingestion(settings)? {
+        let post_ingestion = if capabilities.process_async_handlers {
             let slots = settings.worker_threads() * settings.tasks_per_worker.max(1);
             Some(
                 PostIngestionConsumer::start(&cluster.queue, plugins.clone(), slots)
@@ -261,46 +264,67 @@ impl Topology {
         };
         plugin_outputs.set_intake(Arc::clone(&intake));
 
-        if let Some(connection) = kafka
-            && runs_ingestion(settings)?
-        {
-            let config = consumer_config(settings, connection);
-            // Consumer and batch runners on their own threads: the rebalance callback blocks
-            // the consumer's thread until the runners have stored the in-flight batches.
-            let consumer_arbiter = Arbiter::new();
-            let workers = Arbiter::new();
+        if let Some(connection) = kafka {
             let consumer_metrics = ConsumerMetrics::register(&metrics)?;
-            let health_addr = health.addr().clone();
-            let consumer = spawn_supervised_in(
-                &consumer_arbiter.handle(),
-                &registry,
-                SpawnOptions::new("kafka_consumer"),
-                {
-                    let pipeline = pipeline.clone();
-                    let workers = workers.handle();
-                    move |stats| {
-                        let progress = ProgressReporter::new(
-                            "analytics-ingestion",
-                            &health_addr,
-                            Arc::clone(&stats),
-                        );
-                        KafkaConsumer::new(
-                            config.clone(),
-                            pipeline.clone(),
-                            workers.clone(),
-                            stats,
-                            consumer_metrics.clone(),
-                            progress,
-                        )
-                    }
-                },
-            );
-            drain_order.push((
-                "kafka_consumer".to_owned(),
-                consumer.addr().clone().recipient(),
-            ));
-            arbiters.push(consumer_arbiter);
-            arbiters.push(workers);
+            let prefix = &settings.kafka_prefix;
+            let mut consumers = Vec::new();
+            if capabilities.ingestion {
+                consumers.push(ConsumerRole {
+                    actor: "kafka_consumer",
+                    health: "analytics-ingestion",
+                    topic: consumption_topic(settings),
+                    group: format!("{prefix}clickhouse-ingestion"),
+                    metrics_group: "ingestion",
+                });
+            }
+            if capabilities.ingestion_overflow {
+                consumers.push(ConsumerRole {
+                    actor: "kafka_overflow_consumer",
+                    health: "analytics-ingestion-overflow",
+                    topic: format!("{prefix}{}", settings.kafka_consumption_overflow_topic),
+                    group: format!("{prefix}clickhouse-ingestion-overflow"),
+                    metrics_group: "ingestion-overflow",
+                });
+            }
+            for role in consumers {
+                let mut config =
+                    consumer_config(settings, connection.clone(), role.topic, role.group);
+                config.metrics_group = role.metrics_group;
+                // Consumer and batch runners on their own threads: the rebalance callback
+                // blocks the consumer's thread until the runners have stored the in-flight
+                // batches.
+                let consumer_arbiter = Arbiter::new();
+                let workers = Arbiter::new();
+                let health_addr = health.addr().clone();
+                let consumer = spawn_supervised_in(
+                    &consumer_arbiter.handle(),
+                    &registry,
+                    SpawnOptions::new(role.actor),
+                    {
+                        let pipeline = pipeline.clone();
+                        let workers = workers.handle();
+                        let consumer_metrics = consumer_metrics.clone();
+                        move |stats| {
+                            let progress = ProgressReporter::new(
+                                role.health,
+                                &health_addr,
+                                Arc::clone(&stats),
+                            );
+                            KafkaConsumer::new(
+                                config.clone(),
+                                pipeline.clone(),
+                                workers.clone(),
+                                stats,
+                                consumer_metrics.clone(),
+                                progress,
+                            )
+                        }
+                    },
+                );
+                drain_order.push((role.actor.to_owned(), consumer.addr().clone().recipient()));
+                arbiters.push(consumer_arbiter);
+                arbiters.push(workers);
+            }
         }
 
         Ok(Self {
@@ -318,6 +342,7 @@ impl Topology {
             _reloader: reloader,
             scheduler,
             job_queue,
+            capabilities,
         })
     }
 
@@ -584,49 +609,27 @@ fn consumption_topic(settings: &Settings) -> String {
     )
 }
 
-fn consumer_config(settings: &Settings, connection: KafkaConnection) -> KafkaConsumerConfig {
-    let mut config = KafkaConsumerConfig::new(
-        connection,
-        consumption_topic(settings),
-        format!("{}clickhouse-ingestion", settings.kafka_prefix),
-    );
+/// One Kafka consumer the mode asks for: the ingestion topic or its overflow.
+struct ConsumerRole {
+    actor: &'static str,
+    /// Its name in `/_health`.
+    health: &'static str,
+    topic: String,
+    group: String,
+    metrics_group: &'static str,
+}
+
+fn consumer_config(
+    settings: &Settings,
+    connection: KafkaConnection,
+    topic: String,
+    group: String,
+) -> KafkaConsumerConfig {
+    let mut config = KafkaConsumerConfig::new(connection, topic, group);
     // One batch per partition consumed concurrently, plus one being read.
     config.max_in_flight_batches = settings.kafka_partitions_consumed_concurrently as usize + 1;
     config.session_timeout = std::time::Duration::from_millis(settings.kafka_session_timeout_ms);
     config
-}
-
-/// Analytics ingestion runs when PLUGIN_SERVER_MODE is unset or one of the ingestion modes.
-fn runs_ingestion(settings: &Settings) -> Result<bool, ServerError> {
-    Ok(matches!(
-        settings.mode()?,
-        None | Some(PluginServerMode::Ingestion | PluginServerMode::AnalyticsIngestion)
-    ))
-}
-
-/// Scheduled tasks run when PLUGIN_SERVER_MODE is unset, `async` or `scheduler` (spec 5.3).
-fn runs_scheduler(settings: &Settings) -> Result<bool, ServerError> {
-    Ok(matches!(
-        settings.mode()?,
-        None | Some(PluginServerMode::Async | PluginServerMode::Scheduler)
-    ))
-}
-
-/// onEvent, composeWebhook and exportEvents run when PLUGIN_SERVER_MODE is unset or one of the
-/// modes PostHog runs them in.
-/// Plugin jobs run when PLUGIN_SERVER_MODE is unset, `async` or `jobs` (spec 5.3).
-fn runs_jobs(settings: &Settings) -> Result<bool, ServerError> {
-    Ok(matches!(
-        settings.mode()?,
-        None | Some(PluginServerMode::Async | PluginServerMode::Jobs)
-    ))
-}
-
-fn runs_post_ingestion(settings: &Settings) -> Result<bool, ServerError> {
-    Ok(matches!(
-        settings.mode()?,
-        None | Some(PluginServerMode::Async | PluginServerMode::Exports)
-    ))
 }
 
 /// The cluster primitives' settings: Redis when a URL is configured, in-process otherwise.

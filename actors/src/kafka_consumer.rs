@@ -44,6 +44,9 @@ pub struct KafkaConsumerConfig {
     /// `<KAFKA_PREFIX>clickhouse-ingestion`, PostHog's group, so that this server can take over
     /// from PostHog's consumers at their committed offsets.
     pub group_id: String,
+    /// The `groupId` label of `latest_processed_timestamp_ms`: PostHog's `ingestion` or
+    /// `ingestion-overflow`.
+    pub metrics_group: &'static str,
     pub max_batch_messages: usize,
     pub max_batch_bytes: usize,
     pub max_batch_wait: Duration,
@@ -63,6 +66,7 @@ impl KafkaConsumerConfig {
             connection,
             topic,
             group_id,
+            metrics_group: "ingestion",
             max_batch_messages: 10_000,
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_wait: Duration::from_millis(100),
@@ -615,7 +619,7 @@ impl BatchRunner {
                         .with_label_values(&[
                             &self.config.topic,
                             &partition.to_string(),
-                            "ingestion",
+                            self.config.metrics_group,
                         ])
                         .set(timestamp);
                 }

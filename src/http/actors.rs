@@ -15,6 +15,8 @@ pub async fn actors(state: web::Data<AppState>) -> HttpResponse {
     let scheduler = state.scheduler.as_ref().map(SchedulerStats::snapshot);
     let job_queue = state.job_queue.as_ref().map(JobQueueStats::snapshot);
     HttpResponse::Ok().json(serde_json::json!({
+        "mode": state.mode,
+        "capabilities": state.capabilities,
         "actors": state.registry.snapshot(),
         "plugin_vm_pool": plugins,
         "plugin_scheduler": scheduler,

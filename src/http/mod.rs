@@ -28,6 +28,9 @@ pub struct AppState {
     pub scheduler: Option<SchedulerStats>,
     /// The job queue's counters (claimed, succeeded, retried, dead-lettered), in `/_actors`.
     pub job_queue: Option<JobQueueStats>,
+    /// PLUGIN_SERVER_MODE (null when unset) and PostHog's names of what it runs.
+    pub mode: Option<String>,
+    pub capabilities: Vec<&'static str>,
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {

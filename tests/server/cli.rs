@@ -90,6 +90,81 @@ fn an_unknown_mode_lists_the_valid_ones() {
 }
 
 #[test]
+fn recordings_ingestion_is_refused_as_not_supported() {
+    let output = run(&[], &[("PLUGIN_SERVER_MODE", "recordings-ingestion")]);
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("not supported yet"), "{stderr}");
+}
+
+/// Each mode runs PostHog's capabilities for it (spec 5.3), which `/_actors` lists, and starts
+/// only the plugin runners they need. The embedded profile has no Kafka, so the ingestion
+/// consumers are named but have nothing to consume.
+#[test]
+fn each_mode_starts_its_capabilities() {
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "",
+            &[
+                "mmdb",
+                "ingestion",
+                "ingestionOverflow",
+                "pluginScheduledTasks",
+                "processPluginJobs",
+                "processAsyncHandlers",
+                "http",
+            ],
+        ),
+        ("ingestion", &["mmdb", "ingestion", "http"]),
+        ("ingestion-overflow", &["mmdb", "ingestionOverflow", "http"]),
+        ("analytics-ingestion", &["mmdb", "ingestion", "http"]),
+        (
+            "async",
+            &[
+                "mmdb",
+                "pluginScheduledTasks",
+                "processPluginJobs",
+                "processAsyncHandlers",
+                "http",
+            ],
+        ),
+        ("exports", &["mmdb", "processAsyncHandlers", "http"]),
+        ("jobs", &["mmdb", "processPluginJobs", "http"]),
+        ("scheduler", &["mmdb", "pluginScheduledTasks", "http"]),
+    ];
+    for (mode, expected) in cases {
+        let server = start_server(&[], &[("PLUGIN_SERVER_MODE", mode)]);
+        let (status, body) = http_get(server.port, "/_actors");
+        assert_eq!(status, 200);
+        let actors: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let capabilities: Vec<&str> = actors["capabilities"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        assert_eq!(capabilities, expected, "mode {mode:?}");
+        let runs = |capability: &str| expected.contains(&capability);
+        assert_eq!(
+            actors["plugin_scheduler"].is_object(),
+            runs("pluginScheduledTasks"),
+            "mode {mode:?}: {actors}"
+        );
+        assert_eq!(
+            actors["plugin_job_queue"].is_object(),
+            runs("processPluginJobs"),
+            "mode {mode:?}: {actors}"
+        );
+        let expected_mode = if mode.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::Value::from(mode)
+        };
+        assert_eq!(actors["mode"], expected_mode);
+    }
+}
+
+#[test]
 fn a_bad_config_file_is_refused() {
     let output = run(&["--config", "/no/such/file.toml"], &[]);
     assert_eq!(output.status.code(), Some(78));
