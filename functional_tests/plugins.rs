@@ -887,26 +887,79 @@ async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
         .unwrap();
     assert_eq!(receivers, 1, "the server listens on {channel}");
 
-    // Events keep flowing while the reload happens; once it is done they carry version 2.
+    // Four senders keep events flowing while the reload happens, each sending its next event
+    // once the previous one is stored, so batches are in flight when the versions swap; the
+    // health endpoint is polled all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..4)
+        .map(|sender| {
+            let stop = std::sync::Arc::clone(&stop);
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = format!("s{sender}-{}", ids.len());
+                    let status = post_batch(
+                        &addr,
+                        "phc_reload",
+                        json!([{"event": "e", "distinct_id": id, "properties": {}}]),
+                    )
+                    .await;
+                    assert_eq!(status, 200);
+                    ids.push(id);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ids
+            })
+        })
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut switched_at = None;
     loop {
-        send(&mut sent).await;
+        let health = reqwest::get(format!("http://{addr}/_health"))
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200, "{:?}", health.text().await);
         let rows = read_event_rows(base.path());
-        if rows.last().is_some_and(|r| r["properties"]["version"] == 2) {
+        if switched_at.is_none() && rows.iter().any(|r| r["properties"]["version"] == 2) {
+            switched_at = Some(Instant::now());
+        }
+        if switched_at.is_some_and(|at| at.elapsed() > Duration::from_secs(1)) {
             break;
         }
-        assert!(Instant::now() < deadline, "never reloaded: {rows:#?}");
+        assert!(Instant::now() < deadline, "never reloaded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent_ids = Vec::new();
+    for sender in senders {
+        sent_ids.push(sender.await.unwrap());
+    }
+
     let rows = read_event_rows(base.path());
-    assert_eq!(rows.len(), sent as usize, "every event stored once");
-    let versions: Vec<i64> = rows
+    let total: usize = sent_ids.iter().map(Vec::len).sum::<usize>() + sent as usize;
+    assert_eq!(rows.len(), total, "every event stored once");
+    let version_of: std::collections::HashMap<&str, i64> = rows
         .iter()
-        .map(|r| r["properties"]["version"].as_i64().unwrap())
+        .map(|r| {
+            (
+                r["distinct_id"].as_str().unwrap(),
+                r["properties"]["version"].as_i64().unwrap(),
+            )
+        })
         .collect();
-    let switch = versions.iter().position(|v| *v == 2).unwrap();
-    assert!(versions[..switch].iter().all(|v| *v == 1), "{versions:?}");
-    assert!(versions[switch..].iter().all(|v| *v == 2), "{versions:?}");
+    assert_eq!(version_of.len(), total, "no event stored twice");
+    // Each sender saw the old version, then only the new one: never back.
+    for ids in &sent_ids {
+        let versions: Vec<i64> = ids.iter().map(|id| version_of[id.as_str()]).collect();
+        let switch = versions
+            .iter()
+            .position(|v| *v == 2)
+            .unwrap_or(versions.len());
+        assert!(versions[..switch].iter().all(|v| *v == 1), "{versions:?}");
+        assert!(versions[switch..].iter().all(|v| *v == 2), "{versions:?}");
+        assert_eq!(versions.last(), Some(&2), "{versions:?}");
+    }
     // The old VM ran its teardownPlugin.
     let torn: Option<String> = client
         .query_opt(
