@@ -265,6 +265,19 @@ impl crate::persons::PersonStore for TroubledPersons {
     ) -> Result<Box<dyn crate::persons::store::PersonTransaction + '_>, PersonStoreError> {
         Ok(Box::new(TroubledTransaction(self.0.begin().await?)))
     }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<std::collections::HashMap<(i64, String), crate::persons::Person>, PersonStoreError>
+    {
+        if keys.iter().any(|(_, id)| id == "unreachable") {
+            return Err(PersonStoreError::Unavailable(
+                "connection refused".to_owned(),
+            ));
+        }
+        self.0.persons_by_distinct_ids(keys).await
+    }
 }
 
 #[async_trait]

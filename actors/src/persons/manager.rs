@@ -23,7 +23,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use uuid::Uuid;
 
 use super::state::{PersonError, PersonEvent, Resolution, resolve};
-use super::store::{Person, SharedPersonStore};
+use super::store::{Person, PersonStoreError, SharedPersonStore};
 use crate::metrics::{Metrics, MetricsError};
 
 #[derive(Debug, Clone)]
@@ -90,8 +90,8 @@ impl PersonMetrics {
     pub fn register(metrics: &Metrics) -> Result<Self, MetricsError> {
         let cache = IntCounterVec::new(
             Opts::new(
-                "person_cache_lookups_total",
-                "Person lookups of read-only events, by result (hit, miss).",
+                "person_lookups_total",
+                "Events the person step answered without a transaction, by source (cache, snapshot), and cache misses (cache_miss).",
             ),
             &["result"],
         )?;
@@ -119,6 +119,22 @@ impl PersonMetrics {
 }
 
 type CacheKey = (i64, String);
+
+/// The latest known state of one distinct id's person within a batch.
+struct Known {
+    person: Person,
+    /// Its event columns, serialized once for all the id's events.
+    event_person: EventPerson,
+}
+
+impl Known {
+    fn new(person: Person) -> Self {
+        Self {
+            event_person: EventPerson::of(&person),
+            person,
+        }
+    }
+}
 
 struct Cached {
     person: EventPerson,
@@ -155,6 +171,12 @@ impl PersonManager {
 
     /// Runs the person step for every event, answering in the same order. An event whose step
     /// failed gets its error; the others are unaffected.
+    ///
+    /// The persons of the batch's distinct ids are first read in one query, without locks. An
+    /// event that is no merge and whose updates would change nothing on that snapshot is
+    /// answered from it, which is correct whatever another instance does meanwhile: the event
+    /// then simply takes effect at the moment of the read. Only events that change something
+    /// take a transaction (PostHog reads each person with its own query instead).
     pub async fn resolve_batch(
         &self,
         events: &[PersonEvent],
@@ -166,14 +188,44 @@ impl PersonManager {
                 .or_default()
                 .push(index);
         }
+        let wanted: Vec<CacheKey> = groups
+            .iter()
+            .filter(|(_, indices)| {
+                indices.iter().any(|&index| {
+                    let event = &events[index];
+                    event.is_simple() && !(event.is_read_only() && self.is_cached(event))
+                })
+            })
+            .map(|((team_id, distinct_id), _)| (*team_id, (*distinct_id).to_owned()))
+            .collect();
+        let mut snapshot = match self.store.persons_by_distinct_ids(&wanted).await {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                let message = error.to_string();
+                return events
+                    .iter()
+                    .map(|_| {
+                        Err(PersonError::Store(PersonStoreError::Unavailable(
+                            message.clone(),
+                        )))
+                    })
+                    .collect();
+            }
+        };
         let concurrency = self.config.concurrency.max(1);
         let mut results: Vec<Option<Result<PersonOutcome, PersonError>>> =
             (0..events.len()).map(|_| None).collect();
-        let mut runs = futures::stream::iter(groups.into_values())
-            .map(|indices| async move {
+        let runs = groups.into_iter().map(|((team_id, distinct_id), indices)| {
+            let known = snapshot
+                .remove(&(team_id, distinct_id.to_owned()))
+                .map(|person| Known::new(person));
+            (indices, known)
+        });
+        let mut runs = futures::stream::iter(runs)
+            .map(|(indices, mut known)| async move {
                 let mut answers = Vec::with_capacity(indices.len());
                 for index in indices {
-                    answers.push((index, self.resolve_one(&events[index]).await));
+                    answers.push((index, self.resolve_one(&events[index], &mut known).await));
                 }
                 answers
             })
@@ -196,17 +248,36 @@ impl PersonManager {
             .collect()
     }
 
-    async fn resolve_one(&self, event: &PersonEvent) -> Result<PersonOutcome, PersonError> {
-        let key = (event.team_id, event.distinct_id.clone());
+    async fn resolve_one(
+        &self,
+        event: &PersonEvent,
+        known: &mut Option<Known>,
+    ) -> Result<PersonOutcome, PersonError> {
         if event.is_read_only() {
-            let hit = self.cached(&key);
-            self.count_lookup(hit.is_some());
+            let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
+            self.count_lookup("hit", hit.is_some());
             if let Some(person) = hit {
                 return Ok(PersonOutcome {
                     person,
                     changes: None,
                 });
             }
+        }
+        if event.is_simple()
+            && let Some(known) = known.as_ref()
+            && !event.updates.would_change(&known.person.properties)
+        {
+            self.count_lookup("snapshot", true);
+            let person = known.event_person.clone();
+            self.remember(
+                event.team_id,
+                std::slice::from_ref(&event.distinct_id),
+                &person,
+            );
+            return Ok(PersonOutcome {
+                person,
+                changes: None,
+            });
         }
         let resolution = resolve(self.store.as_ref(), event, self.config.max_attempts).await?;
         if let Some(metrics) = &self.metrics {
@@ -219,11 +290,25 @@ impl PersonManager {
             }
         }
         let person = EventPerson::of(&resolution.person);
+        *known = Some(Known {
+            person: resolution.person.clone(),
+            event_person: person.clone(),
+        });
         self.remember(event.team_id, &resolution.distinct_ids, &person);
         Ok(PersonOutcome {
             person,
             changes: Some(resolution),
         })
+    }
+
+    fn is_cached(&self, event: &PersonEvent) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache
+            .peek(&(event.team_id, event.distinct_id.clone()))
+            .is_some_and(|cached| cached.stored_at.elapsed() < self.config.cache_ttl)
     }
 
     fn cached(&self, key: &CacheKey) -> Option<EventPerson> {
@@ -256,9 +341,14 @@ impl PersonManager {
         }
     }
 
-    fn count_lookup(&self, hit: bool) {
+    /// Counts an answer that needed no transaction (`cache` or `snapshot`), or a cache miss.
+    fn count_lookup(&self, source: &str, answered: bool) {
         if let Some(metrics) = &self.metrics {
-            let result = if hit { "hit" } else { "miss" };
+            let result = match (source, answered) {
+                ("hit", true) => "cache",
+                (_, true) => "snapshot",
+                _ => "cache_miss",
+            };
             metrics.cache.with_label_values(&[result]).inc();
         }
     }

@@ -51,6 +51,21 @@ impl PersonStore for MemoryPersonStore {
             undo: Vec::new(),
         }))
     }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError> {
+        let tables = self.tables.lock().await;
+        Ok(keys
+            .iter()
+            .filter_map(|key| {
+                let (person_id, _) = tables.distinct_ids.get(key)?;
+                let person = tables.persons.get(person_id)?;
+                Some((key.clone(), person.clone()))
+            })
+            .collect())
+    }
 }
 
 struct MemoryTransaction {

@@ -9,6 +9,8 @@
 //! `BEGIN` is not awaited on its own: it is sent in the same round trip as the first query,
 //! which makes the common case (read a known person, commit) two round trips, not three.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use serde_json::{Map, Value};
@@ -46,7 +48,53 @@ impl PersonStore for PostgresPersonStore {
             begun: false,
         }))
     }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut teams = Vec::with_capacity(keys.len());
+        let mut ids = Vec::with_capacity(keys.len());
+        for (team_id, distinct_id) in keys {
+            teams.push(team_column(*team_id)?);
+            ids.push(distinct_id.as_str());
+        }
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        let statement = client
+            .prepare_cached(SELECT_PERSONS_SNAPSHOT)
+            .await
+            .map_err(classify)?;
+        let rows = client
+            .query(&statement, &[&teams, &ids])
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let distinct_id: String = row
+                    .try_get("distinct_id")
+                    .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+                let person = person_from_row(row)?;
+                Ok(((person.team_id, distinct_id), person))
+            })
+            .collect()
+    }
 }
+
+/// One round trip for a whole batch: the pairs are unnested into rows and joined on the
+/// (team_id, distinct_id) unique key.
+const SELECT_PERSONS_SNAPSHOT: &str = "SELECT d.distinct_id, p.id, p.uuid, p.team_id, \
+     p.created_at, p.properties, p.is_identified, COALESCE(p.version, 0) AS version \
+     FROM unnest($1::int4[], $2::text[]) AS wanted(team_id, distinct_id) \
+     JOIN posthog_persondistinctid d \
+       ON d.team_id = wanted.team_id AND d.distinct_id = wanted.distinct_id \
+     JOIN posthog_person p ON p.id = d.person_id";
 
 const SELECT_PERSON: &str = "SELECT p.id, p.uuid, p.team_id, p.created_at, p.properties, \
      p.is_identified, COALESCE(p.version, 0) AS version \

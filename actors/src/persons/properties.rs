@@ -23,6 +23,26 @@ impl PersonUpdates {
         self.set.is_empty() && self.set_once.is_empty() && self.unset.is_empty()
     }
 
+    /// Whether applying these updates to `properties` would leave them different, computed
+    /// without copying them: per touched key, `$unset` wins, then `$set`, then `$set_once`
+    /// where the key is missing ([`apply_updates`]'s order).
+    pub fn would_change(&self, properties: &Map<String, Value>) -> bool {
+        let final_value = |key: &str| -> Option<&Value> {
+            if self.unset.iter().any(|unset| unset == key) {
+                return None;
+            }
+            if let Some(value) = self.set.get(key) {
+                return Some(value);
+            }
+            properties.get(key).or_else(|| self.set_once.get(key))
+        };
+        self.set_once
+            .keys()
+            .chain(self.set.keys())
+            .chain(self.unset.iter())
+            .any(|key| final_value(key) != properties.get(key))
+    }
+
     /// Applies these updates; see [`apply_updates`].
     pub fn apply_to(&self, properties: &mut Map<String, Value>) -> bool {
         apply_updates(properties, &self.set, &self.set_once, &self.unset)

@@ -35,6 +35,12 @@ pub struct PersonEvent {
 }
 
 impl PersonEvent {
+    /// Whether the event asks for no merge (a refused one raises a warning, so it is not
+    /// simple either): only its own person's properties can change.
+    pub fn is_simple(&self) -> bool {
+        matches!(self.intent, Ok(MergeIntent::None))
+    }
+
     /// Whether the event neither changes its person nor raises a warning, so that a cached
     /// person can answer for it.
     pub fn is_read_only(&self) -> bool {

@@ -2,6 +2,7 @@
 //! embedded profile's in-process store. Both are used through transactions, so that the rules
 //! of [`super::state`] are written once and hold for both.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -65,6 +66,14 @@ pub trait PersonStore: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError>;
+
+    /// The persons owning these `(team id, distinct id)` pairs, read in one go without locks:
+    /// a snapshot that tells which events would change nothing. Ids without a person are
+    /// absent from the answer.
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError>;
 }
 
 /// One transaction. Reads lock what they return until commit, so a person read here is not

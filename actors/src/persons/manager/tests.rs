@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
@@ -8,11 +9,12 @@ use super::*;
 use crate::persons::store::{PersonStore, PersonStoreError, PersonTransaction};
 use crate::persons::{MemoryPersonStore, merge_intent, person_updates};
 
-/// The memory store, counting transactions.
+/// The memory store, counting transactions and snapshot reads.
 #[derive(Default)]
 struct CountingStore {
     inner: MemoryPersonStore,
     transactions: AtomicUsize,
+    snapshots: AtomicUsize,
 }
 
 #[async_trait]
@@ -24,6 +26,16 @@ impl PersonStore for CountingStore {
     async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError> {
         self.transactions.fetch_add(1, Ordering::SeqCst);
         self.inner.begin().await
+    }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<HashMap<(i64, String), crate::persons::Person>, PersonStoreError> {
+        if !keys.is_empty() {
+            self.snapshots.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.persons_by_distinct_ids(keys).await
     }
 }
 
@@ -84,7 +96,7 @@ async fn a_known_id_without_changes_is_answered_from_the_cache() {
 }
 
 #[tokio::test]
-async fn an_expired_or_disabled_cache_goes_to_the_store() {
+async fn an_expired_or_disabled_cache_reads_the_store_but_takes_no_transaction() {
     for config in [
         PersonConfig {
             cache_ttl: Duration::ZERO,
@@ -101,8 +113,52 @@ async fn an_expired_or_disabled_cache_goes_to_the_store() {
                 .resolve_batch(&[event("u", "$pageview", json!({}))])
                 .await;
         }
-        assert_eq!(store.transactions.load(Ordering::SeqCst), 3);
+        assert_eq!(store.snapshots.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            store.transactions.load(Ordering::SeqCst),
+            1,
+            "only the creation"
+        );
     }
+}
+
+#[tokio::test]
+async fn updates_that_change_nothing_take_no_transaction() {
+    let (manager, store) = manager(PersonConfig::default());
+    let first = manager
+        .resolve_batch(&[event(
+            "u",
+            "$pageview",
+            json!({ "$set": { "plan": "pro" }, "$set_once": { "first": "a" } }),
+        )])
+        .await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    // A whole batch of the same updates, and $set_once of keys already there: no writes.
+    let events: Vec<PersonEvent> = (0..5)
+        .map(|_| {
+            event(
+                "u",
+                "$pageview",
+                json!({ "$set": { "plan": "pro" }, "$set_once": { "first": "b" } }),
+            )
+        })
+        .collect();
+    let same = manager.resolve_batch(&events).await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    for outcome in &same {
+        assert_eq!(person(outcome), person(&first[0]));
+    }
+    // A change in the middle of a batch: one transaction, and the events after it see it.
+    let events = vec![
+        event("u", "$pageview", json!({ "$set": { "plan": "pro" } })),
+        event("u", "$pageview", json!({ "$set": { "plan": "team" } })),
+        event("u", "$pageview", json!({ "$set": { "plan": "team" } })),
+    ];
+    let changed = manager.resolve_batch(&events).await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    assert!(person(&changed[0]).properties.contains("\"plan\":\"pro\""));
+    assert!(person(&changed[1]).properties.contains("\"plan\":\"team\""));
+    assert_eq!(person(&changed[2]), person(&changed[1]));
 }
 
 #[tokio::test]

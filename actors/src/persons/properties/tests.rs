@@ -235,3 +235,27 @@ fn merge_then_event_updates_as_in_merge_people() {
         props(json!({"name": "from event", "anon_prop": 1}))
     );
 }
+
+#[test]
+fn would_change_agrees_with_applying_the_updates() {
+    let initial = props(json!({ "a": 1, "b": "x", "n": null }));
+    let cases = [
+        json!({}),
+        json!({ "$set": { "a": 1 } }),
+        json!({ "$set": { "a": 2 } }),
+        json!({ "$set_once": { "a": 5, "n": 3 } }),
+        json!({ "$set_once": { "c": 1 } }),
+        json!({ "$unset": ["zzz"] }),
+        json!({ "$unset": ["b"] }),
+        json!({ "$set": { "a": 2 }, "$unset": ["a"] }),
+        json!({ "$set_once": { "c": 1 }, "$unset": ["c"] }),
+        json!({ "$set": { "a": 1 }, "$set_once": { "a": 9 } }),
+        json!({ "$set": { "c": { "deep": [1, 2] } } }),
+    ];
+    for case in cases {
+        let updates = person_updates(&props(case.clone()));
+        let mut applied = initial.clone();
+        updates.apply_to(&mut applied);
+        assert_eq!(updates.would_change(&initial), applied != initial, "{case}");
+    }
+}
