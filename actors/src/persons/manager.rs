@@ -218,7 +218,7 @@ impl PersonManager {
         let runs = groups.into_iter().map(|((team_id, distinct_id), indices)| {
             let known = snapshot
                 .remove(&(team_id, distinct_id.to_owned()))
-                .map(|person| Known::new(person));
+                .map(Known::new);
             (indices, known)
         });
         let mut runs = futures::stream::iter(runs)
