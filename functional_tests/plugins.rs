@@ -849,6 +849,35 @@ async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
         ("RELOAD_PLUGIN_JITTER_MAX_MS", "0".to_owned()),
     ]);
     let addr = server.addr();
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+
+    // PostHog's app asks for a plugin's capabilities when it is installed: a VM is built (no
+    // event has run yet) and what it exports is written to posthog_plugin.capabilities.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("populate-plugin-capabilities")
+        .arg(r#"{"plugin_id": 1}"#)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let capabilities = loop {
+        let capabilities: Value = client
+            .query_one("SELECT capabilities FROM posthog_plugin WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if capabilities != json!({}) {
+            break capabilities;
+        }
+        assert!(Instant::now() < deadline, "capabilities never written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        capabilities,
+        json!({"methods": ["teardownPlugin", "processEvent"], "scheduled_tasks": [], "jobs": []})
+    );
+
     let mut sent = 0;
     let send = async |sent: &mut i32| {
         *sent += 1;
@@ -877,8 +906,6 @@ async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
         )
         .await
         .unwrap();
-    let redis = redis::Client::open(redis_url()).unwrap();
-    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
     let receivers: i64 = redis::cmd("PUBLISH")
         .arg(&channel)
         .arg("")

@@ -278,10 +278,14 @@ impl Topology {
                 });
             }
             if capabilities.ingestion_overflow {
+                let topic = format!("{prefix}{}", settings.kafka_consumption_overflow_topic);
+                // Only this server's overflow producers (or PostHog's) write to it, so on a new
+                // deployment it may not exist yet; reading a missing topic only logs errors.
+                ensure_topics(&connection, std::slice::from_ref(&topic)).await?;
                 consumers.push(ConsumerRole {
                     actor: "kafka_overflow_consumer",
                     health: "analytics-ingestion-overflow",
-                    topic: format!("{prefix}{}", settings.kafka_consumption_overflow_topic),
+                    topic,
                     group: format!("{prefix}clickhouse-ingestion-overflow"),
                     metrics_group: "ingestion-overflow",
                 });

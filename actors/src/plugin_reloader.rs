@@ -7,6 +7,11 @@
 //! plugins are transpiled again), swaps the set into the pool, and has the workers tear down
 //! the VMs of configs that are gone or changed; the new versions are built and set up on
 //! their next use. A failed read is tried 3 times, 5 s apart, as PostHog does.
+//!
+//! It also answers `populate-plugin-capabilities` (`{"plugin_id": N}`): a VM of one of the
+//! plugin's active configs is built, which writes what it exports to
+//! `posthog_plugin.capabilities`. A plugin without an active config here gets them written
+//! when its first config loads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +24,9 @@ use crate::cluster::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::plugin_vm_pool::{PluginOutputs, PluginSet, PluginVmPool};
 use crate::plugins::registry::PluginRegistry;
 use crate::plugins::worker::SideEffects;
+
+/// PostHog's channel, published by its app when a plugin is installed or updated.
+pub const POPULATE_CAPABILITIES_CHANNEL: &str = "populate-plugin-capabilities";
 
 const RELOAD_ATTEMPTS: u32 = 3;
 const RELOAD_RETRY: Duration = Duration::from_secs(5);
@@ -54,7 +62,11 @@ impl PluginReloader {
         let subscription = pubsub
             .subscribe_foreign(&config.channel, SubscribeOptions::default())
             .await?;
+        let populate = pubsub
+            .subscribe_foreign(POPULATE_CAPABILITIES_CHANNEL, SubscribeOptions::default())
+            .await?;
         let stop = CancellationToken::new();
+        tokio::spawn(populate_capabilities(populate, pool.clone(), stop.clone()));
         tokio::spawn(run(
             subscription,
             config.jitter_max,
@@ -122,5 +134,59 @@ async fn reload(registry: &mut PluginRegistry, pool: &PluginVmPool, outputs: &dy
                 }
             }
         }
+    }
+}
+
+async fn populate_capabilities(
+    mut requests: Subscription,
+    pool: PluginVmPool,
+    stop: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            () = stop.cancelled() => return,
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        let Some(plugin_id) = plugin_id_of(&request.payload) else {
+            tracing::warn!(payload = %request.payload, "populate-plugin-capabilities without a plugin_id; ignored");
+            continue;
+        };
+        match pool.inspect_plugin(plugin_id).await {
+            Ok(true) => tracing::info!(plugin_id, "Plugin capabilities populated."),
+            Ok(false) => tracing::info!(
+                plugin_id,
+                "No active config of the plugin here; its capabilities are written when one loads."
+            ),
+            Err(error) => {
+                tracing::warn!(plugin_id, %error, "Plugin capabilities could not be populated.");
+            }
+        }
+    }
+}
+
+/// PostHog publishes `{"plugin_id": N}` as raw JSON, which arrives as a string.
+fn plugin_id_of(payload: &serde_json::Value) -> Option<i64> {
+    let parsed = match payload {
+        serde_json::Value::String(raw) => serde_json::from_str(raw).ok()?,
+        other => other.clone(),
+    };
+    parsed.get("plugin_id")?.as_i64()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::plugin_id_of;
+
+    #[test]
+    fn the_plugin_id_is_read_from_raw_or_parsed_json() {
+        assert_eq!(plugin_id_of(&json!(r#"{"plugin_id": 7}"#)), Some(7));
+        assert_eq!(plugin_id_of(&json!({ "plugin_id": 8 })), Some(8));
+        assert_eq!(plugin_id_of(&json!("reload!")), None);
+        assert_eq!(plugin_id_of(&json!({ "pluginId": 8 })), None);
     }
 }

@@ -31,8 +31,8 @@ use crate::plugins::delivery::AsyncTarget;
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled, SideEffects, TeardownAll,
-    VmWorker,
+    FlushExports, Inspect, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled, SideEffects,
+    TeardownAll, VmWorker,
 };
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
@@ -495,6 +495,40 @@ impl PluginVmPool {
             Sent::Unavailable => Err(JobRunError::Failed(
                 "the plugin worker is unavailable".to_owned(),
             )),
+        }
+    }
+
+    /// Builds a VM of one of the plugin's active configs (without setting it up), so that the
+    /// plugin's capabilities are reported; PostHog's `populate-plugin-capabilities`. Returns
+    /// false when the plugin has no active config here to build.
+    pub async fn inspect_plugin(&self, plugin_id: i64) -> Result<bool, String> {
+        let plugins = self.plugins();
+        let Some(config) = plugins
+            .configs()
+            .find(|config| config.identity.plugin_id == plugin_id)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let team_id = config.identity.team_id;
+        let chain = plugins
+            .chain(team_id)
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        match self
+            .send_to(self.worker_index(team_id), |request_id| Inspect {
+                request_id,
+                config,
+            })
+            .await
+        {
+            Sent::Reply(reply) => {
+                self.deliver(reply.side, &chain);
+                reply.value.map(|()| true)
+            }
+            Sent::Abandoned { .. } => {
+                Err("the plugin worker was replaced before it answered".to_owned())
+            }
+            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
         }
     }
 

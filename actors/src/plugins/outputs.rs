@@ -143,6 +143,28 @@ impl PluginOutputs for ServerOutputs {
             }
         }
         if let Some(pool) = &self.postgres {
+            for (identity, capabilities) in side.capabilities {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    // Written only when they changed, as PostHog does, so that a fleet building
+                    // VMs does not rewrite the row each time.
+                    let result = match pool.get().await {
+                        Ok(client) => client
+                            .execute(
+                                "UPDATE posthog_plugin SET capabilities = $2 \
+                                 WHERE id = $1 AND capabilities IS DISTINCT FROM $2",
+                                &[&(identity.plugin_id as i32), &capabilities],
+                            )
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(error) = result {
+                        tracing::error!(plugin_id = identity.plugin_id, %error, "Could not record a plugin's capabilities.");
+                    }
+                });
+            }
             for (identity, message) in side.config_errors {
                 let pool = pool.clone();
                 tokio::spawn(async move {

@@ -76,6 +76,14 @@ pub struct RunJob {
     pub payload: Value,
 }
 
+/// Build the config's VM, without setting it up, so that its capabilities are reported.
+#[derive(Message)]
+#[rtype(result = "WorkerReply<Result<(), String>>")]
+pub struct Inspect {
+    pub request_id: u64,
+    pub config: Arc<LoadedConfig>,
+}
+
 /// Export the buffers that are due (`exportEventsBufferSeconds`), or all of them.
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
@@ -116,6 +124,8 @@ pub struct SideEffects {
     pub outcomes: Vec<MethodOutcome>,
     /// Calls that threw RetryError and have attempts left.
     pub retries: Vec<AsyncRetry>,
+    /// What each freshly built VM exports (PostHog's `posthog_plugin.capabilities`).
+    pub capabilities: Vec<(VmIdentity, Value)>,
     /// Requests composed by `composeWebhook`, for the server to send.
     pub webhooks: Vec<(VmIdentity, FetchRequest)>,
     /// Configs whose VM was (re)built: whether it has a post-ingestion method.
@@ -224,8 +234,8 @@ impl VmWorker {
         }
     }
 
-    /// Makes the config's VM ready to call: built, current, and set up.
-    fn ready(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
+    /// Builds the config's VM if it has none (or an outdated one), without setting it up.
+    fn load(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
         let identity = &config.identity;
         let stale = self
             .slots
@@ -272,6 +282,8 @@ impl VmWorker {
                         identity.plugin_config_id,
                         post_ingestion.iter().any(|m| vm.has(*m)),
                     ));
+                    side.capabilities
+                        .push((identity.clone(), capabilities_of(&vm)));
                     slot.vm = Some(vm);
                 }
                 Err(error) => {
@@ -281,6 +293,16 @@ impl VmWorker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Makes the config's VM ready to call: built, current, and set up.
+    fn ready(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
+        self.load(config, side)?;
+        let identity = &config.identity;
+        let Some(slot) = self.slots.get_mut(&identity.plugin_config_id) else {
+            return Err("the VM is missing".into());
+        };
         let attempts = match slot.setup {
             SetupState::Done => return Ok(()),
             SetupState::RetryAt { at, attempts } if Instant::now() < at => {
@@ -532,6 +554,22 @@ impl VmWorker {
 }
 
 /// Drops a VM whose call may have left it half-run; it is rebuilt before its next call.
+/// PostHog's `{methods, scheduled_tasks, jobs}` for a VM: the exported plugin methods, the
+/// `runEvery*` tasks, and the job names.
+fn capabilities_of(vm: &PluginVm) -> Value {
+    let (scheduled, methods): (Vec<Method>, Vec<Method>) = vm.methods().partition(|method| {
+        matches!(
+            method,
+            Method::RunEveryMinute | Method::RunEveryHour | Method::RunEveryDay
+        )
+    });
+    serde_json::json!({
+        "methods": methods.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        "scheduled_tasks": scheduled.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        "jobs": vm.job_names().collect::<Vec<_>>(),
+    })
+}
+
 fn forget_if_poisoned(slot: &mut Slot, error: &CallError) {
     if error.poisons_vm() {
         slot.vm = None;
@@ -783,6 +821,36 @@ impl Handler<RunJob> for VmWorker {
                     }
                 }
             },
+        };
+        self.publish_load();
+        MessageResult(WorkerReply {
+            value: result,
+            side,
+        })
+    }
+}
+
+impl Handler<Inspect> for VmWorker {
+    type Result = MessageResult<Inspect>;
+
+    fn handle(&mut self, message: Inspect, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let mut side = SideEffects::default();
+        let config = &message.config;
+        // A VM built earlier reported its capabilities then; report them again on request.
+        let already = self
+            .slots
+            .get(&config.identity.plugin_config_id)
+            .filter(|slot| slot.config.version == config.version)
+            .and_then(|slot| slot.vm.as_ref())
+            .map(capabilities_of);
+        let result = match already {
+            Some(capabilities) => {
+                side.capabilities
+                    .push((config.identity.clone(), capabilities));
+                Ok(())
+            }
+            None => self.load(config, &mut side),
         };
         self.publish_load();
         MessageResult(WorkerReply {
