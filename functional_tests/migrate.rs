@@ -4,6 +4,7 @@
 use crate::common::{
     FreshPostgres, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
 };
+use plugin_server_actors::migrations::{CLICKHOUSE_MIGRATIONS, POSTGRES_MIGRATIONS};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -114,12 +115,20 @@ async fn migrate_twice_in_a_row_succeeds_against_postgres_and_clickhouse() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(recorded, 2, "each postgres migration recorded once");
+    assert_eq!(
+        recorded,
+        POSTGRES_MIGRATIONS.len() as i64,
+        "each postgres migration recorded once"
+    );
     let recorded = clickhouse_query(&format!(
         "SELECT count(DISTINCT version) FROM {clickhouse_database}.plugin_server_migrations"
     ))
     .await;
-    assert_eq!(recorded.trim(), "3", "each clickhouse migration recorded");
+    assert_eq!(
+        recorded.trim(),
+        CLICKHOUSE_MIGRATIONS.len().to_string(),
+        "each clickhouse migration recorded"
+    );
 
     // A replayed event collapses: the events table is keyed so that the same uuid is one row.
     let insert = format!(
@@ -160,7 +169,7 @@ async fn concurrent_migrations_do_not_trip_over_each_other() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(recorded, 2);
+    assert_eq!(recorded, POSTGRES_MIGRATIONS.len() as i64);
     postgres.drop_database().await;
 }
 
