@@ -4,7 +4,7 @@
 //! one at a time and never conflict; an undo log restores what a dropped transaction changed.
 //! Persons live as long as the process, like the embedded profile's teams.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -31,6 +31,34 @@ struct Tables {
     persons: HashMap<i64, Person>,
     /// (team id, distinct id) → (person id, version).
     distinct_ids: HashMap<(i64, String), (i64, i64)>,
+    /// person id → its distinct ids, so that a merge touches only the merged person's ids.
+    owned: HashMap<i64, HashSet<(i64, String)>>,
+}
+
+impl Tables {
+    /// Points `key` at `value` (or removes it), keeping `owned` in step; returns what it was.
+    fn set_distinct_id(
+        &mut self,
+        key: (i64, String),
+        value: Option<(i64, i64)>,
+    ) -> Option<(i64, i64)> {
+        let previous = match value {
+            Some(value) => self.distinct_ids.insert(key.clone(), value),
+            None => self.distinct_ids.remove(&key),
+        };
+        if let Some((person_id, _)) = previous
+            && let Some(ids) = self.owned.get_mut(&person_id)
+        {
+            ids.remove(&key);
+            if ids.is_empty() {
+                self.owned.remove(&person_id);
+            }
+        }
+        if let Some((person_id, _)) = value {
+            self.owned.entry(person_id).or_default().insert(key);
+        }
+        previous
+    }
 }
 
 /// How to take back one change.
@@ -80,7 +108,7 @@ impl MemoryTransaction {
     }
 
     fn put_distinct_id(&mut self, key: (i64, String), value: (i64, i64)) {
-        let previous = self.tables.distinct_ids.insert(key.clone(), value);
+        let previous = self.tables.set_distinct_id(key.clone(), Some(value));
         self.undo.push(Undo::DistinctId(key, previous));
     }
 }
@@ -95,11 +123,8 @@ impl Drop for MemoryTransaction {
                 Undo::Person(id, None) => {
                     self.tables.persons.remove(&id);
                 }
-                Undo::DistinctId(key, Some(value)) => {
-                    self.tables.distinct_ids.insert(key, value);
-                }
-                Undo::DistinctId(key, None) => {
-                    self.tables.distinct_ids.remove(&key);
+                Undo::DistinctId(key, value) => {
+                    self.tables.set_distinct_id(key, value);
                 }
             }
         }
@@ -195,10 +220,14 @@ impl PersonTransaction for MemoryTransaction {
     ) -> Result<Vec<MovedDistinctId>, PersonStoreError> {
         let owned: Vec<((i64, String), i64)> = self
             .tables
-            .distinct_ids
-            .iter()
-            .filter(|(_, (person_id, _))| *person_id == source.id)
-            .map(|(key, (_, version))| (key.clone(), *version))
+            .owned
+            .get(&source.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| {
+                let (_, version) = self.tables.distinct_ids.get(key)?;
+                Some((key.clone(), *version))
+            })
             .collect();
         let mut moved = Vec::with_capacity(owned.len());
         for (key, version) in owned {

@@ -577,3 +577,42 @@ mod postgres {
         }
     }
 }
+
+#[tokio::test]
+async fn a_rolled_back_move_leaves_the_memory_store_able_to_merge_later() {
+    let store = MemoryPersonStore::new();
+    let user = run(&store, &event("user", "$pageview", json!({}), 1)).await;
+    let anon = run(&store, &event("anon", "$pageview", json!({}), 2)).await;
+    {
+        let mut transaction = store.begin().await.expect("begin");
+        let moved = transaction
+            .move_distinct_ids(&anon.person, &user.person)
+            .await
+            .expect("move");
+        assert_eq!(moved.len(), 1);
+    }
+    assert_eq!(
+        person_of(&store, "anon").await.map(|p| p.id),
+        Some(anon.person.id),
+        "the move was rolled back"
+    );
+    let merged = run(
+        &store,
+        &event(
+            "user",
+            "$identify",
+            json!({ "$anon_distinct_id": "anon" }),
+            3,
+        ),
+    )
+    .await;
+    assert_eq!(
+        merged.distinct_id_rows.len(),
+        1,
+        "anon's id moved this time"
+    );
+    assert_eq!(
+        person_of(&store, "anon").await.map(|p| p.id),
+        Some(user.person.id)
+    );
+}
