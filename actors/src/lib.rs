@@ -26,6 +26,8 @@ pub mod postgres;
 pub mod sinks;
 pub mod stats;
 pub mod supervisor;
+#[cfg(all(test, feature = "integration-tests"))]
+mod test_support;
 
 /// Unit tests of this crate run plugins, so they need the allocator that caps a plugin call's
 /// memory (the server binary installs it in `main.rs`).

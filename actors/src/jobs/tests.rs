@@ -218,31 +218,8 @@ mod postgres {
 
     use super::*;
 
-    /// A fresh, migrated database on the Postgres of the test run.
     async fn fresh() -> (Pool, String) {
-        let url = std::env::var("DATABASE_URL")
-            .expect("DATABASE_URL: run the suite with `bash functional_tests/run.sh`");
-        let server = url
-            .rsplit_once('/')
-            .map_or(url.as_str(), |(server, _)| server);
-        let name = format!("ps_jobs_{}", uuid::Uuid::new_v4().simple());
-        let (admin, connection) =
-            tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(connection);
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        let database_url = format!("{server}/{name}");
-        crate::migrations::migrate_postgres(&database_url)
-            .await
-            .expect("migrate");
-        let pool = crate::postgres::connect(&database_url, 8)
-            .await
-            .expect("pool");
-        (pool, database_url)
+        crate::test_support::fresh_postgres("ps_jobs").await
     }
 
     use deadpool_postgres::Pool;

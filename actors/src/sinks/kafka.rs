@@ -71,6 +71,31 @@ impl KafkaSink {
         }
         Ok(())
     }
+
+    /// Produces each row as JSON under its key: PostHog's format for the ClickHouse topics.
+    /// `label` names the topic in errors (without the deployment's prefix).
+    async fn deliver_json<T: Sync>(
+        &self,
+        label: &'static str,
+        topic: &str,
+        rows: &[T],
+        key: impl Fn(&T) -> String,
+        encode: impl Fn(&T) -> serde_json::Result<Vec<u8>>,
+    ) -> Result<(), SinkError> {
+        let encoded: Vec<(String, Vec<u8>)> = rows
+            .iter()
+            .filter_map(|row| Some((key(row), encode(row).ok()?)))
+            .collect();
+        let records = encoded
+            .iter()
+            .map(|(key, value)| {
+                FutureRecord::to(topic)
+                    .key(key.as_bytes())
+                    .payload(value.as_slice())
+            })
+            .collect();
+        self.deliver(label, records).await
+    }
 }
 
 #[async_trait]
@@ -83,22 +108,14 @@ impl EventSink for KafkaSink {
         let Some(topic) = &self.config.events_json_topic else {
             return Ok(());
         };
-        let encoded: Vec<(String, Vec<u8>)> = rows
-            .iter()
-            .filter_map(|row| {
-                let json = serde_json::to_vec(&EventJson::from(row)).ok()?;
-                Some((row.uuid.to_string(), json))
-            })
-            .collect();
-        let records = encoded
-            .iter()
-            .map(|(key, value)| {
-                FutureRecord::to(topic)
-                    .key(key.as_bytes())
-                    .payload(value.as_slice())
-            })
-            .collect();
-        self.deliver("clickhouse_events_json", records).await
+        self.deliver_json(
+            "clickhouse_events_json",
+            topic,
+            rows,
+            |row| row.uuid.to_string(),
+            |row| serde_json::to_vec(&EventJson::from(row)),
+        )
+        .await
     }
 
     async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
@@ -155,22 +172,14 @@ impl EventSink for KafkaSink {
         let Some(topic) = &self.config.persons_topic else {
             return Ok(());
         };
-        let encoded: Vec<(String, Vec<u8>)> = rows
-            .iter()
-            .filter_map(|row| {
-                let json = serde_json::to_vec(&PersonJson::from(row)).ok()?;
-                Some((row.id.to_string(), json))
-            })
-            .collect();
-        let records = encoded
-            .iter()
-            .map(|(key, value)| {
-                FutureRecord::to(topic)
-                    .key(key.as_bytes())
-                    .payload(value.as_slice())
-            })
-            .collect();
-        self.deliver("clickhouse_person", records).await
+        self.deliver_json(
+            "clickhouse_person",
+            topic,
+            rows,
+            |row| row.id.to_string(),
+            |row| serde_json::to_vec(&PersonJson::from(row)),
+        )
+        .await
     }
 
     async fn write_person_distinct_ids(
@@ -180,21 +189,13 @@ impl EventSink for KafkaSink {
         let Some(topic) = &self.config.person_distinct_ids_topic else {
             return Ok(());
         };
-        let encoded: Vec<(String, Vec<u8>)> = rows
-            .iter()
-            .filter_map(|row| {
-                let json = serde_json::to_vec(&PersonDistinctIdJson::from(row)).ok()?;
-                Some((row.person_id.to_string(), json))
-            })
-            .collect();
-        let records = encoded
-            .iter()
-            .map(|(key, value)| {
-                FutureRecord::to(topic)
-                    .key(key.as_bytes())
-                    .payload(value.as_slice())
-            })
-            .collect();
-        self.deliver("clickhouse_person_distinct_id", records).await
+        self.deliver_json(
+            "clickhouse_person_distinct_id",
+            topic,
+            rows,
+            |row| row.person_id.to_string(),
+            |row| serde_json::to_vec(&PersonDistinctIdJson::from(row)),
+        )
+        .await
     }
 }

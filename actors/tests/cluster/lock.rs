@@ -1,6 +1,7 @@
 //! The lock contract across two instances, in-process and on the real Redis, plus Redis-only
 //! checks: a holder process killed with SIGKILL, and raw looks at the lease key.
 
+#[cfg(feature = "integration-tests")]
 use crate::common;
 
 use std::sync::Arc;

@@ -419,32 +419,8 @@ mod postgres {
     async fn postgres_store_and_pool(
         scenario: u32,
     ) -> (Arc<dyn PersonStore>, deadpool_postgres::Pool) {
-        let url = std::env::var("DATABASE_URL")
-            .expect("DATABASE_URL: run the suite with `bash functional_tests/run.sh`");
-        let server = url
-            .rsplit_once('/')
-            .map_or(url.as_str(), |(server, _)| server);
-        let name = format!(
-            "ps_persons_{}_{}_{scenario}",
-            std::process::id(),
-            Uuid::new_v4().simple()
-        );
-        let (admin, connection) =
-            tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(connection);
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        let database_url = format!("{server}/{name}");
-        crate::migrations::migrate_postgres(&database_url)
-            .await
-            .expect("migrate");
-        let pool = crate::postgres::connect(&database_url, 8)
-            .await
-            .expect("pool");
+        let (pool, _) =
+            crate::test_support::fresh_postgres(&format!("ps_persons_{scenario}")).await;
         pool.get()
             .await
             .expect("connection")
