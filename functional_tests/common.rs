@@ -121,6 +121,16 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("binary runs")
 }
 
+/// `--migrate` with only `env`; panics with the binary's stderr if it fails.
+pub fn migrate(env: &[(&str, &str)]) {
+    let migrated = run_binary(&["--migrate"], env);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+}
+
 /// The server binary running as a child process with JSON logs; killed (SIGKILL) when dropped,
 /// so a failing test never leaves it behind.
 pub struct ServerProcess {

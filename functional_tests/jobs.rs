@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{FreshPostgres, HttpRecorder, ServerProcess, run_binary};
+use crate::common::{FreshPostgres, HttpRecorder, ServerProcess, migrate};
 
 /// Queues `report` jobs for `from..to` on a `queue` event; `report` tells the test which job
 /// ran, when it was due and when it started. `flaky` fails until its third attempt.
@@ -57,12 +57,7 @@ struct Deployment {
 impl Deployment {
     async fn create(destination: &str) -> Self {
         let database = FreshPostgres::create().await;
-        let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
-        assert!(
-            migrated.status.success(),
-            "{}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
+        migrate(&[("DATABASE_URL", &database.url)]);
         let client = database.client().await;
         client
             .batch_execute(&format!(

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{Value, json};
 
 use crate::common::{
-    FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
+    FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query, migrate, unique_name,
 };
 
 struct Deployment {
@@ -30,12 +30,7 @@ impl Deployment {
         };
         let env = deployment.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let migrated = run_binary(&["--migrate"], &env);
-        assert!(
-            migrated.status.success(),
-            "{}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
+        migrate(&env);
         let client = deployment.postgres.client().await;
         let organization: uuid::Uuid = client
             .query_one(

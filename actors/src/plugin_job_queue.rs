@@ -11,8 +11,8 @@
 //! Every instance that runs jobs may run this next to the others: the queue hands each job to
 //! one of them only.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -45,13 +45,14 @@ struct Counters {
     skipped_inactive: AtomicU64,
     released_stale: AtomicU64,
     store_errors: AtomicU64,
+    /// Jobs of this instance running now.
+    running: AtomicU64,
 }
 
 /// The running job queue; it stops when dropped (jobs in flight finish in the background).
 pub struct PluginJobQueue {
     stop: CancellationToken,
     counters: Arc<Counters>,
-    running: Arc<Mutex<usize>>,
     store_name: &'static str,
 }
 
@@ -65,7 +66,6 @@ impl PluginJobQueue {
     pub fn start(config: JobQueueConfig, store: Arc<dyn JobStore>, pool: PluginVmPool) -> Self {
         let stop = CancellationToken::new();
         let counters = Arc::new(Counters::default());
-        let running = Arc::new(Mutex::new(0));
         let store_name = store.name();
         tokio::spawn(run(
             config,
@@ -73,12 +73,10 @@ impl PluginJobQueue {
             pool,
             stop.clone(),
             Arc::clone(&counters),
-            Arc::clone(&running),
         ));
         Self {
             stop,
             counters,
-            running,
             store_name,
         }
     }
@@ -91,7 +89,6 @@ impl PluginJobQueue {
     pub fn stats(&self) -> JobQueueStats {
         JobQueueStats {
             counters: Arc::clone(&self.counters),
-            running: Arc::clone(&self.running),
             store: self.store_name,
         }
     }
@@ -101,7 +98,6 @@ impl PluginJobQueue {
 #[derive(Clone)]
 pub struct JobQueueStats {
     counters: Arc<Counters>,
-    running: Arc<Mutex<usize>>,
     store: &'static str,
 }
 
@@ -111,7 +107,7 @@ impl JobQueueStats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         serde_json::json!({
             "store": self.store,
-            "running": *self.running.lock().unwrap_or_else(PoisonError::into_inner),
+            "running": load(&c.running),
             "claimed": load(&c.claimed),
             "succeeded": load(&c.succeeded),
             "retried": load(&c.retried),
@@ -129,14 +125,12 @@ async fn run(
     pool: PluginVmPool,
     stop: CancellationToken,
     counters: Arc<Counters>,
-    running: Arc<Mutex<usize>>,
 ) {
     let concurrency = config.concurrency.max(1);
     let mut jobs: JoinSet<()> = JoinSet::new();
     let mut last_stale_check: Option<Instant> = None;
     while !stop.is_cancelled() {
         while jobs.try_join_next().is_some() {}
-        *running.lock().unwrap_or_else(PoisonError::into_inner) = jobs.len();
 
         if last_stale_check.is_none_or(|at| at.elapsed() >= config.claim_timeout / 2) {
             last_stale_check = Some(Instant::now());
@@ -179,15 +173,14 @@ async fn run(
                 }
             }
         }
-        *running.lock().unwrap_or_else(PoisonError::into_inner) = jobs.len();
+        counters.running.store(jobs.len() as u64, Ordering::Relaxed);
 
-        let wait = if jobs.len() >= concurrency || claimed_any {
-            // Full, or there may be more due: look again as soon as a slot frees.
-            if claimed_any && jobs.len() < concurrency {
-                Duration::ZERO
-            } else {
-                config.poll_interval
-            }
+        let wait = if jobs.len() >= concurrency {
+            // Full: a finished job wakes the loop below.
+            config.poll_interval
+        } else if claimed_any {
+            // Slots are free and more may be due: look again at once.
+            Duration::ZERO
         } else {
             until_next_due(store.as_ref(), config.poll_interval).await
         };

@@ -38,6 +38,17 @@ struct Harness {
     data: tempfile::TempDir,
 }
 
+impl Harness {
+    async fn ingest(&self, messages: Vec<Vec<u8>>) -> Result<BatchOutcome, PipelineError> {
+        self.pipeline
+            .send(IngestBatch {
+                messages: Arc::new(messages),
+            })
+            .await
+            .expect("delivered")
+    }
+}
+
 async fn start() -> Harness {
     start_with_persons(None).await
 }
@@ -162,14 +173,7 @@ async fn good_events_are_written_and_each_bad_kind_is_dead_lettered() {
         envelope(json!({"event": "x"}), json!({"uuid": "not-a-uuid"})),
         anonymous_team,
     ];
-    let outcome = harness
-        .pipeline
-        .send(IngestBatch {
-            messages: Arc::new(messages),
-        })
-        .await
-        .expect("delivered")
-        .expect("ingested");
+    let outcome = harness.ingest(messages).await.expect("ingested");
     assert_eq!(outcome.written, 2);
     assert_eq!(outcome.dead_lettered, 7);
 
@@ -360,14 +364,7 @@ async fn rows_carry_their_person_and_a_refused_person_dead_letters_only_its_even
         ),
         envelope(json!({"event": "second"}), json!({})),
     ];
-    let outcome = harness
-        .pipeline
-        .send(IngestBatch {
-            messages: Arc::new(messages),
-        })
-        .await
-        .expect("delivered")
-        .expect("ingested");
+    let outcome = harness.ingest(messages).await.expect("ingested");
     assert_eq!((outcome.written, outcome.dead_lettered), (2, 1));
 
     let events = read_lines(harness.data.path(), "events");
@@ -407,13 +404,7 @@ async fn a_person_store_that_cannot_answer_fails_the_batch_for_a_retry() {
             json!({"distinct_id": "unreachable"}),
         ),
     ];
-    let outcome = harness
-        .pipeline
-        .send(IngestBatch {
-            messages: Arc::new(messages),
-        })
-        .await
-        .expect("delivered");
+    let outcome = harness.ingest(messages).await;
     assert!(
         matches!(outcome, Err(PipelineError::Persons(_))),
         "{outcome:?}"

@@ -66,7 +66,7 @@ impl JobStore for MemoryJobStore {
                         payload: job.payload,
                         run_at: job.run_at,
                         attempts: 0,
-                        retry: job.retry,
+                        retry: job.retry.bounded(),
                     },
                     claimed_at: None,
                 },

@@ -57,6 +57,14 @@ impl RetryPolicy {
     /// forever.
     pub const MAX_ATTEMPTS: u32 = 100;
 
+    /// The policy within [`Self::MAX_ATTEMPTS`] and [`Self::MAX_DELAY`], at least one attempt.
+    pub fn bounded(self) -> Self {
+        Self {
+            max_attempts: self.max_attempts.clamp(1, Self::MAX_ATTEMPTS),
+            delay: self.delay.min(Self::MAX_DELAY),
+        }
+    }
+
     /// The wait after the `attempt`-th failed attempt (1-based).
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let doublings = attempt.saturating_sub(1).min(30);

@@ -34,6 +34,18 @@ const ENQUEUE: &str = "WITH job AS ( \
      VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
      SELECT id, pg_notify('plugin_server_jobs', id::text) FROM job";
 
+/// Locks due, unclaimed rows (skipping rows another instance is claiming) and stamps them
+/// with the claimer, the time and one more attempt.
+const CLAIM: &str = "WITH due AS ( \
+     SELECT id FROM plugin_server_jobs \
+     WHERE locked_at IS NULL AND run_at <= now() \
+     ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     UPDATE plugin_server_jobs AS job \
+     SET locked_by = $1, locked_at = now(), attempts = job.attempts + 1 \
+     FROM due WHERE job.id = due.id \
+     RETURNING job.id, job.plugin_config_id, job.team_id, job.job_name, job.payload, \
+     job.run_at, job.attempts, job.max_attempts, job.retry_delay_ms";
+
 const NEXT_DUE: &str = "SELECT min(run_at) FROM plugin_server_jobs WHERE locked_at IS NULL";
 
 const COMPLETE: &str = "DELETE FROM plugin_server_jobs WHERE id = $1";
@@ -164,22 +176,8 @@ impl JobStore for PostgresJobStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "WITH due AS ( \
-             SELECT id FROM plugin_server_jobs \
-             WHERE locked_at IS NULL AND run_at <= now() \
-             ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             UPDATE plugin_server_jobs AS job \
-             SET locked_by = $1, locked_at = now(), attempts = job.attempts + 1 \
-             FROM due WHERE job.id = due.id RETURNING {}",
-            JOB_COLUMNS
-                .split(", ")
-                .map(|name| format!("job.{name}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
         let client = self.client().await?;
-        let statement = client.prepare_cached(&sql).await.map_err(classify)?;
+        let statement = client.prepare_cached(CLAIM).await.map_err(classify)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
             .query(&statement, &[&instance, &limit])

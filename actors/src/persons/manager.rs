@@ -255,7 +255,7 @@ impl PersonManager {
     ) -> Result<PersonOutcome, PersonError> {
         if event.is_read_only() {
             let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
-            self.count_lookup("hit", hit.is_some());
+            self.count_lookup(if hit.is_some() { "cache" } else { "cache_miss" });
             if let Some(person) = hit {
                 return Ok(PersonOutcome {
                     person,
@@ -267,7 +267,7 @@ impl PersonManager {
             && let Some(known) = known.as_ref()
             && !event.updates.would_change(&known.person.properties)
         {
-            self.count_lookup("snapshot", true);
+            self.count_lookup("snapshot");
             let person = known.event_person.clone();
             self.remember(
                 event.team_id,
@@ -341,14 +341,9 @@ impl PersonManager {
         }
     }
 
-    /// Counts an answer that needed no transaction (`cache` or `snapshot`), or a cache miss.
-    fn count_lookup(&self, source: &str, answered: bool) {
+    /// Counts an answer that needed no transaction (`cache`, `snapshot`) or a `cache_miss`.
+    fn count_lookup(&self, result: &'static str) {
         if let Some(metrics) = &self.metrics {
-            let result = match (source, answered) {
-                ("hit", true) => "cache",
-                (_, true) => "snapshot",
-                _ => "cache_miss",
-            };
             metrics.cache.with_label_values(&[result]).inc();
         }
     }

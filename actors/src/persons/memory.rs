@@ -164,15 +164,7 @@ impl PersonTransaction for MemoryTransaction {
             }
         }
         self.tables.next_id += 1;
-        let created = Person {
-            id: self.tables.next_id,
-            uuid: person.uuid,
-            team_id: person.team_id,
-            created_at: person.created_at,
-            properties: person.properties,
-            is_identified: person.is_identified,
-            version: 0,
-        };
+        let created = person.stored(self.tables.next_id);
         self.put_person(created.clone());
         for distinct_id in distinct_ids {
             self.put_distinct_id(

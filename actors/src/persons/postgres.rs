@@ -288,15 +288,7 @@ impl PersonTransaction for PostgresTransaction {
             self.query(INSERT_DISTINCT_ID, &[distinct_id, &id, &team])
                 .await?;
         }
-        Ok(Person {
-            id,
-            uuid: person.uuid,
-            team_id: person.team_id,
-            created_at: person.created_at,
-            properties: person.properties,
-            is_identified: person.is_identified,
-            version: 0,
-        })
+        Ok(person.stored(id))
     }
 
     async fn add_distinct_id(

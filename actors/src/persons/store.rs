@@ -36,6 +36,21 @@ pub struct NewPerson {
     pub is_identified: bool,
 }
 
+impl NewPerson {
+    /// The person as stored under row id `id`, at version 0.
+    pub fn stored(self, id: i64) -> Person {
+        Person {
+            id,
+            uuid: self.uuid,
+            team_id: self.team_id,
+            created_at: self.created_at,
+            properties: self.properties,
+            is_identified: self.is_identified,
+            version: 0,
+        }
+    }
+}
+
 /// A distinct id moved to another person by a merge, with its new version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MovedDistinctId {

@@ -208,9 +208,10 @@ impl PluginHost for ServerHost {
             job_name: job.name,
             payload: job.payload,
             run_at,
+            // The queue keeps the policy within its bounds.
             retry: RetryPolicy {
-                max_attempts: job.max_attempts.clamp(1, RetryPolicy::MAX_ATTEMPTS),
-                delay: Duration::from_millis(job.retry_delay_ms).min(RetryPolicy::MAX_DELAY),
+                max_attempts: job.max_attempts,
+                delay: Duration::from_millis(job.retry_delay_ms),
             },
         };
         self.runtime

@@ -788,45 +788,45 @@ impl Handler<RunJob> for VmWorker {
     fn handle(&mut self, message: RunJob, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
-        let config = &message.config;
-        let result = match self.ready(config, &mut side) {
-            Err(error) => Err(format!("the plugin could not be set up: {error}")),
-            Ok(()) => match self
-                .slots
-                .get_mut(&config.identity.plugin_config_id)
-                .and_then(|slot| slot.vm.is_some().then_some(slot))
-            {
-                None => Err("the plugin is not loaded".to_owned()),
-                Some(slot) => {
-                    let identity = config.identity.clone();
-                    let (result, effects) = match slot.vm.as_mut() {
-                        Some(vm) => vm.call_job(&message.job_name, &message.payload),
-                        None => (Ok(None), Default::default()),
-                    };
-                    side.absorb(&identity, effects);
-                    match result {
-                        Ok(_) => {
-                            side.outcome(&identity, "job", 1, false, None);
-                            Ok(())
-                        }
-                        Err(error) => {
-                            side.outcome(&identity, "job", 1, false, Some(&error));
-                            side.plugin_error(
-                                &identity,
-                                format!("job {} failed: {error}", message.job_name),
-                            );
-                            forget_if_poisoned(slot, &error);
-                            Err(error.to_string())
-                        }
-                    }
-                }
-            },
-        };
+        let result = self.run_job(&message, &mut side);
         self.publish_load();
         MessageResult(WorkerReply {
             value: result,
             side,
         })
+    }
+}
+
+impl VmWorker {
+    /// `jobs[name](payload, meta)` of the message's config, set up first if need be.
+    fn run_job(&mut self, message: &RunJob, side: &mut SideEffects) -> Result<(), String> {
+        let config = &message.config;
+        self.ready(config, side)
+            .map_err(|error| format!("the plugin could not be set up: {error}"))?;
+        let Some(slot) = self.slots.get_mut(&config.identity.plugin_config_id) else {
+            return Err("the plugin is not loaded".to_owned());
+        };
+        let Some(vm) = slot.vm.as_mut() else {
+            return Err("the plugin is not loaded".to_owned());
+        };
+        let identity = &config.identity;
+        let (result, effects) = vm.call_job(&message.job_name, &message.payload);
+        side.absorb(identity, effects);
+        match result {
+            Ok(_) => {
+                side.outcome(identity, "job", 1, false, None);
+                Ok(())
+            }
+            Err(error) => {
+                side.outcome(identity, "job", 1, false, Some(&error));
+                side.plugin_error(
+                    identity,
+                    format!("job {} failed: {error}", message.job_name),
+                );
+                forget_if_poisoned(slot, &error);
+                Err(error.to_string())
+            }
+        }
     }
 }
 
