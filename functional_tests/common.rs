@@ -131,6 +131,62 @@ pub fn migrate(env: &[(&str, &str)]) {
     );
 }
 
+/// A `source` plugin in PostHog's tables: organization 1, team `team_id` with `token`, plugin 1
+/// named `name` whose one file is `file_name`, enabled for the team as config 10 with `config`
+/// and `filters` (`posthog_pluginconfig.filters`, NULL when `None`).
+pub struct SourcePlugin<'a> {
+    pub team_id: i32,
+    pub token: &'a str,
+    pub name: &'a str,
+    pub file_name: &'a str,
+    pub source: &'a str,
+    pub config: serde_json::Value,
+    pub filters: Option<serde_json::Value>,
+}
+
+impl SourcePlugin<'_> {
+    pub async fn insert(&self, client: &tokio_postgres::Client) {
+        const ORG: &str = "00000000-0000-0000-0000-000000000001";
+        client
+            .execute(
+                "INSERT INTO posthog_organization (id, name) VALUES ($1::text::uuid, 'org')",
+                &[&ORG],
+            )
+            .await
+            .expect("organization");
+        client
+            .execute(
+                "INSERT INTO posthog_team (id, organization_id, api_token) VALUES ($1, $2::text::uuid, $3)",
+                &[&self.team_id, &ORG, &self.token],
+            )
+            .await
+            .expect("team");
+        client
+            .execute(
+                "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                 VALUES (1, $1::text::uuid, 'source', $2, now())",
+                &[&ORG, &self.name],
+            )
+            .await
+            .expect("plugin");
+        client
+            .execute(
+                "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config, filters)
+                 VALUES (10, $1, 1, true, 1, $2, $3)",
+                &[&self.team_id, &self.config, &self.filters],
+            )
+            .await
+            .expect("plugin config");
+        client
+            .execute(
+                "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, $1, $2)",
+                &[&self.file_name, &self.source],
+            )
+            .await
+            .expect("source file");
+    }
+}
+
 /// The server binary running as a child process with JSON logs; killed (SIGKILL) when dropped,
 /// so a failing test never leaves it behind.
 pub struct ServerProcess {

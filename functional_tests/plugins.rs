@@ -629,6 +629,76 @@ async fn stored_events_reach_on_event_webhooks_and_exports_through_the_redis_que
     drop(server);
 }
 
+/// A webhook plugin whose config filters (`posthog_pluginconfig.filters`) pick the events:
+/// purchases over 100 by "pro" persons, and checkout page views.
+#[tokio::test]
+async fn compose_webhook_sees_only_events_that_pass_the_configs_filters() {
+    plugin_server::telemetry::install_tls_provider();
+    let mut destination = common::HttpRecorder::start().await;
+    let database = FreshPostgres::create().await;
+    common::migrate(&[("DATABASE_URL", &database.url)]);
+    let client = database.client().await;
+    common::SourcePlugin {
+        team_id: 2,
+        token: "phc_filters",
+        name: "hooks",
+        file_name: "index.js",
+        source: "exports.composeWebhook = (event, { config }) => ({ url: config.url + '/hook', \
+                 body: JSON.stringify({ event: event.event, distinct_id: event.distinct_id, \
+                 amount: event.properties.amount, url: event.properties.$current_url }) })",
+        config: json!({"url": destination.url}),
+        filters: Some(json!({"events": [
+            {"id": "buy", "name": "buy", "type": "events", "order": 0, "properties": [
+                {"key": "amount", "operator": "gt", "value": 100, "type": "event"},
+                {"key": "plan", "operator": "exact", "value": ["pro"], "type": "person"}
+            ]},
+            {"id": "$pageview", "name": "$pageview", "type": "events", "order": 1, "properties": [
+                {"key": "$current_url", "operator": "icontains", "value": "CHECKOUT", "type": "event"}
+            ]}
+        ]})),
+    }
+    .insert(&client)
+    .await;
+    let base = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("DATABASE_URL", database.url.clone()),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_filters",
+        json!([
+            {"event": "$identify", "distinct_id": "pro-user", "properties": {"$set": {"plan": "pro"}}},
+            {"event": "buy", "distinct_id": "pro-user", "properties": {"amount": 150}},
+            {"event": "buy", "distinct_id": "free-user", "properties": {"amount": 150, "$set": {"plan": "free"}}},
+            {"event": "buy", "distinct_id": "pro-user", "properties": {"amount": "50"}},
+            {"event": "$pageview", "distinct_id": "pro-user", "properties": {"$current_url": "https://shop.example/Checkout/1"}},
+            {"event": "$pageview", "distinct_id": "pro-user", "properties": {"$current_url": "https://shop.example/home"}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut hooks = Vec::new();
+    while hooks.len() < 2 {
+        let Some((method, path, body)) = destination.next(Duration::from_secs(30)).await else {
+            panic!("only {} webhooks arrived: {hooks:#?}", hooks.len());
+        };
+        assert_eq!((method.as_str(), path.as_str()), ("POST", "/hook"));
+        hooks.push(serde_json::from_str::<Value>(&body).unwrap());
+    }
+    hooks.sort_by_key(|hook| hook["event"].as_str().map(str::to_owned));
+    assert_eq!(
+        hooks,
+        vec![
+            json!({"event": "$pageview", "distinct_id": "pro-user", "url": "https://shop.example/Checkout/1"}),
+            json!({"event": "buy", "distinct_id": "pro-user", "amount": 150}),
+        ]
+    );
+    // The four events the filters turn away compose nothing.
+    assert!(destination.next(Duration::from_secs(2)).await.is_none());
+    drop(server);
+}
+
 /// The GeoIP plugin of this project's tests (TypeScript, ESM), doing what PostHog's does.
 const GEOIP_PLUGIN: &str = include_str!("fixtures/geoip/index.ts");
 

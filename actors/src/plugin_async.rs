@@ -22,7 +22,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use prometheus::{IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterError;
@@ -32,7 +31,7 @@ use crate::cluster::event_queue::{
 use crate::ingestion::event::EventRow;
 use crate::metrics::{Metrics, MetricsError};
 use crate::plugin_vm_pool::PluginVmPool;
-use crate::plugins::delivery::{AsyncRetry, AsyncTarget, processed_event};
+use crate::plugins::delivery::{AsyncRetry, AsyncTarget, StoredEvents};
 
 /// The queue channel of post-ingestion work.
 pub const CHANNEL: &str = "plugin-server:post-ingestion";
@@ -47,14 +46,15 @@ const EXPORT_TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, Serialize, Deserialize)]
 struct PostIngestionMessage {
     team_id: i64,
-    events: Vec<Value>,
+    #[serde(flatten)]
+    events: StoredEvents,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<AsyncTarget>,
 }
 
 /// Stored events of a batch that plugins want to see, by team.
 #[derive(Debug, Default)]
-pub struct FollowUp(HashMap<i64, Vec<Value>>);
+pub struct FollowUp(HashMap<i64, StoredEvents>);
 
 impl FollowUp {
     pub fn is_empty(&self) -> bool {
@@ -108,17 +108,21 @@ impl PostIngestionPublisher {
     /// The rows of teams with post-ingestion methods, as plugins see them, by team. Taken
     /// before the rows go to the writer; published once it has stored them.
     pub fn follow_up(pool: &PluginVmPool, rows: &[EventRow]) -> FollowUp {
-        let mut by_team: HashMap<i64, Vec<Value>> = HashMap::new();
-        let mut wanted: HashMap<i64, bool> = HashMap::new();
+        let mut by_team: HashMap<i64, StoredEvents> = HashMap::new();
+        // Per team: whether it wants the events, and whether its webhook filters need persons.
+        let mut wanted: HashMap<i64, (bool, bool)> = HashMap::new();
         for row in rows {
-            if *wanted
-                .entry(row.team_id)
-                .or_insert_with(|| pool.wants_async(row.team_id))
-            {
+            let (wants, with_persons) = *wanted.entry(row.team_id).or_insert_with(|| {
+                (
+                    pool.wants_async(row.team_id),
+                    pool.filters_webhooks(row.team_id),
+                )
+            });
+            if wants {
                 by_team
                     .entry(row.team_id)
                     .or_default()
-                    .push(processed_event(row));
+                    .push(row, with_persons);
             }
         }
         FollowUp(by_team)
@@ -128,7 +132,7 @@ impl PostIngestionPublisher {
     /// counted: the events are stored, only their plugin follow-up is lost.
     pub async fn publish_stored(&self, follow_up: FollowUp) {
         for (team_id, events) in follow_up.0 {
-            let count = events.len();
+            let count = events.events.len();
             let message = PostIngestionMessage {
                 team_id,
                 events,
@@ -145,7 +149,7 @@ impl PostIngestionPublisher {
         let count = retry.events.len();
         let message = PostIngestionMessage {
             team_id: retry.team_id,
-            events: retry.events,
+            events: retry.events.into(),
             target: Some(retry.target),
         };
         if let Err(error) = self.publish(&message, Some(retry.delay)).await {

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Metrics, MetricsError};
 use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
-use crate::plugins::delivery::AsyncTarget;
+use crate::plugins::delivery::{AsyncTarget, StoredEvents};
 use crate::plugins::host::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
@@ -305,6 +305,13 @@ impl PluginVmPool {
             .any(|config| capable.contains(&config.identity.plugin_config_id))
     }
 
+    /// Whether a config of the team filters its webhooks (the filters may test persons).
+    pub fn filters_webhooks(&self, team_id: i64) -> bool {
+        self.plugins()
+            .chain(team_id)
+            .is_some_and(|chain| chain.iter().any(|c| c.webhook_filters.is_some()))
+    }
+
     fn worker_index(&self, team_id: i64) -> usize {
         (team_id.unsigned_abs() % self.inner.workers.len() as u64) as usize
     }
@@ -403,7 +410,7 @@ impl PluginVmPool {
     pub async fn run_async(
         &self,
         team_id: i64,
-        events: Vec<Value>,
+        events: StoredEvents,
         target: Option<AsyncTarget>,
     ) -> Result<(), String> {
         let Some(chain) = self.plugins().chain(team_id) else {

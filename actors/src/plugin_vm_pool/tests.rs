@@ -59,6 +59,7 @@ fn config(id: i64, team_id: i64, order: i32, name: &str, code: &str) -> LoadedCo
         order,
         version: "1".into(),
         log_level: 0,
+        webhook_filters: None,
     }
 }
 
@@ -318,7 +319,7 @@ async fn post_ingestion_methods_run_and_retry() {
 
     pool.run_async(
         2,
-        vec![event(2, "a"), event(2, "flaky"), event(2, "skip")],
+        vec![event(2, "a"), event(2, "flaky"), event(2, "skip")].into(),
         None,
     )
     .await
@@ -368,7 +369,7 @@ async fn post_ingestion_methods_run_and_retry() {
 
     // A retry runs only its target: no second webhook, no export.
     let target = retries[0].target;
-    pool.run_async(2, retries[0].events.clone(), Some(target))
+    pool.run_async(2, retries[0].events.clone().into(), Some(target))
         .await
         .expect("ran");
     let retries = collected(&outputs, |s| s.retries.clone());
@@ -407,7 +408,7 @@ async fn exports_retry_three_times_then_fail() {
     );
     exporter.config = json!({"exportEventsBufferBytes": "1"});
     pool.set_plugins(PluginSet::new([exporter]));
-    pool.run_async(2, vec![event(2, "a")], None)
+    pool.run_async(2, vec![event(2, "a")].into(), None)
         .await
         .expect("ran");
     for attempt in 1..=3u32 {
@@ -415,7 +416,7 @@ async fn exports_retry_three_times_then_fail() {
         let retry = retries.last().expect("a retry").clone();
         assert_eq!(retry.target.attempt, attempt);
         assert_eq!(retry.delay, Duration::from_secs(6 * 2u64.pow(attempt - 1)));
-        pool.run_async(2, retry.events, Some(retry.target))
+        pool.run_async(2, retry.events.into(), Some(retry.target))
             .await
             .expect("ran");
     }

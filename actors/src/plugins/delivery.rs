@@ -57,6 +57,39 @@ pub fn processed_event(row: &EventRow) -> Value {
     Value::Object(event)
 }
 
+/// Stored events on their way to `onEvent`, `composeWebhook` and `exportEvents`, with each
+/// event's person properties (by position) when a config's webhook filters may test them.
+/// Retries carry none: they are for onEvent and exportEvents only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvents {
+    pub events: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub person_properties: Vec<Value>,
+}
+
+impl From<Vec<Value>> for StoredEvents {
+    fn from(events: Vec<Value>) -> Self {
+        Self {
+            events,
+            person_properties: Vec::new(),
+        }
+    }
+}
+
+impl StoredEvents {
+    /// Adds a stored row; its person properties only `with_persons`.
+    pub fn push(&mut self, row: &EventRow, with_persons: bool) {
+        self.events.push(processed_event(row));
+        if with_persons {
+            let properties = serde_json::from_str::<Value>(&row.person_properties)
+                .ok()
+                .filter(Value::is_object)
+                .unwrap_or(Value::Null);
+            self.person_properties.push(properties);
+        }
+    }
+}
+
 /// The post-ingestion methods that `RetryError` can send back through the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

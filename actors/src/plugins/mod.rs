@@ -2,6 +2,7 @@
 
 pub mod chain;
 pub mod delivery;
+pub mod filters;
 pub mod host;
 pub mod outputs;
 pub mod registry;
@@ -33,6 +34,8 @@ pub struct LoadedConfig {
     /// PostHog's `plugin.log_level`: 0 keeps all, 1 drops LOG, 2 drops LOG and INFO, 3 keeps
     /// only ERROR. SYSTEM entries are always kept.
     pub log_level: u8,
+    /// `pluginConfig.filters`: which stored events reach `composeWebhook` (None: all).
+    pub webhook_filters: Option<filters::WebhookFilters>,
 }
 
 impl LoadedConfig {

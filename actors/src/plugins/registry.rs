@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::LoadedConfig;
+use super::filters::WebhookFilters;
 use super::transpile::transpile;
 use super::vm::{Attachment, VmIdentity, VmSource};
 
@@ -60,6 +61,8 @@ struct RawConfig {
     version: String,
     log_level: u8,
     attachments: Vec<Attachment>,
+    /// `posthog_pluginconfig.filters` (JSON null when unset).
+    filters: Value,
 }
 
 /// A plugin's main file, or why there is none.
@@ -129,6 +132,7 @@ impl PluginRegistry {
                         order: raw.order,
                         version: format!("{}/{}", raw.version, plugin_version),
                         log_level: raw.log_level,
+                        webhook_filters: WebhookFilters::from_json(&raw.filters),
                     });
                 }
                 Err(message) => problems.push(LoadProblem {
@@ -148,7 +152,8 @@ impl PluginRegistry {
 const ACTIVE_CONFIGS: &str = r#"
 SELECT pc.id, pc.team_id, pc.plugin_id, pc."order", pc.config,
        pc.updated_at::text AS config_version, COALESCE(p.updated_at, p.created_at)::text AS plugin_version,
-       COALESCE(p.name, ''), COALESCE(p.plugin_type, ''), COALESCE(p.url, ''), COALESCE(p.log_level, 0)
+       COALESCE(p.name, ''), COALESCE(p.plugin_type, ''), COALESCE(p.url, ''), COALESCE(p.log_level, 0),
+       pc.filters
 FROM posthog_pluginconfig pc
 JOIN posthog_plugin p ON p.id = pc.plugin_id
 JOIN posthog_team t ON t.id = pc.team_id
@@ -178,6 +183,7 @@ async fn load_postgres(pool: &Pool, base_dir: &Path) -> Result<Sourced, Registry
             version: row.get(5),
             log_level: u8::try_from(row.get::<_, i32>(10).clamp(0, 4)).unwrap_or(0),
             attachments: Vec::new(),
+            filters: row.get::<_, Option<Value>>(11).unwrap_or(Value::Null),
         });
     }
 
@@ -333,6 +339,10 @@ struct ConfigEntry {
     /// `meta.config`.
     #[serde(default)]
     config: serde_json::Map<String, Value>,
+    /// Which events reach `composeWebhook`, as PostHog's `pluginConfig.filters`:
+    /// `filters = { events = [{ name = "$pageview", properties = [...] }] }`.
+    #[serde(default)]
+    filters: Option<Value>,
 }
 
 fn enabled_by_default() -> bool {
@@ -385,6 +395,7 @@ fn load_directory(plugins_dir: &Path, configs_file: &Path) -> Result<Sourced, Re
             continue;
         }
         let config = Value::Object(entry.config);
+        let filters = entry.filters.unwrap_or(Value::Null);
         configs.push(RawConfig {
             identity: VmIdentity {
                 plugin_config_id: index as i64 + 1,
@@ -392,11 +403,12 @@ fn load_directory(plugins_dir: &Path, configs_file: &Path) -> Result<Sourced, Re
                 team_id: entry.team_id,
                 plugin_name: entry.plugin.clone(),
             },
-            version: format!("{:x}", fingerprint(config.to_string().as_bytes())),
+            version: format!("{:x}", fingerprint(format!("{config}{filters}").as_bytes())),
             config,
             order: entry.order,
             log_level: entry.log_level,
             attachments: Vec::new(),
+            filters,
         });
     }
     Ok((configs, mains))
@@ -476,6 +488,7 @@ mod tests {
             team_id = 2
             order = 1
             config = { suffix = "_a" }
+            filters = { events = [{ name = "$pageview", properties = [{ key = "a", value = 1, type = "event" }] }] }
 
             [[plugin_config]]
             plugin = "broken"
@@ -496,6 +509,13 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].identity.team_id, 2);
         assert_eq!(loaded[0].config["suffix"], "_a");
+        let filters = loaded[0].webhook_filters.as_ref().expect("filters");
+        let event = serde_json::json!({"event": "$pageview", "properties": {"a": 1}});
+        let subject = super::super::filters::FilterSubject {
+            event: &event,
+            person_properties: None,
+        };
+        assert_eq!(filters.matches(subject), Ok(true));
         assert!(
             !loaded[0].source.code.contains("export "),
             "{}",

@@ -17,8 +17,9 @@ use serde_json::Value;
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
 use super::delivery::{
     AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
-    ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, webhook_request,
+    ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, StoredEvents, webhook_request,
 };
+use super::filters::FilterSubject;
 use super::host::{
     FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
 };
@@ -52,7 +53,7 @@ pub struct ProcessEvents {
 pub struct RunAsync {
     pub request_id: u64,
     pub chain: Arc<[Arc<LoadedConfig>]>,
-    pub events: Arc<Vec<Value>>,
+    pub events: Arc<StoredEvents>,
     pub target: Option<AsyncTarget>,
 }
 
@@ -491,9 +492,10 @@ impl VmWorker {
     fn run_async(
         &mut self,
         chain: &[Arc<LoadedConfig>],
-        events: &[Value],
+        stored: &StoredEvents,
         target: Option<AsyncTarget>,
     ) -> SideEffects {
+        let events = stored.events.as_slice();
         let mut side = SideEffects::default();
         for config in chain {
             let id = config.identity.plugin_config_id;
@@ -520,7 +522,7 @@ impl VmWorker {
                 }) => export(slot, events.to_vec(), attempt, &mut side),
                 None => {
                     on_event(slot, events, 0, &mut side);
-                    compose_webhooks(slot, events, &mut side);
+                    compose_webhooks(slot, stored, &mut side);
                     buffer_exports(slot, events, &mut side);
                 }
             }
@@ -613,13 +615,36 @@ fn on_event(slot: &mut Slot, events: &[Value], attempt: u32, side: &mut SideEffe
     }
 }
 
-/// `composeWebhook` per event; the requests it returns are sent by the server.
-fn compose_webhooks(slot: &mut Slot, events: &[Value], side: &mut SideEffects) {
+/// `composeWebhook` per event that passes the config's filters; the requests it returns are
+/// sent by the server.
+fn compose_webhooks(slot: &mut Slot, stored: &StoredEvents, side: &mut SideEffects) {
     let identity = slot.config.identity.clone();
-    for event in events {
+    for (index, event) in stored.events.iter().enumerate() {
         let Some(vm) = slot.vm.as_mut().filter(|vm| vm.has(Method::ComposeWebhook)) else {
             return;
         };
+        if let Some(filters) = &slot.config.webhook_filters {
+            let subject = FilterSubject {
+                event,
+                person_properties: stored
+                    .person_properties
+                    .get(index)
+                    .and_then(Value::as_object),
+            };
+            match filters.matches(subject) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                // PostHog counts it as a composeWebhook failure and sends nothing.
+                Err(error) => {
+                    let error = CallError::Thrown {
+                        name: "FilterError".into(),
+                        message: format!("Error occurred when processing filters: {error}"),
+                    };
+                    side.outcome(&identity, "composeWebhook", 1, false, Some(&error));
+                    continue;
+                }
+            }
+        }
         let (result, effects) = vm.call(Method::ComposeWebhook, &[event]);
         side.absorb(&identity, effects);
         match result {
@@ -637,8 +662,8 @@ fn compose_webhooks(slot: &mut Slot, events: &[Value], side: &mut SideEffects) {
                     side.plugin_error(&identity, format!("composeWebhook failed: {error}"));
                 }
             },
-            // null: nothing to send for this event.
-            Ok(_) => side.outcome(&identity, "composeWebhook", 1, false, None),
+            // null: nothing to send for this event, and (as in PostHog) nothing to count.
+            Ok(_) => {}
             Err(error) => {
                 side.outcome(&identity, "composeWebhook", 1, false, Some(&error));
                 side.plugin_error(&identity, format!("composeWebhook failed: {error}"));

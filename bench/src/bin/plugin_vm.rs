@@ -313,6 +313,7 @@ async fn throughput_pool(events: usize, warmup: usize, batch: usize) -> anyhow::
         order: 1,
         version: "1".into(),
         log_level: 0,
+        webhook_filters: None,
     }]));
     let run = |count: usize| {
         let pool = pool.clone();
