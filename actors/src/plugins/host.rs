@@ -313,7 +313,8 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 14] = [
+    let functions: [(&str, usize, NativeFn); 15] = [
+        ("section", 1, section),
         ("cache", 4, cache),
         ("geoip", 1, geoip),
         ("jobs", 5, jobs),
@@ -338,6 +339,15 @@ pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
         );
     }
     Ok(object.build())
+}
+
+/// Compiles one of the prelude's sections (see `prelude/core.js`).
+fn section(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let name = string_arg(args, 0, context)?;
+    let source = super::prelude::section(&name).ok_or_else(|| {
+        JsNativeError::typ().with_message(format!("the prelude has no section {name:?}"))
+    })?;
+    context.eval(boa_engine::Source::from_bytes(source))
 }
 
 fn string_arg(args: &[JsValue], index: usize, context: &mut Context) -> JsResult<String> {

@@ -5,6 +5,7 @@ pub mod delivery;
 pub mod filters;
 pub mod host;
 pub mod outputs;
+pub mod prelude;
 pub mod registry;
 pub mod server_host;
 pub mod telemetry;

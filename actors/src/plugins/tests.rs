@@ -603,3 +603,15 @@ fn meta_jobs_queue_jobs_with_posthogs_api() {
     assert_eq!(dated.run_at_unix_ms, 1_893_456_000_000);
     assert_eq!((dated.max_attempts, dated.retry_delay_ms), (4, 250));
 }
+
+#[test]
+fn lazy_globals_keep_working_after_their_first_use() {
+    let mut vm = load(
+        "exports.processEvent = (e) => { console.log('saw ' + e.event); e.properties.n = (e.properties.n || 0) + 1; return e }",
+    );
+    for round in 0..3 {
+        let (result, effects) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert!(result.is_ok(), "round {round}: {result:?}");
+        assert_eq!(effects.logs.len(), 1, "round {round}");
+    }
+}

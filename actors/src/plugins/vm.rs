@@ -262,7 +262,7 @@ impl PluginVm {
         let host_object =
             host::natives(&mut context).map_err(|e| VmError::Context(e.to_string()))?;
         let prelude = context
-            .eval(Source::from_bytes(include_str!("prelude.js")))
+            .eval(Source::from_bytes(super::prelude::CORE))
             .and_then(|f| call_value(&f, &[host_object.into()], &mut context))
             .map_err(|e| VmError::Context(e.to_string()))?;
         let prelude = prelude
@@ -507,12 +507,18 @@ impl PluginVm {
             context,
         )?;
 
-        let buffer = prelude.get(js_string!("Buffer"), context)?;
-        let buffer_prototype = buffer
-            .as_object()
-            .map(|b| b.get(js_string!("prototype"), context))
-            .transpose()?
-            .and_then(|p| p.as_object());
+        // Buffer is compiled only for configs that have attachments.
+        let buffer_prototype = if attachments.is_empty() {
+            None
+        } else {
+            let buffer = prelude.get(js_string!("buffer"), context)?;
+            let buffer = call_value(&buffer, &[], context)?;
+            buffer
+                .as_object()
+                .map(|b| b.get(js_string!("prototype"), context))
+                .transpose()?
+                .and_then(|p| p.as_object())
+        };
         let attachment_map = JsObject::with_object_proto(context.intrinsics());
         for attachment in attachments {
             let entry = JsObject::with_object_proto(context.intrinsics());
@@ -542,10 +548,8 @@ impl PluginVm {
             )?;
         }
         meta.set(js_string!("attachments"), attachment_map, false, context)?;
-        for name in ["cache", "storage", "utils", "geoip", "jobs"] {
-            let value = prelude.get(js_string!(name), context)?;
-            meta.set(JsString::from(name), value, false, context)?;
-        }
+        let meta_apis = prelude.get(js_string!("metaApis"), context)?;
+        call_value(&meta_apis, &[meta.clone().into()], context)?;
         Ok(meta.into())
     }
 }

@@ -57,7 +57,7 @@ function processEvent(event, meta) {
 /// The plugin of `node_vm2_memory.js`, byte for byte.
 const SMALL_PLUGIN: &str = "function processEvent(event, meta) { event.properties.host_seen = new URL(event.properties.$current_url).hostname; return event }";
 
-const PRELUDE: &str = include_str!("../../../actors/src/plugins/prelude.js");
+const PRELUDE: &str = plugin_server_actors::plugins::prelude::CORE;
 
 #[derive(Debug, Parser)]
 #[command(
