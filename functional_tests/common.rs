@@ -207,6 +207,9 @@ impl ServerProcess {
             ("HTTP_SERVER_HOST", "127.0.0.1"),
             ("HTTP_SERVER_PORT", "0"),
             ("LOG_FORMAT", "json"),
+            // Not the repository's config/plugins.toml (the first run's sample plugin): a test
+            // that wants plugin configs names its own file.
+            ("PLUGINS_CONFIG_FILE", "/nonexistent/plugins.toml"),
         ];
         let mut child = Command::new(BIN)
             .env_clear()

@@ -88,6 +88,93 @@ async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec
     }
 }
 
+/// The repository's sample (config/plugins.toml enabling plugins/hello-world for team 1)
+/// changes the first event a new user sends, as the README and the config file promise.
+#[tokio::test]
+async fn the_first_run_sample_plugin_greets_the_first_event() {
+    plugin_server::telemetry::install_tls_provider();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = tempfile::tempdir().unwrap();
+    let sample = root.join("plugins/hello-world");
+    let copy = base.path().join("plugins/hello-world");
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["plugin.json", "index.ts"] {
+        std::fs::copy(sample.join(file), copy.join(file)).unwrap();
+    }
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        (
+            "PLUGINS_CONFIG_FILE",
+            root.join("config/plugins.toml").to_str().unwrap().to_owned(),
+        ),
+    ]);
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/capture", server.addr()))
+        .header("Content-Type", "application/json")
+        .body(
+            json!({"api_key": "phc_first", "event": "$pageview", "distinct_id": "me",
+                   "properties": {"$current_url": "https://example.com/a"}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rows = wait_for_rows(base.path(), |rows| !rows.is_empty()).await;
+    assert_eq!(rows[0]["team_id"], 1);
+    assert_eq!(rows[0]["properties"]["greeting"], "hello from plugin-server");
+    assert_eq!(rows[0]["properties"]["$host"], "example.com");
+    assert_eq!(
+        rows[0]["properties"]["$plugins_succeeded"],
+        json!(["hello-world (1)"])
+    );
+    drop(server);
+}
+
+/// The compose deployment's sample: docker/seed.sql on a migrated database enables the image's
+/// hello-world plugin (a `local` plugin at BASE_DIR/../plugins) for the `phc_compose` token.
+#[tokio::test]
+async fn the_compose_seed_enables_the_sample_plugin_from_postgres() {
+    plugin_server::telemetry::install_tls_provider();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let database = FreshPostgres::create().await;
+    common::migrate(&[("DATABASE_URL", &database.url)]);
+    let client = database.client().await;
+    let seed = std::fs::read_to_string(root.join("docker/seed.sql")).unwrap();
+    client.batch_execute(&seed).await.unwrap();
+    // Idempotent: compose runs it on every start.
+    client.batch_execute(&seed).await.unwrap();
+    // The image's layout: /app/plugins next to BASE_DIR=/app/data.
+    let app = tempfile::tempdir().unwrap();
+    let copy = app.path().join("plugins/hello-world");
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["plugin.json", "index.ts"] {
+        std::fs::copy(root.join("plugins/hello-world").join(file), copy.join(file)).unwrap();
+    }
+    let base = app.path().join("data");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.to_str().unwrap().to_owned()),
+        ("DATABASE_URL", database.url.clone()),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_compose",
+        json!([{"event": "$pageview", "distinct_id": "me",
+                "properties": {"$current_url": "https://example.com/a"}}]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let rows = wait_for_rows(&base, |rows| !rows.is_empty()).await;
+    assert_eq!(rows[0]["team_id"], 1);
+    assert_eq!(rows[0]["properties"]["greeting"], "hello from plugin-server");
+    assert_eq!(
+        rows[0]["properties"]["$plugins_succeeded"],
+        json!(["Hello World (1)"])
+    );
+    drop(server);
+}
+
 #[tokio::test]
 async fn the_embedded_profile_runs_a_plugin_chain_from_the_plugins_directory() {
     plugin_server::telemetry::install_tls_provider();
