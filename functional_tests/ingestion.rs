@@ -19,21 +19,21 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
-fn kafka_hosts() -> String {
+pub(crate) fn kafka_hosts() -> String {
     std::env::var("KAFKA_HOSTS").expect("KAFKA_HOSTS: run functional_tests/run.sh")
 }
 
 /// Everything one test run owns: a Postgres database, a ClickHouse database, a topic prefix.
-struct Deployment {
-    postgres: FreshPostgres,
-    clickhouse_database: String,
-    kafka_prefix: String,
-    token: String,
-    team_id: i64,
+pub(crate) struct Deployment {
+    pub(crate) postgres: FreshPostgres,
+    pub(crate) clickhouse_database: String,
+    pub(crate) kafka_prefix: String,
+    pub(crate) token: String,
+    pub(crate) team_id: i64,
 }
 
 impl Deployment {
-    async fn create() -> Self {
+    pub(crate) async fn create() -> Self {
         let postgres = FreshPostgres::create().await;
         let clickhouse_database = unique_name("ps_ingest");
         let kafka_prefix = format!("{}_", unique_name("t"));
@@ -72,11 +72,11 @@ impl Deployment {
         deployment
     }
 
-    fn topic(&self) -> String {
+    pub(crate) fn topic(&self) -> String {
         format!("{}events_plugin_ingestion", self.kafka_prefix)
     }
 
-    fn env_pairs(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn env_pairs(&self) -> Vec<(&'static str, String)> {
         vec![
             ("DATABASE_URL", self.postgres.url.clone()),
             ("CLICKHOUSE_HOST", clickhouse_http_url()),
@@ -113,11 +113,14 @@ impl Deployment {
     }
 
     /// Starts the server binary; returns it and its HTTP address once it logged its start.
-    fn start_server(&self) -> (Server, String) {
+    pub(crate) fn start_server(&self) -> (Server, String) {
         self.start_server_with(&[])
     }
 
-    fn start_server_with(&self, overrides: &[(&'static str, String)]) -> (Server, String) {
+    pub(crate) fn start_server_with(
+        &self,
+        overrides: &[(&'static str, String)],
+    ) -> (Server, String) {
         let mut env = self.env_pairs();
         env.extend(overrides.iter().cloned());
         let server = ServerProcess::start(&env);
@@ -125,7 +128,7 @@ impl Deployment {
         (server, addr)
     }
 
-    async fn events(&self) -> Vec<Value> {
+    pub(crate) async fn events(&self) -> Vec<Value> {
         let rows = clickhouse_query(&format!(
             "SELECT uuid, event, properties, toString(timestamp) AS timestamp, team_id, \
              distinct_id, elements_chain FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
@@ -149,7 +152,7 @@ impl Deployment {
     }
 
     /// Rows and distinct event uuids stored for the team.
-    async fn counts(&self) -> (u64, u64) {
+    pub(crate) async fn counts(&self) -> (u64, u64) {
         let text = clickhouse_query(&format!(
             "SELECT count(), uniqExact(uuid) FROM {}.events WHERE team_id = {} FORMAT TSV",
             self.clickhouse_database, self.team_id
@@ -162,7 +165,7 @@ impl Deployment {
     }
 
     /// Committed offsets of PostHog's group, summed over partitions.
-    fn committed(&self) -> i64 {
+    pub(crate) fn committed(&self) -> i64 {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", kafka_hosts())
             .set(
@@ -188,9 +191,9 @@ impl Deployment {
     }
 }
 
-type Server = ServerProcess;
+pub(crate) type Server = ServerProcess;
 
-fn envelope(token: &str, distinct_id: &str, event: Value, outer: Value) -> Vec<u8> {
+pub(crate) fn envelope(token: &str, distinct_id: &str, event: Value, outer: Value) -> Vec<u8> {
     let mut message = json!({
         "distinct_id": distinct_id,
         "ip": "10.1.2.3",
@@ -207,7 +210,7 @@ fn envelope(token: &str, distinct_id: &str, event: Value, outer: Value) -> Vec<u
     serde_json::to_vec(&message).expect("json")
 }
 
-async fn produce(topic: &str, messages: &[Vec<u8>]) {
+pub(crate) async fn produce(topic: &str, messages: &[Vec<u8>]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka_hosts())
         .set("linger.ms", "5")
@@ -227,11 +230,11 @@ async fn produce(topic: &str, messages: &[Vec<u8>]) {
     }
 }
 
-async fn wait_for<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_for<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
     wait_for_up_to(Duration::from_secs(60), what, check).await
 }
 
-async fn wait_for_up_to<T>(
+pub(crate) async fn wait_for_up_to<T>(
     limit: Duration,
     what: &str,
     mut check: impl AsyncFnMut() -> Option<T>,
@@ -511,7 +514,7 @@ fn read_topic(topic: &str, expected: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Simple good events for the failure tests, each with its own uuid.
-fn good_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
+pub(crate) fn good_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
     (0..count)
         .map(|index| {
             envelope(
@@ -522,182 +525,6 @@ fn good_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
             )
         })
         .collect()
-}
-
-#[tokio::test]
-async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
-    let deployment = Deployment::create().await;
-    let (server, _) = deployment.start_server();
-    let total = 20_000;
-    let events = good_events(&deployment.token, total, "kill9");
-    let topic = deployment.topic();
-    // Produced in slices with pauses, so the kill lands while events are still arriving.
-    let producing = tokio::spawn(async move {
-        for slice in events.chunks(500) {
-            produce(&topic, slice).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    wait_for("some events stored before the kill", async || {
-        let (rows, _) = deployment.counts().await;
-        (rows >= 2_000).then_some(())
-    })
-    .await;
-    drop(server); // SIGKILL: no drain, no final commit.
-    producing.await.expect("producer task");
-    let (rows_at_kill, _) = deployment.counts().await;
-    assert!(
-        rows_at_kill < total as u64,
-        "the kill came too late to test anything"
-    );
-
-    let (_server, _) = deployment.start_server();
-    wait_for_up_to(Duration::from_secs(120), "every event stored", async || {
-        let (_, distinct) = deployment.counts().await;
-        (distinct == total as u64).then_some(())
-    })
-    .await;
-    wait_for("all offsets committed", async || {
-        (deployment.committed() == total as i64).then_some(())
-    })
-    .await;
-    // Replays collapse: after a merge, one row per event.
-    clickhouse_query(&format!(
-        "OPTIMIZE TABLE {}.events FINAL",
-        deployment.clickhouse_database
-    ))
-    .await;
-    assert_eq!(deployment.counts().await, (total as u64, total as u64));
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
-}
-
-/// A TCP proxy in front of ClickHouse that can be switched off: while off it refuses
-/// connections and cuts the open ones, as a stopped ClickHouse would.
-struct SwitchableProxy {
-    port: u16,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl SwitchableProxy {
-    async fn start(target: String) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (flag, open) = (up.clone(), connections.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                open.lock().expect("connections").push(task.abort_handle());
-            }
-        });
-        Self {
-            port,
-            up,
-            connections,
-        }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
-        if !up {
-            for connection in self.connections.lock().expect("connections").drain(..) {
-                connection.abort();
-            }
-        }
-    }
-}
-
-async fn health(addr: &str) -> Value {
-    reqwest::get(format!("http://{addr}/_health"))
-        .await
-        .expect("health answered")
-        .json()
-        .await
-        .expect("health json")
-}
-
-// Multi-threaded: the proxy must keep serving while the test blocks waiting for the server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_writer_degraded() {
-    let deployment = Deployment::create().await;
-    let clickhouse = clickhouse_http_url();
-    let target = clickhouse
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let proxy = SwitchableProxy::start(target).await;
-    let (_server, addr) =
-        deployment.start_server_with(&[("CLICKHOUSE_HOST", format!("127.0.0.1:{}", proxy.port))]);
-
-    produce(
-        &deployment.topic(),
-        &good_events(&deployment.token, 500, "before"),
-    )
-    .await;
-    wait_for("the first events stored", async || {
-        (deployment.counts().await.1 == 500).then_some(())
-    })
-    .await;
-
-    proxy.set_up(false);
-    let outage = Instant::now();
-    produce(
-        &deployment.topic(),
-        &good_events(&deployment.token, 500, "during"),
-    )
-    .await;
-    let report = wait_for("the writer reported degraded", async || {
-        let report = health(&addr).await;
-        (report["status"] == "degraded").then_some(report)
-    })
-    .await;
-    assert!(
-        report["checks"]["event_writer"]
-            .as_str()
-            .is_some_and(|check| check.starts_with("degraded: ")),
-        "{report}"
-    );
-    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
-    assert_eq!(
-        deployment.counts().await.1,
-        500,
-        "nothing written while down"
-    );
-    assert!(
-        deployment.committed() <= 500,
-        "offsets of unstored events must not be committed"
-    );
-
-    proxy.set_up(true);
-    wait_for("every event stored after the outage", async || {
-        (deployment.counts().await.1 == 1_000).then_some(())
-    })
-    .await;
-    wait_for("all offsets committed", async || {
-        (deployment.committed() == 1_000).then_some(())
-    })
-    .await;
-    wait_for("health back to ok", async || {
-        (health(&addr).await["status"] == "ok").then_some(())
-    })
-    .await;
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
 }
 
 /// Sends SIGTERM and waits for a clean exit.

@@ -105,7 +105,10 @@ async fn the_first_run_sample_plugin_greets_the_first_event() {
         ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
         (
             "PLUGINS_CONFIG_FILE",
-            root.join("config/plugins.toml").to_str().unwrap().to_owned(),
+            root.join("config/plugins.toml")
+                .to_str()
+                .unwrap()
+                .to_owned(),
         ),
     ]);
     let response = reqwest::Client::new()
@@ -122,7 +125,10 @@ async fn the_first_run_sample_plugin_greets_the_first_event() {
     assert_eq!(response.status(), 200);
     let rows = wait_for_rows(base.path(), |rows| !rows.is_empty()).await;
     assert_eq!(rows[0]["team_id"], 1);
-    assert_eq!(rows[0]["properties"]["greeting"], "hello from plugin-server");
+    assert_eq!(
+        rows[0]["properties"]["greeting"],
+        "hello from plugin-server"
+    );
     assert_eq!(rows[0]["properties"]["$host"], "example.com");
     assert_eq!(
         rows[0]["properties"]["$plugins_succeeded"],
@@ -167,7 +173,10 @@ async fn the_compose_seed_enables_the_sample_plugin_from_postgres() {
     assert_eq!(status, 200);
     let rows = wait_for_rows(&base, |rows| !rows.is_empty()).await;
     assert_eq!(rows[0]["team_id"], 1);
-    assert_eq!(rows[0]["properties"]["greeting"], "hello from plugin-server");
+    assert_eq!(
+        rows[0]["properties"]["greeting"],
+        "hello from plugin-server"
+    );
     assert_eq!(
         rows[0]["properties"]["$plugins_succeeded"],
         json!(["Hello World (1)"])

@@ -73,6 +73,8 @@ pub enum PipelineError {
     Step(String),
     #[error("the person step failed: {0}")]
     Persons(#[from] PersonError),
+    #[error("stored events could not be queued for their plugins: {0}")]
+    PostIngestion(#[from] crate::cluster::ClusterError),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ impl Run {
         if let Some(publisher) = &self.post_ingestion
             && !follow_up.is_empty()
         {
-            publisher.publish_stored(follow_up).await;
+            publisher.publish_stored(follow_up).await?;
         }
         Ok(outcome)
     }

@@ -128,9 +128,11 @@ impl PostIngestionPublisher {
         FollowUp(by_team)
     }
 
-    /// Publishes a stored batch's follow-up, one message per team. Failures are logged and
-    /// counted: the events are stored, only their plugin follow-up is lost.
-    pub async fn publish_stored(&self, follow_up: FollowUp) {
+    /// Publishes a stored batch's follow-up, one message per team. The first failure stops it
+    /// and fails the batch, so that its offsets are not committed: the batch is retried (its
+    /// rows written again collapse in ClickHouse) and no plugin loses the events of a queue
+    /// outage; teams published before the failure see those events again (at least once).
+    pub async fn publish_stored(&self, follow_up: FollowUp) -> Result<(), ClusterError> {
         for (team_id, events) in follow_up.0 {
             let count = events.events.len();
             let message = PostIngestionMessage {
@@ -139,9 +141,11 @@ impl PostIngestionPublisher {
                 target: None,
             };
             if let Err(error) = self.publish(&message, None).await {
-                tracing::error!(team_id, count, %error, "Stored events could not be queued for onEvent, composeWebhook and exportEvents.");
+                tracing::warn!(team_id, count, %error, "Stored events could not be queued for onEvent, composeWebhook and exportEvents; the batch will be retried.");
+                return Err(error);
             }
         }
+        Ok(())
     }
 
     /// Queues a RetryError retry for later.
