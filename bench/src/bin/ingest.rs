@@ -84,6 +84,49 @@ struct Args {
     /// Extra server env, KEY=VALUE (repeatable), e.g. KAFKA_FLUSH_FREQUENCY_MS=100.
     #[arg(long = "env")]
     extra_env: Vec<String>,
+    /// What each deployment runs: baseline, plugin, plugins10, persons, reload (each runs for
+    /// every server and batch size).
+    #[arg(long, value_delimiter = ',', default_value = "baseline")]
+    scenarios: Vec<Scenario>,
+    /// Also write every result (and the peer's) as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// What a deployment runs besides the backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Scenario {
+    /// No plugins; events set no person properties (persons are looked up, rarely written).
+    Baseline,
+    /// The vm2 peer's small processEvent plugin for the team.
+    Plugin,
+    /// Ten configs of that plugin in the team's chain.
+    Plugins10,
+    /// No plugins; every event `$set`s a property, so each one updates its person.
+    Persons,
+    /// As `plugin`, and during the latency phase the plugin changes and `reload-plugins` is
+    /// published every second (the server gets REDIS_URL for it).
+    Reload,
+}
+
+impl Scenario {
+    fn plugin_configs(self) -> i32 {
+        match self {
+            Self::Plugin | Self::Reload => 1,
+            Self::Plugins10 => 10,
+            Self::Baseline | Self::Persons => 0,
+        }
+    }
+
+    fn sets_persons(self) -> bool {
+        self == Self::Persons
+    }
+
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map_or_else(String::new, |value| value.get_name().to_owned())
+    }
 }
 
 #[tokio::main]
@@ -123,31 +166,45 @@ async fn main() -> Result<()> {
     }
 
     let mut results = Vec::new();
-    for server in &args.server {
-        for &batch_size in &args.batch_sizes {
-            println!(
-                "\n== {} KAFKA_MAX_MESSAGE_BATCH_SIZE={batch_size} ==",
-                server.display()
-            );
-            let deployment = Deployment::create(&services, server).await?;
-            let result = run_scenario(
-                &services,
-                &args,
-                server,
-                &deployment,
-                batch_size,
-                clock_ticks,
-            )
-            .await;
-            deployment.remove(&services).await;
-            let result = result?;
-            println!("{}", serde_json::to_string_pretty(&result)?);
-            results.push(result);
+    for &scenario in &args.scenarios {
+        for server in &args.server {
+            for &batch_size in &args.batch_sizes {
+                println!(
+                    "\n== {} {} KAFKA_MAX_MESSAGE_BATCH_SIZE={batch_size} ==",
+                    scenario.name(),
+                    server.display()
+                );
+                let deployment = Deployment::create(&services, server, scenario).await?;
+                let result = run_scenario(
+                    &services,
+                    &args,
+                    server,
+                    &deployment,
+                    batch_size,
+                    clock_ticks,
+                )
+                .await;
+                deployment.remove(&services).await;
+                let result = result?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                results.push(result);
+            }
         }
     }
 
     println!("\nload after: {}", load_average());
     print_table(&results, peer.as_ref());
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "machine": {
+                "nproc": std::thread::available_parallelism().map_or(0, usize::from),
+            },
+            "peer_events_per_second": peer.as_ref().map(|peer| peer.events_per_second),
+            "results": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| path.display().to_string())?;
+    }
     Ok(())
 }
 
@@ -159,6 +216,8 @@ struct Services {
     postgres_server: String,
     clickhouse: String,
     kafka: String,
+    /// For the reload scenario.
+    redis: Option<String>,
     http: reqwest::Client,
 }
 
@@ -185,6 +244,7 @@ impl Services {
             postgres_server,
             clickhouse,
             kafka: var("KAFKA_HOSTS")?,
+            redis: std::env::var("REDIS_URL").ok(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
@@ -269,12 +329,13 @@ struct Deployment {
     name: String,
     prefix: String,
     topic: String,
+    scenario: Scenario,
 }
 
 impl Deployment {
     const TEAM_ID: i32 = 2;
 
-    async fn create(services: &Services, server: &Path) -> Result<Self> {
+    async fn create(services: &Services, server: &Path, scenario: Scenario) -> Result<Self> {
         let id = Uuid::new_v4().simple().to_string();
         let name = format!("bench_{}", &id[..12]);
         let prefix = format!("{name}_");
@@ -282,6 +343,7 @@ impl Deployment {
             topic: format!("{prefix}events_plugin_ingestion"),
             name,
             prefix,
+            scenario,
         };
         // Everything below is undone by `remove`, which tolerates a half-made deployment.
         if let Err(error) = deployment.set_up(services, server).await {
@@ -325,6 +387,35 @@ impl Deployment {
             )
             .await
             .context("insert team 2")?;
+        let configs = self.scenario.plugin_configs();
+        if configs > 0 {
+            client
+                .execute(
+                    "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                     VALUES (1, $1, 'source', 'bench', now())",
+                    &[&organization],
+                )
+                .await
+                .context("insert the plugin")?;
+            client
+                .execute(
+                    "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.js', $1)",
+                    &[&plugin_server_bench::BENCH_PLUGIN],
+                )
+                .await
+                .context("insert the plugin's source")?;
+            // An empty suffix keeps the event names, which the latency markers are found by.
+            for order in 1..=configs {
+                client
+                    .execute(
+                        "INSERT INTO posthog_pluginconfig (team_id, plugin_id, enabled, \"order\", config)
+                         VALUES ($1, 1, true, $2, '{\"suffix\": \"\"}')",
+                        &[&Self::TEAM_ID, &order],
+                    )
+                    .await
+                    .context("insert a plugin config")?;
+            }
+        }
         services.create_topic(&self.topic, 2).await
     }
 
@@ -362,6 +453,15 @@ impl Deployment {
             "KAFKA_MAX_MESSAGE_BATCH_SIZE".to_owned(),
             batch_size.to_string(),
         ));
+        if self.scenario == Scenario::Reload {
+            let redis = services
+                .redis
+                .clone()
+                .context("the reload scenario needs REDIS_URL")?;
+            env.push(("REDIS_URL".to_owned(), redis));
+            // Its own reload channel, so that nothing else on this Redis reloads it.
+            env.push(("CLUSTER_PREFIX".to_owned(), format!("{}:", self.name)));
+        }
         for pair in extra {
             let (key, value) = pair
                 .split_once('=')
@@ -492,9 +592,21 @@ impl EventProducer {
 
 /// The peer's message `i`, byte for byte what its `json.dumps` produces (", " and ": "
 /// separators), so both pipelines parse the same input.
-fn peer_message(i: usize, event: &str, uuid: &Uuid, now: &str) -> Result<(String, Vec<u8>)> {
+/// The peer's event `i`; with `set_person`, it also `$set`s a property of its person.
+fn peer_message(
+    i: usize,
+    event: &str,
+    uuid: &Uuid,
+    now: &str,
+    set_person: bool,
+) -> Result<(String, Vec<u8>)> {
+    let set = if set_person {
+        format!(r#", "$set": {{"last_i": {i}}}"#)
+    } else {
+        String::new()
+    };
     let data = format!(
-        r#"{{"event": "{event}", "properties": {{"i": {i}, "$current_url": "https://example.com/p?q=1", "blob": "{blob}"}}, "timestamp": "{now}"}}"#,
+        r#"{{"event": "{event}", "properties": {{"i": {i}, "$current_url": "https://example.com/p?q=1", "blob": "{blob}"{set}}}, "timestamp": "{now}"}}"#,
         blob = "x".repeat(i % 300),
     );
     let payload = format!(
@@ -510,13 +622,13 @@ fn peer_now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn produce_backlog(kafka: &str, topic: &str, events: usize) -> Result<Duration> {
+fn produce_backlog(kafka: &str, topic: &str, events: usize, set_person: bool) -> Result<Duration> {
     let started = Instant::now();
     let producer = EventProducer::new(kafka, topic)?;
     let now = peer_now();
     for i in 0..events {
         let name = format!("e{}", i % 7);
-        let (key, payload) = peer_message(i, &name, &Uuid::new_v4(), &now)?;
+        let (key, payload) = peer_message(i, &name, &Uuid::new_v4(), &now, set_person)?;
         producer.send(&key, &payload)?;
     }
     producer.flush()?;
@@ -741,6 +853,7 @@ fn cpu_between(start: CpuSample, end: CpuSample, ticks: f64) -> CpuUse {
 
 #[derive(Debug, serde::Serialize)]
 struct ScenarioResult {
+    scenario: Scenario,
     /// The binary's file name.
     server: String,
     batch_size: u64,
@@ -774,7 +887,9 @@ async fn run_scenario(
     let produce = {
         let topic = deployment.topic.clone();
         let kafka = services.kafka.clone();
-        tokio::task::spawn_blocking(move || produce_backlog(&kafka, &topic, events)).await??
+        let set_person = deployment.scenario.sets_persons();
+        tokio::task::spawn_blocking(move || produce_backlog(&kafka, &topic, events, set_person))
+            .await??
     };
     println!("produced {events} events in {:.1} s", produce.as_secs_f64());
 
@@ -880,18 +995,24 @@ async fn run_scenario(
     );
     ensure!(letters.trim() == "0", "{} dead letters", letters.trim());
 
+    let drain = drained_at.duration_since(assigned_at).as_secs_f64();
+    // A steady rate the deployment can keep up with: at most half of what it just drained.
+    let rate = args
+        .latency_rate
+        .min((events as f64 / drain / 2.0) as u64)
+        .max(100);
     let latency = if args.latency_seconds > 0 {
-        Some(run_latency(services, args, deployment, &watched, ticks).await?)
+        Some(run_latency(services, args, rate, deployment, &watched, ticks).await?)
     } else {
         None
     };
     server.stop()?;
 
-    let drain = drained_at.duration_since(assigned_at).as_secs_f64();
     let (first_at, first_count) = first_rows.unwrap_or((drained_at, 0));
     let steady = drained_at.duration_since(first_at).as_secs_f64();
     let cpu = cpu_between(start_sample, end_sample, ticks);
     Ok(ScenarioResult {
+        scenario: deployment.scenario,
         server: server_binary
             .file_name()
             .map_or_else(String::new, |name| name.to_string_lossy().into_owned()),
@@ -1006,6 +1127,8 @@ fn summarize_metrics(scrape: &str) -> Vec<(String, String)> {
 struct LatencyResult {
     rate: u64,
     seconds: u64,
+    /// Reloads published during the phase (reload scenario).
+    reloads: Option<u32>,
     markers: usize,
     seen: usize,
     p50_ms: f64,
@@ -1020,12 +1143,18 @@ struct LatencyResult {
 async fn run_latency(
     services: &Services,
     args: &Args,
+    rate: u64,
     deployment: &Deployment,
     watched: &Watched,
     ticks: f64,
 ) -> Result<LatencyResult> {
-    let rate = args.latency_rate;
     let seconds = args.latency_seconds;
+    let set_person = deployment.scenario.sets_persons();
+    let reloads = if deployment.scenario == Scenario::Reload {
+        Some(start_reloads(services, deployment).await?)
+    } else {
+        None
+    };
     let producer = EventProducer::new(&services.kafka, &deployment.topic)?;
     let start_sample = watched.sample();
     // Produced on its own thread on a 10 ms grid, so polling ClickHouse cannot delay it.
@@ -1048,7 +1177,7 @@ async fn run_latency(
                 } else {
                     format!("e{}", i % 7)
                 };
-                let (key, payload) = peer_message(i, &name, &uuid, &now)?;
+                let (key, payload) = peer_message(i, &name, &uuid, &now, set_person)?;
                 if marker {
                     markers.push((uuid, Instant::now()));
                 }
@@ -1084,6 +1213,13 @@ async fn run_latency(
         tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
     }
     let end_sample = watched.sample();
+    let reloads = match reloads {
+        Some(reloads) => {
+            reloads.stop.cancel();
+            Some(reloads.task.await??)
+        }
+        None => None,
+    };
     let markers = tokio::task::spawn_blocking(move || producing.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the latency producer panicked"))??;
@@ -1100,6 +1236,7 @@ async fn run_latency(
     Ok(LatencyResult {
         rate,
         seconds,
+        reloads,
         markers: markers.len(),
         seen: latencies.len(),
         p50_ms: percentile(&latencies, 0.50),
@@ -1113,6 +1250,51 @@ async fn run_latency(
         server_cpu_seconds_per_1000: cpu.server_seconds * 1000.0 / produced,
         cpu,
     })
+}
+
+struct Reloads {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<u32>>,
+}
+
+/// Every second until stopped: change the plugin, then publish `reload-plugins` on the
+/// deployment's prefixed channel, as PostHog's app does after an edit.
+async fn start_reloads(services: &Services, deployment: &Deployment) -> Result<Reloads> {
+    let url = services
+        .redis
+        .clone()
+        .context("the reload scenario needs REDIS_URL")?;
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let channel = format!("{}:reload-plugins", deployment.name);
+    let database = services.postgres(&deployment.name).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut published = 0u32;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stopped.cancelled() => return Ok(published),
+                _ = tick.tick() => {}
+            }
+            database
+                .execute(
+                    "UPDATE posthog_plugin SET updated_at = now() WHERE id = 1",
+                    &[],
+                )
+                .await
+                .context("touch the plugin")?;
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("")
+                .query_async::<i64>(&mut connection)
+                .await
+                .context("publish reload-plugins")?;
+            published += 1;
+        }
+    });
+    Ok(Reloads { stop, task })
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -1186,9 +1368,9 @@ async fn run_peer(args: &Args, services: &Services) -> Result<PeerResult> {
 
 fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     println!(
-        "\n| server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
+        "\n| scenario | server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let per_1000 = |seconds: Option<f64>, events: usize| {
         seconds.map_or("n/a".to_owned(), |s| {
             format!("{:.4}", s * 1000.0 / events as f64)
@@ -1209,7 +1391,8 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
                     )
                 });
         println!(
-            "| {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            result.scenario.name(),
             result.server,
             result.batch_size,
             result.events_per_second,
@@ -1230,7 +1413,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     }
     if let Some(peer) = peer {
         println!(
-            "| naive peer | {:.0} | 1.00 | {:.2} | | | | | | | | |",
+            "| naive peer | | | {:.0} | 1.00 | {:.2} | | | | | | | | |",
             peer.events_per_second, peer.seconds
         );
     }

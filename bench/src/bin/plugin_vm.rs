@@ -34,6 +34,7 @@ use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
 use plugin_server_actors::plugins::transpile::transpile;
 use plugin_server_actors::plugins::vm::{Method, PluginVm, VmIdentity, VmLimits, VmSource};
 use plugin_server_actors::plugins::worker::SideEffects;
+use plugin_server_bench::BENCH_PLUGIN;
 use serde_json::{Value, json};
 
 /// The server's allocator (see src/main.rs): PluginVm calls open a memory budget that relies on
@@ -41,18 +42,6 @@ use serde_json::{Value, json};
 #[global_allocator]
 static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
     plugin_server_alloc::BudgetedAllocator(mimalloc::MiMalloc);
-
-/// The plugin of `node_vm2_bench.js`, byte for byte.
-const BENCH_PLUGIN: &str = r#"
-function processEvent(event, meta) {
-    const props = event.properties || {}
-    const url = new URL(props.$current_url)
-    props.host_seen = url.hostname
-    props.renamed = props.i; delete props.i
-    event.event = event.event + meta.config.suffix
-    event.properties = props
-    return event
-}"#;
 
 /// The plugin of `node_vm2_memory.js`, byte for byte.
 const SMALL_PLUGIN: &str = "function processEvent(event, meta) { event.properties.host_seen = new URL(event.properties.$current_url).hostname; return event }";
