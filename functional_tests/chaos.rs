@@ -56,8 +56,7 @@ async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
     ))
     .await;
     assert_eq!(deployment.counts().await, (total as u64, total as u64));
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }
 
 /// A TCP proxy in front of a store that can be switched off: while off it refuses connections
@@ -184,8 +183,7 @@ async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_write
         (health(&addr).await["status"] == "ok").then_some(())
     })
     .await;
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }
 
 /// `count` events whose distinct ids start with `tag`, so a phase never reuses the persons (and
@@ -282,8 +280,7 @@ async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
     ))
     .await;
     assert_eq!(deployment.counts().await, (600, 600));
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }
 
 /// Redis (the post-ingestion queue) unreachable for 10 s while a team's onEvent plugin runs:
@@ -386,6 +383,5 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
     let seen: HashSet<String> = delivered.iter().cloned().collect();
     assert_eq!(stored.len(), 400);
     assert_eq!(seen, stored, "every stored event reached onEvent");
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }

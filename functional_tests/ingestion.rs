@@ -164,6 +164,54 @@ impl Deployment {
         (fields.next().expect("count"), fields.next().expect("uniq"))
     }
 
+    /// Messages of `topic` not yet committed by `{prefix}{group}`, summed over partitions (a
+    /// partition the group never committed counts whole).
+    pub(crate) fn lag(&self, group: &str, topic: &str) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_hosts())
+            .set("group.id", format!("{}{group}", self.kafka_prefix))
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut partitions = TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions.add_partition(topic, partition.id());
+        }
+        let committed = consumer
+            .committed_offsets(partitions, Duration::from_secs(10))
+            .expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .map(|element| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, element.partition(), Duration::from_secs(10))
+                    .expect("watermarks");
+                match element.offset() {
+                    Offset::Offset(offset) => high - offset,
+                    _ => high - low,
+                }
+            })
+            .sum()
+    }
+
+    /// PostHog's functional-test teardown: the ingestion group has no lag left on the main
+    /// topic. Then the databases go.
+    pub(crate) async fn teardown(self) {
+        wait_for("zero consumer lag on the ingestion topic", async || {
+            (self.lag("clickhouse-ingestion", &self.topic()) == 0).then_some(())
+        })
+        .await;
+        self.drop_databases().await;
+    }
+
+    pub(crate) async fn drop_databases(self) {
+        self.postgres.drop_database().await;
+        clickhouse_query(&format!("DROP DATABASE {}", self.clickhouse_database)).await;
+    }
+
     /// Committed offsets of PostHog's group, summed over partitions.
     pub(crate) fn committed(&self) -> i64 {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -470,8 +518,7 @@ async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
     );
 
     drop(server);
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }
 
 /// Reads `expected` messages from the start of a topic: (the `reason` header, the payload).
@@ -576,8 +623,7 @@ async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
     .await;
     let (rows, distinct) = deployment.counts().await;
     eprintln!("rebalance: {rows} rows for {distinct} events before merging");
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    deployment.teardown().await;
 }
 
 /// PLUGIN_SERVER_MODE=ingestion-overflow consumes only the overflow topic, in its own group,
@@ -635,8 +681,12 @@ async fn the_ingestion_overflow_mode_consumes_only_the_overflow_topic() {
     assert!(!names.contains(&"kafka_consumer"), "{names:?}");
     assert!(actors["plugin_scheduler"].is_null());
     drop(server);
-    deployment.postgres.drop_database().await;
-    clickhouse_query(&format!("DROP DATABASE {}", deployment.clickhouse_database)).await;
+    assert_eq!(
+        deployment.lag("clickhouse-ingestion-overflow", &overflow),
+        0,
+        "the overflow group committed everything it stored"
+    );
+    deployment.drop_databases().await;
 }
 
 #[tokio::test]
