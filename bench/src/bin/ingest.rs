@@ -1148,6 +1148,9 @@ async fn run_latency(
     watched: &Watched,
     ticks: f64,
 ) -> Result<LatencyResult> {
+    // Events go out in whole numbers per 10 ms tick, so the rate is a multiple of 100; the
+    // marker count below (every 100th event) must match exactly, or the wait runs to its limit.
+    let rate = (rate / 100).max(1) * 100;
     let seconds = args.latency_seconds;
     let set_person = deployment.scenario.sets_persons();
     let reloads = if deployment.scenario == Scenario::Reload {
