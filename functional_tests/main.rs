@@ -9,4 +9,5 @@ mod jobs;
 mod migrate;
 mod persons;
 mod plugins;
+mod posthog_suite;
 mod server_on_redis;

@@ -73,6 +73,9 @@ enum Command {
         /// Skip the pool measurement.
         #[arg(long)]
         direct_only: bool,
+        /// Configs of the plugin in the team's chain, in the pool measurement.
+        #[arg(long, default_value_t = 1)]
+        chain: usize,
     },
     /// Creation time and resident memory of N VMs kept alive on one thread.
     Memory {
@@ -185,10 +188,11 @@ fn main() -> anyhow::Result<()> {
             warmup,
             batch,
             direct_only,
+            chain,
         } => {
             throughput_direct(events, warmup)?;
             if !direct_only {
-                actix::System::new().block_on(throughput_pool(events, warmup, batch))?;
+                actix::System::new().block_on(throughput_pool(events, warmup, batch, chain))?;
             }
         }
         Command::Memory {
@@ -290,20 +294,26 @@ fn throughput_direct(events: usize, warmup: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn throughput_pool(events: usize, warmup: usize, batch: usize) -> anyhow::Result<()> {
+async fn throughput_pool(
+    events: usize,
+    warmup: usize,
+    batch: usize,
+    chain: usize,
+) -> anyhow::Result<()> {
     let raw = bench_event()?;
     let outputs = Arc::new(Outputs::default());
     let pool = start_pool(1, outputs.clone())?;
-    pool.set_plugins(PluginSet::new([LoadedConfig {
-        identity: identity(1, 2, "bench"),
-        source: source(BENCH_PLUGIN)?,
+    let code = source(BENCH_PLUGIN)?;
+    pool.set_plugins(PluginSet::new((1..=chain).map(|order| LoadedConfig {
+        identity: identity(order as i64, 2, "bench"),
+        source: code.clone(),
         config: json!({"suffix": "_x"}),
         attachments: Vec::new(),
-        order: 1,
+        order: order as i32,
         version: "1".into(),
         log_level: 0,
         webhook_filters: None,
-    }]));
+    })));
     let run = |count: usize| {
         let pool = pool.clone();
         let raw = raw.as_str();
@@ -341,6 +351,7 @@ async fn throughput_pool(events: usize, warmup: usize, batch: usize) -> anyhow::
         json!({
             "measurement": "throughput_pool",
             "workers": 1,
+            "chain": chain,
             "batch": batch,
             "events": events,
             "seconds": round3(elapsed.as_secs_f64()),

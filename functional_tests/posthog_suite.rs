@@ -1,0 +1,305 @@
+//! The scenarios of PostHog's own functional suite (`ingestion.test.ts`, `plugins.test.ts`,
+//! `happy-path.test.ts`; spec section 7) against the built binary in the cluster profile:
+//! envelopes produced to Kafka, rows read back from ClickHouse and Postgres. Events that must be
+//! ordered are sent in phases, each stored before the next is produced, since the test's
+//! messages land on different partitions.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{self, clickhouse_query};
+use crate::ingestion::{Deployment, envelope, produce, wait_for};
+
+/// Rows of the deployment's team with their person columns, in ClickHouse.
+async fn rows(deployment: &Deployment) -> Vec<Value> {
+    let text = clickhouse_query(&format!(
+        "SELECT toString(uuid) AS uuid, event, distinct_id, properties, person_properties, \
+         toString(person_id) AS person_id FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
+        deployment.clickhouse_database, deployment.team_id
+    ))
+    .await;
+    text.lines()
+        .map(|line| {
+            let mut row: Value = serde_json::from_str(line).expect("row");
+            for column in ["properties", "person_properties"] {
+                let parsed = row[column]
+                    .as_str()
+                    .and_then(|text| serde_json::from_str::<Value>(text).ok())
+                    .unwrap_or(Value::Null);
+                row[column] = parsed;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Produces `events` (`{event, distinct_id, properties}`) and waits until the team has `total`
+/// rows.
+async fn send_phase(deployment: &Deployment, events: &[Value], total: usize) -> Vec<Value> {
+    let messages: Vec<Vec<u8>> = events
+        .iter()
+        .map(|event| {
+            let distinct_id = event["distinct_id"].as_str().expect("distinct_id");
+            let body = json!({"event": event["event"], "properties": event["properties"]});
+            envelope(&deployment.token, distinct_id, body, json!({}))
+        })
+        .collect();
+    produce(&deployment.topic(), &messages).await;
+    wait_for(&format!("{total} rows"), async || {
+        let rows = rows(deployment).await;
+        (rows.len() >= total).then_some(rows)
+    })
+    .await
+}
+
+fn find<'a>(rows: &'a [Value], event: &str, distinct_id: &str) -> Vec<&'a Value> {
+    rows.iter()
+        .filter(|row| row["event"] == event && row["distinct_id"] == distinct_id)
+        .collect()
+}
+
+/// 7.2: `$set` through `$identify` reaches later events and follows updates, an event keeps the
+/// person properties of its time, `$set_once` holds exactly the first value, the login flow
+/// joins the anonymous and identified ids, and an illegal alias is refused while its `$set`
+/// still applies.
+#[tokio::test]
+async fn persons_behave_as_in_posthogs_ingestion_suite() {
+    let deployment = Deployment::create().await;
+    let (_server, addr) = deployment.start_server();
+    send_phase(
+        &deployment,
+        &[
+            json!({"event": "$identify", "distinct_id": "set-user", "properties": {"$set": {"prop": "value"}}}),
+            json!({"event": "first", "distinct_id": "once-user", "properties": {"$set_once": {"prop": "value"}}}),
+            json!({"event": "anonymous", "distinct_id": "anon-id", "properties": {}}),
+            json!({"event": "custom", "distinct_id": "illegal-user", "properties": {}}),
+            json!({"event": "custom", "distinct_id": "0", "properties": {}}),
+        ],
+        5,
+    )
+    .await;
+    // PostHog's liveness check: the consumer's check is there and ok once it is consuming.
+    wait_for("checks['analytics-ingestion'] ok", async || {
+        let health: Value = reqwest::get(format!("http://{addr}/_health"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (health["checks"]["analytics-ingestion"] == "ok").then_some(())
+    })
+    .await;
+    send_phase(
+        &deployment,
+        &[
+            json!({"event": "before-update", "distinct_id": "set-user", "properties": {}}),
+            json!({"event": "second", "distinct_id": "once-user", "properties": {"$set_once": {"prop": "new value"}}}),
+            json!({"event": "$identify", "distinct_id": "known-id", "properties": {"$anon_distinct_id": "anon-id"}}),
+            json!({"event": "$merge_dangerously", "distinct_id": "illegal-user", "properties": {"alias": "0", "$set": {"merged": "no"}}}),
+        ],
+        9,
+    )
+    .await;
+    send_phase(
+        &deployment,
+        &[json!({"event": "$identify", "distinct_id": "set-user", "properties": {"$set": {"prop": "updated value"}}})],
+        10,
+    )
+    .await;
+    let rows = send_phase(
+        &deployment,
+        &[json!({"event": "after-update", "distinct_id": "set-user", "properties": {}})],
+        11,
+    )
+    .await;
+
+    // $set via $identify, followed by updates; each event keeps the properties of its time.
+    assert_eq!(
+        find(&rows, "before-update", "set-user")[0]["person_properties"]["prop"],
+        "value"
+    );
+    assert_eq!(
+        find(&rows, "after-update", "set-user")[0]["person_properties"]["prop"],
+        "updated value"
+    );
+    // $set_once: exactly the first value and the creator event.
+    let first = find(&rows, "first", "once-user")[0];
+    let second = find(&rows, "second", "once-user")[0];
+    assert_eq!(
+        second["person_properties"],
+        json!({"$creator_event_uuid": first["uuid"], "prop": "value"})
+    );
+    // Login flow: the anonymous event and the $identify share one non-zero person.
+    let anonymous = find(&rows, "anonymous", "anon-id")[0];
+    let identify = find(&rows, "$identify", "known-id")[0];
+    assert_eq!(anonymous["person_id"], identify["person_id"]);
+    assert_ne!(
+        anonymous["person_id"],
+        "00000000-0000-0000-0000-000000000000"
+    );
+    // Illegal alias: all three events stored, two persons, and the $set still applied.
+    let illegal: Vec<&Value> = rows
+        .iter()
+        .filter(|row| row["distinct_id"] == "illegal-user" || row["distinct_id"] == "0")
+        .collect();
+    assert_eq!(illegal.len(), 3);
+    let persons: std::collections::HashSet<&str> = illegal
+        .iter()
+        .filter_map(|row| row["person_id"].as_str())
+        .collect();
+    assert_eq!(persons.len(), 2, "{illegal:#?}");
+    let merge = find(&rows, "$merge_dangerously", "illegal-user")[0];
+    assert_eq!(merge["person_properties"]["merged"], "no");
+    let client = deployment.postgres.client().await;
+    let merged: Value = client
+        .query_one(
+            "SELECT p.properties FROM posthog_person p JOIN posthog_persondistinctid d ON d.person_id = p.id \
+             WHERE d.distinct_id = 'illegal-user'",
+            &[],
+        )
+        .await
+        .expect("the person")
+        .get(0);
+    assert_eq!(merged["merged"], "no");
+    deployment.teardown().await;
+}
+
+/// The plugin of PostHog's `plugins.test.ts`, plus a distinct-id rewrite, a runtime throw and a
+/// job queued from onEvent.
+const SUITE_PLUGIN: &str = r#"
+export async function processEvent(event) {
+    if (event.event === 'drop me') return null
+    if (event.event === 'throw me') throw new Error('thrown on purpose')
+    if (event.event === 'rename me') event.distinct_id = `renamed-${event.distinct_id}`
+    event.properties = event.properties || {}
+    event.properties.processed = 'hell yes'
+    event.properties.upperUuid = event.uuid ? event.uuid.toUpperCase() : null
+    event.properties.runCount = (event.properties.runCount || 0) + 1
+    return event
+}
+export async function onEvent(event, { jobs }) {
+    if (event.event === 'run job') {
+        await jobs.runMeAsync({ uuid: event.uuid }).runNow()
+    }
+}
+export const jobs = {
+    runMeAsync: async (payload, { config }) => {
+        await fetch(config.url + '/job', { method: 'POST', body: JSON.stringify(payload) })
+    },
+}
+"#;
+
+/// 7.3: processEvent's changes are stored once, a rewritten distinct_id is the row's and has a
+/// person, a dropped event is neither stored nor a person and is counted, an event whose
+/// plugin threw is stored with `$plugins_failed`, and a job queued from onEvent runs.
+#[tokio::test]
+async fn plugins_behave_as_in_posthogs_plugins_suite() {
+    plugin_server::telemetry::install_tls_provider();
+    let mut destination = common::HttpRecorder::start().await;
+    let deployment = Deployment::create().await;
+    let client = deployment.postgres.client().await;
+    let team = i32::try_from(deployment.team_id).expect("team id");
+    client
+        .execute(
+            "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+             SELECT 1, organization_id, 'source', 'suite', now() FROM posthog_team WHERE id = $1",
+            &[&team],
+        )
+        .await
+        .expect("plugin");
+    client
+        .execute(
+            "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config)
+             VALUES (10, $1, 1, true, 1, $2)",
+            &[&team, &json!({"url": destination.url})],
+        )
+        .await
+        .expect("plugin config");
+    client
+        .execute(
+            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.ts', $1)",
+            &[&SUITE_PLUGIN],
+        )
+        .await
+        .expect("source");
+    let (_server, addr) = deployment.start_server();
+
+    let rows = send_phase(
+        &deployment,
+        &[
+            json!({"event": "custom", "distinct_id": "plain", "properties": {}}),
+            json!({"event": "drop me", "distinct_id": "dropped", "properties": {}}),
+            json!({"event": "rename me", "distinct_id": "d1", "properties": {}}),
+            json!({"event": "throw me", "distinct_id": "thrower", "properties": {"kept": true}}),
+            json!({"event": "run job", "distinct_id": "jobber", "properties": {}}),
+        ],
+        4,
+    )
+    .await;
+    let custom = find(&rows, "custom", "plain")[0];
+    assert_eq!(custom["properties"]["processed"], "hell yes");
+    assert_eq!(custom["properties"]["runCount"], 1);
+    assert_eq!(
+        custom["properties"]["upperUuid"],
+        custom["uuid"].as_str().unwrap().to_uppercase()
+    );
+    assert_eq!(
+        custom["properties"]["$plugins_succeeded"],
+        json!(["suite (10)"])
+    );
+    let renamed = find(&rows, "rename me", "renamed-d1");
+    assert_eq!(renamed.len(), 1, "{rows:#?}");
+    let thrown = find(&rows, "throw me", "thrower")[0];
+    assert_eq!(thrown["properties"]["kept"], true);
+    assert_eq!(
+        thrown["properties"]["$plugins_failed"],
+        json!(["suite (10)"])
+    );
+    assert_eq!(thrown["properties"]["$plugins_succeeded"], json!([]));
+    assert!(find(&rows, "drop me", "dropped").is_empty());
+
+    let distinct_ids: Vec<String> = client
+        .query(
+            "SELECT distinct_id FROM posthog_persondistinctid ORDER BY distinct_id",
+            &[],
+        )
+        .await
+        .expect("distinct ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        distinct_ids,
+        ["jobber", "plain", "renamed-d1", "thrower"],
+        "a person for each stored event's distinct id, none for the dropped one"
+    );
+
+    let (method, path, body) = destination
+        .next(Duration::from_secs(30))
+        .await
+        .expect("the job queued from onEvent ran");
+    assert_eq!((method.as_str(), path.as_str()), ("POST", "/job"));
+    let job_event = find(&rows, "run job", "jobber")[0];
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json")["uuid"],
+        job_event["uuid"]
+    );
+
+    let metrics = reqwest::get(format!("http://{addr}/_metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let dropped = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("ingestion_event_dropped_total")
+                && line.contains("drop_cause=\"dropped_by_plugin\"")
+        })
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.parse::<f64>().ok());
+    assert_eq!(dropped, Some(1.0), "{metrics}");
+    deployment.teardown().await;
+}
