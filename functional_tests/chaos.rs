@@ -160,30 +160,45 @@ async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_write
         "{report}"
     );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    recover(&deployment, &proxy, &addr, 500, 1_000).await;
+    deployment.teardown().await;
+}
+
+/// The end of a store outage: while it was down nothing past the `stored` events was stored or
+/// committed; once it is back every one of `total` is stored and committed, and health is ok.
+async fn recover(
+    deployment: &Deployment,
+    proxy: &SwitchableProxy,
+    addr: &str,
+    stored: u64,
+    total: u64,
+) {
     assert_eq!(
         deployment.counts().await.1,
-        500,
-        "nothing written while down"
+        stored,
+        "nothing stored while down"
     );
     assert!(
-        deployment.committed() <= 500,
+        deployment.committed() <= stored as i64,
         "offsets of unstored events must not be committed"
     );
-
     proxy.set_up(true);
     wait_for("every event stored after the outage", async || {
-        (deployment.counts().await.1 == 1_000).then_some(())
+        (deployment.counts().await.1 == total).then_some(())
     })
     .await;
+    committed_and_healthy(deployment, addr, total).await;
+}
+
+async fn committed_and_healthy(deployment: &Deployment, addr: &str, total: u64) {
     wait_for("all offsets committed", async || {
-        (deployment.committed() == 1_000).then_some(())
+        (deployment.committed() == total as i64).then_some(())
     })
     .await;
     wait_for("health back to ok", async || {
-        (health(&addr).await["status"] == "ok").then_some(())
+        (health(addr).await["status"] == "ok").then_some(())
     })
     .await;
-    deployment.teardown().await;
 }
 
 /// `count` events whose distinct ids start with `tag`, so a phase never reuses the persons (and
@@ -244,29 +259,7 @@ async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
     .await;
     assert!(report.to_string().contains("degraded: "), "{report}");
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
-    assert_eq!(
-        deployment.counts().await.1,
-        300,
-        "nothing stored without persons"
-    );
-    assert!(
-        deployment.committed() <= 300,
-        "offsets of unstored events must not be committed"
-    );
-
-    proxy.set_up(true);
-    wait_for("every event stored after the outage", async || {
-        (deployment.counts().await.1 == 600).then_some(())
-    })
-    .await;
-    wait_for("all offsets committed", async || {
-        (deployment.committed() == 600).then_some(())
-    })
-    .await;
-    wait_for("health back to ok", async || {
-        (health(&addr).await["status"] == "ok").then_some(())
-    })
-    .await;
+    recover(&deployment, &proxy, &addr, 300, 600).await;
     let client = deployment.postgres.client().await;
     let persons: i64 = client
         .query_one("SELECT count(*) FROM posthog_person", &[])
@@ -366,14 +359,7 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
 
     proxy.set_up(true);
     collect(&mut delivered, 400, Duration::from_secs(90)).await;
-    wait_for("all offsets committed", async || {
-        (deployment.committed() == 400).then_some(())
-    })
-    .await;
-    wait_for("health back to ok", async || {
-        (health(&addr).await["status"] == "ok").then_some(())
-    })
-    .await;
+    committed_and_healthy(&deployment, &addr, 400).await;
     let stored: HashSet<String> = deployment
         .events()
         .await

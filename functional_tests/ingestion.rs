@@ -164,9 +164,9 @@ impl Deployment {
         (fields.next().expect("count"), fields.next().expect("uniq"))
     }
 
-    /// Messages of `topic` not yet committed by `{prefix}{group}`, summed over partitions (a
-    /// partition the group never committed counts whole).
-    pub(crate) fn lag(&self, group: &str, topic: &str) -> i64 {
+    /// Per partition of `topic`: its (low, high) watermarks and the offset `{prefix}{group}`
+    /// committed, if any.
+    fn offsets(&self, group: &str, topic: &str) -> Vec<((i64, i64), Option<i64>)> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", kafka_hosts())
             .set("group.id", format!("{}{group}", self.kafka_prefix))
@@ -186,14 +186,24 @@ impl Deployment {
             .elements()
             .iter()
             .map(|element| {
-                let (low, high) = consumer
+                let watermarks = consumer
                     .fetch_watermarks(topic, element.partition(), Duration::from_secs(10))
                     .expect("watermarks");
-                match element.offset() {
-                    Offset::Offset(offset) => high - offset,
-                    _ => high - low,
-                }
+                let committed = match element.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                };
+                (watermarks, committed)
             })
+            .collect()
+    }
+
+    /// Messages of `topic` not yet committed by `{prefix}{group}`, summed over partitions (a
+    /// partition the group never committed counts whole).
+    pub(crate) fn lag(&self, group: &str, topic: &str) -> i64 {
+        self.offsets(group, topic)
+            .into_iter()
+            .map(|((low, high), committed)| high - committed.unwrap_or(low))
             .sum()
     }
 
@@ -212,29 +222,11 @@ impl Deployment {
         clickhouse_query(&format!("DROP DATABASE {}", self.clickhouse_database)).await;
     }
 
-    /// Committed offsets of PostHog's group, summed over partitions.
+    /// Committed offsets of PostHog's group on the main topic, summed over partitions.
     pub(crate) fn committed(&self) -> i64 {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_hosts())
-            .set(
-                "group.id",
-                format!("{}clickhouse-ingestion", self.kafka_prefix),
-            )
-            .create()
-            .expect("consumer");
-        let mut partitions = TopicPartitionList::new();
-        partitions.add_partition(&self.topic(), 0);
-        partitions.add_partition(&self.topic(), 1);
-        let committed = consumer
-            .committed_offsets(partitions, Duration::from_secs(10))
-            .expect("committed offsets");
-        committed
-            .elements()
-            .iter()
-            .map(|element| match element.offset() {
-                Offset::Offset(offset) => offset,
-                _ => 0,
-            })
+        self.offsets("clickhouse-ingestion", &self.topic())
+            .into_iter()
+            .filter_map(|(_, committed)| committed)
             .sum()
     }
 }
