@@ -130,6 +130,20 @@ async fn migrate_twice_in_a_row_succeeds_against_postgres_and_clickhouse() {
         "each clickhouse migration recorded"
     );
 
+    // A run that added a column but stopped before its bookkeeping: applying everything again
+    // (ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS) still succeeds.
+    clickhouse_query(&format!(
+        "DROP TABLE {clickhouse_database}.plugin_server_migrations"
+    ))
+    .await;
+    let third = run_binary(&["--migrate"], &env);
+    assert!(third.status.success(), "third run: {}", text(&third.stderr));
+    let columns = clickhouse_query(&format!(
+        "SELECT name FROM system.columns WHERE database = '{clickhouse_database}' AND table = 'events' FORMAT TSV"
+    ))
+    .await;
+    assert!(columns.lines().any(|c| c == "person_mode"), "{columns}");
+
     // A replayed event collapses: the events table is keyed so that the same uuid is one row.
     let insert = format!(
         "INSERT INTO {clickhouse_database}.events (uuid, event, properties, timestamp, team_id, \

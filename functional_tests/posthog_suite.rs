@@ -15,7 +15,9 @@ use crate::ingestion::{Deployment, envelope, produce, wait_for};
 async fn rows(deployment: &Deployment) -> Vec<Value> {
     let text = clickhouse_query(&format!(
         "SELECT toString(uuid) AS uuid, event, distinct_id, properties, person_properties, \
-         toString(person_id) AS person_id FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
+         toString(person_id) AS person_id, toString(person_mode) AS person_mode, \
+         toString(person_created_at) AS person_created_at \
+         FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
         deployment.clickhouse_database, deployment.team_id
     ))
     .await;
@@ -301,5 +303,87 @@ async fn plugins_behave_as_in_posthogs_plugins_suite() {
         .and_then(|line| line.rsplit_once(' '))
         .and_then(|(_, value)| value.parse::<f64>().ok());
     assert_eq!(dropped, Some(1.0), "{metrics}");
+    deployment.teardown().await;
+}
+
+/// 7.12 happy path: `$process_person_profile: false` stores the event without creating or
+/// changing a person (`person_mode` propertyless, empty person properties, PostHog's id for the
+/// distinct id), drops person-changing events, and lends an existing person's id.
+#[tokio::test]
+async fn personless_events_are_stored_without_persons() {
+    let deployment = Deployment::create().await;
+    let (_server, _addr) = deployment.start_server();
+    send_phase(
+        &deployment,
+        &[json!({"event": "signup", "distinct_id": "member", "properties": {"$set": {"plan": "pro"}}})],
+        1,
+    )
+    .await;
+    let rows = send_phase(
+        &deployment,
+        &[
+            json!({"event": "visit", "distinct_id": "ghost",
+                   "properties": {"$process_person_profile": false, "$set": {"a": 1}, "$set_once": {"b": 2}}}),
+            json!({"event": "$identify", "distinct_id": "ghost",
+                   "properties": {"$process_person_profile": false, "$anon_distinct_id": "other"}}),
+            json!({"event": "visit", "distinct_id": "member", "properties": {"$process_person_profile": false}}),
+            json!({"event": "visit", "distinct_id": "full", "properties": {"$process_person_profile": true}}),
+        ],
+        4,
+    )
+    .await;
+    let ghost = find(&rows, "visit", "ghost")[0];
+    assert_eq!(ghost["person_mode"], "propertyless");
+    assert_eq!(ghost["person_properties"], json!({}));
+    assert_eq!(ghost["person_created_at"], "1970-01-01 00:00:05");
+    let expected_id = uuid::Uuid::new_v5(
+        &uuid::Uuid::parse_str("932979b4-65c3-4424-8467-0b66ec27bc22").unwrap(),
+        format!("{}:ghost", deployment.team_id).as_bytes(),
+    );
+    assert_eq!(ghost["person_id"], expected_id.to_string());
+    assert_eq!(ghost["properties"]["$process_person_profile"], false);
+    assert!(ghost["properties"].get("$set").is_none(), "{ghost}");
+    assert!(ghost["properties"].get("$set_once").is_none(), "{ghost}");
+    assert!(
+        find(&rows, "$identify", "ghost").is_empty(),
+        "a personless $identify is dropped"
+    );
+
+    let member = find(&rows, "visit", "member")[0];
+    let signup = find(&rows, "signup", "member")[0];
+    assert_eq!(member["person_id"], signup["person_id"]);
+    assert_eq!(member["person_mode"], "propertyless");
+    assert_eq!(member["person_properties"], json!({}));
+    let full = find(&rows, "visit", "full")[0];
+    assert_eq!(full["person_mode"], "full");
+    assert!(full["properties"].get("$process_person_profile").is_none());
+
+    let client = deployment.postgres.client().await;
+    let ids: Vec<String> = client
+        .query(
+            "SELECT distinct_id FROM posthog_persondistinctid ORDER BY distinct_id",
+            &[],
+        )
+        .await
+        .expect("distinct ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        ids,
+        ["full", "member"],
+        "no person for the personless ghost"
+    );
+    wait_for("the personless $identify's warning", async || {
+        let warnings = clickhouse_query(&format!(
+            "SELECT type FROM {}.ingestion_warnings WHERE team_id = {} FORMAT TSV",
+            deployment.clickhouse_database, deployment.team_id
+        ))
+        .await;
+        warnings
+            .contains("invalid_event_when_process_person_profile_is_false")
+            .then_some(())
+    })
+    .await;
     deployment.teardown().await;
 }

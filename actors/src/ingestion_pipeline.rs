@@ -267,6 +267,7 @@ impl Run {
             None => None,
         };
         stamped.person_events.clear();
+        let dropped_personless = stamped.dropped_personless;
         let batch = self
             .step("prepare", move || build_batch(stamped, persons))
             .await?;
@@ -283,7 +284,13 @@ impl Run {
                 .with_label_values(&[DropReason::DroppedByPlugin.as_str()])
                 .inc_by(dropped_by_plugins as u64);
         }
-        outcome.dropped = outcome.dead_lettered + dropped_by_plugins;
+        if dropped_personless > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&[DropReason::InvalidWhenPersonless.as_str()])
+                .inc_by(dropped_personless as u64);
+        }
+        outcome.dropped = outcome.dead_lettered + dropped_by_plugins + dropped_personless;
 
         let follow_up = match (&self.plugins, &self.post_ingestion) {
             (Some(pool), Some(_)) => PostIngestionPublisher::follow_up(pool, &batch.events),
@@ -518,6 +525,32 @@ struct Stamped {
     person_events: Vec<PersonEvent>,
     dead_letters: Vec<DeadLetter>,
     warnings: Vec<crate::ingestion::IngestionWarning>,
+    /// Person-changing events sent with `$process_person_profile: false` (dropped).
+    dropped_personless: usize,
+}
+
+/// The events that exist only to change persons, which PostHog drops when sent personless.
+const PERSON_EVENTS: [&str; 4] = [
+    "$identify",
+    "$create_alias",
+    "$merge_dangerously",
+    "$groupidentify",
+];
+
+/// PostHog's `normalizeProcessPerson`: `$process_person_profile: false` turns the person step
+/// off for the event, so its `$set`, `$set_once` and `$unset` go (the flag stays, for
+/// debugging); otherwise the flag itself is removed. Returns whether persons are processed.
+fn normalize_process_person(event: &mut crate::ingestion::event::PluginEvent) -> bool {
+    let process_person =
+        event.properties.get("$process_person_profile") != Some(&serde_json::Value::Bool(false));
+    if process_person {
+        event.properties.remove("$process_person_profile");
+    } else {
+        for key in ["$set", "$set_once", "$unset"] {
+            event.properties.remove(key);
+        }
+    }
+    process_person
 }
 
 fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
@@ -526,6 +559,7 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
         person_events: Vec::new(),
         dead_letters: resolved.dead_letters,
         warnings: Vec::new(),
+        dropped_personless: 0,
     };
     for ResolvedEvent {
         mut event,
@@ -537,10 +571,27 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
         if changed {
             normalize_event(&mut event);
         }
+        let process_person = !with_persons || normalize_process_person(&mut event);
+        if !process_person && PERSON_EVENTS.contains(&event.event.as_str()) {
+            stamped.warnings.push(crate::ingestion::IngestionWarning {
+                team_id: team.id,
+                kind: DropReason::InvalidWhenPersonless.as_str(),
+                details: serde_json::json!({
+                    "eventUuid": event.uuid,
+                    "event": event.event,
+                    "distinctId": event.distinct_id,
+                }),
+                timestamp: Utc::now(),
+            });
+            stamped.dropped_personless += 1;
+            continue;
+        }
         match stamp_event(event, &team, &mut stamped.warnings) {
             Ok(event) => {
                 if with_persons {
-                    stamped.person_events.push(person_event(&event));
+                    stamped
+                        .person_events
+                        .push(person_event(&event, process_person));
                 }
                 stamped.events.push((event, team));
             }
@@ -551,7 +602,7 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
 }
 
 /// What the person step reads of an event.
-fn person_event(stamped: &StampedEvent) -> PersonEvent {
+fn person_event(stamped: &StampedEvent, process_person: bool) -> PersonEvent {
     let event = &stamped.event;
     PersonEvent {
         team_id: event.team_id,
@@ -560,6 +611,7 @@ fn person_event(stamped: &StampedEvent) -> PersonEvent {
         timestamp: stamped.timestamp,
         intent: merge_intent(&event.event, &event.distinct_id, &event.properties),
         updates: person_updates(&event.properties),
+        process_person,
     }
 }
 
@@ -610,6 +662,7 @@ fn build_batch(stamped: Stamped, persons: Option<Vec<PersonAnswer>>) -> WriteBat
             uuid: outcome.person.uuid,
             properties: &outcome.person.properties,
             created_at: outcome.person.created_at,
+            mode: outcome.mode,
         });
         match build_row(event, &team, created_at, row_person) {
             Ok(row) => batch.events.push(row),

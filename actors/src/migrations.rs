@@ -58,6 +58,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[
         name: "plugin_logs_and_metrics",
         sql: include_str!("../migrations/clickhouse/0003_plugin_logs_and_metrics.sql"),
     },
+    Migration {
+        version: 4,
+        name: "person_mode",
+        sql: include_str!("../migrations/clickhouse/0004_person_mode.sql"),
+    },
 ];
 
 /// Any number; it only has to be the same for every instance of this server.
@@ -256,7 +261,15 @@ pub async fn migrate_clickhouse(
             source,
         };
         for statement in clickhouse_statements(migration.sql) {
-            client.query(&statement).execute().await.map_err(failed)?;
+            match client.query(&statement).execute().await {
+                Ok(()) => {}
+                // ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS: a column that is already
+                // there (a run that stopped before its bookkeeping) counts as added.
+                Err(error)
+                    if is_add_column(&statement)
+                        && error.to_string().contains("already exists") => {}
+                Err(error) => return Err(failed(error)),
+            }
         }
         client
             .query(
@@ -280,6 +293,10 @@ pub async fn migrate_clickhouse(
 
 /// ClickHouse's HTTP interface takes one statement per request: split a file on the `;` that
 /// ends a line, dropping `--` comment lines. No statement of ours has `;` inside a string.
+fn is_add_column(statement: &str) -> bool {
+    statement.starts_with("ALTER TABLE") && statement.contains(" ADD COLUMN ")
+}
+
 pub fn clickhouse_statements(sql: &str) -> Vec<String> {
     let mut statements = Vec::new();
     let mut current = String::new();
@@ -338,7 +355,7 @@ mod tests {
             assert!(!statements.is_empty(), "{}", migration.name);
             for statement in statements {
                 assert!(
-                    statement.contains("IF NOT EXISTS"),
+                    statement.contains("IF NOT EXISTS") || is_add_column(&statement),
                     "idempotent: {statement}"
                 );
             }

@@ -127,6 +127,7 @@ fn row() -> EventRow {
         person_id: Uuid::nil(),
         person_properties: String::new(),
         person_created_at: epoch,
+        person_mode: crate::ingestion::event::PersonMode::Full,
         group_properties: Default::default(),
         group_created_at: [epoch; 5],
     }

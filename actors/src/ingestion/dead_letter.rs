@@ -28,10 +28,13 @@ pub enum DropReason {
     /// The person store refused the event's person data (a distinct id longer than its
     /// column, a `\u0000` in a `$set` value).
     PersonRejected,
+    /// `$identify`, `$create_alias`, `$merge_dangerously` or `$groupidentify` sent with
+    /// `$process_person_profile: false`: PostHog drops it with an ingestion warning.
+    InvalidWhenPersonless,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::InvalidUtf8,
         Self::InvalidJson,
         Self::NoToken,
@@ -42,6 +45,7 @@ impl DropReason {
         Self::InvalidUuid,
         Self::DroppedByPlugin,
         Self::PersonRejected,
+        Self::InvalidWhenPersonless,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,12 +60,13 @@ impl DropReason {
             Self::InvalidUuid => "invalid_uuid",
             Self::DroppedByPlugin => "dropped_by_plugin",
             Self::PersonRejected => "person_rejected",
+            Self::InvalidWhenPersonless => "invalid_event_when_process_person_profile_is_false",
         }
     }
 
     /// Whether the event is kept in the dead-letter store (everything but a plugin's choice).
     pub fn is_dead_lettered(self) -> bool {
-        self != Self::DroppedByPlugin
+        !matches!(self, Self::DroppedByPlugin | Self::InvalidWhenPersonless)
     }
 }
 

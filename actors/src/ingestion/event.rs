@@ -74,8 +74,42 @@ pub struct EventRow {
     pub person_id: Uuid,
     pub person_properties: String,
     pub person_created_at: DateTime<Utc>,
+    pub person_mode: PersonMode,
     pub group_properties: [String; 5],
     pub group_created_at: [DateTime<Utc>; 5],
+}
+
+/// PostHog's `person_mode` column: how the event's person columns came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PersonMode {
+    /// The person was resolved, created or updated as usual.
+    #[default]
+    Full,
+    /// `$process_person_profile: false`: no person was created or changed; the columns hold
+    /// an existing person's id (properties `{}`) or a deterministic id for the distinct id.
+    Propertyless,
+    /// Personless, but the distinct id already has a person created over a minute before the
+    /// event: the event belongs to that person (PostHog upgrades such events).
+    ForceUpgrade,
+}
+
+impl PersonMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Propertyless => "propertyless",
+            Self::ForceUpgrade => "force_upgrade",
+        }
+    }
+
+    /// The value of ClickHouse's `Enum8('full' = 0, 'propertyless' = 1, 'force_upgrade' = 2)`.
+    pub fn enum8(self) -> i8 {
+        match self {
+            Self::Full => 0,
+            Self::Propertyless => 1,
+            Self::ForceUpgrade => 2,
+        }
+    }
 }
 
 impl EventRow {

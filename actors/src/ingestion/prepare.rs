@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::dead_letter::{DeadLetter, DropReason};
 use super::elements::elements_chain;
 use super::envelope::normalize_event;
-use super::event::{EventRow, IngestionWarning, PluginEvent};
+use super::event::{EventRow, IngestionWarning, PersonMode, PluginEvent};
 use super::team::Team;
 use super::timestamp::{parse_event_timestamp, parse_iso8601};
 
@@ -72,6 +72,7 @@ pub struct RowPerson<'a> {
     /// The person's properties as JSON.
     pub properties: &'a str,
     pub created_at: DateTime<Utc>,
+    pub mode: PersonMode,
 }
 
 /// Sets the team, parses the timestamp (spec 1.6) and checks the uuid of a normalized event.
@@ -153,9 +154,19 @@ pub fn build_row(
         }
     };
 
-    let (person_id, person_properties, person_created_at) = match person {
-        Some(person) => (person.uuid, person.properties.to_owned(), person.created_at),
-        None => (Uuid::nil(), String::new(), DateTime::<Utc>::UNIX_EPOCH),
+    let (person_id, person_properties, person_created_at, person_mode) = match person {
+        Some(person) => (
+            person.uuid,
+            person.properties.to_owned(),
+            person.created_at,
+            person.mode,
+        ),
+        None => (
+            Uuid::nil(),
+            String::new(),
+            DateTime::<Utc>::UNIX_EPOCH,
+            PersonMode::Full,
+        ),
     };
     Ok(EventRow {
         uuid,
@@ -169,6 +180,7 @@ pub fn build_row(
         person_id,
         person_properties,
         person_created_at,
+        person_mode,
         group_properties: std::array::from_fn(|_| UNKNOWN_GROUP_PROPERTIES.to_owned()),
         group_created_at: [DateTime::<Utc>::UNIX_EPOCH; GROUP_COLUMNS],
     })

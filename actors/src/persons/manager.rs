@@ -24,7 +24,30 @@ use uuid::Uuid;
 
 use super::state::{PersonError, PersonEvent, Resolution, resolve};
 use super::store::{Person, PersonStoreError, SharedPersonStore};
+use crate::ingestion::event::PersonMode;
 use crate::metrics::{Metrics, MetricsError};
+
+/// PostHog's namespace for person uuids made from `team_id:distinct_id` (UUID v5), so that a
+/// personless event's id is the one the same distinct id always gets.
+const PERSON_UUIDV5_NAMESPACE: Uuid = Uuid::from_u128(0x932979b4_65c3_4424_8467_0b66ec27bc22);
+
+/// PostHog's `uuidFromDistinctId`.
+pub fn uuid_from_distinct_id(team_id: i64, distinct_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &PERSON_UUIDV5_NAMESPACE,
+        format!("{team_id}:{distinct_id}").as_bytes(),
+    )
+}
+
+/// A personless event's `person_created_at` when the distinct id has no person: 5 s after the
+/// epoch, as PostHog writes it (distinct from a real zero, to help debugging).
+fn personless_created_at() -> DateTime<Utc> {
+    DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(5)
+}
+
+/// An existing person gets a personless event as its own (`force_upgrade`) once it is older
+/// than this at the event's time.
+const FORCE_UPGRADE_AFTER: chrono::Duration = chrono::Duration::minutes(1);
 
 #[derive(Debug, Clone)]
 pub struct PersonConfig {
@@ -74,6 +97,7 @@ impl EventPerson {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PersonOutcome {
     pub person: EventPerson,
+    pub mode: PersonMode,
     /// Store changes to mirror in ClickHouse, and warnings; `None` for a cache hit.
     pub changes: Option<Resolution>,
 }
@@ -91,7 +115,7 @@ impl PersonMetrics {
         let cache = IntCounterVec::new(
             Opts::new(
                 "person_lookups_total",
-                "Events the person step answered without a transaction, by source (cache, snapshot), and cache misses (cache_miss).",
+                "Events the person step answered without a transaction, by source (cache, snapshot, personless), and cache misses (cache_miss).",
             ),
             &["result"],
         )?;
@@ -253,12 +277,16 @@ impl PersonManager {
         event: &PersonEvent,
         known: &mut Option<Known>,
     ) -> Result<PersonOutcome, PersonError> {
+        if !event.process_person {
+            return Ok(self.personless(event, known.as_ref()));
+        }
         if event.is_read_only() {
             let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
             self.count_lookup(if hit.is_some() { "cache" } else { "cache_miss" });
             if let Some(person) = hit {
                 return Ok(PersonOutcome {
                     person,
+                    mode: PersonMode::Full,
                     changes: None,
                 });
             }
@@ -276,6 +304,7 @@ impl PersonManager {
             );
             return Ok(PersonOutcome {
                 person,
+                mode: PersonMode::Full,
                 changes: None,
             });
         }
@@ -297,8 +326,45 @@ impl PersonManager {
         self.remember(event.team_id, &resolution.distinct_ids, &person);
         Ok(PersonOutcome {
             person,
+            mode: PersonMode::Full,
             changes: Some(resolution),
         })
+    }
+
+    /// `$process_person_profile: false` (PostHog's personless events): nothing is created or
+    /// changed. An existing person (cached or in the batch's snapshot) lends its id with empty
+    /// properties, and takes the event as its own once it is older than a minute; otherwise the
+    /// id is the one PostHog derives from the distinct id.
+    fn personless(&self, event: &PersonEvent, known: Option<&Known>) -> PersonOutcome {
+        let existing = self
+            .cached(&(event.team_id, event.distinct_id.clone()))
+            .or_else(|| known.map(|known| known.event_person.clone()));
+        self.count_lookup("personless");
+        let empty: Arc<str> = Arc::from("{}");
+        match existing {
+            Some(person) => PersonOutcome {
+                mode: if event.timestamp > person.created_at + FORCE_UPGRADE_AFTER {
+                    PersonMode::ForceUpgrade
+                } else {
+                    PersonMode::Propertyless
+                },
+                person: EventPerson {
+                    uuid: person.uuid,
+                    properties: empty,
+                    created_at: person.created_at,
+                },
+                changes: None,
+            },
+            None => PersonOutcome {
+                person: EventPerson {
+                    uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),
+                    properties: empty,
+                    created_at: personless_created_at(),
+                },
+                mode: PersonMode::Propertyless,
+                changes: None,
+            },
+        }
     }
 
     fn is_cached(&self, event: &PersonEvent) -> bool {

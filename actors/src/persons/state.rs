@@ -32,6 +32,8 @@ pub struct PersonEvent {
     /// The merge the event asks for; a refused one becomes a warning.
     pub intent: Result<MergeIntent, IllegalMerge>,
     pub updates: PersonUpdates,
+    /// False for `$process_person_profile: false`: the event creates and changes no person.
+    pub process_person: bool,
 }
 
 impl PersonEvent {

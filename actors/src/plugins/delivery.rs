@@ -262,6 +262,7 @@ mod tests {
             person_id: Uuid::nil(),
             person_properties: String::new(),
             person_created_at: at,
+            person_mode: crate::ingestion::event::PersonMode::Full,
             group_properties: Default::default(),
             group_created_at: [at; 5],
         }

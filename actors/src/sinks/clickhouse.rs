@@ -97,6 +97,8 @@ struct EventRecord<'a> {
     person_id: Uuid,
     person_properties: &'a str,
     person_created_at: u32,
+    /// Enum8: see `PersonMode::enum8`.
+    person_mode: i8,
     group0_properties: &'a str,
     group1_properties: &'a str,
     group2_properties: &'a str,
@@ -126,6 +128,7 @@ impl<'a> From<&'a EventRow> for EventRecord<'a> {
             person_id: row.person_id,
             person_properties: &row.person_properties,
             person_created_at: seconds(&row.person_created_at),
+            person_mode: row.person_mode.enum8(),
             group0_properties: g0,
             group1_properties: g1,
             group2_properties: g2,

@@ -50,6 +50,7 @@ fn event(distinct_id: &str, name: &str, properties: Value) -> PersonEvent {
         timestamp: Utc::now(),
         intent: merge_intent(name, distinct_id, &properties),
         updates: person_updates(&properties),
+        process_person: true,
     }
 }
 
@@ -232,5 +233,79 @@ async fn a_refused_merge_of_a_cached_id_still_raises_its_warning() {
     assert_eq!(
         changes.warnings[0].kind,
         crate::persons::CANNOT_MERGE_WITH_ILLEGAL_DISTINCT_ID
+    );
+}
+
+/// `$process_person_profile: false`: no transaction, no person; an unknown distinct id gets
+/// PostHog's v5 id, a known one lends its id (and takes the event once over a minute old).
+#[tokio::test]
+async fn personless_events_create_and_change_nothing() {
+    // No cache, so that the snapshot is what finds the known person.
+    let (manager, store) = manager(PersonConfig {
+        cache_size: 0,
+        ..PersonConfig::default()
+    });
+    let mut ghost = event("ghost", "$pageview", json!({}));
+    ghost.process_person = false;
+    let outcome = manager.resolve_batch(&[ghost.clone()]).await;
+    let outcome = outcome[0].as_ref().expect("answered");
+    assert_eq!(outcome.mode, PersonMode::Propertyless);
+    assert_eq!(outcome.person.uuid, uuid_from_distinct_id(2, "ghost"));
+    assert_eq!(&*outcome.person.properties, "{}");
+    assert_eq!(outcome.person.created_at.timestamp(), 5);
+    assert!(outcome.changes.is_none());
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 0);
+    assert!(
+        store
+            .persons_by_distinct_ids(&[(2, "ghost".to_owned())])
+            .await
+            .expect("read")
+            .is_empty(),
+        "no person was created"
+    );
+
+    let created = manager
+        .resolve_batch(&[event("known", "$pageview", json!({"$set": {"k": 1}}))])
+        .await;
+    let known = person(&created[0]).clone();
+    let mut soon = event("known", "$pageview", json!({}));
+    soon.process_person = false;
+    soon.timestamp = known.created_at + chrono::Duration::seconds(30);
+    let mut later = soon.clone();
+    later.timestamp = known.created_at + chrono::Duration::minutes(2);
+    let outcomes = manager.resolve_batch(&[soon]).await;
+    let outcome = outcomes[0].as_ref().expect("answered");
+    assert_eq!(
+        (
+            outcome.mode,
+            outcome.person.uuid,
+            &*outcome.person.properties
+        ),
+        (PersonMode::Propertyless, known.uuid, "{}")
+    );
+    let outcomes = manager.resolve_batch(&[later]).await;
+    assert_eq!(
+        outcomes[0].as_ref().expect("answered").mode,
+        PersonMode::ForceUpgrade
+    );
+    assert_eq!(
+        store.transactions.load(Ordering::SeqCst),
+        1,
+        "only the creation"
+    );
+}
+
+/// PostHog's ids for `team:distinct_id`: UUID v5 in its person namespace.
+#[test]
+fn person_ids_from_distinct_ids_are_uuid_v5_in_posthogs_namespace() {
+    let id = uuid_from_distinct_id(2, "ghost");
+    // Python's uuid.uuid5 (RFC 4122, as npm's uuid v5) of "2:ghost" in that namespace.
+    assert_eq!(id.to_string(), "dfce7815-dd77-5683-98c7-b6181bfcb67d");
+    assert_eq!(id.get_version_num(), 5);
+    assert_eq!(id, uuid_from_distinct_id(2, "ghost"));
+    assert_ne!(id, uuid_from_distinct_id(3, "ghost"));
+    assert_eq!(
+        PERSON_UUIDV5_NAMESPACE.to_string(),
+        "932979b4-65c3-4424-8467-0b66ec27bc22"
     );
 }

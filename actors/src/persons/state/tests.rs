@@ -28,6 +28,7 @@ fn event(distinct_id: &str, name: &str, properties: Value, second: u32) -> Perso
         timestamp: at(second),
         intent: merge_intent(name, distinct_id, &properties),
         updates: person_updates(&properties),
+        process_person: true,
     }
 }
 
