@@ -88,6 +88,68 @@ async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec
     }
 }
 
+/// Whether an event is personless is read before plugins run, as PostHog does: a plugin
+/// adding `$process_person_profile: false` does not make it personless, one removing it does
+/// not make it a person event, and a personless `$identify` is dropped before any plugin.
+#[tokio::test]
+async fn personless_is_decided_before_plugins() {
+    plugin_server::telemetry::install_tls_provider();
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(
+        base.path(),
+        "flipper",
+        &[(
+            "index.js",
+            "exports.processEvent = (event) => {
+                if (event.event === '$identify') event.properties.reached_a_plugin = true
+                if (event.event === 'flip') event.properties.$process_person_profile = false
+                if (event.event === 'unflip') delete event.properties.$process_person_profile
+                return event
+            }",
+        )],
+    );
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"flipper\"\nteam_id = 1\n",
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_flip",
+        json!([
+            {"event": "flip", "distinct_id": "a", "properties": {"$set": {"k": 1}}},
+            {"event": "unflip", "distinct_id": "b", "properties": {"$process_person_profile": false, "$set": {"k": 1}}},
+            {"event": "$identify", "distinct_id": "c", "properties": {"$process_person_profile": false}},
+            {"event": "after", "distinct_id": "d", "properties": {}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_rows(base.path(), |rows| rows.len() >= 3).await;
+    // Time for anything that should not be there to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = read_event_rows(base.path());
+    let by_event = |name: &str| rows.iter().find(|row| row["event"] == name).cloned();
+    let flip = by_event("flip").expect("flip stored");
+    assert_eq!(flip["person_mode"], "full", "{flip}");
+    assert!(flip["properties"].get("$process_person_profile").is_none());
+    let person: Value =
+        serde_json::from_str(flip["person_properties"].as_str().unwrap_or("null")).unwrap();
+    assert_eq!(person["k"], 1, "{flip}");
+    let unflip = by_event("unflip").expect("unflip stored");
+    assert_eq!(unflip["person_mode"], "propertyless", "{unflip}");
+    assert_eq!(unflip["properties"]["$process_person_profile"], false);
+    assert!(unflip["properties"].get("$set").is_none());
+    assert!(by_event("$identify").is_none(), "dropped: {rows:#?}");
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    drop(server);
+}
+
 /// The repository's sample (config/plugins.toml enabling plugins/hello-world for team 1)
 /// changes the first event a new user sends, as the README and the config file promise.
 #[tokio::test]

@@ -242,8 +242,11 @@ impl Run {
             .with_label_values(&["populate_team"])
             .observe(started.elapsed().as_secs_f64());
 
+        let with_persons = self.persons.is_some();
         let resolved = self
-            .step("resolve", move || resolve_batch(parsed, &teams))
+            .step("resolve", move || {
+                resolve_batch(parsed, &teams, with_persons)
+            })
             .await?;
         let started = std::time::Instant::now();
         let (resolved, dropped_by_plugins) = self.run_plugins(resolved).await;
@@ -251,7 +254,6 @@ impl Run {
             .with_label_values(&["plugins"])
             .observe(started.elapsed().as_secs_f64());
 
-        let with_persons = self.persons.is_some();
         let mut stamped = self
             .step("stamp", move || stamp_batch(resolved, with_persons))
             .await?;
@@ -472,6 +474,9 @@ impl Teams {
 struct Resolved {
     events: Vec<ResolvedEvent>,
     dead_letters: Vec<DeadLetter>,
+    warnings: Vec<crate::ingestion::IngestionWarning>,
+    /// Person-changing events sent with `$process_person_profile: false` (dropped).
+    dropped_personless: usize,
 }
 
 struct ResolvedEvent {
@@ -479,12 +484,21 @@ struct ResolvedEvent {
     team: Arc<Team>,
     /// A plugin returned this event, so it is normalized again before it is stored.
     changed: bool,
+    /// Read from the event as it arrived, before plugins (as PostHog does): false for
+    /// `$process_person_profile: false`.
+    process_person: bool,
 }
 
-fn resolve_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Teams) -> Resolved {
+fn resolve_batch(
+    parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>,
+    teams: &Teams,
+    with_persons: bool,
+) -> Resolved {
     let mut resolved = Resolved {
         events: Vec::with_capacity(parsed.len()),
         dead_letters: Vec::new(),
+        warnings: Vec::new(),
+        dropped_personless: 0,
     };
     for result in parsed {
         let event = match result {
@@ -509,10 +523,28 @@ fn resolve_batch(parsed: Vec<Result<PipelineEvent, Box<DeadLetter>>>, teams: &Te
             // Spec 1.3 step 1: the address is gone before plugins ever see the event.
             plugin_event.ip = None;
         }
+        let process_person = !with_persons
+            || plugin_event.properties.get("$process_person_profile")
+                != Some(&serde_json::Value::Bool(false));
+        if !process_person && PERSON_EVENTS.contains(&plugin_event.event.as_str()) {
+            resolved.warnings.push(crate::ingestion::IngestionWarning {
+                team_id: team.id,
+                kind: DropReason::InvalidWhenPersonless.as_str(),
+                details: serde_json::json!({
+                    "eventUuid": plugin_event.uuid,
+                    "event": plugin_event.event,
+                    "distinctId": plugin_event.distinct_id,
+                }),
+                timestamp: Utc::now(),
+            });
+            resolved.dropped_personless += 1;
+            continue;
+        }
         resolved.events.push(ResolvedEvent {
             event: plugin_event,
             team,
             changed: false,
+            process_person,
         });
     }
     resolved
@@ -537,20 +569,21 @@ const PERSON_EVENTS: [&str; 4] = [
     "$groupidentify",
 ];
 
-/// PostHog's `normalizeProcessPerson`: `$process_person_profile: false` turns the person step
-/// off for the event, so its `$set`, `$set_once` and `$unset` go (the flag stays, for
-/// debugging); otherwise the flag itself is removed. Returns whether persons are processed.
-fn normalize_process_person(event: &mut crate::ingestion::event::PluginEvent) -> bool {
-    let process_person =
-        event.properties.get("$process_person_profile") != Some(&serde_json::Value::Bool(false));
+/// PostHog's `normalizeProcessPerson`, after plugins: without person processing the event's
+/// `$set`, `$set_once` and `$unset` go and the flag stays (for debugging); with it, the flag
+/// itself is removed.
+fn normalize_process_person(event: &mut PluginEvent, process_person: bool) {
     if process_person {
         event.properties.remove("$process_person_profile");
     } else {
+        event.properties.insert(
+            "$process_person_profile".to_owned(),
+            serde_json::Value::Bool(false),
+        );
         for key in ["$set", "$set_once", "$unset"] {
             event.properties.remove(key);
         }
     }
-    process_person
 }
 
 fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
@@ -558,33 +591,22 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
         events: Vec::with_capacity(resolved.events.len()),
         person_events: Vec::new(),
         dead_letters: resolved.dead_letters,
-        warnings: Vec::new(),
-        dropped_personless: 0,
+        warnings: resolved.warnings,
+        dropped_personless: resolved.dropped_personless,
     };
     for ResolvedEvent {
         mut event,
         team,
         changed,
+        process_person,
     } in resolved.events
     {
         // Parsing normalized the event; a plugin's output is normalized again, as PostHog does.
         if changed {
             normalize_event(&mut event);
         }
-        let process_person = !with_persons || normalize_process_person(&mut event);
-        if !process_person && PERSON_EVENTS.contains(&event.event.as_str()) {
-            stamped.warnings.push(crate::ingestion::IngestionWarning {
-                team_id: team.id,
-                kind: DropReason::InvalidWhenPersonless.as_str(),
-                details: serde_json::json!({
-                    "eventUuid": event.uuid,
-                    "event": event.event,
-                    "distinctId": event.distinct_id,
-                }),
-                timestamp: Utc::now(),
-            });
-            stamped.dropped_personless += 1;
-            continue;
+        if with_persons {
+            normalize_process_person(&mut event, process_person);
         }
         match stamp_event(event, &team, &mut stamped.warnings) {
             Ok(event) => {

@@ -85,9 +85,7 @@ impl EventPerson {
     fn of(person: &Person) -> Self {
         Self {
             uuid: person.uuid,
-            properties: serde_json::Value::Object(person.properties.clone())
-                .to_string()
-                .into(),
+            properties: super::rows::properties_json(&person.properties).into(),
             created_at: person.created_at,
         }
     }

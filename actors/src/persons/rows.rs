@@ -23,6 +23,12 @@ pub struct PersonRow {
 /// any update of the same person still on its way to ClickHouse.
 const DELETE_VERSION_BUMP: i64 = 100;
 
+/// A person's properties as JSON, serialized in place (no copy of the map).
+pub fn properties_json(properties: &serde_json::Map<String, serde_json::Value>) -> String {
+    // Serializing a map of JSON values into a string cannot fail; "{}" only satisfies the type.
+    serde_json::to_string(properties).unwrap_or_else(|_| "{}".to_owned())
+}
+
 impl PersonRow {
     /// The row of a person as it now is.
     pub fn of(person: &Person) -> Self {
@@ -30,7 +36,7 @@ impl PersonRow {
             id: person.uuid,
             created_at: person.created_at,
             team_id: person.team_id,
-            properties: serde_json::Value::Object(person.properties.clone()).to_string(),
+            properties: properties_json(&person.properties),
             is_identified: person.is_identified,
             is_deleted: false,
             version: person.version,
