@@ -374,6 +374,17 @@ async fn personless_events_are_stored_without_persons() {
         ["full", "member"],
         "no person for the personless ghost"
     );
+    // When the ghost later gets a person, it is the id its personless events carried.
+    let rows = send_phase(
+        &deployment,
+        &[json!({"event": "signup", "distinct_id": "ghost", "properties": {}})],
+        5,
+    )
+    .await;
+    assert_eq!(
+        find(&rows, "signup", "ghost")[0]["person_id"],
+        expected_id.to_string()
+    );
     wait_for("the personless $identify's warning", async || {
         let warnings = clickhouse_query(&format!(
             "SELECT type FROM {}.ingestion_warnings WHERE team_id = {} FORMAT TSV",

@@ -22,22 +22,10 @@ use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use uuid::Uuid;
 
-use super::state::{PersonError, PersonEvent, Resolution, resolve};
+use super::state::{PersonError, PersonEvent, Resolution, resolve, uuid_from_distinct_id};
 use super::store::{Person, PersonStoreError, SharedPersonStore};
 use crate::ingestion::event::PersonMode;
 use crate::metrics::{Metrics, MetricsError};
-
-/// PostHog's namespace for person uuids made from `team_id:distinct_id` (UUID v5), so that a
-/// personless event's id is the one the same distinct id always gets.
-const PERSON_UUIDV5_NAMESPACE: Uuid = Uuid::from_u128(0x932979b4_65c3_4424_8467_0b66ec27bc22);
-
-/// PostHog's `uuidFromDistinctId`.
-pub fn uuid_from_distinct_id(team_id: i64, distinct_id: &str) -> Uuid {
-    Uuid::new_v5(
-        &PERSON_UUIDV5_NAMESPACE,
-        format!("{team_id}:{distinct_id}").as_bytes(),
-    )
-}
 
 /// A personless event's `person_created_at` when the distinct id has no person: 5 s after the
 /// epoch, as PostHog writes it (distinct from a real zero, to help debugging).

@@ -50,6 +50,20 @@ impl PersonEvent {
     }
 }
 
+/// PostHog's namespace for person uuids made from `team_id:distinct_id` (UUID v5): a new
+/// person's id comes from its first distinct id, so that the personless events of that id
+/// (which carry the same id) belong to it, and racing creators of one person agree.
+pub(crate) const PERSON_UUIDV5_NAMESPACE: Uuid =
+    Uuid::from_u128(0x932979b4_65c3_4424_8467_0b66ec27bc22);
+
+/// PostHog's `uuidFromDistinctId`.
+pub fn uuid_from_distinct_id(team_id: i64, distinct_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &PERSON_UUIDV5_NAMESPACE,
+        format!("{team_id}:{distinct_id}").as_bytes(),
+    )
+}
+
 /// The outcome of the person step for one event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolution {
@@ -339,7 +353,13 @@ impl Attempt<'_> {
         let person = transaction
             .create_person(
                 NewPerson {
-                    uuid: Uuid::now_v7(),
+                    uuid: uuid_from_distinct_id(
+                        self.event.team_id,
+                        distinct_ids
+                            .first()
+                            .copied()
+                            .unwrap_or(&self.event.distinct_id),
+                    ),
                     team_id: self.event.team_id,
                     created_at: self.event.timestamp,
                     properties: initial_properties(

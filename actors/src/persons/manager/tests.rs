@@ -264,6 +264,15 @@ async fn personless_events_create_and_change_nothing() {
         "no person was created"
     );
 
+    // The person the id gets later has the id its personless events carried.
+    let later_person = manager
+        .resolve_batch(&[event("ghost", "$pageview", json!({}))])
+        .await;
+    assert_eq!(
+        person(&later_person[0]).uuid,
+        uuid_from_distinct_id(2, "ghost")
+    );
+
     let created = manager
         .resolve_batch(&[event("known", "$pageview", json!({"$set": {"k": 1}}))])
         .await;
@@ -290,8 +299,8 @@ async fn personless_events_create_and_change_nothing() {
     );
     assert_eq!(
         store.transactions.load(Ordering::SeqCst),
-        1,
-        "only the creation"
+        2,
+        "only the two creations"
     );
 }
 
@@ -305,7 +314,7 @@ fn person_ids_from_distinct_ids_are_uuid_v5_in_posthogs_namespace() {
     assert_eq!(id, uuid_from_distinct_id(2, "ghost"));
     assert_ne!(id, uuid_from_distinct_id(3, "ghost"));
     assert_eq!(
-        PERSON_UUIDV5_NAMESPACE.to_string(),
+        crate::persons::state::PERSON_UUIDV5_NAMESPACE.to_string(),
         "932979b4-65c3-4424-8467-0b66ec27bc22"
     );
 }
