@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{self, clickhouse_http_url, clickhouse_query};
-use crate::ingestion::{Deployment, envelope, good_events, produce, wait_for, wait_for_up_to};
+use crate::ingestion::{Deployment, good_events, produce, tagged_events, wait_for, wait_for_up_to};
 
 #[tokio::test]
 async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
@@ -122,36 +122,17 @@ async fn health(addr: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_writer_degraded() {
     let deployment = Deployment::create().await;
-    let clickhouse = clickhouse_http_url();
-    let target = clickhouse
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let proxy = SwitchableProxy::start(target).await;
+    let proxy = SwitchableProxy::start(proxy_target(&clickhouse_http_url())).await;
     let (_server, addr) =
         deployment.start_server_with(&[("CLICKHOUSE_HOST", format!("127.0.0.1:{}", proxy.port))]);
 
-    produce(
-        &deployment.topic(),
+    let (outage, report) = store_then_cut(
+        &deployment,
+        &proxy,
+        &addr,
         &good_events(&deployment.token, 500, "before"),
-    )
-    .await;
-    wait_for("the first events stored", async || {
-        (deployment.counts().await.1 == 500).then_some(())
-    })
-    .await;
-
-    proxy.set_up(false);
-    let outage = Instant::now();
-    produce(
-        &deployment.topic(),
         &good_events(&deployment.token, 500, "during"),
     )
-    .await;
-    let report = wait_for("the writer reported degraded", async || {
-        let report = health(&addr).await;
-        (report["status"] == "degraded").then_some(report)
-    })
     .await;
     assert!(
         report["checks"]["event_writer"]
@@ -201,21 +182,32 @@ async fn committed_and_healthy(deployment: &Deployment, addr: &str, total: u64) 
     .await;
 }
 
-/// `count` events whose distinct ids start with `tag`, so a phase never reuses the persons (and
-/// the person cache) of another.
-fn fresh_persons_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|index| {
-            envelope(
-                token,
-                &format!("{tag}-{}", index % 40),
-                json!({"event": tag, "properties": {"index": index}}),
-                json!({}),
-            )
-        })
-        .collect()
+/// Stores `before`, then cuts the store off and produces `during`; returns the moment of the
+/// cut and the health report once it shows the outage.
+async fn store_then_cut(
+    deployment: &Deployment,
+    proxy: &SwitchableProxy,
+    addr: &str,
+    before: &[Vec<u8>],
+    during: &[Vec<u8>],
+) -> (Instant, Value) {
+    produce(&deployment.topic(), before).await;
+    wait_for("the first events stored", async || {
+        (deployment.counts().await.1 == before.len() as u64).then_some(())
+    })
+    .await;
+    proxy.set_up(false);
+    let outage = Instant::now();
+    produce(&deployment.topic(), during).await;
+    let report = wait_for("health reported degraded", async || {
+        let report = health(addr).await;
+        (report["status"] == "degraded").then_some(report)
+    })
+    .await;
+    (outage, report)
 }
 
+/// `host:port` of a service URL (scheme, credentials and path dropped).
 fn proxy_target(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
@@ -235,27 +227,15 @@ async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
     );
     let (_server, addr) = deployment.start_server_with(&[("DATABASE_URL", proxied)]);
 
-    produce(
-        &deployment.topic(),
-        &fresh_persons_events(&deployment.token, 300, "before"),
+    // Each phase has distinct ids of its own, so the outage's events need new persons (the
+    // person cache cannot answer them).
+    let (outage, report) = store_then_cut(
+        &deployment,
+        &proxy,
+        &addr,
+        &tagged_events(&deployment.token, 300, "before", "before", 40),
+        &tagged_events(&deployment.token, 300, "during", "during", 40),
     )
-    .await;
-    wait_for("the first events stored", async || {
-        (deployment.counts().await.1 == 300).then_some(())
-    })
-    .await;
-
-    proxy.set_up(false);
-    let outage = Instant::now();
-    produce(
-        &deployment.topic(),
-        &fresh_persons_events(&deployment.token, 300, "during"),
-    )
-    .await;
-    let report = wait_for("the consumer reported degraded", async || {
-        let report = health(&addr).await;
-        (report["status"] == "degraded").then_some(report)
-    })
     .await;
     assert!(report.to_string().contains("degraded: "), "{report}");
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
@@ -284,34 +264,15 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
     plugin_server::telemetry::install_tls_provider();
     let mut destination = common::HttpRecorder::start().await;
     let deployment = Deployment::create().await;
-    let client = deployment.postgres.client().await;
-    client
-        .execute(
-            "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
-             SELECT 1, organization_id, 'source', 'listener', now() FROM posthog_team WHERE id = $1",
-            &[&(deployment.team_id as i32)],
+    deployment
+        .insert_source_plugin(
+            "listener",
+            "index.js",
+            "exports.onEvent = async (event, { config }) => { await fetch(config.url + '/on-event', \
+             { method: 'POST', body: JSON.stringify({ uuid: event.uuid }) }) }",
+            json!({"url": destination.url}),
         )
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config)
-             VALUES (10, $1, 1, true, 1, $2)",
-            &[
-                &(deployment.team_id as i32),
-                &json!({"url": destination.url}),
-            ],
-        )
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.js', $1)",
-            &[&"exports.onEvent = async (event, { config }) => { await fetch(config.url + '/on-event', \
-                { method: 'POST', body: JSON.stringify({ uuid: event.uuid }) }) }"],
-        )
-        .await
-        .unwrap();
+        .await;
     let redis = std::env::var("REDIS_URL").expect("REDIS_URL: run functional_tests/run.sh");
     let proxy = SwitchableProxy::start(proxy_target(&redis)).await;
     let (_server, addr) = deployment.start_server_with(&[

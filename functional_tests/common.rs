@@ -255,6 +255,30 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The server's `/_metrics` scrape.
+pub async fn scrape_metrics(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/_metrics"))
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`
+/// (`key="value"` strings).
+pub fn metric_value(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.trim().parse().ok())
+}
+
 /// Every row the embedded profile's JSON-lines sink wrote under `BASE_DIR/data`, with each
 /// row's `properties` string parsed.
 pub fn read_event_rows(base_dir: &std::path::Path) -> Vec<serde_json::Value> {

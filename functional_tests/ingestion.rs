@@ -164,6 +164,42 @@ impl Deployment {
         (fields.next().expect("count"), fields.next().expect("uniq"))
     }
 
+    /// Source plugin 1 named `name`, whose one file is `file_name`, enabled for the team as
+    /// config 10 with `config`.
+    pub(crate) async fn insert_source_plugin(
+        &self,
+        name: &str,
+        file_name: &str,
+        source: &str,
+        config: Value,
+    ) {
+        let client = self.postgres.client().await;
+        let team = i32::try_from(self.team_id).expect("team id");
+        client
+            .execute(
+                "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
+                 SELECT 1, organization_id, 'source', $2, now() FROM posthog_team WHERE id = $1",
+                &[&team, &name],
+            )
+            .await
+            .expect("plugin");
+        client
+            .execute(
+                "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config)
+                 VALUES (10, $1, 1, true, 1, $2)",
+                &[&team, &config],
+            )
+            .await
+            .expect("plugin config");
+        client
+            .execute(
+                "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, $1, $2)",
+                &[&file_name, &source],
+            )
+            .await
+            .expect("source file");
+    }
+
     /// Per partition of `topic`: its (low, high) watermarks and the offset `{prefix}{group}`
     /// committed, if any.
     fn offsets(&self, group: &str, topic: &str) -> Vec<((i64, i64), Option<i64>)> {
@@ -482,12 +518,7 @@ async fn kafka_and_http_capture_write_posthog_rows_and_dead_letter_bad_input() {
     .await;
 
     // PostHog's gauge: the Kafka timestamp of the last stored message, in ms, recent.
-    let metrics = reqwest::get(format!("http://{addr}/_metrics"))
-        .await
-        .expect("metrics answered")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = common::scrape_metrics(&addr).await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -554,11 +585,22 @@ fn read_topic(topic: &str, expected: usize) -> Vec<(String, Vec<u8>)> {
 
 /// Simple good events for the failure tests, each with its own uuid.
 pub(crate) fn good_events(token: &str, count: usize, tag: &str) -> Vec<Vec<u8>> {
+    tagged_events(token, count, tag, "user", 50)
+}
+
+/// `count` events named `tag`, spread over `users` distinct ids `{id_prefix}-N`.
+pub(crate) fn tagged_events(
+    token: &str,
+    count: usize,
+    tag: &str,
+    id_prefix: &str,
+    users: usize,
+) -> Vec<Vec<u8>> {
     (0..count)
         .map(|index| {
             envelope(
                 token,
-                &format!("user-{}", index % 50),
+                &format!("{id_prefix}-{}", index % users),
                 json!({"event": tag, "properties": {"index": index}}),
                 json!({}),
             )

@@ -402,17 +402,10 @@ async fn two_instances_identifying_the_same_users_at_once_make_one_person_each()
     // asserted): each collision is a transaction rolled back and retried.
     let mut conflicts = 0.0;
     for addr in &addrs {
-        let metrics = reqwest::get(format!("http://{addr}/_metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        conflicts += metrics
-            .lines()
-            .find_map(|line| line.strip_prefix("person_transaction_conflicts_total "))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let metrics = crate::common::scrape_metrics(addr).await;
+        conflicts +=
+            crate::common::metric_value(&metrics, "person_transaction_conflicts_total", &[])
+                .unwrap_or(0.0);
     }
     eprintln!("person transactions retried after losing a race: {conflicts}");
 

@@ -55,6 +55,20 @@ async fn send_phase(deployment: &Deployment, events: &[Value], total: usize) -> 
     .await
 }
 
+/// Every distinct id that has a person in Postgres, sorted.
+async fn distinct_ids(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT distinct_id FROM posthog_persondistinctid ORDER BY distinct_id",
+            &[],
+        )
+        .await
+        .expect("distinct ids")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 fn find<'a>(rows: &'a [Value], event: &str, distinct_id: &str) -> Vec<&'a Value> {
     rows.iter()
         .filter(|row| row["event"] == event && row["distinct_id"] == distinct_id)
@@ -201,30 +215,14 @@ async fn plugins_behave_as_in_posthogs_plugins_suite() {
     let mut destination = common::HttpRecorder::start().await;
     let deployment = Deployment::create().await;
     let client = deployment.postgres.client().await;
-    let team = i32::try_from(deployment.team_id).expect("team id");
-    client
-        .execute(
-            "INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, updated_at)
-             SELECT 1, organization_id, 'source', 'suite', now() FROM posthog_team WHERE id = $1",
-            &[&team],
+    deployment
+        .insert_source_plugin(
+            "suite",
+            "index.ts",
+            SUITE_PLUGIN,
+            json!({"url": destination.url}),
         )
-        .await
-        .expect("plugin");
-    client
-        .execute(
-            "INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, \"order\", config)
-             VALUES (10, $1, 1, true, 1, $2)",
-            &[&team, &json!({"url": destination.url})],
-        )
-        .await
-        .expect("plugin config");
-    client
-        .execute(
-            "INSERT INTO posthog_pluginsourcefile (plugin_id, filename, source) VALUES (1, 'index.ts', $1)",
-            &[&SUITE_PLUGIN],
-        )
-        .await
-        .expect("source");
+        .await;
     let (_server, addr) = deployment.start_server();
 
     let rows = send_phase(
@@ -261,16 +259,7 @@ async fn plugins_behave_as_in_posthogs_plugins_suite() {
     assert_eq!(thrown["properties"]["$plugins_succeeded"], json!([]));
     assert!(find(&rows, "drop me", "dropped").is_empty());
 
-    let distinct_ids: Vec<String> = client
-        .query(
-            "SELECT distinct_id FROM posthog_persondistinctid ORDER BY distinct_id",
-            &[],
-        )
-        .await
-        .expect("distinct ids")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let distinct_ids = distinct_ids(&client).await;
     assert_eq!(
         distinct_ids,
         ["jobber", "plain", "renamed-d1", "thrower"],
@@ -288,20 +277,12 @@ async fn plugins_behave_as_in_posthogs_plugins_suite() {
         job_event["uuid"]
     );
 
-    let metrics = reqwest::get(format!("http://{addr}/_metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let dropped = metrics
-        .lines()
-        .find(|line| {
-            line.starts_with("ingestion_event_dropped_total")
-                && line.contains("drop_cause=\"dropped_by_plugin\"")
-        })
-        .and_then(|line| line.rsplit_once(' '))
-        .and_then(|(_, value)| value.parse::<f64>().ok());
+    let metrics = common::scrape_metrics(&addr).await;
+    let dropped = common::metric_value(
+        &metrics,
+        "ingestion_event_dropped_total",
+        &["drop_cause=\"dropped_by_plugin\""],
+    );
     assert_eq!(dropped, Some(1.0), "{metrics}");
     deployment.teardown().await;
 }
@@ -359,16 +340,7 @@ async fn personless_events_are_stored_without_persons() {
     assert!(full["properties"].get("$process_person_profile").is_none());
 
     let client = deployment.postgres.client().await;
-    let ids: Vec<String> = client
-        .query(
-            "SELECT distinct_id FROM posthog_persondistinctid ORDER BY distinct_id",
-            &[],
-        )
-        .await
-        .expect("distinct ids")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let ids = distinct_ids(&client).await;
     assert_eq!(
         ids,
         ["full", "member"],
