@@ -13,8 +13,6 @@
 //!   (a `composeWebhook` failure for that event), never a silent pass or drop. So is an element
 //!   `selector` filter.
 
-use std::collections::HashMap;
-
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -46,32 +44,21 @@ struct Rules {
     events: Vec<EventRule>,
     #[serde(default)]
     actions: Vec<ActionRule>,
-    /// Every regex operand, compiled once at load (or why it does not compile).
-    #[serde(skip)]
-    regexes: HashMap<String, Result<Regex, String>>,
 }
 
 impl Rules {
-    fn compile_regexes(mut self) -> Self {
-        let patterns = self
-            .events
-            .iter()
-            .flat_map(|rule| &rule.properties)
-            .filter(|filter| {
-                matches!(
-                    Operator::of(filter.operator.as_deref()),
-                    Operator::Regex | Operator::NotRegex
-                )
-            })
-            .flat_map(|filter| match &filter.value {
-                Some(Value::Array(values)) => values.iter().collect::<Vec<_>>(),
-                Some(value) => vec![value],
-                None => Vec::new(),
-            })
-            .map(stringify);
-        for pattern in patterns {
-            let compiled = Regex::new(&pattern).map_err(|e| e.to_string());
-            self.regexes.insert(pattern, compiled);
+    /// Works out each property filter's operator, and compiles its regexes, once at load.
+    fn prepare(mut self) -> Self {
+        for filter in self.events.iter_mut().flat_map(|rule| &mut rule.properties) {
+            filter.op = Operator::of(filter.operator.as_deref());
+            if matches!(filter.op, Operator::Regex | Operator::NotRegex) {
+                filter.regexes = filter
+                    .candidates()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|candidate| Regex::new(&stringify(candidate)).map_err(|e| e.to_string()))
+                    .collect();
+            }
         }
         self
     }
@@ -101,6 +88,12 @@ struct PropertyFilter {
     operator: Option<String>,
     #[serde(rename = "type", default)]
     kind: Option<String>,
+    /// `operator`, worked out at load.
+    #[serde(skip)]
+    op: Operator,
+    /// For the regex operators: each candidate value compiled (or why it does not compile).
+    #[serde(skip)]
+    regexes: Vec<Result<Regex, String>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
@@ -123,7 +116,7 @@ impl WebhookFilters {
         }
         Some(Self(
             Rules::deserialize(value)
-                .map(Rules::compile_regexes)
+                .map(Rules::prepare)
                 .map_err(|error| error.to_string()),
         ))
     }
@@ -146,7 +139,7 @@ impl WebhookFilters {
                 continue;
             }
             if rule.properties.iter().try_fold(true, |all, filter| {
-                Ok::<_, FilterError>(all && filter.matches(subject, &rules.regexes)?)
+                Ok::<_, FilterError>(all && filter.matches(subject)?)
             })? {
                 return Ok(true);
             }
@@ -158,8 +151,9 @@ impl WebhookFilters {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Operator {
+    #[default]
     Exact,
     IsNot,
     IContains,
@@ -210,31 +204,37 @@ impl Operator {
 }
 
 impl PropertyFilter {
-    fn matches(&self, subject: FilterSubject<'_>, regexes: &Regexes) -> Result<bool, FilterError> {
-        let test = Test {
-            operator: Operator::of(self.operator.as_deref()),
-            regexes,
-        };
+    /// The values to compare with: `value`, or each element of it when it is an array; `None`
+    /// when there is no `value` at all.
+    fn candidates(&self) -> Option<&[Value]> {
+        match &self.value {
+            Some(Value::Array(values)) => Some(values),
+            Some(value) => Some(std::slice::from_ref(value)),
+            None => None,
+        }
+    }
+
+    fn matches(&self, subject: FilterSubject<'_>) -> Result<bool, FilterError> {
         match self.kind.as_deref() {
-            Some("event") => self.check(subject.event.get("properties"), test),
+            Some("event") => self.check(subject.event.get("properties")),
             Some("person") => match subject.person_properties {
-                Some(properties) => self.check_map(properties, test),
-                None => Ok(test.operator.matches_absent()),
+                Some(properties) => self.check_map(properties),
+                None => Ok(self.op.matches_absent()),
             },
-            Some("element") => self.check_elements(subject.event, test),
+            Some("element") => self.check_elements(subject.event),
             Some("cohort") => self.check_cohort(),
             _ => Ok(false),
         }
     }
 
-    fn check(&self, properties: Option<&Value>, test: Test<'_>) -> Result<bool, FilterError> {
+    fn check(&self, properties: Option<&Value>) -> Result<bool, FilterError> {
         match properties.and_then(Value::as_object) {
-            Some(properties) => self.check_map(properties, test),
-            None => Ok(test.operator.matches_absent()),
+            Some(properties) => self.check_map(properties),
+            None => Ok(self.op.matches_absent()),
         }
     }
 
-    fn check_elements(&self, event: &Value, test: Test<'_>) -> Result<bool, FilterError> {
+    fn check_elements(&self, event: &Value) -> Result<bool, FilterError> {
         if self.key == "selector" {
             return Err(FilterError::Selector(
                 self.value.as_ref().map(to_js_string).unwrap_or_default(),
@@ -242,7 +242,7 @@ impl PropertyFilter {
         }
         let elements = event.get("elements").and_then(Value::as_array);
         for element in elements.into_iter().flatten() {
-            if self.check(Some(element), test)? {
+            if self.check(Some(element))? {
                 return Ok(true);
             }
         }
@@ -261,12 +261,8 @@ impl PropertyFilter {
         }
     }
 
-    fn check_map(
-        &self,
-        properties: &Map<String, Value>,
-        test: Test<'_>,
-    ) -> Result<bool, FilterError> {
-        let operator = test.operator;
+    fn check_map(&self, properties: &Map<String, Value>) -> Result<bool, FilterError> {
+        let operator = self.op;
         let Some(found) = properties.get(&self.key) else {
             return Ok(operator.matches_absent());
         };
@@ -278,44 +274,40 @@ impl PropertyFilter {
             Operator::IsNotSet => return Ok(false),
             _ => {}
         }
-        let candidates: &[Value] = match &self.value {
-            Some(Value::Array(values)) => values,
-            Some(value) => std::slice::from_ref(value),
-            // PostHog tests `[undefined]`: only "is not" holds against nothing.
-            None => return Ok(operator == Operator::IsNot),
+        // PostHog tests `[undefined]` without a value: only "is not" holds against nothing.
+        let Some(candidates) = self.candidates() else {
+            return Ok(operator == Operator::IsNot);
         };
-        for candidate in candidates {
+        let text = found.as_str().unwrap_or_default();
+        let lowercase = matches!(operator, Operator::IContains | Operator::NotIContains)
+            .then(|| text.to_lowercase());
+        for (index, candidate) in candidates.iter().enumerate() {
             let hit = match operator {
                 Operator::Exact => casting_compare(found, candidate, Comparison::Equal),
                 Operator::IsNot => casting_compare(found, candidate, Comparison::NotEqual),
                 Operator::GreaterThan => casting_compare(found, candidate, Comparison::Greater),
                 Operator::LessThan => casting_compare(found, candidate, Comparison::Less),
                 Operator::IContains | Operator::NotIContains => {
-                    let haystack = found.as_str().unwrap_or_default().to_lowercase();
+                    let haystack = lowercase.as_deref().unwrap_or_default();
                     let contains = haystack.contains(&stringify(candidate).to_lowercase());
                     contains == (operator == Operator::IContains)
                 }
-                Operator::Regex | Operator::NotRegex => {
-                    let pattern = stringify(candidate);
-                    let regex = match test.regexes.get(&pattern) {
-                        Some(Ok(regex)) => regex,
-                        Some(Err(reason)) => {
-                            return Err(FilterError::Regex {
-                                pattern,
-                                reason: reason.clone(),
-                            });
-                        }
-                        // Every regex operand is compiled at load; this is only a guard.
-                        None => {
-                            return Err(FilterError::Regex {
-                                pattern,
-                                reason: "not compiled".into(),
-                            });
-                        }
-                    };
-                    regex.is_match(found.as_str().unwrap_or_default())
-                        == (operator == Operator::Regex)
-                }
+                Operator::Regex | Operator::NotRegex => match self.regexes.get(index) {
+                    Some(Ok(regex)) => regex.is_match(text) == (operator == Operator::Regex),
+                    Some(Err(reason)) => {
+                        return Err(FilterError::Regex {
+                            pattern: stringify(candidate),
+                            reason: reason.clone(),
+                        });
+                    }
+                    // `prepare` compiles one per candidate; this is only a guard.
+                    None => {
+                        return Err(FilterError::Regex {
+                            pattern: stringify(candidate),
+                            reason: "not compiled".into(),
+                        });
+                    }
+                },
                 Operator::IsSet => true,
                 Operator::IsNotSet => false,
             };
@@ -325,15 +317,6 @@ impl PropertyFilter {
         }
         Ok(false)
     }
-}
-
-type Regexes = HashMap<String, Result<Regex, String>>;
-
-/// One property filter's operator, with the compiled regexes it may need.
-#[derive(Clone, Copy)]
-struct Test<'a> {
-    operator: Operator,
-    regexes: &'a Regexes,
 }
 
 /// `parseInt` finds a number at the start.
