@@ -282,6 +282,13 @@ pub fn metric_value(scrape: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// Every row the embedded profile's JSON-lines sink wrote under `BASE_DIR/data`, with each
 /// row's `properties` string parsed.
 pub fn read_event_rows(base_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    read_rows(base_dir, "events")
+}
+
+/// The rows of one kind (`events`, `groups`, ...) the embedded profile wrote under `BASE_DIR`,
+/// with a `properties` string parsed.
+pub fn read_rows(base_dir: &std::path::Path, kind: &str) -> Vec<serde_json::Value> {
+    let prefix = format!("{kind}-");
     let mut rows = Vec::new();
     let Ok(entries) = std::fs::read_dir(base_dir.join("data")) else {
         return rows;
@@ -291,7 +298,7 @@ pub fn read_event_rows(base_dir: &std::path::Path) -> Vec<serde_json::Value> {
         let is_events = path
             .file_name()
             .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with("events-"));
+            .is_some_and(|name| name.starts_with(&prefix));
         if is_events {
             let text = std::fs::read_to_string(&path).expect("read");
             for line in text.lines() {

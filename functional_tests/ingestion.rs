@@ -770,5 +770,33 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
     let person: Value =
         serde_json::from_str(signup["person_properties"].as_str().expect("string")).expect("json");
     assert_eq!(person["utm_source"], "news");
+
+    // Groups in the in-process store: the identify's group shows on the next event, named by
+    // type through `$groups`, and its version is written out.
+    for event in [
+        json!({"event": "$groupidentify", "distinct_id": "u1", "properties": {"$group_type": "company", "$group_key": "acme", "$group_set": {"plan": "pro"}}}),
+        json!({"event": "upgrade", "distinct_id": "u1", "properties": {"$groups": {"company": "acme"}}}),
+    ] {
+        let mut event = event;
+        event["api_key"] = json!("phc_embedded");
+        let response = reqwest::Client::new()
+            .post(format!("http://{addr}/capture"))
+            .json(&event)
+            .send()
+            .await
+            .expect("capture answered");
+        assert_eq!(response.status(), 200);
+    }
+    let rows = common::read_event_rows(base_dir.path());
+    let upgrade = rows
+        .iter()
+        .find(|row| row["event"] == "upgrade")
+        .expect("upgrade");
+    assert_eq!(upgrade["properties"]["$group_0"], "acme");
+    assert_eq!(upgrade["group0_properties"], r#"{"plan":"pro"}"#);
+    let groups = common::read_rows(base_dir.path(), "groups");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["group_key"], "acme");
+    assert_eq!(groups[0]["version"], 1);
     drop(server);
 }

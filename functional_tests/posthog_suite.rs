@@ -181,6 +181,149 @@ async fn persons_behave_as_in_posthogs_ingestion_suite() {
     deployment.teardown().await;
 }
 
+/// Each event's group columns, by event name and `$group_0` key: `[group0_properties,
+/// group1_properties]` parsed, and `group0_created_at`.
+async fn group_columns(deployment: &Deployment) -> Vec<Value> {
+    let text = clickhouse_query(&format!(
+        "SELECT event, distinct_id, properties, group0_properties, group1_properties, \
+         toString(group0_created_at) AS group0_created_at \
+         FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
+        deployment.clickhouse_database, deployment.team_id
+    ))
+    .await;
+    text.lines()
+        .map(|line| {
+            let mut row: Value = serde_json::from_str(line).expect("row");
+            for column in ["properties", "group0_properties", "group1_properties"] {
+                row[column] = row[column]
+                    .as_str()
+                    .and_then(|text| serde_json::from_str::<Value>(text).ok())
+                    .unwrap_or(Value::Null);
+            }
+            row
+        })
+        .collect()
+}
+
+/// 7.2 groups: `$groupidentify` with `$group_set` shows in `group0_properties` of later events
+/// and a second identify updates it; without `$group_set` the group is `{}`; `$groups` names
+/// groups by type, each type taking the next index. Postgres and ClickHouse's `groups` keep
+/// each group's newest version.
+#[tokio::test]
+async fn groups_behave_as_in_posthogs_ingestion_suite() {
+    let deployment = Deployment::create().await;
+    let (_server, _addr) = deployment.start_server();
+    let identify = |key: &str, set: Option<Value>| {
+        let mut properties = json!({"$group_type": "organization", "$group_key": key});
+        if let Some(set) = set {
+            properties["$group_set"] = set;
+        }
+        json!({"event": "$groupidentify", "distinct_id": "group-user", "properties": properties})
+    };
+    send_phase(
+        &deployment,
+        &[
+            identify("posthog", Some(json!({"prop": "value"}))),
+            identify("no-set", None),
+        ],
+        2,
+    )
+    .await;
+    send_phase(
+        &deployment,
+        &[
+            json!({"event": "with-group", "distinct_id": "group-user", "properties": {"$group_0": "posthog"}}),
+            json!({"event": "without-set", "distinct_id": "group-user", "properties": {"$group_0": "no-set"}}),
+            json!({"event": "by-type", "distinct_id": "other-user", "properties": {"$groups": {"organization": "posthog", "project": "p1"}}}),
+        ],
+        5,
+    )
+    .await;
+    send_phase(
+        &deployment,
+        &[identify("posthog", Some(json!({"prop": "updated value"})))],
+        6,
+    )
+    .await;
+    send_phase(
+        &deployment,
+        &[json!({"event": "after-update", "distinct_id": "group-user", "properties": {"$group_0": "posthog"}})],
+        7,
+    )
+    .await;
+
+    let rows = group_columns(&deployment).await;
+    let row = |event: &str| {
+        rows.iter()
+            .find(|row| row["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} row in {rows:#?}"))
+    };
+    assert_eq!(
+        row("with-group")["group0_properties"],
+        json!({"prop": "value"})
+    );
+    assert_ne!(
+        row("with-group")["group0_created_at"],
+        "1970-01-01 00:00:00"
+    );
+    assert_eq!(row("without-set")["group0_properties"], json!({}));
+    assert_eq!(
+        row("after-update")["group0_properties"],
+        json!({"prop": "updated value"})
+    );
+    // $groups: organization was registered first (index 0), project next (index 1), whose
+    // group was never identified.
+    let by_type = row("by-type");
+    assert_eq!(by_type["properties"]["$group_0"], "posthog");
+    assert_eq!(by_type["properties"]["$group_1"], "p1");
+    assert_eq!(by_type["group0_properties"], json!({"prop": "value"}));
+    assert_eq!(by_type["group1_properties"], json!({}));
+
+    let client = deployment.postgres.client().await;
+    let types: Vec<(String, i32)> = client
+        .query(
+            "SELECT group_type, group_type_index FROM posthog_grouptypemapping \
+             ORDER BY group_type_index",
+            &[],
+        )
+        .await
+        .expect("group types")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        types,
+        [("organization".to_owned(), 0), ("project".to_owned(), 1)]
+    );
+    let group = client
+        .query_one(
+            "SELECT group_properties, version FROM posthog_group WHERE group_key = 'posthog'",
+            &[],
+        )
+        .await
+        .expect("the posthog group");
+    assert_eq!(group.get::<_, Value>(0), json!({"prop": "updated value"}));
+    assert_eq!(group.get::<_, i64>(1), 2);
+    let stored = clickhouse_query(&format!(
+        "SELECT group_key, group_properties, version FROM {}.groups FINAL \
+         WHERE team_id = {} ORDER BY group_key FORMAT JSONEachRow",
+        deployment.clickhouse_database, deployment.team_id
+    ))
+    .await;
+    let stored: Vec<Value> = stored
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("group row"))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            json!({"group_key": "no-set", "group_properties": "{}", "version": "1"}),
+            json!({"group_key": "posthog", "group_properties": "{\"prop\":\"updated value\"}", "version": "2"}),
+        ]
+    );
+    deployment.teardown().await;
+}
+
 /// The plugin of PostHog's `plugins.test.ts`, plus a distinct-id rewrite, a runtime throw and a
 /// job queued from onEvent.
 const SUITE_PLUGIN: &str = r#"

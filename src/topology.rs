@@ -12,6 +12,9 @@ use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::event_writer::{EventWriter, EventWriterConfig, WriterMetrics};
 use plugin_server_actors::geoip::{GeoIpActor, GeoIpConfig, GeoIpHandle, GeoIpSource};
+use plugin_server_actors::groups::{
+    GroupConfig, GroupManager, MemoryGroupStore, PostgresGroupStore, SharedGroupStore,
+};
 use plugin_server_actors::health::ProgressReporter;
 use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, SetReady};
 use plugin_server_actors::ingestion::TeamManager;
@@ -133,6 +136,17 @@ impl Topology {
             )
             .with_metrics(PersonMetrics::register(&metrics)?),
         );
+        let group_store: SharedGroupStore = match &database {
+            Some(pool) => Arc::new(PostgresGroupStore::new(pool.clone())),
+            None => Arc::new(MemoryGroupStore::new()),
+        };
+        let groups = Arc::new(GroupManager::new(
+            group_store,
+            GroupConfig {
+                cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
+                ..GroupConfig::default()
+            },
+        ));
 
         let kafka = kafka_connection(settings);
         let sink = event_sink(settings, kafka.as_ref()).await?;
@@ -252,6 +266,7 @@ impl Topology {
                 )
                 .with_plugins(plugins.clone())
                 .with_persons(Arc::clone(&persons))
+                .with_groups(Arc::clone(&groups))
                 .with_post_ingestion(publisher.clone())
             }
         });
@@ -552,12 +567,14 @@ async fn event_sink(
         persons_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_person")),
         person_distinct_ids_topic: rows_to_kafka
             .then(|| format!("{prefix}clickhouse_person_distinct_id")),
+        groups_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_groups")),
     };
     let topics: Vec<String> = std::iter::once(config.dead_letter_topic.clone())
         .chain(config.events_json_topic.clone())
         .chain(config.warnings_topic.clone())
         .chain(config.persons_topic.clone())
         .chain(config.person_distinct_ids_topic.clone())
+        .chain(config.groups_topic.clone())
         .collect();
     ensure_topics(connection, &topics).await?;
     let kafka_sink: Arc<dyn EventSink> = Arc::new(KafkaSink::new(connection, config)?);

@@ -84,7 +84,7 @@ impl WriterMetrics {
         let rows_written = IntCounterVec::new(
             Opts::new(
                 "event_writer_rows_written_total",
-                "Rows the event writer has stored, by kind (events, dead_letters, warnings, persons, person_distinct_ids).",
+                "Rows the event writer has stored, by kind (events, dead_letters, warnings, persons, person_distinct_ids, groups).",
             ),
             &["kind"],
         )?;
@@ -243,6 +243,7 @@ async fn store(
         batch.warnings.is_empty(),
         batch.persons.is_empty(),
         batch.person_distinct_ids.is_empty(),
+        batch.groups.is_empty(),
         batch.events.is_empty(),
     ];
     loop {
@@ -272,6 +273,11 @@ async fn store(
                     batch.person_distinct_ids.len(),
                     sink.write_person_distinct_ids(&batch.person_distinct_ids)
                         .await,
+                ),
+                4 => (
+                    "groups",
+                    batch.groups.len(),
+                    sink.write_groups(&batch.groups).await,
                 ),
                 _ => (
                     "events",

@@ -23,6 +23,7 @@ use chrono::Utc;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
+use crate::groups::{EventGroups, GroupManager, GroupOutcome, GroupStoreError};
 use crate::ingestion::PluginEvent;
 use crate::ingestion::envelope::normalize_event;
 use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
@@ -73,6 +74,8 @@ pub enum PipelineError {
     Step(String),
     #[error("the person step failed: {0}")]
     Persons(#[from] PersonError),
+    #[error("the group step failed: {0}")]
+    Groups(#[from] GroupStoreError),
     #[error("stored events could not be queued for their plugins: {0}")]
     PostIngestion(#[from] crate::cluster::ClusterError),
 }
@@ -148,6 +151,7 @@ impl IngestionPipeline {
                 config,
                 plugins: None,
                 persons: None,
+                groups: None,
                 post_ingestion: None,
                 teams,
                 writer,
@@ -172,6 +176,15 @@ impl IngestionPipeline {
     pub fn with_persons(mut self, persons: Arc<PersonManager>) -> Self {
         if let Some(run) = Arc::get_mut(&mut self.run) {
             run.persons = Some(persons);
+        }
+        self
+    }
+
+    /// Fills each event's `$group_N` properties and group columns, and applies
+    /// `$groupidentify` (without it, rows name no groups).
+    pub fn with_groups(mut self, groups: Arc<GroupManager>) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.groups = Some(groups);
         }
         self
     }
@@ -216,6 +229,7 @@ struct Run {
     config: PipelineConfig,
     plugins: Option<PluginVmPool>,
     persons: Option<Arc<PersonManager>>,
+    groups: Option<Arc<GroupManager>>,
     post_ingestion: Option<PostIngestionPublisher>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
@@ -269,9 +283,22 @@ impl Run {
             None => None,
         };
         stamped.person_events.clear();
+        let groups = match &self.groups {
+            Some(manager) => {
+                let started = std::time::Instant::now();
+                let mut events: Vec<&mut StampedEvent> =
+                    stamped.events.iter_mut().map(|(event, _)| event).collect();
+                let outcome = manager.resolve_batch(&mut events).await?;
+                self.step_duration
+                    .with_label_values(&["groups"])
+                    .observe(started.elapsed().as_secs_f64());
+                Some(outcome)
+            }
+            None => None,
+        };
         let dropped_personless = stamped.dropped_personless;
         let batch = self
-            .step("prepare", move || build_batch(stamped, persons))
+            .step("prepare", move || build_batch(stamped, persons, groups))
             .await?;
 
         let mut outcome = BatchOutcome {
@@ -656,17 +683,28 @@ fn check_persons(
         .collect()
 }
 
-fn build_batch(stamped: Stamped, persons: Option<Vec<PersonAnswer>>) -> WriteBatch {
+fn build_batch(
+    stamped: Stamped,
+    persons: Option<Vec<PersonAnswer>>,
+    groups: Option<GroupOutcome>,
+) -> WriteBatch {
     let created_at = Utc::now();
+    let (event_groups, group_rows) = match groups {
+        Some(outcome) => (Some(outcome.events.into_iter()), outcome.rows),
+        None => (None, Vec::new()),
+    };
     let mut batch = WriteBatch {
         events: Vec::with_capacity(stamped.events.len()),
         dead_letters: stamped.dead_letters,
         warnings: stamped.warnings,
+        groups: group_rows,
         ..WriteBatch::default()
     };
     let mut persons = persons.map(Vec::into_iter);
+    let mut event_groups = event_groups;
     for (event, team) in stamped.events {
         let answer = persons.as_mut().and_then(Iterator::next);
+        let groups: Option<EventGroups> = event_groups.as_mut().and_then(Iterator::next);
         let outcome = match answer {
             Some(Ok(outcome)) => Some(outcome),
             Some(Err(reason)) => {
@@ -680,20 +718,46 @@ fn build_batch(stamped: Stamped, persons: Option<Vec<PersonAnswer>>) -> WriteBat
             }
             None => None,
         };
-        let row_person = outcome.as_ref().map(|outcome| RowPerson {
-            uuid: outcome.person.uuid,
-            properties: &outcome.person.properties,
-            created_at: outcome.person.created_at,
-            mode: outcome.mode,
-        });
-        match build_row(event, &team, created_at, row_person) {
-            Ok(row) => batch.events.push(row),
-            Err(letter) => batch.dead_letters.push(*letter),
-        }
-        if let Some(changes) = outcome.and_then(|outcome| outcome.changes) {
+        // The person step committed this event's person changes whatever becomes of the
+        // event, so ClickHouse gets them even when the row itself is dead-lettered.
+        let (row_person, changes) = match outcome {
+            Some(outcome) => (Some((outcome.person, outcome.mode)), outcome.changes),
+            None => (None, None),
+        };
+        if let Some(changes) = changes {
             batch.persons.extend(changes.person_rows);
             batch.person_distinct_ids.extend(changes.distinct_id_rows);
             batch.warnings.extend(changes.warnings);
+        }
+        let columns = match groups {
+            Some(Err(reason)) => {
+                batch.dead_letters.push(dead_letter_for_event(
+                    &event.event,
+                    DropReason::GroupRejected,
+                    format!("the group store refused the event: {reason}"),
+                ));
+                continue;
+            }
+            Some(Ok(columns)) => columns,
+            None => Default::default(),
+        };
+        let row_person = row_person.as_ref().map(|(person, mode)| RowPerson {
+            uuid: person.uuid,
+            properties: &person.properties,
+            created_at: person.created_at,
+            mode: *mode,
+        });
+        match build_row(event, &team, created_at, row_person) {
+            Ok(mut row) => {
+                for (index, group) in columns.iter().enumerate() {
+                    if let Some(group) = group {
+                        row.group_properties[index].clone_from(&group.properties);
+                        row.group_created_at[index] = group.created_at;
+                    }
+                }
+                batch.events.push(row);
+            }
+            Err(letter) => batch.dead_letters.push(*letter),
         }
     }
     batch

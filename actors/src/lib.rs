@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod event_writer;
 pub mod geoip;
+pub mod groups;
 pub mod health;
 pub mod ingestion;
 pub mod ingestion_pipeline;

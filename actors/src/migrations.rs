@@ -40,6 +40,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "plugin_server_job_retries",
         sql: include_str!("../migrations/postgres/0004_plugin_server_job_retries.sql"),
     },
+    Migration {
+        version: 5,
+        name: "groups",
+        sql: include_str!("../migrations/postgres/0005_groups.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[
@@ -62,6 +67,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "person_mode",
         sql: include_str!("../migrations/clickhouse/0004_person_mode.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "groups",
+        sql: include_str!("../migrations/clickhouse/0005_groups.sql"),
     },
 ];
 

@@ -111,6 +111,12 @@ impl EventSink for ScriptedSink {
         self.persons.fetch_add(rows.len(), Ordering::SeqCst);
         Ok(())
     }
+
+    async fn write_groups(&self, rows: &[crate::groups::GroupRow]) -> Result<(), SinkError> {
+        self.attempt().await?;
+        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 fn row() -> EventRow {

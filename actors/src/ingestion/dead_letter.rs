@@ -28,13 +28,16 @@ pub enum DropReason {
     /// The person store refused the event's person data (a distinct id longer than its
     /// column, a `\u0000` in a `$set` value).
     PersonRejected,
+    /// The group store refused the event's group data (a group key longer than its column, a
+    /// `\u0000` in a `$group_set` value).
+    GroupRejected,
     /// `$identify`, `$create_alias`, `$merge_dangerously` or `$groupidentify` sent with
     /// `$process_person_profile: false`: PostHog drops it with an ingestion warning.
     InvalidWhenPersonless,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::InvalidUtf8,
         Self::InvalidJson,
         Self::NoToken,
@@ -45,6 +48,7 @@ impl DropReason {
         Self::InvalidUuid,
         Self::DroppedByPlugin,
         Self::PersonRejected,
+        Self::GroupRejected,
         Self::InvalidWhenPersonless,
     ];
 
@@ -60,6 +64,7 @@ impl DropReason {
             Self::InvalidUuid => "invalid_uuid",
             Self::DroppedByPlugin => "dropped_by_plugin",
             Self::PersonRejected => "person_rejected",
+            Self::GroupRejected => "group_rejected",
             Self::InvalidWhenPersonless => "invalid_event_when_process_person_profile_is_false",
         }
     }

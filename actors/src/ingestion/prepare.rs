@@ -1,6 +1,6 @@
 //! From the event the plugins returned to the row of the `events` table (spec 1.3 steps 4-6,
 //! PostHog's `processPersonsStep`, `prepareEventStep` and `createEventStep`). The person step
-//! itself runs between [`stamp_event`] and [`build_row`]; group lookups are not done yet.
+//! and the group step (`crate::groups`) run between [`stamp_event`] and [`build_row`].
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};

@@ -11,6 +11,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{EventSink, SinkError};
+use crate::groups::GroupRow;
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::migrations::ClickHouseTarget;
 use crate::persons::{PersonDistinctIdRow, PersonRow};
@@ -73,6 +74,10 @@ impl EventSink for ClickHouseSink {
     ) -> Result<(), SinkError> {
         self.insert::<PersonDistinctIdRecord<'_>, _>("person_distinct_id", rows)
             .await
+    }
+
+    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
+        self.insert::<GroupRecord<'_>, _>("groups", rows).await
     }
 }
 
@@ -263,6 +268,31 @@ impl<'a> From<&'a PersonDistinctIdRow> for PersonDistinctIdRecord<'a> {
             distinct_id: &row.distinct_id,
             person_id: row.person_id,
             is_deleted: i8::from(row.is_deleted),
+            version: row.version,
+            _offset: 0,
+        }
+    }
+}
+
+#[derive(Row, Serialize)]
+struct GroupRecord<'a> {
+    group_type_index: u8,
+    group_key: &'a str,
+    created_at: u32,
+    team_id: i64,
+    group_properties: &'a str,
+    version: i64,
+    _offset: u64,
+}
+
+impl<'a> From<&'a GroupRow> for GroupRecord<'a> {
+    fn from(row: &'a GroupRow) -> Self {
+        Self {
+            group_type_index: row.group_type_index,
+            group_key: &row.group_key,
+            created_at: seconds(&row.created_at),
+            team_id: row.team_id,
+            group_properties: &row.properties,
             version: row.version,
             _offset: 0,
         }

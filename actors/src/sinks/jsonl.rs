@@ -14,9 +14,10 @@ use async_trait::async_trait;
 use chrono::{NaiveDate, Utc};
 
 use super::posthog_json::{
-    DeadLetterJson, EventJson, PersonDistinctIdJson, PersonJson, WarningJson,
+    DeadLetterJson, EventJson, GroupJson, PersonDistinctIdJson, PersonJson, WarningJson,
 };
 use super::{EventSink, SinkError};
+use crate::groups::GroupRow;
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::persons::{PersonDistinctIdRow, PersonRow};
 
@@ -45,6 +46,7 @@ pub struct JsonLinesSink {
     warnings: Arc<Mutex<RotatingFile>>,
     persons: Arc<Mutex<RotatingFile>>,
     person_distinct_ids: Arc<Mutex<RotatingFile>>,
+    groups: Arc<Mutex<RotatingFile>>,
 }
 
 impl JsonLinesSink {
@@ -61,6 +63,7 @@ impl JsonLinesSink {
             warnings: file("ingestion_warnings"),
             persons: file("person"),
             person_distinct_ids: file("person_distinct_id"),
+            groups: file("groups"),
         })
     }
 
@@ -134,6 +137,13 @@ impl EventSink for JsonLinesSink {
     ) -> Result<(), SinkError> {
         Self::append(&self.person_distinct_ids, rows, |out, row| {
             serde_json::to_writer(out, &PersonDistinctIdJson::from(row))
+        })
+        .await
+    }
+
+    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
+        Self::append(&self.groups, rows, |out, row| {
+            serde_json::to_writer(out, &GroupJson::from(row))
         })
         .await
     }

@@ -4,8 +4,9 @@
 //!   message as received, with headers `error`, `reason`, `event-id` and `error-location`, so a
 //!   fixed event can be re-produced to the ingestion topic unchanged;
 //! - optionally, event rows to `<KAFKA_PREFIX>clickhouse_events_json`, warnings to
-//!   `<KAFKA_PREFIX>clickhouse_ingestion_warnings` and person changes to
-//!   `<KAFKA_PREFIX>clickhouse_person` and `<KAFKA_PREFIX>clickhouse_person_distinct_id`, in
+//!   `<KAFKA_PREFIX>clickhouse_ingestion_warnings`, person changes to
+//!   `<KAFKA_PREFIX>clickhouse_person` and `<KAFKA_PREFIX>clickhouse_person_distinct_id` and
+//!   group changes to `<KAFKA_PREFIX>clickhouse_groups`, in
 //!   PostHog's format, for deployments whose ClickHouse reads those topics with its Kafka
 //!   engine.
 //!
@@ -18,8 +19,9 @@ use async_trait::async_trait;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::posthog_json::{EventJson, PersonDistinctIdJson, PersonJson, WarningJson};
+use super::posthog_json::{EventJson, GroupJson, PersonDistinctIdJson, PersonJson, WarningJson};
 use super::{EventSink, SinkError};
+use crate::groups::GroupRow;
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::persons::{PersonDistinctIdRow, PersonRow};
@@ -33,6 +35,8 @@ pub struct KafkaSinkConfig {
     /// `None` leaves person changes to the ClickHouse sink only.
     pub persons_topic: Option<String>,
     pub person_distinct_ids_topic: Option<String>,
+    /// `None` leaves group changes to the ClickHouse sink only.
+    pub groups_topic: Option<String>,
 }
 
 pub struct KafkaSink {
@@ -195,6 +199,20 @@ impl EventSink for KafkaSink {
             rows,
             |row| row.person_id.to_string(),
             |row| serde_json::to_vec(&PersonDistinctIdJson::from(row)),
+        )
+        .await
+    }
+
+    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
+        let Some(topic) = &self.config.groups_topic else {
+            return Ok(());
+        };
+        self.deliver_json(
+            "clickhouse_groups",
+            topic,
+            rows,
+            |row| format!("{}:{}:{}", row.team_id, row.group_type_index, row.group_key),
+            |row| serde_json::to_vec(&GroupJson::from(row)),
         )
         .await
     }

@@ -11,6 +11,7 @@ mod posthog_json;
 
 use async_trait::async_trait;
 
+use crate::groups::GroupRow;
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::persons::{PersonDistinctIdRow, PersonRow};
 
@@ -28,6 +29,8 @@ pub struct WriteBatch {
     /// Person versions the person step committed to its store, for ClickHouse's copy.
     pub persons: Vec<PersonRow>,
     pub person_distinct_ids: Vec<PersonDistinctIdRow>,
+    /// Group versions the group step committed to its store.
+    pub groups: Vec<GroupRow>,
 }
 
 impl WriteBatch {
@@ -37,6 +40,7 @@ impl WriteBatch {
             && self.warnings.is_empty()
             && self.persons.is_empty()
             && self.person_distinct_ids.is_empty()
+            && self.groups.is_empty()
     }
 
     /// Rough bytes, to cut batches at KAFKA_MAX_MESSAGE_BATCH_SIZE.
@@ -61,6 +65,11 @@ impl WriteBatch {
                 .iter()
                 .map(|row| 48 + row.distinct_id.len())
                 .sum::<usize>()
+            + self
+                .groups
+                .iter()
+                .map(|row| 48 + row.group_key.len() + row.properties.len())
+                .sum::<usize>()
     }
 
     pub fn append(&mut self, other: WriteBatch) {
@@ -69,6 +78,7 @@ impl WriteBatch {
         self.warnings.extend(other.warnings);
         self.persons.extend(other.persons);
         self.person_distinct_ids.extend(other.person_distinct_ids);
+        self.groups.extend(other.groups);
     }
 }
 
@@ -119,6 +129,9 @@ pub trait EventSink: Send + Sync + 'static {
         &self,
         rows: &[PersonDistinctIdRow],
     ) -> Result<(), SinkError>;
+
+    /// Group versions; the tables keep the highest version of each group.
+    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError>;
 }
 
 /// Writes every part to each sink in turn, e.g. ClickHouse then the Kafka dead-letter topic.
@@ -174,6 +187,13 @@ impl EventSink for FanOutSink {
     ) -> Result<(), SinkError> {
         for sink in &self.sinks {
             sink.write_person_distinct_ids(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_groups(rows).await?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::groups::GroupRow;
 use crate::ingestion::{DeadLetter, EventRow, IngestionWarning};
 use crate::persons::{PersonDistinctIdRow, PersonRow};
 
@@ -185,6 +186,30 @@ impl<'a> From<&'a PersonDistinctIdRow> for PersonDistinctIdJson<'a> {
             team_id: row.team_id,
             version: row.version,
             is_deleted: u8::from(row.is_deleted),
+        }
+    }
+}
+
+/// A `clickhouse_groups` message (spec 1.9).
+#[derive(Serialize)]
+pub(super) struct GroupJson<'a> {
+    group_type_index: u8,
+    group_key: &'a str,
+    team_id: i64,
+    group_properties: &'a str,
+    created_at: String,
+    version: i64,
+}
+
+impl<'a> From<&'a GroupRow> for GroupJson<'a> {
+    fn from(row: &'a GroupRow) -> Self {
+        Self {
+            group_type_index: row.group_type_index,
+            group_key: &row.group_key,
+            team_id: row.team_id,
+            group_properties: &row.properties,
+            created_at: seconds(&row.created_at),
+            version: row.version,
         }
     }
 }
