@@ -1,16 +1,18 @@
 //! Chaos: the server killed with SIGKILL mid-stream, and each store it depends on (ClickHouse,
-//! Postgres, Redis) unreachable for a while during ingestion. Every event is stored once (after
-//! ClickHouse's dedup of replays), no offset of an unstored event is committed, `/_health` shows
-//! the outage and recovers. Outages go through a TCP proxy that refuses connections and cuts the
-//! open ones, so the shared services of the other tests keep running.
+//! Postgres, Redis) killed with SIGKILL during ingestion and restarted on its data a while
+//! later. Every event is stored once (after ClickHouse's dedup of replays), no offset of an
+//! unstored event is committed, `/_health` shows the outage and recovers. The killed stores are
+//! the tests' own instances (`private_stores`), so the shared services of the other tests keep
+//! running.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{self, clickhouse_http_url, clickhouse_query};
+use crate::common::{self, clickhouse_http_url, clickhouse_query, clickhouse_query_at};
 use crate::ingestion::{Deployment, good_events, produce, tagged_events, wait_for, wait_for_up_to};
+use crate::private_stores::{PrivateStore, StoreKind};
 
 #[tokio::test]
 async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
@@ -59,56 +61,6 @@ async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
     deployment.teardown().await;
 }
 
-/// A TCP proxy in front of a store that can be switched off: while off it refuses connections
-/// and cuts the open ones, as a stopped store would.
-struct SwitchableProxy {
-    port: u16,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl SwitchableProxy {
-    async fn start(target: String) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (flag, open) = (up.clone(), connections.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let target = target.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                open.lock().expect("connections").push(task.abort_handle());
-            }
-        });
-        Self {
-            port,
-            up,
-            connections,
-        }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
-        if !up {
-            for connection in self.connections.lock().expect("connections").drain(..) {
-                connection.abort();
-            }
-        }
-    }
-}
-
 async fn health(addr: &str) -> Value {
     reqwest::get(format!("http://{addr}/_health"))
         .await
@@ -118,17 +70,19 @@ async fn health(addr: &str) -> Value {
         .expect("health json")
 }
 
-// Multi-threaded: the proxy must keep serving while the test blocks waiting for the server.
+/// ClickHouse killed with SIGKILL and down for 30 s during ingestion: the writer retries, no
+/// offset of an unstored event is committed, health shows the writer degraded, and once
+/// ClickHouse is back on the same data every event is stored once.
+// Multi-threaded: the store's start and the server's output are waited on side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_writer_degraded() {
-    let deployment = Deployment::create().await;
-    let proxy = SwitchableProxy::start(proxy_target(&clickhouse_http_url())).await;
-    let (_server, addr) =
-        deployment.start_server_with(&[("CLICKHOUSE_HOST", format!("127.0.0.1:{}", proxy.port))]);
+async fn clickhouse_killed_and_restarted_loses_nothing_and_health_shows_the_writer_degraded() {
+    let mut clickhouse = PrivateStore::start(StoreKind::ClickHouse).await;
+    let deployment = Deployment::create_on(&common::postgres_server_url(), &clickhouse.url()).await;
+    let (_server, addr) = deployment.start_server();
 
-    let (outage, report) = store_then_cut(
+    let (outage, report) = store_then_kill(
         &deployment,
-        &proxy,
+        &mut clickhouse,
         &addr,
         &good_events(&deployment.token, 500, "before"),
         &good_events(&deployment.token, 500, "during"),
@@ -141,29 +95,33 @@ async fn clickhouse_down_for_30_seconds_loses_nothing_and_health_shows_the_write
         "{report}"
     );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
-    recover(&deployment, &proxy, &addr, 500, 1_000).await;
+    restart_and_recover(&deployment, &mut clickhouse, &addr, 500, 1_000).await;
+    clickhouse_query_at(
+        &clickhouse.url(),
+        &format!(
+            "OPTIMIZE TABLE {}.events FINAL",
+            deployment.clickhouse_database
+        ),
+    )
+    .await;
+    assert_eq!(deployment.counts().await, (1_000, 1_000));
     deployment.teardown().await;
 }
 
-/// The end of a store outage: while it was down nothing past the `stored` events was stored or
-/// committed; once it is back every one of `total` is stored and committed, and health is ok.
-async fn recover(
+/// The end of a store outage: nothing past the `stored` events was committed while it was
+/// down; once it runs again every one of `total` is stored and committed, and health is ok.
+async fn restart_and_recover(
     deployment: &Deployment,
-    proxy: &SwitchableProxy,
+    store: &mut PrivateStore,
     addr: &str,
     stored: u64,
     total: u64,
 ) {
-    assert_eq!(
-        deployment.counts().await.1,
-        stored,
-        "nothing stored while down"
-    );
     assert!(
         deployment.committed() <= stored as i64,
         "offsets of unstored events must not be committed"
     );
-    proxy.set_up(true);
+    store.restart().await;
     wait_for("every event stored after the outage", async || {
         (deployment.counts().await.1 == total).then_some(())
     })
@@ -182,11 +140,11 @@ async fn committed_and_healthy(deployment: &Deployment, addr: &str, total: u64) 
     .await;
 }
 
-/// Stores `before`, then cuts the store off and produces `during`; returns the moment of the
-/// cut and the health report once it shows the outage.
-async fn store_then_cut(
+/// Stores `before`, then kills the store and produces `during`; returns the moment of the kill
+/// and the health report once it shows the outage.
+async fn store_then_kill(
     deployment: &Deployment,
-    proxy: &SwitchableProxy,
+    store: &mut PrivateStore,
     addr: &str,
     before: &[Vec<u8>],
     during: &[Vec<u8>],
@@ -196,7 +154,7 @@ async fn store_then_cut(
         (deployment.counts().await.1 == before.len() as u64).then_some(())
     })
     .await;
-    proxy.set_up(false);
+    store.kill();
     let outage = Instant::now();
     produce(&deployment.topic(), during).await;
     let report = wait_for("health reported degraded", async || {
@@ -207,31 +165,20 @@ async fn store_then_cut(
     (outage, report)
 }
 
-/// `host:port` of a service URL (scheme, credentials and path dropped).
-fn proxy_target(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
-}
-
-/// Postgres (persons, teams) unreachable for 10 s: batches fail and are retried, nothing is
-/// committed past what is stored, health is degraded, and everything lands once it is back.
+/// Postgres (persons, teams) killed with SIGKILL and down for 10 s: batches fail and are
+/// retried, nothing is committed past what is stored, health is degraded, and once Postgres
+/// has recovered from its crash everything lands, each distinct id with one person.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
-    let deployment = Deployment::create().await;
-    let proxy = SwitchableProxy::start(proxy_target(&deployment.postgres.url)).await;
-    let proxied = deployment.postgres.url.replacen(
-        &proxy_target(&deployment.postgres.url),
-        &format!("127.0.0.1:{}", proxy.port),
-        1,
-    );
-    let (_server, addr) = deployment.start_server_with(&[("DATABASE_URL", proxied)]);
+async fn postgres_killed_and_restarted_loses_nothing_and_health_shows_the_consumer_degraded() {
+    let mut postgres = PrivateStore::start(StoreKind::Postgres).await;
+    let deployment = Deployment::create_on(&postgres.url(), &clickhouse_http_url()).await;
+    let (_server, addr) = deployment.start_server();
 
     // Each phase has distinct ids of its own, so the outage's events need new persons (the
     // person cache cannot answer them).
-    let (outage, report) = store_then_cut(
+    let (outage, report) = store_then_kill(
         &deployment,
-        &proxy,
+        &mut postgres,
         &addr,
         &tagged_events(&deployment.token, 300, "before", "before", 40),
         &tagged_events(&deployment.token, 300, "during", "during", 40),
@@ -239,7 +186,12 @@ async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
     .await;
     assert!(report.to_string().contains("degraded: "), "{report}");
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
-    recover(&deployment, &proxy, &addr, 300, 600).await;
+    assert_eq!(
+        deployment.counts().await.1,
+        300,
+        "nothing stored while down"
+    );
+    restart_and_recover(&deployment, &mut postgres, &addr, 300, 600).await;
     let client = deployment.postgres.client().await;
     let persons: i64 = client
         .query_one("SELECT count(*) FROM posthog_person", &[])
@@ -247,20 +199,22 @@ async fn postgres_down_loses_nothing_and_health_shows_the_consumer_degraded() {
         .unwrap()
         .get(0);
     assert_eq!(persons, 80, "one person per distinct id of both phases");
-    clickhouse_query(&format!(
-        "OPTIMIZE TABLE {}.events FINAL",
-        deployment.clickhouse_database
-    ))
-    .await;
+    deployment
+        .clickhouse(&format!(
+            "OPTIMIZE TABLE {}.events FINAL",
+            deployment.clickhouse_database
+        ))
+        .await;
     assert_eq!(deployment.counts().await, (600, 600));
     deployment.teardown().await;
 }
 
-/// Redis (the post-ingestion queue) unreachable for 10 s while a team's onEvent plugin runs:
-/// batches wait for the queue instead of dropping their follow-up, so every stored event
-/// reaches onEvent (at least once), and health shows the outage.
+/// Redis (the post-ingestion queue) killed with SIGKILL for 10 s while a team's onEvent plugin
+/// runs: batches wait for the queue instead of dropping their follow-up, the messages queued
+/// before the kill survive in Redis' append-only file, so every stored event reaches onEvent
+/// (at least once), and health shows the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
+async fn redis_killed_and_restarted_loses_no_on_event_delivery_and_health_recovers() {
     plugin_server::telemetry::install_tls_provider();
     let mut destination = common::HttpRecorder::start().await;
     let deployment = Deployment::create().await;
@@ -273,10 +227,9 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
             json!({"url": destination.url}),
         )
         .await;
-    let redis = std::env::var("REDIS_URL").expect("REDIS_URL: run functional_tests/run.sh");
-    let proxy = SwitchableProxy::start(proxy_target(&redis)).await;
+    let mut redis = PrivateStore::start(StoreKind::Redis).await;
     let (_server, addr) = deployment.start_server_with(&[
-        ("REDIS_URL", format!("redis://127.0.0.1:{}", proxy.port)),
+        ("REDIS_URL", redis.url()),
         ("CLUSTER_PREFIX", format!("{}:", deployment.kafka_prefix)),
     ]);
 
@@ -300,7 +253,7 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
     .await;
     collect(&mut delivered, 200, Duration::from_secs(60)).await;
 
-    proxy.set_up(false);
+    redis.kill();
     let outage = Instant::now();
     produce(
         &deployment.topic(),
@@ -318,7 +271,7 @@ async fn redis_down_loses_no_on_event_delivery_and_health_recovers() {
         "offsets of events whose follow-up was not queued must not be committed"
     );
 
-    proxy.set_up(true);
+    redis.restart().await;
     collect(&mut delivered, 400, Duration::from_secs(90)).await;
     committed_and_healthy(&deployment, &addr, 400).await;
     let stored: HashSet<String> = deployment

@@ -58,18 +58,30 @@ pub fn unique_name(prefix: &str) -> String {
 pub struct FreshPostgres {
     pub name: String,
     pub url: String,
+    /// The server's URL without a database.
+    server: String,
 }
 
 impl FreshPostgres {
+    /// On the test run's Postgres.
     pub async fn create() -> Self {
+        Self::create_on(&postgres_server_url()).await
+    }
+
+    /// On the server at `server` (a URL without a database).
+    pub async fn create_on(server: &str) -> Self {
         let name = unique_name("ps_test");
-        let admin = connect(&format!("{}/postgres", postgres_server_url())).await;
+        let admin = connect(&format!("{server}/postgres")).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create database");
-        let url = format!("{}/{name}", postgres_server_url());
-        Self { name, url }
+        let url = format!("{server}/{name}");
+        Self {
+            name,
+            url,
+            server: server.to_owned(),
+        }
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -77,7 +89,7 @@ impl FreshPostgres {
     }
 
     pub async fn drop_database(self) {
-        let admin = connect(&format!("{}/postgres", postgres_server_url())).await;
+        let admin = connect(&format!("{}/postgres", self.server)).await;
         admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -98,9 +110,14 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// Runs a ClickHouse query over HTTP and returns the body; panics on an error status.
 pub async fn clickhouse_query(sql: &str) -> String {
+    clickhouse_query_at(&clickhouse_http_url(), sql).await
+}
+
+/// [`clickhouse_query`] on the ClickHouse at `url`.
+pub async fn clickhouse_query_at(url: &str, sql: &str) -> String {
     plugin_server::telemetry::install_tls_provider();
     let response = reqwest::Client::new()
-        .post(clickhouse_http_url())
+        .post(url)
         .body(sql.to_owned())
         .send()
         .await

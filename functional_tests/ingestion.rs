@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query, run_binary, unique_name,
+    FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query_at, postgres_server_url,
+    run_binary, unique_name,
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -26,6 +27,8 @@ pub(crate) fn kafka_hosts() -> String {
 /// Everything one test run owns: a Postgres database, a ClickHouse database, a topic prefix.
 pub(crate) struct Deployment {
     pub(crate) postgres: FreshPostgres,
+    /// The ClickHouse server (HTTP URL) holding `clickhouse_database`.
+    pub(crate) clickhouse_url: String,
     pub(crate) clickhouse_database: String,
     pub(crate) kafka_prefix: String,
     pub(crate) token: String,
@@ -33,12 +36,20 @@ pub(crate) struct Deployment {
 }
 
 impl Deployment {
+    /// On the test run's Postgres and ClickHouse.
     pub(crate) async fn create() -> Self {
-        let postgres = FreshPostgres::create().await;
+        Self::create_on(&postgres_server_url(), &clickhouse_http_url()).await
+    }
+
+    /// On the Postgres server at `postgres_server` (a URL without a database) and the
+    /// ClickHouse at `clickhouse_url`, e.g. a test's own instances that it restarts.
+    pub(crate) async fn create_on(postgres_server: &str, clickhouse_url: &str) -> Self {
+        let postgres = FreshPostgres::create_on(postgres_server).await;
         let clickhouse_database = unique_name("ps_ingest");
         let kafka_prefix = format!("{}_", unique_name("t"));
         let deployment = Self {
             postgres,
+            clickhouse_url: clickhouse_url.to_owned(),
             clickhouse_database,
             kafka_prefix,
             token: unique_name("phc"),
@@ -79,7 +90,7 @@ impl Deployment {
     pub(crate) fn env_pairs(&self) -> Vec<(&'static str, String)> {
         vec![
             ("DATABASE_URL", self.postgres.url.clone()),
-            ("CLICKHOUSE_HOST", clickhouse_http_url()),
+            ("CLICKHOUSE_HOST", self.clickhouse_url.clone()),
             ("CLICKHOUSE_DATABASE", self.clickhouse_database.clone()),
             ("KAFKA_HOSTS", kafka_hosts()),
             ("KAFKA_PREFIX", self.kafka_prefix.clone()),
@@ -129,19 +140,20 @@ impl Deployment {
     }
 
     pub(crate) async fn events(&self) -> Vec<Value> {
-        let rows = clickhouse_query(&format!(
-            "SELECT uuid, event, properties, toString(timestamp) AS timestamp, team_id, \
+        let rows = self
+            .clickhouse(&format!(
+                "SELECT uuid, event, properties, toString(timestamp) AS timestamp, team_id, \
              distinct_id, elements_chain FROM {}.events WHERE team_id = {} FORMAT JSONEachRow",
-            self.clickhouse_database, self.team_id
-        ))
-        .await;
+                self.clickhouse_database, self.team_id
+            ))
+            .await;
         rows.lines()
             .map(|line| serde_json::from_str(line).expect("row"))
             .collect()
     }
 
     async fn dead_letters(&self) -> Vec<Value> {
-        let rows = clickhouse_query(&format!(
+        let rows = self.clickhouse(&format!(
             "SELECT error, raw_payload, error_location FROM {}.events_dead_letter_queue FORMAT JSONEachRow",
             self.clickhouse_database
         ))
@@ -151,13 +163,19 @@ impl Deployment {
             .collect()
     }
 
+    /// A query on the deployment's ClickHouse.
+    pub(crate) async fn clickhouse(&self, sql: &str) -> String {
+        clickhouse_query_at(&self.clickhouse_url, sql).await
+    }
+
     /// Rows and distinct event uuids stored for the team.
     pub(crate) async fn counts(&self) -> (u64, u64) {
-        let text = clickhouse_query(&format!(
-            "SELECT count(), uniqExact(uuid) FROM {}.events WHERE team_id = {} FORMAT TSV",
-            self.clickhouse_database, self.team_id
-        ))
-        .await;
+        let text = self
+            .clickhouse(&format!(
+                "SELECT count(), uniqExact(uuid) FROM {}.events WHERE team_id = {} FORMAT TSV",
+                self.clickhouse_database, self.team_id
+            ))
+            .await;
         let mut fields = text
             .split_whitespace()
             .map(|n| n.parse::<u64>().expect("number"));
@@ -254,8 +272,9 @@ impl Deployment {
     }
 
     pub(crate) async fn drop_databases(self) {
+        self.clickhouse(&format!("DROP DATABASE {}", self.clickhouse_database))
+            .await;
         self.postgres.drop_database().await;
-        clickhouse_query(&format!("DROP DATABASE {}", self.clickhouse_database)).await;
     }
 
     /// Committed offsets of PostHog's group on the main topic, summed over partitions.

@@ -10,4 +10,5 @@ mod migrate;
 mod persons;
 mod plugins;
 mod posthog_suite;
+mod private_stores;
 mod server_on_redis;
