@@ -4,6 +4,7 @@
 //! ordered are sent in phases, each stored before the next is produced, since the test's
 //! messages land on different partitions.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -321,6 +322,134 @@ async fn groups_behave_as_in_posthogs_ingestion_suite() {
             json!({"group_key": "posthog", "group_properties": "{\"prop\":\"updated value\"}", "version": "2"}),
         ]
     );
+    deployment.teardown().await;
+}
+
+/// A stored property definition: `property_type`, `is_numerical`, `group_type_index`.
+type Definition = (Option<String>, bool, Option<i16>);
+
+/// 7.4: each property's type is decided by its first value, as PostHog's
+/// `definitions.test.ts` checks; the event, its properties, person properties from `$set`,
+/// group properties from `$group_set`, and the team's `ingested_event` flag are recorded.
+#[tokio::test]
+async fn definitions_behave_as_in_posthogs_definitions_suite() {
+    let deployment = Deployment::create().await;
+    let (_server, _addr) = deployment.start_server();
+    let typed = json!({
+        "string_prop": "hehe",
+        "int_prop": 2, "float_prop": 2.1234, "int_text": "2", "float_text": "2.1234",
+        "date_1": "01/01/2020 00:00:00", "date_2": "01-01-2020 00:00:00",
+        "date_3": "2020/01/01 00:00:00", "date_4": "2020-01-01T00:00:00Z",
+        "date_5": "2020-01-01 00:00:00", "date_6": "2020-01-01",
+        "bool_prop": true, "bool_text": "true",
+        "utm_abc": 1234, "utm_123": 1234,
+        "$set": {"plan": "pro"},
+    });
+    send_phase(
+        &deployment,
+        &[
+            json!({"event": "typed", "distinct_id": "definer", "properties": typed}),
+            json!({"event": "$groupidentify", "distinct_id": "definer", "properties":
+                {"$group_type": "company", "$group_key": "acme", "$group_set": {"seats": 10}}}),
+        ],
+        2,
+    )
+    .await;
+
+    let client = deployment.postgres.client().await;
+    let definitions: HashMap<(String, i16), Definition> =
+        wait_for("property definitions written", async || {
+            let rows = client
+                .query(
+                    "SELECT name, type, property_type, is_numerical, group_type_index \
+                     FROM posthog_propertydefinition",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let definitions: HashMap<_, _> = rows
+                .iter()
+                .map(|row| {
+                    (
+                        (row.get(0), row.get(1)),
+                        (row.get(2), row.get(3), row.get(4)),
+                    )
+                })
+                .collect();
+            definitions
+                .contains_key(&("seats".to_owned(), 3))
+                .then_some(definitions)
+        })
+        .await;
+    let of = |name: &str, kind: i16| {
+        definitions
+            .get(&(name.to_owned(), kind))
+            .unwrap_or_else(|| panic!("no definition of {name} ({kind}) in {definitions:#?}"))
+            .clone()
+    };
+    assert_eq!(
+        of("string_prop", 1),
+        (Some("String".to_owned()), false, None)
+    );
+    for name in ["int_prop", "float_prop", "int_text", "float_text"] {
+        assert_eq!(
+            of(name, 1),
+            (Some("Numeric".to_owned()), true, None),
+            "{name}"
+        );
+    }
+    for n in 1..=6 {
+        assert_eq!(
+            of(&format!("date_{n}"), 1).0.as_deref(),
+            Some("DateTime"),
+            "date_{n}"
+        );
+    }
+    assert_eq!(of("bool_prop", 1).0.as_deref(), Some("Boolean"));
+    assert_eq!(of("bool_text", 1).0.as_deref(), Some("Boolean"));
+    assert_eq!(of("utm_abc", 1).0.as_deref(), Some("String"));
+    assert_eq!(of("utm_123", 1).0.as_deref(), Some("String"));
+    assert_eq!(
+        of("plan", 2).0.as_deref(),
+        Some("String"),
+        "a person property"
+    );
+    assert!(!definitions.contains_key(&("$set".to_owned(), 1)));
+    assert_eq!(of("seats", 3), (Some("Numeric".to_owned()), true, Some(0)));
+
+    let events: Vec<String> = client
+        .query(
+            "SELECT name FROM posthog_eventdefinition ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("event definitions")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(events, ["$groupidentify", "typed"]);
+    let on_typed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM posthog_eventproperty WHERE event = 'typed' \
+             AND property IN ('string_prop', 'utm_abc', 'plan')",
+            &[],
+        )
+        .await
+        .expect("event properties")
+        .get(0);
+    assert_eq!(
+        on_typed, 2,
+        "string_prop and utm_abc are on the event; plan is a person's"
+    );
+    let ingested: bool = client
+        .query_one(
+            "SELECT ingested_event FROM posthog_team WHERE id = $1",
+            &[&(deployment.team_id as i32)],
+        )
+        .await
+        .expect("team")
+        .get(0);
+    assert!(ingested, "the team's first event sets ingested_event");
     deployment.teardown().await;
 }
 

@@ -10,6 +10,9 @@ use actix::{Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
+use plugin_server_actors::definitions::{
+    DefinitionConfig, DefinitionsManager, PostgresDefinitionStore,
+};
 use plugin_server_actors::event_writer::{EventWriter, EventWriterConfig, WriterMetrics};
 use plugin_server_actors::geoip::{GeoIpActor, GeoIpConfig, GeoIpHandle, GeoIpSource};
 use plugin_server_actors::groups::{
@@ -140,6 +143,13 @@ impl Topology {
             Some(pool) => Arc::new(PostgresGroupStore::new(pool.clone())),
             None => Arc::new(MemoryGroupStore::new()),
         };
+        // Definitions are PostHog UI data: recorded only where there is a PostHog database.
+        let definitions = database.as_ref().map(|pool| {
+            Arc::new(DefinitionsManager::new(
+                Arc::new(PostgresDefinitionStore::new(pool.clone())),
+                DefinitionConfig::default(),
+            ))
+        });
         let groups = Arc::new(GroupManager::new(
             group_store,
             GroupConfig {
@@ -254,7 +264,7 @@ impl Topology {
             let plugins = plugins.clone();
             let metrics = metrics.clone();
             move |stats| {
-                IngestionPipeline::new(
+                let pipeline = IngestionPipeline::new(
                     PipelineConfig {
                         limits: EnvelopeLimits::default(),
                     },
@@ -267,7 +277,11 @@ impl Topology {
                 .with_plugins(plugins.clone())
                 .with_persons(Arc::clone(&persons))
                 .with_groups(Arc::clone(&groups))
-                .with_post_ingestion(publisher.clone())
+                .with_post_ingestion(publisher.clone());
+                match &definitions {
+                    Some(definitions) => pipeline.with_definitions(Arc::clone(definitions)),
+                    None => pipeline,
+                }
             }
         });
 

@@ -22,6 +22,7 @@ use actix::prelude::*;
 use chrono::Utc;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
+use crate::definitions::DefinitionsManager;
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
 use crate::groups::{EventGroups, GroupManager, GroupOutcome, GroupStoreError};
 use crate::ingestion::PluginEvent;
@@ -152,6 +153,7 @@ impl IngestionPipeline {
                 plugins: None,
                 persons: None,
                 groups: None,
+                definitions: None,
                 post_ingestion: None,
                 teams,
                 writer,
@@ -185,6 +187,14 @@ impl IngestionPipeline {
     pub fn with_groups(mut self, groups: Arc<GroupManager>) -> Self {
         if let Some(run) = Arc::get_mut(&mut self.run) {
             run.groups = Some(groups);
+        }
+        self
+    }
+
+    /// Records the event and property definitions the batches add (in the background).
+    pub fn with_definitions(mut self, definitions: Arc<DefinitionsManager>) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.definitions = Some(definitions);
         }
         self
     }
@@ -230,6 +240,7 @@ struct Run {
     plugins: Option<PluginVmPool>,
     persons: Option<Arc<PersonManager>>,
     groups: Option<Arc<GroupManager>>,
+    definitions: Option<Arc<DefinitionsManager>>,
     post_ingestion: Option<PostIngestionPublisher>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
@@ -297,9 +308,24 @@ impl Run {
             None => None,
         };
         let dropped_personless = stamped.dropped_personless;
-        let batch = self
-            .step("prepare", move || build_batch(stamped, persons, groups))
+        let definitions = self.definitions.clone();
+        let (batch, new_definitions) = self
+            .step("prepare", move || {
+                // Before the rows are built, which takes the events apart.
+                let new_definitions = definitions.map(|manager| {
+                    let identified = groups.as_ref().map(|outcome| outcome.identified.as_slice());
+                    manager.collect(stamped.events.iter().enumerate().map(|(n, (event, team))| {
+                        let group_type_index =
+                            identified.and_then(|identified| identified.get(n).copied().flatten());
+                        (team.as_ref(), &event.event, group_type_index)
+                    }))
+                });
+                (build_batch(stamped, persons, groups), new_definitions)
+            })
             .await?;
+        if let (Some(manager), Some(new)) = (&self.definitions, new_definitions) {
+            manager.record(new);
+        }
 
         let mut outcome = BatchOutcome {
             written: batch.events.len(),

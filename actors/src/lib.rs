@@ -5,6 +5,7 @@
 //! and `src/topology.rs` wires the actors together.
 
 pub mod cluster;
+pub mod definitions;
 pub mod event_writer;
 pub mod geoip;
 pub mod groups;

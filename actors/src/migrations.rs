@@ -45,6 +45,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "groups",
         sql: include_str!("../migrations/postgres/0005_groups.sql"),
     },
+    Migration {
+        version: 6,
+        name: "definitions",
+        sql: include_str!("../migrations/postgres/0006_definitions.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[

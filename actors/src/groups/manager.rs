@@ -75,6 +75,8 @@ pub struct GroupOutcome {
     pub events: Vec<EventGroups>,
     /// The group versions written, for ClickHouse's `groups` table.
     pub rows: Vec<GroupRow>,
+    /// One per event: the index of the group type a `$groupidentify` names.
+    pub identified: Vec<Option<u8>>,
 }
 
 struct TeamTypes {
@@ -124,6 +126,7 @@ impl GroupManager {
         events: &mut [&mut StampedEvent],
     ) -> Result<GroupOutcome, GroupStoreError> {
         let mut identifies = Vec::with_capacity(events.len());
+        let mut identified = Vec::with_capacity(events.len());
         let mut any_group = false;
         for stamped in events.iter_mut() {
             let event = &mut stamped.event;
@@ -143,6 +146,11 @@ impl GroupManager {
             } else {
                 None
             };
+            identified.push(
+                identify
+                    .as_ref()
+                    .map(|identify| identify.key.group_type_index),
+            );
             any_group |= identify.is_some()
                 || GROUP_PROPERTIES
                     .iter()
@@ -153,6 +161,7 @@ impl GroupManager {
             return Ok(GroupOutcome {
                 events: events.iter().map(|_| Ok(Default::default())).collect(),
                 rows: Vec::new(),
+                identified,
             });
         }
 
@@ -160,6 +169,7 @@ impl GroupManager {
         let mut outcome = GroupOutcome {
             events: Vec::with_capacity(events.len()),
             rows: Vec::new(),
+            identified,
         };
         for (stamped, identify) in events.iter().zip(identifies) {
             if let Some(Identify { key, set }) = identify {

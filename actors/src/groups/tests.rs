@@ -1,6 +1,7 @@
 //! The same expectations of both stores: the embedded profile's memory store, and Postgres
 //! (the test run's server; a fresh database per test).
 
+#[cfg(feature = "integration-tests")]
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
