@@ -1,7 +1,7 @@
 -- The compose deployment's first-run sample: one organization, team 1 with the API token
 -- `phc_compose`, and the repository's hello-world plugin (a `local` plugin: the image carries
--- it in /app/plugins, found from BASE_DIR=/app/data as ../plugins/hello-world) enabled for
--- it. Safe to run on every start: existing rows are left alone.
+-- it in BASE_DIR/plugins, /app/data/plugins/hello-world, named relative to BASE_DIR) enabled
+-- for it. Safe to run on every start: existing rows are left alone.
 INSERT INTO posthog_organization (id, name)
 VALUES ('00000000-0000-0000-0000-000000000001', 'Sample organization')
 ON CONFLICT DO NOTHING;
@@ -12,7 +12,7 @@ ON CONFLICT DO NOTHING;
 
 INSERT INTO posthog_plugin (id, organization_id, plugin_type, name, url, updated_at)
 VALUES (1, '00000000-0000-0000-0000-000000000001', 'local', 'Hello World',
-        'file:../plugins/hello-world', now())
+        'file:plugins/hello-world', now())
 ON CONFLICT DO NOTHING;
 
 INSERT INTO posthog_pluginconfig (id, team_id, plugin_id, enabled, "order", config)

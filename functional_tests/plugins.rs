@@ -200,7 +200,7 @@ async fn the_first_run_sample_plugin_greets_the_first_event() {
 }
 
 /// The compose deployment's sample: docker/seed.sql on a migrated database enables the image's
-/// hello-world plugin (a `local` plugin at BASE_DIR/../plugins) for the `phc_compose` token.
+/// hello-world plugin (a `local` plugin at BASE_DIR/plugins) for the `phc_compose` token.
 #[tokio::test]
 async fn the_compose_seed_enables_the_sample_plugin_from_postgres() {
     plugin_server::telemetry::install_tls_provider();
@@ -212,9 +212,9 @@ async fn the_compose_seed_enables_the_sample_plugin_from_postgres() {
     client.batch_execute(&seed).await.unwrap();
     // Idempotent: compose runs it on every start.
     client.batch_execute(&seed).await.unwrap();
-    // The image's layout: /app/plugins next to BASE_DIR=/app/data.
+    // The image's layout: the sample in BASE_DIR/plugins, BASE_DIR=/app/data.
     let app = tempfile::tempdir().unwrap();
-    let copy = app.path().join("plugins/hello-world");
+    let copy = app.path().join("data/plugins/hello-world");
     std::fs::create_dir_all(&copy).unwrap();
     for file in ["plugin.json", "index.ts"] {
         std::fs::copy(root.join("plugins/hello-world").join(file), copy.join(file)).unwrap();

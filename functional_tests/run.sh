@@ -12,3 +12,10 @@ eval "$(bash docker/services.sh start)"
 GEOIP_TEST_MMDB="$(bash docker/fetch_geolite2.sh)"
 export GEOIP_TEST_MMDB
 cargo test --workspace --features plugin-server/functional-tests "$@"
+
+# The whole suite (no filter) also runs the Dockerfile's runtime stage without Docker (no engine
+# runs on these machines): a debootstrap of its base, its own RUN/COPY/USER/ENV, the test build
+# of the binary as the image's, then a first `docker run`'s checks (see the script).
+if [ $# -eq 0 ]; then
+  python3 docker/check_runtime_stage.py target/debug/plugin-server
+fi
