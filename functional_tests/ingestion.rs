@@ -679,6 +679,85 @@ async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
     deployment.teardown().await;
 }
 
+/// INGESTION_OVERFLOW_ENABLED (PostHog's `ingestion-overflow.test.ts`): a distinct id over its
+/// token bucket is sent to the overflow topic unchanged while the others are ingested; the
+/// main topic's offsets are all committed; an `ingestion-overflow` instance then stores the
+/// rerouted events, with one `ingestion_capacity_overflow` warning for the id.
+#[tokio::test]
+async fn a_hot_distinct_id_overflows_and_the_overflow_instance_stores_it_with_a_warning() {
+    let deployment = Deployment::create().await;
+    let overflow = format!(
+        "{}events_plugin_ingestion_overflow",
+        deployment.kafka_prefix
+    );
+    let (server, _) = deployment.start_server_with(&[
+        ("PLUGIN_SERVER_MODE", "ingestion".to_owned()),
+        ("INGESTION_OVERFLOW_ENABLED", "true".to_owned()),
+        ("EVENT_OVERFLOW_BUCKET_CAPACITY", "20".to_owned()),
+        // No refill during the test: exactly the capacity gets through.
+        ("EVENT_OVERFLOW_BUCKET_REPLENISH_RATE", "0".to_owned()),
+    ]);
+    produce(
+        &deployment.topic(),
+        &tagged_events(&deployment.token, 100, "hot", "hot", 1),
+    )
+    .await;
+    produce(
+        &deployment.topic(),
+        &tagged_events(&deployment.token, 30, "cold", "cold", 10),
+    )
+    .await;
+    wait_for("the main topic committed", async || {
+        (deployment.committed() == 130).then_some(())
+    })
+    .await;
+    assert_eq!(
+        deployment.counts().await.1,
+        50,
+        "20 hot events and the 30 cold ones"
+    );
+    let rerouted = read_topic(&overflow, 80);
+    assert!(rerouted.iter().all(|(_, payload)| {
+        serde_json::from_slice::<Value>(payload).expect("json")["distinct_id"] == "hot-0"
+    }));
+    drop(server);
+
+    let (_overflow_server, _) =
+        deployment.start_server_with(&[("PLUGIN_SERVER_MODE", "ingestion-overflow".to_owned())]);
+    wait_for("the rerouted events stored", async || {
+        (deployment.counts().await.1 == 130).then_some(())
+    })
+    .await;
+    let warnings = deployment
+        .clickhouse(&format!(
+            "SELECT details FROM {}.ingestion_warnings WHERE team_id = {} \
+             AND type = 'ingestion_capacity_overflow' FORMAT JSONEachRow",
+            deployment.clickhouse_database, deployment.team_id
+        ))
+        .await;
+    let warnings: Vec<Value> = warnings
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("row"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once per id: {warnings:?}");
+    let details: Value =
+        serde_json::from_str(warnings[0]["details"].as_str().expect("details")).expect("json");
+    assert_eq!(details["overflowDistinctId"], "hot-0");
+    // Committed offsets, not lag: the router produces the 80 messages in one compressed
+    // batch, and tansu reports a high watermark of 1 for it (it counts the batch), while the
+    // consumer's offsets count records, as Kafka's do.
+    wait_for("the overflow group committed", async || {
+        let committed: i64 = deployment
+            .offsets("clickhouse-ingestion-overflow", &overflow)
+            .into_iter()
+            .filter_map(|(_, committed)| committed)
+            .sum();
+        (committed == 80).then_some(())
+    })
+    .await;
+    deployment.teardown().await;
+}
+
 /// PLUGIN_SERVER_MODE=ingestion-overflow consumes only the overflow topic, in its own group,
 /// into the same tables; the main topic is left to the ingestion instances.
 #[tokio::test]

@@ -124,6 +124,14 @@ pub struct Settings {
     pub kafka_consumption_topic: String,
     /// Read by the `ingestion-overflow` capability.
     pub kafka_consumption_overflow_topic: String,
+    /// The ingestion consumer reroutes each `team_id|token:distinct_id` over its token bucket
+    /// (and keyless messages) to KAFKA_CONSUMPTION_OVERFLOW_TOPIC.
+    #[serde(deserialize_with = "deserialize_flag")]
+    pub ingestion_overflow_enabled: bool,
+    /// Events a key may send at once before its messages overflow.
+    pub event_overflow_bucket_capacity: u32,
+    /// Events per second a key's bucket regains.
+    pub event_overflow_bucket_replenish_rate: f64,
     pub kafka_producer_max_queue_size: u64,
     pub kafka_max_message_batch_size: u64,
     pub kafka_flush_frequency_ms: u64,
@@ -421,6 +429,17 @@ impl Settings {
             "KAFKA_CONSUMPTION_OVERFLOW_TOPIC",
             &self.kafka_consumption_overflow_topic,
         )?;
+        if !(self.event_overflow_bucket_replenish_rate.is_finite()
+            && self.event_overflow_bucket_replenish_rate >= 0.0)
+        {
+            return Err(SettingsError::invalid(
+                "EVENT_OVERFLOW_BUCKET_REPLENISH_RATE",
+                format!(
+                    "expected events per second (0 or more), got {}",
+                    self.event_overflow_bucket_replenish_rate
+                ),
+            ));
+        }
         not_blank(
             "PLUGINS_RELOAD_PUBSUB_CHANNEL",
             &self.plugins_reload_pubsub_channel,

@@ -30,6 +30,7 @@ use plugin_server_actors::ingestion_pipeline::{
     IngestionPipeline, PipelineConfig, PipelineIntake, PipelineMetrics,
 };
 use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
+use plugin_server_actors::kafka_consumer::overflow::{OverflowConfig, OverflowRouter};
 use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
 use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::migrations::ClickHouseTarget;
@@ -297,17 +298,37 @@ impl Topology {
             let consumer_metrics = ConsumerMetrics::register(&metrics)?;
             let prefix = &settings.kafka_prefix;
             let mut consumers = Vec::new();
+            let overflow_topic = format!("{prefix}{}", settings.kafka_consumption_overflow_topic);
             if capabilities.ingestion {
+                let overflow = if settings.ingestion_overflow_enabled {
+                    ensure_topics(&connection, std::slice::from_ref(&overflow_topic)).await?;
+                    let rerouted = OverflowRouter::register_metric(&metrics)?;
+                    let config = OverflowConfig {
+                        topic: overflow_topic.clone(),
+                        bucket_capacity: settings.event_overflow_bucket_capacity,
+                        replenish_rate: settings.event_overflow_bucket_replenish_rate,
+                        tracked_keys: 1_000_000,
+                    };
+                    Some(Arc::new(OverflowRouter::new(
+                        &connection,
+                        config,
+                        rerouted,
+                    )?))
+                } else {
+                    None
+                };
                 consumers.push(ConsumerRole {
                     actor: "kafka_consumer",
                     health: "analytics-ingestion",
                     topic: consumption_topic(settings),
                     group: format!("{prefix}clickhouse-ingestion"),
                     metrics_group: "ingestion",
+                    reads_overflow: false,
+                    overflow,
                 });
             }
             if capabilities.ingestion_overflow {
-                let topic = format!("{prefix}{}", settings.kafka_consumption_overflow_topic);
+                let topic = overflow_topic;
                 // Only this server's overflow producers (or PostHog's) write to it, so on a new
                 // deployment it may not exist yet; reading a missing topic only logs errors.
                 ensure_topics(&connection, std::slice::from_ref(&topic)).await?;
@@ -317,12 +338,16 @@ impl Topology {
                     topic,
                     group: format!("{prefix}clickhouse-ingestion-overflow"),
                     metrics_group: "ingestion-overflow",
+                    reads_overflow: true,
+                    overflow: None,
                 });
             }
             for role in consumers {
                 let mut config =
                     consumer_config(settings, connection.clone(), role.topic, role.group);
                 config.metrics_group = role.metrics_group;
+                config.reads_overflow = role.reads_overflow;
+                let overflow = role.overflow;
                 // Consumer and batch runners on their own threads: the rebalance callback
                 // blocks the consumer's thread until the runners have stored the in-flight
                 // batches.
@@ -343,14 +368,18 @@ impl Topology {
                                 &health_addr,
                                 Arc::clone(&stats),
                             );
-                            KafkaConsumer::new(
+                            let consumer = KafkaConsumer::new(
                                 config.clone(),
                                 pipeline.clone(),
                                 workers.clone(),
                                 stats,
                                 consumer_metrics.clone(),
                                 progress,
-                            )
+                            );
+                            match &overflow {
+                                Some(router) => consumer.with_overflow(Arc::clone(router)),
+                                None => consumer,
+                            }
                         }
                     },
                 );
@@ -652,6 +681,10 @@ struct ConsumerRole {
     topic: String,
     group: String,
     metrics_group: &'static str,
+    /// Its topic is the overflow topic.
+    reads_overflow: bool,
+    /// Reroutes hot keys away from it (INGESTION_OVERFLOW_ENABLED, main topic only).
+    overflow: Option<Arc<OverflowRouter>>,
 }
 
 fn consumer_config(

@@ -16,10 +16,13 @@
 //! Receives: `IngestBatch` from the Kafka consumer and from HTTP capture (embedded profile).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::Utc;
+use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use crate::definitions::DefinitionsManager;
@@ -53,6 +56,9 @@ use crate::stats::{ActorStats, ObservedAddr};
 pub struct IngestBatch {
     /// Shared so that a caller can retry the same batch without copying it.
     pub messages: Arc<Vec<Vec<u8>>>,
+    /// The messages were rerouted to the overflow topic: each team and distinct id gets the
+    /// `ingestion_capacity_overflow` warning (at most once an hour).
+    pub overflow: bool,
 }
 
 /// What became of a batch.
@@ -159,6 +165,7 @@ impl IngestionPipeline {
                 writer,
                 metrics: pipeline_metrics,
                 step_duration: metrics.pipeline_step_duration.clone(),
+                overflow_warned: Mutex::new(LruCache::new(OVERFLOW_WARNED_KEYS)),
             }),
             stats,
         }
@@ -225,7 +232,7 @@ impl Handler<IngestBatch> for IngestionPipeline {
         let stats = Arc::clone(&self.stats);
         Box::pin(async move {
             let _timer = timer;
-            let outcome = run.ingest(batch.messages).await;
+            let outcome = run.ingest(batch.messages, batch.overflow).await;
             if outcome.is_err() {
                 stats.record_error();
             }
@@ -246,10 +253,50 @@ struct Run {
     writer: ObservedAddr<EventWriter>,
     metrics: PipelineMetrics,
     step_duration: prometheus::HistogramVec,
+    /// When each (team, distinct id) last got the overflow warning.
+    overflow_warned: Mutex<LruCache<(i64, String), Instant>>,
 }
 
+/// PostHog's warning for events that arrive through the overflow topic.
+pub const WARNING_INGESTION_CAPACITY_OVERFLOW: &str = "ingestion_capacity_overflow";
+
+/// At most one overflow warning per team and distinct id this often.
+const OVERFLOW_WARNING_EVERY: Duration = Duration::from_secs(3600);
+
+const OVERFLOW_WARNED_KEYS: NonZeroUsize = NonZeroUsize::new(100_000).expect("non-zero");
+
 impl Run {
-    async fn ingest(&self, messages: Arc<Vec<Vec<u8>>>) -> Result<BatchOutcome, PipelineError> {
+    /// One `ingestion_capacity_overflow` warning per team and distinct id an hour, as PostHog's
+    /// overflow consumer gives.
+    fn warn_overflow(&self, resolved: &mut Resolved) {
+        let now = Instant::now();
+        let mut warned = self
+            .overflow_warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for ResolvedEvent { event, team, .. } in &resolved.events {
+            let key = (team.id, event.distinct_id.clone());
+            if warned
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < OVERFLOW_WARNING_EVERY)
+            {
+                continue;
+            }
+            warned.put(key, now);
+            resolved.warnings.push(crate::ingestion::IngestionWarning {
+                team_id: team.id,
+                kind: WARNING_INGESTION_CAPACITY_OVERFLOW,
+                details: serde_json::json!({ "overflowDistinctId": event.distinct_id }),
+                timestamp: Utc::now(),
+            });
+        }
+    }
+
+    async fn ingest(
+        &self,
+        messages: Arc<Vec<Vec<u8>>>,
+        overflow: bool,
+    ) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
         let parsed = self
@@ -268,11 +315,14 @@ impl Run {
             .observe(started.elapsed().as_secs_f64());
 
         let with_persons = self.persons.is_some();
-        let resolved = self
+        let mut resolved = self
             .step("resolve", move || {
                 resolve_batch(parsed, &teams, with_persons)
             })
             .await?;
+        if overflow {
+            self.warn_overflow(&mut resolved);
+        }
         let started = std::time::Instant::now();
         let (resolved, dropped_by_plugins) = self.run_plugins(resolved).await;
         self.step_duration
@@ -814,6 +864,7 @@ impl crate::ingestion::intake::EventIntake for PipelineIntake {
         self.pipeline
             .send(IngestBatch {
                 messages: Arc::new(messages),
+                overflow: false,
             })
             .await
             .map_err(|error| {

@@ -35,6 +35,7 @@ use crate::ingestion_pipeline::{IngestBatch, IngestionPipeline};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::metrics::{Metrics, MetricsError};
 use crate::stats::{ActorStats, ObservedAddr};
+use overflow::{KeyedMessage, OverflowRouter};
 
 #[derive(Debug, Clone)]
 pub struct KafkaConsumerConfig {
@@ -47,6 +48,9 @@ pub struct KafkaConsumerConfig {
     /// The `groupId` label of `latest_processed_timestamp_ms`: PostHog's `ingestion` or
     /// `ingestion-overflow`.
     pub metrics_group: &'static str,
+    /// The topic is the overflow topic: its events get the `ingestion_capacity_overflow`
+    /// warning.
+    pub reads_overflow: bool,
     pub max_batch_messages: usize,
     pub max_batch_bytes: usize,
     pub max_batch_wait: Duration,
@@ -67,6 +71,7 @@ impl KafkaConsumerConfig {
             topic,
             group_id,
             metrics_group: "ingestion",
+            reads_overflow: false,
             max_batch_messages: 10_000,
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_wait: Duration::from_millis(100),
@@ -295,6 +300,8 @@ pub struct KafkaConsumer {
     stop_reading: CancellationToken,
     /// Stops retrying batches (shutdown gave up on them).
     abandon: CancellationToken,
+    /// Reroutes hot keys to the overflow topic (INGESTION_OVERFLOW_ENABLED).
+    overflow: Option<Arc<OverflowRouter>>,
 }
 
 impl KafkaConsumer {
@@ -322,7 +329,14 @@ impl KafkaConsumer {
             permits,
             stop_reading: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            overflow: None,
         }
+    }
+
+    /// Sends what is over its key's budget to the overflow topic instead of the pipeline.
+    pub fn with_overflow(mut self, router: Arc<OverflowRouter>) -> Self {
+        self.overflow = Some(router);
+        self
     }
 
     /// Creates the client and subscribes. Brokers that are down are not an error here:
@@ -377,6 +391,7 @@ impl KafkaConsumer {
             metrics: self.metrics.clone(),
             progress: self.progress.clone(),
             abandon: self.abandon.clone(),
+            overflow: self.overflow.clone(),
         }
     }
 }
@@ -463,6 +478,8 @@ struct Reader {
 #[derive(Default)]
 struct Batch {
     messages: Vec<Vec<u8>>,
+    /// The messages' Kafka keys, kept only when overflow rerouting needs them.
+    keys: Vec<Option<Vec<u8>>>,
     bytes: usize,
     /// Per partition: last offset and its Kafka timestamp.
     spans: HashMap<i32, (i64, Option<i64>)>,
@@ -506,6 +523,9 @@ impl Reader {
                         }
                         batch.bytes += payload.len();
                         batch.messages.push(payload);
+                        if self.runner.overflow.is_some() {
+                            batch.keys.push(message.key().map(<[u8]>::to_vec));
+                        }
                         batch.spans.insert(
                             message.partition(),
                             (message.offset(), message.timestamp().to_millis()),
@@ -540,7 +560,7 @@ impl Reader {
                     .report(self.runner.config.progress_deadline);
                 let runner = self.runner.clone();
                 self.workers.spawn(async move {
-                    runner.run(id, batch.messages).await;
+                    runner.run(id, batch.messages, batch.keys).await;
                     drop(permit);
                 });
             }
@@ -561,41 +581,91 @@ struct BatchRunner {
     metrics: ConsumerMetrics,
     progress: ProgressReporter,
     abandon: CancellationToken,
+    overflow: Option<Arc<OverflowRouter>>,
 }
 
 impl BatchRunner {
-    async fn run(self, id: u64, messages: Vec<Vec<u8>>) {
-        let messages = Arc::new(messages);
+    async fn run(self, id: u64, messages: Vec<Vec<u8>>, keys: Vec<Option<Vec<u8>>>) {
         let count = messages.len();
-        let mut delay = self.config.retry_initial;
-        loop {
-            let result = self
-                .pipeline
-                .send(IngestBatch {
-                    messages: Arc::clone(&messages),
-                })
-                .await;
-            let error = match result {
-                Ok(Ok(_)) => break,
-                Ok(Err(error)) => error.to_string(),
-                Err(error) => format!("pipeline unavailable: {error}"),
-            };
-            self.metrics.errors.inc();
-            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "batch not stored; retrying");
-            self.progress.report_degraded(error);
-            tokio::select! {
-                () = self.abandon.cancelled() => {
+        let messages = match &self.overflow {
+            Some(router) => {
+                let keyed = messages
+                    .into_iter()
+                    .zip(keys)
+                    .map(|(payload, key)| KeyedMessage { key, payload })
+                    .collect();
+                // Split once: a retry must not spend the buckets again.
+                let (kept, overflow) = router.split(keyed);
+                let overflow = &overflow;
+                if !overflow.is_empty()
+                    && !self
+                        .until_done("overflow messages not produced", || async move {
+                            router
+                                .reroute(overflow)
+                                .await
+                                .map_err(|error| error.to_string())
+                        })
+                        .await
+                {
                     self.finish(id, false);
                     return;
                 }
-                () = tokio::time::sleep(delay) => {}
+                kept
             }
-            delay = (delay * 2).min(self.config.retry_max);
+            None => messages,
+        };
+        let messages = Arc::new(messages);
+        let (pipeline, reads_overflow) = (&self.pipeline, self.config.reads_overflow);
+        if !messages.is_empty()
+            && !self
+                .until_done("batch not stored", || {
+                    let messages = Arc::clone(&messages);
+                    async move {
+                        match pipeline
+                            .send(IngestBatch {
+                                messages,
+                                overflow: reads_overflow,
+                            })
+                            .await
+                        {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(error)) => Err(error.to_string()),
+                            Err(error) => Err(format!("pipeline unavailable: {error}")),
+                        }
+                    }
+                })
+                .await
+        {
+            self.finish(id, false);
+            return;
         }
         self.metrics.batches.inc();
         self.metrics.messages.inc_by(count as u64);
         self.finish(id, true);
         self.progress.report(self.config.progress_deadline);
+    }
+
+    /// Runs `attempt` until it succeeds, with backoff, reporting each failure; false when
+    /// shutdown gave up first.
+    async fn until_done<F: std::future::Future<Output = Result<(), String>>>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> F,
+    ) -> bool {
+        let mut delay = self.config.retry_initial;
+        loop {
+            let Err(error) = attempt().await else {
+                return true;
+            };
+            self.metrics.errors.inc();
+            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what}; retrying");
+            self.progress.report_degraded(error);
+            tokio::select! {
+                () = self.abandon.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(self.config.retry_max);
+        }
     }
 
     fn finish(&self, id: u64, stored: bool) {
@@ -631,6 +701,8 @@ impl BatchRunner {
         self.shared.idle.notify_all();
     }
 }
+
+pub mod overflow;
 
 #[cfg(test)]
 mod tests;

@@ -43,6 +43,7 @@ impl Harness {
         self.pipeline
             .send(IngestBatch {
                 messages: Arc::new(messages),
+                overflow: false,
             })
             .await
             .expect("delivered")
@@ -244,6 +245,7 @@ async fn an_empty_batch_is_fine() {
         .pipeline
         .send(IngestBatch {
             messages: Arc::new(Vec::new()),
+            overflow: false,
         })
         .await
         .expect("delivered")
