@@ -22,15 +22,19 @@ async fn rows(deployment: &Deployment) -> Vec<Value> {
         deployment.clickhouse_database, deployment.team_id
     ))
     .await;
+    json_rows(&text, &["properties", "person_properties"])
+}
+
+/// JSONEachRow lines as objects, with the `json_columns` (JSON held in strings) parsed.
+fn json_rows(text: &str, json_columns: &[&str]) -> Vec<Value> {
     text.lines()
         .map(|line| {
             let mut row: Value = serde_json::from_str(line).expect("row");
-            for column in ["properties", "person_properties"] {
-                let parsed = row[column]
+            for column in json_columns {
+                row[*column] = row[*column]
                     .as_str()
                     .and_then(|text| serde_json::from_str::<Value>(text).ok())
                     .unwrap_or(Value::Null);
-                row[column] = parsed;
             }
             row
         })
@@ -192,18 +196,10 @@ async fn group_columns(deployment: &Deployment) -> Vec<Value> {
         deployment.clickhouse_database, deployment.team_id
     ))
     .await;
-    text.lines()
-        .map(|line| {
-            let mut row: Value = serde_json::from_str(line).expect("row");
-            for column in ["properties", "group0_properties", "group1_properties"] {
-                row[column] = row[column]
-                    .as_str()
-                    .and_then(|text| serde_json::from_str::<Value>(text).ok())
-                    .unwrap_or(Value::Null);
-            }
-            row
-        })
-        .collect()
+    json_rows(
+        &text,
+        &["properties", "group0_properties", "group1_properties"],
+    )
 }
 
 /// 7.2 groups: `$groupidentify` with `$group_set` shows in `group0_properties` of later events

@@ -38,6 +38,21 @@ pub enum KafkaSetupError {
 
 impl KafkaConnection {
     /// A librdkafka config with the connection settings applied.
+    /// The producer of the server's own writes (rows, dead letters, overflow): every message
+    /// acknowledged by all in-sync replicas, batched for 20 ms and compressed, up to the
+    /// ingestion topic's own message limit (dead letters and rerouted messages keep raw
+    /// payloads that large).
+    pub fn acknowledged_producer(&self) -> Result<FutureProducer, KafkaSetupError> {
+        self.client_config()?
+            .set("linger.ms", "20")
+            .set("compression.type", "lz4")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .set("message.max.bytes", "20000000")
+            .create()
+            .map_err(KafkaSetupError::Client)
+    }
+
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSetupError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);

@@ -28,3 +28,24 @@ pub async fn fresh_postgres(prefix: &str) -> (deadpool_postgres::Pool, String) {
         .expect("pool");
     (pool, database_url)
 }
+
+/// An organization and teams with these ids (tokens `token<id>`) on a fresh database.
+pub async fn insert_teams(pool: &deadpool_postgres::Pool, ids: &[i32]) {
+    let client = pool.get().await.expect("connection");
+    client
+        .execute(
+            "INSERT INTO posthog_organization (id, name) VALUES (gen_random_uuid(), 'Org')",
+            &[],
+        )
+        .await
+        .expect("organization");
+    client
+        .execute(
+            "INSERT INTO posthog_team (id, organization_id, api_token, name) \
+             SELECT id, (SELECT id FROM posthog_organization LIMIT 1), 'token' || id, 'Team' \
+             FROM unnest($1::int4[]) AS id",
+            &[&ids],
+        )
+        .await
+        .expect("teams");
+}

@@ -163,15 +163,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_are_idempotent_and_types_stick_once_set() {
         let (pool, _) = crate::test_support::fresh_postgres("ps_definitions").await;
+        crate::test_support::insert_teams(&pool, &[2]).await;
         let client = pool.get().await.expect("connection");
-        client
-            .batch_execute(
-                "INSERT INTO posthog_organization (id, name) VALUES (gen_random_uuid(), 'Org');
-                 INSERT INTO posthog_team (id, organization_id, api_token, name)
-                 SELECT 2, id, 'token', 'Team' FROM posthog_organization;",
-            )
-            .await
-            .expect("team 2");
         let store = PostgresDefinitionStore::new(pool.clone());
         let mut new = NewDefinitions {
             events: vec![(2, "signup".to_owned())],

@@ -12,17 +12,7 @@ use super::*;
 #[cfg(feature = "integration-tests")]
 async fn postgres_store(name: &str) -> Arc<dyn GroupStore> {
     let (pool, _) = crate::test_support::fresh_postgres(&format!("ps_groups_{name}")).await;
-    pool.get()
-        .await
-        .expect("connection")
-        .batch_execute(
-            "INSERT INTO posthog_organization (id, name) VALUES (gen_random_uuid(), 'Org');
-             INSERT INTO posthog_team (id, organization_id, api_token, name)
-             SELECT id, (SELECT id FROM posthog_organization), 'token' || id, 'Team'
-             FROM generate_series(1, 2) AS id;",
-        )
-        .await
-        .expect("teams 1 and 2");
+    crate::test_support::insert_teams(&pool, &[1, 2]).await;
     Arc::new(PostgresGroupStore::new(pool))
 }
 

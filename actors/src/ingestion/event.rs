@@ -55,6 +55,28 @@ pub struct PluginEvent {
     pub set_once: Option<Properties>,
 }
 
+#[cfg(test)]
+impl PluginEvent {
+    /// An event of team 2 named `name` with `properties` (a JSON object), for tests.
+    pub fn for_test(name: &str, properties: Value) -> Self {
+        Self {
+            distinct_id: "user".to_owned(),
+            ip: None,
+            site_url: None,
+            team_id: 2,
+            now: "2024-01-01T00:00:00Z".to_owned(),
+            event: name.to_owned(),
+            sent_at: None,
+            properties: properties.as_object().cloned().unwrap_or_default(),
+            timestamp: None,
+            offset: None,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            set: None,
+            set_once: None,
+        }
+    }
+}
+
 /// One row of the `events` table (spec 1.8), independent of how a sink encodes it.
 ///
 /// Person and group columns keep their empty values (nil uuid, `{}`, the epoch) until the

@@ -124,15 +124,7 @@ impl OverflowRouter {
         config: OverflowConfig,
         rerouted: IntCounter,
     ) -> Result<Self, KafkaSetupError> {
-        let producer = connection
-            .client_config()?
-            .set("linger.ms", "20")
-            .set("compression.type", "lz4")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            .set("message.max.bytes", "20000000")
-            .create()
-            .map_err(KafkaSetupError::Client)?;
+        let producer = connection.acknowledged_producer()?;
         let limiter = Limiter::new(
             config.bucket_capacity,
             config.replenish_rate,

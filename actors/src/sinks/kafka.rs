@@ -49,17 +49,10 @@ impl KafkaSink {
         connection: &KafkaConnection,
         config: KafkaSinkConfig,
     ) -> Result<Self, KafkaSetupError> {
-        let producer = connection
-            .client_config()?
-            .set("linger.ms", "20")
-            .set("compression.type", "lz4")
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            // Dead letters keep raw payloads of up to the ingestion topic's own limit.
-            .set("message.max.bytes", "20000000")
-            .create()
-            .map_err(KafkaSetupError::Client)?;
-        Ok(Self { producer, config })
+        Ok(Self {
+            producer: connection.acknowledged_producer()?,
+            config,
+        })
     }
 
     async fn deliver(

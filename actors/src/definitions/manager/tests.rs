@@ -39,21 +39,7 @@ fn team(ingested_event: bool) -> Team {
 }
 
 fn event(name: &str, properties: Value) -> PluginEvent {
-    PluginEvent {
-        distinct_id: "user".to_owned(),
-        ip: None,
-        site_url: None,
-        team_id: 2,
-        now: "2024-01-01T00:00:00Z".to_owned(),
-        event: name.to_owned(),
-        sent_at: None,
-        properties: properties.as_object().cloned().unwrap_or_default(),
-        timestamp: None,
-        offset: None,
-        uuid: Uuid::new_v4().to_string(),
-        set: None,
-        set_once: None,
-    }
+    PluginEvent::for_test(name, properties)
 }
 
 fn manager() -> (Arc<DefinitionsManager>, Arc<RecordingStore>) {

@@ -67,21 +67,7 @@ fn manager() -> (GroupManager, Arc<CountingStore>) {
 
 fn event(name: &str, properties: Value) -> StampedEvent {
     StampedEvent {
-        event: PluginEvent {
-            distinct_id: "user".to_owned(),
-            ip: None,
-            site_url: None,
-            team_id: 2,
-            now: "2024-01-01T00:00:00Z".to_owned(),
-            event: name.to_owned(),
-            sent_at: None,
-            properties: properties.as_object().cloned().unwrap_or_default(),
-            timestamp: None,
-            offset: None,
-            uuid: Uuid::new_v4().to_string(),
-            set: None,
-            set_once: None,
-        },
+        event: PluginEvent::for_test(name, properties),
         uuid: Uuid::new_v4(),
         timestamp: Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
     }

@@ -422,16 +422,7 @@ mod postgres {
     ) -> (Arc<dyn PersonStore>, deadpool_postgres::Pool) {
         let (pool, _) =
             crate::test_support::fresh_postgres(&format!("ps_persons_{scenario}")).await;
-        pool.get()
-            .await
-            .expect("connection")
-            .batch_execute(
-                "INSERT INTO posthog_organization (id, name) VALUES (gen_random_uuid(), 'Org');
-                 INSERT INTO posthog_team (id, organization_id, api_token, name)
-                 SELECT 2, id, 'token', 'Team' FROM posthog_organization;",
-            )
-            .await
-            .expect("team 2");
+        crate::test_support::insert_teams(&pool, &[2]).await;
         (Arc::new(PostgresPersonStore::new(pool.clone())), pool)
     }
 
