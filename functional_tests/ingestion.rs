@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{
     FreshPostgres, ServerProcess, clickhouse_http_url, clickhouse_query_at, postgres_server_url,
-    run_binary, unique_name,
+    unique_name,
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -57,12 +57,7 @@ impl Deployment {
         };
         let env = deployment.env_pairs();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let migrated = run_binary(&["--migrate"], &env);
-        assert!(
-            migrated.status.success(),
-            "{}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
+        common::migrate(&env);
         let topic = deployment.topic();
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", kafka_hosts())

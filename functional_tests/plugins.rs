@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{FreshPostgres, ServerProcess, read_event_rows, run_binary};
+use crate::common::{FreshPostgres, ServerProcess, read_event_rows};
 use serde_json::{Value, json};
 
 /// ESM TypeScript: an enum, interface, a type-only scaffold import, `url`, config, capture.
@@ -394,12 +394,7 @@ fn zip_archive(files: &[(&str, &str)]) -> Vec<u8> {
 async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
     plugin_server::telemetry::install_tls_provider();
     let database = FreshPostgres::create().await;
-    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
+    common::migrate(&[("DATABASE_URL", &database.url)]);
     let client = database.client().await;
     let archive = zip_archive(&[
         (
@@ -570,12 +565,7 @@ async fn plugin_logs_and_app_metrics_reach_clickhouse() {
         ("CLICKHOUSE_DATABASE", database.clone()),
     ];
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let migrated = run_binary(&["--migrate"], &env_refs);
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
+    common::migrate(&env_refs);
 
     let base = tempfile::tempdir().unwrap();
     write_plugin(base.path(), "chatty", &[("index.js", CHATTY)]);
@@ -970,12 +960,7 @@ async fn meta_geoip_loads_posthogs_mmdb_attachment_from_postgres() {
         writer.write_all(&mmdb).unwrap();
     }
     let database = FreshPostgres::create().await;
-    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
+    common::migrate(&[("DATABASE_URL", &database.url)]);
     let client = database.client().await;
     client
         .batch_execute(
@@ -1043,12 +1028,7 @@ fn versioned_plugin(version: u32) -> String {
 async fn reload_plugins_swaps_a_changed_plugin_without_losing_events() {
     plugin_server::telemetry::install_tls_provider();
     let database = FreshPostgres::create().await;
-    let migrated = run_binary(&["--migrate"], &[("DATABASE_URL", &database.url)]);
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
+    common::migrate(&[("DATABASE_URL", &database.url)]);
     let client = database.client().await;
     client
         .batch_execute(

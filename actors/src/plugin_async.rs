@@ -109,16 +109,14 @@ impl PostIngestionPublisher {
     /// before the rows go to the writer; published once it has stored them.
     pub fn follow_up(pool: &PluginVmPool, rows: &[EventRow]) -> FollowUp {
         let mut by_team: HashMap<i64, StoredEvents> = HashMap::new();
-        // Per team: whether it wants the events, and whether its webhook filters need persons.
-        let mut wanted: HashMap<i64, (bool, bool)> = HashMap::new();
+        // Per team: `None` when it wants no events, else whether its webhook filters need
+        // persons.
+        let mut wanted: HashMap<i64, Option<bool>> = HashMap::new();
         for row in rows {
-            let (wants, with_persons) = *wanted.entry(row.team_id).or_insert_with(|| {
-                (
-                    pool.wants_async(row.team_id),
-                    pool.filters_webhooks(row.team_id),
-                )
-            });
-            if wants {
+            let needs = *wanted
+                .entry(row.team_id)
+                .or_insert_with(|| pool.follow_up_needs(row.team_id));
+            if let Some(with_persons) = needs {
                 by_team
                     .entry(row.team_id)
                     .or_default()

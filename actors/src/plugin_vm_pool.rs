@@ -294,22 +294,19 @@ impl PluginVmPool {
     /// Whether stored events of this team have anything to run after ingestion: a config
     /// whose VM, once built, showed onEvent, exportEvents or composeWebhook.
     pub fn wants_async(&self, team_id: i64) -> bool {
-        let Some(chain) = self.plugins().chain(team_id) else {
-            return false;
-        };
-        let Ok(capable) = self.inner.async_capable.read() else {
-            return false;
-        };
+        self.follow_up_needs(team_id).is_some()
+    }
+
+    /// What the team's stored events need after ingestion, from one look at its chain: `None`
+    /// when no config has onEvent, composeWebhook or exportEvents; otherwise whether a config
+    /// filters its webhooks (the filters may test persons, so the events carry them).
+    pub fn follow_up_needs(&self, team_id: i64) -> Option<bool> {
+        let chain = self.plugins().chain(team_id)?;
+        let capable = self.inner.async_capable.read().ok()?;
         chain
             .iter()
             .any(|config| capable.contains(&config.identity.plugin_config_id))
-    }
-
-    /// Whether a config of the team filters its webhooks (the filters may test persons).
-    pub fn filters_webhooks(&self, team_id: i64) -> bool {
-        self.plugins()
-            .chain(team_id)
-            .is_some_and(|chain| chain.iter().any(|c| c.webhook_filters.is_some()))
+            .then(|| chain.iter().any(|config| config.webhook_filters.is_some()))
     }
 
     fn worker_index(&self, team_id: i64) -> usize {

@@ -118,15 +118,13 @@ pub async fn resolve(
     loop {
         let mut attempt = Attempt {
             event,
-            rows: Resolution {
-                person: placeholder_person(),
+            rows: Collected {
                 distinct_ids: vec![event.distinct_id.clone()],
                 merged_person: None,
                 person_rows: Vec::new(),
                 distinct_id_rows: Vec::new(),
                 warnings: warnings.clone(),
                 created: false,
-                conflicts,
             },
         };
         let outcome = match store.begin().await {
@@ -135,8 +133,24 @@ pub async fn resolve(
         };
         match outcome {
             Ok(person) => {
-                attempt.rows.person = person;
-                return Ok(attempt.rows);
+                let Collected {
+                    distinct_ids,
+                    merged_person,
+                    person_rows,
+                    distinct_id_rows,
+                    warnings,
+                    created,
+                } = attempt.rows;
+                return Ok(Resolution {
+                    person,
+                    distinct_ids,
+                    merged_person,
+                    person_rows,
+                    distinct_id_rows,
+                    warnings,
+                    created,
+                    conflicts,
+                });
             }
             Err(PersonStoreError::Conflict(message)) => {
                 conflicts += 1;
@@ -158,23 +172,20 @@ pub async fn resolve(
     }
 }
 
-/// Replaced before [`resolve`] returns; only there so that an attempt can collect rows first.
-fn placeholder_person() -> Person {
-    Person {
-        id: 0,
-        uuid: Uuid::nil(),
-        team_id: 0,
-        created_at: DateTime::<Utc>::UNIX_EPOCH,
-        properties: Map::new(),
-        is_identified: false,
-        version: 0,
-    }
+/// What an attempt gathers before it knows the person: the [`Resolution`] but its person.
+struct Collected {
+    distinct_ids: Vec<String>,
+    merged_person: Option<Uuid>,
+    person_rows: Vec<PersonRow>,
+    distinct_id_rows: Vec<PersonDistinctIdRow>,
+    warnings: Vec<IngestionWarning>,
+    created: bool,
 }
 
 /// One try at the step; collects what to write to ClickHouse once it commits.
 struct Attempt<'e> {
     event: &'e PersonEvent,
-    rows: Resolution,
+    rows: Collected,
 }
 
 impl Attempt<'_> {
