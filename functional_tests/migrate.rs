@@ -69,6 +69,8 @@ async fn migrate_twice_in_a_row_succeeds_against_postgres_and_clickhouse() {
         "posthog_eventdefinition",
         "posthog_propertydefinition",
         "posthog_eventproperty",
+        "posthog_action",
+        "posthog_actionstep",
         "plugin_server_jobs",
         "plugin_server_jobs_dead_letter",
         "plugin_server_migrations",

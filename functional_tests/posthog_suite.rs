@@ -638,3 +638,146 @@ async fn personless_events_are_stored_without_persons() {
     .await;
     deployment.teardown().await;
 }
+
+/// An action with `post_to_slack` and its steps, for the deployment's team.
+async fn insert_action(
+    client: &tokio_postgres::Client,
+    team_id: i64,
+    name: &str,
+    format: &str,
+    step: Value,
+) {
+    let team = i32::try_from(team_id).expect("team id");
+    let action: i32 = client
+        .query_one(
+            "INSERT INTO posthog_action (name, team_id, post_to_slack, slack_message_format) \
+             VALUES ($1, $2, true, $3) RETURNING id",
+            &[&name, &team, &format],
+        )
+        .await
+        .expect("action")
+        .get(0);
+    let text = |key: &str| step[key].as_str().map(str::to_owned);
+    client
+        .execute(
+            "INSERT INTO posthog_actionstep (action_id, event, tag_name, text, url, url_matching) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &action,
+                &text("event"),
+                &text("tag_name"),
+                &text("text"),
+                &text("url"),
+                &text("url_matching"),
+            ],
+        )
+        .await
+        .expect("action step");
+}
+
+/// 7.11: the team's `slack_incoming_webhook` gets exactly `{"text":"default"}` for an
+/// `$autocapture` event matching an action with `post_to_slack` and `slack_message_format`
+/// `default` (tag, text and url step), and nothing for events that do not match; an action
+/// added later is loaded on `reload-action` and formats its tokens.
+#[tokio::test]
+async fn action_webhooks_behave_as_in_posthogs_webhooks_suite() {
+    plugin_server::telemetry::install_tls_provider();
+    let mut destination = common::HttpRecorder::start().await;
+    let deployment = Deployment::create().await;
+    let client = deployment.postgres.client().await;
+    client
+        .execute(
+            "UPDATE posthog_team SET slack_incoming_webhook = $1 WHERE id = $2",
+            &[
+                &format!("{}/slack", destination.url),
+                &(i32::try_from(deployment.team_id).expect("team id")),
+            ],
+        )
+        .await
+        .expect("webhook");
+    insert_action(
+        &client,
+        deployment.team_id,
+        "Clicked the docs",
+        "default",
+        json!({"event": "$autocapture", "tag_name": "div", "text": "text", "url": "posthog.com/docs"}),
+    )
+    .await;
+    let redis = std::env::var("REDIS_URL").expect("REDIS_URL: run functional_tests/run.sh");
+    let (_server, _addr) = deployment.start_server_with(&[
+        ("REDIS_URL", redis.clone()),
+        ("CLUSTER_PREFIX", format!("{}:", deployment.kafka_prefix)),
+        ("SITE_URL", "https://app.example.com".to_owned()),
+    ]);
+    let autocapture = |distinct_id: &str, url: &str| {
+        json!({"event": "$autocapture", "distinct_id": distinct_id, "properties": {
+            "$current_url": url,
+            "$elements": [{"tag_name": "div", "$el_text": "text", "nth_child": 1, "nth_of_type": 1}],
+        }})
+    };
+    send_phase(
+        &deployment,
+        &[
+            autocapture("clicker", "https://posthog.com/docs/start"),
+            autocapture("elsewhere", "https://posthog.com/blog"),
+            json!({"event": "$pageview", "distinct_id": "viewer", "properties": {"$current_url": "https://posthog.com/docs"}}),
+        ],
+        3,
+    )
+    .await;
+    let (method, path, body) = destination
+        .next(Duration::from_secs(20))
+        .await
+        .expect("the webhook was posted");
+    assert_eq!((method.as_str(), path.as_str()), ("POST", "/slack"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!({"text": "default"})
+    );
+    assert!(
+        destination.next(Duration::from_secs(2)).await.is_none(),
+        "only the matching event posts"
+    );
+
+    insert_action(
+        &client,
+        deployment.team_id,
+        "Signed up",
+        "[action.name] by [person]: [event.properties.plan]",
+        json!({"event": "signup"}),
+    )
+    .await;
+    let redis = redis::Client::open(redis).expect("redis url");
+    let mut connection = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("reload-action")
+        .arg(json!({"teamId": deployment.team_id, "actionId": 2}).to_string())
+        .query_async(&mut connection)
+        .await
+        .expect("published");
+    // The reload runs in the background: a signup is sent until one arrives after it.
+    let signup = envelope(
+        &deployment.token,
+        "new-user",
+        json!({"event": "signup", "properties": {"plan": "pro"}}),
+        json!({}),
+    );
+    let mut body = None;
+    for _ in 0..10 {
+        produce(&deployment.topic(), std::slice::from_ref(&signup)).await;
+        if let Some((_, _, posted)) = destination.next(Duration::from_secs(2)).await {
+            body = Some(posted);
+            break;
+        }
+    }
+    let body = body.expect("the reloaded action posted");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!({"text": "[Signed up](https://app.example.com/action/2) by \
+                [new-user](https://app.example.com/person/new-user): pro"})
+    );
+    deployment.teardown().await;
+}

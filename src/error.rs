@@ -28,6 +28,8 @@ pub enum ServerError {
     Sink(#[from] plugin_server_actors::sinks::SinkError),
     #[error(transparent)]
     Kafka(#[from] plugin_server_actors::kafka::KafkaSetupError),
+    #[error(transparent)]
+    Actions(#[from] plugin_server_actors::actions::ActionHooksError),
     #[error("cannot load the plugins: {0}")]
     Plugins(#[from] plugin_server_actors::plugins::registry::RegistryError),
     #[error("cannot install the signal handlers: {0}")]

@@ -163,6 +163,8 @@ pub struct Settings {
     /// queued elsewhere wake the runner at once through Postgres NOTIFY).
     pub job_queue_poll_interval_ms: u64,
     pub external_request_timeout_ms: u64,
+    /// SITE_URL: the PostHog app's address, for the links in action webhook messages.
+    pub site_url: String,
     /// Not PostHog's: per-team plugin configs in the embedded profile (no Postgres).
     pub plugins_config_file: PathBuf,
     /// Not PostHog's: refuse plugin `fetch` to loopback, private and link-local addresses.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use actix::{Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
+use plugin_server_actors::actions::{ActionHooks, ActionHooksConfig};
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::definitions::{
@@ -151,6 +152,24 @@ impl Topology {
                 DefinitionConfig::default(),
             ))
         });
+        let actions = match &database {
+            Some(pool) => Some(
+                ActionHooks::start(
+                    pool.clone(),
+                    &cluster.pubsub,
+                    ActionHooksConfig {
+                        site_url: settings.site_url.clone(),
+                        reload_every: std::time::Duration::from_secs(300),
+                        request_timeout: std::time::Duration::from_millis(
+                            settings.external_request_timeout_ms,
+                        ),
+                    },
+                    &metrics,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let groups = Arc::new(GroupManager::new(
             group_store,
             GroupConfig {
@@ -279,8 +298,12 @@ impl Topology {
                 .with_persons(Arc::clone(&persons))
                 .with_groups(Arc::clone(&groups))
                 .with_post_ingestion(publisher.clone());
-                match &definitions {
+                let pipeline = match &definitions {
                     Some(definitions) => pipeline.with_definitions(Arc::clone(definitions)),
+                    None => pipeline,
+                };
+                match &actions {
+                    Some(actions) => pipeline.with_actions(Arc::clone(actions)),
                     None => pipeline,
                 }
             }

@@ -25,6 +25,7 @@ use chrono::Utc;
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
+use crate::actions::ActionHooks;
 use crate::definitions::DefinitionsManager;
 use crate::event_writer::{EventWriter, WriteError, WriteRows};
 use crate::groups::{EventGroups, GroupManager, GroupOutcome, GroupStoreError};
@@ -160,6 +161,7 @@ impl IngestionPipeline {
                 persons: None,
                 groups: None,
                 definitions: None,
+                actions: None,
                 post_ingestion: None,
                 teams,
                 writer,
@@ -206,6 +208,14 @@ impl IngestionPipeline {
         self
     }
 
+    /// Posts stored events that match a team's actions to its webhook (in the background).
+    pub fn with_actions(mut self, actions: Arc<ActionHooks>) -> Self {
+        if let Some(run) = Arc::get_mut(&mut self.run) {
+            run.actions = Some(actions);
+        }
+        self
+    }
+
     /// Queues stored events for onEvent, composeWebhook and exportEvents (with plugins).
     pub fn with_post_ingestion(mut self, publisher: PostIngestionPublisher) -> Self {
         if let Some(run) = Arc::get_mut(&mut self.run) {
@@ -248,6 +258,7 @@ struct Run {
     persons: Option<Arc<PersonManager>>,
     groups: Option<Arc<GroupManager>>,
     definitions: Option<Arc<DefinitionsManager>>,
+    actions: Option<Arc<ActionHooks>>,
     post_ingestion: Option<PostIngestionPublisher>,
     teams: Arc<TeamManager>,
     writer: ObservedAddr<EventWriter>,
@@ -401,6 +412,12 @@ impl Run {
             (Some(pool), Some(_)) => PostIngestionPublisher::follow_up(pool, &batch.events),
             _ => FollowUp::default(),
         };
+        // Only stored events reach the actions, as in PostHog.
+        let action_rows = self
+            .actions
+            .as_ref()
+            .map(|actions| actions.select(&batch.events))
+            .unwrap_or_default();
         let started = std::time::Instant::now();
         self.writer
             .send(WriteRows(batch))
@@ -410,6 +427,9 @@ impl Run {
             .with_label_values(&["write"])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.written.inc_by(outcome.written as u64);
+        if let Some(actions) = &self.actions {
+            actions.fire(action_rows);
+        }
         // Only stored events reach onEvent and the exports, as in PostHog.
         if let Some(publisher) = &self.post_ingestion
             && !follow_up.is_empty()

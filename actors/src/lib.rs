@@ -4,6 +4,7 @@
 //! Nothing here reads env vars or files: `src/settings.rs` builds each actor's config struct
 //! and `src/topology.rs` wires the actors together.
 
+pub mod actions;
 pub mod cluster;
 pub mod definitions;
 pub mod event_writer;

@@ -50,6 +50,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "definitions",
         sql: include_str!("../migrations/postgres/0006_definitions.sql"),
     },
+    Migration {
+        version: 7,
+        name: "actions",
+        sql: include_str!("../migrations/postgres/0007_actions.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[

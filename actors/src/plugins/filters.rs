@@ -9,9 +9,9 @@
 //! Differences, on purpose:
 //! - Filters with no `events` and no `actions` let every event through; PostHog drops every event,
 //!   which only ever surprised whoever saved an empty filter.
-//! - `actions` entries need actions, which this server does not load; reaching one is an error
-//!   (a `composeWebhook` failure for that event), never a silent pass or drop. So is an element
-//!   `selector` filter.
+//! - `actions` entries are not supported (the server loads only the actions that post to
+//!   webhooks, see `crate::actions`); reaching one is an error (a `composeWebhook` failure for
+//!   that event), never a silent pass or drop. So is an element `selector` filter.
 
 use regex::Regex;
 use serde::Deserialize;
