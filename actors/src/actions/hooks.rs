@@ -121,7 +121,11 @@ impl ActionHooks {
             stop: CancellationToken::new(),
             config,
         });
-        hooks.reload().await?;
+        // Actions are an extra: a database whose tables this server cannot read (a PostHog
+        // schema it does not know) leaves them off until a reload succeeds, not the server down.
+        if let Err(error) = hooks.reload().await {
+            tracing::warn!(%error, "actions not loaded; action webhooks are off until a reload succeeds");
+        }
         let weak = Arc::downgrade(&hooks);
         let (stop, every) = (hooks.stop.clone(), hooks.config.reload_every);
         tokio::spawn(async move {
