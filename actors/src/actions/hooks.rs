@@ -73,6 +73,19 @@ impl Drop for ActionHooks {
     }
 }
 
+/// Whether PostHog's schema keeps the steps in `posthog_action.steps_json` (2024 and later).
+const HAS_STEPS_JSON: &str = "SELECT 1 FROM information_schema.columns \
+     WHERE table_schema = current_schema() AND table_name = 'posthog_action' \
+     AND column_name = 'steps_json'";
+
+const SELECT_ACTIONS_WITH_STEPS_JSON: &str = "SELECT a.id, a.team_id, \
+     coalesce(a.name, '') AS name, coalesce(a.slack_message_format, '') AS slack_message_format, \
+     t.slack_incoming_webhook, a.steps_json \
+     FROM posthog_action a JOIN posthog_team t ON t.id = a.team_id \
+     WHERE a.post_to_slack AND NOT a.deleted \
+       AND coalesce(t.slack_incoming_webhook, '') <> '' \
+     ORDER BY a.id";
+
 const SELECT_ACTIONS: &str = "SELECT a.id, a.team_id, coalesce(a.name, '') AS name, \
      coalesce(a.slack_message_format, '') AS slack_message_format, t.slack_incoming_webhook, \
      s.id AS step_id, s.event, s.url, s.url_matching, s.tag_name, s.text, s.href, s.selector, s.properties \
@@ -148,55 +161,7 @@ impl ActionHooks {
     }
 
     async fn reload(&self) -> Result<(), ActionHooksError> {
-        let load = |error: &dyn std::fmt::Display| ActionHooksError::Load(error.to_string());
-        let client = self.pool.get().await.map_err(|error| load(&error))?;
-        let rows = client
-            .query(SELECT_ACTIONS, &[])
-            .await
-            .map_err(|error| load(&error))?;
-        let mut teams: HashMap<i64, TeamHooks> = HashMap::new();
-        for row in rows {
-            let read = |error: tokio_postgres::Error| load(&error);
-            let id = i64::from(row.try_get::<_, i32>("id").map_err(read)?);
-            let team_id = i64::from(row.try_get::<_, i32>("team_id").map_err(read)?);
-            let team = teams.entry(team_id).or_insert_with(|| TeamHooks {
-                webhook: row.try_get("slack_incoming_webhook").unwrap_or_default(),
-                actions: Vec::new(),
-            });
-            if team.actions.last().is_none_or(|action| action.id != id) {
-                team.actions.push(Action {
-                    id,
-                    team_id,
-                    name: row.try_get("name").map_err(read)?,
-                    message_format: row.try_get("slack_message_format").map_err(read)?,
-                    steps: Vec::new(),
-                });
-            }
-            // An action without steps (the LEFT JOIN gives NULLs) matches nothing.
-            if row
-                .try_get::<_, Option<i32>>("step_id")
-                .map_err(read)?
-                .is_none()
-            {
-                continue;
-            }
-            let step = StepRow {
-                event: row.try_get("event").map_err(read)?,
-                url: row.try_get("url").map_err(read)?,
-                url_matching: row.try_get("url_matching").map_err(read)?,
-                tag_name: row.try_get("tag_name").map_err(read)?,
-                text: row.try_get("text").map_err(read)?,
-                href: row.try_get("href").map_err(read)?,
-                selector: row.try_get("selector").map_err(read)?,
-                properties: row
-                    .try_get::<_, Option<Json<Value>>>("properties")
-                    .map_err(read)?
-                    .map(|Json(properties)| properties),
-            };
-            if let Some(action) = team.actions.last_mut() {
-                action.steps.push(ActionStep::prepare(step));
-            }
-        }
+        let teams = load_actions(&self.pool).await?;
         let count: usize = teams.values().map(|team| team.actions.len()).sum();
         tracing::debug!(teams = teams.len(), actions = count, "actions loaded");
         self.teams.store(Arc::new(teams));
@@ -280,5 +245,153 @@ impl ActionHooks {
                 }
             }
         }
+    }
+}
+
+fn load_error(error: &dyn std::fmt::Display) -> ActionHooksError {
+    ActionHooksError::Load(error.to_string())
+}
+
+/// Every posting action, by team, with the team's webhook.
+async fn load_actions(pool: &Pool) -> Result<HashMap<i64, TeamHooks>, ActionHooksError> {
+    let client = pool.get().await.map_err(|error| load_error(&error))?;
+    let steps_json = client
+        .query_opt(HAS_STEPS_JSON, &[])
+        .await
+        .map_err(|error| load_error(&error))?
+        .is_some();
+    let query = if steps_json {
+        SELECT_ACTIONS_WITH_STEPS_JSON
+    } else {
+        SELECT_ACTIONS
+    };
+    let rows = client
+        .query(query, &[])
+        .await
+        .map_err(|error| load_error(&error))?;
+    let read = |error: tokio_postgres::Error| load_error(&error);
+    let mut teams: HashMap<i64, TeamHooks> = HashMap::new();
+    for row in rows {
+        let id = i64::from(row.try_get::<_, i32>("id").map_err(read)?);
+        let team_id = i64::from(row.try_get::<_, i32>("team_id").map_err(read)?);
+        let team = teams.entry(team_id).or_insert_with(|| TeamHooks {
+            webhook: row.try_get("slack_incoming_webhook").unwrap_or_default(),
+            actions: Vec::new(),
+        });
+        if team.actions.last().is_none_or(|action| action.id != id) {
+            team.actions.push(Action {
+                id,
+                team_id,
+                name: row.try_get("name").map_err(read)?,
+                message_format: row.try_get("slack_message_format").map_err(read)?,
+                steps: Vec::new(),
+            });
+        }
+        let steps: Vec<StepRow> = if steps_json {
+            match row
+                .try_get::<_, Option<Json<Value>>>("steps_json")
+                .map_err(read)?
+            {
+                Some(Json(Value::Array(steps))) => steps.iter().map(StepRow::from_json).collect(),
+                _ => Vec::new(),
+            }
+        } else if row
+            .try_get::<_, Option<i32>>("step_id")
+            .map_err(read)?
+            .is_some()
+        {
+            vec![StepRow {
+                event: row.try_get("event").map_err(read)?,
+                url: row.try_get("url").map_err(read)?,
+                url_matching: row.try_get("url_matching").map_err(read)?,
+                tag_name: row.try_get("tag_name").map_err(read)?,
+                text: row.try_get("text").map_err(read)?,
+                href: row.try_get("href").map_err(read)?,
+                selector: row.try_get("selector").map_err(read)?,
+                properties: row
+                    .try_get::<_, Option<Json<Value>>>("properties")
+                    .map_err(read)?
+                    .map(|Json(properties)| properties),
+            }]
+        } else {
+            // An action without steps (the LEFT JOIN gives NULLs) matches nothing.
+            Vec::new()
+        };
+        if let Some(action) = team.actions.last_mut() {
+            action
+                .steps
+                .extend(steps.into_iter().map(ActionStep::prepare));
+        }
+    }
+    Ok(teams)
+}
+
+#[cfg(all(test, feature = "integration-tests"))]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    async fn database(name: &str) -> Pool {
+        let (pool, _) = crate::test_support::fresh_postgres(&format!("ps_actions_{name}")).await;
+        crate::test_support::insert_teams(&pool, &[2, 3]).await;
+        pool.get()
+            .await
+            .expect("connection")
+            .batch_execute(
+                "UPDATE posthog_team SET slack_incoming_webhook = 'https://hooks.slack.com/x' WHERE id = 2;
+                 INSERT INTO posthog_action (id, name, team_id, post_to_slack) VALUES
+                   (1, 'Signed up', 2, true), (2, 'Deleted', 2, true), (3, 'Quiet', 2, false),
+                   (4, 'No webhook', 3, true);
+                 UPDATE posthog_action SET deleted = true WHERE id = 2;",
+            )
+            .await
+            .expect("actions");
+        pool
+    }
+
+    fn signup() -> Value {
+        json!({"event": "signup", "properties": {}, "elements": []})
+    }
+
+    /// Only teams with a webhook, only posting actions that are not deleted; steps from
+    /// `posthog_actionstep` (PostHog 2023).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn actions_load_with_their_steps_from_actionstep() {
+        let pool = database("steps").await;
+        pool.get()
+            .await
+            .expect("connection")
+            .batch_execute(
+                "INSERT INTO posthog_actionstep (action_id, event) VALUES (1, 'signup'), (1, 'login');",
+            )
+            .await
+            .expect("steps");
+        let teams = load_actions(&pool).await.expect("loaded");
+        assert_eq!(teams.keys().copied().collect::<Vec<_>>(), [2]);
+        let actions = &teams[&2].actions;
+        assert_eq!(actions.iter().map(|a| a.id).collect::<Vec<_>>(), [1]);
+        assert_eq!(actions[0].steps.len(), 2);
+        assert!(actions[0].matches(&signup(), None));
+    }
+
+    /// PostHog 2024 and later keep the steps in `posthog_action.steps_json`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn actions_load_their_steps_from_steps_json_where_the_schema_has_it() {
+        let pool = database("steps_json").await;
+        pool.get()
+            .await
+            .expect("connection")
+            .batch_execute(
+                "ALTER TABLE posthog_action ADD COLUMN steps_json jsonb;
+                 UPDATE posthog_action SET steps_json = '[{\"event\": \"signup\", \"url\": null}]' WHERE id = 1;",
+            )
+            .await
+            .expect("steps_json");
+        let teams = load_actions(&pool).await.expect("loaded");
+        let action = &teams[&2].actions[0];
+        assert_eq!(action.steps.len(), 1);
+        assert!(action.matches(&signup(), None));
+        assert!(!action.matches(&json!({"event": "login"}), None));
     }
 }

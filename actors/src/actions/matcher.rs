@@ -54,6 +54,23 @@ pub struct StepRow {
     pub properties: Option<Value>,
 }
 
+impl StepRow {
+    /// A step of `posthog_action.steps_json`, whose keys are the columns' names.
+    pub fn from_json(step: &Value) -> Self {
+        let text = |key: &str| step.get(key).and_then(Value::as_str).map(str::to_owned);
+        Self {
+            event: text("event"),
+            url: text("url"),
+            url_matching: text("url_matching"),
+            tag_name: text("tag_name"),
+            text: text("text"),
+            href: text("href"),
+            selector: text("selector"),
+            properties: step.get("properties").filter(|p| !p.is_null()).cloned(),
+        }
+    }
+}
+
 /// Empty strings in PostHog's columns mean "no condition".
 fn set(value: Option<String>) -> Option<String> {
     value.filter(|value| !value.is_empty())

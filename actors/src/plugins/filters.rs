@@ -24,7 +24,7 @@ use crate::ingestion::js::to_js_string;
 pub enum FilterError {
     #[error("the filters are not valid: {0}")]
     Invalid(String),
-    #[error("action filters are not supported: this server loads no actions (action {0})")]
+    #[error("action filters of composeWebhook are not supported (action {0})")]
     Action(String),
     #[error("element selector filters are not supported ({0:?})")]
     Selector(String),
