@@ -674,6 +674,55 @@ async fn two_instances_share_the_topic_and_a_rebalance_loses_nothing() {
     deployment.teardown().await;
 }
 
+/// `$snapshot` and `$performance_event` are not events (spec 1.2, PostHog's
+/// `web-performance-events.test.ts`: no `events` row): they go unchanged to
+/// `session_recording_events`, keyed by session, for a recordings consumer; the other events of
+/// the batch are stored as usual and every offset is committed.
+#[tokio::test]
+async fn recording_messages_are_forwarded_to_the_recordings_topic_not_stored_as_events() {
+    let deployment = Deployment::create().await;
+    let (_server, _) = deployment.start_server();
+    let messages = vec![
+        envelope(
+            &deployment.token,
+            "viewer",
+            json!({"event": "$snapshot", "properties": {"$session_id": "s1", "$window_id": "w1", "$snapshot_data": {"type": 2}}}),
+            json!({}),
+        ),
+        envelope(
+            &deployment.token,
+            "viewer",
+            json!({"event": "$performance_event", "properties": {"$session_id": "s1", "0": "resource", "2": "https://x/app.js", "39": 12.5}}),
+            json!({}),
+        ),
+        envelope(
+            &deployment.token,
+            "viewer",
+            json!({"event": "$pageview", "properties": {}}),
+            json!({}),
+        ),
+    ];
+    produce(&deployment.topic(), &messages).await;
+    wait_for("every offset committed", async || {
+        (deployment.committed() == 3).then_some(())
+    })
+    .await;
+    let events = deployment.events().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "$pageview");
+    let forwarded = read_topic(
+        &format!("{}session_recording_events", deployment.kafka_prefix),
+        2,
+    );
+    let payloads: Vec<&Vec<u8>> = forwarded.iter().map(|(_, payload)| payload).collect();
+    assert_eq!(
+        payloads,
+        [&messages[0], &messages[1]],
+        "forwarded unchanged, in order"
+    );
+    deployment.teardown().await;
+}
+
 /// INGESTION_OVERFLOW_ENABLED (PostHog's `ingestion-overflow.test.ts`): a distinct id over its
 /// token bucket is sent to the overflow topic unchanged while the others are ingested; the
 /// main topic's offsets are all committed; an `ingestion-overflow` instance then stores the
@@ -891,5 +940,29 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
     assert_eq!(groups.len(), 1, "{groups:?}");
     assert_eq!(groups[0]["group_key"], "acme");
     assert_eq!(groups[0]["version"], 1);
+
+    // A recording message is kept for a recordings consumer, not stored as an event.
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/capture"))
+        .json(
+            &json!({"api_key": "phc_embedded", "event": "$snapshot", "distinct_id": "u1",
+                      "properties": {"$session_id": "s1", "$snapshot_data": {"type": 2}}}),
+        )
+        .send()
+        .await
+        .expect("capture answered");
+    assert_eq!(response.status(), 200);
+    let recordings = common::read_rows(base_dir.path(), "session_recording_events");
+    assert_eq!(recordings.len(), 1, "{recordings:?}");
+    assert!(
+        recordings[0]["data"]
+            .as_str()
+            .is_some_and(|data| data.contains("$snapshot"))
+    );
+    assert!(
+        common::read_event_rows(base_dir.path())
+            .iter()
+            .all(|row| row["event"] != "$snapshot")
+    );
     drop(server);
 }

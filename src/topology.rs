@@ -634,6 +634,7 @@ async fn event_sink(
         person_distinct_ids_topic: rows_to_kafka
             .then(|| format!("{prefix}clickhouse_person_distinct_id")),
         groups_topic: rows_to_kafka.then(|| format!("{prefix}clickhouse_groups")),
+        recordings_topic: format!("{prefix}session_recording_events"),
     };
     let topics: Vec<String> = std::iter::once(config.dead_letter_topic.clone())
         .chain(config.events_json_topic.clone())
@@ -641,6 +642,7 @@ async fn event_sink(
         .chain(config.persons_topic.clone())
         .chain(config.person_distinct_ids_topic.clone())
         .chain(config.groups_topic.clone())
+        .chain(std::iter::once(config.recordings_topic.clone()))
         .collect();
     ensure_topics(connection, &topics).await?;
     let kafka_sink: Arc<dyn EventSink> = Arc::new(KafkaSink::new(connection, config)?);

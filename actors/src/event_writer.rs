@@ -84,7 +84,7 @@ impl WriterMetrics {
         let rows_written = IntCounterVec::new(
             Opts::new(
                 "event_writer_rows_written_total",
-                "Rows the event writer has stored, by kind (events, dead_letters, warnings, persons, person_distinct_ids, groups).",
+                "Rows the event writer has stored, by kind (events, dead_letters, warnings, persons, person_distinct_ids, groups, recordings).",
             ),
             &["kind"],
         )?;
@@ -244,6 +244,7 @@ async fn store(
         batch.persons.is_empty(),
         batch.person_distinct_ids.is_empty(),
         batch.groups.is_empty(),
+        batch.recordings.is_empty(),
         batch.events.is_empty(),
     ];
     loop {
@@ -278,6 +279,11 @@ async fn store(
                     "groups",
                     batch.groups.len(),
                     sink.write_groups(&batch.groups).await,
+                ),
+                5 => (
+                    "recordings",
+                    batch.recordings.len(),
+                    sink.write_recordings(&batch.recordings).await,
                 ),
                 _ => (
                     "events",

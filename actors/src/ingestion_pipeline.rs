@@ -44,7 +44,7 @@ use crate::persons::{
 };
 use crate::plugin_async::{FollowUp, PostIngestionPublisher};
 use crate::plugin_vm_pool::PluginVmPool;
-use crate::sinks::WriteBatch;
+use crate::sinks::{RecordingMessage, WriteBatch};
 use crate::stats::{ActorStats, ObservedAddr};
 
 // ---------------------------------------------------------------------------------------------
@@ -268,6 +268,10 @@ struct Run {
     overflow_warned: Mutex<LruCache<(i64, String), Instant>>,
 }
 
+/// Session recording events: forwarded unchanged to `session_recording_events`, never stored
+/// as events (spec 1.2), as PostHog's ingestion consumer does.
+const RECORDING_EVENTS: [&str; 2] = ["$snapshot", "$performance_event"];
+
 /// PostHog's warning for events that arrive through the overflow topic.
 pub const WARNING_INGESTION_CAPACITY_OVERFLOW: &str = "ingestion_capacity_overflow";
 
@@ -310,12 +314,28 @@ impl Run {
     ) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
-        let parsed = self
+        let (parsed, recordings) = self
             .step("parse", move || {
-                messages
-                    .iter()
-                    .map(|raw| parse_envelope(raw, &limits))
-                    .collect::<Vec<_>>()
+                let mut recordings = Vec::new();
+                let mut parsed = Vec::with_capacity(messages.len());
+                for raw in messages.iter() {
+                    let event = parse_envelope(raw, &limits);
+                    match &event {
+                        Ok(event) if RECORDING_EVENTS.contains(&event.event.event.as_str()) => {
+                            recordings.push(RecordingMessage {
+                                key: event
+                                    .event
+                                    .properties
+                                    .get("$session_id")
+                                    .and_then(serde_json::Value::as_str)
+                                    .map(str::to_owned),
+                                payload: raw.clone(),
+                            });
+                        }
+                        _ => parsed.push(event),
+                    }
+                }
+                (parsed, recordings)
             })
             .await?;
 
@@ -388,6 +408,8 @@ impl Run {
             manager.record(new);
         }
 
+        let mut batch = batch;
+        batch.recordings = recordings;
         let mut outcome = BatchOutcome {
             written: batch.events.len(),
             dead_lettered: batch.dead_letters.len(),

@@ -117,6 +117,15 @@ impl EventSink for ScriptedSink {
         self.persons.fetch_add(rows.len(), Ordering::SeqCst);
         Ok(())
     }
+
+    async fn write_recordings(
+        &self,
+        messages: &[crate::sinks::RecordingMessage],
+    ) -> Result<(), SinkError> {
+        self.attempt().await?;
+        self.persons.fetch_add(messages.len(), Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 fn row() -> EventRow {

@@ -79,6 +79,12 @@ impl EventSink for ClickHouseSink {
     async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
         self.insert::<GroupRecord<'_>, _>("groups", rows).await
     }
+
+    /// The recording tables are written by the session recordings consumer from Kafka (the
+    /// Kafka sink forwards the messages there), not from here.
+    async fn write_recordings(&self, _: &[super::RecordingMessage]) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// A column of type `DateTime`: whole seconds since the epoch. Times before the epoch (a

@@ -47,6 +47,7 @@ pub struct JsonLinesSink {
     persons: Arc<Mutex<RotatingFile>>,
     person_distinct_ids: Arc<Mutex<RotatingFile>>,
     groups: Arc<Mutex<RotatingFile>>,
+    recordings: Arc<Mutex<RotatingFile>>,
 }
 
 impl JsonLinesSink {
@@ -64,6 +65,7 @@ impl JsonLinesSink {
             persons: file("person"),
             person_distinct_ids: file("person_distinct_id"),
             groups: file("groups"),
+            recordings: file("session_recording_events"),
         })
     }
 
@@ -137,6 +139,23 @@ impl EventSink for JsonLinesSink {
     ) -> Result<(), SinkError> {
         Self::append(&self.person_distinct_ids, rows, |out, row| {
             serde_json::to_writer(out, &PersonDistinctIdJson::from(row))
+        })
+        .await
+    }
+
+    /// The messages as they came, one per line: kept for a recordings consumer to replay.
+    async fn write_recordings(
+        &self,
+        messages: &[super::RecordingMessage],
+    ) -> Result<(), SinkError> {
+        Self::append(&self.recordings, messages, |out, message| {
+            // A pretty-printed message would span lines: written compact instead.
+            if message.payload.contains(&b'\n') {
+                let value: serde_json::Value = serde_json::from_slice(&message.payload)?;
+                return serde_json::to_writer(out, &value);
+            }
+            out.extend_from_slice(&message.payload);
+            Ok(())
         })
         .await
     }

@@ -37,6 +37,9 @@ pub struct KafkaSinkConfig {
     pub person_distinct_ids_topic: Option<String>,
     /// `None` leaves group changes to the ClickHouse sink only.
     pub groups_topic: Option<String>,
+    /// `<KAFKA_PREFIX>session_recording_events`: where `$snapshot` and `$performance_event`
+    /// messages go, unchanged.
+    pub recordings_topic: String,
 }
 
 pub struct KafkaSink {
@@ -194,6 +197,24 @@ impl EventSink for KafkaSink {
             |row| serde_json::to_vec(&PersonDistinctIdJson::from(row)),
         )
         .await
+    }
+
+    async fn write_recordings(
+        &self,
+        messages: &[super::RecordingMessage],
+    ) -> Result<(), SinkError> {
+        let records = messages
+            .iter()
+            .map(|message| {
+                let record = FutureRecord::to(&self.config.recordings_topic)
+                    .payload(message.payload.as_slice());
+                match &message.key {
+                    Some(key) => record.key(key.as_bytes()),
+                    None => record,
+                }
+            })
+            .collect();
+        self.deliver("session_recording_events", records).await
     }
 
     async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {

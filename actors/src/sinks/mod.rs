@@ -31,6 +31,18 @@ pub struct WriteBatch {
     pub person_distinct_ids: Vec<PersonDistinctIdRow>,
     /// Group versions the group step committed to its store.
     pub groups: Vec<GroupRow>,
+    /// `$snapshot` and `$performance_event` messages, for the session recordings topic.
+    pub recordings: Vec<RecordingMessage>,
+}
+
+/// A `$snapshot` or `$performance_event` message: PostHog's ingestion consumer does not store
+/// it as an event but forwards it unchanged to `session_recording_events`, whose consumer
+/// writes the recording tables; so does this server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordingMessage {
+    /// `$session_id`, so that a session's messages keep their order on one partition.
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
 }
 
 impl WriteBatch {
@@ -41,6 +53,7 @@ impl WriteBatch {
             && self.persons.is_empty()
             && self.person_distinct_ids.is_empty()
             && self.groups.is_empty()
+            && self.recordings.is_empty()
     }
 
     /// Rough bytes, to cut batches at KAFKA_MAX_MESSAGE_BATCH_SIZE.
@@ -70,6 +83,11 @@ impl WriteBatch {
                 .iter()
                 .map(|row| 48 + row.group_key.len() + row.properties.len())
                 .sum::<usize>()
+            + self
+                .recordings
+                .iter()
+                .map(|message| 32 + message.payload.len())
+                .sum::<usize>()
     }
 
     pub fn append(&mut self, other: WriteBatch) {
@@ -79,6 +97,7 @@ impl WriteBatch {
         self.persons.extend(other.persons);
         self.person_distinct_ids.extend(other.person_distinct_ids);
         self.groups.extend(other.groups);
+        self.recordings.extend(other.recordings);
     }
 }
 
@@ -132,6 +151,9 @@ pub trait EventSink: Send + Sync + 'static {
 
     /// Group versions; the tables keep the highest version of each group.
     async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError>;
+
+    /// Session recording messages, forwarded unchanged.
+    async fn write_recordings(&self, messages: &[RecordingMessage]) -> Result<(), SinkError>;
 }
 
 /// Writes every part to each sink in turn, e.g. ClickHouse then the Kafka dead-letter topic.
@@ -194,6 +216,13 @@ impl EventSink for FanOutSink {
     async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
         for sink in &self.sinks {
             sink.write_groups(rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_recordings(&self, messages: &[RecordingMessage]) -> Result<(), SinkError> {
+        for sink in &self.sinks {
+            sink.write_recordings(messages).await?;
         }
         Ok(())
     }
