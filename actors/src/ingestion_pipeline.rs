@@ -390,7 +390,7 @@ impl Run {
         };
         let dropped_personless = stamped.dropped_personless;
         let definitions = self.definitions.clone();
-        let (batch, new_definitions) = self
+        let (mut batch, new_definitions) = self
             .step("prepare", move || {
                 // Before the rows are built, which takes the events apart.
                 let new_definitions = definitions.map(|manager| {
@@ -408,7 +408,6 @@ impl Run {
             manager.record(new);
         }
 
-        let mut batch = batch;
         batch.recordings = recordings;
         let mut outcome = BatchOutcome {
             written: batch.events.len(),
@@ -807,7 +806,7 @@ fn build_batch(
     groups: Option<GroupOutcome>,
 ) -> WriteBatch {
     let created_at = Utc::now();
-    let (event_groups, group_rows) = match groups {
+    let (mut event_groups, group_rows) = match groups {
         Some(outcome) => (Some(outcome.events.into_iter()), outcome.rows),
         None => (None, Vec::new()),
     };
@@ -819,7 +818,6 @@ fn build_batch(
         ..WriteBatch::default()
     };
     let mut persons = persons.map(Vec::into_iter);
-    let mut event_groups = event_groups;
     for (event, team) in stamped.events {
         let answer = persons.as_mut().and_then(Iterator::next);
         let groups: Option<EventGroups> = event_groups.as_mut().and_then(Iterator::next);
@@ -865,16 +863,8 @@ fn build_batch(
             created_at: person.created_at,
             mode: *mode,
         });
-        match build_row(event, &team, created_at, row_person) {
-            Ok(mut row) => {
-                for (index, group) in columns.iter().enumerate() {
-                    if let Some(group) = group {
-                        row.group_properties[index].clone_from(&group.properties);
-                        row.group_created_at[index] = group.created_at;
-                    }
-                }
-                batch.events.push(row);
-            }
+        match build_row(event, &team, created_at, row_person, &columns) {
+            Ok(row) => batch.events.push(row),
             Err(letter) => batch.dead_letters.push(*letter),
         }
     }

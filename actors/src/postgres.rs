@@ -39,3 +39,48 @@ pub async fn connect(database_url: &str, max_size: usize) -> Result<Pool, Postgr
     drop(pool.get().await.map_err(PostgresError::Connect)?);
     Ok(pool)
 }
+
+/// What a failed statement means for whoever sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Another transaction changed the same rows first (a unique key taken, a deadlock, a
+    /// serialization failure): retry the work.
+    Conflict,
+    /// The data does not fit (class 22, "data exception": an over-long value, a `\u0000` in
+    /// text) or names a row that does not exist (23503, e.g. an unknown team): only this
+    /// data is refused.
+    Rejected,
+    /// Anything else, the connection included: the store cannot answer now.
+    Unavailable,
+}
+
+/// Sorts a Postgres error, with the server's own message where there is one ("db error"
+/// alone says nothing).
+pub fn classify(error: &tokio_postgres::Error) -> (Failure, String) {
+    use tokio_postgres::error::SqlState;
+    let Some(code) = error.code() else {
+        return (Failure::Unavailable, error.to_string());
+    };
+    let message = error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |db| db.message().to_owned());
+    let failure = if [
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+    ]
+    .contains(code)
+    {
+        Failure::Conflict
+    } else if code.code().starts_with("22") || *code == SqlState::FOREIGN_KEY_VIOLATION {
+        Failure::Rejected
+    } else {
+        Failure::Unavailable
+    };
+    (failure, message)
+}
+
+/// PostHog's `team_id` columns are `integer`; a larger id can name no team.
+pub fn team_column(team_id: i64) -> Result<i32, String> {
+    i32::try_from(team_id).map_err(|_| format!("team id {team_id} is out of range"))
+}

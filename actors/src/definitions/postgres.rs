@@ -125,12 +125,8 @@ impl DefinitionStore for PostgresDefinitionStore {
     }
 }
 
-/// The server's own message where there is one ("db error" says nothing).
 fn failed(error: tokio_postgres::Error) -> DefinitionStoreError {
-    let message = error
-        .as_db_error()
-        .map_or_else(|| error.to_string(), |db| db.message().to_owned());
-    DefinitionStoreError::Unavailable(message)
+    DefinitionStoreError::Unavailable(crate::postgres::classify(&error).1)
 }
 
 /// Postgres text cannot hold `\u0000`; PostHog writes the replacement character instead.
@@ -139,9 +135,7 @@ fn clean(name: &str) -> String {
 }
 
 fn team_column(team_id: i64) -> Result<i32, DefinitionStoreError> {
-    i32::try_from(team_id).map_err(|_| {
-        DefinitionStoreError::Unavailable(format!("team id {team_id} is out of range"))
-    })
+    crate::postgres::team_column(team_id).map_err(DefinitionStoreError::Unavailable)
 }
 
 #[cfg(all(test, feature = "integration-tests"))]

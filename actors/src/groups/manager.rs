@@ -64,9 +64,13 @@ impl GroupColumn {
     }
 }
 
-/// One event's groups, per column (`None`: no group named, or an unknown one); or why the
-/// store refused the event's `$groupidentify`, which dead-letters the event.
-pub type EventGroups = Result<[Option<Arc<GroupColumn>>; MAX_GROUP_TYPES as usize], String>;
+/// One event's groups, per column of the `events` table (`None`: no group named, or an
+/// unknown one).
+pub type GroupColumns = [Option<Arc<GroupColumn>>; MAX_GROUP_TYPES as usize];
+
+/// One event's groups; or why the store refused the event's `$groupidentify`, which
+/// dead-letters the event.
+pub type EventGroups = Result<GroupColumns, String>;
 
 /// What the group step made of a batch.
 #[derive(Debug, Default)]
@@ -189,8 +193,7 @@ impl GroupManager {
                     Err(error) => return Err(error),
                 }
             }
-            let mut columns: [Option<Arc<GroupColumn>>; MAX_GROUP_TYPES as usize] =
-                Default::default();
+            let mut columns = GroupColumns::default();
             for (index, column) in columns.iter_mut().enumerate() {
                 if let Some(key) = named_group(&stamped.event, index) {
                     *column = known.get(&key).cloned().flatten();

@@ -15,7 +15,9 @@ pub mod memory;
 pub mod postgres;
 pub mod store;
 
-pub use manager::{EventGroups, GroupColumn, GroupConfig, GroupManager, GroupOutcome};
+pub use manager::{
+    EventGroups, GroupColumn, GroupColumns, GroupConfig, GroupManager, GroupOutcome,
+};
 pub use memory::MemoryGroupStore;
 pub use postgres::PostgresGroupStore;
 pub use store::{

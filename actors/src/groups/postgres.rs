@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
 use serde_json::{Map, Value};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
+
+use crate::postgres::Failure;
 
 use super::store::{Group, GroupKey, GroupStore, GroupStoreError, MAX_GROUP_TYPES, Upserted};
 
@@ -253,23 +254,16 @@ fn group_from_row(row: &tokio_postgres::Row) -> Result<Group, GroupStoreError> {
 }
 
 /// Sorts a Postgres error into "retry the batch later" and "this event's data is refused".
+/// Upserts take no locks a race could lose, so a conflict is only a store that cannot answer.
 fn classify(error: tokio_postgres::Error) -> GroupStoreError {
-    let Some(code) = error.code() else {
-        return GroupStoreError::Unavailable(error.to_string());
-    };
-    let message = error
-        .as_db_error()
-        .map_or_else(|| error.to_string(), |db| db.message().to_owned());
-    // Class 22 is "data exception": a value the columns cannot hold, such as an over-long
-    // group key or a \u0000 in a property; 23503 is a team that does not exist.
-    if code.code().starts_with("22") || *code == SqlState::FOREIGN_KEY_VIOLATION {
-        return GroupStoreError::Rejected(message);
+    match crate::postgres::classify(&error) {
+        (Failure::Rejected, message) => GroupStoreError::Rejected(message),
+        (Failure::Conflict | Failure::Unavailable, message) => {
+            GroupStoreError::Unavailable(message)
+        }
     }
-    GroupStoreError::Unavailable(message)
 }
 
-/// `team_id` is an integer column.
 fn team_column(team_id: i64) -> Result<i32, GroupStoreError> {
-    i32::try_from(team_id)
-        .map_err(|_| GroupStoreError::Rejected(format!("team id {team_id} is out of range")))
+    crate::postgres::team_column(team_id).map_err(GroupStoreError::Rejected)
 }

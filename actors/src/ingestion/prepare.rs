@@ -12,6 +12,7 @@ use super::envelope::normalize_event;
 use super::event::{EventRow, IngestionWarning, PersonMode, PluginEvent};
 use super::team::Team;
 use super::timestamp::{parse_event_timestamp, parse_iso8601};
+use crate::groups::GroupColumns;
 
 /// PostHog's warning for an event dropped because its `uuid` is not a UUID.
 pub const WARNING_SKIPPING_EVENT_INVALID_UUID: &str = "skipping_event_invalid_uuid";
@@ -19,11 +20,8 @@ pub const WARNING_SKIPPING_EVENT_INVALID_UUID: &str = "skipping_event_invalid_uu
 /// ClickHouse's `event` column is meant for names, not payloads.
 const MAX_EVENT_NAME_CHARS: usize = 200;
 
-/// Number of `groupN_*` column pairs of the `events` table.
-const GROUP_COLUMNS: usize = 5;
-
-/// What the group columns hold until the group step finds the group: PostHog's values for an
-/// unknown group (spec 1.8).
+/// What the group columns hold for a column that names no known group: PostHog's values for an
+/// unknown group (spec 1.8), with the epoch as `created_at`.
 const UNKNOWN_GROUP_PROPERTIES: &str = "{}";
 
 /// Builds the event row for `team`, or dead-letters an event whose `uuid` is unusable.
@@ -53,7 +51,7 @@ pub fn prepare_normalized_event(
     warnings: &mut Vec<IngestionWarning>,
 ) -> Result<EventRow, Box<DeadLetter>> {
     let stamped = stamp_event(event, team, warnings)?;
-    build_row(stamped, team, created_at, None)
+    build_row(stamped, team, created_at, None, &GroupColumns::default())
 }
 
 /// A normalized event with its team, parsed timestamp and checked uuid: what the person step
@@ -110,12 +108,14 @@ pub fn stamp_event(
 
 /// Builds the row of a stamped event (spec 1.3 steps 5-6). Without a person, the person columns
 /// keep ClickHouse's defaults for "no person" (nil uuid, empty properties, the epoch), which
-/// PostHog writes when it has no person either.
+/// PostHog writes when it has no person either. The group columns show `groups`, the group
+/// step's answer for the event.
 pub fn build_row(
     stamped: StampedEvent,
     team: &Team,
     created_at: DateTime<Utc>,
     person: Option<RowPerson<'_>>,
+    groups: &GroupColumns,
 ) -> Result<EventRow, Box<DeadLetter>> {
     let StampedEvent {
         mut event,
@@ -181,8 +181,17 @@ pub fn build_row(
         person_properties,
         person_created_at,
         person_mode,
-        group_properties: std::array::from_fn(|_| UNKNOWN_GROUP_PROPERTIES.to_owned()),
-        group_created_at: [DateTime::<Utc>::UNIX_EPOCH; GROUP_COLUMNS],
+        group_properties: std::array::from_fn(|index| {
+            groups[index].as_ref().map_or_else(
+                || UNKNOWN_GROUP_PROPERTIES.to_owned(),
+                |group| group.properties.clone(),
+            )
+        }),
+        group_created_at: std::array::from_fn(|index| {
+            groups[index]
+                .as_ref()
+                .map_or(DateTime::<Utc>::UNIX_EPOCH, |group| group.created_at)
+        }),
     })
 }
 

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use serde_json::{Map, Value};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Json, ToSql};
+
+use crate::postgres::Failure;
 
 use super::store::{
     MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
@@ -195,33 +196,15 @@ impl Drop for PostgresTransaction {
 
 /// Sorts a Postgres error into the three outcomes the person step handles differently.
 fn classify(error: tokio_postgres::Error) -> PersonStoreError {
-    let Some(code) = error.code() else {
-        return PersonStoreError::Unavailable(error.to_string());
-    };
-    let message = error
-        .as_db_error()
-        .map_or_else(|| error.to_string(), |db| db.message().to_owned());
-    if [
-        SqlState::UNIQUE_VIOLATION,
-        SqlState::T_R_DEADLOCK_DETECTED,
-        SqlState::T_R_SERIALIZATION_FAILURE,
-    ]
-    .contains(code)
-    {
-        return PersonStoreError::Conflict(message);
+    match crate::postgres::classify(&error) {
+        (Failure::Conflict, message) => PersonStoreError::Conflict(message),
+        (Failure::Rejected, message) => PersonStoreError::Rejected(message),
+        (Failure::Unavailable, message) => PersonStoreError::Unavailable(message),
     }
-    // Class 22 is "data exception": a value the columns cannot hold, such as an over-long
-    // distinct id or a \u0000 in a property; 23503 is a team that does not exist.
-    if code.code().starts_with("22") || *code == SqlState::FOREIGN_KEY_VIOLATION {
-        return PersonStoreError::Rejected(message);
-    }
-    PersonStoreError::Unavailable(message)
 }
 
-/// `posthog_person.team_id` is an integer column.
 fn team_column(team_id: i64) -> Result<i32, PersonStoreError> {
-    i32::try_from(team_id)
-        .map_err(|_| PersonStoreError::Rejected(format!("team id {team_id} is out of range")))
+    crate::postgres::team_column(team_id).map_err(PersonStoreError::Rejected)
 }
 
 fn person_from_row(row: &tokio_postgres::Row) -> Result<Person, PersonStoreError> {

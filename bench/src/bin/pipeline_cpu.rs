@@ -12,7 +12,7 @@ use chrono::Utc;
 use plugin_server_actors::definitions::{
     DefinitionConfig, DefinitionStore, DefinitionStoreError, DefinitionsManager, NewDefinitions,
 };
-use plugin_server_actors::groups::{GroupConfig, GroupManager, MemoryGroupStore};
+use plugin_server_actors::groups::{GroupColumns, GroupConfig, GroupManager, MemoryGroupStore};
 use plugin_server_actors::ingestion::Team;
 use plugin_server_actors::ingestion::envelope::{EnvelopeLimits, parse_envelope};
 use plugin_server_actors::ingestion::prepare::{StampedEvent, build_row, stamp_event};
@@ -195,7 +195,9 @@ fn run(
     let created_at = Utc::now();
     let rows = stamped
         .into_iter()
-        .filter_map(|event| build_row(event, &team, created_at, None).ok())
+        .filter_map(|event| {
+            build_row(event, &team, created_at, None, &GroupColumns::default()).ok()
+        })
         .count();
     let build = started.elapsed();
 
