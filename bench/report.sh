@@ -7,8 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash docker/services.sh start >/dev/null
-eval "$(bash docker/services.sh env)"
+if ! services_env="$(bash docker/services.sh start)"; then
+  echo "bench/report.sh: the services did not start (the error is above)" >&2
+  exit 1
+fi
+eval "$services_env"
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
 
 cargo build --release -p plugin-server -p plugin-server-bench

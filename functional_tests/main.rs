@@ -12,3 +12,4 @@ mod plugins;
 mod posthog_suite;
 mod private_stores;
 mod server_on_redis;
+mod services_script;

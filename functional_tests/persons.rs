@@ -412,3 +412,130 @@ async fn two_instances_identifying_the_same_users_at_once_make_one_person_each()
     drop(servers);
     deployment.drop().await;
 }
+
+/// Issue 23, as an operator found it: a backlog of `$set`s for 10,000 users on a 2-partition
+/// topic, ten events per user spread over ten batches, consumed with batches in flight. Every
+/// person must end with its last event's properties (PostHog applies one distinct id's events
+/// in order), and ClickHouse's newest person version must say the same as Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_updates_apply_in_order_across_batches_in_flight() {
+    use crate::ingestion::{
+        Deployment as KafkaDeployment, envelope, produce_keyed, terminate, wait_for_up_to,
+    };
+
+    const USERS: usize = 10_000;
+    const EVENTS: usize = 100_000;
+    let deployment = KafkaDeployment::create().await;
+    let messages: Vec<(String, Vec<u8>)> = (0..EVENTS)
+        .map(|index| {
+            let distinct_id = format!("user-{}", index % USERS);
+            let payload = envelope(
+                &deployment.token,
+                &distinct_id,
+                json!({
+                    "event": "$pageview",
+                    "properties": {"$set": {"plan": format!("p{}", index % 3), "seen": index}},
+                }),
+                json!({}),
+            );
+            (format!("{}:{distinct_id}", deployment.token), payload)
+        })
+        .collect();
+    produce_keyed(&deployment.topic(), &messages).await;
+    drop(messages);
+
+    let (server, _) = deployment.start_server();
+    wait_for_up_to(
+        std::time::Duration::from_secs(900),
+        "every event stored",
+        async || (deployment.counts().await.1 == EVENTS as u64).then_some(()),
+    )
+    .await;
+    terminate(server);
+    // Every offset committed at the graceful stop. (Not `teardown`'s lag check: tansu reports
+    // high watermarks short of the last offset for topics produced in multi-record batches.)
+    assert_eq!(deployment.committed(), EVENTS as i64, "committed offsets");
+
+    // distinct id → (uuid, properties, version), from Postgres.
+    let client = deployment.postgres.client().await;
+    let team = i32::try_from(deployment.team_id).expect("team id");
+    let rows = client
+        .query(
+            "SELECT d.distinct_id, p.uuid, p.properties, p.version \
+             FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
+             WHERE d.team_id = $1",
+            &[&team],
+        )
+        .await
+        .expect("persons");
+    assert_eq!(rows.len(), USERS, "one person per distinct id");
+    let mut wrong = Vec::new();
+    let mut postgres: HashMap<String, (Value, i64)> = HashMap::new();
+    for row in &rows {
+        let distinct_id: String = row.get(0);
+        let uuid: uuid::Uuid = row.get(1);
+        let properties: Value = row.get(2);
+        let version: i64 = row.get(3);
+        let user: usize = distinct_id["user-".len()..].parse().expect("user number");
+        let last = EVENTS - USERS + user;
+        if properties["seen"] != json!(last)
+            || properties["plan"] != json!(format!("p{}", last % 3))
+        {
+            wrong.push(format!(
+                "{distinct_id}: {properties} at version {version}, last event {last}"
+            ));
+        }
+        postgres.insert(uuid.to_string(), (properties, version));
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {USERS} persons are not at their last event, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+
+    // ClickHouse's `person` rows: the highest version of each person is Postgres's row.
+    let text = deployment
+        .clickhouse(&format!(
+            "SELECT toString(id) AS person, argMax(properties, version) AS latest_properties, \
+             max(version) AS latest_version FROM {}.person WHERE team_id = {} GROUP BY person \
+             FORMAT JSONEachRow",
+            deployment.clickhouse_database, deployment.team_id
+        ))
+        .await;
+    let mut disagree = Vec::new();
+    let mut clickhouse_persons = 0;
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).expect("row");
+        clickhouse_persons += 1;
+        let id = row["person"].as_str().expect("id");
+        let properties: Value =
+            serde_json::from_str(row["latest_properties"].as_str().expect("properties"))
+                .expect("json");
+        let version = &row["latest_version"];
+        let version = version
+            .as_i64()
+            .or_else(|| version.as_str().and_then(|v| v.parse().ok()))
+            .expect("version");
+        match postgres.get(id) {
+            Some((expected, expected_version))
+                if *expected == properties && *expected_version == version => {}
+            other => disagree.push(format!(
+                "{id}: ClickHouse {properties} v{version}, Postgres {other:?}"
+            )),
+        }
+    }
+    assert_eq!(clickhouse_persons, USERS, "one ClickHouse person per user");
+    assert!(
+        disagree.is_empty(),
+        "{} persons differ between ClickHouse and Postgres, e.g. {:?}",
+        disagree.len(),
+        &disagree[..disagree.len().min(5)]
+    );
+    let versions: i64 = postgres.values().map(|(_, version)| version).sum();
+    eprintln!(
+        "persons in order: {USERS} users, {EVENTS} events, {versions} person updates (one per \
+         event after the first, more only where a batch was retried)"
+    );
+    deployment.drop_databases().await;
+}

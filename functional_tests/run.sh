@@ -6,7 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-eval "$(bash docker/services.sh start)"
+# Not `eval "$(...)"`, which would swallow a failed start and let every test fail on its own
+# without saying why: the services script has printed its error; stop here.
+if ! services_env="$(bash docker/services.sh start)"; then
+  echo "functional_tests/run.sh: the services did not start (the error is above); no test ran" >&2
+  exit 1
+fi
+eval "$services_env"
 # GeoLite2 City for the GeoIP tests, fetched into a cache outside the repository (its licence
 # forbids committing it).
 GEOIP_TEST_MMDB="$(bash docker/fetch_geolite2.sh)"

@@ -20,7 +20,7 @@ use plugin_server_actors::groups::{
     GroupConfig, GroupManager, MemoryGroupStore, PostgresGroupStore, SharedGroupStore,
 };
 use plugin_server_actors::health::ProgressReporter;
-use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, SetReady};
+use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, ReportIdle, SetReady};
 use plugin_server_actors::ingestion::TeamManager;
 use plugin_server_actors::ingestion::envelope::EnvelopeLimits;
 use plugin_server_actors::ingestion::intake::EventIntake;
@@ -202,6 +202,7 @@ impl Topology {
             }
         });
         drain_order.push(("event_writer".to_owned(), writer.addr().clone().recipient()));
+        name_check(&health, "event_writer").await;
 
         let telemetry = clickhouse_target(settings).map(|target| {
             PluginTelemetry::start(
@@ -407,6 +408,7 @@ impl Topology {
                     },
                 );
                 drain_order.push((role.actor.to_owned(), consumer.addr().clone().recipient()));
+                name_check(&health, role.health).await;
                 arbiters.push(consumer_arbiter);
                 arbiters.push(workers);
             }
@@ -696,6 +698,20 @@ fn consumption_topic(settings: &Settings) -> String {
         "{}{}",
         settings.kafka_prefix, settings.kafka_consumption_topic
     )
+}
+
+/// Lists `component` in `/_health` (as idle) before the server answers its first request, so
+/// that an operator sees every check an `ok` covers, traffic or not.
+async fn name_check(health: &ObservedAddr<Health>, component: &str) {
+    let named = health
+        .send(ReportIdle {
+            component: component.to_owned(),
+        })
+        .await;
+    if let Err(error) = named {
+        // Health was just started and is supervised; it only misses this while restarting.
+        tracing::warn!(%error, component, "check not named in /_health");
+    }
 }
 
 /// One Kafka consumer the mode asks for: the ingestion topic or its overflow.

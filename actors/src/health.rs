@@ -7,7 +7,8 @@
 //! stopped. Either makes `/_health` answer 503 naming it. Readiness is separate: false until the
 //! topology has started, and false again once shutdown begins, so load balancers drain first.
 //!
-//! Receives: `ReportProgress`, `ReportStopped`, `Deregister` from every actor with work;
+//! Receives: `ReportProgress`, `ReportIdle`, `ReportStopped`, `ReportDegraded`, `Deregister` from
+//! every actor with work;
 //! `SetReady`, `BeginShutdown` from the topology; `GetHealth`, `GetReadiness` from HTTP.
 
 use std::collections::BTreeMap;
@@ -52,6 +53,15 @@ pub struct ReportStopped {
     pub reason: String,
 }
 
+/// The component has no work right now: it is listed as `idle` and cannot turn stale until its
+/// next `ReportProgress`. Also how a component names itself at start, before any work, so that
+/// `/_health` shows every check it covers from the first request.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct ReportIdle {
+    pub component: String,
+}
+
 /// The component has finished on purpose (its work is done): stop checking it.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -81,6 +91,8 @@ pub struct GetReadiness;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckStatus {
     Ok,
+    /// Registered, with nothing to do (no traffic yet, or none lately).
+    Idle,
     Stale {
         silent_for: Duration,
         deadline: Duration,
@@ -94,8 +106,9 @@ pub enum CheckStatus {
 }
 
 impl CheckStatus {
+    /// Working, or idle: nothing for an operator to look at.
     pub fn is_ok(&self) -> bool {
-        matches!(self, Self::Ok)
+        matches!(self, Self::Ok | Self::Idle)
     }
 
     /// Whether liveness fails: stale or stopped. Degraded components are alive.
@@ -108,6 +121,7 @@ impl fmt::Display for CheckStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ok => f.write_str("ok"),
+            Self::Idle => f.write_str("idle"),
             Self::Stale {
                 silent_for,
                 deadline,
@@ -186,8 +200,23 @@ struct Component {
     deadline: Duration,
     stopped: Option<String>,
     degraded: Option<String>,
+    /// No work since its last report: not checked for staleness.
+    idle: bool,
     /// Whether the last check found it stale, so the transition is logged once.
     reported_stale: bool,
+}
+
+impl Component {
+    fn new(now: Instant, deadline: Duration) -> Self {
+        Self {
+            last_progress: now,
+            deadline,
+            stopped: None,
+            degraded: None,
+            idle: false,
+            reported_stale: false,
+        }
+    }
 }
 
 pub struct Health {
@@ -218,7 +247,7 @@ impl Health {
             } else {
                 let deadline = component.deadline.min(max_stale);
                 let silent_for = now.saturating_duration_since(component.last_progress);
-                if silent_for > deadline {
+                if silent_for > deadline && !component.idle {
                     CheckStatus::Stale {
                         silent_for,
                         deadline,
@@ -227,6 +256,8 @@ impl Health {
                     CheckStatus::Degraded {
                         reason: reason.clone(),
                     }
+                } else if component.idle {
+                    CheckStatus::Idle
                 } else {
                     CheckStatus::Ok
                 }
@@ -258,17 +289,12 @@ impl Handler<ReportProgress> for Health {
         let component = self
             .components
             .entry(message.component)
-            .or_insert_with(|| Component {
-                last_progress: now,
-                deadline: message.deadline,
-                stopped: None,
-                degraded: None,
-                reported_stale: false,
-            });
+            .or_insert_with(|| Component::new(now, message.deadline));
         component.last_progress = now;
         component.deadline = message.deadline;
         component.stopped = None;
         component.degraded = None;
+        component.idle = false;
         self.stats.record_progress();
     }
 }
@@ -283,13 +309,7 @@ impl Handler<ReportStopped> for Health {
         let component = self
             .components
             .entry(message.component)
-            .or_insert_with(|| Component {
-                last_progress: now,
-                deadline: Duration::ZERO,
-                stopped: None,
-                degraded: None,
-                reported_stale: false,
-            });
+            .or_insert_with(|| Component::new(now, Duration::ZERO));
         component.stopped = Some(message.reason);
     }
 }
@@ -303,22 +323,32 @@ impl Handler<ReportDegraded> for Health {
             // Degraded before any work was reported: register it with the longest deadline,
             // so it shows as degraded now and turns stale only if it never recovers.
             let max_stale = self.config.max_stale;
-            self.components.insert(
-                message.component,
-                Component {
-                    last_progress: Instant::now(),
-                    deadline: max_stale,
-                    stopped: None,
-                    degraded: Some(message.reason),
-                    reported_stale: false,
-                },
-            );
+            let mut component = Component::new(Instant::now(), max_stale);
+            component.degraded = Some(message.reason);
+            self.components.insert(message.component, component);
             return;
         };
         if component.degraded.is_none() {
             tracing::warn!(component = %message.component, reason = %message.reason, "component degraded");
         }
         component.degraded = Some(message.reason);
+    }
+}
+
+impl Handler<ReportIdle> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: ReportIdle, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        let now = Instant::now();
+        let component = self
+            .components
+            .entry(message.component)
+            .or_insert_with(|| Component::new(now, Duration::ZERO));
+        // A stopped component stays stopped: idling does not bring it back.
+        component.idle = true;
+        component.degraded = None;
+        component.reported_stale = false;
     }
 }
 
@@ -377,7 +407,7 @@ pub struct ProgressReporter {
     health: actix::Recipient<ReportProgress>,
     stopped: actix::Recipient<ReportStopped>,
     degraded: actix::Recipient<ReportDegraded>,
-    deregister: actix::Recipient<Deregister>,
+    idle: actix::Recipient<ReportIdle>,
     stats: Arc<ActorStats>,
 }
 
@@ -392,7 +422,7 @@ impl ProgressReporter {
             health: health.clone().recipient(),
             stopped: health.clone().recipient(),
             degraded: health.clone().recipient(),
-            deregister: health.clone().recipient(),
+            idle: health.clone().recipient(),
             stats,
         }
     }
@@ -419,9 +449,10 @@ impl ProgressReporter {
         });
     }
 
-    /// No work left: the component cannot be stale while it has nothing to do.
+    /// No work left: the component is listed as idle and cannot be stale while it has nothing
+    /// to do. Components also call it once at start, so `/_health` names them before any work.
     pub fn report_idle(&self) {
-        self.deregister.do_send(Deregister {
+        self.idle.do_send(ReportIdle {
             component: self.component.clone(),
         });
     }
@@ -514,6 +545,38 @@ mod tests {
             serde_json::to_value(&report).expect("serializes"),
             serde_json::json!({"status": "ok", "checks": {}})
         );
+    }
+
+    #[actix::test]
+    async fn an_idle_component_is_named_and_never_stale() {
+        tokio::time::pause();
+        let health = start(Duration::from_secs(7200));
+        let idle = |component: &str| ReportIdle {
+            component: component.to_owned(),
+        };
+        health.send(idle("event_writer")).await.expect("sent");
+        let report = health.send(GetHealth).await.expect("answered");
+        assert_eq!(
+            serde_json::to_value(&report).expect("serializes"),
+            serde_json::json!({"status": "ok", "checks": {"event_writer": "idle"}})
+        );
+        // Work makes it checked: silent past its deadline, it is stale.
+        health
+            .send(progress("event_writer", 30))
+            .await
+            .expect("sent");
+        assert_eq!(
+            health.send(GetHealth).await.expect("answered").checks["event_writer"],
+            CheckStatus::Ok
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!health.send(GetHealth).await.expect("answered").is_healthy());
+        // Idle again (its work is done), it stays listed and healthy however long it waits.
+        health.send(idle("event_writer")).await.expect("sent");
+        tokio::time::advance(Duration::from_secs(10_000)).await;
+        let report = health.send(GetHealth).await.expect("answered");
+        assert!(report.is_healthy(), "{report:?}");
+        assert_eq!(report.checks["event_writer"], CheckStatus::Idle);
     }
 
     #[actix::test]

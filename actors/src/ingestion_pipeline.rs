@@ -32,6 +32,7 @@ use crate::groups::{EventGroups, GroupManager, GroupOutcome, GroupStoreError};
 use crate::ingestion::PluginEvent;
 use crate::ingestion::envelope::normalize_event;
 use crate::ingestion::envelope::{EnvelopeLimits, parse_envelope};
+use crate::ingestion::order::{BatchTurn, OrderKey};
 use crate::ingestion::prepare::{
     RowPerson, StampedEvent, build_row, dead_letter_for_event, stamp_event,
 };
@@ -39,8 +40,8 @@ use crate::ingestion::team::TeamStoreError;
 use crate::ingestion::{DeadLetter, DropReason, PipelineEvent, Team, TeamManager};
 use crate::metrics::{Metrics, MetricsError};
 use crate::persons::{
-    PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError, merge_intent,
-    person_updates,
+    MergeIntent, PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError,
+    merge_intent, person_updates,
 };
 use crate::plugin_async::{FollowUp, PostIngestionPublisher};
 use crate::plugin_vm_pool::PluginVmPool;
@@ -60,6 +61,10 @@ pub struct IngestBatch {
     /// The messages were rerouted to the overflow topic: each team and distinct id gets the
     /// `ingestion_capacity_overflow` warning (at most once an hour).
     pub overflow: bool,
+    /// The batch's place among the batches its consumer has in flight: its person step waits
+    /// for the earlier ones holding the same distinct ids. `None` for batches with no order
+    /// among themselves (concurrent HTTP requests).
+    pub turn: Option<Arc<BatchTurn>>,
 }
 
 /// What became of a batch.
@@ -242,7 +247,9 @@ impl Handler<IngestBatch> for IngestionPipeline {
         let stats = Arc::clone(&self.stats);
         Box::pin(async move {
             let _timer = timer;
-            let outcome = run.ingest(batch.messages, batch.overflow).await;
+            let outcome = run
+                .ingest(batch.messages, batch.overflow, batch.turn.as_deref())
+                .await;
             if outcome.is_err() {
                 stats.record_error();
             }
@@ -311,6 +318,7 @@ impl Run {
         &self,
         messages: Arc<Vec<Vec<u8>>>,
         overflow: bool,
+        turn: Option<&BatchTurn>,
     ) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
@@ -363,6 +371,13 @@ impl Run {
         let mut stamped = self
             .step("stamp", move || stamp_batch(resolved, with_persons))
             .await?;
+        if let Some(turn) = turn {
+            let started = std::time::Instant::now();
+            turn.claim(stamped.order_keys()).await;
+            self.step_duration
+                .with_label_values(&["order"])
+                .observe(started.elapsed().as_secs_f64());
+        }
         let persons = match &self.persons {
             Some(manager) => {
                 let started = std::time::Instant::now();
@@ -705,6 +720,28 @@ struct Stamped {
     dropped_personless: usize,
 }
 
+impl Stamped {
+    /// The distinct ids whose persons and groups this batch changes: each event's own, and the
+    /// other id an identify, alias or merge names.
+    fn order_keys(&self) -> impl Iterator<Item = OrderKey> + '_ {
+        let own = self
+            .events
+            .iter()
+            .map(|(event, team)| (team.id, event.event.distinct_id.clone()));
+        let merged = self
+            .person_events
+            .iter()
+            .filter_map(|event| match &event.intent {
+                Ok(MergeIntent::Merge {
+                    previous_distinct_id,
+                    ..
+                }) => Some((event.team_id, previous_distinct_id.clone())),
+                _ => None,
+            });
+        own.chain(merged)
+    }
+}
+
 /// The events that exist only to change persons, which PostHog drops when sent personless.
 const PERSON_EVENTS: [&str; 4] = [
     "$identify",
@@ -897,6 +934,7 @@ impl crate::ingestion::intake::EventIntake for PipelineIntake {
             .send(IngestBatch {
                 messages: Arc::new(messages),
                 overflow: false,
+                turn: None,
             })
             .await
             .map_err(|error| {

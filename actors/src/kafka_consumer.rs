@@ -8,6 +8,11 @@
 //! and on rebalance. A batch the pipeline cannot take (a dependency is down) is retried with
 //! backoff until it succeeds; nothing behind it is committed meanwhile.
 //!
+//! Batches in flight overlap, but one distinct id's events still reach the person step in the
+//! order they were read: each batch takes a turn of the consumer's
+//! [`KeyOrder`](crate::ingestion::order) when it is read, and holds its distinct ids from its
+//! person step until it is stored (or given up), retries included.
+//!
 //! On rebalance, the revoke callback (which librdkafka runs on this actor's thread, inside
 //! `recv`) blocks until the in-flight batches are acknowledged, up to `rebalance_drain_timeout`,
 //! and commits, so the partition's next owner starts after them. The batches run on a separate
@@ -31,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
 use crate::health::ProgressReporter;
+use crate::ingestion::order::{BatchTurn, KeyOrder};
 use crate::ingestion_pipeline::{IngestBatch, IngestionPipeline};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::metrics::{Metrics, MetricsError};
@@ -302,6 +308,9 @@ pub struct KafkaConsumer {
     abandon: CancellationToken,
     /// Reroutes hot keys to the overflow topic (INGESTION_OVERFLOW_ENABLED).
     overflow: Option<Arc<OverflowRouter>>,
+    /// Keeps one distinct id's events in read order across the batches in flight; kept across
+    /// restarts, since batches read before one may still be in flight after it.
+    order: Arc<KeyOrder>,
 }
 
 impl KafkaConsumer {
@@ -330,6 +339,7 @@ impl KafkaConsumer {
             stop_reading: CancellationToken::new(),
             abandon: CancellationToken::new(),
             overflow: None,
+            order: KeyOrder::new(),
         }
     }
 
@@ -416,6 +426,7 @@ impl Actor for KafkaConsumer {
             permits: Arc::clone(&self.permits),
             stop: self.stop_reading.clone(),
             stats: Arc::clone(&self.stats),
+            order: Arc::clone(&self.order),
         };
         ctx.spawn(reader.run().into_actor(self));
     }
@@ -473,6 +484,7 @@ struct Reader {
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     stats: Arc<ActorStats>,
+    order: Arc<KeyOrder>,
 }
 
 #[derive(Default)]
@@ -558,9 +570,13 @@ impl Reader {
                 self.runner
                     .progress
                     .report(self.runner.config.progress_deadline);
+                // Taken here, in read order, which is the order it keeps.
+                let turn = Arc::new(self.order.next_turn());
                 let runner = self.runner.clone();
                 self.workers.spawn(async move {
-                    runner.run(id, batch.messages, batch.keys).await;
+                    runner.run(id, batch.messages, batch.keys, &turn).await;
+                    // Ends the batch's claim on its distinct ids once it is stored or given up.
+                    drop(turn);
                     drop(permit);
                 });
             }
@@ -585,7 +601,13 @@ struct BatchRunner {
 }
 
 impl BatchRunner {
-    async fn run(self, id: u64, messages: Vec<Vec<u8>>, keys: Vec<Option<Vec<u8>>>) {
+    async fn run(
+        self,
+        id: u64,
+        messages: Vec<Vec<u8>>,
+        keys: Vec<Option<Vec<u8>>>,
+        turn: &Arc<BatchTurn>,
+    ) {
         let count = messages.len();
         let messages = match &self.overflow {
             Some(router) => {
@@ -625,6 +647,7 @@ impl BatchRunner {
                             .send(IngestBatch {
                                 messages,
                                 overflow: reads_overflow,
+                                turn: Some(Arc::clone(turn)),
                             })
                             .await
                         {

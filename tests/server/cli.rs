@@ -270,7 +270,10 @@ fn the_embedded_server_answers_its_probes_and_stops_on_sigterm() {
     let mut server = start_server(&[], &[]);
     assert_eq!(
         http_get(server.port, "/_health"),
-        (200, r#"{"status":"ok","checks":{}}"#.to_owned())
+        (
+            200,
+            r#"{"status":"ok","checks":{"event_writer":"idle"}}"#.to_owned()
+        )
     );
     assert_eq!(
         http_get(server.port, "/_ready"),

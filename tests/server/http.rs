@@ -44,7 +44,11 @@ async fn health_ready_metrics_actors_and_404() {
 
     let (status, body) = get_json(&server, "/_health").await;
     assert_eq!(status, 200);
-    assert_eq!(body, serde_json::json!({"status": "ok", "checks": {}}));
+    // The embedded profile names what it checks before any traffic.
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "ok", "checks": {"event_writer": "idle"}})
+    );
 
     let (status, body) = get_json(&server, "/_ready").await;
     assert_eq!(status, 200);

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod event;
 pub mod intake;
 pub mod js;
+pub mod order;
 pub mod prepare;
 pub mod team;
 pub mod timestamp;

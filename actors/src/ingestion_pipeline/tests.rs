@@ -44,6 +44,7 @@ impl Harness {
             .send(IngestBatch {
                 messages: Arc::new(messages),
                 overflow: false,
+                turn: None,
             })
             .await
             .expect("delivered")
@@ -246,6 +247,7 @@ async fn an_empty_batch_is_fine() {
         .send(IngestBatch {
             messages: Arc::new(Vec::new()),
             overflow: false,
+            turn: None,
         })
         .await
         .expect("delivered")
@@ -416,4 +418,167 @@ async fn a_person_store_that_cannot_answer_fails_the_batch_for_a_retry() {
         .map(|entries| entries.count())
         .unwrap_or(0);
     assert_eq!(written, 0);
+}
+
+/// The in-process person store, except that the first transaction stops at `begin` until the
+/// test lets it go: a batch's person step caught mid-flight.
+struct FirstBeginHeld {
+    inner: crate::persons::MemoryPersonStore,
+    hold: std::sync::Mutex<
+        Option<(
+            tokio::sync::oneshot::Sender<()>,
+            tokio::sync::oneshot::Receiver<()>,
+        )>,
+    >,
+}
+
+impl FirstBeginHeld {
+    /// The store, a receiver told when the first `begin` is reached, and its release.
+    fn new() -> (
+        Arc<Self>,
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (entered, on_entered) = tokio::sync::oneshot::channel();
+        let (release, on_release) = tokio::sync::oneshot::channel();
+        let store = Arc::new(Self {
+            inner: crate::persons::MemoryPersonStore::new(),
+            hold: std::sync::Mutex::new(Some((entered, on_release))),
+        });
+        (store, on_entered, release)
+    }
+
+    async fn person(&self, distinct_id: &str) -> crate::persons::Person {
+        use crate::persons::PersonStore as _;
+        let key = (1, distinct_id.to_owned());
+        self.inner
+            .persons_by_distinct_ids(std::slice::from_ref(&key))
+            .await
+            .expect("read")
+            .remove(&key)
+            .expect("person")
+    }
+}
+
+#[async_trait]
+impl crate::persons::PersonStore for FirstBeginHeld {
+    fn name(&self) -> &'static str {
+        "first-begin-held"
+    }
+
+    async fn begin(
+        &self,
+    ) -> Result<Box<dyn crate::persons::store::PersonTransaction + '_>, PersonStoreError> {
+        let hold = self
+            .hold
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((entered, release)) = hold {
+            let _ = entered.send(());
+            let _ = release.await;
+        }
+        self.inner.begin().await
+    }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<std::collections::HashMap<(i64, String), crate::persons::Person>, PersonStoreError>
+    {
+        self.inner.persons_by_distinct_ids(keys).await
+    }
+}
+
+async fn ingest_in_turn(
+    pipeline: ObservedAddr<IngestionPipeline>,
+    messages: Vec<Vec<u8>>,
+    turn: Option<Arc<BatchTurn>>,
+) -> BatchOutcome {
+    pipeline
+        .send(IngestBatch {
+            messages: Arc::new(messages),
+            overflow: false,
+            turn,
+        })
+        .await
+        .expect("delivered")
+        .expect("ingested")
+}
+
+/// Two batches in flight, each with one `$set` of the same user; the first batch's person
+/// transaction is held at `begin` while the second batch arrives. Returns the person's final
+/// `seen` and version.
+async fn two_batches_race(with_turns: bool) -> (Value, i64) {
+    use crate::ingestion::order::KeyOrder;
+
+    let (store, entered, release) = FirstBeginHeld::new();
+    let manager = Arc::new(PersonManager::new(
+        Arc::clone(&store) as Arc<dyn crate::persons::PersonStore>,
+        crate::persons::PersonConfig {
+            cache_size: 0,
+            ..crate::persons::PersonConfig::default()
+        },
+    ));
+    let harness = start_with_persons(Some(manager)).await;
+    let order = KeyOrder::new();
+    let (first_turn, second_turn) = if with_turns {
+        (
+            Some(Arc::new(order.next_turn())),
+            Some(Arc::new(order.next_turn())),
+        )
+    } else {
+        (None, None)
+    };
+    let set = |seen: u32| {
+        vec![envelope(
+            json!({"event": "$pageview", "properties": {"$set": {"seen": seen}}}),
+            json!({}),
+        )]
+    };
+    let first = actix::spawn(ingest_in_turn(
+        harness.pipeline.clone(),
+        set(1),
+        first_turn.clone(),
+    ));
+    entered
+        .await
+        .expect("the first batch reached its transaction");
+    let second = actix::spawn(ingest_in_turn(
+        harness.pipeline.clone(),
+        set(2),
+        second_turn,
+    ));
+    let second = if with_turns {
+        // The second batch must wait for the first; give it every chance not to.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "the second batch overtook the first");
+        Some(second)
+    } else {
+        // Nothing orders them: the second batch creates the person first.
+        second.await.expect("second batch");
+        None
+    };
+    let _ = release.send(());
+    first.await.expect("first batch");
+    // The consumer drops a batch's turn once it is stored.
+    drop(first_turn);
+    if let Some(second) = second {
+        second.await.expect("second batch");
+    }
+    let person = store.person("user-1").await;
+    (person.properties["seen"].clone(), person.version)
+}
+
+/// Issue 23: with two batches in flight, a later batch's `$set` landed first and the earlier
+/// batch's, computed on the now-current row, overwrote it: `seen` ended at 1, version 1, while
+/// the later event's row said 2. This pins that interleaving.
+#[actix::test]
+async fn unordered_batches_of_one_user_lose_the_later_update() {
+    assert_eq!(two_batches_race(false).await, (json!(1), 1));
+}
+
+#[actix::test]
+async fn batch_turns_apply_one_users_updates_in_read_order() {
+    assert_eq!(two_batches_race(true).await, (json!(2), 1));
 }

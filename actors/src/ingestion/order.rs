@@ -1,0 +1,213 @@
+//! Order per `team:distinct_id` across the batches in flight.
+//!
+//! The Kafka consumer keeps several batches in flight, so that the next one is parsed and runs
+//! its plugins while the last one is written. Without more, two batches holding events of the
+//! same distinct id then race through the person step, and the later event's `$set` can land
+//! first and be overwritten by the earlier one (issue 23: a third of persons ended stale under
+//! sustained load). PostHog avoids the race by running one partition's batches strictly one
+//! after another; here only the distinct ids two batches share wait for each other, so batches
+//! of different users still overlap.
+//!
+//! Each batch takes a [`BatchTurn`] from the consumer's [`KeyOrder`] when it is read, in read
+//! order. Before its person step the batch claims the keys its events touch
+//! ([`BatchTurn::claim`]). Claims are made in turn order, and a claim then waits for every
+//! earlier batch that claimed one of the same keys to end. A batch ends when its turn is
+//! dropped, once it is stored or given up: a failed attempt keeps its claims, so its retry
+//! still comes before any later batch of the same users, and a retried batch never reapplies
+//! an old `$set` over a newer one.
+//!
+//! Waits only ever point at earlier turns, so they cannot form a cycle.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What is ordered: a team and one of its distinct ids.
+pub type OrderKey = (i64, String);
+
+/// The turns of one consumer's batches.
+pub struct KeyOrder {
+    state: Mutex<State>,
+    /// The next turn allowed to claim; claims wait on it.
+    next_claim: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Turns handed out so far.
+    issued: u64,
+    /// The next turn allowed to claim (mirrored in `KeyOrder::next_claim`).
+    next_claim: u64,
+    /// Turns that ended before claiming, ahead of `next_claim`: skipped when it gets there.
+    ended_unclaimed: BTreeSet<u64>,
+    /// The last turn to claim each key, and the signal of its end.
+    holders: HashMap<OrderKey, (u64, CancellationToken)>,
+}
+
+impl State {
+    /// Moves `next_claim` past `turn` and past every turn after it that already ended.
+    fn advance_past(&mut self, turn: u64) {
+        if self.next_claim != turn {
+            return;
+        }
+        self.next_claim = turn + 1;
+        while self.ended_unclaimed.remove(&self.next_claim) {
+            self.next_claim += 1;
+        }
+    }
+}
+
+impl KeyOrder {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            next_claim: watch::Sender::new(0),
+        })
+    }
+
+    /// The next batch's turn. Call in the order the batches were read.
+    pub fn next_turn(self: &Arc<Self>) -> BatchTurn {
+        let mut state = self.lock();
+        let turn = state.issued;
+        state.issued += 1;
+        BatchTurn {
+            order: Arc::clone(self),
+            turn,
+            ended: CancellationToken::new(),
+            claimed: Mutex::new(None),
+        }
+    }
+
+    /// Keys held by batches that have not ended (for tests and stats).
+    pub fn held_keys(&self) -> usize {
+        self.lock().holders.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self, next_claim: u64) {
+        self.next_claim.send_replace(next_claim);
+    }
+}
+
+/// One batch's place in its consumer's order; dropping it ends the batch.
+pub struct BatchTurn {
+    order: Arc<KeyOrder>,
+    turn: u64,
+    /// Cancelled when the batch ends; later claimants of its keys wait for it.
+    ended: CancellationToken,
+    /// The keys claimed, once the first claim is made.
+    claimed: Mutex<Option<HashSet<OrderKey>>>,
+}
+
+impl std::fmt::Debug for BatchTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchTurn")
+            .field("turn", &self.turn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchTurn {
+    /// Claims `keys` for this batch and waits until no earlier batch holds any of them.
+    ///
+    /// A retry of the batch claims again: what it claimed before is still its own and needs no
+    /// wait. A key the retry names for the first time (a plugin that answers differently) is
+    /// taken if free and left to its holder otherwise, since waiting for a later batch could
+    /// wait forever.
+    pub async fn claim(&self, keys: impl IntoIterator<Item = OrderKey>) {
+        let mut keys = keys.into_iter();
+        if self.claim_again(&mut keys).is_some() {
+            return;
+        }
+        let mut next_claim = self.order.next_claim.subscribe();
+        // The sender lives in `order`, which this turn keeps alive, so this cannot fail.
+        let _ = next_claim.wait_for(|next| *next >= self.turn).await;
+        let mut earlier = Vec::new();
+        let next = {
+            // Always `claimed` before `state`, as in `claim_again`.
+            let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = self.order.lock();
+            let mut mine = HashSet::new();
+            for key in keys {
+                if mine.contains(&key) {
+                    continue;
+                }
+                let previous = state
+                    .holders
+                    .insert(key.clone(), (self.turn, self.ended.clone()));
+                if let Some((turn, ended)) = previous
+                    && turn < self.turn
+                {
+                    earlier.push(ended);
+                }
+                mine.insert(key);
+            }
+            *claimed = Some(mine);
+            state.advance_past(self.turn);
+            state.next_claim
+        };
+        self.order.publish(next);
+        for ended in earlier {
+            ended.cancelled().await;
+        }
+    }
+
+    /// A later claim of a batch that already claimed; `None` when it had not.
+    fn claim_again(&self, keys: impl Iterator<Item = OrderKey>) -> Option<()> {
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = claimed.as_mut()?;
+        let mut state = self.order.lock();
+        for key in keys {
+            if mine.contains(&key) {
+                continue;
+            }
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                state.holders.entry(key.clone())
+            {
+                entry.insert((self.turn, self.ended.clone()));
+                mine.insert(key);
+            }
+        }
+        Some(())
+    }
+}
+
+impl Drop for BatchTurn {
+    fn drop(&mut self) {
+        let claimed = self
+            .claimed
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let next = {
+            let mut state = self.order.lock();
+            match claimed {
+                Some(keys) => {
+                    for key in keys {
+                        if let std::collections::hash_map::Entry::Occupied(entry) =
+                            state.holders.entry(key)
+                            && entry.get().0 == self.turn
+                        {
+                            entry.remove();
+                        }
+                    }
+                }
+                None if state.next_claim == self.turn => state.advance_past(self.turn),
+                None => {
+                    state.ended_unclaimed.insert(self.turn);
+                }
+            }
+            state.next_claim
+        };
+        self.ended.cancel();
+        self.order.publish(next);
+    }
+}
+
+#[cfg(test)]
+mod tests;
