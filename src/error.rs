@@ -1,8 +1,8 @@
 //! Errors that end the server, each naming what to fix.
 
 use crate::settings::SettingsError;
-use plugin_server_actors::metrics::MetricsError;
 use plugin_server_actors::migrations::MigrationError;
+use plugin_server_actors::system::metrics::MetricsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -25,7 +25,7 @@ pub enum ServerError {
     #[error("cannot reach ClickHouse (check CLICKHOUSE_HOST and CLICKHOUSE_USER): {0}")]
     ClickHouse(#[source] clickhouse::error::Error),
     #[error(transparent)]
-    Sink(#[from] plugin_server_actors::sinks::SinkError),
+    Sink(#[from] plugin_server_actors::ingest::sinks::SinkError),
     #[error(transparent)]
     Kafka(#[from] plugin_server_actors::kafka::KafkaSetupError),
     #[error(transparent)]

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
-use plugin_server_actors::metrics::MetricsError;
+use plugin_server_actors::system::metrics::MetricsError;
 
 pub use error::ServerError;
 pub use settings::{LoadOptions, Settings};

@@ -68,7 +68,7 @@ pub fn install_tls_provider() {
 /// Supervised actors are restarted after their panic is logged here.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = plugin_server_actors::supervisor::panic_message(info.payload());
+        let message = plugin_server_actors::system::supervisor::panic_message(info.payload());
         let location = info
             .location()
             .map(|location| format!("{}:{}", location.file(), location.line()))

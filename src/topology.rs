@@ -14,56 +14,62 @@ use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::definitions::{
     DefinitionConfig, DefinitionsManager, PostgresDefinitionStore,
 };
-use plugin_server_actors::event_writer::{EventWriter, EventWriterConfig, WriterMetrics};
+use plugin_server_actors::event::envelope::EnvelopeLimits;
+use plugin_server_actors::event::intake::EventIntake;
 use plugin_server_actors::geoip::{GeoIpActor, GeoIpConfig, GeoIpHandle, GeoIpSource};
 use plugin_server_actors::groups::{
     GroupConfig, GroupManager, MemoryGroupStore, PostgresGroupStore, SharedGroupStore,
 };
-use plugin_server_actors::health::ProgressReporter;
-use plugin_server_actors::health::{BeginShutdown, Health, HealthConfig, ReportIdle, SetReady};
-use plugin_server_actors::ingestion::TeamManager;
-use plugin_server_actors::ingestion::envelope::EnvelopeLimits;
-use plugin_server_actors::ingestion::intake::EventIntake;
-use plugin_server_actors::ingestion::team::{
-    EmbeddedTeamStore, PostgresTeamStore, TeamCacheConfig, TeamStore,
-};
-use plugin_server_actors::ingestion_pipeline::{
+use plugin_server_actors::ingest::consumer::overflow::{OverflowConfig, OverflowRouter};
+use plugin_server_actors::ingest::consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
+use plugin_server_actors::ingest::pipeline::{
     IngestionPipeline, PipelineConfig, PipelineIntake, PipelineMetrics,
 };
+use plugin_server_actors::ingest::sinks::{
+    ClickHouseSink, EventSink, FanOutSink, JsonLinesConfig, JsonLinesSink, KafkaSink,
+    KafkaSinkConfig,
+};
+use plugin_server_actors::ingest::teams::TeamManager;
+use plugin_server_actors::ingest::teams::{
+    EmbeddedTeamStore, PostgresTeamStore, TeamCacheConfig, TeamStore,
+};
+use plugin_server_actors::ingest::writer::{EventWriter, EventWriterConfig, WriterMetrics};
 use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
-use plugin_server_actors::kafka_consumer::overflow::{OverflowConfig, OverflowRouter};
-use plugin_server_actors::kafka_consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
-use plugin_server_actors::metrics::Metrics;
 use plugin_server_actors::migrations::ClickHouseTarget;
 use plugin_server_actors::persons::{
     MemoryPersonStore, PersonConfig, PersonManager, PersonMetrics, PostgresPersonStore,
     SharedPersonStore,
 };
 use plugin_server_actors::postgres::PostgresError;
-use plugin_server_actors::sinks::{
-    ClickHouseSink, EventSink, FanOutSink, JsonLinesConfig, JsonLinesSink, KafkaSink,
-    KafkaSinkConfig,
+use plugin_server_actors::system::health::ProgressReporter;
+use plugin_server_actors::system::health::{
+    BeginShutdown, Health, HealthConfig, ReportIdle, SetReady,
 };
-use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
-use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised, spawn_supervised_in};
+use plugin_server_actors::system::metrics::Metrics;
+use plugin_server_actors::system::stats::{ActorRegistry, ObservedAddr};
+use plugin_server_actors::system::supervisor::{
+    SpawnOptions, spawn_supervised, spawn_supervised_in,
+};
 
 use plugin_server_actors::cluster::cache::CacheStore;
-use plugin_server_actors::jobs::{JobStore, MemoryJobStore, PostgresJobStore};
-use plugin_server_actors::plugin_async::{PostIngestionConsumer, PostIngestionPublisher};
-use plugin_server_actors::plugin_job_queue::{JobQueueConfig, PluginJobQueue};
-use plugin_server_actors::plugin_reloader::{PluginReloader, PluginReloaderConfig};
-use plugin_server_actors::plugin_scheduler::{PluginScheduler, SchedulerConfig};
-use plugin_server_actors::plugin_vm_pool::{
-    HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
-};
-use plugin_server_actors::plugins::host::PluginHost;
-use plugin_server_actors::plugins::outputs::ServerOutputs;
-use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
-use plugin_server_actors::plugins::server_host::{
+use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
 };
+use plugin_server_actors::plugins::job_queue::{JobQueueConfig, PluginJobQueue};
+use plugin_server_actors::plugins::jobs::{JobStore, MemoryJobStore, PostgresJobStore};
+use plugin_server_actors::plugins::outputs::{PluginOutputs, ServerOutputs};
+use plugin_server_actors::plugins::pool::{
+    HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
+};
+use plugin_server_actors::plugins::post_ingestion::{
+    PostIngestionConsumer, PostIngestionPublisher,
+};
+use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
+use plugin_server_actors::plugins::reloader::{PluginReloader, PluginReloaderConfig};
+use plugin_server_actors::plugins::runtime::natives::PluginHost;
+use plugin_server_actors::plugins::runtime::vm::VmLimits;
+use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig};
 use plugin_server_actors::plugins::telemetry::PluginTelemetry;
-use plugin_server_actors::plugins::vm::VmLimits;
 use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
 

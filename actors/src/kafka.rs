@@ -8,7 +8,7 @@ use base64::Engine;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
+use crate::event::intake::{CapturedEvent, EventIntake, IntakeError};
 
 /// How to reach the brokers: PostHog's KAFKA_* variables.
 #[derive(Debug, Clone, Default)]

@@ -7,28 +7,16 @@
 pub mod actions;
 pub mod cluster;
 pub mod definitions;
-pub mod event_writer;
+pub mod event;
 pub mod geoip;
 pub mod groups;
-pub mod health;
-pub mod ingestion;
-pub mod ingestion_pipeline;
-pub mod jobs;
+pub mod ingest;
 pub mod kafka;
-pub mod kafka_consumer;
-pub mod metrics;
 pub mod migrations;
 pub mod persons;
-pub mod plugin_async;
-pub mod plugin_job_queue;
-pub mod plugin_reloader;
-pub mod plugin_scheduler;
-pub mod plugin_vm_pool;
 pub mod plugins;
 pub mod postgres;
-pub mod sinks;
-pub mod stats;
-pub mod supervisor;
+pub mod system;
 #[cfg(all(test, feature = "integration-tests"))]
 mod test_support;
 

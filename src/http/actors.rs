@@ -5,8 +5,8 @@
 
 use actix_web::{HttpResponse, web};
 
-use plugin_server_actors::plugin_job_queue::JobQueueStats;
-use plugin_server_actors::plugin_scheduler::SchedulerStats;
+use plugin_server_actors::plugins::job_queue::JobQueueStats;
+use plugin_server_actors::plugins::scheduler::SchedulerStats;
 
 use super::AppState;
 

@@ -25,12 +25,11 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use chrono::{DateTime, SecondsFormat, Utc};
 use flate2::read::MultiGzDecoder;
 use futures::StreamExt;
-use plugin_server_actors::ingestion::envelope::from_str_repairing;
-use plugin_server_actors::ingestion::intake::{CapturedEvent, EventIntake, IntakeError};
-use plugin_server_actors::ingestion::js::type_name;
-use plugin_server_actors::ingestion::timestamp::parse_iso8601;
+use plugin_server_actors::event::envelope::{Envelope, from_str_repairing};
+use plugin_server_actors::event::intake::{CapturedEvent, EventIntake, IntakeError};
+use plugin_server_actors::event::iso8601::parse_iso8601;
+use plugin_server_actors::event::js::type_name;
 use prometheus::{IntCounter, IntCounterVec, Opts};
-use serde::Serialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -796,20 +795,6 @@ struct SharedFields<'a> {
     sent_at: String,
 }
 
-/// The spec 1.1 message on `events_plugin_ingestion`.
-#[derive(Serialize)]
-struct Envelope<'a> {
-    uuid: String,
-    distinct_id: &'a str,
-    ip: Option<&'a str>,
-    site_url: &'a str,
-    /// The client's event, untouched, as a JSON string.
-    data: String,
-    now: &'a str,
-    sent_at: &'a str,
-    token: &'a str,
-}
-
 fn build_event(
     index: usize,
     event: Value,
@@ -860,11 +845,12 @@ fn encode_envelope(
         data: serde_json::to_string(&event).map_err(encoding_failed)?,
         now: &shared.now,
         sent_at: &shared.sent_at,
-        token: shared.token,
+        token: Some(shared.token),
+        team_id: None,
     };
     Ok(CapturedEvent {
-        key: format!("{}:{distinct_id}", shared.token),
-        payload: serde_json::to_vec(&envelope).map_err(encoding_failed)?,
+        key: envelope.kafka_key(),
+        payload: envelope.encode().map_err(encoding_failed)?,
     })
 }
 

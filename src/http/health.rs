@@ -1,7 +1,7 @@
 //! `GET /_health` (liveness: every check making progress) and `GET /_ready` (readiness).
 
 use actix_web::{HttpResponse, web};
-use plugin_server_actors::health::{GetHealth, GetReadiness, Readiness};
+use plugin_server_actors::system::health::{GetHealth, GetReadiness, Readiness};
 use serde_json::json;
 
 use super::AppState;

@@ -6,15 +6,15 @@ pub mod capture;
 mod health;
 mod metrics;
 
-use plugin_server_actors::plugin_job_queue::JobQueueStats;
-use plugin_server_actors::plugin_scheduler::SchedulerStats;
-use plugin_server_actors::plugin_vm_pool::PluginVmPool;
+use plugin_server_actors::plugins::job_queue::JobQueueStats;
+use plugin_server_actors::plugins::pool::PluginVmPool;
+use plugin_server_actors::plugins::scheduler::SchedulerStats;
 use std::sync::Arc;
 
 use actix_web::{HttpResponse, web};
-use plugin_server_actors::health::Health;
-use plugin_server_actors::metrics::Metrics;
-use plugin_server_actors::stats::{ActorRegistry, ObservedAddr};
+use plugin_server_actors::system::health::Health;
+use plugin_server_actors::system::metrics::Metrics;
+use plugin_server_actors::system::stats::{ActorRegistry, ObservedAddr};
 
 /// What every handler can reach.
 #[derive(Clone)]

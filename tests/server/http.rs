@@ -7,9 +7,9 @@ use std::time::Duration;
 use actix::{Actor, ActorContext, ActorFutureExt, Context, Handler, Message, Supervised};
 use plugin_server::{LoadOptions, RunningServer, Settings};
 use plugin_server_actors::Shutdown;
-use plugin_server_actors::health::{GetReadiness, ProgressReporter};
-use plugin_server_actors::stats::ActorStats;
-use plugin_server_actors::supervisor::{SpawnOptions, spawn_supervised};
+use plugin_server_actors::system::health::{GetReadiness, ProgressReporter};
+use plugin_server_actors::system::stats::ActorStats;
+use plugin_server_actors::system::supervisor::{SpawnOptions, spawn_supervised};
 use serde_json::Value;
 
 async fn start_server() -> RunningServer {
@@ -120,7 +120,9 @@ impl Handler<Crash> for Worker {
     }
 }
 
-fn spawn_worker(server: &RunningServer) -> plugin_server_actors::stats::ObservedAddr<Worker> {
+fn spawn_worker(
+    server: &RunningServer,
+) -> plugin_server_actors::system::stats::ObservedAddr<Worker> {
     let topology = server.topology();
     let health = topology.health.addr().clone();
     spawn_supervised(
@@ -196,7 +198,7 @@ async fn health_turns_503_when_an_actor_with_work_stops_reporting() {
 struct Drainable {
     name: &'static str,
     log: Arc<Mutex<Vec<String>>>,
-    health: actix::Addr<plugin_server_actors::health::Health>,
+    health: actix::Addr<plugin_server_actors::system::health::Health>,
 }
 
 impl Actor for Drainable {

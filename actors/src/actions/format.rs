@@ -9,7 +9,7 @@ use regex::Regex;
 use serde_json::{Map, Value, json};
 
 use super::matcher::Action;
-use crate::ingestion::js::to_js_string;
+use crate::event::js::to_js_string;
 
 const DEFAULT_FORMAT: &str = "[action.name] was triggered by [person]";
 

@@ -23,9 +23,9 @@ use super::format::{MessageEvent, WebhookKind, message, payload};
 use super::matcher::{Action, ActionStep, StepRow};
 use crate::cluster::ClusterError;
 use crate::cluster::pubsub::{PubSub, SubscribeOptions};
-use crate::ingestion::EventRow;
-use crate::ingestion::elements::chain_to_elements;
-use crate::metrics::{Metrics, MetricsError};
+use crate::event::EventRow;
+use crate::event::elements::chain_to_elements;
+use crate::system::metrics::{Metrics, MetricsError};
 
 /// PostHog's channels for a changed or deleted action (`{teamId, actionId}`).
 pub const RELOAD_ACTION_CHANNEL: &str = "reload-action";

@@ -22,7 +22,7 @@ use lru::LruCache;
 use serde_json::{Map, Value};
 
 use super::types::{PropertyType, detect_property_type};
-use crate::ingestion::{PluginEvent, Team};
+use crate::event::{PluginEvent, Team};
 
 /// Events the server makes itself, whose properties are not the team's.
 const EVENTS_WITHOUT_DEFINITIONS: [&str; 1] = ["$$plugin_metrics"];

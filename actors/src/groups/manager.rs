@@ -22,7 +22,7 @@ use lru::LruCache;
 use serde_json::{Map, Value};
 
 use super::store::{Group, GroupKey, GroupRow, GroupStoreError, MAX_GROUP_TYPES, SharedGroupStore};
-use crate::ingestion::prepare::StampedEvent;
+use crate::event::StampedEvent;
 
 /// The properties an event names its groups by, one per column of the `events` table.
 const GROUP_PROPERTIES: [&str; MAX_GROUP_TYPES as usize] =
@@ -360,7 +360,7 @@ enum TypeLookup {
 }
 
 /// The group an event's `$group_<index>` names.
-fn named_group(event: &crate::ingestion::PluginEvent, index: usize) -> Option<GroupKey> {
+fn named_group(event: &crate::event::PluginEvent, index: usize) -> Option<GroupKey> {
     let group_key = group_key_text(event.properties.get(GROUP_PROPERTIES[index])?)?;
     Some(GroupKey {
         team_id: event.team_id,

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::ingestion::js::{is_truthy, to_js_string};
+use crate::event::js::{is_truthy, to_js_string};
 
 /// Ingestion warning for a merge refused because one side is a placeholder id.
 pub const CANNOT_MERGE_WITH_ILLEGAL_DISTINCT_ID: &str = "cannot_merge_with_illegal_distinct_id";

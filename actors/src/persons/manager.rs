@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::state::{PersonError, PersonEvent, Resolution, resolve, uuid_from_distinct_id};
 use super::store::{Person, PersonStoreError, SharedPersonStore};
-use crate::ingestion::event::PersonMode;
-use crate::metrics::{Metrics, MetricsError};
+use crate::event::PersonMode;
+use crate::system::metrics::{Metrics, MetricsError};
 
 /// A personless event's `person_created_at` when the distinct id has no person: 5 s after the
 /// epoch, as PostHog writes it (distinct from a real zero, to help debugging).

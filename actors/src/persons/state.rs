@@ -19,7 +19,7 @@ use super::identity::{
 use super::properties::{PersonUpdates, initial_properties, merged_properties};
 use super::rows::{PersonDistinctIdRow, PersonRow};
 use super::store::{NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction};
-use crate::ingestion::IngestionWarning;
+use crate::event::IngestionWarning;
 
 /// What the person step needs of one event, read from it before any database work.
 #[derive(Debug, Clone, PartialEq)]

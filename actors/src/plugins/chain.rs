@@ -4,8 +4,8 @@ use std::borrow::Cow;
 
 use serde_json::{Map, Value};
 
-use super::vm::{CallError, Method, PluginVm};
-use crate::ingestion::js::type_name;
+use super::runtime::vm::{CallError, Method, PluginVm};
+use crate::event::js::type_name;
 
 /// `"<plugin name> (<config id>)"`, PostHog's identifier in `$plugins_succeeded`/`$plugins_failed`.
 pub fn config_label(plugin_name: &str, plugin_config_id: i64) -> String {
@@ -44,7 +44,7 @@ pub struct ChainStep<'a> {
 pub fn run_chain(
     input: &Value,
     steps: &mut [ChainStep<'_>],
-) -> (ChainOutcome, Vec<(i64, super::vm::CallEffects)>) {
+) -> (ChainOutcome, Vec<(i64, super::runtime::CallEffects)>) {
     let mut succeeded_labels = Vec::new();
     let mut failed_labels = Vec::new();
     let mut outcome = ChainOutcome {
@@ -116,7 +116,10 @@ pub fn run_chain(
 fn call_process_event(
     vm: &mut PluginVm,
     event: &Value,
-) -> (Result<Option<Value>, CallError>, super::vm::CallEffects) {
+) -> (
+    Result<Option<Value>, CallError>,
+    super::runtime::CallEffects,
+) {
     if vm.has(Method::ProcessEvent) {
         return vm.call(Method::ProcessEvent, &[event]);
     }

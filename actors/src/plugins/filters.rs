@@ -17,7 +17,7 @@ use regex::Regex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::ingestion::js::to_js_string;
+use crate::event::js::to_js_string;
 
 /// Why an event could not be matched; PostHog records it as a `composeWebhook` failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

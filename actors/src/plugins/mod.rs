@@ -1,22 +1,24 @@
 //! The plugin runtime: PostHog plugins (JavaScript or TypeScript) run unmodified on boa.
 
 pub mod chain;
-pub mod delivery;
 pub mod filters;
-pub mod host;
+pub mod host_services;
+pub mod job_queue;
+pub mod jobs;
 pub mod outputs;
-pub mod prelude;
+pub mod pool;
+pub mod post_ingestion;
 pub mod registry;
-pub mod server_host;
+pub mod reloader;
+pub mod runtime;
+pub mod scheduler;
 pub mod telemetry;
-pub mod transpile;
-pub mod vm;
 pub mod worker;
 
-use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use vm::{Attachment, VmIdentity, VmSource};
+use runtime::{Attachment, VmIdentity, VmSource};
+pub use runtime::{LogLevel, LogSource, PluginLogEntry};
 
 /// A plugin config ready for a VM: its plugin transpiled, its settings and attachments.
 /// Shared by every worker that serves its team.
@@ -52,61 +54,6 @@ impl LoadedConfig {
             _ => entry.level == LogLevel::Error,
         }
     }
-}
-
-/// Log levels of plugin log entries, in PostHog's order (its `log_level` filter drops from the
-/// bottom: 1 drops LOG, 2 drops LOG and INFO, 3 keeps only ERROR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LogLevel {
-    Debug,
-    Log,
-    Info,
-    Warn,
-    Error,
-}
-
-impl LogLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Debug => "DEBUG",
-            Self::Log => "LOG",
-            Self::Info => "INFO",
-            Self::Warn => "WARN",
-            Self::Error => "ERROR",
-        }
-    }
-}
-
-/// Where a log entry came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogSource {
-    /// The server itself (setup failed, config disabled, ...): always kept.
-    System,
-    Plugin,
-    /// The plugin's `console.*`.
-    Console,
-}
-
-impl LogSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "SYSTEM",
-            Self::Plugin => "PLUGIN",
-            Self::Console => "CONSOLE",
-        }
-    }
-}
-
-/// A row of `plugin_log_entries`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PluginLogEntry {
-    pub plugin_config_id: i64,
-    pub plugin_id: i64,
-    pub team_id: i64,
-    pub timestamp: DateTime<Utc>,
-    pub source: LogSource,
-    pub level: LogLevel,
-    pub message: String,
 }
 
 #[cfg(test)]

@@ -9,14 +9,19 @@ use chrono::{SecondsFormat, Utc};
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
 
-use crate::ingestion::intake::{CapturedEvent, EventIntake};
-use crate::plugin_async::PostIngestionPublisher;
-use crate::plugin_vm_pool::PluginOutputs;
-use crate::plugins::host::FetchRequest;
-use crate::plugins::server_host::PluginHttp;
+use crate::event::envelope::Envelope;
+use crate::event::intake::{CapturedEvent, EventIntake};
+use crate::plugins::host_services::PluginHttp;
+use crate::plugins::post_ingestion::PostIngestionPublisher;
+use crate::plugins::runtime::VmIdentity;
+use crate::plugins::runtime::natives::FetchRequest;
 use crate::plugins::telemetry::{MethodOutcome, PluginTelemetry};
-use crate::plugins::vm::VmIdentity;
 use crate::plugins::worker::SideEffects;
+
+/// Where the pool sends what plugins produce besides events; [`ServerOutputs`] in the server.
+pub trait PluginOutputs: Send + Sync {
+    fn side_effects(&self, side: SideEffects);
+}
 
 pub struct ServerOutputs {
     /// Set once the intake exists (it is built after the pipeline that needs these outputs).
@@ -209,18 +214,20 @@ fn capture_envelope(
     properties.insert("$lib".into(), Value::String("posthog-plugin-server".into()));
     let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let data = json!({"event": event, "distinct_id": distinct_id, "properties": properties, "timestamp": now});
-    let envelope = json!({
-        "distinct_id": distinct_id,
-        "ip": null,
-        "site_url": "",
-        "data": data.to_string(),
-        "team_id": team_id,
-        "now": now,
-        "sent_at": now,
-        "uuid": uuid::Uuid::now_v7().to_string(),
-    });
+    let envelope = Envelope {
+        uuid: uuid::Uuid::now_v7().to_string(),
+        distinct_id: &distinct_id,
+        ip: None,
+        site_url: "",
+        data: data.to_string(),
+        now: &now,
+        sent_at: &now,
+        token: None,
+        team_id: Some(team_id),
+    };
     CapturedEvent {
-        key: format!("{team_id}:{distinct_id}"),
-        payload: envelope.to_string().into_bytes(),
+        key: envelope.kafka_key(),
+        // Serializing strings and numbers cannot fail; an empty payload would be dead-lettered.
+        payload: envelope.encode().unwrap_or_default(),
     }
 }

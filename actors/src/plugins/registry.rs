@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use super::LoadedConfig;
 use super::filters::WebhookFilters;
-use super::transpile::transpile;
-use super::vm::{Attachment, VmIdentity, VmSource};
+use super::runtime::transpile::transpile;
+use super::runtime::{Attachment, VmIdentity, VmSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

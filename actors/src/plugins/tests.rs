@@ -4,8 +4,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::host::{CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp};
-use super::vm::{Attachment, CallError, Method, PluginVm, VmError, VmIdentity, VmLimits, VmSource};
+use super::runtime::natives::{
+    CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp,
+};
+use super::runtime::vm::{CallError, Method, PluginVm, VmError, VmLimits};
+use super::runtime::{Attachment, VmIdentity, VmSource};
 use super::{LogLevel, LogSource};
 
 #[derive(Default)]

@@ -15,16 +15,17 @@ use chrono::Utc;
 use serde_json::Value;
 
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
-use super::delivery::{
+use super::filters::FilterSubject;
+use super::post_ingestion::messages::{
     AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
     ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, StoredEvents, webhook_request,
 };
-use super::filters::FilterSubject;
-use super::host::{
+use super::runtime::natives::{
     FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
 };
+use super::runtime::vm::{CallError, Method, PluginVm, VmLimits};
+use super::runtime::{CallEffects, CapturedByPlugin, VmIdentity};
 use super::telemetry::MethodOutcome;
-use super::vm::{CallEffects, CallError, CapturedByPlugin, Method, PluginVm, VmIdentity, VmLimits};
 use super::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
 
 /// PostHog retries a setupPlugin that throws RetryError this many times in all.

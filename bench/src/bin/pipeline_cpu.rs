@@ -12,10 +12,11 @@ use chrono::Utc;
 use plugin_server_actors::definitions::{
     DefinitionConfig, DefinitionStore, DefinitionStoreError, DefinitionsManager, NewDefinitions,
 };
+use plugin_server_actors::event::StampedEvent;
+use plugin_server_actors::event::Team;
+use plugin_server_actors::event::envelope::{EnvelopeLimits, parse_envelope};
 use plugin_server_actors::groups::{GroupColumns, GroupConfig, GroupManager, MemoryGroupStore};
-use plugin_server_actors::ingestion::Team;
-use plugin_server_actors::ingestion::envelope::{EnvelopeLimits, parse_envelope};
-use plugin_server_actors::ingestion::prepare::{StampedEvent, build_row, stamp_event};
+use plugin_server_actors::ingest::prepare::{build_row, stamp_event};
 use serde_json::{Value, json};
 use uuid::Uuid;
 

@@ -24,16 +24,18 @@ use anyhow::{Context as _, anyhow, bail};
 use boa_engine::script::Script;
 use boa_engine::{Context, JsObject, JsValue, Source};
 use clap::{Parser, Subcommand, ValueEnum};
-use plugin_server_actors::metrics::Metrics;
-use plugin_server_actors::plugin_vm_pool::{
-    HostFactory, PluginOutputs, PluginSet, PluginVmPool, PluginVmPoolConfig,
-};
 use plugin_server_actors::plugins::LoadedConfig;
-use plugin_server_actors::plugins::host::{FetchReply, FetchRequest, PluginHost};
+use plugin_server_actors::plugins::outputs::PluginOutputs;
+use plugin_server_actors::plugins::pool::{
+    HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
+};
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
-use plugin_server_actors::plugins::transpile::transpile;
-use plugin_server_actors::plugins::vm::{Method, PluginVm, VmIdentity, VmLimits, VmSource};
+use plugin_server_actors::plugins::runtime::natives::{FetchReply, FetchRequest, PluginHost};
+use plugin_server_actors::plugins::runtime::transpile::transpile;
+use plugin_server_actors::plugins::runtime::vm::{Method, PluginVm, VmLimits};
+use plugin_server_actors::plugins::runtime::{VmIdentity, VmSource};
 use plugin_server_actors::plugins::worker::SideEffects;
+use plugin_server_actors::system::metrics::Metrics;
 use plugin_server_bench::BENCH_PLUGIN;
 use serde_json::{Value, json};
 
@@ -46,7 +48,7 @@ static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
 /// The plugin of `node_vm2_memory.js`, byte for byte.
 const SMALL_PLUGIN: &str = "function processEvent(event, meta) { event.properties.host_seen = new URL(event.properties.$current_url).hostname; return event }";
 
-const PRELUDE: &str = plugin_server_actors::plugins::prelude::CORE;
+const PRELUDE: &str = plugin_server_actors::plugins::runtime::prelude::CORE;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -137,7 +139,7 @@ impl PluginHost for NoNetwork {
     fn cache(
         &self,
         _: &VmIdentity,
-        op: plugin_server_actors::plugins::host::CacheOp,
+        op: plugin_server_actors::plugins::runtime::natives::CacheOp,
     ) -> Result<Value, String> {
         Err(format!("no cache in the benchmark ({op:?})"))
     }
@@ -145,7 +147,7 @@ impl PluginHost for NoNetwork {
     fn storage(
         &self,
         _: &VmIdentity,
-        op: plugin_server_actors::plugins::host::StorageOp,
+        op: plugin_server_actors::plugins::runtime::natives::StorageOp,
     ) -> Result<Value, String> {
         Err(format!("no storage in the benchmark ({op:?})"))
     }
@@ -157,7 +159,7 @@ impl PluginHost for NoNetwork {
     fn enqueue_job(
         &self,
         _: &VmIdentity,
-        job: plugin_server_actors::plugins::host::JobRequest,
+        job: plugin_server_actors::plugins::runtime::natives::JobRequest,
     ) -> Result<Value, String> {
         Err(format!("no job queue in the benchmark ({})", job.name))
     }

@@ -7,8 +7,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::*;
+use crate::event::PluginEvent;
 use crate::groups::{GroupStore, MemoryGroupStore, Upserted};
-use crate::ingestion::PluginEvent;
 
 /// The memory store, counting group reads and refusing keys longer than Postgres' column.
 #[derive(Default)]

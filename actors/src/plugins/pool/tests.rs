@@ -1,0 +1,429 @@
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::plugins::runtime::natives::{CacheOp, FetchReply, FetchRequest, JobRequest, StorageOp};
+use crate::plugins::runtime::{VmIdentity, VmSource};
+
+struct NoNetwork;
+
+impl PluginHost for NoNetwork {
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
+        Err(format!("no network in this test ({})", request.url))
+    }
+
+    fn cache(&self, _: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+        Err(format!("no cache in this test ({op:?})"))
+    }
+
+    fn storage(&self, _: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+        Err(format!("no storage in this test ({op:?})"))
+    }
+
+    fn geoip(&self, _: &str) -> Value {
+        Value::Null
+    }
+
+    fn enqueue_job(&self, _: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+        Err(format!("no job queue in this test ({})", job.name))
+    }
+}
+
+#[derive(Default)]
+struct Collected(Mutex<Vec<SideEffects>>);
+
+impl PluginOutputs for Collected {
+    fn side_effects(&self, side: SideEffects) {
+        if let Ok(mut all) = self.0.lock() {
+            all.push(side);
+        }
+    }
+}
+
+fn config(id: i64, team_id: i64, order: i32, name: &str, code: &str) -> LoadedConfig {
+    LoadedConfig {
+        identity: VmIdentity {
+            plugin_config_id: id,
+            plugin_id: id,
+            team_id,
+            plugin_name: name.into(),
+        },
+        source: VmSource {
+            file_name: "index.js".into(),
+            code: Arc::from(code),
+        },
+        config: json!({}),
+        attachments: Vec::new(),
+        order,
+        version: "1".into(),
+        log_level: 0,
+        webhook_filters: None,
+    }
+}
+
+fn start(workers: usize, outputs: Arc<Collected>) -> PluginVmPool {
+    let config = PluginVmPoolConfig {
+        workers,
+        tasks_per_worker: 10,
+        limits: VmLimits {
+            task_timeout: Duration::from_millis(300),
+            memory_limit_bytes: 64 * 1024 * 1024,
+            ..VmLimits::default()
+        },
+        setup_retry_base: Duration::from_millis(50),
+    };
+    let metrics = Metrics::new().expect("metrics");
+    let factory: HostFactory = Arc::new(|| Rc::new(NoNetwork) as Rc<dyn PluginHost>);
+    PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts")
+}
+
+fn event(team_id: i64, name: &str) -> Value {
+    json!({"event": name, "team_id": team_id, "distinct_id": "d", "properties": {}})
+}
+
+#[actix::test]
+async fn chains_run_in_order_and_record_success_and_failure() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(2, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(11, 2, 2, "second", "exports.processEvent = (e) => { e.properties.order += ',second'; return e }"),
+        config(10, 2, 1, "first", "exports.processEvent = (e) => { e.properties.order = 'first'; return e }"),
+        config(12, 2, 3, "thrower", "exports.processEvent = (e) => { e.properties.order = 'lost'; throw new Error('nope') }"),
+        config(13, 2, 4, "dropper", "exports.processEvent = (e) => e.event === 'drop' ? null : e"),
+    ]));
+    let outcomes = pool
+        .process_events(2, vec![event(2, "keep"), event(2, "drop")])
+        .await;
+    let kept = outcomes[0].event.as_ref().expect("kept");
+    assert_eq!(kept["properties"]["order"], "first,second");
+    assert_eq!(
+        kept["properties"]["$plugins_succeeded"],
+        json!(["first (10)", "second (11)", "dropper (13)"])
+    );
+    assert_eq!(
+        kept["properties"]["$plugins_failed"],
+        json!(["thrower (12)"])
+    );
+    assert_eq!(outcomes[0].failures.len(), 1);
+    assert!(outcomes[1].event.is_none(), "dropped");
+    let stats = pool.stats();
+    assert_eq!(stats["vms"], 4, "{stats}");
+    assert_eq!(stats["configs"], 4, "{stats}");
+    // A boa realm and the prelude alone take well over 100 kB.
+    let heap = stats["vm_heap_bytes_at_load"].as_i64().expect("bytes");
+    assert!(heap > 4 * 100_000, "{stats}");
+
+    // A team without plugins passes through untouched.
+    let outcomes = pool.process_events(3, vec![event(3, "other")]).await;
+    assert_eq!(outcomes[0].event, Some(event(3, "other")));
+}
+
+#[actix::test]
+async fn a_failed_setup_disables_the_config_and_is_reported() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(20, 2, 1, "bad setup", "exports.setupPlugin = () => { throw new Error('no key') }; exports.processEvent = (e) => e"),
+        config(21, 2, 2, "bad require", "const fs = require('fs'); exports.processEvent = (e) => e"),
+        config(22, 2, 3, "fine", "exports.processEvent = (e) => { e.properties.fine = true; return e }"),
+    ]));
+    let outcomes = pool.process_events(2, vec![event(2, "e")]).await;
+    let out = outcomes[0].event.as_ref().expect("event");
+    assert_eq!(out["properties"]["fine"], true);
+    assert_eq!(
+        out["properties"]["$plugins_failed"],
+        json!(["bad setup (20)", "bad require (21)"])
+    );
+    let errors: Vec<(i64, String)> = outputs
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(|s| {
+            s.config_errors
+                .iter()
+                .map(|(id, m)| (id.plugin_config_id, m.clone()))
+        })
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|(id, m)| *id == 20 && m.contains("no key")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|(id, m)| *id == 21 && m.contains("'fs'")),
+        "{errors:?}"
+    );
+}
+
+/// Runaway code that the in-VM deadline cannot stop: a memory bomb (the budget stops the
+/// thread) and a loop inside a native callback. Each event is marked failed within about
+/// 2×TASK_TIMEOUT, the config is disabled, and another team on the same worker goes on.
+#[actix::test]
+async fn the_watchdog_contains_what_the_deadline_cannot() {
+    let bombs = [
+        "let s = 'xxxxxxxxxxxxxxxx'; while (true) { s = s + s }",
+        "new Array(1e9).fill(1)",
+        "new Array(1e6).fill(0).forEach(() => { for (let i = 0; i < 5e6; i++) {} })",
+    ];
+    for bomb in bombs {
+        let outputs = Arc::new(Collected::default());
+        // One worker: the healthy team shares the thread the bomb stops.
+        let pool = start(1, outputs.clone());
+        pool.set_plugins(PluginSet::new([
+            config(
+                30,
+                2,
+                1,
+                "bomb",
+                &format!("exports.processEvent = (e) => {{ {bomb}; return e }}"),
+            ),
+            config(
+                31,
+                3,
+                1,
+                "healthy",
+                "exports.processEvent = (e) => { e.properties.ok = true; return e }",
+            ),
+        ]));
+        let started = Instant::now();
+        let bombed = pool.process_events(2, vec![event(2, "boom")]);
+        let healthy = async {
+            // Sent while the bomb runs; answered by the replacement worker.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            pool.process_events(3, vec![event(3, "fine")]).await
+        };
+        let (bombed, healthy) = tokio::join!(bombed, healthy);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_millis(1500),
+            "{bomb}: took {elapsed:?}"
+        );
+        let out = bombed[0].event.as_ref().expect("kept");
+        assert_eq!(
+            out["properties"]["$plugins_failed"],
+            json!(["bomb (30)"]),
+            "{bomb}"
+        );
+        assert_eq!(
+            healthy[0].event.as_ref().expect("event")["properties"]["ok"],
+            true,
+            "{bomb}"
+        );
+        assert!(
+            !pool.has_plugins(2),
+            "{bomb}: the bomb's config is disabled"
+        );
+        let reported = outputs.0.lock().expect("lock").iter().any(|s| {
+            s.config_errors
+                .iter()
+                .any(|(id, _)| id.plugin_config_id == 30)
+        });
+        assert!(reported, "{bomb}");
+    }
+}
+
+/// A call's captured events belong to the config that made them, even when configs before it
+/// in the chain did not run (they once went to the chain's first config instead).
+#[actix::test]
+async fn captures_are_attributed_to_the_config_that_made_them() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(40, 2, 1, "broken", "exports.processEvent = (e) => { ("),
+        config(
+            41,
+            2,
+            2,
+            "no processEvent",
+            "exports.setupPlugin = () => {}",
+        ),
+        config(
+            42,
+            2,
+            3,
+            "capturer",
+            "exports.processEvent = (e) => { posthog.capture('seen', { of: e.event }); return e }",
+        ),
+    ]));
+    let outcomes = pool
+        .process_events(2, vec![event(2, "a"), event(2, "b")])
+        .await;
+    assert_eq!(outcomes.len(), 2);
+    let captures: Vec<(i64, String)> = outputs
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(|s| {
+            s.captures
+                .iter()
+                .map(|(id, c)| (id.plugin_config_id, c.properties["of"].to_string()))
+        })
+        .collect();
+    assert_eq!(
+        captures,
+        vec![(42, "\"a\"".to_string()), (42, "\"b\"".to_string())]
+    );
+}
+
+fn collected<T>(outputs: &Collected, pick: impl Fn(&SideEffects) -> Vec<T>) -> Vec<T> {
+    outputs
+        .0
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(pick)
+        .collect()
+}
+
+/// onEvent sees each stored event, composeWebhook's requests come back for the server to
+/// send, exportEvents gets its buffer when it fills up or is flushed, and RetryError becomes a
+/// retry of that config alone with PostHog's delays.
+#[actix::test]
+async fn post_ingestion_methods_run_and_retry() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    let mut exporter = config(
+        52,
+        2,
+        3,
+        "exporter",
+        "exports.exportEvents = (events) => { console.log('exported ' + events.map(e => e.event).join(',')) }",
+    );
+    exporter.config = json!({"exportEventsBufferBytes": "100000", "exportEventsToIgnore": "skip"});
+    pool.set_plugins(PluginSet::new([
+        config(
+            50,
+            2,
+            1,
+            "listener",
+            "exports.onEvent = (e) => { if (e.event === 'flaky') throw new RetryError('later'); console.log('saw ' + e.event) }",
+        ),
+        config(
+            51,
+            2,
+            2,
+            "hooker",
+            "exports.composeWebhook = (e) => e.event === 'a' ? { url: 'http://hooks.example/x', body: JSON.stringify({ e: e.event }) } : null",
+        ),
+        exporter,
+        config(53, 2, 4, "plain", "exports.processEvent = (e) => e"),
+    ]));
+    assert!(!pool.wants_async(2), "unknown until a VM was built");
+    pool.process_events(2, vec![event(2, "warm")]).await;
+    assert!(pool.wants_async(2));
+
+    pool.run_async(
+        2,
+        vec![event(2, "a"), event(2, "flaky"), event(2, "skip")].into(),
+        None,
+    )
+    .await
+    .expect("ran");
+    let logs = collected(&outputs, |s| {
+        s.logs
+            .iter()
+            .map(|l| (l.plugin_config_id, l.message.clone()))
+            .collect()
+    });
+    assert!(logs.contains(&(50, "saw a".to_string())), "{logs:?}");
+    assert!(logs.contains(&(50, "saw skip".to_string())), "{logs:?}");
+    let hooks = collected(&outputs, |s| {
+        s.webhooks
+            .iter()
+            .map(|(id, r)| (id.plugin_config_id, r.url.clone(), r.body.clone()))
+            .collect()
+    });
+    assert_eq!(
+        hooks,
+        vec![(
+            51,
+            "http://hooks.example/x".to_string(),
+            Some("{\"e\":\"a\"}".to_string())
+        )]
+    );
+    let retries = collected(&outputs, |s| s.retries.clone());
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    assert_eq!(retries[0].target.plugin_config_id, 50);
+    assert_eq!(retries[0].target.attempt, 1);
+    assert_eq!(retries[0].delay, Duration::from_secs(5));
+    assert_eq!(retries[0].events.len(), 1);
+
+    // Nothing exported yet: the buffer is far from full and not due.
+    assert!(!logs.iter().any(|(id, _)| *id == 52), "{logs:?}");
+    pool.flush_exports(true).await;
+    let logs = collected(&outputs, |s| {
+        s.logs
+            .iter()
+            .map(|l| (l.plugin_config_id, l.message.clone()))
+            .collect()
+    });
+    assert!(
+        logs.contains(&(52, "exported a,flaky".to_string())),
+        "{logs:?}"
+    );
+
+    // A retry runs only its target: no second webhook, no export.
+    let target = retries[0].target;
+    pool.run_async(2, retries[0].events.clone().into(), Some(target))
+        .await
+        .expect("ran");
+    let retries = collected(&outputs, |s| s.retries.clone());
+    assert_eq!(retries.len(), 2);
+    assert_eq!(retries[1].target.attempt, 2);
+    assert_eq!(retries[1].delay, Duration::from_secs(10));
+    assert_eq!(collected(&outputs, |s| s.webhooks.clone()).len(), 1);
+    let outcomes = collected(&outputs, |s| s.outcomes.clone());
+    assert!(
+        outcomes.iter().any(|o| o.plugin_config_id == 52
+            && o.category == "exportEvents"
+            && o.count == 2
+            && o.error_type.is_none()),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.plugin_config_id == 51 && o.category == "composeWebhook"),
+        "{outcomes:?}"
+    );
+}
+
+/// An export that keeps throwing RetryError is retried 3 times (6, 12, 24 s), then dropped and
+/// counted as failed; a full buffer exports at once.
+#[actix::test]
+async fn exports_retry_three_times_then_fail() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    let mut exporter = config(
+        60,
+        2,
+        1,
+        "down",
+        "exports.exportEvents = () => { throw new RetryError('destination down') }",
+    );
+    exporter.config = json!({"exportEventsBufferBytes": "1"});
+    pool.set_plugins(PluginSet::new([exporter]));
+    pool.run_async(2, vec![event(2, "a")].into(), None)
+        .await
+        .expect("ran");
+    for attempt in 1..=3u32 {
+        let retries = collected(&outputs, |s| s.retries.clone());
+        let retry = retries.last().expect("a retry").clone();
+        assert_eq!(retry.target.attempt, attempt);
+        assert_eq!(retry.delay, Duration::from_secs(6 * 2u64.pow(attempt - 1)));
+        pool.run_async(2, retry.events.into(), Some(retry.target))
+            .await
+            .expect("ran");
+    }
+    assert_eq!(collected(&outputs, |s| s.retries.clone()).len(), 3);
+    let failures: Vec<_> = collected(&outputs, |s| s.outcomes.clone())
+        .into_iter()
+        .filter(|o| o.category == "exportEvents" && o.error_type.as_deref() == Some("RetryError"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+}
