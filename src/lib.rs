@@ -46,8 +46,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         registry: topology.registry.clone(),
         metrics: topology.metrics.clone(),
         plugins: Some(topology.plugins.clone()),
-        scheduler: topology.scheduler.as_ref().map(|s| s.stats()),
-        job_queue: topology.job_queue.as_ref().map(|q| q.stats()),
+        scheduler: topology.scheduler_stats(),
+        job_queue: topology.job_queue_stats(),
         mode: settings.mode()?.map(|mode| mode.as_str().to_owned()),
         capabilities: topology.capabilities.names(),
     };

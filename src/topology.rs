@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use actix::{Arbiter, MailboxError, Recipient};
+use actix::{Addr, Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
 use plugin_server_actors::actions::{ActionHooks, ActionHooksConfig};
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
@@ -46,7 +46,7 @@ use plugin_server_actors::system::health::{
     BeginShutdown, Health, HealthConfig, ReportIdle, SetReady,
 };
 use plugin_server_actors::system::metrics::Metrics;
-use plugin_server_actors::system::stats::{ActorRegistry, ObservedAddr};
+use plugin_server_actors::system::stats::{ActorRegistry, ActorStats, ObservedAddr};
 use plugin_server_actors::system::supervisor::{
     SpawnOptions, spawn_supervised, spawn_supervised_in,
 };
@@ -55,7 +55,7 @@ use plugin_server_actors::cluster::cache::CacheStore;
 use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
 };
-use plugin_server_actors::plugins::job_queue::{JobQueueConfig, PluginJobQueue};
+use plugin_server_actors::plugins::job_queue::{JobQueueConfig, JobQueueStats, PluginJobQueue};
 use plugin_server_actors::plugins::jobs::{JobStore, MemoryJobStore, PostgresJobStore};
 use plugin_server_actors::plugins::outputs::{PluginOutputs, ServerOutputs};
 use plugin_server_actors::plugins::pool::{
@@ -65,10 +65,12 @@ use plugin_server_actors::plugins::post_ingestion::{
     PostIngestionConsumer, PostIngestionPublisher,
 };
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
-use plugin_server_actors::plugins::reloader::{PluginReloader, PluginReloaderConfig};
+use plugin_server_actors::plugins::reloader::{
+    PluginReloader, PluginReloaderConfig, ReloadSubscriptions,
+};
 use plugin_server_actors::plugins::runtime::natives::PluginHost;
 use plugin_server_actors::plugins::runtime::vm::VmLimits;
-use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig};
+use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig, SchedulerStats};
 use plugin_server_actors::plugins::telemetry::PluginTelemetry;
 use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
@@ -94,349 +96,110 @@ pub struct Topology {
     pub plugins: PluginVmPool,
     /// Taken at shutdown, after ingestion drained.
     post_ingestion: std::sync::Mutex<Option<PostIngestionConsumer>>,
-    /// Reloads plugins on `reload-plugins` for as long as the topology lives.
-    _reloader: PluginReloader,
-    /// runEveryMinute/Hour/Day, when this instance's mode runs them.
-    pub scheduler: Option<PluginScheduler>,
-    /// Plugin jobs, when this instance's mode runs them.
-    pub job_queue: Option<PluginJobQueue>,
+    /// Stopped after ingestion drained, before the plugins are torn down.
+    plugin_actors: PluginActors,
     /// What PLUGIN_SERVER_MODE asked this instance to run.
     pub capabilities: Capabilities,
 }
 
+/// What every part is started with: metrics, the actor registry, health, the cluster
+/// primitives, and Postgres when `DATABASE_URL` is set.
+struct Base {
+    capabilities: Capabilities,
+    metrics: Metrics,
+    registry: Arc<ActorRegistry>,
+    health: ObservedAddr<Health>,
+    cluster: Cluster,
+    database: Option<deadpool_postgres::Pool>,
+    /// Actors to drain on shutdown, in start order.
+    drain_order: Vec<(String, Recipient<Shutdown>)>,
+}
+
+/// The pipeline's per-batch steps, each on its store.
+struct Steps {
+    teams: Arc<TeamManager>,
+    persons: Arc<PersonManager>,
+    groups: Arc<GroupManager>,
+    definitions: Option<Arc<DefinitionsManager>>,
+    actions: Option<Arc<ActionHooks>>,
+}
+
+/// The plugin side: the VM pool and what runs on it besides ingestion.
+struct Plugins {
+    pool: PluginVmPool,
+    outputs: Arc<ServerOutputs>,
+    publisher: PostIngestionPublisher,
+    post_ingestion: Option<PostIngestionConsumer>,
+    actors: PluginActors,
+}
+
+/// The plugin actors of the design besides the pool: the reload subscriber (PubSub), and the
+/// scheduler and job queue where this instance's mode runs them, with their `/_actors` views.
+pub struct PluginActors {
+    reloader: ObservedAddr<PluginReloader>,
+    pub scheduler: Option<(ObservedAddr<PluginScheduler>, SchedulerStats)>,
+    pub job_queue: Option<(ObservedAddr<PluginJobQueue>, JobQueueStats)>,
+}
+
 impl Topology {
-    /// Connects the cluster primitives and starts every actor this instance runs. Must be
-    /// called inside an actix `System`.
+    /// Connects the cluster primitives and starts every actor this instance runs: stores, then
+    /// the writer, then plugins, then ingestion. Must be called inside an actix `System`.
     pub async fn start(settings: &Settings) -> Result<Self, ServerError> {
-        let capabilities = settings.capabilities()?;
-        let cluster = Cluster::connect(cluster_config(settings))
-            .await
-            .map_err(ServerError::Redis)?;
-        let metrics = Metrics::new()?;
-        let registry = Arc::new(ActorRegistry::new(metrics.clone()));
-        let health_config = HealthConfig {
-            max_stale: settings.healthcheck_max_stale(),
-        };
-        let health = spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
-            Health::new(health_config, stats)
-        });
-        let mut drain_order: Vec<(String, Recipient<Shutdown>)> = Vec::new();
-        let mut arbiters = Vec::new();
-
-        let database = match settings.database_url() {
-            Some(url) => Some(plugin_server_actors::postgres::connect(&url, 10).await?),
-            None => None,
-        };
-        let team_store: Arc<dyn TeamStore> = match &database {
-            Some(pool) => Arc::new(PostgresTeamStore::new(pool.clone())),
-            None => Arc::new(EmbeddedTeamStore::new()),
-        };
-        let teams = Arc::new(TeamManager::new(team_store, TeamCacheConfig::default()));
-        let person_store: SharedPersonStore = match &database {
-            Some(pool) => Arc::new(PostgresPersonStore::new(pool.clone())),
-            None => Arc::new(MemoryPersonStore::new()),
-        };
-        let persons = Arc::new(
-            PersonManager::new(
-                person_store,
-                PersonConfig {
-                    cache_size: settings.distinct_id_lru_size,
-                    cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
-                    ..PersonConfig::default()
-                },
-            )
-            .with_metrics(PersonMetrics::register(&metrics)?),
-        );
-        let group_store: SharedGroupStore = match &database {
-            Some(pool) => Arc::new(PostgresGroupStore::new(pool.clone())),
-            None => Arc::new(MemoryGroupStore::new()),
-        };
-        // Definitions are PostHog UI data: recorded only where there is a PostHog database.
-        let definitions = database.as_ref().map(|pool| {
-            Arc::new(DefinitionsManager::new(
-                Arc::new(PostgresDefinitionStore::new(pool.clone())),
-                DefinitionConfig::default(),
-            ))
-        });
-        let actions = match &database {
-            Some(pool) => Some(
-                ActionHooks::start(
-                    pool.clone(),
-                    &cluster.pubsub,
-                    ActionHooksConfig {
-                        site_url: settings.site_url.clone(),
-                        reload_every: std::time::Duration::from_secs(300),
-                        request_timeout: std::time::Duration::from_millis(
-                            settings.external_request_timeout_ms,
-                        ),
-                    },
-                    &metrics,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        let groups = Arc::new(GroupManager::new(
-            group_store,
-            GroupConfig {
-                cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
-                ..GroupConfig::default()
-            },
-        ));
-
+        let mut base = Base::start(settings).await?;
+        let steps = start_steps(settings, &base).await?;
         let kafka = kafka_connection(settings);
-        let sink = event_sink(settings, kafka.as_ref()).await?;
-        let writer_config = EventWriterConfig {
-            max_batch_bytes: settings.kafka_max_message_batch_size as usize,
-            flush_interval: std::time::Duration::from_millis(settings.kafka_flush_frequency_ms),
-            ..EventWriterConfig::default()
-        };
-        let writer_metrics = WriterMetrics::register(&metrics)?;
-        let health_addr = health.addr().clone();
-        let writer = spawn_supervised(&registry, SpawnOptions::new("event_writer"), {
-            let sink = Arc::clone(&sink);
-            move |stats| {
-                let progress =
-                    ProgressReporter::new("event_writer", &health_addr, Arc::clone(&stats));
-                EventWriter::new(
-                    writer_config.clone(),
-                    Arc::clone(&sink),
-                    stats,
-                    writer_metrics.clone(),
-                    progress,
-                )
-            }
-        });
-        drain_order.push(("event_writer".to_owned(), writer.addr().clone().recipient()));
-        name_check(&health, "event_writer").await;
-
-        let telemetry = clickhouse_target(settings).map(|target| {
-            PluginTelemetry::start(
-                target.database_client(),
-                uuid::Uuid::new_v4(),
-                std::time::Duration::from_millis(settings.app_metrics_flush_frequency_ms),
-            )
-        });
-        let plugin_outputs = Arc::new(ServerOutputs::new(database.clone(), telemetry));
-        let geoip = GeoIpHandle::new();
-        start_geoip(settings, database.as_ref(), &registry, &geoip).await?;
-        let job_store: Arc<dyn JobStore> = match (&database, settings.database_url()) {
-            (Some(pool), Some(url)) => Arc::new(PostgresJobStore::start(pool.clone(), url)),
-            _ => Arc::new(MemoryJobStore::new()),
-        };
-        let (plugins, plugin_http, plugin_registry) = start_plugins(
-            settings,
-            database.as_ref(),
-            Arc::clone(&cluster.cache),
-            geoip,
-            Arc::clone(&job_store),
-            &metrics,
-            plugin_outputs.clone(),
-        )
-        .await?;
-        let job_queue = capabilities.process_plugin_jobs.then(|| {
-            PluginJobQueue::start(
-                JobQueueConfig {
-                    instance: cluster.instance.to_string(),
-                    concurrency: settings.worker_threads() * settings.tasks_per_worker.max(1),
-                    poll_interval: std::time::Duration::from_millis(
-                        settings.job_queue_poll_interval_ms,
-                    ),
-                    claim_timeout: settings.task_timeout() * 2 + std::time::Duration::from_secs(30),
-                },
-                Arc::clone(&job_store),
-                plugins.clone(),
-            )
-        });
-        let reloader = PluginReloader::start(
-            PluginReloaderConfig {
-                channel: settings.plugins_reload_pubsub_channel.clone(),
-                jitter_max: std::time::Duration::from_millis(settings.reload_plugin_jitter_max_ms),
-            },
-            &cluster.pubsub,
-            plugin_registry,
-            plugins.clone(),
-            plugin_outputs.clone(),
-        )
-        .await
-        .map_err(ServerError::Redis)?;
-        let scheduler = capabilities.plugin_scheduled_tasks.then(|| {
-            PluginScheduler::start(
-                SchedulerConfig {
-                    lock_ttl: std::time::Duration::from_secs(settings.schedule_lock_ttl),
-                    minute: std::time::Duration::from_millis(settings.schedule_minute_ms),
-                    hour: std::time::Duration::from_millis(settings.schedule_hour_ms),
-                    day: std::time::Duration::from_millis(settings.schedule_day_ms),
-                },
-                Arc::clone(&cluster.locks),
-                plugins.clone(),
-            )
-        });
-        let publisher = PostIngestionPublisher::new(Arc::clone(&cluster.queue), &metrics)?;
-        plugin_outputs.set_delivery(publisher.clone(), plugin_http);
-        let post_ingestion = if capabilities.process_async_handlers {
-            let slots = settings.worker_threads() * settings.tasks_per_worker.max(1);
-            Some(
-                PostIngestionConsumer::start(&cluster.queue, plugins.clone(), slots)
-                    .await
-                    .map_err(ServerError::Redis)?,
-            )
-        } else {
-            None
-        };
-
-        let pipeline_metrics = PipelineMetrics::register(&metrics)?;
-        let pipeline = spawn_supervised(&registry, SpawnOptions::new("ingestion_pipeline"), {
-            let writer = writer.clone();
-            let plugins = plugins.clone();
-            let metrics = metrics.clone();
-            move |stats| {
-                let pipeline = IngestionPipeline::new(
-                    PipelineConfig {
-                        limits: EnvelopeLimits::default(),
-                    },
-                    Arc::clone(&teams),
-                    writer.clone(),
-                    stats,
-                    &metrics,
-                    pipeline_metrics.clone(),
-                )
-                .with_plugins(plugins.clone())
-                .with_persons(Arc::clone(&persons))
-                .with_groups(Arc::clone(&groups))
-                .with_post_ingestion(publisher.clone());
-                let pipeline = match &definitions {
-                    Some(definitions) => pipeline.with_definitions(Arc::clone(definitions)),
-                    None => pipeline,
-                };
-                match &actions {
-                    Some(actions) => pipeline.with_actions(Arc::clone(actions)),
-                    None => pipeline,
-                }
-            }
-        });
-
+        let writer = start_writer(settings, &mut base, kafka.as_ref()).await?;
+        let plugins = start_plugin_side(settings, &base).await?;
+        let pipeline = start_pipeline(&base, &steps, &writer, &plugins)?;
         let intake: Arc<dyn EventIntake> = match &kafka {
             Some(connection) => {
                 Arc::new(KafkaIntake::new(connection, consumption_topic(settings))?)
             }
             None => Arc::new(PipelineIntake::new(pipeline.clone())),
         };
-        plugin_outputs.set_intake(Arc::clone(&intake));
-
+        plugins.outputs.set_intake(Arc::clone(&intake));
+        let mut arbiters = Vec::new();
         if let Some(connection) = kafka {
-            let consumer_metrics = ConsumerMetrics::register(&metrics)?;
-            let prefix = &settings.kafka_prefix;
-            let mut consumers = Vec::new();
-            let overflow_topic = format!("{prefix}{}", settings.kafka_consumption_overflow_topic);
-            if capabilities.ingestion {
-                let overflow = if settings.ingestion_overflow_enabled {
-                    ensure_topics(&connection, std::slice::from_ref(&overflow_topic)).await?;
-                    let rerouted = OverflowRouter::register_metric(&metrics)?;
-                    let config = OverflowConfig {
-                        topic: overflow_topic.clone(),
-                        bucket_capacity: settings.event_overflow_bucket_capacity,
-                        replenish_rate: settings.event_overflow_bucket_replenish_rate,
-                        tracked_keys: 1_000_000,
-                    };
-                    Some(Arc::new(OverflowRouter::new(
-                        &connection,
-                        config,
-                        rerouted,
-                    )?))
-                } else {
-                    None
-                };
-                consumers.push(ConsumerRole {
-                    actor: "kafka_consumer",
-                    health: "analytics-ingestion",
-                    topic: consumption_topic(settings),
-                    group: format!("{prefix}clickhouse-ingestion"),
-                    metrics_group: "ingestion",
-                    reads_overflow: false,
-                    overflow,
-                });
-            }
-            if capabilities.ingestion_overflow {
-                let topic = overflow_topic;
-                // Only this server's overflow producers (or PostHog's) write to it, so on a new
-                // deployment it may not exist yet; reading a missing topic only logs errors.
-                ensure_topics(&connection, std::slice::from_ref(&topic)).await?;
-                consumers.push(ConsumerRole {
-                    actor: "kafka_overflow_consumer",
-                    health: "analytics-ingestion-overflow",
-                    topic,
-                    group: format!("{prefix}clickhouse-ingestion-overflow"),
-                    metrics_group: "ingestion-overflow",
-                    reads_overflow: true,
-                    overflow: None,
-                });
-            }
-            for role in consumers {
-                let mut config =
-                    consumer_config(settings, connection.clone(), role.topic, role.group);
-                config.metrics_group = role.metrics_group;
-                config.reads_overflow = role.reads_overflow;
-                let overflow = role.overflow;
-                // Consumer and batch runners on their own threads: the rebalance callback
-                // blocks the consumer's thread until the runners have stored the in-flight
-                // batches.
-                let consumer_arbiter = Arbiter::new();
-                let workers = Arbiter::new();
-                let health_addr = health.addr().clone();
-                let consumer = spawn_supervised_in(
-                    &consumer_arbiter.handle(),
-                    &registry,
-                    SpawnOptions::new(role.actor),
-                    {
-                        let pipeline = pipeline.clone();
-                        let workers = workers.handle();
-                        let consumer_metrics = consumer_metrics.clone();
-                        move |stats| {
-                            let progress = ProgressReporter::new(
-                                role.health,
-                                &health_addr,
-                                Arc::clone(&stats),
-                            );
-                            let consumer = KafkaConsumer::new(
-                                config.clone(),
-                                pipeline.clone(),
-                                workers.clone(),
-                                stats,
-                                consumer_metrics.clone(),
-                                progress,
-                            );
-                            match &overflow {
-                                Some(router) => consumer.with_overflow(Arc::clone(router)),
-                                None => consumer,
-                            }
-                        }
-                    },
-                );
-                drain_order.push((role.actor.to_owned(), consumer.addr().clone().recipient()));
-                name_check(&health, role.health).await;
-                arbiters.push(consumer_arbiter);
-                arbiters.push(workers);
+            let consumer_metrics = ConsumerMetrics::register(&base.metrics)?;
+            for role in consumer_roles(settings, &base, &connection).await? {
+                let started = start_consumer(
+                    settings,
+                    &mut base,
+                    (&connection, &consumer_metrics),
+                    role,
+                    &pipeline,
+                )
+                .await;
+                arbiters.extend(started);
             }
         }
-
         Ok(Self {
-            metrics,
-            registry,
-            health,
-            cluster,
+            metrics: base.metrics,
+            registry: base.registry,
+            health: base.health,
+            cluster: base.cluster,
             intake,
             pipeline,
             writer,
             _arbiters: arbiters,
-            drain_order,
-            plugins,
-            post_ingestion: std::sync::Mutex::new(post_ingestion),
-            _reloader: reloader,
-            scheduler,
-            job_queue,
-            capabilities,
+            drain_order: base.drain_order,
+            plugins: plugins.pool,
+            post_ingestion: std::sync::Mutex::new(plugins.post_ingestion),
+            plugin_actors: plugins.actors,
+            capabilities: base.capabilities,
         })
+    }
+
+    /// The scheduler's `/_actors` view, when this instance runs scheduled tasks.
+    pub fn scheduler_stats(&self) -> Option<SchedulerStats> {
+        let (_, stats) = self.plugin_actors.scheduler.as_ref()?;
+        Some(stats.clone())
+    }
+
+    /// The job queue's `/_actors` view, when this instance runs plugin jobs.
+    pub fn job_queue_stats(&self) -> Option<JobQueueStats> {
+        let (_, stats) = self.plugin_actors.job_queue.as_ref()?;
+        Some(stats.clone())
     }
 
     /// Adds an actor to the shutdown sequence; actors added later are drained earlier.
@@ -464,18 +227,425 @@ impl Topology {
         }
         // Ingestion has stopped: no more scheduled ticks, finish the post-ingestion work in
         // flight, export every buffer, then run teardownPlugin everywhere.
-        if let Some(scheduler) = &self.scheduler {
-            scheduler.stop();
-        }
-        if let Some(job_queue) = &self.job_queue {
-            job_queue.stop();
-        }
+        self.plugin_actors.stop().await;
         let consumer = self.post_ingestion.lock().ok().and_then(|mut c| c.take());
         if let Some(consumer) = consumer {
             consumer.stop().await;
         }
         self.plugins.teardown().await;
     }
+}
+
+impl Base {
+    async fn start(settings: &Settings) -> Result<Self, ServerError> {
+        let capabilities = settings.capabilities()?;
+        let cluster = Cluster::connect(cluster_config(settings))
+            .await
+            .map_err(ServerError::Redis)?;
+        let metrics = Metrics::new()?;
+        let registry = Arc::new(ActorRegistry::new(metrics.clone()));
+        let health_config = HealthConfig {
+            max_stale: settings.healthcheck_max_stale(),
+        };
+        let health = spawn_supervised(&registry, SpawnOptions::new("health"), |stats| {
+            Health::new(health_config, stats)
+        });
+        let database = match settings.database_url() {
+            Some(url) => Some(plugin_server_actors::postgres::connect(&url, 10).await?),
+            None => None,
+        };
+        Ok(Self {
+            capabilities,
+            metrics,
+            registry,
+            health,
+            cluster,
+            database,
+            drain_order: Vec::new(),
+        })
+    }
+
+    /// Lists `component` in `/_health` (as idle) before the server answers its first request,
+    /// so that an operator sees every check an `ok` covers, traffic or not.
+    async fn name_check(&self, component: &str) {
+        let named = self
+            .health
+            .send(ReportIdle {
+                component: component.to_owned(),
+            })
+            .await;
+        if let Err(error) = named {
+            // Health was just started and is supervised; it only misses this while restarting.
+            tracing::warn!(%error, component, "check not named in /_health");
+        }
+    }
+}
+
+/// Teams, persons, groups, definitions and actions, each on Postgres when `DATABASE_URL` is
+/// set and in process otherwise (definitions and actions only exist with a PostHog database).
+async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerError> {
+    let database = base.database.as_ref();
+    let team_store: Arc<dyn TeamStore> = match database {
+        Some(pool) => Arc::new(PostgresTeamStore::new(pool.clone())),
+        None => Arc::new(EmbeddedTeamStore::new()),
+    };
+    let person_store: SharedPersonStore = match database {
+        Some(pool) => Arc::new(PostgresPersonStore::new(pool.clone())),
+        None => Arc::new(MemoryPersonStore::new()),
+    };
+    let persons = PersonManager::new(
+        person_store,
+        PersonConfig {
+            cache_size: settings.distinct_id_lru_size,
+            cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
+            ..PersonConfig::default()
+        },
+    )
+    .with_metrics(PersonMetrics::register(&base.metrics)?);
+    let group_store: SharedGroupStore = match database {
+        Some(pool) => Arc::new(PostgresGroupStore::new(pool.clone())),
+        None => Arc::new(MemoryGroupStore::new()),
+    };
+    let definitions = database.map(|pool| {
+        Arc::new(DefinitionsManager::new(
+            Arc::new(PostgresDefinitionStore::new(pool.clone())),
+            DefinitionConfig::default(),
+        ))
+    });
+    let actions = match database {
+        Some(pool) => Some(
+            ActionHooks::start(
+                pool.clone(),
+                &base.cluster.pubsub,
+                ActionHooksConfig {
+                    site_url: settings.site_url.clone(),
+                    reload_every: std::time::Duration::from_secs(300),
+                    request_timeout: std::time::Duration::from_millis(
+                        settings.external_request_timeout_ms,
+                    ),
+                },
+                &base.metrics,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    Ok(Steps {
+        teams: Arc::new(TeamManager::new(team_store, TeamCacheConfig::default())),
+        persons: Arc::new(persons),
+        groups: Arc::new(GroupManager::new(
+            group_store,
+            GroupConfig {
+                cache_ttl: std::time::Duration::from_secs(settings.person_info_cache_ttl),
+                ..GroupConfig::default()
+            },
+        )),
+        definitions,
+        actions,
+    })
+}
+
+/// The `EventWriter` on the configured sinks, named in `/_health` and drained last.
+async fn start_writer(
+    settings: &Settings,
+    base: &mut Base,
+    kafka: Option<&KafkaConnection>,
+) -> Result<ObservedAddr<EventWriter>, ServerError> {
+    let sink = event_sink(settings, kafka).await?;
+    let writer_config = EventWriterConfig {
+        max_batch_bytes: settings.kafka_max_message_batch_size as usize,
+        flush_interval: std::time::Duration::from_millis(settings.kafka_flush_frequency_ms),
+        ..EventWriterConfig::default()
+    };
+    let writer_metrics = WriterMetrics::register(&base.metrics)?;
+    let health = base.health.addr().clone();
+    let writer = spawn_supervised(&base.registry, SpawnOptions::new("event_writer"), {
+        move |stats| {
+            let progress = ProgressReporter::new("event_writer", &health, Arc::clone(&stats));
+            EventWriter::new(writer_config, sink, stats, writer_metrics, progress)
+        }
+    });
+    base.drain_order
+        .push(("event_writer".to_owned(), writer.addr().clone().recipient()));
+    base.name_check("event_writer").await;
+    Ok(writer)
+}
+
+/// The VM pool and its plugins, GeoIP, the post-ingestion publisher and consumer, and the
+/// plugin actors (reload subscriber, scheduler, job queue).
+async fn start_plugin_side(settings: &Settings, base: &Base) -> Result<Plugins, ServerError> {
+    let telemetry = clickhouse_target(settings).map(|target| {
+        PluginTelemetry::start(
+            target.database_client(),
+            uuid::Uuid::new_v4(),
+            std::time::Duration::from_millis(settings.app_metrics_flush_frequency_ms),
+        )
+    });
+    let outputs = Arc::new(ServerOutputs::new(base.database.clone(), telemetry));
+    let geoip = GeoIpHandle::new();
+    start_geoip(settings, base.database.as_ref(), &base.registry, &geoip).await?;
+    let job_store: Arc<dyn JobStore> = match (&base.database, settings.database_url()) {
+        (Some(pool), Some(url)) => Arc::new(PostgresJobStore::start(pool.clone(), url)),
+        _ => Arc::new(MemoryJobStore::new()),
+    };
+    let (pool, plugin_http, plugin_registry) = start_plugins(
+        settings,
+        base.database.as_ref(),
+        Arc::clone(&base.cluster.cache),
+        geoip,
+        Arc::clone(&job_store),
+        &base.metrics,
+        outputs.clone(),
+    )
+    .await?;
+    let actors = start_plugin_actors(
+        settings,
+        base,
+        &pool,
+        job_store,
+        plugin_registry,
+        outputs.clone(),
+    )
+    .await?;
+    let publisher = PostIngestionPublisher::new(Arc::clone(&base.cluster.queue), &base.metrics)?;
+    outputs.set_delivery(publisher.clone(), plugin_http);
+    let post_ingestion = if base.capabilities.process_async_handlers {
+        let slots = settings.worker_threads() * settings.tasks_per_worker.max(1);
+        Some(
+            PostIngestionConsumer::start(&base.cluster.queue, pool.clone(), slots)
+                .await
+                .map_err(ServerError::Redis)?,
+        )
+    } else {
+        None
+    };
+    Ok(Plugins {
+        pool,
+        outputs,
+        publisher,
+        post_ingestion,
+        actors,
+    })
+}
+
+/// The reload subscriber always; the job queue and the scheduler where the mode runs them.
+async fn start_plugin_actors(
+    settings: &Settings,
+    base: &Base,
+    pool: &PluginVmPool,
+    job_store: Arc<dyn JobStore>,
+    plugin_registry: PluginRegistry,
+    outputs: Arc<ServerOutputs>,
+) -> Result<PluginActors, ServerError> {
+    let job_queue = base.capabilities.process_plugin_jobs.then(|| {
+        let config = JobQueueConfig {
+            instance: base.cluster.instance.to_string(),
+            concurrency: settings.worker_threads() * settings.tasks_per_worker.max(1),
+            poll_interval: std::time::Duration::from_millis(settings.job_queue_poll_interval_ms),
+            claim_timeout: settings.task_timeout() * 2 + std::time::Duration::from_secs(30),
+            shutdown_timeout: settings.task_timeout(),
+        };
+        let mut view = None;
+        let addr = spawn_supervised(&base.registry, SpawnOptions::new("job_queue"), |stats| {
+            let queue = PluginJobQueue::new(config, job_store, pool.clone(), stats);
+            view = Some(queue.stats());
+            queue
+        });
+        view.map(|view| (addr, view))
+    });
+    let subscriptions = ReloadSubscriptions::subscribe(
+        &base.cluster.pubsub,
+        &settings.plugins_reload_pubsub_channel,
+    )
+    .await
+    .map_err(ServerError::Redis)?;
+    let reloader = spawn_supervised(&base.registry, SpawnOptions::new("pubsub"), |stats| {
+        PluginReloader::new(
+            PluginReloaderConfig {
+                channel: settings.plugins_reload_pubsub_channel.clone(),
+                jitter_max: std::time::Duration::from_millis(settings.reload_plugin_jitter_max_ms),
+            },
+            base.cluster.pubsub.clone(),
+            subscriptions,
+            plugin_registry,
+            pool.clone(),
+            outputs,
+            stats,
+        )
+    });
+    let scheduler = base.capabilities.plugin_scheduled_tasks.then(|| {
+        let config = SchedulerConfig {
+            lock_ttl: std::time::Duration::from_secs(settings.schedule_lock_ttl),
+            minute: std::time::Duration::from_millis(settings.schedule_minute_ms),
+            hour: std::time::Duration::from_millis(settings.schedule_hour_ms),
+            day: std::time::Duration::from_millis(settings.schedule_day_ms),
+        };
+        let mut view = None;
+        let addr = spawn_supervised(&base.registry, SpawnOptions::new("scheduler"), |stats| {
+            let scheduler =
+                PluginScheduler::new(config, Arc::clone(&base.cluster.locks), pool.clone(), stats);
+            view = Some(scheduler.stats());
+            scheduler
+        });
+        view.map(|view| (addr, view))
+    });
+    Ok(PluginActors {
+        reloader,
+        scheduler: scheduler.flatten(),
+        job_queue: job_queue.flatten(),
+    })
+}
+
+impl PluginActors {
+    /// No more scheduled ticks, claimed jobs or reloads; running jobs finish first.
+    async fn stop(&self) {
+        let scheduler = self.scheduler.as_ref().map(|(addr, _)| addr.addr().clone());
+        let job_queue = self.job_queue.as_ref().map(|(addr, _)| addr.addr().clone());
+        let stops: [(&str, Option<Recipient<Shutdown>>); 3] = [
+            ("scheduler", scheduler.map(Addr::recipient)),
+            ("job_queue", job_queue.map(Addr::recipient)),
+            ("pubsub", Some(self.reloader.addr().clone().recipient())),
+        ];
+        for (name, actor) in stops {
+            let Some(actor) = actor else { continue };
+            if let Err(error) = actor.send(Shutdown).await {
+                tracing::warn!(actor = name, %error, "did not stop cleanly");
+            }
+        }
+    }
+}
+
+/// The `IngestionPipeline` with every step this deployment has.
+fn start_pipeline(
+    base: &Base,
+    steps: &Steps,
+    writer: &ObservedAddr<EventWriter>,
+    plugins: &Plugins,
+) -> Result<ObservedAddr<IngestionPipeline>, ServerError> {
+    let pipeline_metrics = PipelineMetrics::register(&base.metrics)?;
+    let metrics = base.metrics.clone();
+    Ok(spawn_supervised(
+        &base.registry,
+        SpawnOptions::new("ingestion_pipeline"),
+        |stats| {
+            let pipeline = IngestionPipeline::new(
+                PipelineConfig {
+                    limits: EnvelopeLimits::default(),
+                },
+                Arc::clone(&steps.teams),
+                writer.clone(),
+                stats,
+                &metrics,
+                pipeline_metrics,
+            )
+            .with_plugins(plugins.pool.clone())
+            .with_persons(Arc::clone(&steps.persons))
+            .with_groups(Arc::clone(&steps.groups))
+            .with_post_ingestion(plugins.publisher.clone());
+            let pipeline = match &steps.definitions {
+                Some(definitions) => pipeline.with_definitions(Arc::clone(definitions)),
+                None => pipeline,
+            };
+            match &steps.actions {
+                Some(actions) => pipeline.with_actions(Arc::clone(actions)),
+                None => pipeline,
+            }
+        },
+    ))
+}
+
+/// The Kafka consumers the mode asks for: the ingestion topic (with its overflow router when
+/// INGESTION_OVERFLOW_ENABLED) and the overflow topic.
+async fn consumer_roles(
+    settings: &Settings,
+    base: &Base,
+    connection: &KafkaConnection,
+) -> Result<Vec<ConsumerRole>, ServerError> {
+    let prefix = &settings.kafka_prefix;
+    let overflow_topic = format!("{prefix}{}", settings.kafka_consumption_overflow_topic);
+    let mut roles = Vec::new();
+    if base.capabilities.ingestion {
+        let overflow = if settings.ingestion_overflow_enabled {
+            ensure_topics(connection, std::slice::from_ref(&overflow_topic)).await?;
+            let rerouted = OverflowRouter::register_metric(&base.metrics)?;
+            let config = OverflowConfig {
+                topic: overflow_topic.clone(),
+                bucket_capacity: settings.event_overflow_bucket_capacity,
+                replenish_rate: settings.event_overflow_bucket_replenish_rate,
+                tracked_keys: 1_000_000,
+            };
+            Some(Arc::new(OverflowRouter::new(connection, config, rerouted)?))
+        } else {
+            None
+        };
+        roles.push(ConsumerRole {
+            actor: "kafka_consumer",
+            health: "analytics-ingestion",
+            topic: consumption_topic(settings),
+            group: format!("{prefix}clickhouse-ingestion"),
+            metrics_group: "ingestion",
+            reads_overflow: false,
+            overflow,
+        });
+    }
+    if base.capabilities.ingestion_overflow {
+        // Only this server's overflow producers (or PostHog's) write to it, so on a new
+        // deployment it may not exist yet; reading a missing topic only logs errors.
+        ensure_topics(connection, std::slice::from_ref(&overflow_topic)).await?;
+        roles.push(ConsumerRole {
+            actor: "kafka_overflow_consumer",
+            health: "analytics-ingestion-overflow",
+            topic: overflow_topic,
+            group: format!("{prefix}clickhouse-ingestion-overflow"),
+            metrics_group: "ingestion-overflow",
+            reads_overflow: true,
+            overflow: None,
+        });
+    }
+    Ok(roles)
+}
+
+/// One `KafkaConsumer` and its batch runners, each on its own thread: the rebalance callback
+/// blocks the consumer's thread until the runners have stored the in-flight batches. Returns
+/// the two arbiters, which must live as long as the topology.
+async fn start_consumer(
+    settings: &Settings,
+    base: &mut Base,
+    (connection, consumer_metrics): (&KafkaConnection, &ConsumerMetrics),
+    role: ConsumerRole,
+    pipeline: &ObservedAddr<IngestionPipeline>,
+) -> [Arbiter; 2] {
+    let mut config = consumer_config(settings, connection.clone(), role.topic, role.group);
+    config.metrics_group = role.metrics_group;
+    config.reads_overflow = role.reads_overflow;
+    let consumer_arbiter = Arbiter::new();
+    let workers = Arbiter::new();
+    let health = base.health.addr().clone();
+    let factory = {
+        let pipeline = pipeline.clone();
+        let workers = workers.handle();
+        let consumer_metrics = consumer_metrics.clone();
+        let overflow = role.overflow;
+        move |stats: Arc<ActorStats>| {
+            let progress = ProgressReporter::new(role.health, &health, Arc::clone(&stats));
+            let consumer =
+                KafkaConsumer::new(config, pipeline, workers, stats, consumer_metrics, progress);
+            match overflow {
+                Some(router) => consumer.with_overflow(router),
+                None => consumer,
+            }
+        }
+    };
+    let consumer = spawn_supervised_in(
+        &consumer_arbiter.handle(),
+        &base.registry,
+        SpawnOptions::new(role.actor),
+        factory,
+    );
+    base.drain_order
+        .push((role.actor.to_owned(), consumer.addr().clone().recipient()));
+    base.name_check(role.health).await;
+    [consumer_arbiter, workers]
 }
 
 /// GeoIP for `meta.geoip`: the MaxMind City file at MMDB_FILE_LOCATION (reloaded when it
@@ -704,20 +874,6 @@ fn consumption_topic(settings: &Settings) -> String {
         "{}{}",
         settings.kafka_prefix, settings.kafka_consumption_topic
     )
-}
-
-/// Lists `component` in `/_health` (as idle) before the server answers its first request, so
-/// that an operator sees every check an `ok` covers, traffic or not.
-async fn name_check(health: &ObservedAddr<Health>, component: &str) {
-    let named = health
-        .send(ReportIdle {
-            component: component.to_owned(),
-        })
-        .await;
-    if let Err(error) = named {
-        // Health was just started and is supervised; it only misses this while restarting.
-        tracing::warn!(%error, component, "check not named in /_health");
-    }
 }
 
 /// One Kafka consumer the mode asks for: the ingestion topic or its overflow.

@@ -71,6 +71,16 @@ async fn health_ready_metrics_actors_and_404() {
     for field in ["mailbox_len", "errors", "restarts", "last_progress_unix_ms"] {
         assert!(health.get(field).is_some(), "{field} in {health}");
     }
+    // The design's actors that the embedded default runs, each supervised and listed.
+    let names: Vec<&str> = body["actors"]
+        .as_array()
+        .expect("actors")
+        .iter()
+        .filter_map(|actor| actor["name"].as_str())
+        .collect();
+    for actor in ["health", "scheduler", "job_queue", "pubsub", "event_writer"] {
+        assert!(names.contains(&actor), "{actor} in {names:?}");
+    }
 
     let (status, _) = get(&server, "/nope").await;
     assert_eq!(status, 404);

@@ -15,12 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use actix::prelude::*;
 use chrono::Utc;
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::Shutdown;
 
 use crate::plugins::jobs::{FailOutcome, Job, JobStore};
 use crate::plugins::pool::{JobRunError, PluginVmPool};
+use crate::system::stats::ActorStats;
 
 #[derive(Debug, Clone)]
 pub struct JobQueueConfig {
@@ -33,6 +37,8 @@ pub struct JobQueueConfig {
     /// A claim this old belongs to an instance that died; more than TASK_TIMEOUT, after which
     /// a job has been abandoned anyway.
     pub claim_timeout: Duration,
+    /// How long shutdown waits for running jobs.
+    pub shutdown_timeout: Duration,
 }
 
 /// Counters for `/_actors`.
@@ -49,48 +55,105 @@ struct Counters {
     running: AtomicU64,
 }
 
-/// The running job queue; it stops when dropped (jobs in flight finish in the background).
+/// The `JobQueue` actor: claims due jobs and runs them on the VM pool.
+///
+/// Each running job holds a permit of `slots`, which outlives a restart: after a panic the loop
+/// starts again, the jobs already running finish and record their outcome, and the new loop
+/// claims only what the free slots allow.
+///
+/// Receives: `Shutdown` from the topology (stop claiming; wait for running jobs, up to
+/// `shutdown_timeout`).
 pub struct PluginJobQueue {
-    stop: CancellationToken,
+    config: JobQueueConfig,
+    store: Arc<dyn JobStore>,
+    pool: PluginVmPool,
+    slots: Arc<Semaphore>,
+    /// Told when a job finishes, so the loop claims the next at once.
+    finished: Arc<Notify>,
     counters: Arc<Counters>,
-    store_name: &'static str,
-}
-
-impl Drop for PluginJobQueue {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    stats: Arc<ActorStats>,
+    /// Stops the running loop; replaced on restart.
+    stop: CancellationToken,
 }
 
 impl PluginJobQueue {
-    pub fn start(config: JobQueueConfig, store: Arc<dyn JobStore>, pool: PluginVmPool) -> Self {
-        let stop = CancellationToken::new();
-        let counters = Arc::new(Counters::default());
-        let store_name = store.name();
-        tokio::spawn(run(
+    pub fn new(
+        config: JobQueueConfig,
+        store: Arc<dyn JobStore>,
+        pool: PluginVmPool,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        Self {
             config,
             store,
             pool,
-            stop.clone(),
-            Arc::clone(&counters),
-        ));
-        Self {
-            stop,
-            counters,
-            store_name,
+            slots,
+            finished: Arc::default(),
+            counters: Arc::default(),
+            stats,
+            stop: CancellationToken::new(),
         }
-    }
-
-    /// Stops claiming jobs; those running finish.
-    pub fn stop(&self) {
-        self.stop.cancel();
     }
 
     pub fn stats(&self) -> JobQueueStats {
         JobQueueStats {
             counters: Arc::clone(&self.counters),
-            store: self.store_name,
+            store: self.store.name(),
         }
+    }
+}
+
+impl Actor for PluginJobQueue {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let runner = Runner {
+            config: self.config.clone(),
+            store: Arc::clone(&self.store),
+            pool: self.pool.clone(),
+            slots: Arc::clone(&self.slots),
+            finished: Arc::clone(&self.finished),
+            counters: Arc::clone(&self.counters),
+        };
+        ctx.spawn(runner.run(self.stop.clone()).into_actor(self));
+    }
+}
+
+impl Supervised for PluginJobQueue {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.stop.cancel();
+        self.stop = CancellationToken::new();
+    }
+}
+
+impl Handler<Shutdown> for PluginJobQueue {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        let _timer = self.stats.message_received();
+        self.stop.cancel();
+        let slots = Arc::clone(&self.slots);
+        let all = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let timeout = self.config.shutdown_timeout;
+        Box::pin(async move {
+            // Every slot back means every running job has recorded its outcome.
+            if tokio::time::timeout(timeout, slots.acquire_many(all))
+                .await
+                .is_err()
+            {
+                tracing::warn!("shutdown: jobs still running; their claims expire and they rerun");
+            }
+        })
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl Handler<crate::system::supervisor::Crash> for PluginJobQueue {
+    type Result = ();
+
+    fn handle(&mut self, crash: crate::system::supervisor::Crash, _: &mut Context<Self>) {
+        crash.now();
     }
 }
 
@@ -119,82 +182,107 @@ impl JobQueueStats {
     }
 }
 
-async fn run(
+/// What the claim loop needs; built anew by each (re)start.
+struct Runner {
     config: JobQueueConfig,
     store: Arc<dyn JobStore>,
     pool: PluginVmPool,
-    stop: CancellationToken,
+    slots: Arc<Semaphore>,
+    finished: Arc<Notify>,
     counters: Arc<Counters>,
-) {
-    let concurrency = config.concurrency.max(1);
-    let mut jobs: JoinSet<()> = JoinSet::new();
-    let mut last_stale_check: Option<Instant> = None;
-    while !stop.is_cancelled() {
-        while jobs.try_join_next().is_some() {}
+}
 
-        if last_stale_check.is_none_or(|at| at.elapsed() >= config.claim_timeout / 2) {
-            last_stale_check = Some(Instant::now());
-            match store.release_stale(config.claim_timeout).await {
-                Ok(0) => {}
-                Ok(released) => {
-                    counters
-                        .released_stale
-                        .fetch_add(released, Ordering::Relaxed);
-                    tracing::warn!(released, "released jobs whose instance stopped answering");
-                }
-                Err(error) => {
-                    counters.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "could not look for abandoned jobs");
-                }
+impl Runner {
+    async fn run(self, stop: CancellationToken) {
+        let concurrency = self.config.concurrency.max(1);
+        let mut last_stale_check: Option<Instant> = None;
+        while !stop.is_cancelled() {
+            if last_stale_check.is_none_or(|at| at.elapsed() >= self.config.claim_timeout / 2) {
+                last_stale_check = Some(Instant::now());
+                self.release_stale().await;
             }
-        }
 
-        let free = concurrency.saturating_sub(jobs.len());
-        let mut claimed_any = false;
-        if free > 0 {
-            match store.claim(&config.instance, free).await {
-                Ok(claimed) => {
-                    claimed_any = !claimed.is_empty();
-                    counters
-                        .claimed
-                        .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-                    for job in claimed {
-                        jobs.spawn(run_job(
-                            job,
-                            Arc::clone(&store),
-                            pool.clone(),
-                            Arc::clone(&counters),
-                        ));
+            let free = self.slots.available_permits();
+            let mut claimed_any = false;
+            if free > 0 {
+                match self.store.claim(&self.config.instance, free).await {
+                    Ok(claimed) => {
+                        claimed_any = !claimed.is_empty();
+                        self.counters
+                            .claimed
+                            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+                        for job in claimed {
+                            self.start(job);
+                        }
+                    }
+                    Err(error) => {
+                        self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%error, "could not claim jobs; retrying");
                     }
                 }
-                Err(error) => {
-                    counters.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "could not claim jobs; retrying");
-                }
+            }
+            let running = concurrency.saturating_sub(self.slots.available_permits());
+            self.counters
+                .running
+                .store(running as u64, Ordering::Relaxed);
+
+            let wait = if running >= concurrency {
+                // Full: a finished job wakes the loop below.
+                self.config.poll_interval
+            } else if claimed_any {
+                // Slots are free and more may be due: look again at once.
+                Duration::ZERO
+            } else {
+                until_next_due(self.store.as_ref(), self.config.poll_interval).await
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.store.wait_for_jobs(wait) => {}
+                () = self.finished.notified() => {}
             }
         }
-        counters.running.store(jobs.len() as u64, Ordering::Relaxed);
+    }
 
-        let wait = if jobs.len() >= concurrency {
-            // Full: a finished job wakes the loop below.
-            config.poll_interval
-        } else if claimed_any {
-            // Slots are free and more may be due: look again at once.
-            Duration::ZERO
-        } else {
-            until_next_due(store.as_ref(), config.poll_interval).await
-        };
-        if wait.is_zero() {
-            continue;
-        }
-        tokio::select! {
-            () = stop.cancelled() => break,
-            () = store.wait_for_jobs(wait) => {}
-            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+    async fn release_stale(&self) {
+        match self.store.release_stale(self.config.claim_timeout).await {
+            Ok(0) => {}
+            Ok(released) => {
+                self.counters
+                    .released_stale
+                    .fetch_add(released, Ordering::Relaxed);
+                tracing::warn!(released, "released jobs whose instance stopped answering");
+            }
+            Err(error) => {
+                self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "could not look for abandoned jobs");
+            }
         }
     }
-    // Jobs already running finish; their results are still recorded.
-    while jobs.join_next().await.is_some() {}
+
+    /// Runs `job` on its own task, holding a slot until its outcome is recorded: a restart of
+    /// the actor does not cut it short.
+    fn start(&self, job: Job) {
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            // Claimed no more than the free slots, and only this loop takes them.
+            tracing::error!(
+                job_id = job.id,
+                "no free slot for a claimed job; its claim expires"
+            );
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let pool = self.pool.clone();
+        let counters = Arc::clone(&self.counters);
+        let finished = Arc::clone(&self.finished);
+        tokio::spawn(async move {
+            run_job(job, store, pool, counters).await;
+            drop(slot);
+            finished.notify_one();
+        });
+    }
 }
 
 /// How long to sleep before the next unclaimed job is due, at most `poll_interval`.
@@ -263,5 +351,73 @@ async fn run_job(job: Job, store: Arc<dyn JobStore>, pool: PluginVmPool, counter
         // The claim stays; after the claim timeout the job is released and counted as failed.
         counters.store_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(job_id = job.id, %error, "could not record the job's outcome");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::plugins::jobs::{MemoryJobStore, NewJob, RetryPolicy};
+    use crate::plugins::test_pool::{self, Collected, eventually};
+    use crate::system::metrics::Metrics;
+    use crate::system::stats::ActorRegistry;
+    use crate::system::supervisor::{Crash, SpawnOptions, spawn_supervised};
+
+    /// A panic in the job queue's handler: supervision restarts it (counted) and the new loop
+    /// runs the jobs queued after it.
+    #[actix::test]
+    async fn a_panicking_job_queue_is_restarted_and_runs_jobs_again() {
+        let registry = ActorRegistry::new(Metrics::new().expect("metrics"));
+        let store = Arc::new(MemoryJobStore::new());
+        let code = "exports.jobs = { noop: async () => {} };";
+        let pool = test_pool::start(
+            vec![test_pool::config(7, 2, code)],
+            Arc::clone(&store) as Arc<dyn JobStore>,
+            Arc::new(Collected::default()),
+        )
+        .await;
+        let config = JobQueueConfig {
+            instance: "test".into(),
+            concurrency: 2,
+            poll_interval: Duration::from_millis(50),
+            claim_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(5),
+        };
+        let mut view = None;
+        let queue = spawn_supervised(&registry, SpawnOptions::new("job_queue"), |stats| {
+            let queue =
+                PluginJobQueue::new(config, Arc::clone(&store) as Arc<dyn JobStore>, pool, stats);
+            view = Some(queue.stats());
+            queue
+        });
+        let view = view.expect("stats");
+        let succeeded = || view.snapshot()["succeeded"].as_u64().unwrap_or(0);
+        let enqueue = || async {
+            let job = NewJob {
+                plugin_config_id: 7,
+                team_id: 2,
+                job_name: "noop".into(),
+                payload: json!({}),
+                run_at: Utc::now(),
+                retry: RetryPolicy {
+                    max_attempts: 1,
+                    delay: Duration::from_secs(1),
+                },
+            };
+            store.enqueue(job).await.expect("queued");
+        };
+        enqueue().await;
+        eventually("the first job", || succeeded() == 1).await;
+
+        let lost = queue.send(Crash).await;
+        assert!(matches!(lost, Err(MailboxError::Closed)), "{lost:?}");
+        let snapshot = queue.stats().snapshot();
+        assert_eq!((snapshot.restarts, snapshot.errors), (1, 1));
+
+        enqueue().await;
+        eventually("a job after the restart", || succeeded() == 2).await;
+        queue.send(Shutdown).await.expect("stopped");
     }
 }

@@ -13,6 +13,8 @@ pub mod reloader;
 pub mod runtime;
 pub mod scheduler;
 pub mod telemetry;
+#[cfg(test)]
+mod test_pool;
 pub mod worker;
 
 use serde_json::Value;

@@ -16,8 +16,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix::prelude::*;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
+
+use crate::Shutdown;
 
 use crate::cluster::ClusterError;
 use crate::cluster::pubsub::{PubSub, SubscribeOptions, Subscription};
@@ -25,6 +28,7 @@ use crate::plugins::outputs::PluginOutputs;
 use crate::plugins::pool::{PluginSet, PluginVmPool};
 use crate::plugins::registry::PluginRegistry;
 use crate::plugins::worker::SideEffects;
+use crate::system::stats::ActorStats;
 
 /// PostHog's channel, published by its app when a plugin is installed or updated.
 pub const POPULATE_CAPABILITIES_CHANNEL: &str = "populate-plugin-capabilities";
@@ -39,51 +43,137 @@ pub struct PluginReloaderConfig {
     pub jitter_max: Duration,
 }
 
-/// The running reloader; it stops when dropped.
+/// The two channels, subscribed before the actor starts so that a notice published right
+/// after the server started is not missed.
+pub struct ReloadSubscriptions {
+    reload: Subscription,
+    populate: Subscription,
+}
+
+impl ReloadSubscriptions {
+    pub async fn subscribe(pubsub: &PubSub, channel: &str) -> Result<Self, ClusterError> {
+        Ok(Self {
+            reload: pubsub
+                .subscribe_foreign(channel, SubscribeOptions::default())
+                .await?,
+            populate: pubsub
+                .subscribe_foreign(POPULATE_CAPABILITIES_CHANNEL, SubscribeOptions::default())
+                .await?,
+        })
+    }
+}
+
+/// The `PubSub` actor of the design: the reload subscriber. Reloads the plugins on
+/// PLUGINS_RELOAD_PUBSUB_CHANNEL and populates capabilities on request.
+///
+/// A restart (after a panic) drops the subscriptions with the loops and subscribes again; a
+/// notice published during that moment is missed, as it would be by a reconnecting instance.
+///
+/// Receives: `Shutdown` from the topology (stop listening).
 pub struct PluginReloader {
+    config: PluginReloaderConfig,
+    pubsub: PubSub,
+    /// The first start's subscriptions; later starts subscribe again.
+    subscriptions: Option<ReloadSubscriptions>,
+    /// Shared with the loop; loads reuse what earlier loads transpiled.
+    registry: Arc<tokio::sync::Mutex<PluginRegistry>>,
+    pool: PluginVmPool,
+    outputs: Arc<dyn PluginOutputs>,
+    stats: Arc<ActorStats>,
+    /// Stops the running loops; replaced on restart.
     stop: CancellationToken,
 }
 
-impl Drop for PluginReloader {
-    fn drop(&mut self) {
+impl PluginReloader {
+    pub fn new(
+        config: PluginReloaderConfig,
+        pubsub: PubSub,
+        subscriptions: ReloadSubscriptions,
+        registry: PluginRegistry,
+        pool: PluginVmPool,
+        outputs: Arc<dyn PluginOutputs>,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        Self {
+            config,
+            pubsub,
+            subscriptions: Some(subscriptions),
+            registry: Arc::new(tokio::sync::Mutex::new(registry)),
+            pool,
+            outputs,
+            stats,
+            stop: CancellationToken::new(),
+        }
+    }
+}
+
+impl Actor for PluginReloader {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let subscriptions = self.subscriptions.take();
+        let pubsub = self.pubsub.clone();
+        let channel = self.config.channel.clone();
+        let jitter_max = self.config.jitter_max;
+        let registry = Arc::clone(&self.registry);
+        let pool = self.pool.clone();
+        let outputs = Arc::clone(&self.outputs);
+        let stop = self.stop.clone();
+        let stats = Arc::clone(&self.stats);
+        ctx.spawn(
+            async move {
+                let subscriptions = match subscriptions {
+                    Some(subscriptions) => subscriptions,
+                    None => match ReloadSubscriptions::subscribe(&pubsub, &channel).await {
+                        Ok(subscriptions) => subscriptions,
+                        Err(error) => {
+                            // The actor stays up without listening; a restart tries again.
+                            stats.record_error();
+                            tracing::error!(%error, "could not subscribe to the plugin reload channels");
+                            return;
+                        }
+                    },
+                };
+                let ReloadSubscriptions { reload, populate } = subscriptions;
+                futures::join!(
+                    run(reload, jitter_max, registry, pool.clone(), outputs, stop.clone()),
+                    populate_capabilities(populate, pool, stop),
+                );
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Supervised for PluginReloader {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.stop.cancel();
+        self.stop = CancellationToken::new();
+    }
+}
+
+impl Handler<Shutdown> for PluginReloader {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
         self.stop.cancel();
     }
 }
 
-impl PluginReloader {
-    /// Subscribes now (so a notice published right after start is not missed), then reloads
-    /// in the background.
-    pub async fn start(
-        config: PluginReloaderConfig,
-        pubsub: &PubSub,
-        registry: PluginRegistry,
-        pool: PluginVmPool,
-        outputs: Arc<dyn PluginOutputs>,
-    ) -> Result<Self, ClusterError> {
-        let subscription = pubsub
-            .subscribe_foreign(&config.channel, SubscribeOptions::default())
-            .await?;
-        let populate = pubsub
-            .subscribe_foreign(POPULATE_CAPABILITIES_CHANNEL, SubscribeOptions::default())
-            .await?;
-        let stop = CancellationToken::new();
-        tokio::spawn(populate_capabilities(populate, pool.clone(), stop.clone()));
-        tokio::spawn(run(
-            subscription,
-            config.jitter_max,
-            registry,
-            pool,
-            outputs,
-            stop.clone(),
-        ));
-        Ok(Self { stop })
+#[cfg(any(test, feature = "test-util"))]
+impl Handler<crate::system::supervisor::Crash> for PluginReloader {
+    type Result = ();
+
+    fn handle(&mut self, crash: crate::system::supervisor::Crash, _: &mut Context<Self>) {
+        crash.now();
     }
 }
 
 async fn run(
     mut notices: Subscription,
     jitter_max: Duration,
-    mut registry: PluginRegistry,
+    registry: Arc<tokio::sync::Mutex<PluginRegistry>>,
     pool: PluginVmPool,
     outputs: Arc<dyn PluginOutputs>,
     stop: CancellationToken,
@@ -106,7 +196,7 @@ async fn run(
                 Err(TryRecvError::Disconnected) => return,
             }
         }
-        reload(&mut registry, &pool, outputs.as_ref()).await;
+        reload(&mut *registry.lock().await, &pool, outputs.as_ref()).await;
         // A notice that arrived during the reload stays queued and starts the next round.
     }
 }
@@ -181,7 +271,95 @@ fn plugin_id_of(payload: &serde_json::Value) -> Option<i64> {
 mod tests {
     use serde_json::json;
 
-    use super::plugin_id_of;
+    use super::*;
+    use crate::cluster::InstanceId;
+    use crate::cluster::pubsub::{InProcessBus, PubSubTransport};
+    use crate::plugins::registry::RegistrySource;
+    use crate::plugins::test_pool::{self, Collected};
+    use crate::system::metrics::Metrics;
+    use crate::system::stats::ActorRegistry;
+    use crate::system::supervisor::{Crash, SpawnOptions, spawn_supervised};
+
+    /// `count` configs of one plugin for team 2, as the embedded profile's configs file.
+    fn write_configs(file: &std::path::Path, count: usize) {
+        let configs = "[[plugin_config]]\nplugin = \"noop\"\nteam_id = 2\n\n".repeat(count);
+        std::fs::write(file, configs).expect("configs file");
+    }
+
+    /// Publishes PostHog's bare reload notice until the pool runs `configs` configs.
+    async fn reload_until(bus_side: &dyn PubSubTransport, pool: &PluginVmPool, configs: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pool.plugins().config_count() != configs {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reloaded to {configs}"
+            );
+            bus_side
+                .publish("reload-plugins", "reload")
+                .await
+                .expect("published");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A panic in the reload subscriber's handler: supervision restarts it (counted), it
+    /// subscribes again, and the next notice reloads the plugins.
+    #[actix::test]
+    async fn a_panicking_reload_subscriber_is_restarted_and_reloads_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugins_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(plugins_dir.join("noop")).expect("mkdir");
+        std::fs::write(
+            plugins_dir.join("noop/index.js"),
+            "exports.processEvent = (e) => e;",
+        )
+        .expect("plugin");
+        let configs_file = dir.path().join("plugins.toml");
+        write_configs(&configs_file, 1);
+        let mut plugin_registry = PluginRegistry::new(RegistrySource::Directory {
+            plugins_dir,
+            configs_file: configs_file.clone(),
+        });
+        let (configs, problems) = plugin_registry.load().await.expect("loaded");
+        assert!(problems.is_empty());
+        let outputs = Arc::new(Collected::default());
+        let jobs = Arc::new(crate::plugins::jobs::MemoryJobStore::new());
+        let pool = test_pool::start(configs, jobs, Arc::clone(&outputs)).await;
+
+        let bus = InProcessBus::new();
+        let (transport, inbound) = bus.transport();
+        let pubsub = PubSub::new(InstanceId::generate(), "test:", transport, inbound);
+        let (publisher, _) = bus.transport();
+        let subscriptions = ReloadSubscriptions::subscribe(&pubsub, "reload-plugins")
+            .await
+            .expect("subscribed");
+        let registry = ActorRegistry::new(Metrics::new().expect("metrics"));
+        let reloader = spawn_supervised(&registry, SpawnOptions::new("pubsub"), |stats| {
+            PluginReloader::new(
+                PluginReloaderConfig {
+                    channel: "reload-plugins".into(),
+                    jitter_max: Duration::ZERO,
+                },
+                pubsub,
+                subscriptions,
+                plugin_registry,
+                pool.clone(),
+                outputs,
+                stats,
+            )
+        });
+        write_configs(&configs_file, 2);
+        reload_until(publisher.as_ref(), &pool, 2).await;
+
+        let lost = reloader.send(Crash).await;
+        assert!(matches!(lost, Err(MailboxError::Closed)), "{lost:?}");
+        let snapshot = reloader.stats().snapshot();
+        assert_eq!((snapshot.restarts, snapshot.errors), (1, 1));
+
+        write_configs(&configs_file, 3);
+        reload_until(publisher.as_ref(), &pool, 3).await;
+        reloader.send(Shutdown).await.expect("stopped");
+    }
 
     #[test]
     fn the_plugin_id_is_read_from_raw_or_parsed_json() {

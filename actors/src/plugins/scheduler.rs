@@ -16,11 +16,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use actix::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use crate::Shutdown;
 use crate::cluster::lock::{LockGuard, LockManager, LockOptions};
 use crate::plugins::pool::PluginVmPool;
 use crate::plugins::runtime::vm::Method;
+use crate::system::stats::ActorStats;
 
 /// PostHog's key, under the deployment's cluster prefix.
 pub const SCHEDULE_LOCK_KEY: &str = "plugin-server:locks:schedule";
@@ -55,34 +58,100 @@ struct SchedulerState {
     skipped_busy: u64,
 }
 
-/// The running scheduler; it stops (and releases the lock) when dropped.
+/// The `Scheduler` actor: takes the schedule lock and ticks while it holds it. A restart (after
+/// a panic) drops the loop, which releases the lock, and starts it again.
+///
+/// Receives: `Shutdown` from the topology (release the lock so another instance takes over at
+/// once rather than after the TTL).
 pub struct PluginScheduler {
-    stop: CancellationToken,
+    config: SchedulerConfig,
+    locks: Arc<dyn LockManager>,
+    pool: PluginVmPool,
+    /// Kept across restarts, so `/_actors` counts the instance's ticks.
     state: Arc<Mutex<SchedulerState>>,
-}
-
-impl Drop for PluginScheduler {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    stats: Arc<ActorStats>,
+    /// Stops the running loop; replaced on restart.
+    stop: CancellationToken,
+    /// Cancelled by the loop once it has stopped and released the lock.
+    stopped: CancellationToken,
 }
 
 impl PluginScheduler {
-    pub fn start(config: SchedulerConfig, locks: Arc<dyn LockManager>, pool: PluginVmPool) -> Self {
-        let stop = CancellationToken::new();
-        let state = Arc::new(Mutex::new(SchedulerState::default()));
-        tokio::spawn(run(config, locks, pool, stop.clone(), Arc::clone(&state)));
-        Self { stop, state }
-    }
-
-    /// Stops scheduling and releases the lock (in the background), so that another instance
-    /// takes over at once rather than after the TTL.
-    pub fn stop(&self) {
-        self.stop.cancel();
+    pub fn new(
+        config: SchedulerConfig,
+        locks: Arc<dyn LockManager>,
+        pool: PluginVmPool,
+        stats: Arc<ActorStats>,
+    ) -> Self {
+        Self {
+            config,
+            locks,
+            pool,
+            state: Arc::default(),
+            stats,
+            stop: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+        }
     }
 
     pub fn stats(&self) -> SchedulerStats {
         SchedulerStats(Arc::clone(&self.state))
+    }
+}
+
+impl Actor for PluginScheduler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let stop = self.stop.clone();
+        let stopped = self.stopped.clone();
+        let run = run(
+            self.config,
+            Arc::clone(&self.locks),
+            self.pool.clone(),
+            stop,
+            Arc::clone(&self.state),
+        );
+        ctx.spawn(
+            async move {
+                run.await;
+                stopped.cancel();
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// The loop was dropped with the context; dropping its lock guard released the lock.
+impl Supervised for PluginScheduler {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        lock(&self.state).holds_lock = false;
+        self.stop.cancel();
+        self.stop = CancellationToken::new();
+        self.stopped = CancellationToken::new();
+    }
+}
+
+impl Handler<Shutdown> for PluginScheduler {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        let _timer = self.stats.message_received();
+        self.stop.cancel();
+        let stopped = self.stopped.clone();
+        Box::pin(async move {
+            // Releasing is one round trip; past this the lock simply expires.
+            let _ = tokio::time::timeout(Duration::from_secs(5), stopped.cancelled()).await;
+        })
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl Handler<crate::system::supervisor::Crash> for PluginScheduler {
+    type Result = ();
+
+    fn handle(&mut self, crash: crate::system::supervisor::Crash, _: &mut Context<Self>) {
+        crash.now();
     }
 }
 
@@ -244,5 +313,50 @@ mod tests {
         assert!(minute > unix_ms() && minute <= unix_ms() + 60_000);
         let day = next_boundary(Duration::from_secs(86_400));
         assert_eq!(day % 86_400_000, 0);
+    }
+
+    /// A panic in the scheduler's handler: supervision restarts it (counted), the lock it held
+    /// is released with the old loop, and the new loop takes it and ticks again.
+    #[actix::test]
+    async fn a_panicking_scheduler_is_restarted_and_ticks_again() {
+        use crate::cluster::InstanceId;
+        use crate::cluster::lock::{InProcessLockBackend, InProcessLocks};
+        use crate::plugins::test_pool::{self, Collected, eventually};
+        use crate::system::metrics::Metrics;
+        use crate::system::stats::ActorRegistry;
+        use crate::system::supervisor::{Crash, SpawnOptions, spawn_supervised};
+
+        let registry = ActorRegistry::new(Metrics::new().expect("metrics"));
+        let jobs = Arc::new(crate::plugins::jobs::MemoryJobStore::new());
+        let pool = test_pool::start(Vec::new(), jobs, Arc::new(Collected::default())).await;
+        let locks: Arc<dyn LockManager> = Arc::new(InProcessLocks::new(
+            InProcessLockBackend::new(),
+            InstanceId::generate(),
+        ));
+        let config = SchedulerConfig {
+            lock_ttl: Duration::from_secs(2),
+            minute: Duration::from_millis(50),
+            ..SchedulerConfig::default()
+        };
+        let mut view = None;
+        let scheduler = spawn_supervised(&registry, SpawnOptions::new("scheduler"), |stats| {
+            let scheduler = PluginScheduler::new(config, locks, pool, stats);
+            view = Some(scheduler.stats());
+            scheduler
+        });
+        let view = view.expect("stats");
+        let ticks = || view.snapshot()["ticks"].as_u64().unwrap_or(0);
+        eventually("a first tick", || ticks() >= 1).await;
+
+        let lost = scheduler.send(Crash).await;
+        assert!(matches!(lost, Err(MailboxError::Closed)), "{lost:?}");
+        let snapshot = scheduler.stats().snapshot();
+        assert_eq!((snapshot.restarts, snapshot.errors), (1, 1));
+
+        let before = ticks();
+        eventually("ticks after the restart", || ticks() > before + 1).await;
+        assert_eq!(view.snapshot()["holds_lock"], true);
+        scheduler.send(Shutdown).await.expect("stopped");
+        assert_eq!(view.snapshot()["holds_lock"], false);
     }
 }

@@ -27,6 +27,20 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
+/// Makes a supervised actor panic in its handler: how tests show that it is restarted, counted,
+/// and goes on working. Built only for tests.
+#[cfg(any(test, feature = "test-util"))]
+#[derive(Debug, Clone, Copy, actix::Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+#[cfg(any(test, feature = "test-util"))]
+impl Crash {
+    pub fn now(self) -> ! {
+        panic!("crashed on purpose by a test")
+    }
+}
+
 /// Default bounded mailbox for event-path actors: senders using `send().await` wait beyond it.
 pub const DEFAULT_MAILBOX_CAPACITY: usize = 64;
 
