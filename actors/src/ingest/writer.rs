@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
-use crate::ingest::sinks::{EventSink, SinkError, WriteBatch};
+use crate::ingest::sinks::{EventSink, Rows, SinkError, WriteBatch};
 use crate::system::health::ProgressReporter;
 use crate::system::metrics::{Metrics, MetricsError};
 use crate::system::stats::ActorStats;
@@ -236,76 +236,10 @@ async fn store(
 ) -> bool {
     let started = std::time::Instant::now();
     let mut delay = config.retry_initial;
-    // Persons before events, as PostHog produces them, so that a reader never sees an event
-    // whose person is not there yet.
-    let mut done = [
-        batch.dead_letters.is_empty(),
-        batch.warnings.is_empty(),
-        batch.persons.is_empty(),
-        batch.person_distinct_ids.is_empty(),
-        batch.groups.is_empty(),
-        batch.recordings.is_empty(),
-        batch.events.is_empty(),
-    ];
+    let parts: Vec<Rows<'_>> = batch.parts().collect();
+    let mut unstored = parts.as_slice();
     loop {
-        let mut failure: Option<SinkError> = None;
-        for (part, stored) in done.iter_mut().enumerate() {
-            if *stored {
-                continue;
-            }
-            let (kind, rows, result) = match part {
-                0 => (
-                    "dead_letters",
-                    batch.dead_letters.len(),
-                    sink.write_dead_letters(&batch.dead_letters).await,
-                ),
-                1 => (
-                    "warnings",
-                    batch.warnings.len(),
-                    sink.write_warnings(&batch.warnings).await,
-                ),
-                2 => (
-                    "persons",
-                    batch.persons.len(),
-                    sink.write_persons(&batch.persons).await,
-                ),
-                3 => (
-                    "person_distinct_ids",
-                    batch.person_distinct_ids.len(),
-                    sink.write_person_distinct_ids(&batch.person_distinct_ids)
-                        .await,
-                ),
-                4 => (
-                    "groups",
-                    batch.groups.len(),
-                    sink.write_groups(&batch.groups).await,
-                ),
-                5 => (
-                    "recordings",
-                    batch.recordings.len(),
-                    sink.write_recordings(&batch.recordings).await,
-                ),
-                _ => (
-                    "events",
-                    batch.events.len(),
-                    sink.write_events(&batch.events).await,
-                ),
-            };
-            match result {
-                Ok(()) => {
-                    *stored = true;
-                    metrics
-                        .rows_written
-                        .with_label_values(&[kind])
-                        .inc_by(rows as u64);
-                }
-                Err(error) => {
-                    failure = Some(error);
-                    break;
-                }
-            }
-        }
-        let Some(error) = failure else {
+        let Err(error) = write_in_order(sink.as_ref(), &mut unstored, &metrics).await else {
             metrics
                 .flush_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -321,6 +255,25 @@ async fn store(
         }
         delay = (delay * 2).min(config.retry_max);
     }
+}
+
+/// Writes the parts in order (`WriteBatch::parts` says why that order) up to the first
+/// failure, taking each off the front of `unstored` once it is stored, so that a retry starts
+/// at the part that failed and rewrites none of those before it.
+async fn write_in_order(
+    sink: &dyn EventSink,
+    unstored: &mut &[Rows<'_>],
+    metrics: &WriterMetrics,
+) -> Result<(), SinkError> {
+    while let Some((&rows, rest)) = unstored.split_first() {
+        sink.write(rows).await?;
+        metrics
+            .rows_written
+            .with_label_values(&[rows.kind().as_str()])
+            .inc_by(rows.len() as u64);
+        *unstored = rest;
+    }
+    Ok(())
 }
 
 impl Actor for EventWriter {

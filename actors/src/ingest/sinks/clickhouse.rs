@@ -10,7 +10,7 @@ use clickhouse::Row;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{EventSink, SinkError};
+use super::{EventSink, Rows, SinkError};
 use crate::event::{DeadLetter, EventRow, IngestionWarning};
 use crate::groups::GroupRow;
 use crate::migrations::ClickHouseTarget;
@@ -50,40 +50,27 @@ impl EventSink for ClickHouseSink {
         "clickhouse"
     }
 
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
-        self.insert::<EventRecord<'_>, _>("events", rows).await
-    }
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
-        self.insert::<DeadLetterRecord<'_>, _>("events_dead_letter_queue", rows)
-            .await
-    }
-
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
-        self.insert::<WarningRecord<'_>, _>("ingestion_warnings", rows)
-            .await
-    }
-
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
-        self.insert::<PersonRecord<'_>, _>("person", rows).await
-    }
-
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError> {
-        self.insert::<PersonDistinctIdRecord<'_>, _>("person_distinct_id", rows)
-            .await
-    }
-
-    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
-        self.insert::<GroupRecord<'_>, _>("groups", rows).await
-    }
-
-    /// The recording tables are written by the session recordings consumer from Kafka (the
-    /// Kafka sink forwards the messages there), not from here.
-    async fn write_recordings(&self, _: &[super::RecordingMessage]) -> Result<(), SinkError> {
-        Ok(())
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError> {
+        match rows {
+            Rows::Events(rows) => self.insert::<EventRecord<'_>, _>("events", rows).await,
+            Rows::DeadLetters(rows) => {
+                self.insert::<DeadLetterRecord<'_>, _>("events_dead_letter_queue", rows)
+                    .await
+            }
+            Rows::Warnings(rows) => {
+                self.insert::<WarningRecord<'_>, _>("ingestion_warnings", rows)
+                    .await
+            }
+            Rows::Persons(rows) => self.insert::<PersonRecord<'_>, _>("person", rows).await,
+            Rows::PersonDistinctIds(rows) => {
+                self.insert::<PersonDistinctIdRecord<'_>, _>("person_distinct_id", rows)
+                    .await
+            }
+            Rows::Groups(rows) => self.insert::<GroupRecord<'_>, _>("groups", rows).await,
+            // The recording tables are written by the session recordings consumer from Kafka
+            // (the Kafka sink forwards the messages there), not from here.
+            Rows::Recordings(_) => Ok(()),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! Files are named `<kind>-<UTC date>-<sequence>.jsonl` and rotate at midnight UTC and when
 //! they reach `max_file_bytes`, so old days can be archived or deleted with plain file tools.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -16,10 +17,7 @@ use chrono::{NaiveDate, Utc};
 use super::posthog_json::{
     DeadLetterJson, EventJson, GroupJson, PersonDistinctIdJson, PersonJson, WarningJson,
 };
-use super::{EventSink, SinkError};
-use crate::event::{DeadLetter, EventRow, IngestionWarning};
-use crate::groups::GroupRow;
-use crate::persons::{PersonDistinctIdRow, PersonRow};
+use super::{EventSink, RecordingMessage, RowKind, Rows, SinkError};
 
 #[derive(Debug, Clone)]
 pub struct JsonLinesConfig {
@@ -41,13 +39,10 @@ impl JsonLinesConfig {
 }
 
 pub struct JsonLinesSink {
-    events: Arc<Mutex<RotatingFile>>,
-    dead_letters: Arc<Mutex<RotatingFile>>,
-    warnings: Arc<Mutex<RotatingFile>>,
-    persons: Arc<Mutex<RotatingFile>>,
-    person_distinct_ids: Arc<Mutex<RotatingFile>>,
-    groups: Arc<Mutex<RotatingFile>>,
-    recordings: Arc<Mutex<RotatingFile>>,
+    config: JsonLinesConfig,
+    /// Each kind's current file, each behind its own lock so that concurrent flushes write
+    /// and fsync different kinds in parallel.
+    files: Mutex<HashMap<RowKind, Arc<Mutex<RotatingFile>>>>,
 }
 
 impl JsonLinesSink {
@@ -57,46 +52,75 @@ impl JsonLinesSink {
             path: config.directory.display().to_string(),
             source,
         })?;
-        let file = |kind| Arc::new(Mutex::new(RotatingFile::new(config, kind)));
         Ok(Self {
-            events: file("events"),
-            dead_letters: file("dead_letters"),
-            warnings: file("ingestion_warnings"),
-            persons: file("person"),
-            person_distinct_ids: file("person_distinct_id"),
-            groups: file("groups"),
-            recordings: file("session_recording_events"),
+            config: config.clone(),
+            files: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Encodes on the calling thread (cheap, and it keeps rows borrowed), then hands the bytes
-    /// to a blocking thread for the write and the fsync.
-    async fn append<T>(
-        file: &Arc<Mutex<RotatingFile>>,
-        rows: &[T],
-        encode: impl Fn(&mut Vec<u8>, &T) -> serde_json::Result<()>,
-    ) -> Result<(), SinkError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut bytes = Vec::with_capacity(rows.len() * 512);
-        for row in rows {
-            // Plain structs of strings and numbers always encode; this only guards the line.
-            if let Err(error) = encode(&mut bytes, row) {
-                tracing::error!(%error, "a row could not be encoded as JSON; skipped");
-                continue;
-            }
-            bytes.push(b'\n');
-        }
-        let file = Arc::clone(file);
-        tokio::task::spawn_blocking(move || {
-            file.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .append(&bytes)
-        })
-        .await
-        .map_err(|error| SinkError::Join(error.to_string()))?
+    fn file(&self, kind: RowKind) -> Arc<Mutex<RotatingFile>> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let file = files.entry(kind).or_insert_with(|| {
+            Arc::new(Mutex::new(RotatingFile::new(
+                &self.config,
+                file_prefix(kind),
+            )))
+        });
+        Arc::clone(file)
     }
+}
+
+/// The start of each kind's file names. Renaming one would split a day's rows across two
+/// names and break whatever archives or loads the files.
+fn file_prefix(kind: RowKind) -> &'static str {
+    match kind {
+        RowKind::Events => "events",
+        RowKind::DeadLetters => "dead_letters",
+        RowKind::Warnings => "ingestion_warnings",
+        RowKind::Persons => "person",
+        RowKind::PersonDistinctIds => "person_distinct_id",
+        RowKind::Groups => "groups",
+        RowKind::Recordings => "session_recording_events",
+    }
+}
+
+/// Encodes on the calling thread (cheap, and it keeps rows borrowed), then hands the bytes to
+/// a blocking thread for the write and the fsync.
+async fn append<T>(
+    file: Arc<Mutex<RotatingFile>>,
+    rows: &[T],
+    encode: impl Fn(&mut Vec<u8>, &T) -> serde_json::Result<()>,
+) -> Result<(), SinkError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity(rows.len() * 512);
+    for row in rows {
+        // Plain structs of strings and numbers always encode; this only guards the line.
+        if let Err(error) = encode(&mut bytes, row) {
+            tracing::error!(%error, "a row could not be encoded as JSON; skipped");
+            continue;
+        }
+        bytes.push(b'\n');
+    }
+    tokio::task::spawn_blocking(move || {
+        file.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&bytes)
+    })
+    .await
+    .map_err(|error| SinkError::Join(error.to_string()))?
+}
+
+/// A recording message as it came, on one line: kept for a recordings consumer to replay.
+fn encode_recording(out: &mut Vec<u8>, message: &RecordingMessage) -> serde_json::Result<()> {
+    // A pretty-printed message would span lines: written compact instead.
+    if message.payload.contains(&b'\n') {
+        let value: serde_json::Value = serde_json::from_slice(&message.payload)?;
+        return serde_json::to_writer(out, &value);
+    }
+    out.extend_from_slice(&message.payload);
+    Ok(())
 }
 
 #[async_trait]
@@ -105,66 +129,47 @@ impl EventSink for JsonLinesSink {
         "jsonl"
     }
 
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
-        Self::append(&self.events, rows, |out, row| {
-            serde_json::to_writer(out, &EventJson::from(row))
-        })
-        .await
-    }
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
-        Self::append(&self.dead_letters, rows, |out, row| {
-            serde_json::to_writer(out, &DeadLetterJson::from(row))
-        })
-        .await
-    }
-
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
-        Self::append(&self.warnings, rows, |out, row| {
-            serde_json::to_writer(out, &WarningJson::from(row))
-        })
-        .await
-    }
-
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
-        Self::append(&self.persons, rows, |out, row| {
-            serde_json::to_writer(out, &PersonJson::from(row))
-        })
-        .await
-    }
-
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError> {
-        Self::append(&self.person_distinct_ids, rows, |out, row| {
-            serde_json::to_writer(out, &PersonDistinctIdJson::from(row))
-        })
-        .await
-    }
-
-    /// The messages as they came, one per line: kept for a recordings consumer to replay.
-    async fn write_recordings(
-        &self,
-        messages: &[super::RecordingMessage],
-    ) -> Result<(), SinkError> {
-        Self::append(&self.recordings, messages, |out, message| {
-            // A pretty-printed message would span lines: written compact instead.
-            if message.payload.contains(&b'\n') {
-                let value: serde_json::Value = serde_json::from_slice(&message.payload)?;
-                return serde_json::to_writer(out, &value);
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError> {
+        let file = self.file(rows.kind());
+        match rows {
+            Rows::Events(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &EventJson::from(row))
+                })
+                .await
             }
-            out.extend_from_slice(&message.payload);
-            Ok(())
-        })
-        .await
-    }
-
-    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
-        Self::append(&self.groups, rows, |out, row| {
-            serde_json::to_writer(out, &GroupJson::from(row))
-        })
-        .await
+            Rows::DeadLetters(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &DeadLetterJson::from(row))
+                })
+                .await
+            }
+            Rows::Warnings(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &WarningJson::from(row))
+                })
+                .await
+            }
+            Rows::Persons(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &PersonJson::from(row))
+                })
+                .await
+            }
+            Rows::PersonDistinctIds(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &PersonDistinctIdJson::from(row))
+                })
+                .await
+            }
+            Rows::Groups(rows) => {
+                append(file, rows, |out, row| {
+                    serde_json::to_writer(out, &GroupJson::from(row))
+                })
+                .await
+            }
+            Rows::Recordings(messages) => append(file, messages, encode_recording).await,
+        }
     }
 }
 

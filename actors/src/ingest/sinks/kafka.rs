@@ -20,11 +20,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::posthog_json::{EventJson, GroupJson, PersonDistinctIdJson, PersonJson, WarningJson};
-use super::{EventSink, SinkError};
-use crate::event::{DeadLetter, EventRow, IngestionWarning};
-use crate::groups::GroupRow;
+use super::{EventSink, RecordingMessage, Rows, SinkError};
+use crate::event::DeadLetter;
 use crate::kafka::{KafkaConnection, KafkaSetupError};
-use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 #[derive(Debug, Clone)]
 pub struct KafkaSinkConfig {
@@ -72,53 +70,40 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Produces each row as JSON under its key: PostHog's format for the ClickHouse topics.
-    /// `label` names the topic in errors (without the deployment's prefix).
+    /// Produces each row as JSON, under its key if it has one: PostHog's format for the
+    /// ClickHouse topics. `label` names the topic in errors (without the deployment's prefix);
+    /// without a topic the rows are left to the ClickHouse sink.
     async fn deliver_json<T: Sync>(
         &self,
         label: &'static str,
-        topic: &str,
+        topic: Option<&str>,
         rows: &[T],
-        key: impl Fn(&T) -> String,
+        key: impl Fn(&T) -> Option<String>,
         encode: impl Fn(&T) -> serde_json::Result<Vec<u8>>,
     ) -> Result<(), SinkError> {
-        let encoded: Vec<(String, Vec<u8>)> = rows
+        let Some(topic) = topic else {
+            return Ok(());
+        };
+        let encoded: Vec<(Option<String>, Vec<u8>)> = rows
             .iter()
             .filter_map(|row| Some((key(row), encode(row).ok()?)))
             .collect();
         let records = encoded
             .iter()
             .map(|(key, value)| {
-                FutureRecord::to(topic)
-                    .key(key.as_bytes())
-                    .payload(value.as_slice())
+                let record = FutureRecord::to(topic).payload(value.as_slice());
+                match key {
+                    Some(key) => record.key(key.as_bytes()),
+                    None => record,
+                }
             })
             .collect();
         self.deliver(label, records).await
     }
-}
 
-#[async_trait]
-impl EventSink for KafkaSink {
-    fn name(&self) -> &'static str {
-        "kafka"
-    }
-
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
-        let Some(topic) = &self.config.events_json_topic else {
-            return Ok(());
-        };
-        self.deliver_json(
-            "clickhouse_events_json",
-            topic,
-            rows,
-            |row| row.uuid.to_string(),
-            |row| serde_json::to_vec(&EventJson::from(row)),
-        )
-        .await
-    }
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
+    /// The raw message as received, with headers saying why it was dropped, so that a fixed
+    /// event can be re-produced to the ingestion topic unchanged.
+    async fn deliver_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
         let described: Vec<(String, String)> = rows
             .iter()
             .map(|letter| (letter.error_message(), letter.event_uuid.to_string()))
@@ -153,56 +138,8 @@ impl EventSink for KafkaSink {
         self.deliver("events_plugin_ingestion_dlq", records).await
     }
 
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
-        let Some(topic) = &self.config.warnings_topic else {
-            return Ok(());
-        };
-        let encoded: Vec<Vec<u8>> = rows
-            .iter()
-            .filter_map(|warning| serde_json::to_vec(&WarningJson::from(warning)).ok())
-            .collect();
-        let records = encoded
-            .iter()
-            .map(|value| FutureRecord::to(topic).payload(value.as_slice()))
-            .collect();
-        self.deliver("clickhouse_ingestion_warnings", records).await
-    }
-
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
-        let Some(topic) = &self.config.persons_topic else {
-            return Ok(());
-        };
-        self.deliver_json(
-            "clickhouse_person",
-            topic,
-            rows,
-            |row| row.id.to_string(),
-            |row| serde_json::to_vec(&PersonJson::from(row)),
-        )
-        .await
-    }
-
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError> {
-        let Some(topic) = &self.config.person_distinct_ids_topic else {
-            return Ok(());
-        };
-        self.deliver_json(
-            "clickhouse_person_distinct_id",
-            topic,
-            rows,
-            |row| row.person_id.to_string(),
-            |row| serde_json::to_vec(&PersonDistinctIdJson::from(row)),
-        )
-        .await
-    }
-
-    async fn write_recordings(
-        &self,
-        messages: &[super::RecordingMessage],
-    ) -> Result<(), SinkError> {
+    /// The messages unchanged, keyed by session so that a session stays on one partition.
+    async fn deliver_recordings(&self, messages: &[RecordingMessage]) -> Result<(), SinkError> {
         let records = messages
             .iter()
             .map(|message| {
@@ -216,18 +153,74 @@ impl EventSink for KafkaSink {
             .collect();
         self.deliver("session_recording_events", records).await
     }
+}
 
-    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
-        let Some(topic) = &self.config.groups_topic else {
-            return Ok(());
-        };
-        self.deliver_json(
-            "clickhouse_groups",
-            topic,
-            rows,
-            |row| format!("{}:{}:{}", row.team_id, row.group_type_index, row.group_key),
-            |row| serde_json::to_vec(&GroupJson::from(row)),
-        )
-        .await
+#[async_trait]
+impl EventSink for KafkaSink {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError> {
+        let topics = &self.config;
+        match rows {
+            Rows::Events(rows) => {
+                self.deliver_json(
+                    "clickhouse_events_json",
+                    topics.events_json_topic.as_deref(),
+                    rows,
+                    |row| Some(row.uuid.to_string()),
+                    |row| serde_json::to_vec(&EventJson::from(row)),
+                )
+                .await
+            }
+            Rows::DeadLetters(rows) => self.deliver_dead_letters(rows).await,
+            Rows::Warnings(rows) => {
+                self.deliver_json(
+                    "clickhouse_ingestion_warnings",
+                    topics.warnings_topic.as_deref(),
+                    rows,
+                    |_| None,
+                    |row| serde_json::to_vec(&WarningJson::from(row)),
+                )
+                .await
+            }
+            Rows::Persons(rows) => {
+                self.deliver_json(
+                    "clickhouse_person",
+                    topics.persons_topic.as_deref(),
+                    rows,
+                    |row| Some(row.id.to_string()),
+                    |row| serde_json::to_vec(&PersonJson::from(row)),
+                )
+                .await
+            }
+            Rows::PersonDistinctIds(rows) => {
+                self.deliver_json(
+                    "clickhouse_person_distinct_id",
+                    topics.person_distinct_ids_topic.as_deref(),
+                    rows,
+                    |row| Some(row.person_id.to_string()),
+                    |row| serde_json::to_vec(&PersonDistinctIdJson::from(row)),
+                )
+                .await
+            }
+            Rows::Groups(rows) => {
+                self.deliver_json(
+                    "clickhouse_groups",
+                    topics.groups_topic.as_deref(),
+                    rows,
+                    |row| {
+                        Some(format!(
+                            "{}:{}:{}",
+                            row.team_id, row.group_type_index, row.group_key
+                        ))
+                    },
+                    |row| serde_json::to_vec(&GroupJson::from(row)),
+                )
+                .await
+            }
+            Rows::Recordings(messages) => self.deliver_recordings(messages).await,
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Where ingested events end up: ClickHouse in the cluster profile, JSON-lines files in the
 //! embedded one. The `EventWriter` actor batches and retries; a sink only writes.
 //!
-//! A sink writes three kinds of rows, each to its own table or file, so that the writer can
-//! retry the one that failed without rewriting the others.
+//! A sink writes rows of one kind per call, each kind to its own table, topic or file, so that
+//! the writer can retry the kind that failed without rewriting the others. A new kind of row
+//! is a `RowKind`, a `Rows` variant, a `WriteBatch` field and an arm in each sink's `write`.
 
 pub mod clickhouse;
 pub mod jsonl;
@@ -46,58 +47,156 @@ pub struct RecordingMessage {
 }
 
 impl WriteBatch {
+    /// The non-empty parts, in the order the writer stores them: persons, distinct ids and
+    /// groups before events, as PostHog produces them, so that a reader never sees an event
+    /// whose person is not there yet.
+    pub fn parts(&self) -> impl Iterator<Item = Rows<'_>> {
+        // Destructured so that a new field cannot be left out of the parts.
+        let Self {
+            events,
+            dead_letters,
+            warnings,
+            persons,
+            person_distinct_ids,
+            groups,
+            recordings,
+        } = self;
+        [
+            Rows::DeadLetters(dead_letters),
+            Rows::Warnings(warnings),
+            Rows::Persons(persons),
+            Rows::PersonDistinctIds(person_distinct_ids),
+            Rows::Groups(groups),
+            Rows::Recordings(recordings),
+            Rows::Events(events),
+        ]
+        .into_iter()
+        .filter(|rows| !rows.is_empty())
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-            && self.dead_letters.is_empty()
-            && self.warnings.is_empty()
-            && self.persons.is_empty()
-            && self.person_distinct_ids.is_empty()
-            && self.groups.is_empty()
-            && self.recordings.is_empty()
+        self.parts().next().is_none()
     }
 
     /// Rough bytes, to cut batches at KAFKA_MAX_MESSAGE_BATCH_SIZE.
     pub fn approximate_size(&self) -> usize {
-        self.events
-            .iter()
-            .map(EventRow::approximate_size)
-            .sum::<usize>()
-            + self
-                .dead_letters
-                .iter()
-                .map(|letter| 256 + letter.raw_payload.len() + letter.properties.len())
-                .sum::<usize>()
-            + self.warnings.len() * 256
-            + self
-                .persons
-                .iter()
-                .map(|person| 64 + person.properties.len())
-                .sum::<usize>()
-            + self
-                .person_distinct_ids
-                .iter()
-                .map(|row| 48 + row.distinct_id.len())
-                .sum::<usize>()
-            + self
-                .groups
-                .iter()
-                .map(|row| 48 + row.group_key.len() + row.properties.len())
-                .sum::<usize>()
-            + self
-                .recordings
-                .iter()
-                .map(|message| 32 + message.payload.len())
-                .sum::<usize>()
+        self.parts().map(|rows| rows.approximate_size()).sum()
     }
 
     pub fn append(&mut self, other: WriteBatch) {
-        self.events.extend(other.events);
-        self.dead_letters.extend(other.dead_letters);
-        self.warnings.extend(other.warnings);
-        self.persons.extend(other.persons);
-        self.person_distinct_ids.extend(other.person_distinct_ids);
-        self.groups.extend(other.groups);
-        self.recordings.extend(other.recordings);
+        let WriteBatch {
+            events,
+            dead_letters,
+            warnings,
+            persons,
+            person_distinct_ids,
+            groups,
+            recordings,
+        } = other;
+        self.events.extend(events);
+        self.dead_letters.extend(dead_letters);
+        self.warnings.extend(warnings);
+        self.persons.extend(persons);
+        self.person_distinct_ids.extend(person_distinct_ids);
+        self.groups.extend(groups);
+        self.recordings.extend(recordings);
+    }
+}
+
+/// What a row stores; each kind has its own table, topic or file in every sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RowKind {
+    Events,
+    DeadLetters,
+    Warnings,
+    Persons,
+    PersonDistinctIds,
+    Groups,
+    Recordings,
+}
+
+impl RowKind {
+    /// The `kind` label of the writer's metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowKind::Events => "events",
+            RowKind::DeadLetters => "dead_letters",
+            RowKind::Warnings => "warnings",
+            RowKind::Persons => "persons",
+            RowKind::PersonDistinctIds => "person_distinct_ids",
+            RowKind::Groups => "groups",
+            RowKind::Recordings => "recordings",
+        }
+    }
+}
+
+/// Rows of one kind, borrowed from a `WriteBatch`: what a sink writes in one call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rows<'a> {
+    Events(&'a [EventRow]),
+    DeadLetters(&'a [DeadLetter]),
+    Warnings(&'a [IngestionWarning]),
+    /// Person versions; the tables keep the highest version of each person.
+    Persons(&'a [PersonRow]),
+    /// Distinct-id versions; the tables keep the highest version of each distinct id.
+    PersonDistinctIds(&'a [PersonDistinctIdRow]),
+    /// Group versions; the tables keep the highest version of each group.
+    Groups(&'a [GroupRow]),
+    /// Session recording messages, forwarded unchanged.
+    Recordings(&'a [RecordingMessage]),
+}
+
+impl Rows<'_> {
+    pub fn kind(&self) -> RowKind {
+        match self {
+            Rows::Events(_) => RowKind::Events,
+            Rows::DeadLetters(_) => RowKind::DeadLetters,
+            Rows::Warnings(_) => RowKind::Warnings,
+            Rows::Persons(_) => RowKind::Persons,
+            Rows::PersonDistinctIds(_) => RowKind::PersonDistinctIds,
+            Rows::Groups(_) => RowKind::Groups,
+            Rows::Recordings(_) => RowKind::Recordings,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Events(rows) => rows.len(),
+            Rows::DeadLetters(rows) => rows.len(),
+            Rows::Warnings(rows) => rows.len(),
+            Rows::Persons(rows) => rows.len(),
+            Rows::PersonDistinctIds(rows) => rows.len(),
+            Rows::Groups(rows) => rows.len(),
+            Rows::Recordings(messages) => messages.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rough bytes: the variable-length columns plus a guess for the fixed ones.
+    pub fn approximate_size(&self) -> usize {
+        match self {
+            Rows::Events(rows) => rows.iter().map(EventRow::approximate_size).sum(),
+            Rows::DeadLetters(rows) => rows
+                .iter()
+                .map(|letter| 256 + letter.raw_payload.len() + letter.properties.len())
+                .sum(),
+            Rows::Warnings(rows) => rows.len() * 256,
+            Rows::Persons(rows) => rows.iter().map(|person| 64 + person.properties.len()).sum(),
+            Rows::PersonDistinctIds(rows) => {
+                rows.iter().map(|row| 48 + row.distinct_id.len()).sum()
+            }
+            Rows::Groups(rows) => rows
+                .iter()
+                .map(|row| 48 + row.group_key.len() + row.properties.len())
+                .sum(),
+            Rows::Recordings(messages) => messages
+                .iter()
+                .map(|message| 32 + message.payload.len())
+                .sum(),
+        }
     }
 }
 
@@ -128,32 +227,15 @@ pub enum SinkError {
 
 /// A store for ingested rows. Each call writes all of its rows or returns an error; a retry
 /// after an error may store some rows twice, which the tables (ReplacingMergeTree on the event
-/// uuid, dead letters on their id) collapse.
+/// uuid, dead letters on their id, the highest version of persons and groups) collapse.
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
-    /// For logs and metrics: `clickhouse` or `jsonl`.
+    /// For logs: `clickhouse`, `jsonl`, `kafka` or `fan-out`.
     fn name(&self) -> &'static str;
 
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError>;
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError>;
-
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError>;
-
-    /// Person versions; the tables keep the highest version of each person.
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError>;
-
-    /// Distinct-id versions; the tables keep the highest version of each distinct id.
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError>;
-
-    /// Group versions; the tables keep the highest version of each group.
-    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError>;
-
-    /// Session recording messages, forwarded unchanged.
-    async fn write_recordings(&self, messages: &[RecordingMessage]) -> Result<(), SinkError>;
+    /// Stores `rows` in the table, topic or file of their kind. A kind the sink does not keep
+    /// (e.g. recordings in ClickHouse) counts as stored.
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError>;
 }
 
 /// Writes every part to each sink in turn, e.g. ClickHouse then the Kafka dead-letter topic.
@@ -175,55 +257,13 @@ impl EventSink for FanOutSink {
         "fan-out"
     }
 
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError> {
         for sink in &self.sinks {
-            sink.write_events(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_dead_letters(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_warnings(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_persons(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_person_distinct_ids(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_groups(&self, rows: &[GroupRow]) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_groups(rows).await?;
-        }
-        Ok(())
-    }
-
-    async fn write_recordings(&self, messages: &[RecordingMessage]) -> Result<(), SinkError> {
-        for sink in &self.sinks {
-            sink.write_recordings(messages).await?;
+            sink.write(rows).await?;
         }
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,8 +7,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::*;
-use crate::event::{DeadLetter, DropReason, EventRow, IngestionWarning};
-use crate::persons::{PersonDistinctIdRow, PersonRow};
+use crate::event::{DeadLetter, DropReason, EventRow};
 use crate::system::health::{GetHealth, Health, HealthConfig};
 use crate::system::stats::{ActorRegistry, ObservedAddr};
 use crate::system::supervisor::{SpawnOptions, spawn_supervised};
@@ -76,54 +75,27 @@ impl EventSink for ScriptedSink {
         "scripted"
     }
 
-    async fn write_events(&self, rows: &[EventRow]) -> Result<(), SinkError> {
+    async fn write(&self, rows: Rows<'_>) -> Result<(), SinkError> {
         self.attempt().await?;
-        self.events
-            .lock()
-            .expect("events")
-            .extend(rows.iter().map(|row| row.uuid));
-        Ok(())
-    }
-
-    async fn write_dead_letters(&self, rows: &[DeadLetter]) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.dead_letters.fetch_add(rows.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_warnings(&self, rows: &[IngestionWarning]) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.warnings.fetch_add(rows.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_persons(&self, rows: &[PersonRow]) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_person_distinct_ids(
-        &self,
-        rows: &[PersonDistinctIdRow],
-    ) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_groups(&self, rows: &[crate::groups::GroupRow]) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.persons.fetch_add(rows.len(), Ordering::SeqCst);
-        Ok(())
-    }
-
-    async fn write_recordings(
-        &self,
-        messages: &[crate::ingest::sinks::RecordingMessage],
-    ) -> Result<(), SinkError> {
-        self.attempt().await?;
-        self.persons.fetch_add(messages.len(), Ordering::SeqCst);
+        match rows {
+            Rows::Events(events) => self
+                .events
+                .lock()
+                .expect("events")
+                .extend(events.iter().map(|row| row.uuid)),
+            Rows::DeadLetters(letters) => {
+                self.dead_letters.fetch_add(letters.len(), Ordering::SeqCst);
+            }
+            Rows::Warnings(warnings) => {
+                self.warnings.fetch_add(warnings.len(), Ordering::SeqCst);
+            }
+            Rows::Persons(_)
+            | Rows::PersonDistinctIds(_)
+            | Rows::Groups(_)
+            | Rows::Recordings(_) => {
+                self.persons.fetch_add(rows.len(), Ordering::SeqCst);
+            }
+        }
         Ok(())
     }
 }
