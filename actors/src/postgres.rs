@@ -80,7 +80,12 @@ pub fn classify(error: &tokio_postgres::Error) -> (Failure, String) {
     (failure, message)
 }
 
+/// A team id that PostHog's `integer` columns cannot hold: it can name no team.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("team id {0} is out of range")]
+pub struct TeamIdOutOfRange(pub i64);
+
 /// PostHog's `team_id` columns are `integer`; a larger id can name no team.
-pub fn team_column(team_id: i64) -> Result<i32, String> {
-    i32::try_from(team_id).map_err(|_| format!("team id {team_id} is out of range"))
+pub fn team_column(team_id: i64) -> Result<i32, TeamIdOutOfRange> {
+    i32::try_from(team_id).map_err(|_| TeamIdOutOfRange(team_id))
 }

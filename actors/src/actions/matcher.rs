@@ -30,7 +30,7 @@ pub struct ActionStep {
     text: Option<String>,
     href: Option<String>,
     /// `Err` for a selector this server cannot read: the step never matches.
-    selector: Option<Result<Selector, String>>,
+    selector: Option<Result<Selector, UnreadableSelector>>,
     properties: Option<WebhookFilters>,
 }
 
@@ -38,8 +38,13 @@ pub struct ActionStep {
 enum UrlRule {
     Exact(String),
     /// `contains` and `regex`, as a compiled pattern (or why it does not compile).
-    Pattern(Result<Regex, String>),
+    Pattern(Result<Regex, regex::Error>),
 }
+
+/// A step's CSS selector that `Selector::parse` does not understand.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unreadable selector {0:?}")]
+struct UnreadableSelector(String);
 
 /// A step as `posthog_actionstep` stores it.
 #[derive(Debug, Clone, Default)]
@@ -80,7 +85,7 @@ impl ActionStep {
     pub fn prepare(row: StepRow) -> Self {
         let url = set(row.url).map(|url| match row.url_matching.as_deref() {
             Some("exact") => UrlRule::Exact(url),
-            Some("regex") => UrlRule::Pattern(Regex::new(&url).map_err(|e| e.to_string())),
+            Some("regex") => UrlRule::Pattern(Regex::new(&url)),
             // `contains`, the default, is SQL LIKE '%url%': `%` any run, `_` any character.
             _ => {
                 let pattern: String = url
@@ -91,7 +96,7 @@ impl ActionStep {
                         other => regex::escape(&other.to_string()),
                     })
                     .collect();
-                UrlRule::Pattern(Regex::new(&format!("(?s){pattern}")).map_err(|e| e.to_string()))
+                UrlRule::Pattern(Regex::new(&format!("(?s){pattern}")))
             }
         });
         let properties = row
@@ -106,7 +111,8 @@ impl ActionStep {
             tag_name: set(row.tag_name),
             text: set(row.text),
             href: set(row.href),
-            selector: set(row.selector).map(|text| Selector::parse(&text).ok_or(text)),
+            selector: set(row.selector)
+                .map(|text| Selector::parse(&text).ok_or(UnreadableSelector(text))),
             properties,
         }
     }

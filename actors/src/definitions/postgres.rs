@@ -135,7 +135,8 @@ fn clean(name: &str) -> String {
 }
 
 fn team_column(team_id: i64) -> Result<i32, DefinitionStoreError> {
-    crate::postgres::team_column(team_id).map_err(DefinitionStoreError::Unavailable)
+    crate::postgres::team_column(team_id)
+        .map_err(|error| DefinitionStoreError::Unavailable(error.to_string()))
 }
 
 #[cfg(all(test, feature = "integration-tests"))]

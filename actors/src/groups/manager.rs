@@ -68,9 +68,9 @@ impl GroupColumn {
 /// unknown one).
 pub type GroupColumns = [Option<Arc<GroupColumn>>; MAX_GROUP_TYPES as usize];
 
-/// One event's groups; or why the store refused the event's `$groupidentify`, which
-/// dead-letters the event.
-pub type EventGroups = Result<GroupColumns, String>;
+/// One event's groups; or why the store refused the event's `$groupidentify` (always
+/// `GroupStoreError::Rejected`), which dead-letters the event.
+pub type EventGroups = Result<GroupColumns, GroupStoreError>;
 
 /// What the group step made of a batch.
 #[derive(Debug, Default)]
@@ -186,8 +186,8 @@ impl GroupManager {
                         self.remember(&key, Some(Arc::clone(&column)));
                         known.insert(key, Some(column));
                     }
-                    Err(GroupStoreError::Rejected(reason)) => {
-                        outcome.events.push(Err(reason));
+                    Err(error @ GroupStoreError::Rejected(_)) => {
+                        outcome.events.push(Err(error));
                         continue;
                     }
                     Err(error) => return Err(error),

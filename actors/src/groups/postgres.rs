@@ -265,5 +265,6 @@ fn classify(error: tokio_postgres::Error) -> GroupStoreError {
 }
 
 fn team_column(team_id: i64) -> Result<i32, GroupStoreError> {
-    crate::postgres::team_column(team_id).map_err(GroupStoreError::Rejected)
+    crate::postgres::team_column(team_id)
+        .map_err(|error| GroupStoreError::Rejected(error.to_string()))
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
 use crate::ingest::order::{BatchTurn, KeyOrder};
-use crate::ingest::pipeline::{IngestBatch, IngestionPipeline};
+use crate::ingest::pipeline::{IngestBatch, IngestionPipeline, PipelineError};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::system::health::ProgressReporter;
 use crate::system::metrics::{Metrics, MetricsError};
@@ -589,6 +589,15 @@ impl Reader {
     }
 }
 
+/// Why one try to store a batch failed; the batch is tried again.
+#[derive(Debug, thiserror::Error)]
+enum BatchNotStored {
+    #[error(transparent)]
+    Pipeline(PipelineError),
+    #[error("pipeline unavailable: {0}")]
+    PipelineUnavailable(#[source] MailboxError),
+}
+
 /// Takes one batch through the pipeline, retrying until stored, then stores its offsets.
 #[derive(Clone)]
 struct BatchRunner {
@@ -623,11 +632,8 @@ impl BatchRunner {
                 let overflow = &overflow;
                 if !overflow.is_empty()
                     && !self
-                        .until_done("overflow messages not produced", || async move {
-                            router
-                                .reroute(overflow)
-                                .await
-                                .map_err(|error| error.to_string())
+                        .until_done("overflow messages not produced", || {
+                            router.reroute(overflow)
                         })
                         .await
                 {
@@ -654,8 +660,8 @@ impl BatchRunner {
                             .await
                         {
                             Ok(Ok(_)) => Ok(()),
-                            Ok(Err(error)) => Err(error.to_string()),
-                            Err(error) => Err(format!("pipeline unavailable: {error}")),
+                            Ok(Err(error)) => Err(BatchNotStored::Pipeline(error)),
+                            Err(error) => Err(BatchNotStored::PipelineUnavailable(error)),
                         }
                     }
                 })
@@ -672,11 +678,11 @@ impl BatchRunner {
 
     /// Runs `attempt` until it succeeds, with backoff, reporting each failure; false when
     /// shutdown gave up first.
-    async fn until_done<F: std::future::Future<Output = Result<(), String>>>(
-        &self,
-        what: &str,
-        mut attempt: impl FnMut() -> F,
-    ) -> bool {
+    async fn until_done<T, E, F>(&self, what: &str, mut attempt: impl FnMut() -> F) -> bool
+    where
+        E: std::fmt::Display,
+        F: std::future::Future<Output = Result<T, E>>,
+    {
         let mut delay = self.config.retry_initial;
         loop {
             let Err(error) = attempt().await else {
@@ -684,7 +690,7 @@ impl BatchRunner {
             };
             self.metrics.errors.inc();
             tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what}; retrying");
-            self.progress.report_degraded(error);
+            self.progress.report_degraded(error.to_string());
             tokio::select! {
                 () = self.abandon.cancelled() => return false,
                 () = tokio::time::sleep(delay) => {}

@@ -817,8 +817,9 @@ fn person_event(stamped: &StampedEvent, process_person: bool) -> PersonEvent {
     }
 }
 
-/// The person step's answer for one event: its person, or why it is dead-lettered.
-type PersonAnswer = Result<PersonOutcome, String>;
+/// The person step's answer for one event: its person, or why it is dead-lettered (always
+/// `PersonStoreError::Rejected`).
+type PersonAnswer = Result<PersonOutcome, PersonStoreError>;
 
 /// Fails the batch if the person store could not answer for some event, so that the whole
 /// batch is retried rather than stored without persons; an event the store refused is only
@@ -830,7 +831,7 @@ fn check_persons(
         .into_iter()
         .map(|outcome| match outcome {
             Ok(outcome) => Ok(Ok(outcome)),
-            Err(PersonError::Store(PersonStoreError::Rejected(reason))) => Ok(Err(reason)),
+            Err(PersonError::Store(error @ PersonStoreError::Rejected(_))) => Ok(Err(error)),
             Err(error) => Err(PipelineError::Persons(error)),
         })
         .collect()
@@ -859,11 +860,11 @@ fn build_batch(
         let groups: Option<EventGroups> = event_groups.as_mut().and_then(Iterator::next);
         let outcome = match answer {
             Some(Ok(outcome)) => Some(outcome),
-            Some(Err(reason)) => {
+            Some(Err(error)) => {
                 let letter = dead_letter_for_event(
                     &event.event,
                     DropReason::PersonRejected,
-                    format!("the person store refused the event: {reason}"),
+                    error.to_string(),
                 );
                 batch.dead_letters.push(letter);
                 continue;
@@ -882,11 +883,11 @@ fn build_batch(
             batch.warnings.extend(changes.warnings);
         }
         let columns = match groups {
-            Some(Err(reason)) => {
+            Some(Err(error)) => {
                 batch.dead_letters.push(dead_letter_for_event(
                     &event.event,
                     DropReason::GroupRejected,
-                    format!("the group store refused the event: {reason}"),
+                    error.to_string(),
                 ));
                 continue;
             }

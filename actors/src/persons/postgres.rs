@@ -204,7 +204,8 @@ fn classify(error: tokio_postgres::Error) -> PersonStoreError {
 }
 
 fn team_column(team_id: i64) -> Result<i32, PersonStoreError> {
-    crate::postgres::team_column(team_id).map_err(PersonStoreError::Rejected)
+    crate::postgres::team_column(team_id)
+        .map_err(|error| PersonStoreError::Rejected(error.to_string()))
 }
 
 fn person_from_row(row: &tokio_postgres::Row) -> Result<Person, PersonStoreError> {

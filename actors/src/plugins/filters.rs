@@ -13,6 +13,8 @@
 //!   webhooks, see `crate::actions`); reaching one is an error (a `composeWebhook` failure for
 //!   that event), never a silent pass or drop. So is an element `selector` filter.
 
+use std::sync::Arc;
+
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -20,23 +22,41 @@ use serde_json::{Map, Value};
 use crate::event::js::to_js_string;
 
 /// Why an event could not be matched; PostHog records it as a `composeWebhook` failure.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FilterError {
+    /// Shared: every event the config sees meets the same parse error.
     #[error("the filters are not valid: {0}")]
-    Invalid(String),
+    Invalid(#[source] Arc<serde_json::Error>),
     #[error("action filters of composeWebhook are not supported (action {0})")]
     Action(String),
     #[error("element selector filters are not supported ({0:?})")]
     Selector(String),
-    #[error("invalid regex {pattern:?}: {reason}")]
-    Regex { pattern: String, reason: String },
+    #[error("invalid regex {pattern:?}: {source}")]
+    Regex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    /// `prepare` compiles a regex per candidate value; this guards a filter it did not.
+    #[error("invalid regex {pattern:?}: not compiled")]
+    RegexNotCompiled { pattern: String },
     #[error("can't match against invalid cohort ID value {0:?}")]
     Cohort(String),
 }
 
+/// Errors compare by kind and text: serde_json's errors have no equality of their own.
+impl PartialEq for FilterError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for FilterError {}
+
 /// A config's filters, parsed once when the config is loaded.
 #[derive(Debug, Clone)]
-pub struct WebhookFilters(Result<Rules, String>);
+pub struct WebhookFilters(Result<Rules, Arc<serde_json::Error>>);
 
 #[derive(Debug, Clone, Deserialize)]
 struct Rules {
@@ -56,7 +76,7 @@ impl Rules {
                     .candidates()
                     .unwrap_or_default()
                     .iter()
-                    .map(|candidate| Regex::new(&stringify(candidate)).map_err(|e| e.to_string()))
+                    .map(|candidate| Regex::new(&stringify(candidate)))
                     .collect();
             }
         }
@@ -93,7 +113,7 @@ struct PropertyFilter {
     op: Operator,
     /// For the regex operators: each candidate value compiled (or why it does not compile).
     #[serde(skip)]
-    regexes: Vec<Result<Regex, String>>,
+    regexes: Vec<Result<Regex, regex::Error>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
@@ -117,7 +137,7 @@ impl WebhookFilters {
         Some(Self(
             Rules::deserialize(value)
                 .map(Rules::prepare)
-                .map_err(|error| error.to_string()),
+                .map_err(Arc::new),
         ))
     }
 
@@ -125,7 +145,7 @@ impl WebhookFilters {
         let rules = self
             .0
             .as_ref()
-            .map_err(|e| FilterError::Invalid(e.clone()))?;
+            .map_err(|error| FilterError::Invalid(Arc::clone(error)))?;
         if rules.events.is_empty() && rules.actions.is_empty() {
             return Ok(true);
         }
@@ -294,17 +314,15 @@ impl PropertyFilter {
                 }
                 Operator::Regex | Operator::NotRegex => match self.regexes.get(index) {
                     Some(Ok(regex)) => regex.is_match(text) == (operator == Operator::Regex),
-                    Some(Err(reason)) => {
+                    Some(Err(error)) => {
                         return Err(FilterError::Regex {
                             pattern: stringify(candidate),
-                            reason: reason.clone(),
+                            source: error.clone(),
                         });
                     }
-                    // `prepare` compiles one per candidate; this is only a guard.
                     None => {
-                        return Err(FilterError::Regex {
+                        return Err(FilterError::RegexNotCompiled {
                             pattern: stringify(candidate),
-                            reason: "not compiled".into(),
                         });
                     }
                 },

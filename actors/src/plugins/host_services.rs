@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,9 +20,78 @@ use super::runtime::VmIdentity;
 use super::runtime::natives::{
     CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp,
 };
+use crate::cluster::ClusterError;
 use crate::cluster::cache::CacheStore;
 use crate::geoip::GeoIpHandle;
-use crate::plugins::jobs::{JobStore, NewJob, RetryPolicy};
+use crate::plugins::jobs::{JobStore, JobStoreError, NewJob, RetryPolicy};
+
+/// Why a host service failed. Its text is the message of the Error the plugin's call throws
+/// (after `fetch failed: `, `cache: `, `storage: ` or `jobs: `): plugins and their authors
+/// read it, so it says what went wrong in their terms.
+#[derive(Debug, thiserror::Error)]
+pub enum HostServiceError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Cache(#[from] ClusterError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("runAt {0} is not a representable time")]
+    UnrepresentableRunAt(i64),
+    #[error(transparent)]
+    Jobs(#[from] JobStoreError),
+    /// A host that does not offer the service at all, such as the VM benchmark's.
+    #[error("{0} is not available on this host")]
+    NotAvailable(&'static str),
+}
+
+/// Why a request of `fetch` or of a composed webhook was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("invalid URL {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("only http and https URLs can be fetched, not {0:?}")]
+    UnsupportedScheme(String),
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("could not resolve {host}: {source}")]
+    Unresolvable {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fetching internal addresses is not allowed ({host} is {ip})")]
+    InternalAddress { host: String, ip: IpAddr },
+    #[error("invalid method: {0}")]
+    InvalidMethod(#[source] InvalidMethod),
+    /// No answer: connection, TLS, timeout or redirect failure.
+    #[error(transparent)]
+    Send(reqwest::Error),
+    /// The answer's body could not be read.
+    #[error(transparent)]
+    ReadBody(reqwest::Error),
+}
+
+/// `http`'s method parse error, which reqwest does not re-export by name.
+type InvalidMethod = <reqwest::Method as FromStr>::Err;
+
+/// Why a `meta.storage` operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+    #[error("the cursor {0:?} does not hold a number")]
+    NotANumber(String),
+    /// A thread panicked while holding the in-process map.
+    #[error("the storage map is poisoned")]
+    Poisoned,
+}
 
 /// Where `meta.storage` keeps its values.
 #[derive(Clone)]
@@ -75,12 +145,12 @@ impl ServerHost {
         }
     }
 
-    async fn cache_op(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+    async fn cache_op(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, ClusterError> {
         let store = self.cache.scoped(&format!(
             "@plugin/{}/{}/",
             identity.plugin_id, identity.team_id
         ));
-        let reply = match op {
+        match op {
             CacheOp::Set {
                 key,
                 value,
@@ -110,20 +180,19 @@ impl ServerHost {
                 store.lrem(&key, count, &value).await.map(Value::from)
             }
             CacheOp::Lpop { key, count } => store.lpop(&key, count).await.map(Value::from),
-        };
-        reply.map_err(|e| e.to_string())
+        }
     }
 
-    async fn storage_op(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+    async fn storage_op(
+        &self,
+        identity: &VmIdentity,
+        op: StorageOp,
+    ) -> Result<Value, StorageError> {
         let config_id = identity.plugin_config_id;
         match &self.storage {
-            PluginStorage::Postgres(pool) => postgres_storage(pool, config_id, op)
-                .await
-                .map_err(|e| e.to_string()),
+            PluginStorage::Postgres(pool) => postgres_storage(pool, config_id, op).await,
             PluginStorage::InProcess(map) => {
-                let mut map = map
-                    .lock()
-                    .map_err(|_| "the storage map is poisoned".to_string())?;
+                let mut map = map.lock().map_err(|_| StorageError::Poisoned)?;
                 Ok(in_process_storage(&mut map, config_id, op))
             }
         }
@@ -137,20 +206,19 @@ impl PluginHttp {
 
     /// Sends the request and reads the whole answer; errors say what went wrong in words a
     /// plugin author can act on.
-    pub async fn send(&self, request: FetchRequest) -> Result<FetchReply, String> {
-        let url = reqwest::Url::parse(&request.url)
-            .map_err(|e| format!("invalid URL {:?}: {e}", request.url))?;
+    pub async fn send(&self, request: FetchRequest) -> Result<FetchReply, FetchError> {
+        let url = reqwest::Url::parse(&request.url).map_err(|source| FetchError::InvalidUrl {
+            url: request.url.clone(),
+            source,
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "only http and https URLs can be fetched, not {:?}",
-                url.scheme()
-            ));
+            return Err(FetchError::UnsupportedScheme(url.scheme().to_owned()));
         }
         if self.config.refuse_private_addresses {
             refuse_private(&url).await?;
         }
-        let method = reqwest::Method::from_bytes(request.method.as_bytes())
-            .map_err(|e| format!("invalid method: {e}"))?;
+        let method =
+            reqwest::Method::from_str(&request.method).map_err(FetchError::InvalidMethod)?;
         let timeout = request.timeout.map_or(self.config.request_timeout, |t| {
             t.min(self.config.request_timeout)
         });
@@ -161,7 +229,7 @@ impl PluginHttp {
         if let Some(body) = request.body {
             builder = builder.body(body);
         }
-        let response = builder.send().await.map_err(|e| e.to_string())?;
+        let response = builder.send().await.map_err(FetchError::Send)?;
         let status = response.status();
         let headers: BTreeMap<String, String> = response
             .headers()
@@ -173,7 +241,7 @@ impl PluginHttp {
                     .map(|v| (name.as_str().to_string(), v.to_string()))
             })
             .collect();
-        let body = response.text().await.map_err(|e| e.to_string())?;
+        let body = response.text().await.map_err(FetchError::ReadBody)?;
         Ok(FetchReply {
             status: status.as_u16(),
             status_text: status.canonical_reason().unwrap_or("").to_string(),
@@ -184,16 +252,16 @@ impl PluginHttp {
 }
 
 impl PluginHost for ServerHost {
-    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
-        self.runtime.block_on(self.http.send(request))
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, HostServiceError> {
+        Ok(self.runtime.block_on(self.http.send(request))?)
     }
 
-    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
-        self.runtime.block_on(self.cache_op(identity, op))
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, HostServiceError> {
+        Ok(self.runtime.block_on(self.cache_op(identity, op))?)
     }
 
-    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
-        self.runtime.block_on(self.storage_op(identity, op))
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, HostServiceError> {
+        Ok(self.runtime.block_on(self.storage_op(identity, op))?)
     }
 
     /// Straight from the shared reader, on this thread: no actor round trip per lookup.
@@ -201,9 +269,13 @@ impl PluginHost for ServerHost {
         self.geoip.locate(ip).unwrap_or(Value::Null)
     }
 
-    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+    fn enqueue_job(
+        &self,
+        identity: &VmIdentity,
+        job: JobRequest,
+    ) -> Result<Value, HostServiceError> {
         let run_at = chrono::DateTime::from_timestamp_millis(job.run_at_unix_ms)
-            .ok_or_else(|| format!("runAt {} is not a representable time", job.run_at_unix_ms))?;
+            .ok_or(HostServiceError::UnrepresentableRunAt(job.run_at_unix_ms))?;
         let new = NewJob {
             plugin_config_id: identity.plugin_config_id,
             team_id: identity.team_id,
@@ -216,21 +288,9 @@ impl PluginHost for ServerHost {
                 delay: Duration::from_millis(job.retry_delay_ms),
             },
         };
-        self.runtime
-            .block_on(self.jobs.enqueue(new))
-            .map(|_| Value::Null)
-            .map_err(|error| error.to_string())
+        self.runtime.block_on(self.jobs.enqueue(new))?;
+        Ok(Value::Null)
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum StorageError {
-    #[error(transparent)]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error(transparent)]
-    Query(#[from] tokio_postgres::Error),
-    #[error("the cursor {0:?} does not hold a number")]
-    NotANumber(String),
 }
 
 async fn postgres_storage(
@@ -335,22 +395,26 @@ fn in_process_storage(
 /// Resolves the host and refuses it if any address is internal. (A DNS answer that changes
 /// between this check and the connection is not caught; this is a guard against plugins
 /// probing the internal network by mistake or by config, not a hardened egress proxy.)
-async fn refuse_private(url: &reqwest::Url) -> Result<(), String> {
-    let host = url.host_str().ok_or("the URL has no host")?;
+async fn refuse_private(url: &reqwest::Url) -> Result<(), FetchError> {
+    let host = url.host_str().ok_or(FetchError::NoHost)?;
     let port = url.port_or_known_default().unwrap_or(80);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
         Err(_) => tokio::net::lookup_host((host, port))
             .await
-            .map_err(|e| format!("could not resolve {host}: {e}"))?
+            .map_err(|source| FetchError::Unresolvable {
+                host: host.to_owned(),
+                source,
+            })?
             .map(|a| a.ip())
             .collect(),
     };
     match addresses.into_iter().find(is_internal) {
-        Some(ip) => Err(format!(
-            "fetching internal addresses is not allowed ({host} is {ip})"
-        )),
+        Some(ip) => Err(FetchError::InternalAddress {
+            host: host.to_owned(),
+            ip,
+        }),
         None => Ok(()),
     }
 }
@@ -430,6 +494,11 @@ mod tests {
         let error = tokio::task::spawn_blocking(move || host.fetch(request))
             .await
             .expect("join");
-        assert!(error.expect_err("refused").contains("not allowed"));
+        assert!(
+            error
+                .expect_err("refused")
+                .to_string()
+                .contains("not allowed")
+        );
     }
 }

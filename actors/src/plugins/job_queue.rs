@@ -333,7 +333,7 @@ async fn run_job(job: Job, store: Arc<dyn JobStore>, pool: PluginVmPool, counter
                 )
                 .await
         }
-        Err(JobRunError::Failed(error)) => match store.fail(&job, &error).await {
+        Err(error) => match store.fail(&job, &error.to_string()).await {
             Ok(FailOutcome::Retried(at)) => {
                 counters.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(job_id = job.id, job = %job.job_name, %error, retry_at = %at, "job failed; it will be retried");

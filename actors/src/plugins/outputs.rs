@@ -8,15 +8,25 @@ use std::sync::{Arc, OnceLock};
 use chrono::{SecondsFormat, Utc};
 use deadpool_postgres::Pool;
 use serde_json::{Value, json};
+use tokio_postgres::types::ToSql;
 
 use crate::event::envelope::Envelope;
 use crate::event::intake::{CapturedEvent, EventIntake};
-use crate::plugins::host_services::PluginHttp;
+use crate::plugins::host_services::{FetchError, PluginHttp};
 use crate::plugins::post_ingestion::PostIngestionPublisher;
 use crate::plugins::runtime::VmIdentity;
 use crate::plugins::runtime::natives::FetchRequest;
 use crate::plugins::telemetry::{MethodOutcome, PluginTelemetry};
 use crate::plugins::worker::SideEffects;
+
+/// Why a composed webhook was not delivered.
+#[derive(Debug, thiserror::Error)]
+enum WebhookFailure {
+    #[error("HTTP {status} {status_text}")]
+    Status { status: u16, status_text: String },
+    #[error(transparent)]
+    Fetch(FetchError),
+}
 
 /// Where the pool sends what plugins produce besides events; [`ServerOutputs`] in the server.
 pub trait PluginOutputs: Send + Sync {
@@ -55,8 +65,11 @@ impl ServerOutputs {
             let url = request.url.clone();
             let error = match http.send(request).await {
                 Ok(reply) if reply.status < 400 => None,
-                Ok(reply) => Some(format!("HTTP {} {}", reply.status, reply.status_text)),
-                Err(error) => Some(error),
+                Ok(reply) => Some(WebhookFailure::Status {
+                    status: reply.status,
+                    status_text: reply.status_text,
+                }),
+                Err(error) => Some(WebhookFailure::Fetch(error)),
             };
             if let Some(error) = &error {
                 tracing::warn!(team_id = identity.team_id, plugin_config_id = identity.plugin_config_id, %url, %error, "A plugin's webhook failed.");
@@ -153,18 +166,13 @@ impl PluginOutputs for ServerOutputs {
                 tokio::spawn(async move {
                     // Written only when they changed, as PostHog does, so that a fleet building
                     // VMs does not rewrite the row each time.
-                    let result = match pool.get().await {
-                        Ok(client) => client
-                            .execute(
-                                "UPDATE posthog_plugin SET capabilities = $2 \
-                                 WHERE id = $1 AND capabilities IS DISTINCT FROM $2",
-                                &[&(identity.plugin_id as i32), &capabilities],
-                            )
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let result = execute(
+                        &pool,
+                        "UPDATE posthog_plugin SET capabilities = $2 \
+                         WHERE id = $1 AND capabilities IS DISTINCT FROM $2",
+                        &[&(identity.plugin_id as i32), &capabilities],
+                    )
+                    .await;
                     if let Err(error) = result {
                         tracing::error!(plugin_id = identity.plugin_id, %error, "Could not record a plugin's capabilities.");
                     }
@@ -174,17 +182,12 @@ impl PluginOutputs for ServerOutputs {
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     let error = json!({"message": message, "time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)});
-                    let result = match pool.get().await {
-                        Ok(client) => client
-                            .execute(
-                                "UPDATE posthog_pluginconfig SET error = $2, enabled = false WHERE id = $1",
-                                &[&(identity.plugin_config_id as i32), &error],
-                            )
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let result = execute(
+                        &pool,
+                        "UPDATE posthog_pluginconfig SET error = $2, enabled = false WHERE id = $1",
+                        &[&(identity.plugin_config_id as i32), &error],
+                    )
+                    .await;
                     if let Err(error) = result {
                         tracing::error!(plugin_config_id = identity.plugin_config_id, %error, "Could not record a plugin config's error.");
                     }
@@ -196,6 +199,25 @@ impl PluginOutputs for ServerOutputs {
             }
         }
     }
+}
+
+/// Why a plugin's capabilities or a config's error were not recorded.
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error(transparent)]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Runs one statement on a connection of the pool.
+async fn execute(
+    pool: &Pool,
+    statement: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<(), RecordError> {
+    pool.get().await?.execute(statement, params).await?;
+    Ok(())
 }
 
 /// PostHog's `posthog.capture` envelope: the plugin's name is the default distinct id and

@@ -31,8 +31,8 @@ use crate::plugins::post_ingestion::messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::runtime::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, Inspect, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled, SideEffects,
-    TeardownAll, VmWorker,
+    FlushExports, Inspect, NotReady, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled,
+    SideEffects, TeardownAll, VmWorker,
 };
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -42,8 +42,31 @@ pub enum JobRunError {
     /// Its config is disabled, deleted, or belongs to no loaded plugin.
     #[error("its plugin config is not active")]
     ConfigInactive,
-    #[error("{0}")]
-    Failed(String),
+    #[error("the plugin could not be set up: {0}")]
+    NotReady(#[source] NotReady),
+    #[error("the plugin is not loaded")]
+    NotLoaded,
+    /// The job threw, timed out or hit a runtime limit.
+    #[error(transparent)]
+    Failed(CallError),
+    #[error("the plugin worker was replaced before it answered (the job ran too long)")]
+    WorkerReplaced,
+    #[error("the plugin worker is unavailable")]
+    WorkerUnavailable,
+}
+
+/// Why the pool got no answer from a config's VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// The watchdog abandoned the worker while the request waited or ran; the caller's queue
+    /// delivers the work again.
+    #[error("the plugin worker was replaced before it answered")]
+    WorkerReplaced,
+    #[error("the plugin worker is unavailable")]
+    WorkerUnavailable,
+    /// The config's VM could not be built (`inspect_plugin`).
+    #[error(transparent)]
+    NotReady(#[from] NotReady),
 }
 
 /// Settings of the pool (PostHog names in `src/settings.rs`).
@@ -405,7 +428,7 @@ impl PluginVmPool {
         team_id: i64,
         events: StoredEvents,
         target: Option<AsyncTarget>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PoolError> {
         let Some(chain) = self.plugins().chain(team_id) else {
             return Ok(());
         };
@@ -423,16 +446,14 @@ impl PluginVmPool {
                 self.deliver(reply.side, &chain);
                 Ok(())
             }
-            Sent::Abandoned { .. } => {
-                Err("the plugin worker was replaced before it answered".to_owned())
-            }
-            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
+            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
         }
     }
 
     /// Runs a scheduled method of the team's configs that have it. An error means the worker
     /// went away before answering.
-    pub async fn run_scheduled(&self, team_id: i64, method: Method) -> Result<(), String> {
+    pub async fn run_scheduled(&self, team_id: i64, method: Method) -> Result<(), PoolError> {
         let Some(chain) = self.plugins().chain(team_id) else {
             return Ok(());
         };
@@ -448,10 +469,8 @@ impl PluginVmPool {
                 self.deliver(reply.side, &chain);
                 Ok(())
             }
-            Sent::Abandoned { .. } => {
-                Err("the plugin worker was replaced before it answered".to_owned())
-            }
-            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
+            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
         }
     }
 
@@ -486,22 +505,17 @@ impl PluginVmPool {
         match sent {
             Sent::Reply(reply) => {
                 self.deliver(reply.side, &chain);
-                reply.value.map_err(JobRunError::Failed)
+                reply.value
             }
-            Sent::Abandoned { .. } => Err(JobRunError::Failed(
-                "the plugin worker was replaced before it answered (the job ran too long)"
-                    .to_owned(),
-            )),
-            Sent::Unavailable => Err(JobRunError::Failed(
-                "the plugin worker is unavailable".to_owned(),
-            )),
+            Sent::Abandoned { .. } => Err(JobRunError::WorkerReplaced),
+            Sent::Unavailable => Err(JobRunError::WorkerUnavailable),
         }
     }
 
     /// Builds a VM of one of the plugin's active configs (without setting it up), so that the
     /// plugin's capabilities are reported; PostHog's `populate-plugin-capabilities`. Returns
     /// false when the plugin has no active config here to build.
-    pub async fn inspect_plugin(&self, plugin_id: i64) -> Result<bool, String> {
+    pub async fn inspect_plugin(&self, plugin_id: i64) -> Result<bool, PoolError> {
         let plugins = self.plugins();
         let Some(config) = plugins
             .configs()
@@ -523,12 +537,10 @@ impl PluginVmPool {
         {
             Sent::Reply(reply) => {
                 self.deliver(reply.side, &chain);
-                reply.value.map(|()| true)
+                reply.value.map(|()| true).map_err(PoolError::from)
             }
-            Sent::Abandoned { .. } => {
-                Err("the plugin worker was replaced before it answered".to_owned())
-            }
-            Sent::Unavailable => Err("the plugin worker is unavailable".to_owned()),
+            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
+            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
         }
     }
 

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::LoadedConfig;
 use super::filters::WebhookFilters;
-use super::runtime::transpile::transpile;
+use super::runtime::transpile::{TranspileError, transpile};
 use super::runtime::{Attachment, VmIdentity, VmSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +27,43 @@ pub enum RegistryError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("no Postgres connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("reading {path}: {error}")]
-    ConfigFile { path: PathBuf, error: String },
+    #[error("reading {path}: {source}")]
+    ReadConfigFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    ParseConfigFile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
 }
+
+/// Why a plugin has no code to run; each of its configs records it as its error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginCodeError {
+    #[error("the plugin has no main file (plugin.json main, index.js or index.ts)")]
+    NoMainFile,
+    /// Shared: the error is kept, with the plugin's other results, until the plugin changes.
+    #[error("the plugin archive is not a zip: {0}")]
+    NotAZip(#[source] Arc<zip::result::ZipError>),
+    #[error("plugin of type {0:?} has no archive")]
+    NoArchive(String),
+    #[error(transparent)]
+    Transpile(#[from] TranspileError),
+}
+
+/// Errors compare by kind and text: zip's errors have no equality of their own.
+impl PartialEq for PluginCodeError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for PluginCodeError {}
 
 /// A config that was skipped, and why; recorded as its error.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +100,7 @@ struct RawConfig {
 }
 
 /// A plugin's main file, or why there is none.
-type MainFile = Result<(String, String), String>;
+type MainFile = Result<(String, String), PluginCodeError>;
 
 /// What a source yields: the configs, and each plugin's (version, main file) by plugin id.
 type Sourced = (Vec<RawConfig>, HashMap<i64, (String, MainFile)>);
@@ -74,7 +108,7 @@ type Sourced = (Vec<RawConfig>, HashMap<i64, (String, MainFile)>);
 pub struct PluginRegistry {
     source: RegistrySource,
     /// Transpiled code by (plugin id, plugin version), so a reload transpiles only what changed.
-    transpiled: HashMap<(i64, String), Result<Arc<str>, String>>,
+    transpiled: HashMap<(i64, String), Result<Arc<str>, PluginCodeError>>,
 }
 
 impl PluginRegistry {
@@ -114,8 +148,8 @@ impl PluginRegistry {
                 .or_insert_with(|| match main {
                     Ok((file_name, text)) => transpile(text, file_name)
                         .map(Arc::from)
-                        .map_err(|e| e.to_string()),
-                    Err(message) => Err(message.clone()),
+                        .map_err(PluginCodeError::from),
+                    Err(error) => Err(error.clone()),
                 })
                 .clone();
             match code {
@@ -135,9 +169,9 @@ impl PluginRegistry {
                         webhook_filters: WebhookFilters::from_json(&raw.filters),
                     });
                 }
-                Err(message) => problems.push(LoadProblem {
+                Err(error) => problems.push(LoadProblem {
                     identity: raw.identity,
-                    message,
+                    message: error.to_string(),
                 }),
             }
         }
@@ -251,7 +285,7 @@ async fn load_postgres(pool: &Pool, base_dir: &Path) -> Result<Sourced, Registry
             }
             _ => match archives.remove(&plugin_id) {
                 Some(archive) => main_from_archive(&archive),
-                None => Err(format!("plugin of type {plugin_type:?} has no archive")),
+                None => Err(PluginCodeError::NoArchive(plugin_type)),
             },
         };
         mains.insert(plugin_id, (version, main));
@@ -276,7 +310,7 @@ fn pick_main(plugin_json: Option<&str>, mut read: impl FnMut(&str) -> Option<Str
             return Ok((name, text));
         }
     }
-    Err("the plugin has no main file (plugin.json main, index.js or index.ts)".into())
+    Err(PluginCodeError::NoMainFile)
 }
 
 fn main_from_files(mut files: HashMap<String, String>) -> MainFile {
@@ -294,7 +328,7 @@ fn main_from_directory(folder: &Path) -> MainFile {
 /// PostHog keeps a repository zip whose single top folder holds plugin.json and the code.
 fn main_from_archive(archive: &[u8]) -> MainFile {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive))
-        .map_err(|e| format!("the plugin archive is not a zip: {e}"))?;
+        .map_err(|error| PluginCodeError::NotAZip(Arc::new(error)))?;
     let names: Vec<String> = zip
         .file_names()
         .filter_map(Result::ok)
@@ -353,17 +387,18 @@ fn load_directory(plugins_dir: &Path, configs_file: &Path) -> Result<Sourced, Re
     let text = match std::fs::read_to_string(configs_file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(RegistryError::ConfigFile {
+        Err(source) => {
+            return Err(RegistryError::ReadConfigFile {
                 path: configs_file.to_path_buf(),
-                error: e.to_string(),
+                source,
             });
         }
     };
-    let file: ConfigsFile = toml::from_str(&text).map_err(|e| RegistryError::ConfigFile {
-        path: configs_file.to_path_buf(),
-        error: e.to_string(),
-    })?;
+    let file: ConfigsFile =
+        toml::from_str(&text).map_err(|source| RegistryError::ParseConfigFile {
+            path: configs_file.to_path_buf(),
+            source,
+        })?;
 
     // Plugin ids follow the sorted folder names, so they are stable across restarts.
     let mut names: Vec<String> = file

@@ -4,12 +4,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::host_services::HostServiceError;
 use super::runtime::natives::{
     CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp,
 };
 use super::runtime::vm::{CallError, Method, PluginVm, VmError, VmLimits};
 use super::runtime::{Attachment, VmIdentity, VmSource};
 use super::{LogLevel, LogSource};
+use crate::cluster::ClusterError;
 
 #[derive(Default)]
 struct MockHost {
@@ -20,7 +22,7 @@ struct MockHost {
 }
 
 impl PluginHost for MockHost {
-    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, HostServiceError> {
         let reply = FetchReply {
             status: 200,
             status_text: "OK".into(),
@@ -32,7 +34,7 @@ impl PluginHost for MockHost {
     }
 
     /// Enough of a cache to show the prelude's JSON handling and the key scoping.
-    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String> {
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, HostServiceError> {
         let scope =
             |key: &str| format!("@plugin/{}/{}/{key}", identity.plugin_id, identity.team_id);
         let mut cache = self.cache.borrow_mut();
@@ -47,15 +49,22 @@ impl PluginHost for MockHost {
                 .map_or(Value::Null, Value::String),
             CacheOp::Incr { key } => {
                 let entry = cache.entry(scope(&key)).or_insert_with(|| "0".into());
-                let next = entry.parse::<i64>().map_err(|e| e.to_string())? + 1;
+                let next = entry.parse::<i64>().map_err(|_| ClusterError::WrongType {
+                    key,
+                    expected: "an integer",
+                })? + 1;
                 *entry = next.to_string();
                 json!(next)
             }
-            other => return Err(format!("not in this mock: {other:?}")),
+            _ => return Err(HostServiceError::NotAvailable("this cache operation")),
         })
     }
 
-    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String> {
+    fn enqueue_job(
+        &self,
+        identity: &VmIdentity,
+        job: JobRequest,
+    ) -> Result<Value, HostServiceError> {
         self.jobs
             .borrow_mut()
             .push((identity.plugin_config_id, job));
@@ -71,7 +80,7 @@ impl PluginHost for MockHost {
         }
     }
 
-    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String> {
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, HostServiceError> {
         let scope = |key: &str| format!("{}/{key}", identity.plugin_config_id);
         let mut storage = self.storage.borrow_mut();
         Ok(match op {
@@ -87,7 +96,7 @@ impl PluginHost for MockHost {
                 storage.remove(&scope(&key));
                 Value::Null
             }
-            other => return Err(format!("not in this mock: {other:?}")),
+            _ => return Err(HostServiceError::NotAvailable("this storage operation")),
         })
     }
 }

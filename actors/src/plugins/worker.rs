@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
 use super::filters::FilterSubject;
+use super::pool::JobRunError;
 use super::post_ingestion::messages::{
     AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
     ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, StoredEvents, webhook_request,
@@ -23,13 +24,33 @@ use super::post_ingestion::messages::{
 use super::runtime::natives::{
     FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
 };
-use super::runtime::vm::{CallError, Method, PluginVm, VmLimits};
+use super::runtime::vm::{CallError, Method, PluginVm, VmError, VmLimits};
 use super::runtime::{CallEffects, CapturedByPlugin, VmIdentity};
 use super::telemetry::MethodOutcome;
 use super::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
 
 /// PostHog retries a setupPlugin that throws RetryError this many times in all.
 const SETUP_ATTEMPTS: u32 = 5;
+
+/// Why a config's VM cannot be called now. The text is each event's failure for the config in
+/// a processEvent chain and, once the config is disabled, its recorded error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The VM could not be built; the config stays disabled until its next version.
+    #[error(transparent)]
+    LoadFailed(VmError),
+    /// setupPlugin threw; the config stays disabled until its next version.
+    #[error("setupPlugin failed: {0}")]
+    SetupFailed(#[source] CallError),
+    /// setupPlugin threw RetryError; it runs again after a backoff.
+    #[error("setupPlugin failed: {0}")]
+    SetupWillRetry(#[source] CallError),
+    #[error("setupPlugin is being retried (attempt {attempts} of {SETUP_ATTEMPTS} failed)")]
+    SetupBackingOff { attempts: u32 },
+    /// Guards a slot emptied under our feet; `load` fills it just before.
+    #[error("the VM is missing")]
+    VmMissing,
+}
 
 // ---------------------------------------------------------------------------------------------
 // Messages
@@ -70,7 +91,7 @@ pub struct RunScheduled {
 
 /// Run `jobs[name](payload, meta)` of one config. The reply is the job's error, if it failed.
 #[derive(Message)]
-#[rtype(result = "WorkerReply<Result<(), String>>")]
+#[rtype(result = "WorkerReply<Result<(), JobRunError>>")]
 pub struct RunJob {
     pub request_id: u64,
     pub config: Arc<LoadedConfig>,
@@ -80,7 +101,7 @@ pub struct RunJob {
 
 /// Build the config's VM, without setting it up, so that its capabilities are reported.
 #[derive(Message)]
-#[rtype(result = "WorkerReply<Result<(), String>>")]
+#[rtype(result = "WorkerReply<Result<(), NotReady>>")]
 pub struct Inspect {
     pub request_id: u64,
     pub config: Arc<LoadedConfig>,
@@ -193,7 +214,8 @@ enum SetupState {
         at: Instant,
         attempts: u32,
     },
-    Failed(String),
+    /// Disabled: every later call fails with this, until the config's next version.
+    Failed(NotReady),
 }
 
 struct Slot {
@@ -237,7 +259,7 @@ impl VmWorker {
     }
 
     /// Builds the config's VM if it has none (or an outdated one), without setting it up.
-    fn load(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
+    fn load(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), NotReady> {
         let identity = &config.identity;
         let stale = self
             .slots
@@ -289,9 +311,14 @@ impl VmWorker {
                     slot.vm = Some(vm);
                 }
                 Err(error) => {
-                    let message = error.to_string();
-                    let log = format!("Plugin failed to load: {message}");
-                    return Err(disable(slot, side, identity, log, message));
+                    let log = format!("Plugin failed to load: {error}");
+                    return Err(disable(
+                        slot,
+                        side,
+                        identity,
+                        log,
+                        NotReady::LoadFailed(error),
+                    ));
                 }
             }
         }
@@ -299,24 +326,26 @@ impl VmWorker {
     }
 
     /// Makes the config's VM ready to call: built, current, and set up.
-    fn ready(&mut self, config: &Arc<LoadedConfig>, side: &mut SideEffects) -> Result<(), String> {
+    fn ready(
+        &mut self,
+        config: &Arc<LoadedConfig>,
+        side: &mut SideEffects,
+    ) -> Result<(), NotReady> {
         self.load(config, side)?;
         let identity = &config.identity;
         let Some(slot) = self.slots.get_mut(&identity.plugin_config_id) else {
-            return Err("the VM is missing".into());
+            return Err(NotReady::VmMissing);
         };
         let attempts = match slot.setup {
             SetupState::Done => return Ok(()),
             SetupState::RetryAt { at, attempts } if Instant::now() < at => {
-                return Err(format!(
-                    "setupPlugin is being retried (attempt {attempts} of {SETUP_ATTEMPTS} failed)"
-                ));
+                return Err(NotReady::SetupBackingOff { attempts });
             }
             SetupState::RetryAt { attempts, .. } => attempts,
             SetupState::NotRun | SetupState::Failed(_) => 0,
         };
         let Some(vm) = slot.vm.as_mut() else {
-            return Err("the VM is missing".into());
+            return Err(NotReady::VmMissing);
         };
         let (result, effects) = vm.call(Method::SetupPlugin, &[]);
         side.absorb(identity, effects);
@@ -337,14 +366,14 @@ impl VmWorker {
                     at: Instant::now() + backoff,
                     attempts,
                 };
-                Err(format!("setupPlugin failed: {error}"))
+                Err(NotReady::SetupWillRetry(error))
             }
             Err(error) => {
-                let message = format!("setupPlugin failed: {error}");
-                let log = format!("{message}; the plugin is disabled");
+                let error = NotReady::SetupFailed(error);
+                let log = format!("{error}; the plugin is disabled");
                 // A VM that failed its setup reports no methods (PostHog); drop it.
                 slot.vm = None;
-                Err(disable(slot, side, identity, log, message))
+                Err(disable(slot, side, identity, log, error))
             }
         }
     }
@@ -377,7 +406,7 @@ impl VmWorker {
         let mut side = SideEffects::default();
         // Configs that could not be made ready fail every event of this batch, so that the
         // event records it in `$plugins_failed` rather than silently missing the plugin.
-        let mut unavailable: Vec<(usize, String)> = Vec::new();
+        let mut unavailable: Vec<(usize, NotReady)> = Vec::new();
         // The chain's VMs leave their slots for the batch, so that each event borrows them in
         // chain order without a lookup; they go back afterwards, unless a call poisoned one.
         let mut vms: Vec<Option<PluginVm>> = Vec::with_capacity(chain.len());
@@ -454,7 +483,7 @@ impl VmWorker {
                     plugin_config_id: chain[*index].identity.plugin_config_id,
                     error: CallError::Thrown {
                         name: "Error".into(),
-                        message: error.clone(),
+                        message: error.to_string(),
                     },
                 });
             }
@@ -654,10 +683,10 @@ fn compose_webhooks(slot: &mut Slot, stored: &StoredEvents, side: &mut SideEffec
                     side.outcome(&identity, "composeWebhook", 1, false, None);
                     side.webhooks.push((identity.clone(), request));
                 }
-                Err(message) => {
+                Err(error) => {
                     let error = CallError::Thrown {
                         name: "TypeError".into(),
-                        message,
+                        message: error.to_string(),
                     };
                     side.outcome(&identity, "composeWebhook", 1, false, Some(&error));
                     side.plugin_error(&identity, format!("composeWebhook failed: {error}"));
@@ -731,18 +760,19 @@ fn export(slot: &mut Slot, events: Vec<Value>, attempt: u32, side: &mut SideEffe
 }
 
 /// Disables a config for good (until its next version): logs why, records the error for
-/// `posthog_pluginconfig`, and fails every later call with `message`, which it returns.
+/// `posthog_pluginconfig`, and fails every later call with `error`, which it returns.
 fn disable(
     slot: &mut Slot,
     side: &mut SideEffects,
     identity: &VmIdentity,
     log: String,
-    message: String,
-) -> String {
+    error: NotReady,
+) -> NotReady {
     side.system_log(identity, LogLevel::Error, log);
-    side.config_errors.push((identity.clone(), message.clone()));
-    slot.setup = SetupState::Failed(message.clone());
-    message
+    side.config_errors
+        .push((identity.clone(), error.to_string()));
+    slot.setup = SetupState::Failed(error.clone());
+    error
 }
 
 impl Actor for VmWorker {
@@ -825,15 +855,14 @@ impl Handler<RunJob> for VmWorker {
 
 impl VmWorker {
     /// `jobs[name](payload, meta)` of the message's config, set up first if need be.
-    fn run_job(&mut self, message: &RunJob, side: &mut SideEffects) -> Result<(), String> {
+    fn run_job(&mut self, message: &RunJob, side: &mut SideEffects) -> Result<(), JobRunError> {
         let config = &message.config;
-        self.ready(config, side)
-            .map_err(|error| format!("the plugin could not be set up: {error}"))?;
+        self.ready(config, side).map_err(JobRunError::NotReady)?;
         let Some(slot) = self.slots.get_mut(&config.identity.plugin_config_id) else {
-            return Err("the plugin is not loaded".to_owned());
+            return Err(JobRunError::NotLoaded);
         };
         let Some(vm) = slot.vm.as_mut() else {
-            return Err("the plugin is not loaded".to_owned());
+            return Err(JobRunError::NotLoaded);
         };
         let identity = &config.identity;
         let (result, effects) = vm.call_job(&message.job_name, &message.payload);
@@ -850,7 +879,7 @@ impl VmWorker {
                     format!("job {} failed: {error}", message.job_name),
                 );
                 forget_if_poisoned(slot, &error);
-                Err(error.to_string())
+                Err(JobRunError::Failed(error))
             }
         }
     }

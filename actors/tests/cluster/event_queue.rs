@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use plugin_server_actors::cluster::ClusterError;
 use plugin_server_actors::cluster::event_queue::{
-    DeadLetter, EventQueue, InProcessEventQueue, InProcessQueueBackend, PublishOptions,
-    QueueHandler, QueueMessage, QueueSubscription, SubscribeOptions,
+    DeadLetter, EventQueue, HandlerError, InProcessEventQueue, InProcessQueueBackend,
+    PublishOptions, QueueHandler, QueueMessage, QueueSubscription, SubscribeOptions,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -38,7 +38,9 @@ const QUIET: Duration = Duration::from_millis(400);
 const CHANNEL: &str = "jobs";
 
 type Behaviour = Box<
-    dyn Fn(QueueMessage, CancellationToken) -> BoxFuture<'static, Result<(), String>> + Send + Sync,
+    dyn Fn(QueueMessage, CancellationToken) -> BoxFuture<'static, Result<(), HandlerError>>
+        + Send
+        + Sync,
 >;
 
 /// A handler that records each delivery with its instant and runs `behaviour`.
@@ -50,7 +52,10 @@ struct Probe {
 
 impl Probe {
     fn new(
-        behaviour: impl Fn(QueueMessage, CancellationToken) -> BoxFuture<'static, Result<(), String>>
+        behaviour: impl Fn(
+            QueueMessage,
+            CancellationToken,
+        ) -> BoxFuture<'static, Result<(), HandlerError>>
         + Send
         + Sync
         + 'static,
@@ -90,7 +95,7 @@ impl QueueHandler for Probe {
         &self,
         message: QueueMessage,
         cancel: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), HandlerError> {
         self.seen
             .lock()
             .expect("seen lock")
@@ -233,8 +238,9 @@ async fn concurrency_is_exact(factory: Factory) {
 async fn failures_retry_with_the_same_id_then_dead_letter(factory: Factory) {
     let prefix = common::unique_prefix("eq");
     let queue = factory("a", &prefix).await;
-    let probe =
-        Probe::new(|message, _| Box::pin(async move { Err(format!("boom {}", message.attempt)) }));
+    let probe = Probe::new(|message, _| {
+        Box::pin(async move { Err(format!("boom {}", message.attempt).into()) })
+    });
     let id = publish(
         &queue,
         json!("poison"),
@@ -268,7 +274,7 @@ async fn success_after_a_retry_is_acked(factory: Factory) {
     let probe = Probe::new(|message, _| {
         Box::pin(async move {
             if message.attempt == 0 {
-                Err("flaky".to_owned())
+                Err("flaky".into())
             } else {
                 Ok(())
             }
@@ -691,7 +697,7 @@ mod redis_backed {
         let prefix = common::unique_prefix("eq-poison");
         let queue = factory()("a", &prefix).await;
         let probe = Probe::new(|message, _| {
-            Box::pin(async move { Err(format!("poison on attempt {}", message.attempt)) })
+            Box::pin(async move { Err(format!("poison on attempt {}", message.attempt).into()) })
         });
         let id = publish(
             &queue,

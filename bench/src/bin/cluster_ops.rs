@@ -19,8 +19,9 @@ use plugin_server_actors::cluster::cache::{
     CacheStore, InProcessCache, InProcessCacheBackend, RedisCache,
 };
 use plugin_server_actors::cluster::event_queue::{
-    EventQueue, InProcessEventQueue, InProcessQueueBackend, PublishOptions as QueuePublishOptions,
-    QueueHandler, QueueMessage, RedisEventQueue, SubscribeOptions as QueueSubscribeOptions,
+    EventQueue, HandlerError, InProcessEventQueue, InProcessQueueBackend,
+    PublishOptions as QueuePublishOptions, QueueHandler, QueueMessage, RedisEventQueue,
+    SubscribeOptions as QueueSubscribeOptions,
 };
 use plugin_server_actors::cluster::lock::{
     InProcessLockBackend, InProcessLocks, LockManager, LockOptions, RedisLocks,
@@ -199,7 +200,7 @@ struct CountingHandler {
 
 #[async_trait::async_trait]
 impl QueueHandler for CountingHandler {
-    async fn process(&self, _: QueueMessage, _: CancellationToken) -> Result<(), String> {
+    async fn process(&self, _: QueueMessage, _: CancellationToken) -> Result<(), HandlerError> {
         if self.done.fetch_add(1, Ordering::SeqCst) + 1 == self.target {
             self.all_done.notify_one();
         }

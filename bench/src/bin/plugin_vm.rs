@@ -25,6 +25,7 @@ use boa_engine::script::Script;
 use boa_engine::{Context, JsObject, JsValue, Source};
 use clap::{Parser, Subcommand, ValueEnum};
 use plugin_server_actors::plugins::LoadedConfig;
+use plugin_server_actors::plugins::host_services::HostServiceError;
 use plugin_server_actors::plugins::outputs::PluginOutputs;
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
@@ -132,24 +133,24 @@ enum Layout {
 struct NoNetwork;
 
 impl PluginHost for NoNetwork {
-    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
-        Err(format!("no network in the benchmark ({})", request.url))
+    fn fetch(&self, _: FetchRequest) -> Result<FetchReply, HostServiceError> {
+        Err(HostServiceError::NotAvailable("fetch"))
     }
 
     fn cache(
         &self,
         _: &VmIdentity,
-        op: plugin_server_actors::plugins::runtime::natives::CacheOp,
-    ) -> Result<Value, String> {
-        Err(format!("no cache in the benchmark ({op:?})"))
+        _: plugin_server_actors::plugins::runtime::natives::CacheOp,
+    ) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.cache"))
     }
 
     fn storage(
         &self,
         _: &VmIdentity,
-        op: plugin_server_actors::plugins::runtime::natives::StorageOp,
-    ) -> Result<Value, String> {
-        Err(format!("no storage in the benchmark ({op:?})"))
+        _: plugin_server_actors::plugins::runtime::natives::StorageOp,
+    ) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.storage"))
     }
 
     fn geoip(&self, _: &str) -> Value {
@@ -159,9 +160,9 @@ impl PluginHost for NoNetwork {
     fn enqueue_job(
         &self,
         _: &VmIdentity,
-        job: plugin_server_actors::plugins::runtime::natives::JobRequest,
-    ) -> Result<Value, String> {
-        Err(format!("no job queue in the benchmark ({})", job.name))
+        _: plugin_server_actors::plugins::runtime::natives::JobRequest,
+    ) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.jobs"))
     }
 }
 

@@ -317,11 +317,11 @@ mod tests {
     use futures::future::BoxFuture;
     use serde_json::json;
 
-    use super::super::DEFAULT_POLL_INTERVAL;
+    use super::super::{DEFAULT_POLL_INTERVAL, HandlerError};
     use super::*;
 
     type Behaviour = Box<
-        dyn Fn(QueueMessage, CancellationToken) -> BoxFuture<'static, Result<(), String>>
+        dyn Fn(QueueMessage, CancellationToken) -> BoxFuture<'static, Result<(), HandlerError>>
             + Send
             + Sync,
     >;
@@ -338,7 +338,7 @@ mod tests {
             behaviour: impl Fn(
                 QueueMessage,
                 CancellationToken,
-            ) -> BoxFuture<'static, Result<(), String>>
+            ) -> BoxFuture<'static, Result<(), HandlerError>>
             + Send
             + Sync
             + 'static,
@@ -369,7 +369,7 @@ mod tests {
             &self,
             message: QueueMessage,
             cancel: CancellationToken,
-        ) -> Result<(), String> {
+        ) -> Result<(), HandlerError> {
             lock(&self.seen).push((message.clone(), Instant::now()));
             (self.behaviour)(message, cancel).await
         }
@@ -536,7 +536,7 @@ mod tests {
     async fn failures_retry_with_growing_delays_then_dead_letter() {
         let (_, queue) = queue();
         let probe = Probe::new(|message, _| {
-            Box::pin(async move { Err(format!("boom on attempt {}", message.attempt)) })
+            Box::pin(async move { Err(format!("boom on attempt {}", message.attempt).into()) })
         });
         let id = publish(&queue, json!("poison")).await;
         let _subscription = subscribe(&queue, probe.clone(), SubscribeOptions::default()).await;
@@ -574,7 +574,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_is_capped() {
         let (_, queue) = queue();
-        let probe = Probe::new(|_, _| Box::pin(async { Err("no".to_owned()) }));
+        let probe = Probe::new(|_, _| Box::pin(async { Err("no".into()) }));
         queue
             .publish(
                 "jobs",
@@ -825,7 +825,7 @@ mod tests {
         let probe = Probe::new(|_, cancel| {
             Box::pin(async move {
                 cancel.cancelled().await;
-                Err("cancelled".to_owned())
+                Err("cancelled".into())
             })
         });
         let subscription = subscribe(&queue, probe.clone(), SubscribeOptions::default()).await;

@@ -20,7 +20,8 @@
 //!   after it is settled, so the limit holds under any interleaving (NocoBase #7267).
 //! - `idle()` is the back-pressure hook: while false nothing new is fetched.
 //!
-//! Handlers return `Result<(), String>`: `Ok` acks, `Err(reason)` retries or dead-letters.
+//! Handlers return `Result<(), HandlerError>`: `Ok` acks, `Err(error)` retries or dead-letters
+//! with the error's text.
 //!
 //! Adapters: [`InProcessEventQueue`] (embedded profile; not durable) and [`RedisEventQueue`]
 //! (cluster profile; streams and a consumer group). Both run the consumer loop of this module;
@@ -30,6 +31,7 @@ mod memory;
 mod redis;
 
 use std::collections::HashSet;
+use std::error::Error;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,23 +140,48 @@ impl Default for SubscribeOptions {
     }
 }
 
+/// A handler's own failure. The queue only logs it and keeps its text in the dead letter, so
+/// each handler keeps whatever error type it has.
+pub type HandlerError = Box<dyn Error + Send + Sync>;
+
+/// Why one delivery of a message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The handler returned an error; its text is the handler's own.
+    #[error(transparent)]
+    Handler(HandlerError),
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("handler panicked: {0}")]
+    Panicked(String),
+    #[error("handler task was cancelled")]
+    Cancelled,
+    /// A reclaimed message whose earlier deliveries, to consumers that died or stalled, used
+    /// up its retries: it is dead-lettered without running the handler again.
+    #[error("delivered {deliveries} times without being settled (its consumers died or stalled)")]
+    NeverSettled { deliveries: u64 },
+}
+
 /// A message that failed its first attempt and every retry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
     /// As last delivered (`attempt` is the failed one).
     pub message: QueueMessage,
-    /// The last attempt's error.
+    /// The last attempt's error, as text: dead letters outlive the process that failed them.
     pub error: String,
     pub failed_at_ms: u64,
 }
 
 #[async_trait]
 pub trait QueueHandler: Send + Sync + 'static {
-    /// Processes one message; `Ok` acks it, `Err(reason)` retries it or dead-letters it.
+    /// Processes one message; `Ok` acks it, `Err(error)` retries it or dead-letters it.
     /// `cancel` fires when the message's timeout passes (the future is then also dropped: real
     /// cancellation) or when the subscription is dropped without `close()`.
-    async fn process(&self, message: QueueMessage, cancel: CancellationToken)
-    -> Result<(), String>;
+    async fn process(
+        &self,
+        message: QueueMessage,
+        cancel: CancellationToken,
+    ) -> Result<(), HandlerError>;
 
     /// Backpressure hook: while false, no new message is handed out (messages wait in the
     /// queue). Checked before each fetch and every `poll_interval`.
@@ -305,7 +332,7 @@ struct Delivery {
     receipt: String,
     /// Set when the message must be dead-lettered without running the handler: a reclaimed
     /// message whose earlier deliveries (to consumers that died) used up its retries.
-    exhausted: Option<String>,
+    exhausted: Option<DeliveryError>,
 }
 
 enum Settlement {
@@ -480,15 +507,19 @@ async fn run_consumer(
 }
 
 /// Runs one delivery and settles it; `slot` is given back only after the settle.
-async fn deliver(context: Arc<ConsumerContext>, delivery: Delivery, slot: OwnedSemaphorePermit) {
-    let outcome = match &delivery.exhausted {
-        Some(reason) => Err(reason.clone()),
-        None => run_handler(&context, &delivery).await,
+async fn deliver(
+    context: Arc<ConsumerContext>,
+    mut delivery: Delivery,
+    slot: OwnedSemaphorePermit,
+) {
+    let (outcome, may_retry) = match delivery.exhausted.take() {
+        Some(error) => (Err(error), false),
+        None => (run_handler(&context, &delivery).await, true),
     };
     let message = &delivery.message;
     let settlement = match outcome {
         Ok(()) => Settlement::Ack,
-        Err(error) if delivery.exhausted.is_none() && message.attempt < message.max_retries => {
+        Err(error) if may_retry && message.attempt < message.max_retries => {
             let delay = retry_delay(
                 context.options.backoff_base,
                 context.options.backoff_max,
@@ -505,7 +536,9 @@ async fn deliver(context: Arc<ConsumerContext>, delivery: Delivery, slot: OwnedS
                 channel = %message.channel, id = %message.id, attempt = message.attempt,
                 %error, "queue message failed for good; dead-lettered"
             );
-            Settlement::DeadLetter { error }
+            Settlement::DeadLetter {
+                error: error.to_string(),
+            }
         }
     };
     settle(&context, &delivery, &settlement).await;
@@ -514,15 +547,15 @@ async fn deliver(context: Arc<ConsumerContext>, delivery: Delivery, slot: OwnedS
 
 /// Runs the handler in a task of its own, so a panic is a failed attempt and not a dead
 /// consumer, under the message's timeout.
-async fn run_handler(context: &ConsumerContext, delivery: &Delivery) -> Result<(), String> {
+async fn run_handler(context: &ConsumerContext, delivery: &Delivery) -> Result<(), DeliveryError> {
     let cancel = context.abandon.child_token();
     let handler = Arc::clone(&context.handler);
     let message = delivery.message.clone();
     let token = cancel.clone();
     let mut task = tokio::spawn(async move { handler.process(message, token).await });
     match tokio::time::timeout(delivery.timeout, &mut task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join_error)) => Err(describe_join_error(join_error)),
+        Ok(Ok(result)) => result.map_err(DeliveryError::Handler),
+        Ok(Err(join_error)) => Err(join_failure(join_error)),
         Err(_elapsed) => {
             cancel.cancel();
             task.abort();
@@ -534,14 +567,14 @@ async fn run_handler(context: &ConsumerContext, delivery: &Delivery) -> Result<(
                     "a timed-out queue handler did not stop; it blocks its thread without yielding"
                 );
             }
-            Err(format!("timed out after {:?}", delivery.timeout))
+            Err(DeliveryError::TimedOut(delivery.timeout))
         }
     }
 }
 
-fn describe_join_error(error: JoinError) -> String {
+fn join_failure(error: JoinError) -> DeliveryError {
     if !error.is_panic() {
-        return "handler task was cancelled".to_owned();
+        return DeliveryError::Cancelled;
     }
     let panic = error.into_panic();
     let text = panic
@@ -549,7 +582,7 @@ fn describe_join_error(error: JoinError) -> String {
         .map(|text| (*text).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string payload".to_owned());
-    format!("handler panicked: {text}")
+    DeliveryError::Panicked(text)
 }
 
 /// Settles with a few retries. Giving up is logged: in Redis the message stays pending and is

@@ -47,9 +47,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DEAD_LETTER_RETAIN, DeadLetter, Delivery, EventQueue, PublishOptions, QueueHandler,
-    QueueMessage, QueueSubscription, Settlement, Settler, Source, SubscribeOptions, Subscriptions,
-    new_message_id, start_consumer, unix_millis, validate_channel, validate_publish,
+    DEAD_LETTER_RETAIN, DeadLetter, Delivery, DeliveryError, EventQueue, PublishOptions,
+    QueueHandler, QueueMessage, QueueSubscription, Settlement, Settler, Source, SubscribeOptions,
+    Subscriptions, new_message_id, start_consumer, unix_millis, validate_channel, validate_publish,
     validate_subscribe,
 };
 use crate::cluster::redis_pool::RedisPool;
@@ -563,11 +563,10 @@ impl RedisSource {
         // Each earlier delivery that was never settled was a failed attempt of a dead consumer.
         let earlier = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
         message.attempt = message.attempt.saturating_add(earlier);
-        let exhausted = (message.attempt > message.max_retries).then(|| {
-            format!(
-                "delivered {delivered} times without being settled (its consumers died or stalled)"
-            )
-        });
+        let exhausted =
+            (message.attempt > message.max_retries).then_some(DeliveryError::NeverSettled {
+                deliveries: delivered,
+            });
         if exhausted.is_some() {
             // The dead letter records the last attempt that could have run.
             message.attempt = message.max_retries;

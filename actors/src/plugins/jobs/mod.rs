@@ -139,9 +139,29 @@ pub trait JobStore: Send + Sync + 'static {
     async fn wait_for_jobs(&self, timeout: Duration);
 }
 
+/// Why `runIn(amount, unit)` names no duration; the plugin sees it as a thrown RangeError.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    #[error(
+        "unknown unit {0:?}: use milliseconds, seconds, minutes, hours, days, weeks, \
+         months, quarters or years"
+    )]
+    UnknownUnit(String),
+    /// Negative, infinite or NaN.
+    #[error("runIn needs a duration of zero or more, got {0}")]
+    NotADuration(f64),
+    #[error("runIn({amount}, {unit:?}) is out of range: {source}")]
+    OutOfRange {
+        amount: f64,
+        unit: String,
+        #[source]
+        source: std::time::TryFromFloatSecsError,
+    },
+}
+
 /// PostHog's `runIn` units, singular or plural, with a month of 30 days (PostHog's own code
 /// takes a month as 30 weeks), a quarter of 3 months and a year of 365 days.
-pub fn duration_of(amount: f64, unit: &str) -> Result<Duration, String> {
+pub fn duration_of(amount: f64, unit: &str) -> Result<Duration, DurationError> {
     const SECOND: f64 = 1000.0;
     const DAY: f64 = 86_400.0 * SECOND;
     let unit = unit.trim().to_lowercase();
@@ -156,20 +176,18 @@ pub fn duration_of(amount: f64, unit: &str) -> Result<Duration, String> {
         "month" => 30.0 * DAY,
         "quarter" => 90.0 * DAY,
         "year" => 365.0 * DAY,
-        _ => {
-            return Err(format!(
-                "unknown unit {unit:?}: use milliseconds, seconds, minutes, hours, days, weeks, \
-                 months, quarters or years"
-            ));
-        }
+        _ => return Err(DurationError::UnknownUnit(unit)),
     };
     if !amount.is_finite() || amount < 0.0 {
-        return Err(format!(
-            "runIn needs a duration of zero or more, got {amount}"
-        ));
+        return Err(DurationError::NotADuration(amount));
     }
-    Duration::try_from_secs_f64(amount * milliseconds / 1000.0)
-        .map_err(|error| format!("runIn({amount}, {unit:?}) is out of range: {error}"))
+    Duration::try_from_secs_f64(amount * milliseconds / 1000.0).map_err(|source| {
+        DurationError::OutOfRange {
+            amount,
+            unit,
+            source,
+        }
+    })
 }
 
 #[cfg(test)]

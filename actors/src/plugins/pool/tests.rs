@@ -4,30 +4,31 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::plugins::host_services::HostServiceError;
 use crate::plugins::runtime::natives::{CacheOp, FetchReply, FetchRequest, JobRequest, StorageOp};
 use crate::plugins::runtime::{VmIdentity, VmSource};
 
 struct NoNetwork;
 
 impl PluginHost for NoNetwork {
-    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String> {
-        Err(format!("no network in this test ({})", request.url))
+    fn fetch(&self, _: FetchRequest) -> Result<FetchReply, HostServiceError> {
+        Err(HostServiceError::NotAvailable("fetch"))
     }
 
-    fn cache(&self, _: &VmIdentity, op: CacheOp) -> Result<Value, String> {
-        Err(format!("no cache in this test ({op:?})"))
+    fn cache(&self, _: &VmIdentity, _: CacheOp) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.cache"))
     }
 
-    fn storage(&self, _: &VmIdentity, op: StorageOp) -> Result<Value, String> {
-        Err(format!("no storage in this test ({op:?})"))
+    fn storage(&self, _: &VmIdentity, _: StorageOp) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.storage"))
     }
 
     fn geoip(&self, _: &str) -> Value {
         Value::Null
     }
 
-    fn enqueue_job(&self, _: &VmIdentity, job: JobRequest) -> Result<Value, String> {
-        Err(format!("no job queue in this test ({})", job.name))
+    fn enqueue_job(&self, _: &VmIdentity, _: JobRequest) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("meta.jobs"))
     }
 }
 

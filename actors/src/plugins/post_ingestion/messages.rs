@@ -203,14 +203,22 @@ impl ExportBuffer {
     }
 }
 
+/// Why a `composeWebhook` result describes no request; the plugin's call counts as failed
+/// with a TypeError.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    #[error("composeWebhook returned no url")]
+    NoUrl,
+}
+
 /// The request a `composeWebhook` result describes: `{url, method?, body?, headers?}`. A body
 /// that is not a string is sent as JSON (node-fetch would have sent `[object Object]`).
-pub fn webhook_request(webhook: &Value) -> Result<FetchRequest, String> {
+pub fn webhook_request(webhook: &Value) -> Result<FetchRequest, WebhookError> {
     let url = webhook
         .get("url")
         .and_then(Value::as_str)
         .filter(|url| !url.is_empty())
-        .ok_or("composeWebhook returned no url")?;
+        .ok_or(WebhookError::NoUrl)?;
     let method = webhook
         .get("method")
         .and_then(Value::as_str)

@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterError;
 use crate::cluster::event_queue::{
-    EventQueue, PublishOptions, QueueHandler, QueueMessage, QueueSubscription, SubscribeOptions,
+    EventQueue, HandlerError, PublishOptions, QueueHandler, QueueMessage, QueueSubscription,
+    SubscribeOptions,
 };
 use crate::event::EventRow;
-use crate::plugins::pool::PluginVmPool;
+use crate::plugins::pool::{PluginVmPool, PoolError};
 use crate::plugins::post_ingestion::messages::{AsyncRetry, AsyncTarget, StoredEvents};
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -166,14 +167,29 @@ struct Consumer {
     pool: PluginVmPool,
 }
 
+/// Why a post-ingestion message was not run; the queue retries it or dead-letters it.
+#[derive(Debug, thiserror::Error)]
+enum ConsumeError {
+    #[error("not a post-ingestion message: {0}")]
+    NotAMessage(#[source] serde_json::Error),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
 #[async_trait]
 impl QueueHandler for Consumer {
-    async fn process(&self, message: QueueMessage, _: CancellationToken) -> Result<(), String> {
-        let message: PostIngestionMessage = serde_json::from_value(message.payload)
-            .map_err(|e| format!("not a post-ingestion message: {e}"))?;
+    async fn process(
+        &self,
+        message: QueueMessage,
+        _: CancellationToken,
+    ) -> Result<(), HandlerError> {
+        let message: PostIngestionMessage =
+            serde_json::from_value(message.payload).map_err(ConsumeError::NotAMessage)?;
         self.pool
             .run_async(message.team_id, message.events, message.target)
             .await
+            .map_err(ConsumeError::from)?;
+        Ok(())
     }
 }
 

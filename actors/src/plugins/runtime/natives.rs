@@ -29,6 +29,7 @@ use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
 
 use super::{CallEffects, CapturedByPlugin, LogSource, PluginLogEntry, VmIdentity, parse_level};
+use crate::plugins::host_services::HostServiceError;
 
 /// An HTTP request made with `fetch`.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,15 +123,19 @@ pub enum StorageOp {
 /// a plugin's writes are then visible to its next event even when it does not await them,
 /// which plugins rely on (plugin-compat point 11).
 pub trait PluginHost {
-    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, String>;
+    fn fetch(&self, request: FetchRequest) -> Result<FetchReply, HostServiceError>;
     /// The reply is JSON: null, a string, a number or an array of strings.
-    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, String>;
+    fn cache(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, HostServiceError>;
     /// The reply is the stored JSON text (Get), the cursor value, or null.
-    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, String>;
+    fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, HostServiceError>;
     /// `meta.geoip.locate(ip)`: geoip2-node's City, or null without a database or a match.
     fn geoip(&self, ip: &str) -> Value;
     /// `meta.jobs.<name>(payload).runNow()|runIn()|runAt()`: queues the job for this config.
-    fn enqueue_job(&self, identity: &VmIdentity, job: JobRequest) -> Result<Value, String>;
+    fn enqueue_job(
+        &self,
+        identity: &VmIdentity,
+        job: JobRequest,
+    ) -> Result<Value, HostServiceError>;
 }
 
 /// A job a plugin queued through `meta.jobs`.
@@ -515,9 +520,7 @@ fn fetch(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsVal
             body,
             timeout,
         })
-        .map_err(|message| {
-            JsNativeError::error().with_message(format!("fetch failed: {message}"))
-        })?;
+        .map_err(|error| JsNativeError::error().with_message(format!("fetch failed: {error}")))?;
     let mut header_object = ObjectInitializer::new(context);
     for (name, value) in &reply.headers {
         header_object.property(
@@ -643,7 +646,7 @@ fn job_delay(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<J
         .map_or(Ok(f64::NAN), |value| value.to_number(context))?;
     let unit = string_arg(args, 1, context)?;
     let duration = crate::plugins::jobs::duration_of(amount, &unit)
-        .map_err(|message| JsNativeError::range().with_message(message))?;
+        .map_err(|error| JsNativeError::range().with_message(error.to_string()))?;
     Ok(JsValue::from(duration.as_millis() as f64))
 }
 
@@ -658,11 +661,11 @@ fn unknown_operation(kind: &str, operation: &str) -> JsError {
 fn ask_host(
     kind: &str,
     context: &mut Context,
-    operation: impl FnOnce(&dyn PluginHost, &VmIdentity) -> Result<Value, String>,
+    operation: impl FnOnce(&dyn PluginHost, &VmIdentity) -> Result<Value, HostServiceError>,
 ) -> JsResult<JsValue> {
     let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
     let reply = operation(host.as_ref(), &identity)
-        .map_err(|message| JsNativeError::error().with_message(format!("{kind}: {message}")))?;
+        .map_err(|error| JsNativeError::error().with_message(format!("{kind}: {error}")))?;
     JsValue::from_json(&reply, context)
 }
 

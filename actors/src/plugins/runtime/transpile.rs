@@ -21,7 +21,7 @@ use oxc::semantic::SemanticBuilder;
 use oxc::span::{GetSpan, SourceType, Span};
 use oxc::transformer::{TransformOptions, Transformer};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranspileError {
     /// `message` starts with `line:column: ` of the first error.
     #[error("{file}:{message}")]
@@ -81,10 +81,7 @@ pub fn transpile(source: &str, file_name: &str) -> Result<String, TranspileError
 
     let code = Codegen::new().build(&program).code;
     if program.source_type.is_module() {
-        to_commonjs(&code).map_err(|message| TranspileError::Unsupported {
-            file: file_name.to_owned(),
-            message,
-        })
+        to_commonjs(&code, file_name)
     } else {
         Ok(code)
     }
@@ -122,13 +119,17 @@ fn located(source: &str, error: &OxcDiagnostic) -> String {
     format!("{line}:{column}: {}", error.message)
 }
 
-/// Rewrites the top-level module declarations of printed ESM JavaScript.
-fn to_commonjs(code: &str) -> Result<String, String> {
+/// Rewrites the top-level module declarations of printed ESM JavaScript (from `file_name`).
+fn to_commonjs(code: &str, file_name: &str) -> Result<String, TranspileError> {
+    // A position in printed code would point nowhere useful in the plugin's source.
+    let unsupported = |error: &OxcDiagnostic| TranspileError::Unsupported {
+        file: file_name.to_owned(),
+        message: error.message.to_string(),
+    };
     let allocator = Allocator::default();
     let parsed = Parser::new(&allocator, code, SourceType::mjs()).parse();
-    // A position in printed code would point nowhere useful in the plugin's source.
     if let Some(error) = parsed.diagnostics.errors().next() {
-        return Err(error.message.to_string());
+        return Err(unsupported(error));
     }
     let mut rewriter = Rewriter {
         code,
@@ -157,7 +158,7 @@ fn to_commonjs(code: &str) -> Result<String, String> {
     // here rather than when the engine compiles the plugin.
     let checked = Parser::new(&allocator, &commonjs, SourceType::cjs()).parse();
     match checked.diagnostics.errors().next() {
-        Some(error) => Err(error.message.to_string()),
+        Some(error) => Err(unsupported(error)),
         None => Ok(commonjs),
     }
 }

@@ -94,7 +94,7 @@ impl CallError {
 }
 
 /// A VM that could not be built.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VmError {
     #[error("could not create the JavaScript context: {0}")]
     Context(String),
