@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod outputs;
 pub mod pool;
 pub mod post_ingestion;
+pub mod post_ingestion_messages;
 pub mod registry;
 pub mod reloader;
 pub mod runtime;

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
 use crate::plugins::outputs::PluginOutputs;
-use crate::plugins::post_ingestion::messages::{AsyncTarget, StoredEvents};
+use crate::plugins::post_ingestion_messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::runtime::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{

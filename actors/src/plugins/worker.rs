@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
 use super::filters::FilterSubject;
 use super::pool::JobRunError;
-use super::post_ingestion::messages::{
+use super::post_ingestion_messages::{
     AsyncMethod, AsyncRetry, AsyncTarget, EXPORT_RETRIES, EXPORT_RETRY_BASE, ExportBuffer,
     ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, StoredEvents, webhook_request,
 };

@@ -15,8 +15,6 @@
 //! metrics and log entries). It comes back only if its worker was replaced mid-call, so
 //! delivery is at least once.
 
-pub mod messages;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +31,7 @@ use crate::cluster::event_queue::{
 };
 use crate::event::EventRow;
 use crate::plugins::pool::{PluginVmPool, PoolError};
-use crate::plugins::post_ingestion::messages::{AsyncRetry, AsyncTarget, StoredEvents};
+use crate::plugins::post_ingestion_messages::{AsyncRetry, AsyncTarget, StoredEvents};
 use crate::system::metrics::{Metrics, MetricsError};
 
 /// The queue channel of post-ingestion work.
