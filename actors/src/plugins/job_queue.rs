@@ -64,13 +64,7 @@ struct Counters {
 /// Receives: `Shutdown` from the topology (stop claiming; wait for running jobs, up to
 /// `shutdown_timeout`).
 pub struct PluginJobQueue {
-    config: JobQueueConfig,
-    store: Arc<dyn JobStore>,
-    pool: PluginVmPool,
-    slots: Arc<Semaphore>,
-    /// Told when a job finishes, so the loop claims the next at once.
-    finished: Arc<Notify>,
-    counters: Arc<Counters>,
+    runner: Runner,
     stats: Arc<ActorStats>,
     /// Stops the running loop; replaced on restart.
     stop: CancellationToken,
@@ -85,12 +79,14 @@ impl PluginJobQueue {
     ) -> Self {
         let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
         Self {
-            config,
-            store,
-            pool,
-            slots,
-            finished: Arc::default(),
-            counters: Arc::default(),
+            runner: Runner {
+                config,
+                store,
+                pool,
+                slots,
+                finished: Arc::default(),
+                counters: Arc::default(),
+            },
             stats,
             stop: CancellationToken::new(),
         }
@@ -98,8 +94,8 @@ impl PluginJobQueue {
 
     pub fn stats(&self) -> JobQueueStats {
         JobQueueStats {
-            counters: Arc::clone(&self.counters),
-            store: self.store.name(),
+            counters: Arc::clone(&self.runner.counters),
+            store: self.runner.store.name(),
         }
     }
 }
@@ -108,14 +104,7 @@ impl Actor for PluginJobQueue {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let runner = Runner {
-            config: self.config.clone(),
-            store: Arc::clone(&self.store),
-            pool: self.pool.clone(),
-            slots: Arc::clone(&self.slots),
-            finished: Arc::clone(&self.finished),
-            counters: Arc::clone(&self.counters),
-        };
+        let runner = self.runner.clone();
         ctx.spawn(runner.run(self.stop.clone()).into_actor(self));
     }
 }
@@ -133,9 +122,9 @@ impl Handler<Shutdown> for PluginJobQueue {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         let _timer = self.stats.message_received();
         self.stop.cancel();
-        let slots = Arc::clone(&self.slots);
-        let all = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
-        let timeout = self.config.shutdown_timeout;
+        let slots = Arc::clone(&self.runner.slots);
+        let all = u32::try_from(self.runner.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let timeout = self.runner.config.shutdown_timeout;
         Box::pin(async move {
             // Every slot back means every running job has recorded its outcome.
             if tokio::time::timeout(timeout, slots.acquire_many(all))
@@ -182,7 +171,9 @@ impl JobQueueStats {
     }
 }
 
-/// What the claim loop needs; built anew by each (re)start.
+/// The claim loop and what it needs; each (re)start runs a clone, sharing the slots and
+/// counters.
+#[derive(Clone)]
 struct Runner {
     config: JobQueueConfig,
     store: Arc<dyn JobStore>,
