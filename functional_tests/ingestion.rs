@@ -909,6 +909,8 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
             "batch": [
                 {"event": "$pageview", "distinct_id": "u1", "properties": {"$current_url": "https://example.com"}},
                 {"event": "signup", "distinct_id": "u2", "properties": {"utm_source": "news"}},
+                // Current posthog-js sends the chain ready-made.
+                {"event": "$autocapture", "distinct_id": "u1", "properties": {"$elements_chain": "button.cta:nth-child=\"1\"nth-of-type=\"1\"text=\"Go\""}},
             ],
         }))
         .send()
@@ -918,7 +920,16 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
 
     // Acknowledged means stored: the lines are on disk already.
     let rows = common::read_event_rows(base_dir.path());
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let autocapture = rows
+        .iter()
+        .find(|row| row["event"] == "$autocapture")
+        .expect("autocapture");
+    assert_eq!(
+        autocapture["elements_chain"],
+        "button.cta:nth-child=\"1\"nth-of-type=\"1\"text=\"Go\""
+    );
+    assert!(autocapture["properties"].get("$elements_chain").is_none());
     let signup = rows
         .iter()
         .find(|row| row["event"] == "signup")

@@ -10,8 +10,10 @@ use super::timestamp::parse_event_timestamp;
 use crate::event::elements::elements_chain;
 use crate::event::envelope::normalize_event;
 use crate::event::iso8601::parse_iso8601;
+use crate::event::js::{is_truthy, to_js_string};
 use crate::event::{
-    DeadLetter, DropReason, EventRow, IngestionWarning, PersonMode, PluginEvent, StampedEvent, Team,
+    DeadLetter, DropReason, EventRow, IngestionWarning, PersonMode, PluginEvent, Properties,
+    StampedEvent, Team,
 };
 use crate::groups::GroupColumns;
 
@@ -53,6 +55,19 @@ pub fn prepare_normalized_event(
 ) -> Result<EventRow, Box<DeadLetter>> {
     let stamped = stamp_event(event, team, warnings)?;
     build_row(stamped, team, created_at, None, &GroupColumns::default())
+}
+
+/// PostHog's `getElementsChain`: current posthog-js sends the chain ready-made as
+/// `$elements_chain` (with `elementsChainAsString`), older clients send `$elements` to be
+/// rendered. The string wins when it is truthy; both leave the properties either way.
+fn take_elements_chain(properties: &mut Properties) -> String {
+    let ready = properties.remove("$elements_chain");
+    let elements = properties.remove("$elements");
+    match (ready, elements) {
+        (Some(ready), _) if is_truthy(&ready) => to_js_string(&ready),
+        (_, Some(Value::Array(elements))) => elements_chain(&elements),
+        _ => String::new(),
+    }
 }
 
 /// The person columns of a row: the person the event belongs to after the person step.
@@ -116,14 +131,7 @@ pub fn build_row(
     } = stamped;
     let event_name = truncate_chars(std::mem::take(&mut event.event), MAX_EVENT_NAME_CHARS);
 
-    // PostHog keeps an empty or non-array `$elements` in the properties.
-    let mut chain = String::new();
-    if let Some(Value::Array(elements)) = event.properties.get("$elements")
-        && !elements.is_empty()
-    {
-        chain = elements_chain(elements);
-        event.properties.remove("$elements");
-    }
+    let chain = take_elements_chain(&mut event.properties);
 
     // A `$ip` sent by the client (even null) wins over the connection's address.
     if let Some(ip) = event.ip.as_deref().filter(|ip| !ip.is_empty())
@@ -392,14 +400,35 @@ mod tests {
     }
 
     #[test]
-    fn empty_or_non_array_elements_stay_in_properties() {
-        for elements in [json!([]), json!("a:nth-child=\"1\"")] {
+    fn empty_or_non_array_elements_give_no_chain_and_leave_the_properties() {
+        for elements in [json!([]), json!("a:nth-child=\"1\""), json!(null)] {
             let input = event(json!({ "$elements": elements.clone() }));
             let mut warnings = Vec::new();
             let row = prepare_event(input, &team(), created_at(), &mut warnings).unwrap();
             assert_eq!(row.elements_chain, "");
-            assert_eq!(properties_of(&row)["$elements"], elements);
+            assert!(properties_of(&row).get("$elements").is_none(), "{elements}");
         }
+    }
+
+    #[test]
+    fn a_ready_elements_chain_wins_and_neither_stays_in_properties() {
+        let chain = "a.btn:href=\"/go\"nth-child=\"1\"nth-of-type=\"1\";body:nth-child=\"2\"";
+        let input = event(json!({
+            "$elements_chain": chain,
+            "$elements": [{"tag_name": "div"}],
+        }));
+        let mut warnings = Vec::new();
+        let row = prepare_event(input, &team(), created_at(), &mut warnings).unwrap();
+        assert_eq!(row.elements_chain, chain);
+        let properties = properties_of(&row);
+        assert!(properties.get("$elements_chain").is_none());
+        assert!(properties.get("$elements").is_none());
+
+        // An empty string is falsy in PostHog's check: `$elements` is rendered instead.
+        let input = event(json!({"$elements_chain": "", "$elements": [{"tag_name": "div"}]}));
+        let row = prepare_event(input, &team(), created_at(), &mut warnings).unwrap();
+        assert_eq!(row.elements_chain, "div:nth-child=\"0\"nth-of-type=\"0\"");
+        assert!(properties_of(&row).get("$elements_chain").is_none());
     }
 
     #[test]
