@@ -186,6 +186,13 @@ def main():
                 sys.exit(f"FAIL: HEALTHCHECK did not pass; server log:\n{open(output.name).read()}")
             time.sleep(0.5)
 
+        # A container is reached from outside it: the image must listen on every interface,
+        # not on the embedded default's loopback.
+        if f"0.0.0.0:{port}" not in open(output.name).read():
+            sys.exit(f"FAIL: the server does not listen on 0.0.0.0:{port}; server log:\n"
+                     f"{open(output.name).read()}")
+        log(f"listens on 0.0.0.0:{port}")
+
         body = json.dumps({"api_key": "phc_first", "event": "$pageview", "distinct_id": "me",
                            "properties": {"$current_url": "https://example.com/a"}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/capture", data=body,

@@ -577,14 +577,33 @@ impl Settings {
     }
 
     /// Where the HTTP server listens: `HTTP_SERVER_HOST`:`HTTP_SERVER_PORT` (0 picks a free port).
+    /// Without `HTTP_SERVER_HOST`, a fully embedded server listens on loopback only and one with
+    /// any external connection on every interface.
     pub fn http_listen_addr(&self) -> Result<SocketAddr, SettingsError> {
-        let ip: IpAddr = self.http_server_host.trim().parse().map_err(|_| {
-            SettingsError::invalid(
-                "HTTP_SERVER_HOST",
-                format!("expected an IP address, got {:?}", self.http_server_host),
-            )
-        })?;
+        let host = self.http_server_host.trim();
+        let ip: IpAddr = if host.is_empty() {
+            if self.has_external_connection() {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            }
+        } else {
+            host.parse().map_err(|_| {
+                SettingsError::invalid(
+                    "HTTP_SERVER_HOST",
+                    format!("expected an IP address, got {:?}", self.http_server_host),
+                )
+            })?
+        };
         Ok(SocketAddr::new(ip, self.http_server_port))
+    }
+
+    /// Whether any part runs on an external service rather than in process.
+    fn has_external_connection(&self) -> bool {
+        self.database_url().is_some()
+            || self.redis_url().is_some()
+            || self.clickhouse_url().is_some()
+            || !self.kafka_hosts.trim().is_empty()
     }
 
     /// Plugin worker threads: `WORKER_CONCURRENCY`, or the number of cores when it is 0.

@@ -376,3 +376,32 @@ fn profiles_and_files_layer_under_the_environment() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn the_embedded_default_listens_on_loopback_and_a_deployment_everywhere() {
+    let listen = |env: &[(&str, &str)]| {
+        load_with(env)
+            .expect("settings")
+            .http_listen_addr()
+            .expect("address")
+            .to_string()
+    };
+    assert_eq!(listen(&[]), "127.0.0.1:6738", "nothing configured");
+    for connection in [
+        ("KAFKA_HOSTS", "kafka:9092"),
+        ("DATABASE_URL", "postgres://db/posthog"),
+        ("REDIS_URL", "redis://redis"),
+        ("CLICKHOUSE_HOST", "clickhouse"),
+    ] {
+        assert_eq!(listen(&[connection]), "0.0.0.0:6738", "{connection:?}");
+    }
+    assert_eq!(listen(&[("HTTP_SERVER_HOST", "0.0.0.0")]), "0.0.0.0:6738");
+    assert_eq!(
+        listen(&[
+            ("HTTP_SERVER_HOST", "127.0.0.1"),
+            ("KAFKA_HOSTS", "kafka:9092")
+        ]),
+        "127.0.0.1:6738",
+        "an explicit host wins"
+    );
+}
