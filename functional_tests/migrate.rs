@@ -196,6 +196,50 @@ async fn concurrent_migrations_do_not_trip_over_each_other() {
 }
 
 #[tokio::test]
+async fn a_database_without_the_tables_fails_at_start_naming_one_and_the_command() {
+    let database = FreshPostgres::create().await;
+    let started = std::time::Instant::now();
+    let output = run_binary(
+        &[],
+        &[
+            ("DATABASE_URL", database.url.as_str()),
+            ("HTTP_SERVER_PORT", "0"),
+            ("BASE_DIR", std::env::temp_dir().to_str().expect("utf-8")),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("has no table posthog_organization (and 18 others)")
+            && stderr.contains("run `plugin-server --migrate`"),
+        "{stderr}"
+    );
+
+    // After --migrate the same settings start.
+    crate::common::migrate(&[("DATABASE_URL", database.url.as_str())]);
+    let client = database.client().await;
+    client
+        .batch_execute("DROP TABLE plugin_server_jobs_dead_letter")
+        .await
+        .expect("drop one table");
+    let output = run_binary(
+        &[],
+        &[
+            ("DATABASE_URL", database.url.as_str()),
+            ("HTTP_SERVER_PORT", "0"),
+        ],
+    );
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("has no table plugin_server_jobs_dead_letter: run"),
+        "{stderr}"
+    );
+    drop(client);
+    database.drop_database().await;
+}
+
+#[tokio::test]
 async fn an_unreachable_database_fails_naming_the_variable() {
     let output = run_binary(
         &["--migrate"],

@@ -251,7 +251,11 @@ impl Base {
             Health::new(health_config, stats)
         });
         let database = match settings.database_url() {
-            Some(url) => Some(plugin_server_actors::postgres::connect(&url, 10).await?),
+            Some(url) => {
+                let pool = plugin_server_actors::postgres::connect(&url, 10).await?;
+                plugin_server_actors::postgres::check_tables(&pool).await?;
+                Some(pool)
+            }
             None => None,
         };
         Ok(Self {

@@ -15,6 +15,64 @@ pub enum PostgresError {
     Connect(#[source] deadpool_postgres::PoolError),
     #[error("a Postgres query failed: {0}")]
     Query(#[source] tokio_postgres::Error),
+    #[error(
+        "the database at DATABASE_URL has no table {first}{others}: run `plugin-server --migrate` \
+         once with the same settings to create what is missing (PostHog's own tables are never \
+         altered)"
+    )]
+    MissingTables { first: String, others: String },
+}
+
+/// Every table the server reads or writes: PostHog's (present in a PostHog database) and the
+/// job queue's own. `--migrate` creates whichever is missing. Not `posthog_actionstep`: PostHog
+/// dropped it in 2024 for `posthog_action.steps_json`, and actions are read from either.
+pub const REQUIRED_TABLES: [&str; 19] = [
+    "posthog_organization",
+    "posthog_team",
+    "posthog_person",
+    "posthog_persondistinctid",
+    "posthog_cohortpeople",
+    "posthog_featureflaghashkeyoverride",
+    "posthog_group",
+    "posthog_grouptypemapping",
+    "posthog_eventdefinition",
+    "posthog_propertydefinition",
+    "posthog_eventproperty",
+    "posthog_action",
+    "posthog_plugin",
+    "posthog_pluginconfig",
+    "posthog_pluginsourcefile",
+    "posthog_pluginattachment",
+    "posthog_pluginstorage",
+    "plugin_server_jobs",
+    "plugin_server_jobs_dead_letter",
+];
+
+/// Fails with one line naming what is missing and the command that creates it, instead of
+/// SQL errors from the first step that touches a missing table.
+pub async fn check_tables(pool: &Pool) -> Result<(), PostgresError> {
+    let client = pool.get().await.map_err(PostgresError::Connect)?;
+    let tables: Vec<&str> = REQUIRED_TABLES.to_vec();
+    let rows = client
+        .query(
+            "SELECT name FROM unnest($1::text[]) WITH ORDINALITY AS wanted(name, position) \
+             WHERE to_regclass(name) IS NULL ORDER BY position",
+            &[&tables],
+        )
+        .await
+        .map_err(PostgresError::Query)?;
+    let missing: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    match missing.split_first() {
+        None => Ok(()),
+        Some((first, rest)) => Err(PostgresError::MissingTables {
+            first: first.clone(),
+            others: match rest.len() {
+                0 => String::new(),
+                1 => " (and 1 other)".to_owned(),
+                n => format!(" (and {n} others)"),
+            },
+        }),
+    }
 }
 
 /// A pool of at most `max_size` connections (PostHog uses 10), checked with one connection
