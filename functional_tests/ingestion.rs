@@ -1004,3 +1004,42 @@ async fn the_embedded_profile_captures_over_http_into_json_lines() {
     );
     drop(server);
 }
+
+/// Older posthog-js (`compression=lz64`): LZString base64 in a url-encoded `data` field, stored
+/// like any other capture.
+#[tokio::test]
+async fn lz64_capture_bodies_from_older_posthog_js_are_stored() {
+    plugin_server::telemetry::install_tls_provider();
+    let base_dir = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start(&[(
+        "BASE_DIR",
+        base_dir.path().to_str().expect("utf-8 path").to_owned(),
+    )]);
+    let batch = json!([
+        {"event": "$pageview", "distinct_id": "legacy", "properties": {"token": "phc_legacy", "$current_url": "https://example.com/x"}},
+        {"event": "clicked", "distinct_id": "legacy", "properties": {"token": "phc_legacy"}},
+    ]);
+    let form: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(
+            "data",
+            &lz_str::compress_to_base64(batch.to_string().as_str()),
+        )
+        .finish();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/e/?compression=lz64", server.addr()))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .expect("capture answered");
+    assert_eq!(response.status(), 200);
+    let rows = common::read_event_rows(base_dir.path());
+    let mut names: Vec<&str> = rows
+        .iter()
+        .filter_map(|row| row["event"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["$pageview", "clicked"]);
+    assert!(rows.iter().all(|row| row["distinct_id"] == "legacy"));
+    drop(server);
+}

@@ -7,6 +7,7 @@
 //! so a request is either accepted entirely or not at all. The token is not checked here:
 //! the pipeline looks it up and dead-letters events of unknown projects.
 
+mod lz_string;
 #[cfg(test)]
 mod tests;
 
@@ -136,8 +137,8 @@ pub enum CaptureError {
     ReadBody(String),
     #[error("no data found: send the events as the request body or in a `data` field")]
     NoData,
-    #[error("unsupported compression {0}")]
-    UnsupportedCompression(String),
+    #[error("invalid lz64 data: {0}")]
+    InvalidLz64(String),
     #[error("invalid gzip data: {0}")]
     InvalidGzip(String),
     #[error("invalid base64 data: {0}")]
@@ -189,7 +190,7 @@ impl CaptureError {
             ),
             Self::ReadBody(_)
             | Self::NoData
-            | Self::UnsupportedCompression(_)
+            | Self::InvalidLz64(_)
             | Self::InvalidGzip(_)
             | Self::InvalidBase64(_)
             | Self::InvalidJson(_)
@@ -478,13 +479,15 @@ enum Compression {
     /// Plain or base64 JSON; which one is told from the content.
     None,
     Gzip,
+    /// LZString's `compressToBase64`, older posthog-js's `compression=lz64`.
+    Lz64,
 }
 
 impl Compression {
     /// PostHog reads the `compression` query parameter, then the form field, then the
     /// `Content-Encoding` header. Unknown values are ignored, as PostHog does: the payload is
     /// then tried as plain or base64 JSON, and gzip is still recognised by its magic bytes.
-    fn from_hints(hints: [Option<&str>; 3]) -> Result<Self, CaptureError> {
+    fn from_hints(hints: [Option<&str>; 3]) -> Self {
         let hint = hints
             .into_iter()
             .flatten()
@@ -492,12 +495,10 @@ impl Compression {
             .find(|hint| !hint.is_empty())
             .map(str::to_ascii_lowercase);
         match hint.as_deref() {
-            Some("gzip" | "gzip-js" | "x-gzip") => Ok(Self::Gzip),
-            // posthog-js's lz-string mode; current versions default to gzip-js.
-            Some(name @ ("lz64" | "lz-string")) => {
-                Err(CaptureError::UnsupportedCompression(name.to_owned()))
-            }
-            _ => Ok(Self::None),
+            Some("gzip" | "gzip-js" | "x-gzip") => Self::Gzip,
+            // posthog-js's lz-string mode, its default before gzip-js.
+            Some("lz64" | "lz-string") => Self::Lz64,
+            _ => Self::None,
         }
     }
 }
@@ -526,7 +527,7 @@ fn build_events(context: &RequestContext, body: &[u8]) -> Result<Vec<CapturedEve
         context.query.compression.as_deref(),
         form.as_ref().and_then(|form| form.compression.as_deref()),
         context.content_encoding.as_deref(),
-    ])?;
+    ]);
     let decoded = decode_payload(data, compression, context.max_body_bytes)?;
     let request = CaptureRequest::from_json(decoded)?;
 
@@ -558,6 +559,18 @@ fn decode_payload(
     compression: Compression,
     limit: usize,
 ) -> Result<Value, CaptureError> {
+    if compression == Compression::Lz64 && !looks_like_json(data) {
+        // Plain JSON despite the hint is taken as it is, as with gzip.
+        let text = std::str::from_utf8(data)
+            .map_err(|_| CaptureError::InvalidLz64("not ASCII base64".to_owned()))?;
+        let json = lz_string::decompress_from_base64(text, limit).map_err(|error| match error {
+            lz_string::LzStringError::TooLarge { .. } => {
+                CaptureError::DecompressedTooLarge { limit }
+            }
+            other => CaptureError::InvalidLz64(other.to_string()),
+        })?;
+        return parse_json(json.as_bytes());
+    }
     let mut payload = Cow::Borrowed(data);
     if payload.starts_with(&GZIP_MAGIC) {
         payload = Cow::Owned(gunzip(&payload, limit)?);
