@@ -100,8 +100,15 @@ pub struct BatchTurn {
     turn: u64,
     /// Cancelled when the batch ends; later claimants of its keys wait for it.
     ended: CancellationToken,
-    /// The keys claimed, once the first claim is made.
-    claimed: Mutex<Option<HashSet<OrderKey>>>,
+    /// What the first claim took, once it is made.
+    claimed: Mutex<Option<Claimed>>,
+}
+
+struct Claimed {
+    keys: HashSet<OrderKey>,
+    /// The ends of the earlier batches that held one of `keys`: a claim made again after the
+    /// first was cut short (the pipeline restarted mid-wait) still waits for them.
+    earlier: Vec<CancellationToken>,
 }
 
 impl std::fmt::Debug for BatchTurn {
@@ -115,13 +122,16 @@ impl std::fmt::Debug for BatchTurn {
 impl BatchTurn {
     /// Claims `keys` for this batch and waits until no earlier batch holds any of them.
     ///
-    /// A retry of the batch claims again: what it claimed before is still its own and needs no
-    /// wait. A key the retry names for the first time (a plugin that answers differently) is
-    /// taken if free and left to its holder otherwise, since waiting for a later batch could
-    /// wait forever.
+    /// A retry of the batch claims again: what it claimed before is still its own, behind the
+    /// same earlier batches. A key the retry names for the first time (a plugin that answers
+    /// differently) is taken if free and left to its holder otherwise, since waiting for a later
+    /// batch could wait forever.
     pub async fn claim(&self, keys: impl IntoIterator<Item = OrderKey>) {
         let mut keys = keys.into_iter();
-        if self.claim_again(&mut keys).is_some() {
+        if let Some(earlier) = self.claim_again(&mut keys) {
+            for ended in earlier {
+                ended.cancelled().await;
+            }
             return;
         }
         let mut next_claim = self.order.next_claim.subscribe();
@@ -147,7 +157,10 @@ impl BatchTurn {
                 }
                 mine.insert(key);
             }
-            *claimed = Some(mine);
+            *claimed = Some(Claimed {
+                keys: mine,
+                earlier: earlier.clone(),
+            });
             state.advance_past(self.turn);
             state.next_claim
         };
@@ -157,10 +170,14 @@ impl BatchTurn {
         }
     }
 
-    /// A later claim of a batch that already claimed; `None` when it had not.
-    fn claim_again(&self, keys: impl Iterator<Item = OrderKey>) -> Option<()> {
+    /// A later claim of a batch that already claimed: the earlier batches it still waits for;
+    /// `None` when it had not claimed.
+    fn claim_again(&self, keys: impl Iterator<Item = OrderKey>) -> Option<Vec<CancellationToken>> {
         let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
-        let mine = claimed.as_mut()?;
+        let Claimed {
+            keys: mine,
+            earlier,
+        } = claimed.as_mut()?;
         let mut state = self.order.lock();
         for key in keys {
             if mine.contains(&key) {
@@ -173,7 +190,8 @@ impl BatchTurn {
                 mine.insert(key);
             }
         }
-        Some(())
+        earlier.retain(|ended| !ended.is_cancelled());
+        Some(earlier.clone())
     }
 }
 
@@ -187,7 +205,7 @@ impl Drop for BatchTurn {
         let next = {
             let mut state = self.order.lock();
             match claimed {
-                Some(keys) => {
+                Some(Claimed { keys, .. }) => {
                     for key in keys {
                         if let std::collections::hash_map::Entry::Occupied(entry) =
                             state.holders.entry(key)

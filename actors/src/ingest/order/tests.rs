@@ -129,3 +129,17 @@ async fn a_key_waits_for_the_latest_holder_only() {
     drop(second);
     third_claim.await.expect("third claimed");
 }
+
+#[tokio::test]
+async fn a_claim_cut_short_and_made_again_still_waits_for_the_earlier_holder() {
+    let order = KeyOrder::new();
+    let first = order.next_turn();
+    let second = order.next_turn();
+    first.claim([key("a")]).await;
+    // The second batch's claim registers, then its wait is dropped (the pipeline restarted).
+    assert!(stays_pending(second.claim([key("a")])).await);
+    // Its retry must not overtake the first batch.
+    assert!(stays_pending(second.claim([key("a")])).await);
+    drop(first);
+    second.claim([key("a")]).await;
+}
