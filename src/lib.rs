@@ -122,6 +122,24 @@ fn profile_summary(settings: &Settings) -> String {
     .join(",")
 }
 
+/// SIGTERM and SIGINT, caught from `install` on. Installed before the server starts, so that a
+/// signal sent as soon as it announces itself is a graceful stop, not the default kill.
+pub struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Must be called inside a tokio runtime.
+    pub fn install() -> Result<Self, ServerError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).map_err(ServerError::Signals)?,
+            interrupt: signal(SignalKind::interrupt()).map_err(ServerError::Signals)?,
+        })
+    }
+}
+
 impl RunningServer {
     /// The address the HTTP server listens on (the real port when `HTTP_SERVER_PORT` is 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -136,14 +154,11 @@ impl RunningServer {
         &mut self.topology
     }
 
-    /// Waits for SIGINT or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> Result<(), ServerError> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+    /// Waits for SIGINT or SIGTERM (caught from `signals` on), then shuts down gracefully.
+    pub async fn run_until(self, mut signals: ShutdownSignals) -> Result<(), ServerError> {
         tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = signals.terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = signals.interrupt.recv() => tracing::info!("SIGINT received; shutting down"),
         }
         self.shutdown().await;
         Ok(())

@@ -82,9 +82,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> Result<(), ServerError> {
+    let signals = plugin_server::ShutdownSignals::install()?;
     plugin_server::start(settings)
         .await?
-        .run_until_signal()
+        .run_until(signals)
         .await
 }
 
