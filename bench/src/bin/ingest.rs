@@ -893,11 +893,13 @@ async fn run_scenario(
     };
     println!("produced {events} events in {:.1} s", produce.as_secs_f64());
 
+    // The scenario too: several scenarios of one server must not overwrite each other's files.
     let label = format!(
-        "{}-batch{batch_size}",
+        "{}-{}-batch{batch_size}",
         server_binary
             .file_name()
-            .map_or_else(String::new, |name| name.to_string_lossy().into_owned())
+            .map_or_else(String::new, |name| name.to_string_lossy().into_owned()),
+        deployment.scenario.name(),
     );
     let log_file = args
         .out
