@@ -219,6 +219,17 @@ enum Sent<R> {
     Unavailable,
 }
 
+impl<R> Sent<R> {
+    /// The reply, or why there is none.
+    fn reply(self) -> Result<R, PoolError> {
+        match self {
+            Self::Reply(reply) => Ok(reply),
+            Self::Abandoned { .. } => Err(PoolError::WorkerReplaced),
+            Self::Unavailable => Err(PoolError::WorkerUnavailable),
+        }
+    }
+}
+
 /// A cheap handle to the pool; clone it freely.
 #[derive(Clone)]
 pub struct PluginVmPool {
@@ -433,22 +444,17 @@ impl PluginVmPool {
             return Ok(());
         };
         let events = Arc::new(events);
-        let sent = self
+        let reply = self
             .send_to(self.worker_index(team_id), |request_id| RunAsync {
                 request_id,
                 chain: Arc::clone(&chain),
                 events: Arc::clone(&events),
                 target,
             })
-            .await;
-        match sent {
-            Sent::Reply(reply) => {
-                self.deliver(reply.side, &chain);
-                Ok(())
-            }
-            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
-            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
-        }
+            .await
+            .reply()?;
+        self.deliver(reply.side, &chain);
+        Ok(())
     }
 
     /// Runs a scheduled method of the team's configs that have it. An error means the worker
@@ -457,21 +463,16 @@ impl PluginVmPool {
         let Some(chain) = self.plugins().chain(team_id) else {
             return Ok(());
         };
-        let sent = self
+        let reply = self
             .send_to(self.worker_index(team_id), |request_id| RunScheduled {
                 request_id,
                 chain: Arc::clone(&chain),
                 method,
             })
-            .await;
-        match sent {
-            Sent::Reply(reply) => {
-                self.deliver(reply.side, &chain);
-                Ok(())
-            }
-            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
-            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
-        }
+            .await
+            .reply()?;
+        self.deliver(reply.side, &chain);
+        Ok(())
     }
 
     /// Runs `jobs[name](payload)` of a config that is loaded now. The error says why the job
@@ -528,20 +529,15 @@ impl PluginVmPool {
         let chain = plugins
             .chain(team_id)
             .unwrap_or_else(|| Arc::from(Vec::new()));
-        match self
+        let reply = self
             .send_to(self.worker_index(team_id), |request_id| Inspect {
                 request_id,
                 config,
             })
             .await
-        {
-            Sent::Reply(reply) => {
-                self.deliver(reply.side, &chain);
-                reply.value.map(|()| true).map_err(PoolError::from)
-            }
-            Sent::Abandoned { .. } => Err(PoolError::WorkerReplaced),
-            Sent::Unavailable => Err(PoolError::WorkerUnavailable),
-        }
+            .reply()?;
+        self.deliver(reply.side, &chain);
+        reply.value.map(|()| true).map_err(PoolError::from)
     }
 
     /// Teams that have plugins, for the scheduler.
