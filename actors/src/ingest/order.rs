@@ -18,7 +18,7 @@
 //!
 //! Waits only ever point at earlier turns, so they cannot form a cycle.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
@@ -80,8 +80,9 @@ impl KeyOrder {
         }
     }
 
-    /// Keys held by batches that have not ended (for tests and stats).
-    pub fn held_keys(&self) -> usize {
+    /// Keys held by batches that have not ended.
+    #[cfg(test)]
+    fn held_keys(&self) -> usize {
         self.lock().holders.len()
     }
 
@@ -104,9 +105,10 @@ pub struct BatchTurn {
     claimed: Mutex<Option<Claimed>>,
 }
 
+/// The keys a batch claimed are the `holders` entries carrying its turn; what is kept here is
+/// only what those entries no longer say.
 struct Claimed {
-    keys: HashSet<OrderKey>,
-    /// The ends of the earlier batches that held one of `keys`: a claim made again after the
+    /// The ends of the earlier batches that held one of the keys: a claim made again after the
     /// first was cut short (the pipeline restarted mid-wait) still waits for them.
     earlier: Vec<CancellationToken>,
 }
@@ -142,23 +144,16 @@ impl BatchTurn {
             // Always `claimed` before `state`, as in `claim_again`.
             let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
             let mut state = self.order.lock();
-            let mut mine = HashSet::new();
             for key in keys {
-                if mine.contains(&key) {
-                    continue;
-                }
-                let previous = state
-                    .holders
-                    .insert(key.clone(), (self.turn, self.ended.clone()));
+                let previous = state.holders.insert(key, (self.turn, self.ended.clone()));
+                // A key named twice in the batch finds its own turn the second time.
                 if let Some((turn, ended)) = previous
                     && turn < self.turn
                 {
                     earlier.push(ended);
                 }
-                mine.insert(key);
             }
             *claimed = Some(Claimed {
-                keys: mine,
                 earlier: earlier.clone(),
             });
             state.advance_past(self.turn);
@@ -174,21 +169,14 @@ impl BatchTurn {
     /// `None` when it had not claimed.
     fn claim_again(&self, keys: impl Iterator<Item = OrderKey>) -> Option<Vec<CancellationToken>> {
         let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
-        let Claimed {
-            keys: mine,
-            earlier,
-        } = claimed.as_mut()?;
+        let Claimed { earlier } = claimed.as_mut()?;
         let mut state = self.order.lock();
         for key in keys {
-            if mine.contains(&key) {
-                continue;
-            }
-            if let std::collections::hash_map::Entry::Vacant(entry) =
-                state.holders.entry(key.clone())
-            {
-                entry.insert((self.turn, self.ended.clone()));
-                mine.insert(key);
-            }
+            // Taken only if free: a held key is this batch's own or a later batch's.
+            state
+                .holders
+                .entry(key)
+                .or_insert_with(|| (self.turn, self.ended.clone()));
         }
         earlier.retain(|ended| !ended.is_cancelled());
         Some(earlier.clone())
@@ -205,16 +193,8 @@ impl Drop for BatchTurn {
         let next = {
             let mut state = self.order.lock();
             match claimed {
-                Some(Claimed { keys, .. }) => {
-                    for key in keys {
-                        if let std::collections::hash_map::Entry::Occupied(entry) =
-                            state.holders.entry(key)
-                            && entry.get().0 == self.turn
-                        {
-                            entry.remove();
-                        }
-                    }
-                }
+                // Keys a later batch has claimed since stay with it.
+                Some(_) => state.holders.retain(|_, (turn, _)| *turn != self.turn),
                 None if state.next_claim == self.turn => state.advance_past(self.turn),
                 None => {
                     state.ended_unclaimed.insert(self.turn);
