@@ -23,7 +23,9 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use uuid::Uuid;
 
 use super::state::{PersonError, PersonEvent, Resolution, resolve, uuid_from_distinct_id};
-use super::store::{Person, PersonStoreError, SharedPersonStore};
+use super::store::{
+    Person, PersonStoreError, PersonVersion, SharedPersonStore, SnapshotEntry, SnapshotKey,
+};
 use crate::event::PersonMode;
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -90,7 +92,10 @@ pub struct PersonOutcome {
 
 #[derive(Clone)]
 pub struct PersonMetrics {
-    cache: IntCounterVec,
+    cache_hit: IntCounter,
+    cache_miss: IntCounter,
+    snapshot: IntCounter,
+    personless: IntCounter,
     conflicts: IntCounter,
     created: IntCounter,
     merged: IntCounter,
@@ -120,7 +125,10 @@ impl PersonMetrics {
         registry.register(Box::new(created.clone()))?;
         registry.register(Box::new(merged.clone()))?;
         Ok(Self {
-            cache,
+            cache_hit: cache.with_label_values(&["cache"]),
+            cache_miss: cache.with_label_values(&["cache_miss"]),
+            snapshot: cache.with_label_values(&["snapshot"]),
+            personless: cache.with_label_values(&["personless"]),
             conflicts,
             created,
             merged,
@@ -130,10 +138,14 @@ impl PersonMetrics {
 
 type CacheKey = (i64, String);
 
-/// The latest known state of one distinct id's person within a batch.
+/// The latest known state of one distinct id's person: within a batch, and in the cache
+/// between batches.
+#[derive(Clone)]
 struct Known {
-    person: Person,
-    /// Its event columns, serialized once for all the id's events.
+    /// Shared by the cache, the batch and every distinct id of the person: a person is copied
+    /// only when the person step changes it.
+    person: Arc<Person>,
+    /// Its event columns, serialized once per person version.
     event_person: EventPerson,
 }
 
@@ -141,14 +153,36 @@ impl Known {
     fn new(person: Person) -> Self {
         Self {
             event_person: EventPerson::of(&person),
-            person,
+            person: Arc::new(person),
         }
     }
 }
 
 struct Cached {
-    person: EventPerson,
+    known: Known,
     stored_at: Instant,
+}
+
+/// A batch's events of one distinct id, in batch order, and what is known of its person.
+struct IdEvents<'a> {
+    key: (i64, &'a str),
+    indices: Vec<usize>,
+    /// The cache's copy, whatever its age: the snapshot confirms it by version.
+    held: Option<Known>,
+    /// The cache's copy while younger than PERSON_INFO_CACHE_TTL: it answers read-only events
+    /// without a read.
+    fresh: Option<Known>,
+    /// The person as of the events answered so far (from the snapshot, then the step).
+    known: Option<Known>,
+}
+
+/// Answers counted per batch rather than per event.
+#[derive(Default)]
+struct Lookups {
+    cache: u64,
+    cache_miss: u64,
+    snapshot: u64,
+    personless: u64,
 }
 
 pub struct PersonManager {
@@ -182,7 +216,8 @@ impl PersonManager {
     /// Runs the person step for every event, answering in the same order. An event whose step
     /// failed gets its error; the others are unaffected.
     ///
-    /// The persons of the batch's distinct ids are first read in one query, without locks. An
+    /// The persons of the batch's distinct ids are first read in one query, without locks,
+    /// confirming by version the copies the cache holds instead of reading them again. An
     /// event that is no merge and whose updates would change nothing on that snapshot is
     /// answered from it, which is correct whatever another instance does meanwhile: the event
     /// then simply takes effect at the moment of the read. Only events that change something
@@ -191,47 +226,90 @@ impl PersonManager {
         &self,
         events: &[PersonEvent],
     ) -> Vec<Result<PersonOutcome, PersonError>> {
-        let mut groups: HashMap<(i64, &str), Vec<usize>> = HashMap::new();
-        for (index, event) in events.iter().enumerate() {
-            groups
-                .entry((event.team_id, event.distinct_id.as_str()))
-                .or_default()
-                .push(index);
-        }
-        let wanted: Vec<CacheKey> = groups
-            .iter()
-            .filter(|(_, indices)| {
-                indices.iter().any(|&index| {
-                    let event = &events[index];
-                    event.is_simple() && !(event.is_read_only() && self.is_cached(event))
-                })
+        let mut ids = self.group_by_distinct_id(events);
+        let needs_snapshot = |id: &IdEvents<'_>| {
+            id.indices.iter().any(|&index| {
+                let event = &events[index];
+                event.is_simple() && !(event.is_read_only() && id.fresh.is_some())
             })
-            .map(|((team_id, distinct_id), _)| (*team_id, (*distinct_id).to_owned()))
+        };
+        let wanted: Vec<usize> = (0..ids.len())
+            .filter(|&n| needs_snapshot(&ids[n]))
             .collect();
-        let mut snapshot = match self.store.persons_by_distinct_ids(&wanted).await {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                let message = error.to_string();
-                return events
-                    .iter()
-                    .map(|_| {
-                        Err(PersonError::Store(PersonStoreError::Unavailable(
-                            message.clone(),
-                        )))
-                    })
-                    .collect();
+        let keys: Vec<SnapshotKey<'_>> = wanted
+            .iter()
+            .map(|&n| SnapshotKey {
+                team_id: ids[n].key.0,
+                distinct_id: ids[n].key.1,
+                held: ids[n]
+                    .held
+                    .as_ref()
+                    .map(|held| PersonVersion::from(&*held.person)),
+            })
+            .collect();
+        let snapshot = if keys.is_empty() {
+            Vec::new()
+        } else {
+            match self.store.snapshot(&keys).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => {
+                    let message = error.to_string();
+                    return events
+                        .iter()
+                        .map(|_| {
+                            Err(PersonError::Store(PersonStoreError::Unavailable(
+                                message.clone(),
+                            )))
+                        })
+                        .collect();
+                }
             }
         };
-        let concurrency = self.config.concurrency.max(1);
+        for (n, entry) in wanted.into_iter().zip(snapshot) {
+            let id = &mut ids[n];
+            id.known = match entry {
+                Some(SnapshotEntry::Held) => id.held.clone(),
+                Some(SnapshotEntry::Read(person)) => Some(Known::new(person)),
+                None => None,
+            };
+        }
+
         let mut results: Vec<Option<Result<PersonOutcome, PersonError>>> =
             (0..events.len()).map(|_| None).collect();
-        let runs = groups.into_iter().map(|((team_id, distinct_id), indices)| {
-            let known = snapshot
-                .remove(&(team_id, distinct_id.to_owned()))
-                .map(Known::new);
-            (indices, known)
-        });
-        let mut runs = futures::stream::iter(runs)
+        // Most events need no transaction: they are answered here, in one pass, and only the
+        // rest of an id's events (from its first change on) go to the store, in order.
+        let mut lookups = Lookups::default();
+        let mut learned: Vec<(i64, &str, Known)> = Vec::new();
+        let mut rest: Vec<(Vec<usize>, Option<Known>)> = Vec::new();
+        for mut id in ids {
+            let confirmed_before = lookups.snapshot;
+            let mut answered = 0;
+            for &index in &id.indices {
+                let event = &events[index];
+                let Some(outcome) =
+                    self.answer_from_memory(event, &mut id.fresh, id.known.as_ref(), &mut lookups)
+                else {
+                    break;
+                };
+                results[index] = Some(Ok(outcome));
+                answered += 1;
+            }
+            // Only a copy the snapshot just confirmed starts a new TTL; a cache hit does not.
+            if lookups.snapshot > confirmed_before
+                && let Some(known) = id.fresh.take()
+            {
+                learned.push((id.key.0, id.key.1, known));
+            }
+            if answered < id.indices.len() {
+                id.indices.drain(..answered);
+                rest.push((id.indices, id.known));
+            }
+        }
+        self.count_lookups(&lookups);
+        self.remember_all(&learned);
+
+        let concurrency = self.config.concurrency.max(1);
+        let mut runs = futures::stream::iter(rest)
             .map(|(indices, mut known)| async move {
                 let mut answers = Vec::with_capacity(indices.len());
                 for index in indices {
@@ -258,20 +336,103 @@ impl PersonManager {
             .collect()
     }
 
+    /// The batch's events by distinct id, each with what the cache holds for it (one lock).
+    fn group_by_distinct_id<'a>(&self, events: &'a [PersonEvent]) -> Vec<IdEvents<'a>> {
+        let mut positions: HashMap<(i64, &str), usize> = HashMap::new();
+        let mut ids: Vec<IdEvents<'a>> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let key = (event.team_id, event.distinct_id.as_str());
+            let position = *positions.entry(key).or_insert_with(|| {
+                ids.push(IdEvents {
+                    key,
+                    indices: Vec::new(),
+                    held: None,
+                    fresh: None,
+                    known: None,
+                });
+                ids.len() - 1
+            });
+            ids[position].indices.push(index);
+        }
+        if let Some(cache) = &self.cache {
+            let now = Instant::now();
+            let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut key = (0, String::new());
+            for id in &mut ids {
+                key.0 = id.key.0;
+                key.1.clear();
+                key.1.push_str(id.key.1);
+                if let Some(cached) = cache.get(&key) {
+                    if now.duration_since(cached.stored_at) < self.config.cache_ttl {
+                        id.fresh = Some(cached.known.clone());
+                    }
+                    id.held = Some(cached.known.clone());
+                }
+            }
+        }
+        ids
+    }
+
+    /// The answer for an event that needs no transaction, from what is known of its person;
+    /// `None` when it needs the store. What it answers from is kept as the id's fresh copy.
+    fn answer_from_memory(
+        &self,
+        event: &PersonEvent,
+        fresh: &mut Option<Known>,
+        known: Option<&Known>,
+        lookups: &mut Lookups,
+    ) -> Option<PersonOutcome> {
+        if !event.process_person {
+            lookups.personless += 1;
+            return Some(personless(event, fresh.as_ref().or(known)));
+        }
+        if event.is_read_only() {
+            if let Some(fresh) = fresh {
+                lookups.cache += 1;
+                return Some(PersonOutcome {
+                    person: fresh.event_person.clone(),
+                    mode: PersonMode::Full,
+                    changes: None,
+                });
+            }
+            lookups.cache_miss += 1;
+        }
+        let known = known?;
+        if !event.is_simple() || event.updates.would_change(&known.person.properties) {
+            return None;
+        }
+        lookups.snapshot += 1;
+        *fresh = Some(known.clone());
+        Some(PersonOutcome {
+            person: known.event_person.clone(),
+            mode: PersonMode::Full,
+            changes: None,
+        })
+    }
+
     async fn resolve_one(
         &self,
         event: &PersonEvent,
         known: &mut Option<Known>,
     ) -> Result<PersonOutcome, PersonError> {
         if !event.process_person {
-            return Ok(self.personless(event, known.as_ref()));
+            self.count_lookups(&Lookups {
+                personless: 1,
+                ..Lookups::default()
+            });
+            let cached = self.cached(&(event.team_id, event.distinct_id.clone()));
+            return Ok(personless(event, cached.as_ref().or(known.as_ref())));
         }
         if event.is_read_only() {
             let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
-            self.count_lookup(if hit.is_some() { "cache" } else { "cache_miss" });
-            if let Some(person) = hit {
+            self.count_lookups(&Lookups {
+                cache: u64::from(hit.is_some()),
+                cache_miss: u64::from(hit.is_none()),
+                ..Lookups::default()
+            });
+            if let Some(hit) = hit {
                 return Ok(PersonOutcome {
-                    person,
+                    person: hit.event_person,
                     mode: PersonMode::Full,
                     changes: None,
                 });
@@ -281,15 +442,17 @@ impl PersonManager {
             && let Some(known) = known.as_ref()
             && !event.updates.would_change(&known.person.properties)
         {
-            self.count_lookup("snapshot");
-            let person = known.event_person.clone();
+            self.count_lookups(&Lookups {
+                snapshot: 1,
+                ..Lookups::default()
+            });
             self.remember(
                 event.team_id,
                 std::slice::from_ref(&event.distinct_id),
-                &person,
+                known,
             );
             return Ok(PersonOutcome {
-                person,
+                person: known.event_person.clone(),
                 mode: PersonMode::Full,
                 changes: None,
             });
@@ -304,12 +467,10 @@ impl PersonManager {
                 metrics.merged.inc();
             }
         }
-        let person = EventPerson::of(&resolution.person);
-        *known = Some(Known {
-            person: resolution.person.clone(),
-            event_person: person.clone(),
-        });
-        self.remember(event.team_id, &resolution.distinct_ids, &person);
+        let learned = Known::new(resolution.person.clone());
+        let person = learned.event_person.clone();
+        self.remember(event.team_id, &resolution.distinct_ids, &learned);
+        *known = Some(learned);
         Ok(PersonOutcome {
             person,
             mode: PersonMode::Full,
@@ -317,18 +478,72 @@ impl PersonManager {
         })
     }
 
-    /// `$process_person_profile: false` (PostHog's personless events): nothing is created or
-    /// changed. An existing person (cached or in the batch's snapshot) lends its id with empty
-    /// properties, and takes the event as its own once it is older than a minute; otherwise the
-    /// id is the one PostHog derives from the distinct id.
-    fn personless(&self, event: &PersonEvent, known: Option<&Known>) -> PersonOutcome {
-        let existing = self
-            .cached(&(event.team_id, event.distinct_id.clone()))
-            .or_else(|| known.map(|known| known.event_person.clone()));
-        self.count_lookup("personless");
-        let empty: Arc<str> = Arc::from("{}");
-        match existing {
-            Some(person) => PersonOutcome {
+    /// The cache's copy of a distinct id's person while younger than the TTL.
+    fn cached(&self, key: &CacheKey) -> Option<Known> {
+        let cache = self.cache.as_ref()?;
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let cached = cache.get(key)?;
+        (cached.stored_at.elapsed() < self.config.cache_ttl).then(|| cached.known.clone())
+    }
+
+    fn remember(&self, team_id: i64, distinct_ids: &[String], known: &Known) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored_at = Instant::now();
+        for distinct_id in distinct_ids {
+            cache.put(
+                (team_id, distinct_id.clone()),
+                Cached {
+                    known: known.clone(),
+                    stored_at,
+                },
+            );
+        }
+    }
+
+    /// [`Self::remember`] for the answers of one batch, under one lock.
+    fn remember_all(&self, learned: &[(i64, &str, Known)]) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        if learned.is_empty() {
+            return;
+        }
+        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let stored_at = Instant::now();
+        for (team_id, distinct_id, known) in learned {
+            cache.put(
+                (*team_id, (*distinct_id).to_owned()),
+                Cached {
+                    known: known.clone(),
+                    stored_at,
+                },
+            );
+        }
+    }
+
+    fn count_lookups(&self, lookups: &Lookups) {
+        if let Some(metrics) = &self.metrics {
+            metrics.cache_hit.inc_by(lookups.cache);
+            metrics.cache_miss.inc_by(lookups.cache_miss);
+            metrics.snapshot.inc_by(lookups.snapshot);
+            metrics.personless.inc_by(lookups.personless);
+        }
+    }
+}
+
+/// `$process_person_profile: false` (PostHog's personless events): nothing is created or
+/// changed. An existing person (cached or in the batch's snapshot) lends its id with empty
+/// properties, and takes the event as its own once it is older than a minute; otherwise the
+/// id is the one PostHog derives from the distinct id.
+fn personless(event: &PersonEvent, existing: Option<&Known>) -> PersonOutcome {
+    let empty: Arc<str> = Arc::from("{}");
+    match existing {
+        Some(known) => {
+            let person = &known.event_person;
+            PersonOutcome {
                 mode: if event.timestamp > person.created_at + FORCE_UPGRADE_AFTER {
                     PersonMode::ForceUpgrade
                 } else {
@@ -340,64 +555,17 @@ impl PersonManager {
                     created_at: person.created_at,
                 },
                 changes: None,
+            }
+        }
+        None => PersonOutcome {
+            person: EventPerson {
+                uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),
+                properties: empty,
+                created_at: personless_created_at(),
             },
-            None => PersonOutcome {
-                person: EventPerson {
-                    uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),
-                    properties: empty,
-                    created_at: personless_created_at(),
-                },
-                mode: PersonMode::Propertyless,
-                changes: None,
-            },
-        }
-    }
-
-    fn is_cached(&self, event: &PersonEvent) -> bool {
-        let Some(cache) = &self.cache else {
-            return false;
-        };
-        let cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache
-            .peek(&(event.team_id, event.distinct_id.clone()))
-            .is_some_and(|cached| cached.stored_at.elapsed() < self.config.cache_ttl)
-    }
-
-    fn cached(&self, key: &CacheKey) -> Option<EventPerson> {
-        let cache = self.cache.as_ref()?;
-        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        let fresh = cache
-            .get(key)
-            .filter(|cached| cached.stored_at.elapsed() < self.config.cache_ttl)
-            .map(|cached| cached.person.clone());
-        if fresh.is_none() {
-            cache.pop(key);
-        }
-        fresh
-    }
-
-    fn remember(&self, team_id: i64, distinct_ids: &[String], person: &EventPerson) {
-        let Some(cache) = &self.cache else {
-            return;
-        };
-        let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
-        let stored_at = Instant::now();
-        for distinct_id in distinct_ids {
-            cache.put(
-                (team_id, distinct_id.clone()),
-                Cached {
-                    person: person.clone(),
-                    stored_at,
-                },
-            );
-        }
-    }
-
-    /// Counts an answer that needed no transaction (`cache`, `snapshot`) or a `cache_miss`.
-    fn count_lookup(&self, result: &'static str) {
-        if let Some(metrics) = &self.metrics {
-            metrics.cache.with_label_values(&[result]).inc();
-        }
+            mode: PersonMode::Propertyless,
+            changes: None,
+        },
     }
 }
 

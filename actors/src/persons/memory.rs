@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::store::{
     MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
+    PersonVersion, SnapshotEntry, SnapshotKey,
 };
 
 #[derive(Default)]
@@ -91,6 +92,27 @@ impl PersonStore for MemoryPersonStore {
                 let (person_id, _) = tables.distinct_ids.get(key)?;
                 let person = tables.persons.get(person_id)?;
                 Some((key.clone(), person.clone()))
+            })
+            .collect())
+    }
+
+    async fn snapshot(
+        &self,
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError> {
+        let tables = self.tables.lock().await;
+        Ok(keys
+            .iter()
+            .map(|key| {
+                let (person_id, _) = tables
+                    .distinct_ids
+                    .get(&(key.team_id, key.distinct_id.to_owned()))?;
+                let person = tables.persons.get(person_id)?;
+                Some(if key.held == Some(PersonVersion::from(person)) {
+                    SnapshotEntry::Held
+                } else {
+                    SnapshotEntry::Read(person.clone())
+                })
             })
             .collect())
     }

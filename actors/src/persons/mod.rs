@@ -32,4 +32,7 @@ pub use properties::{
 };
 pub use rows::{PersonDistinctIdRow, PersonRow};
 pub use state::{PersonError, PersonEvent, Resolution};
-pub use store::{Person, PersonStore, PersonStoreError, SharedPersonStore};
+pub use store::{
+    Person, PersonStore, PersonStoreError, PersonVersion, SharedPersonStore, SnapshotEntry,
+    SnapshotKey,
+};

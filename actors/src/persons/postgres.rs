@@ -20,6 +20,7 @@ use crate::postgres::Failure;
 
 use super::store::{
     MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
+    SnapshotEntry, SnapshotKey,
 };
 
 pub struct PostgresPersonStore {
@@ -86,7 +87,79 @@ impl PersonStore for PostgresPersonStore {
             })
             .collect()
     }
+
+    async fn snapshot(
+        &self,
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError> {
+        let mut answers = vec![None; keys.len()];
+        if keys.is_empty() {
+            return Ok(answers);
+        }
+        let read = |error: tokio_postgres::Error| PersonStoreError::Unavailable(error.to_string());
+        for row in self.snapshot_rows(keys).await? {
+            let position: i64 = row.try_get("n").map_err(read)?;
+            let entry = if row.try_get("held").map_err(read)? {
+                SnapshotEntry::Held
+            } else {
+                SnapshotEntry::Read(person_from_row(&row)?)
+            };
+            // Ordinality counts from 1.
+            if let Some(answer) = usize::try_from(position - 1)
+                .ok()
+                .and_then(|index| answers.get_mut(index))
+            {
+                *answer = Some(entry);
+            }
+        }
+        Ok(answers)
+    }
 }
+
+impl PostgresPersonStore {
+    async fn snapshot_rows(
+        &self,
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>, PersonStoreError> {
+        let mut teams = Vec::with_capacity(keys.len());
+        let mut ids = Vec::with_capacity(keys.len());
+        let mut held_ids = Vec::with_capacity(keys.len());
+        let mut held_versions = Vec::with_capacity(keys.len());
+        for key in keys {
+            teams.push(team_column(key.team_id)?);
+            ids.push(key.distinct_id);
+            held_ids.push(key.held.map(|held| held.id));
+            held_versions.push(key.held.map(|held| held.version));
+        }
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        let statement = client
+            .prepare_cached(SELECT_SNAPSHOT)
+            .await
+            .map_err(classify)?;
+        client
+            .query(&statement, &[&teams, &ids, &held_ids, &held_versions])
+            .await
+            .map_err(classify)
+    }
+}
+
+/// [`PersonStore::snapshot`]'s read: like [`SELECT_PERSONS_SNAPSHOT`], with each key's
+/// position, and the properties left out (`held`) where the reader's copy is current.
+const SELECT_SNAPSHOT: &str = "SELECT wanted.n, \
+     (p.id = wanted.held_id AND COALESCE(p.version, 0) = wanted.held_version) IS TRUE AS held, \
+     p.id, p.uuid, p.team_id, p.created_at, \
+     CASE WHEN p.id = wanted.held_id AND COALESCE(p.version, 0) = wanted.held_version \
+       THEN NULL ELSE p.properties END AS properties, \
+     p.is_identified, COALESCE(p.version, 0) AS version \
+     FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY \
+       AS wanted(team_id, distinct_id, held_id, held_version, n) \
+     JOIN posthog_persondistinctid d \
+       ON d.team_id = wanted.team_id AND d.distinct_id = wanted.distinct_id \
+     JOIN posthog_person p ON p.id = d.person_id";
 
 /// One round trip for a whole batch: the pairs are unnested into rows and joined on the
 /// (team_id, distinct_id) unique key.

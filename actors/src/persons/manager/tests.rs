@@ -6,7 +6,9 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::persons::store::{PersonStore, PersonStoreError, PersonTransaction};
+use crate::persons::store::{
+    PersonStore, PersonStoreError, PersonTransaction, SnapshotEntry, SnapshotKey,
+};
 use crate::persons::{MemoryPersonStore, merge_intent, person_updates};
 
 /// The memory store, counting transactions and snapshot reads.
@@ -15,6 +17,8 @@ struct CountingStore {
     inner: MemoryPersonStore,
     transactions: AtomicUsize,
     snapshots: AtomicUsize,
+    /// Persons a snapshot sent in full (the others it confirmed as held).
+    persons_read: AtomicUsize,
 }
 
 #[async_trait]
@@ -36,6 +40,20 @@ impl PersonStore for CountingStore {
             self.snapshots.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.persons_by_distinct_ids(keys).await
+    }
+
+    async fn snapshot(
+        &self,
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError> {
+        self.snapshots.fetch_add(1, Ordering::SeqCst);
+        let answers = self.inner.snapshot(keys).await?;
+        let read = answers
+            .iter()
+            .filter(|answer| matches!(answer, Some(SnapshotEntry::Read(_))))
+            .count();
+        self.persons_read.fetch_add(read, Ordering::SeqCst);
+        Ok(answers)
     }
 }
 
@@ -160,6 +178,74 @@ async fn updates_that_change_nothing_take_no_transaction() {
     assert!(person(&changed[0]).properties.contains("\"plan\":\"pro\""));
     assert!(person(&changed[1]).properties.contains("\"plan\":\"team\""));
     assert_eq!(person(&changed[2]), person(&changed[1]));
+}
+
+/// A steady stream of updates that change nothing (posthog-js's `$set_once` of `$initial_*`
+/// on every event) costs one snapshot per batch, which confirms the cached copies by version
+/// instead of sending the persons again.
+#[tokio::test]
+async fn a_snapshot_confirms_cached_persons_instead_of_reading_them_again() {
+    let (manager, store) = manager(PersonConfig::default());
+    let ids: Vec<String> = (0..50).map(|n| format!("user-{n}")).collect();
+    let batch = |value: &str| -> Vec<PersonEvent> {
+        ids.iter()
+            .map(|id| {
+                event(
+                    id,
+                    "$pageview",
+                    json!({ "$set_once": { "$initial_current_url": value } }),
+                )
+            })
+            .collect()
+    };
+    let first = manager.resolve_batch(&batch("https://a")).await;
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 50);
+    let read_at_first = store.persons_read.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let again = manager.resolve_batch(&batch("https://b")).await;
+        for (before, after) in first.iter().zip(&again) {
+            assert_eq!(person(before), person(after));
+        }
+    }
+    assert_eq!(store.transactions.load(Ordering::SeqCst), 50, "no writes");
+    assert_eq!(store.snapshots.load(Ordering::SeqCst), 4, "one per batch");
+    assert_eq!(
+        store.persons_read.load(Ordering::SeqCst),
+        read_at_first,
+        "every later person was confirmed, not sent"
+    );
+}
+
+/// Another writer (another instance, a merge) changed a cached person: the snapshot sees the
+/// new version and sends the person, so the event applies to what is stored, not to the
+/// stale copy. Here the other writer removed the key a `$set_once` would skip on the copy.
+#[tokio::test]
+async fn a_person_changed_elsewhere_is_read_again_and_updated() {
+    let (manager, store) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set_once": { "a": 1 } }))])
+        .await;
+    {
+        let mut transaction = store.begin().await.expect("begin");
+        let mut stored = transaction
+            .person_by_distinct_id(2, "u")
+            .await
+            .expect("read")
+            .expect("person");
+        stored.properties.remove("a");
+        transaction.update_person(&stored).await.expect("update");
+        transaction.commit().await.expect("commit");
+    }
+    let transactions = store.transactions.load(Ordering::SeqCst);
+    let outcome = manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set_once": { "a": 2 } }))])
+        .await;
+    assert!(person(&outcome[0]).properties.contains("\"a\":2"));
+    assert_eq!(
+        store.transactions.load(Ordering::SeqCst),
+        transactions + 1,
+        "the event was applied"
+    );
 }
 
 #[tokio::test]

@@ -305,6 +305,91 @@ async fn an_illegal_id_is_refused_with_a_warning(store: &dyn PersonStore) {
 
 /// Two identifies of the same user, from two anonymous ids, at the same time: one person with
 /// all four ids' properties, whichever transaction wins.
+/// The snapshot's contract: one answer per key in key order; a held copy at the stored version
+/// is confirmed, one at an older version or of another person (after a merge) is replaced by
+/// the stored person, and an id without a person has no answer.
+async fn a_snapshot_confirms_current_copies_and_sends_changed_ones(store: &dyn PersonStore) {
+    use crate::persons::store::{PersonVersion, SnapshotEntry, SnapshotKey};
+
+    let kept = run(
+        store,
+        &event("kept", "$pageview", json!({ "$set": { "v": 1 } }), 1),
+    )
+    .await;
+    let changed = run(
+        store,
+        &event("changed", "$pageview", json!({ "$set": { "v": 1 } }), 2),
+    )
+    .await;
+    let changed_again = run(
+        store,
+        &event("changed", "$pageview", json!({ "$set": { "v": 2 } }), 3),
+    )
+    .await;
+    run(store, &event("anon", "$pageview", json!({}), 4)).await;
+    let anon_before = person_of(store, "anon").await.expect("anon");
+    let merged = run(
+        store,
+        &event(
+            "kept",
+            "$identify",
+            json!({ "$anon_distinct_id": "anon" }),
+            5,
+        ),
+    )
+    .await;
+    let kept_now = person_of(store, "kept").await.expect("kept");
+    assert_eq!(merged.person.id, kept_now.id);
+
+    let keys = [
+        SnapshotKey {
+            team_id: TEAM,
+            distinct_id: "changed",
+            held: Some(PersonVersion::from(&changed.person)),
+        },
+        SnapshotKey {
+            team_id: TEAM,
+            distinct_id: "kept",
+            held: Some(PersonVersion::from(&kept_now)),
+        },
+        SnapshotKey {
+            team_id: TEAM,
+            distinct_id: "nobody",
+            held: None,
+        },
+        SnapshotKey {
+            team_id: TEAM,
+            distinct_id: "anon",
+            held: Some(PersonVersion::from(&anon_before)),
+        },
+        SnapshotKey {
+            team_id: TEAM,
+            distinct_id: "kept",
+            held: None,
+        },
+    ];
+    let answers = store.snapshot(&keys).await.expect("snapshot");
+    assert_eq!(answers.len(), keys.len());
+    assert_eq!(
+        answers[0],
+        Some(SnapshotEntry::Read(changed_again.person.clone())),
+        "an older version is replaced"
+    );
+    assert_eq!(answers[1], Some(SnapshotEntry::Held), "the current copy");
+    assert_eq!(answers[2], None, "no person");
+    assert_eq!(
+        answers[3],
+        Some(SnapshotEntry::Read(kept_now.clone())),
+        "a merged id points at the surviving person"
+    );
+    assert_eq!(
+        answers[4],
+        Some(SnapshotEntry::Read(kept_now)),
+        "nothing held"
+    );
+    assert_ne!(kept.person.version, merged.person.version);
+}
+
 async fn concurrent_identifies_of_one_user_end_with_one_person(store: Arc<dyn PersonStore>) {
     for (anon, key) in [("anon-a", "from_a"), ("anon-b", "from_b")] {
         run(
@@ -360,6 +445,7 @@ macro_rules! scenarios {
         alias_of_two_unknown_ids_creates_one_identified_person(&*$store(6).await).await;
         an_illegal_id_is_refused_with_a_warning(&*$store(7).await).await;
         concurrent_identifies_of_one_user_end_with_one_person($store(8).await).await;
+        a_snapshot_confirms_current_copies_and_sends_changed_ones(&*$store(9).await).await;
     };
 }
 
