@@ -16,6 +16,8 @@ pub mod team;
 pub use dead_letter::{DeadLetter, DropReason};
 pub use team::Team;
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -109,10 +111,12 @@ pub struct EventRow {
     /// When this server ingested the event.
     pub created_at: DateTime<Utc>,
     pub person_id: Uuid,
-    pub person_properties: String,
+    /// Shared with the person's other events of the batch (and the person cache).
+    pub person_properties: Arc<str>,
     pub person_created_at: DateTime<Utc>,
     pub person_mode: PersonMode,
-    pub group_properties: [String; 5],
+    /// Shared with the group's other events (`{}` with every row naming no group).
+    pub group_properties: [Arc<str>; 5],
     pub group_created_at: [DateTime<Utc>; 5],
 }
 
@@ -159,7 +163,11 @@ impl EventRow {
             + self.distinct_id.len()
             + self.elements_chain.len()
             + self.person_properties.len()
-            + self.group_properties.iter().map(String::len).sum::<usize>()
+            + self
+                .group_properties
+                .iter()
+                .map(|json| json.len())
+                .sum::<usize>()
     }
 }
 

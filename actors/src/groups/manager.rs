@@ -51,14 +51,14 @@ impl Default for GroupConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupColumn {
     /// The group's properties as JSON, serialized once per group version.
-    pub properties: String,
+    pub properties: Arc<str>,
     pub created_at: DateTime<Utc>,
 }
 
 impl GroupColumn {
     fn of(group: &Group) -> Self {
         Self {
-            properties: crate::persons::rows::properties_json(&group.properties),
+            properties: crate::persons::rows::properties_json(&group.properties).into(),
             created_at: group.created_at,
         }
     }

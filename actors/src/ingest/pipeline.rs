@@ -769,7 +769,11 @@ fn normalize_process_person(event: &mut PluginEvent, process_person: bool) {
 fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
     let mut stamped = Stamped {
         events: Vec::with_capacity(resolved.events.len()),
-        person_events: Vec::new(),
+        person_events: Vec::with_capacity(if with_persons {
+            resolved.events.len()
+        } else {
+            0
+        }),
         dead_letters: resolved.dead_letters,
         warnings: resolved.warnings,
         dropped_personless: resolved.dropped_personless,
@@ -894,11 +898,11 @@ fn build_batch(
             Some(Ok(columns)) => columns,
             None => Default::default(),
         };
-        let row_person = row_person.as_ref().map(|(person, mode)| RowPerson {
+        let row_person = row_person.map(|(person, mode)| RowPerson {
             uuid: person.uuid,
-            properties: &person.properties,
+            properties: person.properties,
             created_at: person.created_at,
-            mode: *mode,
+            mode,
         });
         match build_row(event, &team, created_at, row_person, &columns) {
             Ok(row) => batch.events.push(row),

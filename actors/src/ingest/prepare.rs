@@ -2,6 +2,8 @@
 //! PostHog's `processPersonsStep`, `prepareEventStep` and `createEventStep`). The person step
 //! and the group step (`crate::groups`) run between [`stamp_event`] and [`build_row`].
 
+use std::sync::{Arc, LazyLock};
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -24,8 +26,11 @@ pub const WARNING_SKIPPING_EVENT_INVALID_UUID: &str = "skipping_event_invalid_uu
 const MAX_EVENT_NAME_CHARS: usize = 200;
 
 /// What the group columns hold for a column that names no known group: PostHog's values for an
-/// unknown group (spec 1.8), with the epoch as `created_at`.
-const UNKNOWN_GROUP_PROPERTIES: &str = "{}";
+/// unknown group (spec 1.8), with the epoch as `created_at`. One string for every such column.
+static UNKNOWN_GROUP_PROPERTIES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("{}"));
+
+/// The person columns' properties without a person: ClickHouse's default, the empty string.
+static NO_PERSON_PROPERTIES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 /// Builds the event row for `team`, or dead-letters an event whose `uuid` is unusable.
 ///
@@ -71,11 +76,11 @@ fn take_elements_chain(properties: &mut Properties) -> String {
 }
 
 /// The person columns of a row: the person the event belongs to after the person step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowPerson<'a> {
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPerson {
     pub uuid: Uuid,
-    /// The person's properties as JSON.
-    pub properties: &'a str,
+    /// The person's properties as JSON, shared by its events.
+    pub properties: Arc<str>,
     pub created_at: DateTime<Utc>,
     pub mode: PersonMode,
 }
@@ -121,7 +126,7 @@ pub fn build_row(
     stamped: StampedEvent,
     team: &Team,
     created_at: DateTime<Utc>,
-    person: Option<RowPerson<'_>>,
+    person: Option<RowPerson>,
     groups: &GroupColumns,
 ) -> Result<EventRow, Box<DeadLetter>> {
     let StampedEvent {
@@ -157,13 +162,13 @@ pub fn build_row(
     let (person_id, person_properties, person_created_at, person_mode) = match person {
         Some(person) => (
             person.uuid,
-            person.properties.to_owned(),
+            person.properties,
             person.created_at,
             person.mode,
         ),
         None => (
             Uuid::nil(),
-            String::new(),
+            Arc::clone(&NO_PERSON_PROPERTIES),
             DateTime::<Utc>::UNIX_EPOCH,
             PersonMode::Full,
         ),
@@ -183,8 +188,8 @@ pub fn build_row(
         person_mode,
         group_properties: std::array::from_fn(|index| {
             groups[index].as_ref().map_or_else(
-                || UNKNOWN_GROUP_PROPERTIES.to_owned(),
-                |group| group.properties.clone(),
+                || Arc::clone(&UNKNOWN_GROUP_PROPERTIES),
+                |group| Arc::clone(&group.properties),
             )
         }),
         group_created_at: std::array::from_fn(|index| {
@@ -336,9 +341,9 @@ mod tests {
         let mut warnings = Vec::new();
         let row = prepare_event(event(json!({})), &team(), created_at(), &mut warnings).unwrap();
         assert_eq!(row.person_id, Uuid::nil());
-        assert_eq!(row.person_properties, "");
+        assert_eq!(&*row.person_properties, "");
         assert_eq!(row.person_created_at.timestamp(), 0);
-        assert_eq!(row.group_properties, ["{}", "{}", "{}", "{}", "{}"]);
+        assert!(row.group_properties.iter().all(|json| &**json == "{}"));
         assert!(row.group_created_at.iter().all(|at| at.timestamp() == 0));
         assert_eq!(row.elements_chain, "");
     }

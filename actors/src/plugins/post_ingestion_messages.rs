@@ -268,7 +268,7 @@ mod tests {
             elements_chain: "div:nth-child=\"1\"nth-of-type=\"2\"text=\"💻\"".into(),
             created_at: at,
             person_id: Uuid::nil(),
-            person_properties: String::new(),
+            person_properties: "".into(),
             person_created_at: at,
             person_mode: crate::event::PersonMode::Full,
             group_properties: Default::default(),

@@ -19,7 +19,7 @@ fn event() -> EventRow {
         elements_chain: String::new(),
         created_at: Utc::now(),
         person_id: Uuid::nil(),
-        person_properties: String::new(),
+        person_properties: "".into(),
         person_created_at: epoch,
         person_mode: PersonMode::Full,
         group_properties: Default::default(),
