@@ -20,11 +20,15 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, Opts};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::properties::initial_properties;
+use super::rows::{PersonDistinctIdRow, PersonRow};
 use super::state::{PersonError, PersonEvent, Resolution, resolve, uuid_from_distinct_id};
 use super::store::{
-    Person, PersonStoreError, PersonVersion, SharedPersonStore, SnapshotEntry, SnapshotKey,
+    NewPerson, Person, PersonStoreError, PersonVersion, PersonWrite, SharedPersonStore,
+    SnapshotEntry, SnapshotKey, WriteOutcome,
 };
 use crate::event::PersonMode;
 use crate::system::metrics::{Metrics, MetricsError};
@@ -308,6 +312,27 @@ impl PersonManager {
         self.count_lookups(&lookups);
         self.remember_all(&learned);
 
+        // Ids whose remaining events only create or update their own person are written in one
+        // go; the rest (merges, and writes that lost a race) take a transaction per event.
+        let (batched, mut rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(indices, _)| {
+            indices.iter().all(|&index| {
+                let event = &events[index];
+                event.is_simple() || !event.process_person
+            })
+        });
+        match self.write_in_one_go(events, batched, &mut results).await {
+            Ok(lost) => rest.extend(lost),
+            Err(error) => {
+                let message = error.to_string();
+                for result in &mut results {
+                    *result = Some(Err(PersonError::Store(PersonStoreError::Unavailable(
+                        message.clone(),
+                    ))));
+                }
+                return results.into_iter().flatten().collect();
+            }
+        }
+
         let concurrency = self.config.concurrency.max(1);
         let mut runs = futures::stream::iter(rest)
             .map(|(indices, mut known)| async move {
@@ -334,6 +359,99 @@ impl PersonManager {
                 })
             })
             .collect()
+    }
+
+    /// Applies each id's events in memory, in order, and writes every created or changed
+    /// person once, all in one [`PersonStore::write_batch`]. Answers the events of the ids
+    /// written; returns the ids whose write lost a race (nothing of theirs was written), to be
+    /// applied again one event at a time on what is stored now. A store that refuses the
+    /// batch as a whole (a conflict between its statements, a refused row) sends every id
+    /// that way, so one bad event cannot fail the others.
+    async fn write_in_one_go(
+        &self,
+        events: &[PersonEvent],
+        ids: Vec<(Vec<usize>, Option<Known>)>,
+        results: &mut [Option<Result<PersonOutcome, PersonError>>],
+    ) -> Result<Vec<(Vec<usize>, Option<Known>)>, PersonStoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plans: Vec<Plan> = ids
+            .iter()
+            .map(|(indices, known)| Plan::new(events, indices, known.as_ref()))
+            .collect();
+        let writes: Vec<PersonWrite> = plans.iter().filter_map(|plan| plan.write.clone()).collect();
+        let outcomes = match self.store.write_batch(&writes).await {
+            Ok(outcomes) => outcomes,
+            Err(PersonStoreError::Unavailable(message)) => {
+                return Err(PersonStoreError::Unavailable(message));
+            }
+            Err(error) => {
+                tracing::debug!(%error, "batched person writes refused; writing one by one");
+                return Ok(ids
+                    .into_iter()
+                    .map(|(indices, _)| (indices, None))
+                    .collect());
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut lost = Vec::new();
+        let mut learned = Vec::new();
+        for ((indices, _), plan) in ids.into_iter().zip(plans) {
+            let stored = match plan.write {
+                Some(_) => match outcomes.next() {
+                    Some(WriteOutcome::Stored(person)) => Some(person),
+                    Some(WriteOutcome::Lost) | None => {
+                        lost.push((indices, None));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let Plan {
+                mut answers,
+                last_change,
+                created,
+                ..
+            } = plan;
+            if let (Some(person), Some(position)) = (stored, last_change) {
+                let event = &events[indices[position]];
+                if created && let Some(metrics) = &self.metrics {
+                    metrics.created.inc();
+                }
+                let distinct_id_rows = if created {
+                    vec![PersonDistinctIdRow {
+                        team_id: person.team_id,
+                        distinct_id: event.distinct_id.clone(),
+                        person_id: person.uuid,
+                        is_deleted: false,
+                        version: 0,
+                    }]
+                } else {
+                    Vec::new()
+                };
+                let known = Known {
+                    event_person: answers[position].person.clone(),
+                    person: Arc::new(person.clone()),
+                };
+                learned.push((event.team_id, event.distinct_id.as_str(), known));
+                answers[position].changes = Some(Resolution {
+                    person_rows: vec![PersonRow::of(&person)],
+                    person,
+                    distinct_ids: vec![event.distinct_id.clone()],
+                    merged_person: None,
+                    distinct_id_rows,
+                    warnings: Vec::new(),
+                    created,
+                    conflicts: 0,
+                });
+            }
+            for (index, answer) in indices.into_iter().zip(answers) {
+                results[index] = Some(Ok(answer));
+            }
+        }
+        self.remember_all(&learned);
+        Ok(lost)
     }
 
     /// The batch's events by distinct id, each with what the cache holds for it (one lock).
@@ -384,7 +502,8 @@ impl PersonManager {
     ) -> Option<PersonOutcome> {
         if !event.process_person {
             lookups.personless += 1;
-            return Some(personless(event, fresh.as_ref().or(known)));
+            let existing = fresh.as_ref().or(known);
+            return Some(personless(event, existing.map(|known| &known.event_person)));
         }
         if event.is_read_only() {
             if let Some(fresh) = fresh {
@@ -421,7 +540,8 @@ impl PersonManager {
                 ..Lookups::default()
             });
             let cached = self.cached(&(event.team_id, event.distinct_id.clone()));
-            return Ok(personless(event, cached.as_ref().or(known.as_ref())));
+            let existing = cached.as_ref().or(known.as_ref());
+            return Ok(personless(event, existing.map(|known| &known.event_person)));
         }
         if event.is_read_only() {
             let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
@@ -534,29 +654,128 @@ impl PersonManager {
     }
 }
 
+/// One distinct id's events applied in memory, in order: the answer for each, and the one
+/// write that stores the result.
+struct Plan {
+    answers: Vec<PersonOutcome>,
+    write: Option<PersonWrite>,
+    /// The position of the last event that created or changed the person: its answer carries
+    /// the rows for ClickHouse once the write is stored.
+    last_change: Option<usize>,
+    created: bool,
+}
+
+impl Plan {
+    /// The same rules as the transaction path ([`resolve`]): the first event of an id without
+    /// a person creates it (PostHog's v5 id, `$set_once` then `$set`, the creator event's
+    /// uuid); later events apply `$set_once`, `$set` and `$unset` in order. Each event's
+    /// answer is the person as it left it; the version moves once for the batch.
+    fn new(events: &[PersonEvent], indices: &[usize], known: Option<&Known>) -> Self {
+        let mut state: Option<(Person, EventPerson)> =
+            known.map(|known| ((*known.person).clone(), known.event_person.clone()));
+        let mut plan = Plan {
+            answers: Vec::with_capacity(indices.len()),
+            write: None,
+            last_change: None,
+            created: false,
+        };
+        let mut new_person: Option<NewPerson> = None;
+        let distinct_id = indices
+            .first()
+            .map(|&index| events[index].distinct_id.clone())
+            .unwrap_or_default();
+        for (position, &index) in indices.iter().enumerate() {
+            let event = &events[index];
+            if !event.process_person {
+                let existing = state.as_ref().map(|(_, event_person)| event_person);
+                plan.answers.push(personless(event, existing));
+                continue;
+            }
+            let event_person = if let Some((person, event_person)) = state.as_mut() {
+                if event.updates.apply_to(&mut person.properties) {
+                    *event_person = EventPerson::of(person);
+                    plan.last_change = Some(position);
+                }
+                event_person.clone()
+            } else {
+                let created = new_person_for(event);
+                let person = created.clone().stored(0);
+                let event_person = EventPerson::of(&person);
+                new_person = Some(created);
+                plan.created = true;
+                plan.last_change = Some(position);
+                state = Some((person, event_person.clone()));
+                event_person
+            };
+            plan.answers.push(PersonOutcome {
+                person: event_person,
+                mode: PersonMode::Full,
+                changes: None,
+            });
+        }
+        plan.write = match (new_person, state) {
+            (Some(mut created), Some((person, _))) => {
+                // Created and then changed within the batch: created as it ends.
+                created.properties = person.properties;
+                Some(PersonWrite::Create {
+                    distinct_id,
+                    person: created,
+                })
+            }
+            (None, Some((person, _))) if plan.last_change.is_some() => Some(PersonWrite::Update {
+                distinct_id,
+                person,
+            }),
+            _ => None,
+        };
+        plan
+    }
+}
+
+/// The person an id's first event creates (the transaction path's `create`).
+fn new_person_for(event: &PersonEvent) -> NewPerson {
+    let updates = &event.updates;
+    let mut last_operation: Map<String, Value> = updates
+        .set_once
+        .keys()
+        .map(|key| (key.clone(), Value::from("set_once")))
+        .collect();
+    last_operation.extend(
+        updates
+            .set
+            .keys()
+            .map(|key| (key.clone(), Value::from("set"))),
+    );
+    NewPerson {
+        uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),
+        team_id: event.team_id,
+        created_at: event.timestamp,
+        properties: initial_properties(&updates.set, &updates.set_once, &event.event_uuid),
+        properties_last_operation: last_operation,
+        is_identified: false,
+    }
+}
+
 /// `$process_person_profile: false` (PostHog's personless events): nothing is created or
 /// changed. An existing person (cached or in the batch's snapshot) lends its id with empty
 /// properties, and takes the event as its own once it is older than a minute; otherwise the
 /// id is the one PostHog derives from the distinct id.
-fn personless(event: &PersonEvent, existing: Option<&Known>) -> PersonOutcome {
+fn personless(event: &PersonEvent, existing: Option<&EventPerson>) -> PersonOutcome {
     let empty: Arc<str> = Arc::from("{}");
     match existing {
-        Some(known) => {
-            let person = &known.event_person;
-            PersonOutcome {
-                mode: if event.timestamp > person.created_at + FORCE_UPGRADE_AFTER {
-                    PersonMode::ForceUpgrade
-                } else {
-                    PersonMode::Propertyless
-                },
-                person: EventPerson {
-                    uuid: person.uuid,
-                    properties: empty,
-                    created_at: person.created_at,
-                },
-                changes: None,
-            }
-        }
+        Some(person) => PersonOutcome {
+            mode: if event.timestamp > person.created_at + FORCE_UPGRADE_AFTER {
+                PersonMode::ForceUpgrade
+            } else {
+                PersonMode::Propertyless
+            },
+            person: EventPerson {
+                uuid: person.uuid,
+                properties: empty,
+                created_at: person.created_at,
+            },
+            changes: None,
+        },
         None => PersonOutcome {
             person: EventPerson {
                 uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),

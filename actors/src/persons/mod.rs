@@ -33,6 +33,6 @@ pub use properties::{
 pub use rows::{PersonDistinctIdRow, PersonRow};
 pub use state::{PersonError, PersonEvent, Resolution};
 pub use store::{
-    Person, PersonStore, PersonStoreError, PersonVersion, SharedPersonStore, SnapshotEntry,
-    SnapshotKey,
+    Person, PersonStore, PersonStoreError, PersonVersion, PersonWrite, SharedPersonStore,
+    SnapshotEntry, SnapshotKey, WriteOutcome,
 };

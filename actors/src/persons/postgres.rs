@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
 use serde_json::{Map, Value};
 use tokio_postgres::types::{Json, ToSql};
@@ -20,7 +21,7 @@ use crate::postgres::Failure;
 
 use super::store::{
     MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
-    SnapshotEntry, SnapshotKey,
+    PersonWrite, SnapshotEntry, SnapshotKey, WriteOutcome,
 };
 
 pub struct PostgresPersonStore {
@@ -88,6 +89,37 @@ impl PersonStore for PostgresPersonStore {
             .collect()
     }
 
+    async fn write_batch(
+        &self,
+        writes: &[PersonWrite],
+    ) -> Result<Vec<WriteOutcome>, PersonStoreError> {
+        let mut outcomes = vec![WriteOutcome::Lost; writes.len()];
+        if writes.is_empty() {
+            return Ok(outcomes);
+        }
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
+        // Each part is one statement or transaction: when the store refuses it, none of its
+        // writes happened, so they are lost and the caller applies them one by one.
+        let refused = |error: PersonStoreError| match error {
+            PersonStoreError::Unavailable(_) => Err(error),
+            PersonStoreError::Conflict(_) | PersonStoreError::Rejected(_) => {
+                tracing::debug!(%error, "batched person writes refused; the caller retries them one by one");
+                Ok(())
+            }
+        };
+        if let Err(error) = self.write_updates(&client, writes, &mut outcomes).await {
+            refused(error)?;
+        }
+        if let Err(error) = self.write_creates(&mut client, writes, &mut outcomes).await {
+            refused(error)?;
+        }
+        Ok(outcomes)
+    }
+
     async fn snapshot(
         &self,
         keys: &[SnapshotKey<'_>],
@@ -117,6 +149,177 @@ impl PersonStore for PostgresPersonStore {
 }
 
 impl PostgresPersonStore {
+    /// The batch's updates in one statement, in person id order (so that two instances
+    /// updating the same persons lock them in the same order). A person named twice is
+    /// updated for its first write only; the other is lost and applied again by the caller.
+    async fn write_updates(
+        &self,
+        client: &Object,
+        writes: &[PersonWrite],
+        outcomes: &mut [WriteOutcome],
+    ) -> Result<(), PersonStoreError> {
+        let mut updates: Vec<(usize, &Person)> = writes
+            .iter()
+            .enumerate()
+            .filter_map(|(n, write)| match write {
+                PersonWrite::Update { person, .. } => Some((n, person)),
+                PersonWrite::Create { .. } => None,
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(());
+        }
+        updates.sort_by_key(|(n, person)| (person.id, *n));
+        updates.dedup_by_key(|(_, person)| person.id);
+        let ids: Vec<i64> = updates.iter().map(|(_, person)| person.id).collect();
+        let properties: Vec<Json<&Map<String, Value>>> = updates
+            .iter()
+            .map(|(_, person)| Json(&person.properties))
+            .collect();
+        let identified: Vec<bool> = updates.iter().map(|(_, p)| p.is_identified).collect();
+        let created_at: Vec<DateTime<Utc>> = updates.iter().map(|(_, p)| p.created_at).collect();
+        let expected: Vec<i64> = updates.iter().map(|(_, person)| person.version).collect();
+        let statement = client
+            .prepare_cached(UPDATE_PERSONS)
+            .await
+            .map_err(classify)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&ids, &properties, &identified, &created_at, &expected],
+            )
+            .await
+            .map_err(classify)?;
+        let mut versions = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let read = |error| PersonStoreError::Unavailable(format!("{error}"));
+            let id: i64 = row.try_get("id").map_err(read)?;
+            let version: i64 = row.try_get("version").map_err(read)?;
+            versions.insert(id, version);
+        }
+        for (n, person) in updates {
+            if let Some(&version) = versions.get(&person.id) {
+                outcomes[n] = WriteOutcome::Stored(Person {
+                    version,
+                    ..person.clone()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch's new persons in one transaction: insert them all, point their distinct ids
+    /// at them where the id is still free, and delete the persons whose id someone else took
+    /// meanwhile (those writes are lost). Distinct ids are inserted in key order, so that two
+    /// instances creating the same ids wait for each other instead of deadlocking.
+    async fn write_creates(
+        &self,
+        client: &mut Object,
+        writes: &[PersonWrite],
+        outcomes: &mut [WriteOutcome],
+    ) -> Result<(), PersonStoreError> {
+        let mut creates: Vec<(usize, &str, &NewPerson)> = writes
+            .iter()
+            .enumerate()
+            .filter_map(|(n, write)| match write {
+                PersonWrite::Create {
+                    distinct_id,
+                    person,
+                } => Some((n, distinct_id.as_str(), person)),
+                PersonWrite::Update { .. } => None,
+            })
+            .collect();
+        if creates.is_empty() {
+            return Ok(());
+        }
+        creates.sort_by(|a, b| (a.2.team_id, a.1, a.0).cmp(&(b.2.team_id, b.1, b.0)));
+        creates.dedup_by(|a, b| (a.2.team_id, a.1) == (b.2.team_id, b.1));
+        let mut teams = Vec::with_capacity(creates.len());
+        for (_, _, person) in &creates {
+            teams.push(team_column(person.team_id)?);
+        }
+        let uuids: Vec<uuid::Uuid> = creates.iter().map(|(_, _, p)| p.uuid).collect();
+        let created_at: Vec<DateTime<Utc>> = creates.iter().map(|(_, _, p)| p.created_at).collect();
+        let properties: Vec<Json<&Map<String, Value>>> = creates
+            .iter()
+            .map(|(_, _, p)| Json(&p.properties))
+            .collect();
+        let updated_at: Vec<Json<Map<String, Value>>> = creates
+            .iter()
+            .map(|(_, _, person)| Json(last_updated_at(person)))
+            .collect();
+        let last_operation: Vec<Json<&Map<String, Value>>> = creates
+            .iter()
+            .map(|(_, _, p)| Json(&p.properties_last_operation))
+            .collect();
+        let identified: Vec<bool> = creates.iter().map(|(_, _, p)| p.is_identified).collect();
+        let distinct_ids: Vec<&str> = creates.iter().map(|(_, id, _)| *id).collect();
+
+        let transaction = client.transaction().await.map_err(classify)?;
+        let insert = transaction
+            .prepare_cached(INSERT_PERSONS)
+            .await
+            .map_err(classify)?;
+        let read = |error: tokio_postgres::Error| PersonStoreError::Unavailable(error.to_string());
+        let mut ids_by_uuid = HashMap::with_capacity(creates.len());
+        for row in transaction
+            .query(
+                &insert,
+                &[
+                    &uuids,
+                    &created_at,
+                    &teams,
+                    &properties,
+                    &updated_at,
+                    &last_operation,
+                    &identified,
+                ],
+            )
+            .await
+            .map_err(classify)?
+        {
+            let id: i64 = row.try_get("id").map_err(read)?;
+            let uuid: uuid::Uuid = row.try_get("uuid").map_err(read)?;
+            ids_by_uuid.insert(uuid, id);
+        }
+        let mut person_ids = Vec::with_capacity(creates.len());
+        for uuid in &uuids {
+            person_ids.push(*ids_by_uuid.get(uuid).ok_or_else(|| {
+                PersonStoreError::Unavailable("a new person got no id".to_owned())
+            })?);
+        }
+        let link = transaction
+            .prepare_cached(INSERT_DISTINCT_IDS)
+            .await
+            .map_err(classify)?;
+        let mut linked = std::collections::HashSet::with_capacity(creates.len());
+        for row in transaction
+            .query(&link, &[&distinct_ids, &person_ids, &teams])
+            .await
+            .map_err(classify)?
+        {
+            linked.insert(row.try_get::<_, i64>("person_id").map_err(read)?);
+        }
+        let orphans: Vec<i64> = person_ids
+            .iter()
+            .copied()
+            .filter(|id| !linked.contains(id))
+            .collect();
+        if !orphans.is_empty() {
+            transaction
+                .execute("DELETE FROM posthog_person WHERE id = ANY($1)", &[&orphans])
+                .await
+                .map_err(classify)?;
+        }
+        transaction.commit().await.map_err(classify)?;
+        for ((n, _, person), id) in creates.into_iter().zip(person_ids) {
+            if linked.contains(&id) {
+                outcomes[n] = WriteOutcome::Stored(person.clone().stored(id));
+            }
+        }
+        Ok(())
+    }
+
     async fn snapshot_rows(
         &self,
         keys: &[SnapshotKey<'_>],
@@ -180,6 +383,33 @@ const INSERT_PERSON: &str = "INSERT INTO posthog_person \
      (uuid, created_at, team_id, properties, properties_last_updated_at, \
       properties_last_operation, is_identified, version) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, 0) RETURNING id";
+
+/// [`INSERT_PERSON`] for many persons.
+const INSERT_PERSONS: &str = "INSERT INTO posthog_person \
+     (uuid, created_at, team_id, properties, properties_last_updated_at, \
+      properties_last_operation, is_identified, version) \
+     SELECT u.uuid, u.created_at, u.team_id, u.properties, u.updated_at, u.last_operation, \
+       u.is_identified, 0 \
+     FROM unnest($1::uuid[], $2::timestamptz[], $3::int4[], $4::jsonb[], $5::jsonb[], \
+       $6::jsonb[], $7::bool[]) \
+       AS u(uuid, created_at, team_id, properties, updated_at, last_operation, is_identified) \
+     RETURNING id, uuid";
+
+/// Each id only where it has no person yet: the rows returned are the ids now linked.
+const INSERT_DISTINCT_IDS: &str = "INSERT INTO posthog_persondistinctid \
+     (distinct_id, person_id, team_id, version) \
+     SELECT u.distinct_id, u.person_id, u.team_id, 0 \
+     FROM unnest($1::text[], $2::int8[], $3::int4[]) AS u(distinct_id, person_id, team_id) \
+     ON CONFLICT DO NOTHING RETURNING person_id";
+
+/// [`UPDATE_PERSON`] for many persons, each only at the version its write was computed from.
+const UPDATE_PERSONS: &str = "UPDATE posthog_person p \
+     SET properties = u.properties, is_identified = u.is_identified, created_at = u.created_at, \
+         version = COALESCE(p.version, 0) + 1 \
+     FROM unnest($1::int8[], $2::jsonb[], $3::bool[], $4::timestamptz[], $5::int8[]) \
+       AS u(id, properties, is_identified, created_at, expected) \
+     WHERE p.id = u.id AND COALESCE(p.version, 0) = u.expected \
+     RETURNING p.id, p.version";
 
 const INSERT_DISTINCT_ID: &str = "INSERT INTO posthog_persondistinctid \
      (distinct_id, person_id, team_id, version) VALUES ($1, $2, $3, 0)";
@@ -281,6 +511,16 @@ fn team_column(team_id: i64) -> Result<i32, PersonStoreError> {
         .map_err(|error| PersonStoreError::Rejected(error.to_string()))
 }
 
+/// PostHog's `properties_last_updated_at` of a new person: every key at its creation time.
+fn last_updated_at(person: &NewPerson) -> Map<String, Value> {
+    let at = Value::String(person.created_at.to_rfc3339());
+    person
+        .properties
+        .keys()
+        .map(|key| (key.clone(), at.clone()))
+        .collect()
+}
+
 fn person_from_row(row: &tokio_postgres::Row) -> Result<Person, PersonStoreError> {
     let read = |error: tokio_postgres::Error| PersonStoreError::Unavailable(error.to_string());
     let Json(properties): Json<Value> = row.try_get("properties").map_err(read)?;
@@ -317,11 +557,7 @@ impl PersonTransaction for PostgresTransaction {
         distinct_ids: &[&str],
     ) -> Result<Person, PersonStoreError> {
         let team = team_column(person.team_id)?;
-        let updated_at: Map<String, Value> = person
-            .properties
-            .keys()
-            .map(|key| (key.clone(), Value::String(person.created_at.to_rfc3339())))
-            .collect();
+        let updated_at = last_updated_at(&person);
         let rows = self
             .query(
                 INSERT_PERSON,

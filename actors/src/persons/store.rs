@@ -86,6 +86,29 @@ pub enum SnapshotEntry {
     Read(Person),
 }
 
+/// One person write of a batch (see [`PersonStore::write_batch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PersonWrite {
+    /// Store `person`'s properties, `is_identified` and `created_at`, provided its row is
+    /// still at `person.version` (the version they were computed from).
+    Update { distinct_id: String, person: Person },
+    /// Create `person` owning `distinct_id`, provided the id still has no person.
+    Create {
+        distinct_id: String,
+        person: NewPerson,
+    },
+}
+
+/// What became of one [`PersonWrite`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOutcome {
+    /// Written; the person as stored, with its new version (0 for a new person).
+    Stored(Person),
+    /// Someone changed the person (or took the distinct id) first: nothing was written, and
+    /// the caller applies its events again on what is stored now.
+    Lost,
+}
+
 /// A distinct id moved to another person by a merge, with its new version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MovedDistinctId {
@@ -130,6 +153,63 @@ pub trait PersonStore: Send + Sync + 'static {
     /// rather than sent again, so a steady stream of the same users costs no property decoding.
     ///
     /// The default reads every person in full through [`Self::persons_by_distinct_ids`].
+    /// Writes many persons without holding locks across round trips: each write happens only
+    /// if nobody changed its person since it was read (an optimistic check of the row's
+    /// version, or of the distinct id still being free), so a write computed from a stale
+    /// snapshot is [`WriteOutcome::Lost`], never applied. One answer per write, in order.
+    ///
+    /// A write the store refuses (a value too long for its column) is lost as well, with any
+    /// others the store can only refuse together with it; what was stored is still reported
+    /// as stored. An error means the store could not be reached.
+    ///
+    /// The default runs each write in its own transaction.
+    async fn write_batch(
+        &self,
+        writes: &[PersonWrite],
+    ) -> Result<Vec<WriteOutcome>, PersonStoreError> {
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for write in writes {
+            let mut transaction = self.begin().await?;
+            let written = match write {
+                PersonWrite::Update {
+                    distinct_id,
+                    person,
+                } => match transaction
+                    .person_by_distinct_id(person.team_id, distinct_id)
+                    .await?
+                {
+                    Some(stored) if PersonVersion::from(&stored) == PersonVersion::from(person) => {
+                        transaction.update_person(person).await
+                    }
+                    _ => Err(PersonStoreError::Conflict("changed since read".to_owned())),
+                },
+                PersonWrite::Create {
+                    distinct_id,
+                    person,
+                } => {
+                    transaction
+                        .create_person(person.clone(), &[distinct_id.as_str()])
+                        .await
+                }
+            };
+            let outcome = match written {
+                Ok(stored) => match transaction.commit().await {
+                    Ok(()) => WriteOutcome::Stored(stored),
+                    Err(PersonStoreError::Conflict(_)) => WriteOutcome::Lost,
+                    Err(error) => return Err(error),
+                },
+                // Dropping the transaction rolls it back. A refused write is lost too: the
+                // caller's transaction path then finds the refusal and dead-letters its event.
+                Err(PersonStoreError::Conflict(_) | PersonStoreError::Rejected(_)) => {
+                    WriteOutcome::Lost
+                }
+                Err(error) => return Err(error),
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
     async fn snapshot(
         &self,
         keys: &[SnapshotKey<'_>],

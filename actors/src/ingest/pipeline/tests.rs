@@ -309,6 +309,10 @@ impl crate::persons::store::PersonTransaction for TroubledTransaction<'_> {
         person: crate::persons::store::NewPerson,
         distinct_ids: &[&str],
     ) -> Result<crate::persons::Person, PersonStoreError> {
+        // Where Postgres refuses a value: on insert.
+        if distinct_ids.contains(&"rejected") {
+            return Err(PersonStoreError::Rejected("value too long".to_owned()));
+        }
         self.0.create_person(person, distinct_ids).await
     }
 

@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::persons::store::{
-    PersonStore, PersonStoreError, PersonTransaction, SnapshotEntry, SnapshotKey,
+    PersonStore, PersonStoreError, PersonTransaction, PersonWrite, SnapshotEntry, SnapshotKey,
+    WriteOutcome,
 };
 use crate::persons::{MemoryPersonStore, merge_intent, person_updates};
 
@@ -19,6 +20,16 @@ struct CountingStore {
     snapshots: AtomicUsize,
     /// Persons a snapshot sent in full (the others it confirmed as held).
     persons_read: AtomicUsize,
+    /// Calls of `write_batch`, and the person writes they carried.
+    batch_writes: AtomicUsize,
+    written: AtomicUsize,
+}
+
+impl CountingStore {
+    /// Persons written, in transactions of their own or in batches.
+    fn writes(&self) -> usize {
+        self.transactions.load(Ordering::SeqCst) + self.written.load(Ordering::SeqCst)
+    }
 }
 
 #[async_trait]
@@ -55,6 +66,15 @@ impl PersonStore for CountingStore {
         self.persons_read.fetch_add(read, Ordering::SeqCst);
         Ok(answers)
     }
+
+    async fn write_batch(
+        &self,
+        writes: &[PersonWrite],
+    ) -> Result<Vec<WriteOutcome>, PersonStoreError> {
+        self.batch_writes.fetch_add(1, Ordering::SeqCst);
+        self.written.fetch_add(writes.len(), Ordering::SeqCst);
+        self.inner.write_batch(writes).await
+    }
 }
 
 fn event(distinct_id: &str, name: &str, properties: Value) -> PersonEvent {
@@ -88,14 +108,10 @@ async fn a_known_id_without_changes_is_answered_from_the_cache() {
     let first = manager
         .resolve_batch(&[event("u", "$pageview", json!({}))])
         .await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    assert_eq!(store.writes(), 1);
     let events: Vec<PersonEvent> = (0..5).map(|_| event("u", "$pageview", json!({}))).collect();
     let again = manager.resolve_batch(&events).await;
-    assert_eq!(
-        store.transactions.load(Ordering::SeqCst),
-        1,
-        "no new transaction"
-    );
+    assert_eq!(store.writes(), 1, "no new transaction");
     for outcome in &again {
         assert_eq!(person(outcome), person(&first[0]));
         assert!(outcome.as_ref().expect("ok").changes.is_none());
@@ -105,11 +121,11 @@ async fn a_known_id_without_changes_is_answered_from_the_cache() {
     let set = manager
         .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "k": 1 } }))])
         .await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    assert_eq!(store.writes(), 2);
     let cached = manager
         .resolve_batch(&[event("u", "$pageview", json!({}))])
         .await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    assert_eq!(store.writes(), 2);
     assert_eq!(person(&cached[0]).properties, person(&set[0]).properties);
     assert!(person(&cached[0]).properties.contains("\"k\":1"));
 }
@@ -133,11 +149,7 @@ async fn an_expired_or_disabled_cache_reads_the_store_but_takes_no_transaction()
                 .await;
         }
         assert_eq!(store.snapshots.load(Ordering::SeqCst), 3);
-        assert_eq!(
-            store.transactions.load(Ordering::SeqCst),
-            1,
-            "only the creation"
-        );
+        assert_eq!(store.writes(), 1, "only the creation");
     }
 }
 
@@ -151,7 +163,7 @@ async fn updates_that_change_nothing_take_no_transaction() {
             json!({ "$set": { "plan": "pro" }, "$set_once": { "first": "a" } }),
         )])
         .await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    assert_eq!(store.writes(), 1);
     // A whole batch of the same updates, and $set_once of keys already there: no writes.
     let events: Vec<PersonEvent> = (0..5)
         .map(|_| {
@@ -163,7 +175,7 @@ async fn updates_that_change_nothing_take_no_transaction() {
         })
         .collect();
     let same = manager.resolve_batch(&events).await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 1);
+    assert_eq!(store.writes(), 1);
     for outcome in &same {
         assert_eq!(person(outcome), person(&first[0]));
     }
@@ -174,7 +186,7 @@ async fn updates_that_change_nothing_take_no_transaction() {
         event("u", "$pageview", json!({ "$set": { "plan": "team" } })),
     ];
     let changed = manager.resolve_batch(&events).await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 2);
+    assert_eq!(store.writes(), 2);
     assert!(person(&changed[0]).properties.contains("\"plan\":\"pro\""));
     assert!(person(&changed[1]).properties.contains("\"plan\":\"team\""));
     assert_eq!(person(&changed[2]), person(&changed[1]));
@@ -199,7 +211,7 @@ async fn a_snapshot_confirms_cached_persons_instead_of_reading_them_again() {
             .collect()
     };
     let first = manager.resolve_batch(&batch("https://a")).await;
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 50);
+    assert_eq!(store.writes(), 50);
     let read_at_first = store.persons_read.load(Ordering::SeqCst);
     for _ in 0..3 {
         let again = manager.resolve_batch(&batch("https://b")).await;
@@ -207,7 +219,7 @@ async fn a_snapshot_confirms_cached_persons_instead_of_reading_them_again() {
             assert_eq!(person(before), person(after));
         }
     }
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 50, "no writes");
+    assert_eq!(store.writes(), 50, "no writes");
     assert_eq!(store.snapshots.load(Ordering::SeqCst), 4, "one per batch");
     assert_eq!(
         store.persons_read.load(Ordering::SeqCst),
@@ -236,15 +248,152 @@ async fn a_person_changed_elsewhere_is_read_again_and_updated() {
         transaction.update_person(&stored).await.expect("update");
         transaction.commit().await.expect("commit");
     }
-    let transactions = store.transactions.load(Ordering::SeqCst);
+    let transactions = store.writes();
     let outcome = manager
         .resolve_batch(&[event("u", "$pageview", json!({ "$set_once": { "a": 2 } }))])
         .await;
     assert!(person(&outcome[0]).properties.contains("\"a\":2"));
+    assert_eq!(store.writes(), transactions + 1, "the event was applied");
+}
+
+/// A batch of first sights and plain updates writes each person once, in one batch write,
+/// whatever the number of its events; each event still carries its person as it left it, and
+/// the ClickHouse rows carry each person's final version once.
+#[tokio::test]
+async fn new_and_changed_persons_are_written_once_per_batch() {
+    let (manager, store) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[event("old", "$pageview", json!({ "$set": { "n": 0 } }))])
+        .await;
+    let (writes_before, batch_writes_before) =
+        (store.writes(), store.batch_writes.load(Ordering::SeqCst));
+    let mut events = Vec::new();
+    for n in 1..=3 {
+        events.push(event("old", "$pageview", json!({ "$set": { "n": n } })));
+        events.push(event(
+            "new",
+            "$pageview",
+            json!({ "$set": { "n": n * 10 } }),
+        ));
+    }
+    let outcomes = manager.resolve_batch(&events).await;
+    assert_eq!(store.writes() - writes_before, 2, "one write per person");
     assert_eq!(
-        store.transactions.load(Ordering::SeqCst),
-        transactions + 1,
-        "the event was applied"
+        store.batch_writes.load(Ordering::SeqCst) - batch_writes_before,
+        1
+    );
+    let seen: Vec<Value> = outcomes
+        .iter()
+        .map(|outcome| {
+            serde_json::from_str::<Value>(&person(outcome).properties).expect("json")["n"].clone()
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            json!(1),
+            json!(10),
+            json!(2),
+            json!(20),
+            json!(3),
+            json!(30)
+        ]
+    );
+    let rows: Vec<&Resolution> = outcomes
+        .iter()
+        .filter_map(|outcome| outcome.as_ref().expect("ok").changes.as_ref())
+        .collect();
+    assert_eq!(rows.len(), 2, "one set of rows per person");
+    for resolution in rows {
+        assert_eq!(resolution.person_rows.len(), 1);
+        assert!(resolution.person_rows[0].properties.contains("\"n\":3"));
+    }
+    let created = outcomes[1].as_ref().expect("ok");
+    assert_eq!(created.person.uuid, uuid_from_distinct_id(2, "new"));
+
+    // What was written is what a later batch finds.
+    let later = manager
+        .resolve_batch(&[
+            event("old", "$pageview", json!({})),
+            event("new", "$pageview", json!({})),
+        ])
+        .await;
+    assert!(person(&later[0]).properties.contains("\"n\":3"));
+    assert!(person(&later[1]).properties.contains("\"n\":30"));
+}
+
+/// The memory store, with another writer that changes person `u` (`b: 2`) once, between the
+/// batch's snapshot and its write.
+#[derive(Default)]
+struct Interfering {
+    inner: MemoryPersonStore,
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl PersonStore for Interfering {
+    fn name(&self) -> &'static str {
+        "interfering"
+    }
+
+    async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError> {
+        self.inner.begin().await
+    }
+
+    async fn persons_by_distinct_ids(
+        &self,
+        keys: &[(i64, String)],
+    ) -> Result<HashMap<(i64, String), crate::persons::Person>, PersonStoreError> {
+        self.inner.persons_by_distinct_ids(keys).await
+    }
+
+    async fn write_batch(
+        &self,
+        writes: &[PersonWrite],
+    ) -> Result<Vec<WriteOutcome>, PersonStoreError> {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            let mut transaction = self.inner.begin().await?;
+            if let Some(mut stored) = transaction.person_by_distinct_id(2, "u").await? {
+                stored.properties.insert("b".to_owned(), json!(2));
+                transaction.update_person(&stored).await?;
+            }
+            transaction.commit().await?;
+        }
+        self.inner.write_batch(writes).await
+    }
+}
+
+/// A write computed from a person someone else changed after the snapshot is lost, not
+/// applied over the other change: the event is applied again on the stored person.
+#[tokio::test]
+async fn a_write_that_lost_a_race_is_applied_again_on_the_stored_person() {
+    let store = Arc::new(Interfering::default());
+    let shared: SharedPersonStore = store.clone();
+    let manager = PersonManager::new(shared, PersonConfig::default());
+    store.done.store(true, Ordering::SeqCst);
+    manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "a": 1 } }))])
+        .await;
+    store.done.store(false, Ordering::SeqCst);
+    let outcome = manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "a": 5 } }))])
+        .await;
+    let answered = &person(&outcome[0]).properties;
+    assert!(
+        answered.contains("\"a\":5") && answered.contains("\"b\":2"),
+        "{answered}"
+    );
+    let mut transaction = store.begin().await.expect("begin");
+    let stored = transaction
+        .person_by_distinct_id(2, "u")
+        .await
+        .expect("read")
+        .expect("person");
+    assert_eq!(stored.properties["a"], json!(5));
+    assert_eq!(stored.properties["b"], json!(2));
+    assert_eq!(
+        stored.version, 2,
+        "created, changed by the other writer, then by the event"
     );
 }
 
@@ -340,7 +489,7 @@ async fn personless_events_create_and_change_nothing() {
     assert_eq!(&*outcome.person.properties, "{}");
     assert_eq!(outcome.person.created_at.timestamp(), 5);
     assert!(outcome.changes.is_none());
-    assert_eq!(store.transactions.load(Ordering::SeqCst), 0);
+    assert_eq!(store.writes(), 0);
     assert!(
         store
             .persons_by_distinct_ids(&[(2, "ghost".to_owned())])
@@ -383,11 +532,7 @@ async fn personless_events_create_and_change_nothing() {
         outcomes[0].as_ref().expect("answered").mode,
         PersonMode::ForceUpgrade
     );
-    assert_eq!(
-        store.transactions.load(Ordering::SeqCst),
-        2,
-        "only the two creations"
-    );
+    assert_eq!(store.writes(), 2, "only the two creations");
 }
 
 /// PostHog's ids for `team:distinct_id`: UUID v5 in its person namespace.

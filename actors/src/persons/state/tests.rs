@@ -390,6 +390,108 @@ async fn a_snapshot_confirms_current_copies_and_sends_changed_ones(store: &dyn P
     assert_ne!(kept.person.version, merged.person.version);
 }
 
+/// `write_batch`'s contract: an update at the version it was computed from is stored (version
+/// plus one); one from an older version, or a second write of the same person in the batch,
+/// is lost and changes nothing; a new person is created where its distinct id is free, and
+/// lost (leaving no person behind) where the id is taken.
+async fn batch_writes_apply_only_to_what_was_read(store: &dyn PersonStore) {
+    use crate::persons::store::{PersonWrite, WriteOutcome};
+
+    let current = run(
+        store,
+        &event("current", "$pageview", json!({ "$set": { "v": 1 } }), 1),
+    )
+    .await
+    .person;
+    let stale = run(
+        store,
+        &event("stale", "$pageview", json!({ "$set": { "v": 1 } }), 2),
+    )
+    .await
+    .person;
+    run(
+        store,
+        &event("stale", "$pageview", json!({ "$set": { "v": 2 } }), 3),
+    )
+    .await;
+    run(store, &event("taken", "$pageview", json!({}), 4)).await;
+    let with = |person: &Person, v: i64| {
+        let mut changed = person.clone();
+        changed.properties.insert("v".to_owned(), json!(v));
+        changed
+    };
+    let new_person = |distinct_id: &str| NewPerson {
+        uuid: uuid_from_distinct_id(TEAM, distinct_id),
+        team_id: TEAM,
+        created_at: at(5),
+        properties: props(json!({ "fresh": true })),
+        properties_last_operation: props(json!({ "fresh": "set" })),
+        is_identified: false,
+    };
+    let writes = [
+        PersonWrite::Update {
+            distinct_id: "current".to_owned(),
+            person: with(&current, 10),
+        },
+        PersonWrite::Update {
+            distinct_id: "stale".to_owned(),
+            person: with(&stale, 10),
+        },
+        PersonWrite::Create {
+            distinct_id: "free".to_owned(),
+            person: new_person("free"),
+        },
+        PersonWrite::Create {
+            distinct_id: "taken".to_owned(),
+            person: new_person("taken"),
+        },
+        PersonWrite::Update {
+            distinct_id: "current".to_owned(),
+            person: with(&current, 20),
+        },
+    ];
+    let outcomes = store.write_batch(&writes).await.expect("write");
+    assert_eq!(outcomes.len(), 5);
+    assert_eq!(
+        outcomes[0],
+        WriteOutcome::Stored(Person {
+            version: current.version + 1,
+            ..with(&current, 10)
+        })
+    );
+    assert_eq!(
+        outcomes[1],
+        WriteOutcome::Lost,
+        "written from an older version"
+    );
+    let WriteOutcome::Stored(free) = &outcomes[2] else {
+        panic!("the free id's person was not created: {:?}", outcomes[2]);
+    };
+    assert_eq!(
+        (free.version, free.uuid),
+        (0, uuid_from_distinct_id(TEAM, "free"))
+    );
+    assert_eq!(outcomes[3], WriteOutcome::Lost, "the id has a person");
+    assert_eq!(outcomes[4], WriteOutcome::Lost, "the same person twice");
+
+    let stored = |id: &'static str| async move { person_of(store, id).await };
+    assert_eq!(
+        stored("current").await.expect("current").properties["v"],
+        json!(10)
+    );
+    assert_eq!(
+        stored("stale").await.expect("stale").properties["v"],
+        json!(2)
+    );
+    assert_eq!(stored("free").await.as_ref(), Some(free));
+    let taken = stored("taken").await.expect("taken");
+    assert_ne!(taken.uuid, Uuid::nil());
+    assert!(
+        taken.properties.get("fresh").is_none(),
+        "the first person keeps the id"
+    );
+}
+
 async fn concurrent_identifies_of_one_user_end_with_one_person(store: Arc<dyn PersonStore>) {
     for (anon, key) in [("anon-a", "from_a"), ("anon-b", "from_b")] {
         run(
@@ -446,6 +548,7 @@ macro_rules! scenarios {
         an_illegal_id_is_refused_with_a_warning(&*$store(7).await).await;
         concurrent_identifies_of_one_user_end_with_one_person($store(8).await).await;
         a_snapshot_confirms_current_copies_and_sends_changed_ones(&*$store(9).await).await;
+        batch_writes_apply_only_to_what_was_read(&*$store(10).await).await;
     };
 }
 
@@ -571,6 +674,50 @@ mod postgres {
                 ),
             ]
         );
+    }
+
+    /// A value Postgres refuses (a distinct id longer than its column) loses the writes it
+    /// shares a statement with, and only those: the updates beside them are stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_create_on_postgres_loses_only_the_creates() {
+        use crate::persons::store::{PersonWrite, WriteOutcome};
+
+        let store = postgres_store(51).await;
+        let person = run(store.as_ref(), &event("u", "$pageview", json!({}), 1))
+            .await
+            .person;
+        let mut changed = person.clone();
+        changed.properties.insert("v".to_owned(), json!(1));
+        let too_long = "x".repeat(500);
+        let outcomes = store
+            .write_batch(&[
+                PersonWrite::Create {
+                    distinct_id: too_long.clone(),
+                    person: NewPerson {
+                        uuid: uuid_from_distinct_id(TEAM, &too_long),
+                        team_id: TEAM,
+                        created_at: at(2),
+                        properties: Map::new(),
+                        properties_last_operation: Map::new(),
+                        is_identified: false,
+                    },
+                },
+                PersonWrite::Update {
+                    distinct_id: "u".to_owned(),
+                    person: changed.clone(),
+                },
+            ])
+            .await
+            .expect("the store answered");
+        assert_eq!(outcomes[0], WriteOutcome::Lost);
+        assert_eq!(
+            outcomes[1],
+            WriteOutcome::Stored(Person {
+                version: person.version + 1,
+                ..changed
+            })
+        );
+        assert!(person_of(store.as_ref(), &too_long).await.is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
