@@ -11,7 +11,8 @@
 //! Batches in flight overlap, but one distinct id's events still reach the person step in the
 //! order they were read: each batch takes a turn of the consumer's
 //! [`KeyOrder`](crate::ingest::order) when it is read, and holds its distinct ids from its
-//! person step until it is stored (or given up), retries included.
+//! person step until its person changes are applied; a retry of the batch reuses those
+//! answers rather than applying them again.
 //!
 //! On rebalance, the revoke callback (which librdkafka runs on this actor's thread, inside
 //! `recv`) blocks until the in-flight batches are acknowledged, up to `rebalance_drain_timeout`,

@@ -16,10 +16,16 @@
 //! still comes before any later batch of the same users, and a retried batch never reapplies
 //! an old `$set` over a newer one.
 //!
+//! A batch may end its claim sooner, with [`BatchTurn::release`], once its person changes are
+//! final: the pipeline keeps the person step's answers in the turn ([`BatchTurn::keep`]) and a
+//! retry reuses them instead of applying the changes again, so the later batches need not wait
+//! for its write.
+//!
 //! Waits only ever point at earlier turns, so they cannot form a cycle.
 
+use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +83,7 @@ impl KeyOrder {
             turn,
             ended: CancellationToken::new(),
             claimed: Mutex::new(None),
+            kept: OnceLock::new(),
         }
     }
 
@@ -103,6 +110,8 @@ pub struct BatchTurn {
     ended: CancellationToken,
     /// What the first claim took, once it is made.
     claimed: Mutex<Option<Claimed>>,
+    /// What the batch's first attempt kept for its retries (see [`BatchTurn::keep`]).
+    kept: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 /// The keys a batch claimed are the `holders` entries carrying its turn; what is kept here is
@@ -180,6 +189,33 @@ impl BatchTurn {
         }
         earlier.retain(|ended| !ended.is_cancelled());
         Some(earlier.clone())
+    }
+}
+
+impl BatchTurn {
+    /// Keeps `value` for the batch's later attempts (the first value kept stays).
+    pub fn keep<T: Any + Send + Sync>(&self, value: Arc<T>) {
+        let _ = self.kept.set(value);
+    }
+
+    /// What an earlier attempt of the batch kept, if it was a `T`.
+    pub fn kept<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        Arc::clone(self.kept.get()?).downcast::<T>().ok()
+    }
+
+    /// Ends the batch's claim before the batch ends: the later batches holding the same keys
+    /// go on. Only for a batch whose changes to those keys are final (its retries reuse what it
+    /// [kept](Self::keep) rather than changing them again).
+    pub fn release(&self) {
+        let claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        if claimed.is_some() {
+            self.order
+                .lock()
+                .holders
+                .retain(|_, (turn, _)| *turn != self.turn);
+        }
+        drop(claimed);
+        self.ended.cancel();
     }
 }
 

@@ -370,24 +370,7 @@ impl Run {
         let mut stamped = self
             .step("stamp", move || stamp_batch(resolved, with_persons))
             .await?;
-        if let Some(turn) = turn {
-            let started = std::time::Instant::now();
-            turn.claim(stamped.order_keys()).await;
-            self.step_duration
-                .with_label_values(&["order"])
-                .observe(started.elapsed().as_secs_f64());
-        }
-        let persons = match &self.persons {
-            Some(manager) => {
-                let started = std::time::Instant::now();
-                let outcomes = manager.resolve_batch(&stamped.person_events).await;
-                self.step_duration
-                    .with_label_values(&["persons"])
-                    .observe(started.elapsed().as_secs_f64());
-                Some(check_persons(outcomes)?)
-            }
-            None => None,
-        };
+        let persons = self.person_step(&stamped, turn).await?;
         stamped.person_events.clear();
         let groups = match &self.groups {
             Some(manager) => {
@@ -472,6 +455,52 @@ impl Run {
             publisher.publish_stored(follow_up).await?;
         }
         Ok(outcome)
+    }
+
+    /// The person step in its batch's turn: claims the batch's distinct ids, applies its person
+    /// changes, then keeps the answers in the turn and releases the ids, so that the next
+    /// batch of the same users goes on while this one is written. A retry of the batch (its
+    /// write failed) reuses the kept answers: applying its changes again could undo a later
+    /// batch's. Without a turn (HTTP capture), the step just runs.
+    async fn person_step(
+        &self,
+        stamped: &Stamped,
+        turn: Option<&BatchTurn>,
+    ) -> Result<Option<Arc<AppliedPersons>>, PipelineError> {
+        let Some(manager) = &self.persons else {
+            return Ok(None);
+        };
+        let fingerprint = stamped.fingerprint();
+        if let Some(kept) = turn.and_then(BatchTurn::kept::<AppliedPersons>) {
+            if kept.fingerprint == fingerprint {
+                return Ok(Some(kept));
+            }
+            // Only a plugin that answers differently on a retry gets here.
+            tracing::warn!(
+                "a retried batch's events differ from its first attempt's; applying their person changes again"
+            );
+        }
+        if let Some(turn) = turn {
+            let started = std::time::Instant::now();
+            turn.claim(stamped.order_keys()).await;
+            self.step_duration
+                .with_label_values(&["order"])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        let started = std::time::Instant::now();
+        let outcomes = manager.resolve_batch(&stamped.person_events).await;
+        self.step_duration
+            .with_label_values(&["persons"])
+            .observe(started.elapsed().as_secs_f64());
+        let applied = Arc::new(AppliedPersons {
+            fingerprint,
+            answers: check_persons(outcomes)?,
+        });
+        if let Some(turn) = turn {
+            turn.keep(Arc::clone(&applied));
+            turn.release();
+        }
+        Ok(Some(applied))
     }
 
     /// Spec 1.3 step 3: each team's processEvent chain, teams in parallel. Returns the events
@@ -719,7 +748,29 @@ struct Stamped {
     dropped_personless: usize,
 }
 
+/// What a batch's person step answered, one answer per event, and which events those were.
+struct AppliedPersons {
+    fingerprint: u64,
+    answers: Vec<PersonAnswer>,
+}
+
 impl Stamped {
+    /// Tells one batch's events from another's: the team, distinct id, uuid and name of each,
+    /// in order. A retry parses the same messages into the same events unless a plugin answers
+    /// differently.
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.events.len().hash(&mut hasher);
+        for (event, team) in &self.events {
+            team.id.hash(&mut hasher);
+            event.event.distinct_id.hash(&mut hasher);
+            event.event.uuid.hash(&mut hasher);
+            event.event.event.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
     /// The distinct ids whose persons and groups this batch changes: each event's own, and the
     /// other id an identify, alias or merge names.
     fn order_keys(&self) -> impl Iterator<Item = OrderKey> + '_ {
@@ -843,7 +894,7 @@ fn check_persons(
 
 fn build_batch(
     stamped: Stamped,
-    persons: Option<Vec<PersonAnswer>>,
+    persons: Option<Arc<AppliedPersons>>,
     groups: Option<GroupOutcome>,
 ) -> WriteBatch {
     let created_at = Utc::now();
@@ -858,7 +909,7 @@ fn build_batch(
         groups: group_rows,
         ..WriteBatch::default()
     };
-    let mut persons = persons.map(Vec::into_iter);
+    let mut persons = persons.as_ref().map(|applied| applied.answers.iter());
     for (event, team) in stamped.events {
         let answer = persons.as_mut().and_then(Iterator::next);
         let groups: Option<EventGroups> = event_groups.as_mut().and_then(Iterator::next);
@@ -878,13 +929,18 @@ fn build_batch(
         // The person step committed this event's person changes whatever becomes of the
         // event, so ClickHouse gets them even when the row itself is dead-lettered.
         let (row_person, changes) = match outcome {
-            Some(outcome) => (Some((outcome.person, outcome.mode)), outcome.changes),
+            Some(outcome) => (
+                Some((outcome.person.clone(), outcome.mode)),
+                outcome.changes.as_ref(),
+            ),
             None => (None, None),
         };
         if let Some(changes) = changes {
-            batch.persons.extend(changes.person_rows);
-            batch.person_distinct_ids.extend(changes.distinct_id_rows);
-            batch.warnings.extend(changes.warnings);
+            batch.persons.extend(changes.person_rows.iter().cloned());
+            batch
+                .person_distinct_ids
+                .extend(changes.distinct_id_rows.iter().cloned());
+            batch.warnings.extend(changes.warnings.iter().cloned());
         }
         let columns = match groups {
             Some(Err(error)) => {

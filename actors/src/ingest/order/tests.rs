@@ -24,6 +24,33 @@ async fn a_later_batch_waits_for_the_earlier_holder_of_its_key() {
     second.claim([key("a")]).await;
 }
 
+/// A batch whose changes are final releases its keys before it ends (it is still being
+/// written): the later batch goes on, and the released batch's end changes nothing.
+#[tokio::test]
+async fn a_released_claim_lets_the_later_batch_go_on_before_the_end() {
+    let order = KeyOrder::new();
+    let first = order.next_turn();
+    let second = order.next_turn();
+    first.claim([key("a"), key("b")]).await;
+    assert!(stays_pending(second.claim([key("a")])).await);
+    first.keep(Arc::new(7_u32));
+    first.release();
+    second.claim([key("a")]).await;
+    assert_eq!(order.held_keys(), 1, "b is free, a is the second batch's");
+    assert_eq!(first.kept::<u32>().as_deref(), Some(&7));
+    assert!(first.kept::<String>().is_none(), "kept as another type");
+    drop(first);
+    assert_eq!(
+        order.held_keys(),
+        1,
+        "the first batch's end leaves the second's key"
+    );
+    let third = order.next_turn();
+    assert!(stays_pending(third.claim([key("a")])).await);
+    drop(second);
+    third.claim([key("a")]).await;
+}
+
 #[tokio::test]
 async fn batches_of_different_ids_do_not_wait_for_each_other() {
     let order = KeyOrder::new();

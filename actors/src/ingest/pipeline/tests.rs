@@ -586,3 +586,71 @@ async fn unordered_batches_of_one_user_lose_the_later_update() {
 async fn batch_turns_apply_one_users_updates_in_read_order() {
     assert_eq!(two_batches_race(true).await, (json!(2), 1));
 }
+
+/// A batch releases its distinct ids once its person changes are applied, so the next batch of
+/// the same user goes on while it is still being written; and when the batch is tried again
+/// (its write failed), it reuses its person answers instead of applying its `$set` again over
+/// the later batch's.
+#[actix::test]
+async fn a_retried_batch_reuses_its_person_step_and_does_not_undo_a_later_batch() {
+    use crate::ingest::order::KeyOrder;
+    use crate::persons::PersonStore as _;
+
+    let store = Arc::new(crate::persons::MemoryPersonStore::new());
+    let manager = Arc::new(PersonManager::new(
+        Arc::clone(&store) as Arc<dyn crate::persons::PersonStore>,
+        crate::persons::PersonConfig::default(),
+    ));
+    let harness = start_with_persons(Some(manager)).await;
+    let order = KeyOrder::new();
+    let first_turn = Arc::new(order.next_turn());
+    let second_turn = Arc::new(order.next_turn());
+    let set = |seen: u32| {
+        vec![envelope(
+            json!({"event": "$pageview", "properties": {"$set": {"seen": seen}}}),
+            json!({}),
+        )]
+    };
+    let first = set(1);
+    ingest_in_turn(
+        harness.pipeline.clone(),
+        first.clone(),
+        Some(Arc::clone(&first_turn)),
+    )
+    .await;
+    // The first batch's turn lives on (its offsets are not committed yet): the second batch
+    // must not wait for it.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        ingest_in_turn(harness.pipeline.clone(), set(2), Some(second_turn)),
+    )
+    .await
+    .expect("the second batch waited for the first one's end");
+    // The first batch again, as after a failed write.
+    ingest_in_turn(harness.pipeline.clone(), first, Some(first_turn)).await;
+
+    let key = (1, "user-1".to_owned());
+    let person = store
+        .persons_by_distinct_ids(std::slice::from_ref(&key))
+        .await
+        .expect("read")
+        .remove(&key)
+        .expect("person");
+    assert_eq!(
+        (person.properties["seen"].clone(), person.version),
+        (json!(2), 1),
+        "the retry changed the person again"
+    );
+    let events = read_lines(harness.data.path(), "events");
+    assert_eq!(events.len(), 3);
+    let seen_in_rows: Vec<Value> = events
+        .iter()
+        .map(|event| {
+            let person: Value =
+                serde_json::from_str(event["person_properties"].as_str().expect("string"))
+                    .expect("json");
+            person["seen"].clone()
+        })
+        .collect();
+    assert_eq!(seen_in_rows, [json!(1), json!(2), json!(1)]);
+}
