@@ -47,6 +47,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Before the pipeline's first batch touches memory (see the function for why).
+    let huge_pages_off = plugin_server_alloc::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let settings = match Settings::load(&LoadOptions {
         profile: cli.profile.clone(),
@@ -61,6 +63,9 @@ fn main() -> ExitCode {
     };
     // Held to the end of main: dropping it flushes queued error reports.
     let _telemetry = telemetry::init(&settings);
+    if let Err(error) = huge_pages_off {
+        tracing::info!(%error, "transparent huge pages stay on for this process");
+    }
 
     if cli.healthcheck {
         return healthcheck(&settings);
