@@ -66,8 +66,8 @@ pub fn prepare_normalized_event(
 /// `$elements_chain` (with `elementsChainAsString`), older clients send `$elements` to be
 /// rendered. The string wins when it is truthy; both leave the properties either way.
 fn take_elements_chain(properties: &mut Properties) -> String {
-    let ready = properties.remove("$elements_chain");
-    let elements = properties.remove("$elements");
+    let ready = properties.shift_remove("$elements_chain");
+    let elements = properties.shift_remove("$elements");
     match (ready, elements) {
         (Some(ready), _) if is_truthy(&ready) => to_js_string(&ready),
         (_, Some(Value::Array(elements))) => elements_chain(&elements),
@@ -434,6 +434,24 @@ mod tests {
         let row = prepare_event(input, &team(), created_at(), &mut warnings).unwrap();
         assert_eq!(row.elements_chain, "div:nth-child=\"0\"nth-of-type=\"0\"");
         assert!(properties_of(&row).get("$elements_chain").is_none());
+    }
+
+    /// JavaScript's `delete` keeps the other keys in place, and so does the stored JSON here
+    /// (serde_json's `remove` would move the last key into the gap).
+    #[test]
+    fn removing_the_elements_keeps_the_other_properties_in_order() {
+        let input = event(json!({
+            "first": 1,
+            "$elements_chain": "div:nth-child=\"1\"",
+            "second": 2,
+            "$elements": [],
+            "third": 3,
+            "last": 4,
+        }));
+        let mut warnings = Vec::new();
+        let row = prepare_event(input, &team(), created_at(), &mut warnings).unwrap();
+        let keys: Vec<String> = properties_of(&row).keys().cloned().collect();
+        assert_eq!(keys, ["first", "second", "third", "last", "$ip"]);
     }
 
     #[test]
