@@ -20,12 +20,12 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lru::LruCache;
 use prometheus::{IntCounter, IntCounterVec, Opts};
-use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::properties::initial_properties;
 use super::rows::{PersonDistinctIdRow, PersonRow};
-use super::state::{PersonError, PersonEvent, Resolution, resolve, uuid_from_distinct_id};
+use super::state::{
+    PersonError, PersonEvent, Resolution, new_person, resolve, uuid_from_distinct_id,
+};
 use super::store::{
     NewPerson, Person, PersonStoreError, PersonVersion, PersonWrite, SharedPersonStore,
     SnapshotEntry, SnapshotKey, WriteOutcome,
@@ -679,7 +679,7 @@ impl Plan {
             last_change: None,
             created: false,
         };
-        let mut new_person: Option<NewPerson> = None;
+        let mut created_person: Option<NewPerson> = None;
         let distinct_id = indices
             .first()
             .map(|&index| events[index].distinct_id.clone())
@@ -698,10 +698,10 @@ impl Plan {
                 }
                 event_person.clone()
             } else {
-                let created = new_person_for(event);
+                let created = new_person(event, &event.distinct_id, false);
                 let person = created.clone().stored(0);
                 let event_person = EventPerson::of(&person);
-                new_person = Some(created);
+                created_person = Some(created);
                 plan.created = true;
                 plan.last_change = Some(position);
                 state = Some((person, event_person.clone()));
@@ -713,7 +713,7 @@ impl Plan {
                 changes: None,
             });
         }
-        plan.write = match (new_person, state) {
+        plan.write = match (created_person, state) {
             (Some(mut created), Some((person, _))) => {
                 // Created and then changed within the batch: created as it ends.
                 created.properties = person.properties;
@@ -729,30 +729,6 @@ impl Plan {
             _ => None,
         };
         plan
-    }
-}
-
-/// The person an id's first event creates (the transaction path's `create`).
-fn new_person_for(event: &PersonEvent) -> NewPerson {
-    let updates = &event.updates;
-    let mut last_operation: Map<String, Value> = updates
-        .set_once
-        .keys()
-        .map(|key| (key.clone(), Value::from("set_once")))
-        .collect();
-    last_operation.extend(
-        updates
-            .set
-            .keys()
-            .map(|key| (key.clone(), Value::from("set"))),
-    );
-    NewPerson {
-        uuid: uuid_from_distinct_id(event.team_id, &event.distinct_id),
-        team_id: event.team_id,
-        created_at: event.timestamp,
-        properties: initial_properties(&updates.set, &updates.set_once, &event.event_uuid),
-        properties_last_operation: last_operation,
-        is_identified: false,
     }
 }
 

@@ -65,19 +65,9 @@ impl PersonStore for PostgresPersonStore {
             teams.push(team_column(*team_id)?);
             ids.push(distinct_id.as_str());
         }
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
-        let statement = client
-            .prepare_cached(SELECT_PERSONS_SNAPSHOT)
-            .await
-            .map_err(classify)?;
-        let rows = client
-            .query(&statement, &[&teams, &ids])
-            .await
-            .map_err(classify)?;
+        let rows = self
+            .query_pooled(SELECT_PERSONS_SNAPSHOT, &[&teams, &ids])
+            .await?;
         rows.iter()
             .map(|row| {
                 let distinct_id: String = row
@@ -334,19 +324,23 @@ impl PostgresPersonStore {
             held_ids.push(key.held.map(|held| held.id));
             held_versions.push(key.held.map(|held| held.version));
         }
+        self.query_pooled(SELECT_SNAPSHOT, &[&teams, &ids, &held_ids, &held_versions])
+            .await
+    }
+
+    /// One statement outside any transaction, on a pooled connection.
+    async fn query_pooled(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, PersonStoreError> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
-        let statement = client
-            .prepare_cached(SELECT_SNAPSHOT)
-            .await
-            .map_err(classify)?;
-        client
-            .query(&statement, &[&teams, &ids, &held_ids, &held_versions])
-            .await
-            .map_err(classify)
+        let statement = client.prepare_cached(sql).await.map_err(classify)?;
+        client.query(&statement, params).await.map_err(classify)
     }
 }
 

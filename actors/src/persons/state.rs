@@ -349,38 +349,13 @@ impl Attempt<'_> {
         is_identified: bool,
         distinct_ids: &[&str],
     ) -> Result<Person, PersonStoreError> {
-        let updates = &self.event.updates;
-        let mut last_operation: Map<String, Value> = updates
-            .set_once
-            .keys()
-            .map(|key| (key.clone(), Value::from("set_once")))
-            .collect();
-        last_operation.extend(
-            updates
-                .set
-                .keys()
-                .map(|key| (key.clone(), Value::from("set"))),
-        );
+        let first_id = distinct_ids
+            .first()
+            .copied()
+            .unwrap_or(&self.event.distinct_id);
         let person = transaction
             .create_person(
-                NewPerson {
-                    uuid: uuid_from_distinct_id(
-                        self.event.team_id,
-                        distinct_ids
-                            .first()
-                            .copied()
-                            .unwrap_or(&self.event.distinct_id),
-                    ),
-                    team_id: self.event.team_id,
-                    created_at: self.event.timestamp,
-                    properties: initial_properties(
-                        &updates.set,
-                        &updates.set_once,
-                        &self.event.event_uuid,
-                    ),
-                    properties_last_operation: last_operation,
-                    is_identified,
-                },
+                new_person(self.event, first_id, is_identified),
                 distinct_ids,
             )
             .await?;
@@ -422,6 +397,31 @@ impl Attempt<'_> {
             is_deleted: false,
             version,
         });
+    }
+}
+
+/// The person `event` creates for `distinct_id`: PostHog's v5 id of it, the event's
+/// `$set_once` then `$set` (and its uuid as the creator's), each key's last operation.
+pub(crate) fn new_person(event: &PersonEvent, distinct_id: &str, is_identified: bool) -> NewPerson {
+    let updates = &event.updates;
+    let mut last_operation: Map<String, Value> = updates
+        .set_once
+        .keys()
+        .map(|key| (key.clone(), Value::from("set_once")))
+        .collect();
+    last_operation.extend(
+        updates
+            .set
+            .keys()
+            .map(|key| (key.clone(), Value::from("set"))),
+    );
+    NewPerson {
+        uuid: uuid_from_distinct_id(event.team_id, distinct_id),
+        team_id: event.team_id,
+        created_at: event.timestamp,
+        properties: initial_properties(&updates.set, &updates.set_once, &event.event_uuid),
+        properties_last_operation: last_operation,
+        is_identified,
     }
 }
 
