@@ -101,6 +101,7 @@ pub struct PersonMetrics {
     snapshot: IntCounter,
     personless: IntCounter,
     conflicts: IntCounter,
+    lost_writes: IntCounter,
     created: IntCounter,
     merged: IntCounter,
 }
@@ -118,6 +119,10 @@ impl PersonMetrics {
             "person_transaction_conflicts_total",
             "Person transactions that lost a race with another and were retried.",
         )?;
+        let lost_writes = IntCounter::new(
+            "person_writes_lost_total",
+            "Batched person writes that another writer beat (or the store refused); their events were applied again one transaction each.",
+        )?;
         let created = IntCounter::new("persons_created_total", "Persons created by ingestion.")?;
         let merged = IntCounter::new(
             "persons_merged_total",
@@ -126,6 +131,7 @@ impl PersonMetrics {
         let registry = metrics.registry();
         registry.register(Box::new(cache.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
+        registry.register(Box::new(lost_writes.clone()))?;
         registry.register(Box::new(created.clone()))?;
         registry.register(Box::new(merged.clone()))?;
         Ok(Self {
@@ -134,6 +140,7 @@ impl PersonMetrics {
             snapshot: cache.with_label_values(&["snapshot"]),
             personless: cache.with_label_values(&["personless"]),
             conflicts,
+            lost_writes,
             created,
             merged,
         })
@@ -402,6 +409,9 @@ impl PersonManager {
                 Some(_) => match outcomes.next() {
                     Some(WriteOutcome::Stored(person)) => Some(person),
                     Some(WriteOutcome::Lost) | None => {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.lost_writes.inc();
+                        }
                         lost.push((indices, None));
                         continue;
                     }
