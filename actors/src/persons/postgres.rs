@@ -87,25 +87,23 @@ impl PersonStore for PostgresPersonStore {
         if writes.is_empty() {
             return Ok(outcomes);
         }
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
-        // Each part is one statement or transaction: when the store refuses it, none of its
-        // writes happened, so they are lost and the caller applies them one by one.
-        let refused = |error: PersonStoreError| match error {
-            PersonStoreError::Unavailable(_) => Err(error),
-            PersonStoreError::Conflict(_) | PersonStoreError::Rejected(_) => {
-                tracing::debug!(%error, "batched person writes refused; the caller retries them one by one");
-                Ok(())
+        // Updates and creates touch different rows: both go at once. Each part is one
+        // statement or transaction: when the store refuses it, none of its writes happened, so
+        // they are lost and the caller applies them one by one.
+        let (updated, created) =
+            futures::join!(self.write_updates(writes), self.write_creates(writes));
+        for part in [updated, created] {
+            match part {
+                Ok(stored) => {
+                    for (n, person) in stored {
+                        outcomes[n] = WriteOutcome::Stored(person);
+                    }
+                }
+                Err(error @ PersonStoreError::Unavailable(_)) => return Err(error),
+                Err(error) => {
+                    tracing::debug!(%error, "batched person writes refused; the caller retries them one by one");
+                }
             }
-        };
-        if let Err(error) = self.write_updates(&client, writes, &mut outcomes).await {
-            refused(error)?;
-        }
-        if let Err(error) = self.write_creates(&mut client, writes, &mut outcomes).await {
-            refused(error)?;
         }
         Ok(outcomes)
     }
@@ -139,15 +137,17 @@ impl PersonStore for PostgresPersonStore {
 }
 
 impl PostgresPersonStore {
-    /// The batch's updates in one statement, in person id order (so that two instances
-    /// updating the same persons lock them in the same order). A person named twice is
-    /// updated for its first write only; the other is lost and applied again by the caller.
+    /// The batch's updates, in person id order (so that two instances updating the same
+    /// persons lock them in the same order). A person named twice is updated for its first
+    /// write only; the other is lost and applied again by the caller.
+    ///
+    /// A large batch is cut into ranges of ids written at once on separate connections, so
+    /// that Postgres spreads one batch's updates over its cores; each range is one statement,
+    /// and a range the store refuses loses only its own writes.
     async fn write_updates(
         &self,
-        client: &Object,
         writes: &[PersonWrite],
-        outcomes: &mut [WriteOutcome],
-    ) -> Result<(), PersonStoreError> {
+    ) -> Result<Vec<(usize, Person)>, PersonStoreError> {
         let mut updates: Vec<(usize, &Person)> = writes
             .iter()
             .enumerate()
@@ -157,45 +157,65 @@ impl PostgresPersonStore {
             })
             .collect();
         if updates.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         updates.sort_by_key(|(n, person)| (person.id, *n));
         updates.dedup_by_key(|(_, person)| person.id);
-        let ids: Vec<i64> = updates.iter().map(|(_, person)| person.id).collect();
-        let properties: Vec<Json<&Map<String, Value>>> = updates
+        let ranges = updates.chunks(UPDATE_RANGE);
+        let written = futures::future::join_all(ranges.map(|range| self.update_range(range))).await;
+        let mut stored = Vec::with_capacity(updates.len());
+        for (range, written) in updates.chunks(UPDATE_RANGE).zip(written) {
+            let versions = match written {
+                Ok(versions) => versions,
+                Err(error @ PersonStoreError::Unavailable(_)) => return Err(error),
+                Err(error) => {
+                    tracing::debug!(%error, "a range of person updates was refused; the caller retries them one by one");
+                    continue;
+                }
+            };
+            for (n, person) in range {
+                if let Some(&version) = versions.get(&person.id) {
+                    stored.push((
+                        *n,
+                        Person {
+                            version,
+                            ..(*person).clone()
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    /// One statement updating `range`: the new version of each person it wrote.
+    async fn update_range(
+        &self,
+        range: &[(usize, &Person)],
+    ) -> Result<HashMap<i64, i64>, PersonStoreError> {
+        let ids: Vec<i64> = range.iter().map(|(_, person)| person.id).collect();
+        let properties: Vec<Json<&Map<String, Value>>> = range
             .iter()
             .map(|(_, person)| Json(&person.properties))
             .collect();
-        let identified: Vec<bool> = updates.iter().map(|(_, p)| p.is_identified).collect();
-        let created_at: Vec<DateTime<Utc>> = updates.iter().map(|(_, p)| p.created_at).collect();
-        let expected: Vec<i64> = updates.iter().map(|(_, person)| person.version).collect();
-        let statement = client
-            .prepare_cached(UPDATE_PERSONS)
-            .await
-            .map_err(classify)?;
-        let rows = client
-            .query(
-                &statement,
+        let identified: Vec<bool> = range.iter().map(|(_, p)| p.is_identified).collect();
+        let created_at: Vec<DateTime<Utc>> = range.iter().map(|(_, p)| p.created_at).collect();
+        let expected: Vec<i64> = range.iter().map(|(_, person)| person.version).collect();
+        let rows = self
+            .query_pooled(
+                UPDATE_PERSONS,
                 &[&ids, &properties, &identified, &created_at, &expected],
             )
-            .await
-            .map_err(classify)?;
+            .await?;
+        let read = |error: tokio_postgres::Error| PersonStoreError::Unavailable(error.to_string());
         let mut versions = HashMap::with_capacity(rows.len());
         for row in rows {
-            let read = |error| PersonStoreError::Unavailable(format!("{error}"));
-            let id: i64 = row.try_get("id").map_err(read)?;
-            let version: i64 = row.try_get("version").map_err(read)?;
-            versions.insert(id, version);
+            versions.insert(
+                row.try_get::<_, i64>("id").map_err(read)?,
+                row.try_get::<_, i64>("version").map_err(read)?,
+            );
         }
-        for (n, person) in updates {
-            if let Some(&version) = versions.get(&person.id) {
-                outcomes[n] = WriteOutcome::Stored(Person {
-                    version,
-                    ..person.clone()
-                });
-            }
-        }
-        Ok(())
+        Ok(versions)
     }
 
     /// The batch's new persons in one transaction: insert them all, point their distinct ids
@@ -204,10 +224,8 @@ impl PostgresPersonStore {
     /// instances creating the same ids wait for each other instead of deadlocking.
     async fn write_creates(
         &self,
-        client: &mut Object,
         writes: &[PersonWrite],
-        outcomes: &mut [WriteOutcome],
-    ) -> Result<(), PersonStoreError> {
+    ) -> Result<Vec<(usize, Person)>, PersonStoreError> {
         let mut creates: Vec<(usize, &str, &NewPerson)> = writes
             .iter()
             .enumerate()
@@ -220,7 +238,7 @@ impl PostgresPersonStore {
             })
             .collect();
         if creates.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         creates.sort_by(|a, b| (a.2.team_id, a.1, a.0).cmp(&(b.2.team_id, b.1, b.0)));
         creates.dedup_by(|a, b| (a.2.team_id, a.1) == (b.2.team_id, b.1));
@@ -245,6 +263,11 @@ impl PostgresPersonStore {
         let identified: Vec<bool> = creates.iter().map(|(_, _, p)| p.is_identified).collect();
         let distinct_ids: Vec<&str> = creates.iter().map(|(_, id, _)| *id).collect();
 
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
         let transaction = client.transaction().await.map_err(classify)?;
         let insert = transaction
             .prepare_cached(INSERT_PERSONS)
@@ -302,12 +325,12 @@ impl PostgresPersonStore {
                 .map_err(classify)?;
         }
         transaction.commit().await.map_err(classify)?;
-        for ((n, _, person), id) in creates.into_iter().zip(person_ids) {
-            if linked.contains(&id) {
-                outcomes[n] = WriteOutcome::Stored(person.clone().stored(id));
-            }
-        }
-        Ok(())
+        Ok(creates
+            .into_iter()
+            .zip(person_ids)
+            .filter(|(_, id)| linked.contains(id))
+            .map(|((n, _, person), id)| (n, person.clone().stored(id)))
+            .collect())
     }
 
     async fn snapshot_rows(
@@ -395,6 +418,10 @@ const INSERT_DISTINCT_IDS: &str = "INSERT INTO posthog_persondistinctid \
      SELECT u.distinct_id, u.person_id, u.team_id, 0 \
      FROM unnest($1::text[], $2::int8[], $3::int4[]) AS u(distinct_id, person_id, team_id) \
      ON CONFLICT DO NOTHING RETURNING person_id";
+
+/// Person updates per statement: a batch of 10,000 changed persons is four statements, run at
+/// once on four connections.
+const UPDATE_RANGE: usize = 2_500;
 
 /// [`UPDATE_PERSON`] for many persons, each only at the version its write was computed from.
 const UPDATE_PERSONS: &str = "UPDATE posthog_person p \

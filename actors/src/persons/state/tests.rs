@@ -720,6 +720,67 @@ mod postgres {
         assert!(person_of(store.as_ref(), &too_long).await.is_none());
     }
 
+    /// More updates than one statement takes: the ranges written at once on separate
+    /// connections store every person, once, at the next version.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_many_updates_on_postgres_stores_each_person_once() {
+        use crate::persons::store::{PersonWrite, WriteOutcome};
+
+        const PERSONS: usize = 6_000;
+        let store = postgres_store(52).await;
+        let ids: Vec<String> = (0..PERSONS).map(|n| format!("many-{n}")).collect();
+        let creates: Vec<PersonWrite> = ids
+            .iter()
+            .map(|id| PersonWrite::Create {
+                distinct_id: id.clone(),
+                person: NewPerson {
+                    uuid: uuid_from_distinct_id(TEAM, id),
+                    team_id: TEAM,
+                    created_at: at(1),
+                    properties: props(json!({ "n": 0 })),
+                    properties_last_operation: Map::new(),
+                    is_identified: false,
+                },
+            })
+            .collect();
+        let created: Vec<Person> = store
+            .write_batch(&creates)
+            .await
+            .expect("create")
+            .into_iter()
+            .map(|outcome| match outcome {
+                WriteOutcome::Stored(person) => person,
+                WriteOutcome::Lost => panic!("a free id's person was not created"),
+            })
+            .collect();
+        let updates: Vec<PersonWrite> = ids
+            .iter()
+            .zip(&created)
+            .map(|(id, person)| {
+                let mut changed = person.clone();
+                changed.properties.insert("n".to_owned(), json!(1));
+                PersonWrite::Update {
+                    distinct_id: id.clone(),
+                    person: changed,
+                }
+            })
+            .collect();
+        let outcomes = store.write_batch(&updates).await.expect("update");
+        for (outcome, before) in outcomes.iter().zip(&created) {
+            let WriteOutcome::Stored(after) = outcome else {
+                panic!("person {} was not updated", before.id);
+            };
+            assert_eq!((after.id, after.version), (before.id, before.version + 1));
+        }
+        for id in [&ids[0], &ids[PERSONS / 2], &ids[PERSONS - 1]] {
+            let stored = person_of(store.as_ref(), id).await.expect("person");
+            assert_eq!(
+                (stored.properties["n"].clone(), stored.version),
+                (json!(1), 1)
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_person_step_on_postgres() {
         scenarios!(postgres_store);
