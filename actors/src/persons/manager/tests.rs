@@ -6,6 +6,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::persons::state::uuid_from_distinct_id;
 use crate::persons::store::{
     PersonStore, PersonStoreError, PersonTransaction, PersonWrite, SnapshotEntry, SnapshotKey,
     WriteOutcome,
