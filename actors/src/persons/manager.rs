@@ -1,8 +1,12 @@
 //! `PersonManager`: the pipeline's person step for a whole batch.
 //!
-//! Events of one distinct id run one after another in batch order, as PostHog's sub-batches
-//! guarantee; different distinct ids run concurrently, up to `concurrency` transactions at once
-//! (below the Postgres pool's size, so team and plugin lookups still get connections).
+//! Events of one distinct id apply one after another in batch order, as PostHog's sub-batches
+//! guarantee. Per batch: one snapshot read of every distinct id's person (confirming cached
+//! copies by version); the events that change nothing are answered from it; the plain events
+//! of each remaining id are applied in memory ([`plan`]) and every created or changed person is
+//! written once, in one optimistic batch write; merges, and the writes that lost a race, take a
+//! transaction per event, different distinct ids up to `concurrency` at once (below the
+//! Postgres pool's size, so team and plugin lookups still get connections).
 //!
 //! An LRU of DISTINCT_ID_LRU_SIZE entries keeps the person of each recently seen distinct id
 //! for PERSON_INFO_CACHE_TTL. An event that can change nothing (no `$set`, `$set_once`,

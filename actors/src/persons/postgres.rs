@@ -8,6 +8,11 @@
 //!
 //! `BEGIN` is not awaited on its own: it is sent in the same round trip as the first query,
 //! which makes the common case (read a known person, commit) two round trips, not three.
+//!
+//! Outside transactions: the batch's snapshot read (one query for every distinct id) and its
+//! batched writes (`UPDATE … FROM unnest(…)` checked against the version read, and one
+//! transaction inserting new persons where their ids are still free); see
+//! [`PersonStore::write_batch`].
 
 use std::collections::HashMap;
 
