@@ -3,7 +3,7 @@
 //! Events of one distinct id apply one after another in batch order, as PostHog's sub-batches
 //! guarantee. Per batch: one snapshot read of every distinct id's person (confirming cached
 //! copies by version); the events that change nothing are answered from it; the plain events
-//! of each remaining id are applied in memory ([`plan`]) and every created or changed person is
+//! of each remaining id are applied in memory (`plan`) and every created or changed person is
 //! written once, in one optimistic batch write; merges, and the writes that lost a race, take a
 //! transaction per event, different distinct ids up to `concurrency` at once (below the
 //! Postgres pool's size, so team and plugin lookups still get connections).
