@@ -543,9 +543,10 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
 /// Issue 21: three instances consume one topic while each user's two distinct ids (an
 /// anonymous one and the user's own, on different Kafka keys and so often on partitions that
 /// different instances read) count up with `$set`, and halfway through `$identify` merges the
-/// two persons. Afterwards both counters updated through the merged person from two instances at
-/// once. Every user must end as one person holding each id's last value, in Postgres and in
-/// ClickHouse's newest version.
+/// two persons. Afterwards both counters update the merged person, from two instances where
+/// the ids' partitions are read by different ones (the test checks that two instances did the
+/// counting; how often their writes collided is timing, and reported). Every user must end as
+/// one person holding each id's last value, in Postgres and in ClickHouse's newest version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update() {
     use crate::ingestion::{
@@ -563,10 +564,22 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
             envelope(&deployment.token, distinct_id, event, json!({})),
         )
     };
-    // Warm up until two instances consume (the topic has two partitions; the third instance
-    // stands by), so that the counting below really runs on two instances at once.
+    // Warm up until two instances are consuming (the topic has two partitions; the third
+    // instance stands by), so that the counting below runs on two instances at once.
+    let stored_by_each = async || {
+        let mut stored = Vec::with_capacity(servers.len());
+        for server in &servers {
+            let metrics = crate::common::scrape_metrics(&server.addr()).await;
+            stored.push(
+                crate::common::metric_value(&metrics, "kafka_consumer_messages_total", &[])
+                    .unwrap_or(0.0),
+            );
+        }
+        stored
+    };
     let mut produced = 0;
     let mut warm = 0;
+    let mut before = stored_by_each().await;
     wait_for("two instances consuming", async || {
         let messages: Vec<_> = (warm..warm + 50)
             .map(|n| keyed(&format!("warm-{n}"), json!({"event": "warm-up"})))
@@ -574,17 +587,18 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
         warm += messages.len();
         produced += messages.len();
         produce_keyed(&deployment.topic(), &messages).await;
-        let mut consuming = 0;
-        for server in &servers {
-            let metrics = crate::common::scrape_metrics(&server.addr()).await;
-            let stored =
-                crate::common::metric_value(&metrics, "kafka_consumer_messages_total", &[])
-                    .unwrap_or(0.0);
-            consuming += usize::from(stored > 0.0);
-        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = stored_by_each().await;
+        let consuming = now
+            .iter()
+            .zip(&before)
+            .filter(|(now, then)| now > then)
+            .count();
+        before = now;
         (consuming >= 2).then_some(())
     })
     .await;
+    let at_start = stored_by_each().await;
     for round in 0..ROUNDS {
         let mut messages = Vec::with_capacity(USERS * 3);
         for user in 0..USERS {
@@ -615,6 +629,18 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
         async || (deployment.counts().await.1 == produced as u64).then_some(()),
     )
     .await;
+
+    let counted: Vec<f64> = stored_by_each()
+        .await
+        .iter()
+        .zip(&at_start)
+        .map(|(end, start)| end - start)
+        .collect();
+    eprintln!("messages each instance stored while counting: {counted:?}");
+    assert!(
+        counted.iter().filter(|&&count| count > 0.0).count() >= 2,
+        "the counting ran on one instance only: {counted:?}"
+    );
 
     let client = deployment.postgres.client().await;
     let team = i32::try_from(deployment.team_id).expect("team id");

@@ -378,6 +378,7 @@ impl PersonManager {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let ids = together_by_person(ids);
         let plans: Vec<Plan> = ids
             .iter()
             .map(|(indices, known)| Plan::new(events, indices, known.as_ref()))
@@ -439,7 +440,20 @@ impl PersonManager {
                     event_person: answers[position].person.clone(),
                     person: Arc::new(person.clone()),
                 };
-                learned.push((event.team_id, event.distinct_id.as_str(), known));
+                // Every distinct id of the plan (two, after a merge) now has this person.
+                let mut plan_ids: Vec<&PersonEvent> = Vec::with_capacity(1);
+                for &index in &indices {
+                    let id = &events[index];
+                    if !plan_ids
+                        .iter()
+                        .any(|seen| seen.distinct_id == id.distinct_id)
+                    {
+                        plan_ids.push(id);
+                    }
+                }
+                for id in plan_ids {
+                    learned.push((id.team_id, id.distinct_id.as_str(), known.clone()));
+                }
                 answers[position].changes = Some(Resolution {
                     person_rows: vec![PersonRow::of(&person)],
                     person,
@@ -657,6 +671,26 @@ impl PersonManager {
             metrics.personless.inc_by(lookups.personless);
         }
     }
+}
+
+/// Joins the events of distinct ids that share a known person (two ids after a merge), in
+/// batch order, so that the person is planned and written once: two writes of one person in
+/// one batch would race each other, and the second would always be lost.
+fn together_by_person(ids: Vec<(Vec<usize>, Option<Known>)>) -> Vec<(Vec<usize>, Option<Known>)> {
+    let mut by_person: HashMap<i64, usize> = HashMap::new();
+    let mut joined: Vec<(Vec<usize>, Option<Known>)> = Vec::with_capacity(ids.len());
+    for (indices, known) in ids {
+        if let Some(person_id) = known.as_ref().map(|known| known.person.id) {
+            if let Some(&at) = by_person.get(&person_id) {
+                joined[at].0.extend(indices);
+                joined[at].0.sort_unstable();
+                continue;
+            }
+            by_person.insert(person_id, joined.len());
+        }
+        joined.push((indices, known));
+    }
+    joined
 }
 
 #[cfg(test)]

@@ -323,6 +323,47 @@ async fn new_and_changed_persons_are_written_once_per_batch() {
     assert!(person(&later[1]).properties.contains("\"n\":30"));
 }
 
+/// After a merge, two distinct ids of one person in one batch: planned together in batch order
+/// and written once, not twice (the second write of the same person would always be lost).
+#[tokio::test]
+async fn two_ids_of_one_person_in_a_batch_write_it_once() {
+    let (manager, store) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[
+            event("anon", "$pageview", json!({ "$set": { "a": 0 } })),
+            event("user", "$pageview", json!({ "$set": { "b": 0 } })),
+        ])
+        .await;
+    manager
+        .resolve_batch(&[event(
+            "user",
+            "$identify",
+            json!({ "$anon_distinct_id": "anon" }),
+        )])
+        .await;
+    let (writes, transactions) = (store.writes(), store.transactions.load(Ordering::SeqCst));
+    let outcomes = manager
+        .resolve_batch(&[
+            event("anon", "$pageview", json!({ "$set": { "a": 1 } })),
+            event("user", "$pageview", json!({ "$set": { "b": 1 } })),
+            event("anon", "$pageview", json!({ "$set": { "a": 2 } })),
+        ])
+        .await;
+    assert_eq!(store.writes() - writes, 1, "one write of the person");
+    assert_eq!(
+        store.transactions.load(Ordering::SeqCst),
+        transactions,
+        "no transaction"
+    );
+    let seen: Vec<Value> = outcomes
+        .iter()
+        .map(|outcome| serde_json::from_str(&person(outcome).properties).expect("json"))
+        .collect();
+    assert_eq!((&seen[0]["a"], &seen[0]["b"]), (&json!(1), &json!(0)));
+    assert_eq!((&seen[1]["a"], &seen[1]["b"]), (&json!(1), &json!(1)));
+    assert_eq!((&seen[2]["a"], &seen[2]["b"]), (&json!(2), &json!(1)));
+}
+
 /// The memory store, with another writer that changes person `u` (`b: 2`) once, between the
 /// batch's snapshot and its write.
 #[derive(Default)]
