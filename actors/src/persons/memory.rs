@@ -81,21 +81,6 @@ impl PersonStore for MemoryPersonStore {
         }))
     }
 
-    async fn persons_by_distinct_ids(
-        &self,
-        keys: &[(i64, String)],
-    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError> {
-        let tables = self.tables.lock().await;
-        Ok(keys
-            .iter()
-            .filter_map(|key| {
-                let (person_id, _) = tables.distinct_ids.get(key)?;
-                let person = tables.persons.get(person_id)?;
-                Some((key.clone(), person.clone()))
-            })
-            .collect())
-    }
-
     async fn snapshot(
         &self,
         keys: &[SnapshotKey<'_>],

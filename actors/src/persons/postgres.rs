@@ -57,33 +57,6 @@ impl PersonStore for PostgresPersonStore {
         }))
     }
 
-    async fn persons_by_distinct_ids(
-        &self,
-        keys: &[(i64, String)],
-    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let mut teams = Vec::with_capacity(keys.len());
-        let mut ids = Vec::with_capacity(keys.len());
-        for (team_id, distinct_id) in keys {
-            teams.push(team_column(*team_id)?);
-            ids.push(distinct_id.as_str());
-        }
-        let rows = self
-            .query_pooled(SELECT_PERSONS_SNAPSHOT, &[&teams, &ids])
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let distinct_id: String = row
-                    .try_get("distinct_id")
-                    .map_err(|error| PersonStoreError::Unavailable(error.to_string()))?;
-                let person = person_from_row(row)?;
-                Ok(((person.team_id, distinct_id), person))
-            })
-            .collect()
-    }
-
     async fn write_batch(
         &self,
         writes: &[PersonWrite],
@@ -372,28 +345,20 @@ impl PostgresPersonStore {
     }
 }
 
-/// [`PersonStore::snapshot`]'s read: like [`SELECT_PERSONS_SNAPSHOT`], with each key's
-/// position, and the properties left out (`held`) where the reader's copy is current.
-const SELECT_SNAPSHOT: &str = "SELECT wanted.n, \
-     (p.id = wanted.held_id AND COALESCE(p.version, 0) = wanted.held_version) IS TRUE AS held, \
+/// [`PersonStore::snapshot`]'s read, one round trip for a whole batch: the keys are unnested
+/// into rows (with their position) and joined on the (team_id, distinct_id) unique key; the
+/// properties are left out (`held`) where the reader's copy is at the stored row and version.
+const SELECT_SNAPSHOT: &str = "SELECT wanted.n, h.held, \
      p.id, p.uuid, p.team_id, p.created_at, \
-     CASE WHEN p.id = wanted.held_id AND COALESCE(p.version, 0) = wanted.held_version \
-       THEN NULL ELSE p.properties END AS properties, \
+     CASE WHEN h.held THEN NULL ELSE p.properties END AS properties, \
      p.is_identified, COALESCE(p.version, 0) AS version \
      FROM unnest($1::int4[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY \
        AS wanted(team_id, distinct_id, held_id, held_version, n) \
      JOIN posthog_persondistinctid d \
        ON d.team_id = wanted.team_id AND d.distinct_id = wanted.distinct_id \
-     JOIN posthog_person p ON p.id = d.person_id";
-
-/// One round trip for a whole batch: the pairs are unnested into rows and joined on the
-/// (team_id, distinct_id) unique key.
-const SELECT_PERSONS_SNAPSHOT: &str = "SELECT d.distinct_id, p.id, p.uuid, p.team_id, \
-     p.created_at, p.properties, p.is_identified, COALESCE(p.version, 0) AS version \
-     FROM unnest($1::int4[], $2::text[]) AS wanted(team_id, distinct_id) \
-     JOIN posthog_persondistinctid d \
-       ON d.team_id = wanted.team_id AND d.distinct_id = wanted.distinct_id \
-     JOIN posthog_person p ON p.id = d.person_id";
+     JOIN posthog_person p ON p.id = d.person_id \
+     CROSS JOIN LATERAL (SELECT (p.id = wanted.held_id \
+       AND COALESCE(p.version, 0) = wanted.held_version) IS TRUE AS held) h";
 
 const SELECT_PERSON: &str = "SELECT p.id, p.uuid, p.team_id, p.created_at, p.properties, \
      p.is_identified, COALESCE(p.version, 0) AS version \

@@ -140,19 +140,41 @@ pub trait PersonStore: Send + Sync + 'static {
 
     async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError>;
 
-    /// The persons owning these `(team id, distinct id)` pairs, read in one go without locks:
-    /// a snapshot that tells which events would change nothing. Ids without a person are
-    /// absent from the answer.
+    /// The persons of a batch's distinct ids, read in one go without locks: a snapshot that
+    /// tells which events would change nothing. One answer per key, in order (`None`: no
+    /// person); a copy the reader holds that is still current is confirmed
+    /// ([`SnapshotEntry::Held`]) rather than sent again, so a steady stream of the same users
+    /// costs no property decoding.
+    async fn snapshot(
+        &self,
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError>;
+
+    /// [`Self::snapshot`] for a reader holding nothing: the persons owning these pairs, all
+    /// read in full. Ids without a person are absent from the answer.
     async fn persons_by_distinct_ids(
         &self,
         keys: &[(i64, String)],
-    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError>;
+    ) -> Result<HashMap<(i64, String), Person>, PersonStoreError> {
+        let snapshot_keys: Vec<SnapshotKey<'_>> = keys
+            .iter()
+            .map(|(team_id, distinct_id)| SnapshotKey {
+                team_id: *team_id,
+                distinct_id,
+                held: None,
+            })
+            .collect();
+        let answers = self.snapshot(&snapshot_keys).await?;
+        Ok(keys
+            .iter()
+            .zip(answers)
+            .filter_map(|(key, answer)| match answer {
+                Some(SnapshotEntry::Read(person)) => Some((key.clone(), person)),
+                Some(SnapshotEntry::Held) | None => None,
+            })
+            .collect())
+    }
 
-    /// The same read for a batch whose reader holds copies of some persons: one answer per
-    /// key, in order (`None`: no person), and a held copy that is still current is confirmed
-    /// rather than sent again, so a steady stream of the same users costs no property decoding.
-    ///
-    /// The default reads every person in full through [`Self::persons_by_distinct_ids`].
     /// Writes many persons without holding locks across round trips: each write happens only
     /// if nobody changed its person since it was read (an optimistic check of the row's
     /// version, or of the distinct id still being free), so a write computed from a stale
@@ -208,21 +230,6 @@ pub trait PersonStore: Send + Sync + 'static {
             outcomes.push(outcome);
         }
         Ok(outcomes)
-    }
-
-    async fn snapshot(
-        &self,
-        keys: &[SnapshotKey<'_>],
-    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError> {
-        let pairs: Vec<(i64, String)> = keys
-            .iter()
-            .map(|key| (key.team_id, key.distinct_id.to_owned()))
-            .collect();
-        let persons = self.persons_by_distinct_ids(&pairs).await?;
-        Ok(pairs
-            .iter()
-            .map(|pair| persons.get(pair).cloned().map(SnapshotEntry::Read))
-            .collect())
     }
 }
 

@@ -274,17 +274,16 @@ impl crate::persons::PersonStore for TroubledPersons {
         Ok(Box::new(TroubledTransaction(self.0.begin().await?)))
     }
 
-    async fn persons_by_distinct_ids(
+    async fn snapshot(
         &self,
-        keys: &[(i64, String)],
-    ) -> Result<std::collections::HashMap<(i64, String), crate::persons::Person>, PersonStoreError>
-    {
-        if keys.iter().any(|(_, id)| id == "unreachable") {
+        keys: &[crate::persons::SnapshotKey<'_>],
+    ) -> Result<Vec<Option<crate::persons::SnapshotEntry>>, PersonStoreError> {
+        if keys.iter().any(|key| key.distinct_id == "unreachable") {
             return Err(PersonStoreError::Unavailable(
                 "connection refused".to_owned(),
             ));
         }
-        self.0.persons_by_distinct_ids(keys).await
+        self.0.snapshot(keys).await
     }
 }
 
@@ -485,12 +484,11 @@ impl crate::persons::PersonStore for FirstBeginHeld {
         self.inner.begin().await
     }
 
-    async fn persons_by_distinct_ids(
+    async fn snapshot(
         &self,
-        keys: &[(i64, String)],
-    ) -> Result<std::collections::HashMap<(i64, String), crate::persons::Person>, PersonStoreError>
-    {
-        self.inner.persons_by_distinct_ids(keys).await
+        keys: &[crate::persons::SnapshotKey<'_>],
+    ) -> Result<Vec<Option<crate::persons::SnapshotEntry>>, PersonStoreError> {
+        self.inner.snapshot(keys).await
     }
 }
 

@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
@@ -42,16 +41,6 @@ impl PersonStore for CountingStore {
     async fn begin(&self) -> Result<Box<dyn PersonTransaction + '_>, PersonStoreError> {
         self.transactions.fetch_add(1, Ordering::SeqCst);
         self.inner.begin().await
-    }
-
-    async fn persons_by_distinct_ids(
-        &self,
-        keys: &[(i64, String)],
-    ) -> Result<HashMap<(i64, String), crate::persons::Person>, PersonStoreError> {
-        if !keys.is_empty() {
-            self.snapshots.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.persons_by_distinct_ids(keys).await
     }
 
     async fn snapshot(
@@ -382,11 +371,11 @@ impl PersonStore for Interfering {
         self.inner.begin().await
     }
 
-    async fn persons_by_distinct_ids(
+    async fn snapshot(
         &self,
-        keys: &[(i64, String)],
-    ) -> Result<HashMap<(i64, String), crate::persons::Person>, PersonStoreError> {
-        self.inner.persons_by_distinct_ids(keys).await
+        keys: &[SnapshotKey<'_>],
+    ) -> Result<Vec<Option<SnapshotEntry>>, PersonStoreError> {
+        self.inner.snapshot(keys).await
     }
 
     async fn write_batch(
