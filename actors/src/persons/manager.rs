@@ -553,48 +553,23 @@ impl PersonManager {
         event: &PersonEvent,
         known: &mut Option<Known>,
     ) -> Result<PersonOutcome, PersonError> {
-        if !event.process_person {
-            self.count_lookups(&Lookups {
-                personless: 1,
-                ..Lookups::default()
-            });
-            let cached = self.cached(&(event.team_id, event.distinct_id.clone()));
-            let existing = cached.as_ref().or(known.as_ref());
-            return Ok(personless(event, existing.map(|known| &known.event_person)));
-        }
-        if event.is_read_only() {
-            let hit = self.cached(&(event.team_id, event.distinct_id.clone()));
-            self.count_lookups(&Lookups {
-                cache: u64::from(hit.is_some()),
-                cache_miss: u64::from(hit.is_none()),
-                ..Lookups::default()
-            });
-            if let Some(hit) = hit {
-                return Ok(PersonOutcome {
-                    person: hit.event_person,
-                    mode: PersonMode::Full,
-                    changes: None,
-                });
+        // The same answers without a transaction as the batch's first pass, with the cache
+        // looked up for this event (an earlier event of the id may have just filled it).
+        let mut fresh = self.cached(&(event.team_id, event.distinct_id.clone()));
+        let mut lookups = Lookups::default();
+        let answer = self.answer_from_memory(event, &mut fresh, known.as_ref(), &mut lookups);
+        self.count_lookups(&lookups);
+        if let Some(answer) = answer {
+            if lookups.snapshot > 0
+                && let Some(known) = known.as_ref()
+            {
+                self.remember(
+                    event.team_id,
+                    std::slice::from_ref(&event.distinct_id),
+                    known,
+                );
             }
-        }
-        if event.is_simple()
-            && let Some(known) = known.as_ref()
-            && !event.updates.would_change(&known.person.properties)
-        {
-            self.count_lookups(&Lookups {
-                snapshot: 1,
-                ..Lookups::default()
-            });
-            self.remember(
-                event.team_id,
-                std::slice::from_ref(&event.distinct_id),
-                known,
-            );
-            return Ok(PersonOutcome {
-                person: known.event_person.clone(),
-                mode: PersonMode::Full,
-                changes: None,
-            });
+            return Ok(answer);
         }
         let resolution = resolve(self.store.as_ref(), event, self.config.max_attempts).await?;
         if let Some(metrics) = &self.metrics {
