@@ -470,7 +470,8 @@ impl Run {
         let Some(manager) = &self.persons else {
             return Ok(None);
         };
-        let fingerprint = stamped.fingerprint();
+        // Only a batch with a turn can be retried with what it kept.
+        let fingerprint = turn.map(|_| stamped.fingerprint());
         if let Some(kept) = turn.and_then(BatchTurn::kept::<AppliedPersons>) {
             if kept.fingerprint == fingerprint {
                 return Ok(Some(kept));
@@ -750,7 +751,8 @@ struct Stamped {
 
 /// What a batch's person step answered, one answer per event, and which events those were.
 struct AppliedPersons {
-    fingerprint: u64,
+    /// Of the events answered; `None` without a turn, when nothing reuses the answers.
+    fingerprint: Option<u64>,
     answers: Vec<PersonAnswer>,
 }
 
