@@ -153,6 +153,31 @@ impl PersonMode {
     }
 }
 
+#[cfg(test)]
+impl EventRow {
+    /// A `$pageview` row of team 2 and `user-1` with these properties (JSON), stored now,
+    /// without person or groups, for tests.
+    pub fn for_test(properties: &str) -> Self {
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        Self {
+            uuid: Uuid::new_v4(),
+            event: "$pageview".to_owned(),
+            properties: properties.to_owned(),
+            timestamp: Utc::now(),
+            team_id: 2,
+            distinct_id: "user-1".to_owned(),
+            elements_chain: String::new(),
+            created_at: Utc::now(),
+            person_id: Uuid::nil(),
+            person_properties: "".into(),
+            person_created_at: epoch,
+            person_mode: PersonMode::Full,
+            group_properties: Default::default(),
+            group_created_at: [epoch; 5],
+        }
+    }
+}
+
 impl EventRow {
     /// A rough size in bytes, for batching by KAFKA_MAX_MESSAGE_BATCH_SIZE.
     pub fn approximate_size(&self) -> usize {

@@ -261,18 +261,13 @@ mod tests {
         EventRow {
             uuid: Uuid::nil(),
             event: "$autocapture".into(),
-            properties: json!({"$ip": "1.2.3.4", "$set": {"a": 1}, "x": "y"}).to_string(),
             timestamp: at,
-            team_id: 2,
             distinct_id: "d1".into(),
             elements_chain: "div:nth-child=\"1\"nth-of-type=\"2\"text=\"💻\"".into(),
             created_at: at,
-            person_id: Uuid::nil(),
-            person_properties: "".into(),
             person_created_at: at,
-            person_mode: crate::event::PersonMode::Full,
-            group_properties: Default::default(),
             group_created_at: [at; 5],
+            ..EventRow::for_test(&json!({"$ip": "1.2.3.4", "$set": {"a": 1}, "x": "y"}).to_string())
         }
     }
 

@@ -5,26 +5,10 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::*;
-use crate::event::{DropReason, PersonMode};
+use crate::event::DropReason;
 
 fn event() -> EventRow {
-    let epoch = chrono::DateTime::UNIX_EPOCH;
-    EventRow {
-        uuid: Uuid::new_v4(),
-        event: "$pageview".to_owned(),
-        properties: "{}".to_owned(),
-        timestamp: Utc::now(),
-        team_id: 2,
-        distinct_id: "user-1".to_owned(),
-        elements_chain: String::new(),
-        created_at: Utc::now(),
-        person_id: Uuid::nil(),
-        person_properties: "".into(),
-        person_created_at: epoch,
-        person_mode: PersonMode::Full,
-        group_properties: Default::default(),
-        group_created_at: [epoch; 5],
-    }
+    EventRow::for_test("{}")
 }
 
 fn person() -> PersonRow {

@@ -2,7 +2,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use chrono::Utc;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -101,23 +100,7 @@ impl EventSink for ScriptedSink {
 }
 
 fn row() -> EventRow {
-    let epoch = chrono::DateTime::UNIX_EPOCH;
-    EventRow {
-        uuid: Uuid::new_v4(),
-        event: "$pageview".to_owned(),
-        properties: r#"{"$current_url":"https://example.com"}"#.to_owned(),
-        timestamp: Utc::now(),
-        team_id: 2,
-        distinct_id: "user-1".to_owned(),
-        elements_chain: String::new(),
-        created_at: Utc::now(),
-        person_id: Uuid::nil(),
-        person_properties: "".into(),
-        person_created_at: epoch,
-        person_mode: crate::event::PersonMode::Full,
-        group_properties: Default::default(),
-        group_created_at: [epoch; 5],
-    }
+    EventRow::for_test(r#"{"$current_url":"https://example.com"}"#)
 }
 
 /// Sends go through `addr()` because `Addr::send` queues at once, while `ObservedAddr::send`
