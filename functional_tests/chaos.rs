@@ -115,29 +115,16 @@ async fn a_server_killed_mid_stream_of_person_updates_leaves_every_person_at_its
     let (rows, distinct) = deployment.counts().await;
     eprintln!("person updates killed mid-stream: {rows} rows for {distinct} events (replays)");
 
-    let client = deployment.postgres.client().await;
-    let team = i32::try_from(deployment.team_id).expect("team id");
-    let rows = client
-        .query(
-            "SELECT d.distinct_id, p.uuid, p.properties \
-             FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
-             WHERE d.team_id = $1",
-            &[&team],
-        )
-        .await
-        .expect("persons");
-    assert_eq!(rows.len(), USERS, "one person per distinct id");
+    let persons = deployment.persons_by_distinct_id().await;
+    assert_eq!(persons.len(), USERS, "one person per distinct id");
     let mut wrong = Vec::new();
     let mut postgres = std::collections::HashMap::new();
-    for row in &rows {
-        let distinct_id: String = row.get(0);
-        let uuid: uuid::Uuid = row.get(1);
-        let properties: Value = row.get(2);
+    for (distinct_id, person) in &persons {
         let user: usize = distinct_id["user-".len()..].parse().expect("user number");
-        if properties["seen"] != json!(EVENTS - USERS + user) {
-            wrong.push(format!("{distinct_id}: {properties}"));
+        if person.properties["seen"] != json!(EVENTS - USERS + user) {
+            wrong.push(format!("{distinct_id}: {}", person.properties));
         }
-        postgres.insert(uuid.to_string(), properties);
+        postgres.insert(person.uuid.to_string(), &person.properties);
     }
     assert!(
         wrong.is_empty(),
@@ -145,26 +132,15 @@ async fn a_server_killed_mid_stream_of_person_updates_leaves_every_person_at_its
         wrong.len(),
         &wrong[..wrong.len().min(3)]
     );
-    let text = clickhouse_query(&format!(
-        "SELECT toString(id) AS person, argMax(properties, version) AS properties \
-         FROM {}.person WHERE team_id = {} GROUP BY person FORMAT JSONEachRow",
-        deployment.clickhouse_database, deployment.team_id
-    ))
-    .await;
-    let mut seen_in_clickhouse = 0;
-    for line in text.lines() {
-        let row: Value = serde_json::from_str(line).expect("row");
-        let id = row["person"].as_str().expect("id");
-        let properties: Value =
-            serde_json::from_str(row["properties"].as_str().expect("properties")).expect("json");
+    let clickhouse = deployment.clickhouse_persons().await;
+    for (id, person) in &clickhouse {
         assert_eq!(
             postgres.get(id),
-            Some(&properties),
+            Some(&&person.properties),
             "person {id} in ClickHouse"
         );
-        seen_in_clickhouse += 1;
     }
-    assert_eq!(seen_in_clickhouse, USERS, "ClickHouse's persons");
+    assert_eq!(clickhouse.len(), USERS, "ClickHouse's persons");
     // Not `teardown`'s lag check: tansu reports high watermarks short of the last offset for
     // topics produced in multi-record batches (the committed offsets were checked above).
     deployment.drop_databases().await;

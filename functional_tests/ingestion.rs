@@ -279,6 +279,87 @@ impl Deployment {
             .filter_map(|(_, committed)| committed)
             .sum()
     }
+
+    /// The team's persons in Postgres, by distinct id.
+    pub(crate) async fn persons_by_distinct_id(
+        &self,
+    ) -> std::collections::HashMap<String, StoredPerson> {
+        let client = self.postgres.client().await;
+        let team = i32::try_from(self.team_id).expect("team id");
+        client
+            .query(
+                "SELECT d.distinct_id, p.uuid, p.properties, p.version \
+                 FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
+                 WHERE d.team_id = $1",
+                &[&team],
+            )
+            .await
+            .expect("persons")
+            .iter()
+            .map(|row| {
+                let version: Option<i64> = row.get(3);
+                let person = StoredPerson {
+                    uuid: row.get(1),
+                    properties: row.get(2),
+                    version: version.unwrap_or(0),
+                };
+                (row.get(0), person)
+            })
+            .collect()
+    }
+
+    /// The newest version of each of the team's persons in ClickHouse's `person` table, by
+    /// person id.
+    pub(crate) async fn clickhouse_persons(
+        &self,
+    ) -> std::collections::HashMap<String, ClickHousePerson> {
+        let text = self
+            .clickhouse(&format!(
+                // Aliases unlike the columns: ClickHouse would read them inside the other
+                // aggregates.
+                "SELECT toString(id) AS person, argMax(properties, version) AS latest_properties, \
+                 max(version) AS latest_version, argMax(is_deleted, version) AS deleted \
+                 FROM {}.person WHERE team_id = {} GROUP BY person FORMAT JSONEachRow",
+                self.clickhouse_database, self.team_id
+            ))
+            .await;
+        let number = |value: &Value| {
+            value
+                .as_i64()
+                .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
+                .expect("a number")
+        };
+        text.lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).expect("row");
+                let properties =
+                    serde_json::from_str(row["latest_properties"].as_str().expect("properties"))
+                        .expect("json");
+                let person = ClickHousePerson {
+                    properties,
+                    version: number(&row["latest_version"]),
+                    deleted: number(&row["deleted"]) != 0,
+                };
+                (row["person"].as_str().expect("id").to_owned(), person)
+            })
+            .collect()
+    }
+}
+
+/// A `posthog_person` row as the tests read it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredPerson {
+    pub(crate) uuid: uuid::Uuid,
+    pub(crate) properties: Value,
+    pub(crate) version: i64,
+}
+
+/// The newest row of one person in ClickHouse's `person` table.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ClickHousePerson {
+    pub(crate) properties: Value,
+    pub(crate) version: i64,
+    pub(crate) deleted: bool,
 }
 
 pub(crate) type Server = ServerProcess;

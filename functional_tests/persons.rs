@@ -456,28 +456,16 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
     // high watermarks short of the last offset for topics produced in multi-record batches.)
     assert_eq!(deployment.committed(), EVENTS as i64, "committed offsets");
 
-    // distinct id → (uuid, properties, version), from Postgres.
-    let client = deployment.postgres.client().await;
-    let team = i32::try_from(deployment.team_id).expect("team id");
-    let rows = client
-        .query(
-            "SELECT d.distinct_id, p.uuid, p.properties, p.version \
-             FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
-             WHERE d.team_id = $1",
-            &[&team],
-        )
-        .await
-        .expect("persons");
-    assert_eq!(rows.len(), USERS, "one person per distinct id");
+    let persons = deployment.persons_by_distinct_id().await;
+    assert_eq!(persons.len(), USERS, "one person per distinct id");
     let mut wrong = Vec::new();
+    // person id → (properties, version), from Postgres.
     let mut postgres: HashMap<String, (Value, i64)> = HashMap::new();
-    for row in &rows {
-        let distinct_id: String = row.get(0);
-        let uuid: uuid::Uuid = row.get(1);
-        let properties: Value = row.get(2);
-        let version: i64 = row.get(3);
+    for (distinct_id, person) in &persons {
         let user: usize = distinct_id["user-".len()..].parse().expect("user number");
         let last = EVENTS - USERS + user;
+        let properties = &person.properties;
+        let version = person.version;
         if properties["seen"] != json!(last)
             || properties["plan"] != json!(format!("p{}", last % 3))
         {
@@ -485,7 +473,7 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
                 "{distinct_id}: {properties} at version {version}, last event {last}"
             ));
         }
-        postgres.insert(uuid.to_string(), (properties, version));
+        postgres.insert(person.uuid.to_string(), (properties.clone(), version));
     }
     assert!(
         wrong.is_empty(),
@@ -495,37 +483,19 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
     );
 
     // ClickHouse's `person` rows: the highest version of each person is Postgres's row.
-    let text = deployment
-        .clickhouse(&format!(
-            "SELECT toString(id) AS person, argMax(properties, version) AS latest_properties, \
-             max(version) AS latest_version FROM {}.person WHERE team_id = {} GROUP BY person \
-             FORMAT JSONEachRow",
-            deployment.clickhouse_database, deployment.team_id
-        ))
-        .await;
+    let clickhouse = deployment.clickhouse_persons().await;
     let mut disagree = Vec::new();
-    let mut clickhouse_persons = 0;
-    for line in text.lines() {
-        let row: Value = serde_json::from_str(line).expect("row");
-        clickhouse_persons += 1;
-        let id = row["person"].as_str().expect("id");
-        let properties: Value =
-            serde_json::from_str(row["latest_properties"].as_str().expect("properties"))
-                .expect("json");
-        let version = &row["latest_version"];
-        let version = version
-            .as_i64()
-            .or_else(|| version.as_str().and_then(|v| v.parse().ok()))
-            .expect("version");
+    for (id, person) in &clickhouse {
+        let (properties, version) = (&person.properties, person.version);
         match postgres.get(id) {
             Some((expected, expected_version))
-                if *expected == properties && *expected_version == version => {}
+                if expected == properties && *expected_version == version => {}
             other => disagree.push(format!(
                 "{id}: ClickHouse {properties} v{version}, Postgres {other:?}"
             )),
         }
     }
-    assert_eq!(clickhouse_persons, USERS, "one ClickHouse person per user");
+    assert_eq!(clickhouse.len(), USERS, "one ClickHouse person per user");
     assert!(
         disagree.is_empty(),
         "{} persons differ between ClickHouse and Postgres, e.g. {:?}",
@@ -642,22 +612,12 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
         "the counting ran on one instance only: {counted:?}"
     );
 
-    let client = deployment.postgres.client().await;
+    let persons = deployment.persons_by_distinct_id().await;
     let team = i32::try_from(deployment.team_id).expect("team id");
-    let rows = client
-        .query(
-            "SELECT d.distinct_id, p.uuid, p.properties, p.version \
-             FROM posthog_persondistinctid d JOIN posthog_person p ON p.id = d.person_id \
-             WHERE d.team_id = $1",
-            &[&team],
-        )
+    let live: i64 = deployment
+        .postgres
+        .client()
         .await
-        .expect("persons");
-    let persons: HashMap<String, (uuid::Uuid, Value, i64)> = rows
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3))))
-        .collect();
-    let live: i64 = client
         .query_one(
             "SELECT count(*) FROM posthog_person WHERE team_id = $1",
             &[&team],
@@ -677,7 +637,10 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
             &persons[&format!("anon-{user}")],
             &persons[&format!("user-{user}")],
         );
-        if anon.0 != id.0 || id.1["anon_count"] != last || id.1["user_count"] != last {
+        if anon.uuid != id.uuid
+            || id.properties["anon_count"] != last
+            || id.properties["user_count"] != last
+        {
             wrong.push(format!("user {user}: anon {anon:?}, user {id:?}"));
         }
     }
@@ -689,31 +652,19 @@ async fn three_instances_counting_up_and_merging_the_same_persons_lose_no_update
     );
 
     // ClickHouse's newest version of each surviving person is Postgres's row.
-    let text = deployment
-        .clickhouse(&format!(
-            "SELECT toString(id) AS person, argMax(properties, version) AS properties, \
-             argMax(is_deleted, version) AS deleted FROM {}.person WHERE team_id = {} \
-             GROUP BY person FORMAT JSONEachRow",
-            deployment.clickhouse_database, deployment.team_id
-        ))
-        .await;
     let surviving: HashMap<String, &Value> = persons
         .values()
-        .map(|(uuid, properties, _)| (uuid.to_string(), properties))
+        .map(|person| (person.uuid.to_string(), &person.properties))
         .collect();
     let mut live_in_clickhouse = 0;
-    for line in text.lines() {
-        let row: Value = serde_json::from_str(line).expect("row");
-        if row["deleted"] == json!(1) || row["deleted"] == json!("1") {
+    for (id, person) in deployment.clickhouse_persons().await {
+        if person.deleted {
             continue;
         }
         live_in_clickhouse += 1;
-        let id = row["person"].as_str().expect("id");
-        let properties: Value =
-            serde_json::from_str(row["properties"].as_str().expect("properties")).expect("json");
         assert_eq!(
-            surviving.get(id),
-            Some(&&properties),
+            surviving.get(&id),
+            Some(&&person.properties),
             "person {id} in ClickHouse"
         );
     }
