@@ -1,13 +1,18 @@
 //! `GroupManager`: the pipeline's group step for a whole batch (PostHog's `addGroupProperties`,
 //! `upsertGroup` and `getGroupsColumns`).
 //!
-//! A batch goes through in three passes, so that it costs a few round trips however many
-//! events name groups:
+//! A batch goes through in four passes, so that it costs at most one read and one write however
+//! many events name or identify groups:
 //! 1. every event's `$groups` becomes `$group_<index>` properties (group types are cached per
 //!    team; a type seen for the first time is registered once);
-//! 2. the groups that events name and the cache does not hold are read in one query;
-//! 3. events go in batch order: a `$groupidentify` upserts its group, and each event's group
-//!    columns show the groups as the batch's earlier events left them.
+//! 2. the groups that events name and the cache does not hold, and every group the batch
+//!    identifies, are read in one query;
+//! 3. each identified group's `$groupidentify`s are combined (their `$group_set`s merged in
+//!    order) and all groups upserted in one write, which merges into what is stored then, so
+//!    that instances updating one group keep each other's keys (PostHog: one upsert per
+//!    event). A group changed by the batch gets one new version and one ClickHouse row;
+//! 4. events go in batch order, each event's group columns showing the groups as the batch's
+//!    earlier events left them.
 //!
 //! Groups are cached for the TTL (PostHog keeps them in Redis); an upsert by this instance
 //! updates the cache at once, one by another instance shows here within the TTL.
@@ -21,7 +26,10 @@ use chrono::{DateTime, Utc};
 use lru::LruCache;
 use serde_json::{Map, Value};
 
-use super::store::{Group, GroupKey, GroupRow, GroupStoreError, MAX_GROUP_TYPES, SharedGroupStore};
+use super::store::{
+    Group, GroupKey, GroupRow, GroupStoreError, GroupUpsert, MAX_GROUP_TYPES, SharedGroupStore,
+    merge_group_set,
+};
 use crate::event::StampedEvent;
 
 /// The properties an event names its groups by, one per column of the `events` table.
@@ -82,6 +90,12 @@ pub struct GroupOutcome {
     /// One per event: the index of the group type a `$groupidentify` names.
     pub identified: Vec<Option<u8>>,
 }
+
+/// The groups a batch's events name, as far as known: `None` for one that does not exist.
+type KnownGroups = HashMap<GroupKey, Option<Arc<GroupColumn>>>;
+
+/// One event's group after its `$groupidentify`, or why the store refused that identify.
+type EventGroup = Result<Arc<GroupColumn>, GroupStoreError>;
 
 struct TeamTypes {
     read_at: Instant,
@@ -169,28 +183,34 @@ impl GroupManager {
             });
         }
 
-        let mut known = self.read_named_groups(events).await?;
+        let identified_keys: HashSet<&GroupKey> = identifies
+            .iter()
+            .flatten()
+            .map(|identify| &identify.key)
+            .collect();
+        let (mut known, bases) = self.read_groups(events, &identified_keys).await?;
         let mut outcome = GroupOutcome {
             events: Vec::with_capacity(events.len()),
             rows: Vec::new(),
             identified,
         };
-        for (stamped, identify) in events.iter().zip(identifies) {
-            if let Some(Identify { key, set }) = identify {
-                match self.store.upsert(&key, &set, stamped.timestamp).await {
-                    Ok(upserted) => {
-                        if upserted.written {
-                            outcome.rows.push(GroupRow::of(&upserted.group));
-                        }
-                        let column = Arc::new(GroupColumn::of(&upserted.group));
-                        self.remember(&key, Some(Arc::clone(&column)));
-                        known.insert(key, Some(column));
+        let mut after_identify = self
+            .apply_identifies(events, &identifies, bases, &mut outcome.rows)
+            .await?;
+        for ((stamped, identify), after) in events
+            .iter()
+            .zip(&identifies)
+            .zip(after_identify.iter_mut())
+        {
+            if let (Some(identify), Some(after)) = (identify, after.take()) {
+                match after {
+                    Ok(column) => {
+                        known.insert(identify.key.clone(), Some(column));
                     }
-                    Err(error @ GroupStoreError::Rejected(_)) => {
+                    Err(error) => {
                         outcome.events.push(Err(error));
                         continue;
                     }
-                    Err(error) => return Err(error),
                 }
             }
             let mut columns = GroupColumns::default();
@@ -204,12 +224,122 @@ impl GroupManager {
         Ok(outcome)
     }
 
-    /// The groups the events' `$group_N` properties name: from the cache, the rest in one
-    /// store query.
-    async fn read_named_groups(
+    /// Writes the batch's `$groupidentify`s: each group's combined in one
+    /// [`GroupStore::upsert_batch`], so the batch costs one round trip however many there
+    /// are. Returns, per event, the group as that event's identify left it: the write's
+    /// answer for a group's last identify, and for earlier ones the stored group (`bases`,
+    /// read just before) with the identifies so far applied, as one upsert each would have
+    /// left it. A group the store refuses is upserted once per event, so that only the
+    /// events it refuses fail. Written versions go to `rows`, one per group.
+    async fn apply_identifies(
         &self,
         events: &[&mut StampedEvent],
-    ) -> Result<HashMap<GroupKey, Option<Arc<GroupColumn>>>, GroupStoreError> {
+        identifies: &[Option<Identify>],
+        mut bases: HashMap<GroupKey, Group>,
+        rows: &mut Vec<GroupRow>,
+    ) -> Result<Vec<Option<EventGroup>>, GroupStoreError> {
+        let mut after: Vec<Option<EventGroup>> = identifies.iter().map(|_| None).collect();
+        let mut plans: Vec<(Vec<usize>, GroupUpsert)> = Vec::new();
+        let mut plan_of: HashMap<&GroupKey, usize> = HashMap::new();
+        for (position, identify) in identifies.iter().enumerate() {
+            let Some(identify) = identify else { continue };
+            let timestamp = events[position].timestamp;
+            match plan_of.get(&identify.key) {
+                Some(&plan) => {
+                    let (positions, upsert) = &mut plans[plan];
+                    positions.push(position);
+                    upsert.set.extend(
+                        identify
+                            .set
+                            .iter()
+                            .map(|(key, value)| (key.clone(), value.clone())),
+                    );
+                    upsert.timestamp = upsert.timestamp.min(timestamp);
+                }
+                None => {
+                    plan_of.insert(&identify.key, plans.len());
+                    plans.push((
+                        vec![position],
+                        GroupUpsert {
+                            key: identify.key.clone(),
+                            set: identify.set.clone(),
+                            timestamp,
+                        },
+                    ));
+                }
+            }
+        }
+        if plans.is_empty() {
+            return Ok(after);
+        }
+        let upserts: Vec<GroupUpsert> = plans.iter().map(|(_, upsert)| upsert.clone()).collect();
+        let answers = self.store.upsert_batch(&upserts).await?;
+
+        for ((positions, upsert), answer) in plans.into_iter().zip(answers) {
+            let mut last = None;
+            match answer {
+                Ok(written) => {
+                    let mut group = bases.remove(&upsert.key);
+                    for &position in &positions {
+                        let Some(identify) = &identifies[position] else {
+                            continue;
+                        };
+                        let applied = applied(group.take(), identify, events[position].timestamp);
+                        let column = Arc::new(GroupColumn::of(&applied));
+                        after[position] = Some(Ok(Arc::clone(&column)));
+                        last = Some(column);
+                        group = Some(applied);
+                    }
+                    if let (Some(written), Some(&position)) = (written, positions.last()) {
+                        rows.push(GroupRow::of(&written));
+                        let column = Arc::new(GroupColumn::of(&written));
+                        after[position] = Some(Ok(Arc::clone(&column)));
+                        last = Some(column);
+                    }
+                }
+                Err(GroupStoreError::Rejected(_)) => {
+                    for &position in &positions {
+                        let Some(identify) = &identifies[position] else {
+                            continue;
+                        };
+                        let timestamp = events[position].timestamp;
+                        match self
+                            .store
+                            .upsert(&upsert.key, &identify.set, timestamp)
+                            .await
+                        {
+                            Ok(upserted) => {
+                                if upserted.written {
+                                    rows.push(GroupRow::of(&upserted.group));
+                                }
+                                let column = Arc::new(GroupColumn::of(&upserted.group));
+                                after[position] = Some(Ok(Arc::clone(&column)));
+                                last = Some(column);
+                            }
+                            Err(error @ GroupStoreError::Rejected(_)) => {
+                                after[position] = Some(Err(error));
+                            }
+                            Err(error) => return Err(error),
+                        }
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+            if let Some(column) = last {
+                self.remember(&upsert.key, Some(column));
+            }
+        }
+        Ok(after)
+    }
+
+    /// The groups the events' `$group_N` properties name, from the cache, and the groups
+    /// the batch identifies, as stored (`bases`): all that the cache cannot answer in one
+    /// store query.
+    async fn read_groups(
+        &self,
+        events: &[&mut StampedEvent],
+        identified: &HashSet<&GroupKey>,
+    ) -> Result<(KnownGroups, HashMap<GroupKey, Group>), GroupStoreError> {
         let mut wanted = HashSet::new();
         for stamped in events {
             for index in 0..GROUP_PROPERTIES.len() {
@@ -218,10 +348,11 @@ impl GroupManager {
                 }
             }
         }
+        wanted.extend(identified.iter().map(|key| (*key).clone()));
         let mut known = HashMap::with_capacity(wanted.len());
         let mut missing = Vec::new();
         for key in wanted {
-            match self.cached(&key) {
+            match self.cached(&key).filter(|_| !identified.contains(&key)) {
                 Some(group) => {
                     known.insert(key, group);
                 }
@@ -229,17 +360,22 @@ impl GroupManager {
             }
         }
         if missing.is_empty() {
-            return Ok(known);
+            return Ok((known, HashMap::new()));
         }
-        let found = self.store.groups(&missing).await?;
+        let mut found = self.store.groups(&missing).await?;
+        let mut bases = HashMap::with_capacity(identified.len());
         for key in missing {
-            let group = found
-                .get(&key)
-                .map(|group| Arc::new(GroupColumn::of(group)));
-            self.remember(&key, group.clone());
-            known.insert(key, group);
+            let group = found.remove(&key);
+            let column = group.as_ref().map(|group| Arc::new(GroupColumn::of(group)));
+            self.remember(&key, column.clone());
+            if let Some(group) = group
+                && identified.contains(&key)
+            {
+                bases.insert(key.clone(), group);
+            }
+            known.insert(key, column);
         }
-        Ok(known)
+        Ok((known, bases))
     }
 
     /// The group a `$groupidentify` names, if it names one: `$group_type` (a type the team
@@ -357,6 +493,25 @@ enum TypeLookup {
     Absent,
     /// The team's types are not cached, or too old.
     Stale,
+}
+
+/// The group as an upsert of `identify` at `timestamp` leaves `group` (`None`: not there).
+fn applied(group: Option<Group>, identify: &Identify, timestamp: DateTime<Utc>) -> Group {
+    match group {
+        None => Group {
+            key: identify.key.clone(),
+            properties: identify.set.clone(),
+            created_at: timestamp,
+            version: 1,
+        },
+        Some(mut group) => {
+            if merge_group_set(&mut group.properties, &identify.set) {
+                group.version += 1;
+            }
+            group.created_at = group.created_at.min(timestamp);
+            group
+        }
+    }
 }
 
 /// The group an event's `$group_<index>` names.

@@ -21,8 +21,8 @@ pub use manager::{
 pub use memory::MemoryGroupStore;
 pub use postgres::PostgresGroupStore;
 pub use store::{
-    Group, GroupKey, GroupRow, GroupStore, GroupStoreError, MAX_GROUP_TYPES, SharedGroupStore,
-    Upserted, merge_group_set,
+    BatchUpserted, Group, GroupKey, GroupRow, GroupStore, GroupStoreError, GroupUpsert,
+    MAX_GROUP_TYPES, SharedGroupStore, Upserted, merge_group_set,
 };
 
 #[cfg(test)]

@@ -18,7 +18,10 @@ use tokio_postgres::types::Json;
 
 use crate::postgres::Failure;
 
-use super::store::{Group, GroupKey, GroupStore, GroupStoreError, MAX_GROUP_TYPES, Upserted};
+use super::store::{
+    BatchUpserted, Group, GroupKey, GroupStore, GroupStoreError, GroupUpsert, MAX_GROUP_TYPES,
+    Upserted, upsert_one_by_one,
+};
 
 pub struct PostgresGroupStore {
     pool: Pool,
@@ -69,6 +72,24 @@ const UPSERT_GROUP: &str = "INSERT INTO posthog_group AS g \
      (team_id, group_key, group_type_index, group_properties, created_at, \
       properties_last_updated_at, properties_last_operation, version) \
      VALUES ($1, $2, $3, $4, $5, '{}', '{}', 1) \
+     ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE \
+     SET group_properties = g.group_properties || EXCLUDED.group_properties, \
+         created_at = LEAST(g.created_at, EXCLUDED.created_at), \
+         version = g.version + 1 \
+     WHERE g.group_properties || EXCLUDED.group_properties <> g.group_properties \
+        OR EXCLUDED.created_at < g.created_at \
+     RETURNING g.team_id, g.group_type_index, g.group_key, g.group_properties, \
+       g.created_at, g.version";
+
+/// [`UPSERT_GROUP`] for a batch: one row per group, unnested in the order given (sorted, so
+/// that instances writing overlapping batches lock rows in one order and cannot deadlock).
+const UPSERT_GROUPS: &str = "INSERT INTO posthog_group AS g \
+     (team_id, group_key, group_type_index, group_properties, created_at, \
+      properties_last_updated_at, properties_last_operation, version) \
+     SELECT u.team_id, u.group_key, u.group_type_index, u.group_properties, u.created_at, \
+       '{}', '{}', 1 \
+     FROM unnest($1::int4[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[]) \
+       AS u(team_id, group_key, group_type_index, group_properties, created_at) \
      ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE \
      SET group_properties = g.group_properties || EXCLUDED.group_properties, \
          created_at = LEAST(g.created_at, EXCLUDED.created_at), \
@@ -225,6 +246,75 @@ impl GroupStore for PostgresGroupStore {
             group: group_from_row(&row)?,
             written: false,
         })
+    }
+
+    /// One statement for the whole batch. A statement fails as a whole, so when the store
+    /// refuses some group's data the groups are upserted one by one to find which.
+    async fn upsert_batch(
+        &self,
+        upserts: &[GroupUpsert],
+    ) -> Result<Vec<BatchUpserted>, GroupStoreError> {
+        if upserts.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.upsert_in_one_statement(upserts).await {
+            Err(GroupStoreError::Rejected(_)) => upsert_one_by_one(self, upserts).await,
+            answered => answered,
+        }
+    }
+}
+
+impl PostgresGroupStore {
+    /// All of `upserts` in one statement: every group written, or (on any error) none.
+    async fn upsert_in_one_statement(
+        &self,
+        upserts: &[GroupUpsert],
+    ) -> Result<Vec<BatchUpserted>, GroupStoreError> {
+        let mut order: Vec<usize> = (0..upserts.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&upserts[a].key, &upserts[b].key);
+            (a.team_id, a.group_type_index, &a.group_key).cmp(&(
+                b.team_id,
+                b.group_type_index,
+                &b.group_key,
+            ))
+        });
+        let mut teams = Vec::with_capacity(upserts.len());
+        let mut group_keys = Vec::with_capacity(upserts.len());
+        let mut indexes = Vec::with_capacity(upserts.len());
+        let mut sets = Vec::with_capacity(upserts.len());
+        let mut timestamps = Vec::with_capacity(upserts.len());
+        for &position in &order {
+            let upsert = &upserts[position];
+            teams.push(team_column(upsert.key.team_id)?);
+            group_keys.push(upsert.key.group_key.as_str());
+            indexes.push(i32::from(upsert.key.group_type_index));
+            sets.push(Json(&upsert.set));
+            timestamps.push(upsert.timestamp);
+        }
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(UPSERT_GROUPS)
+            .await
+            .map_err(classify)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&teams, &group_keys, &indexes, &sets, &timestamps],
+            )
+            .await
+            .map_err(classify)?;
+        let mut written: HashMap<GroupKey, Group> = rows
+            .iter()
+            .map(|row| {
+                let group = group_from_row(row)?;
+                Ok((group.key.clone(), group))
+            })
+            .collect::<Result<_, GroupStoreError>>()?;
+        Ok(upserts
+            .iter()
+            .map(|upsert| Ok(written.remove(&upsert.key)))
+            .collect())
     }
 }
 

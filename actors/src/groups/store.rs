@@ -39,6 +39,20 @@ pub struct Upserted {
     pub written: bool,
 }
 
+/// One group's `$groupidentify`s of a batch, combined: their `$group_set`s merged in event
+/// order (a later value wins, as upserting each in turn would leave it) and the earliest of
+/// their timestamps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupUpsert {
+    pub key: GroupKey,
+    pub set: Map<String, Value>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// What [`GroupStore::upsert_batch`] did to one group: `Ok(Some(group))` wrote a new version,
+/// `Ok(None)` changed nothing, `Err` refused this group (or could not reach the store).
+pub type BatchUpserted = Result<Option<Group>, GroupStoreError>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GroupStoreError {
     /// The store cannot answer; the batch is retried later rather than its events stored
@@ -82,6 +96,38 @@ pub trait GroupStore: Send + Sync + 'static {
         set: &Map<String, Value>,
         timestamp: DateTime<Utc>,
     ) -> Result<Upserted, GroupStoreError>;
+
+    /// [`Self::upsert`] for several groups (each key at most once), answering per group in
+    /// the order given. A store that can should write them in one go: a batch's
+    /// `$groupidentify`s then cost one round trip, not one each. The outer error means
+    /// nothing can be said about any of them. By default, one upsert per group.
+    async fn upsert_batch(
+        &self,
+        upserts: &[GroupUpsert],
+    ) -> Result<Vec<BatchUpserted>, GroupStoreError> {
+        upsert_one_by_one(self, upserts).await
+    }
+}
+
+/// [`GroupStore::upsert_batch`] as one [`GroupStore::upsert`] per group: the default, and
+/// how a store that refused a whole batch finds out which groups it refuses.
+pub async fn upsert_one_by_one<S: GroupStore + ?Sized>(
+    store: &S,
+    upserts: &[GroupUpsert],
+) -> Result<Vec<BatchUpserted>, GroupStoreError> {
+    let mut answers = Vec::with_capacity(upserts.len());
+    for upsert in upserts {
+        let answer = match store
+            .upsert(&upsert.key, &upsert.set, upsert.timestamp)
+            .await
+        {
+            Ok(upserted) => Ok(upserted.written.then_some(upserted.group)),
+            Err(error @ GroupStoreError::Rejected(_)) => Err(error),
+            Err(error @ GroupStoreError::Unavailable(_)) => return Err(error),
+        };
+        answers.push(answer);
+    }
+    Ok(answers)
 }
 
 /// A store shared by the pipeline's tasks.

@@ -90,6 +90,137 @@ async fn upserts_merge_keep_the_earliest_creation_and_bump_versions(store: &dyn 
     assert_eq!(found[&posthog].created_at, day(1));
 }
 
+async fn batch_upserts_answer_per_group_as_upserting_each_would(store: &dyn GroupStore) {
+    let posthog = key(1, "posthog");
+    let other = key(1, "other");
+    store
+        .upsert(&posthog, &set(json!({"a": 1, "b": 1})), day(2))
+        .await
+        .unwrap();
+    let batch = [
+        GroupUpsert {
+            key: posthog.clone(),
+            set: set(json!({"b": 2, "c": 3})),
+            timestamp: day(3),
+        },
+        GroupUpsert {
+            key: other.clone(),
+            set: set(json!({"x": true})),
+            timestamp: day(5),
+        },
+    ];
+    let answers = store.upsert_batch(&batch).await.unwrap();
+    assert_eq!(answers.len(), 2);
+    let changed = answers[0].as_ref().unwrap().as_ref().expect("written");
+    assert_eq!(changed.key, posthog);
+    assert_eq!(
+        Value::Object(changed.properties.clone()),
+        json!({"a": 1, "b": 2, "c": 3})
+    );
+    assert_eq!(changed.version, 2);
+    assert_eq!(changed.created_at, day(2), "the earlier creation stays");
+    let created = answers[1].as_ref().unwrap().as_ref().expect("created");
+    assert_eq!(created.key, other);
+    assert_eq!(created.version, 1);
+    assert_eq!(created.created_at, day(5));
+
+    let again = store.upsert_batch(&batch).await.unwrap();
+    assert!(
+        again.iter().all(|answer| matches!(answer, Ok(None))),
+        "nothing changed, nothing written: {again:?}"
+    );
+    let earlier = store
+        .upsert_batch(&[GroupUpsert {
+            key: other.clone(),
+            set: Map::new(),
+            timestamp: day(4),
+        }])
+        .await
+        .unwrap();
+    let moved = earlier[0].as_ref().unwrap().as_ref().expect("written");
+    assert_eq!((moved.created_at, moved.version), (day(4), 2));
+}
+
+#[tokio::test]
+async fn memory_batch_upserts_answer_per_group_as_upserting_each_would() {
+    batch_upserts_answer_per_group_as_upserting_each_would(&MemoryGroupStore::new()).await;
+}
+
+#[cfg(feature = "integration-tests")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_upserts_answer_per_group_as_upserting_each_would() {
+    let store = postgres_store("batch").await;
+    batch_upserts_answer_per_group_as_upserting_each_would(store.as_ref()).await;
+}
+
+/// A refused group fails the batch's statement; the store then answers group by group, so
+/// only that group is refused.
+#[cfg(feature = "integration-tests")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_refuses_only_the_refused_group() {
+    let store = postgres_store("batch_refused").await;
+    let batch = [
+        GroupUpsert {
+            key: key(1, "posthog"),
+            set: set(json!({"a": 1})),
+            timestamp: day(1),
+        },
+        GroupUpsert {
+            key: key(1, "nul"),
+            set: set(json!({"a": "\u{0}"})),
+            timestamp: day(1),
+        },
+        GroupUpsert {
+            key: key(1, &"k".repeat(401)),
+            set: Map::new(),
+            timestamp: day(1),
+        },
+    ];
+    let answers = store.upsert_batch(&batch).await.unwrap();
+    assert!(matches!(&answers[0], Ok(Some(group)) if group.version == 1));
+    assert!(matches!(&answers[1], Err(GroupStoreError::Rejected(_))));
+    assert!(matches!(&answers[2], Err(GroupStoreError::Rejected(_))));
+    let found = store
+        .groups(&[key(1, "posthog"), key(1, "nul")])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+}
+
+/// Two instances writing overlapping batches at once (in different orders): neither loses
+/// the other's keys and neither deadlocks.
+#[cfg(feature = "integration-tests")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_batch_upserts_lose_nothing() {
+    let store = postgres_store("batch_concurrent").await;
+    let keys: Vec<GroupKey> = (0..50).map(|n| key(1, &format!("g{n}"))).collect();
+    let writers = (0..8).map(|writer| {
+        let store = Arc::clone(&store);
+        let mut keys = keys.clone();
+        if writer % 2 == 1 {
+            keys.reverse();
+        }
+        async move {
+            let batch: Vec<GroupUpsert> = keys
+                .into_iter()
+                .map(|key| GroupUpsert {
+                    key,
+                    set: set(json!({ format!("w{writer}"): writer })),
+                    timestamp: day(1),
+                })
+                .collect();
+            store.upsert_batch(&batch).await.unwrap()
+        }
+    });
+    futures::future::join_all(writers).await;
+    let found = store.groups(&keys).await.unwrap();
+    assert_eq!(found.len(), 50);
+    for group in found.values() {
+        assert_eq!(group.properties.len(), 8, "{:?}", group.key);
+        assert_eq!(group.version, 8);
+    }
+}
+
 #[tokio::test]
 async fn memory_types_take_the_lowest_free_index_and_at_most_five() {
     types_take_the_lowest_free_index_and_at_most_five(&MemoryGroupStore::new()).await;

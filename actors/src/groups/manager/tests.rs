@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::*;
 use crate::event::PluginEvent;
-use crate::groups::{GroupStore, MemoryGroupStore, Upserted};
+use crate::groups::store::upsert_one_by_one;
+use crate::groups::{BatchUpserted, GroupStore, MemoryGroupStore, Upserted};
 
 /// The memory store, counting group reads and refusing keys longer than Postgres' column.
 #[derive(Default)]
@@ -16,6 +17,8 @@ struct CountingStore {
     inner: MemoryGroupStore,
     reads: AtomicUsize,
     type_reads: AtomicUsize,
+    batch_writes: AtomicUsize,
+    upserts: AtomicUsize,
 }
 
 const KEY_COLUMN_CHARS: usize = 400;
@@ -55,7 +58,16 @@ impl GroupStore for CountingStore {
                 "value too long for type character varying(400)".to_owned(),
             ));
         }
+        self.upserts.fetch_add(1, Ordering::SeqCst);
         self.inner.upsert(key, set, timestamp).await
+    }
+
+    async fn upsert_batch(
+        &self,
+        upserts: &[GroupUpsert],
+    ) -> Result<Vec<BatchUpserted>, GroupStoreError> {
+        self.batch_writes.fetch_add(1, Ordering::SeqCst);
+        upsert_one_by_one(self, upserts).await
     }
 }
 
@@ -247,4 +259,120 @@ async fn a_refused_identify_fails_only_its_own_event() {
     assert!(outcome.events[1].is_ok());
     assert_eq!(properties_of(&outcome.events[2], 0), Some(json!({"a": 1})));
     assert_eq!(outcome.rows.len(), 1);
+}
+
+#[tokio::test]
+async fn a_batchs_identifies_are_one_read_and_one_write_and_each_event_sees_its_moment() {
+    let (manager, store) = manager();
+    let mut batch = vec![
+        identify(
+            "organization",
+            "posthog",
+            json!({"plan": "free", "seats": 1}),
+        ),
+        event(
+            "$pageview",
+            json!({"$group_0": "posthog", "$group_1": "p1"}),
+        ),
+        identify("project", "p1", json!({"name": "one"})),
+        identify("organization", "posthog", json!({"plan": "pro"})),
+        event(
+            "$pageview",
+            json!({"$group_0": "posthog", "$group_1": "p1"}),
+        ),
+        identify("organization", "posthog", json!({"seats": 5})),
+        event("$pageview", json!({"$group_0": "posthog"})),
+    ];
+    let outcome = run(&manager, &mut batch).await;
+    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(store.batch_writes.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        store.upserts.load(Ordering::SeqCst),
+        2,
+        "one upsert per group, not per identify"
+    );
+    assert_eq!(
+        properties_of(&outcome.events[1], 0),
+        Some(json!({"plan": "free", "seats": 1}))
+    );
+    assert_eq!(
+        properties_of(&outcome.events[1], 1),
+        None,
+        "not yet identified"
+    );
+    assert_eq!(
+        properties_of(&outcome.events[4], 0),
+        Some(json!({"plan": "pro", "seats": 1}))
+    );
+    assert_eq!(
+        properties_of(&outcome.events[4], 1),
+        Some(json!({"name": "one"}))
+    );
+    assert_eq!(
+        properties_of(&outcome.events[6], 0),
+        Some(json!({"plan": "pro", "seats": 5}))
+    );
+    let mut rows: Vec<(String, i64)> = outcome
+        .rows
+        .iter()
+        .map(|row| (row.group_key.clone(), row.version))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [("p1".to_owned(), 1), ("posthog".to_owned(), 1)],
+        "one version per group and batch"
+    );
+
+    // The next batch merges into what is stored, and an unchanged group writes no row.
+    let mut batch = vec![
+        event("$pageview", json!({"$group_0": "posthog"})),
+        identify("organization", "posthog", json!({"seats": 6})),
+        identify("project", "p1", json!({"name": "one"})),
+    ];
+    let outcome = run(&manager, &mut batch).await;
+    assert_eq!(
+        properties_of(&outcome.events[0], 0),
+        Some(json!({"plan": "pro", "seats": 5}))
+    );
+    assert_eq!(outcome.rows.len(), 1);
+    assert_eq!(outcome.rows[0].group_key, "posthog");
+    assert_eq!(outcome.rows[0].version, 2);
+    let stored = store
+        .inner
+        .groups(&[GroupKey {
+            team_id: 2,
+            group_type_index: 0,
+            group_key: "posthog".to_owned(),
+        }])
+        .await
+        .unwrap();
+    let stored = stored.values().next().unwrap();
+    assert_eq!(
+        Value::Object(stored.properties.clone()),
+        json!({"plan": "pro", "seats": 6})
+    );
+}
+
+#[tokio::test]
+async fn a_refused_group_is_retried_per_event_and_the_other_groups_are_written_once() {
+    let (manager, store) = manager();
+    let long = "k".repeat(KEY_COLUMN_CHARS + 1);
+    let mut batch = vec![
+        identify("organization", &long, json!({"a": 1})),
+        identify("organization", "posthog", json!({"a": 1})),
+        identify("organization", &long, json!({"a": 2})),
+        identify("organization", "posthog", json!({"b": 2})),
+        event("$pageview", json!({"$group_0": "posthog"})),
+    ];
+    let outcome = run(&manager, &mut batch).await;
+    assert!(outcome.events[0].is_err());
+    assert!(outcome.events[2].is_err());
+    assert!(outcome.events[1].is_ok());
+    assert_eq!(
+        properties_of(&outcome.events[4], 0),
+        Some(json!({"a": 1, "b": 2}))
+    );
+    assert_eq!(outcome.rows.len(), 1);
+    assert_eq!(store.batch_writes.load(Ordering::SeqCst), 1);
 }
