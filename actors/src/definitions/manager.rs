@@ -256,7 +256,7 @@ impl DefinitionsManager {
         let mut hasher = self.hasher.build_hasher();
         team_id.hash(&mut hasher);
         event.event.hash(&mut hasher);
-        for (kind, name, _) in properties_of(event, group_type_index) {
+        for (kind, name) in property_names_of(event, group_type_index) {
             kind.hash(&mut hasher);
             name.hash(&mut hasher);
         }
@@ -310,6 +310,33 @@ fn properties_of(
                 .map(move |(key, value)| (PropertyKind::Group(index), key.as_str(), value))
         });
     own.chain(person).chain(group)
+}
+
+/// The names of [`properties_of`], without reading the event's own values: a known shape
+/// costs no parsing of them (see [`crate::event::Properties`]).
+fn property_names_of(
+    event: &PluginEvent,
+    group_type_index: Option<u8>,
+) -> impl Iterator<Item = (PropertyKind, &str)> {
+    let own = event
+        .properties
+        .keys()
+        .filter(|key| !NOT_EVENT_PROPERTIES.contains(&key.as_str()))
+        .map(|key| (PropertyKind::Event, key.as_str()));
+    let others = ["$set", "$set_once"]
+        .into_iter()
+        .filter_map(|key| event.properties.get(key).and_then(Value::as_object))
+        .flat_map(|set| set.keys())
+        .map(|key| (PropertyKind::Person, key.as_str()))
+        .chain(
+            group_set(event, group_type_index)
+                .into_iter()
+                .flat_map(|(index, set)| {
+                    set.keys()
+                        .map(move |key| (PropertyKind::Group(index), key.as_str()))
+                }),
+        );
+    own.chain(others)
 }
 
 /// `$groupidentify`'s `$group_set`, when the group step found its group type's index.

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::dead_letter::{DeadLetter, DropReason};
 use super::iso8601::parse_iso8601;
 use super::js::to_js_string;
-use super::{PipelineEvent, PluginEvent, Properties};
+use super::properties::ObjectVisitor;
+use super::{JsonObject, PipelineEvent, PluginEvent, Properties};
 
 /// A message for `events_plugin_ingestion`, as capture writes it: trusted fields at the top,
 /// the client's event as a JSON string in `data`. Exactly one of `token` (from a client) and
@@ -209,8 +210,12 @@ pub fn normalize_event(event: &mut PluginEvent) {
 fn add_campaign_and_initial_properties(properties: &mut Properties) {
     let mut campaign: Vec<(String, Value)> = Vec::new();
     let mut initial: Vec<(String, Value)> = Vec::new();
-    for (key, value) in properties.iter() {
+    // By key first: only the values of these few keys are read (and so parsed).
+    for key in properties.keys() {
         let Some((is_campaign, initial_name)) = person_property(key) else {
+            continue;
+        };
+        let Some(value) = properties.get(key) else {
             continue;
         };
         if is_campaign {
@@ -250,10 +255,8 @@ fn person_property(key: &str) -> Option<(bool, &'static str)> {
 
 /// The object under `key`, created (or replacing a non-object, which JavaScript's spread
 /// would also discard) when needed. Always `Some`; an `Option` avoids a panic path.
-fn nested_object<'a>(properties: &'a mut Properties, key: &str) -> Option<&'a mut Properties> {
-    let slot = properties
-        .entry(key)
-        .or_insert_with(|| Value::Object(Map::new()));
+fn nested_object<'a>(properties: &'a mut Properties, key: &str) -> Option<&'a mut JsonObject> {
+    let slot = properties.get_or_insert_with(key, || Value::Object(Map::new()));
     if !slot.is_object() {
         *slot = Value::Object(Map::new());
     }
@@ -275,7 +278,7 @@ struct RawFields {
     sent_at: Option<Value>,
     uuid: Option<Value>,
     event: Option<Value>,
-    properties: Option<Value>,
+    properties: Option<PropertiesField>,
     timestamp: Option<Value>,
     offset: Option<Value>,
     #[serde(rename = "$set")]
@@ -308,12 +311,70 @@ impl RawFields {
     }
 }
 
+/// `properties` as sent: an object, kept as its values' JSON text (see [`Properties`]), or
+/// anything else, which refuses the event and is kept to show in its dead letter.
+#[derive(Debug)]
+enum PropertiesField {
+    Object(Properties),
+    NotObject(Value),
+}
+
+impl<'de> Deserialize<'de> for PropertiesField {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PropertiesFieldVisitor)
+    }
+}
+
+struct PropertiesFieldVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PropertiesFieldVisitor {
+    type Value = PropertiesField;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        ObjectVisitor.visit_map(map).map(PropertiesField::Object)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Ok(PropertiesField::NotObject(Value::Array(items)))
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(Value::Bool(value)))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(value.into()))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(value.into()))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(value.into()))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(Value::String(value.to_owned())))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(PropertiesField::NotObject(Value::Null))
+    }
+}
+
 /// Every reason to refuse the merged fields, checked by reference so that a refusal can
 /// still report all of them. Returns the parsed `team_id`.
 fn validate(fields: &RawFields) -> Result<Option<i64>, (DropReason, String)> {
-    if let Some(properties) = &fields.properties
-        && !properties.is_object()
-    {
+    if let Some(PropertiesField::NotObject(properties)) = &fields.properties {
         return Err((
             DropReason::InvalidJson,
             format!("properties is not a JSON object: {properties}"),
@@ -389,8 +450,9 @@ fn parse_team_id(value: Option<&Value>) -> Result<Option<i64>, String> {
 /// Moves the validated fields into the event and normalizes it.
 fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent {
     let properties = match fields.properties {
-        Some(Value::Object(properties)) => properties,
-        _ => Map::new(),
+        Some(PropertiesField::Object(properties)) => properties,
+        // Refused by `validate`.
+        Some(PropertiesField::NotObject(_)) | None => Properties::new(),
     };
     let mut event = PluginEvent {
         distinct_id: fields.distinct_id.map(into_text).unwrap_or_default(),
@@ -446,7 +508,7 @@ fn into_truthy_text(value: Value) -> Option<String> {
     }
 }
 
-fn into_object(value: Value) -> Option<Properties> {
+fn into_object(value: Value) -> Option<JsonObject> {
     match value {
         Value::Object(object) => Some(object),
         _ => None,
@@ -484,10 +546,11 @@ fn dead_letter(
         .unwrap_or(0);
     letter.ip = text_of(fields.ip.as_ref());
     letter.site_url = text_of(fields.site_url.as_ref());
-    letter.properties = fields
-        .properties
-        .as_ref()
-        .map_or_else(|| "{}".to_owned(), Value::to_string);
+    letter.properties = match &fields.properties {
+        Some(PropertiesField::Object(properties)) => properties.to_json(),
+        Some(PropertiesField::NotObject(other)) => other.to_string(),
+        None => "{}".to_owned(),
+    };
     if let Some(now) = fields
         .now
         .as_ref()

@@ -11,9 +11,11 @@ pub mod envelope;
 pub mod intake;
 pub mod iso8601;
 pub mod js;
+pub mod properties;
 pub mod team;
 
 pub use dead_letter::{DeadLetter, DropReason};
+pub use properties::Properties;
 pub use team::Team;
 
 use std::sync::Arc;
@@ -23,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-/// A JSON object, the type of `properties`, `$set` and `$set_once`.
-pub type Properties = Map<String, Value>;
+/// A JSON object as `serde_json` builds it: the event's top-level `$set` and `$set_once`.
+pub type JsonObject = Map<String, Value>;
 
 /// An event after envelope parsing and normalization (spec 1.1), before its team is known.
 ///
@@ -67,9 +69,9 @@ pub struct PluginEvent {
     pub offset: Option<Value>,
     pub uuid: String,
     #[serde(rename = "$set", default, skip_serializing_if = "Option::is_none")]
-    pub set: Option<Properties>,
+    pub set: Option<JsonObject>,
     #[serde(rename = "$set_once", default, skip_serializing_if = "Option::is_none")]
-    pub set_once: Option<Properties>,
+    pub set_once: Option<JsonObject>,
 }
 
 #[cfg(test)]
@@ -84,7 +86,11 @@ impl PluginEvent {
             now: "2024-01-01T00:00:00Z".to_owned(),
             event: name.to_owned(),
             sent_at: None,
-            properties: properties.as_object().cloned().unwrap_or_default(),
+            properties: properties
+                .as_object()
+                .cloned()
+                .map(Properties::from)
+                .unwrap_or_default(),
             timestamp: None,
             offset: None,
             uuid: uuid::Uuid::new_v4().to_string(),

@@ -30,7 +30,7 @@ use super::store::{
     Group, GroupKey, GroupRow, GroupStoreError, GroupUpsert, MAX_GROUP_TYPES, SharedGroupStore,
     merge_group_set,
 };
-use crate::event::StampedEvent;
+use crate::event::{Properties, StampedEvent};
 
 /// The properties an event names its groups by, one per column of the `events` table.
 const GROUP_PROPERTIES: [&str; MAX_GROUP_TYPES as usize] =
@@ -172,7 +172,7 @@ impl GroupManager {
             any_group |= identify.is_some()
                 || GROUP_PROPERTIES
                     .iter()
-                    .any(|name| event.properties.contains_key(*name));
+                    .any(|name| event.properties.contains_key(name));
             identifies.push(identify);
         }
         if !any_group {
@@ -383,7 +383,7 @@ impl GroupManager {
     async fn identify_of(
         &self,
         team_id: i64,
-        properties: &Map<String, Value>,
+        properties: &Properties,
     ) -> Result<Option<Identify>, GroupStoreError> {
         let (Some(Value::String(group_type)), Some(group_key)) = (
             properties.get("$group_type"),

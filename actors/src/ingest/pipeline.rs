@@ -807,14 +807,14 @@ const PERSON_EVENTS: [&str; 4] = [
 /// itself is removed.
 fn normalize_process_person(event: &mut PluginEvent, process_person: bool) {
     if process_person {
-        event.properties.shift_remove("$process_person_profile");
+        event.properties.remove("$process_person_profile");
     } else {
         event.properties.insert(
             "$process_person_profile".to_owned(),
             serde_json::Value::Bool(false),
         );
         for key in ["$set", "$set_once", "$unset"] {
-            event.properties.shift_remove(key);
+            event.properties.remove(key);
         }
     }
 }

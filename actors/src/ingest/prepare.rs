@@ -66,8 +66,8 @@ pub fn prepare_normalized_event(
 /// `$elements_chain` (with `elementsChainAsString`), older clients send `$elements` to be
 /// rendered. The string wins when it is truthy; both leave the properties either way.
 fn take_elements_chain(properties: &mut Properties) -> String {
-    let ready = properties.shift_remove("$elements_chain");
-    let elements = properties.shift_remove("$elements");
+    let ready = properties.remove("$elements_chain");
+    let elements = properties.remove("$elements");
     match (ready, elements) {
         (Some(ready), _) if is_truthy(&ready) => to_js_string(&ready),
         (_, Some(Value::Array(elements))) => elements_chain(&elements),
@@ -273,7 +273,7 @@ mod tests {
             now: "2020-02-23T02:15:00.000Z".to_owned(),
             event: "$autocapture".to_owned(),
             sent_at: None,
-            properties,
+            properties: properties.into(),
             timestamp: Some(json!("2020-02-23T02:14:00.000Z")),
             offset: None,
             uuid: UUID.to_owned(),

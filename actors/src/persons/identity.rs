@@ -3,8 +3,7 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
-
+use crate::event::Properties;
 use crate::event::js::{is_truthy, to_js_string};
 
 /// Ingestion warning for a merge refused because one side is a placeholder id.
@@ -167,7 +166,7 @@ impl IllegalMerge {
 pub fn merge_intent(
     event_name: &str,
     distinct_id: &str,
-    properties: &Map<String, Value>,
+    properties: &Properties,
 ) -> Result<MergeIntent, IllegalMerge> {
     let (kind, previous) = match event_name {
         "$create_alias" | "$merge_dangerously" => {

@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::event::Properties;
+
 /// The property naming the event that created the person.
 pub const CREATOR_EVENT_UUID: &str = "$creator_event_uuid";
 
@@ -54,7 +56,7 @@ impl PersonUpdates {
 /// A `$set` or `$set_once` that is not an object is ignored. `$unset` is normally an array of
 /// keys, but some SDKs send an object whose keys are to be unset, which PostHog accepts too;
 /// non-string array elements are ignored since no SDK sends them.
-pub fn person_updates(properties: &Map<String, Value>) -> PersonUpdates {
+pub fn person_updates(properties: &Properties) -> PersonUpdates {
     let object = |key: &str| match properties.get(key) {
         Some(Value::Object(map)) => map.clone(),
         _ => Map::new(),

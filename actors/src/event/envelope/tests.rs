@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::event::JsonObject;
 
 const UUID: &str = "017ef865-19da-0000-3b60-1506093bf40f";
 
@@ -29,7 +30,7 @@ fn parse(raw: &[u8]) -> Result<PipelineEvent, Box<DeadLetter>> {
     parse_envelope(raw, &EnvelopeLimits::default())
 }
 
-fn object(value: Value) -> Properties {
+fn object(value: Value) -> JsonObject {
     match value {
         Value::Object(object) => object,
         other => panic!("not an object: {other}"),
@@ -45,7 +46,7 @@ fn plugin_event(event: &str, properties: Value) -> PluginEvent {
         now: "2020-02-23T02:15:00.000Z".to_owned(),
         event: event.to_owned(),
         sent_at: None,
-        properties: object(properties),
+        properties: object(properties).into(),
         timestamp: None,
         offset: None,
         uuid: UUID.to_owned(),
@@ -89,7 +90,7 @@ fn parses_a_capture_message() {
     assert_eq!(event.set, None);
     assert_eq!(event.set_once, None);
     assert_eq!(
-        Value::Object(event.properties),
+        Value::from(event.properties),
         json!({
             "$current_url": "https://example.com/",
             "distinct_id": "my_id",
@@ -112,7 +113,7 @@ fn accepts_data_as_an_object() {
     assert_eq!(parsed.team_id, Some(2));
     assert_eq!(parsed.token, None);
     assert_eq!(parsed.event.event, "$pageview");
-    assert_eq!(Value::Object(parsed.event.properties), json!({ "a": 1 }));
+    assert_eq!(Value::from(parsed.event.properties), json!({ "a": 1 }));
 }
 
 #[test]
@@ -466,7 +467,7 @@ fn top_level_set_is_merged_with_top_level_winning() {
 fn top_level_set_replaces_a_non_object_and_creates_an_empty_one() {
     let mut event = plugin_event("some_event", json!({ "$set": "not an object" }));
     event.set = Some(object(json!({ "a": 1 })));
-    event.set_once = Some(Properties::new());
+    event.set_once = Some(JsonObject::new());
     normalize_event(&mut event);
     assert_eq!(event.properties["$set"], json!({ "a": 1 }));
     assert_eq!(event.properties["$set_once"], json!({}));
@@ -497,7 +498,7 @@ fn adds_campaign_and_initial_properties() {
     );
     normalize_event(&mut event);
     assert_eq!(
-        Value::Object(event.properties),
+        Value::from(event.properties),
         json!({
             "distinct_id": 2,
             "$browser": "Chrome",
@@ -531,7 +532,7 @@ fn initial_current_url_regression() {
     let mut event = plugin_event("$pageview", json!({ "$current_url": "https://test.com" }));
     normalize_event(&mut event);
     assert_eq!(
-        Value::Object(event.properties),
+        Value::from(event.properties),
         json!({
             "$current_url": "https://test.com",
             "$set_once": { "$initial_current_url": "https://test.com" },
@@ -545,7 +546,7 @@ fn every_campaign_and_initial_key_is_copied() {
     for (name, _) in CAMPAIGN_PROPERTIES.iter().chain(INITIAL_PROPERTIES.iter()) {
         properties.insert((*name).to_owned(), json!(name));
     }
-    let mut event = plugin_event("$pageview", Value::Object(properties));
+    let mut event = plugin_event("$pageview", Value::from(properties));
     normalize_event(&mut event);
     assert_eq!(
         event.properties["$set"].as_object().unwrap().len(),
@@ -591,7 +592,7 @@ fn recordings_get_no_person_properties() {
         normalize_event(&mut event);
         // The top-level `$set` is still merged; only derived properties are skipped.
         assert_eq!(
-            Value::Object(event.properties),
+            Value::from(event.properties),
             json!({ "$current_url": "https://test.com", "$set": { "a": 1 } })
         );
     }

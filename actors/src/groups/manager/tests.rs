@@ -205,7 +205,7 @@ async fn a_sixth_group_type_gets_no_column() {
     run(&manager, &mut batch).await;
     let named = GROUP_PROPERTIES
         .iter()
-        .filter(|name| batch[0].event.properties.contains_key(**name))
+        .filter(|name| batch[0].event.properties.contains_key(name))
         .count();
     assert_eq!(named, 5);
 }

@@ -1,5 +1,4 @@
 use chrono::TimeZone;
-use serde_json::Map;
 
 use super::*;
 
@@ -23,7 +22,7 @@ fn event(
         now: now.to_owned(),
         event: "$pageview".to_owned(),
         sent_at: sent_at.map(str::to_owned),
-        properties: Map::new(),
+        properties: Default::default(),
         timestamp,
         offset,
         uuid: "017ef865-19da-0000-3b60-1506093bf40f".to_owned(),

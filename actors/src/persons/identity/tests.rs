@@ -1,10 +1,10 @@
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::*;
 
-fn props(value: Value) -> Map<String, Value> {
+fn props(value: Value) -> Properties {
     match value {
-        Value::Object(map) => map,
+        Value::Object(map) => map.into(),
         other => panic!("test properties must be an object, got {other}"),
     }
 }

@@ -9,6 +9,10 @@ fn props(value: Value) -> Map<String, Value> {
     }
 }
 
+fn event_props(value: Value) -> Properties {
+    props(value).into()
+}
+
 fn keys(names: &[&str]) -> Vec<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
 }
@@ -17,7 +21,7 @@ fn keys(names: &[&str]) -> Vec<String> {
 
 #[test]
 fn updates_are_read_from_event_properties() {
-    let updates = person_updates(&props(json!({
+    let updates = person_updates(&event_props(json!({
         "$set": {"email": "a@b.c"},
         "$set_once": {"first_seen": "today"},
         "$unset": ["old", "older"],
@@ -31,7 +35,9 @@ fn updates_are_read_from_event_properties() {
 
 #[test]
 fn unset_as_object_unsets_its_keys() {
-    let updates = person_updates(&props(json!({"$unset": {"a": null, "b": "ignored value"}})));
+    let updates = person_updates(&event_props(
+        json!({"$unset": {"a": null, "b": "ignored value"}}),
+    ));
     let mut unset = updates.unset;
     unset.sort();
     assert_eq!(unset, keys(&["a", "b"]));
@@ -39,14 +45,16 @@ fn unset_as_object_unsets_its_keys() {
 
 #[test]
 fn unset_array_ignores_non_strings() {
-    let updates = person_updates(&props(json!({"$unset": ["a", 1, null, {"b": 1}, "c"]})));
+    let updates = person_updates(&event_props(
+        json!({"$unset": ["a", 1, null, {"b": 1}, "c"]}),
+    ));
     assert_eq!(updates.unset, keys(&["a", "c"]));
 }
 
 #[test]
 fn missing_or_mistyped_updates_are_empty() {
-    assert!(person_updates(&Map::new()).is_empty());
-    let updates = person_updates(&props(json!({
+    assert!(person_updates(&Properties::new()).is_empty());
+    let updates = person_updates(&event_props(json!({
         "$set": "not an object",
         "$set_once": ["a"],
         "$unset": "a",
@@ -186,7 +194,7 @@ fn set_to_null_or_other_type_is_a_change() {
 
 #[test]
 fn updates_apply_from_event_properties() {
-    let updates = person_updates(&props(json!({
+    let updates = person_updates(&event_props(json!({
         "$set": {"email": "new@b.c"},
         "$set_once": {"first": "x", "email": "ignored@b.c"},
         "$unset": {"legacy": true},
@@ -224,7 +232,7 @@ fn merge_then_event_updates_as_in_merge_people() {
     let target = props(json!({"name": "target"}));
     let source = props(json!({"name": "source", "anon_prop": 1, "stale": true}));
     let mut properties = merged_properties(&target, &source);
-    let updates = person_updates(&props(json!({
+    let updates = person_updates(&event_props(json!({
         "$set": {"name": "from event"},
         "$set_once": {"anon_prop": 2},
         "$unset": ["stale"],
@@ -253,7 +261,7 @@ fn would_change_agrees_with_applying_the_updates() {
         json!({ "$set": { "c": { "deep": [1, 2] } } }),
     ];
     for case in cases {
-        let updates = person_updates(&props(case.clone()));
+        let updates = person_updates(&event_props(case.clone()));
         let mut applied = initial.clone();
         updates.apply_to(&mut applied);
         assert_eq!(updates.would_change(&initial), applied != initial, "{case}");

@@ -26,8 +26,8 @@ fn event(distinct_id: &str, name: &str, properties: Value, second: u32) -> Perso
         distinct_id: distinct_id.to_owned(),
         event_uuid: Uuid::now_v7().to_string(),
         timestamp: at(second),
-        intent: merge_intent(name, distinct_id, &properties),
-        updates: person_updates(&properties),
+        intent: merge_intent(name, distinct_id, &properties.clone().into()),
+        updates: person_updates(&properties.into()),
         process_person: true,
     }
 }

@@ -12,8 +12,8 @@ fn event(distinct_id: &str, properties: Value) -> PersonEvent {
         distinct_id: distinct_id.to_owned(),
         event_uuid: uuid::Uuid::now_v7().to_string(),
         timestamp: Utc::now(),
-        intent: merge_intent("$pageview", distinct_id, &properties),
-        updates: person_updates(&properties),
+        intent: merge_intent("$pageview", distinct_id, &properties.clone().into()),
+        updates: person_updates(&properties.into()),
         process_person: true,
     }
 }

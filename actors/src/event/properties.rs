@@ -1,0 +1,345 @@
+//! An event's `properties`: a JSON object whose values stay as they arrived until a step
+//! reads or changes them.
+//!
+//! Ingestion reads a handful of keys of each event (`$set`, `$set_once`, `$ip`, the campaign
+//! and `$initial_*` sources, `$groups`, ...) and writes the object back to ClickHouse. Parsing
+//! every value into a `serde_json::Value` tree, keyed by a SipHash map, only to serialize it
+//! again cost more than anything else the server did per event (issue 20: two thirds of the
+//! parse step). Here each value is kept as its JSON text ([`RawValue`]), parsed on first read
+//! and written back byte for byte unless a step changed it; the keys are in an insertion-
+//! ordered map with a fast hasher, in the order the client sent them, as PostHog keeps them.
+
+use std::fmt;
+use std::ops::Index;
+use std::sync::OnceLock;
+
+use indexmap::IndexMap;
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::envelope::from_str_repairing;
+
+/// The map's hasher: keys come from clients, but a per-process seed is all an in-memory,
+/// per-event map needs against collisions.
+type Hasher = foldhash::fast::RandomState;
+
+/// A JSON object of properties, in the order the client sent them.
+#[derive(Clone, Default)]
+pub struct Properties {
+    entries: IndexMap<String, Slot, Hasher>,
+}
+
+/// One value: as it arrived, or as a step set it.
+#[derive(Clone)]
+enum Slot {
+    /// The JSON text as it arrived, and its parse once a step has read it.
+    Raw {
+        text: Box<RawValue>,
+        parsed: OnceLock<Box<Value>>,
+    },
+    /// Set or changed by a step.
+    Value(Box<Value>),
+}
+
+impl Slot {
+    fn raw(text: Box<RawValue>) -> Self {
+        Self::Raw {
+            text,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> &Value {
+        match self {
+            Self::Raw { text, parsed } => parsed.get_or_init(|| Box::new(parse(text))),
+            Self::Value(value) => value,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut Value {
+        if let Self::Raw { text, parsed } = self {
+            let value = parsed.take().unwrap_or_else(|| Box::new(parse(text)));
+            *self = Self::Value(value);
+        }
+        match self {
+            Self::Value(value) => value,
+            Self::Raw { .. } => unreachable!("a raw slot was just replaced by its value"),
+        }
+    }
+
+    fn into_value(self) -> Value {
+        match self {
+            Self::Raw { text, parsed } => parsed
+                .into_inner()
+                .map_or_else(|| parse(&text), |value| *value),
+            Self::Value(value) => *value,
+        }
+    }
+}
+
+/// The value of JSON text that was checked when it arrived. Browsers' lone UTF-16 surrogate
+/// escapes (`"\ud800"`), which the text may keep, become U+FFFD as in the rest of the event.
+/// Text that cannot be parsed cannot come from a parsed message; it reads as `null` rather
+/// than failing a step.
+fn parse(text: &RawValue) -> Value {
+    from_str_repairing(text.get()).unwrap_or(Value::Null)
+}
+
+impl Properties {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.entries.get(key).map(Slot::get)
+    }
+
+    /// The value under `key`, to change: it is written back from its new value.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
+        self.entries.get_mut(key).map(Slot::get_mut)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Sets `key`, keeping its place when it is already there (as JavaScript does).
+    pub fn insert(&mut self, key: String, value: Value) {
+        self.entries.insert(key, Slot::Value(Box::new(value)));
+    }
+
+    /// Removes `key`, keeping the order of the others.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        self.entries.shift_remove(key).map(Slot::into_value)
+    }
+
+    /// The value under `key`, inserted from `default` when missing.
+    pub fn get_or_insert_with(&mut self, key: &str, default: impl FnOnce() -> Value) -> &mut Value {
+        if !self.entries.contains_key(key) {
+            self.entries
+                .insert(key.to_owned(), Slot::Value(Box::new(default())));
+        }
+        match self.entries.get_mut(key) {
+            Some(slot) => slot.get_mut(),
+            None => unreachable!("{key} was just inserted"),
+        }
+    }
+
+    /// Every key and value in order. Values not read before are parsed here.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.entries.iter().map(|(key, slot)| (key, slot.get()))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// The object as a `serde_json` map (for plugins' and tests' JSON).
+    pub fn into_map(self) -> Map<String, Value> {
+        self.entries
+            .into_iter()
+            .map(|(key, slot)| (key, slot.into_value()))
+            .collect()
+    }
+
+    /// The object as JSON text: unchanged values are copied as they arrived.
+    pub fn to_json(&self) -> String {
+        // Serializing strings and raw text into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+impl Extend<(String, Value)> for Properties {
+    fn extend<I: IntoIterator<Item = (String, Value)>>(&mut self, iter: I) {
+        for (key, value) in iter {
+            self.insert(key, value);
+        }
+    }
+}
+
+impl FromIterator<(String, Value)> for Properties {
+    fn from_iter<I: IntoIterator<Item = (String, Value)>>(iter: I) -> Self {
+        let mut properties = Self::new();
+        properties.extend(iter);
+        properties
+    }
+}
+
+impl From<Map<String, Value>> for Properties {
+    fn from(map: Map<String, Value>) -> Self {
+        map.into_iter().collect()
+    }
+}
+
+impl From<Properties> for Value {
+    fn from(properties: Properties) -> Self {
+        Value::Object(properties.into_map())
+    }
+}
+
+static NULL: Value = Value::Null;
+
+/// `properties["key"]`: `null` when missing, as `serde_json::Map` indexing gives.
+impl Index<&str> for Properties {
+    type Output = Value;
+
+    fn index(&self, key: &str) -> &Value {
+        self.get(key).unwrap_or(&NULL)
+    }
+}
+
+/// Equal when they hold the same keys with equal values, in any order (as maps compare).
+impl PartialEq for Properties {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .iter()
+                .all(|(key, value)| other.get(key) == Some(value))
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
+        for (key, slot) in &self.entries {
+            match slot {
+                Slot::Raw { text, .. } => map.serialize_entry(key, text)?,
+                Slot::Value(value) => map.serialize_entry(key, value)?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// Reads an object keeping each value's text: from JSON text this copies the value's bytes
+/// without building a tree. A later duplicate key wins, keeping the first one's place.
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// Builds [`Properties`] from a JSON object; shared with the envelope, which also takes
+/// what is not an object (to report it).
+pub(crate) struct ObjectVisitor;
+
+impl<'de> Visitor<'de> for ObjectVisitor {
+    type Value = Properties;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Properties, A::Error> {
+        let capacity = access.size_hint().unwrap_or(0);
+        let mut entries = IndexMap::with_capacity_and_hasher(capacity, Hasher::default());
+        while let Some(key) = access.next_key::<String>()? {
+            let text: Box<RawValue> = access.next_value()?;
+            entries.insert(key, Slot::raw(text));
+        }
+        Ok(Properties { entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parsed(text: &str) -> Properties {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn unchanged_values_are_written_back_as_they_arrived() {
+        let text = r#"{"b":1.50,"a":{"x":[1, 2]},"c":"\u00e9"}"#;
+        let properties = parsed(text);
+        assert_eq!(properties.get("a"), Some(&json!({"x": [1, 2]})));
+        assert_eq!(
+            properties.to_json(),
+            r#"{"b":1.50,"a":{"x":[1, 2]},"c":"\u00e9"}"#
+        );
+    }
+
+    #[test]
+    fn changed_values_are_written_from_their_value_in_place() {
+        let mut properties = parsed(r#"{"b":1,"$set":{"x":1},"c":2}"#);
+        properties
+            .get_mut("$set")
+            .and_then(Value::as_object_mut)
+            .unwrap()
+            .insert("y".to_owned(), json!(2));
+        properties.insert("b".to_owned(), json!("two"));
+        properties.insert("d".to_owned(), json!(null));
+        assert_eq!(
+            properties.to_json(),
+            r#"{"b":"two","$set":{"x":1,"y":2},"c":2,"d":null}"#
+        );
+        assert_eq!(properties.remove("b"), Some(json!("two")));
+        assert_eq!(properties.remove("c"), Some(json!(2)));
+        assert_eq!(properties.to_json(), r#"{"$set":{"x":1,"y":2},"d":null}"#);
+    }
+
+    #[test]
+    fn a_missing_key_reads_as_null_and_can_be_created() {
+        let mut properties = Properties::new();
+        assert_eq!(properties["nope"], Value::Null);
+        properties
+            .get_or_insert_with("$set_once", || json!({}))
+            .as_object_mut()
+            .unwrap()
+            .insert("a".to_owned(), json!(1));
+        assert_eq!(properties["$set_once"], json!({"a": 1}));
+    }
+
+    #[test]
+    fn lone_surrogates_read_as_replacement_characters_and_are_kept_in_the_text() {
+        let properties = parsed(r#"{"u":"a\ud800b"}"#);
+        assert_eq!(properties["u"], json!("a\u{fffd}b"));
+        assert_eq!(properties.to_json(), r#"{"u":"a\ud800b"}"#);
+    }
+
+    #[test]
+    fn anything_but_an_object_is_refused() {
+        for text in ["[]", "\"a\"", "1", "null"] {
+            assert!(serde_json::from_str::<Properties>(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn values_round_trip_through_serde_json_values() {
+        let properties = parsed(r#"{"a":[1,{"b":null}],"c":true}"#);
+        let value = serde_json::to_value(&properties).unwrap();
+        assert_eq!(value, json!({"a": [1, {"b": null}], "c": true}));
+        let back: Properties = serde_json::from_value(value).unwrap();
+        assert_eq!(back, properties);
+        assert_eq!(Value::from(back), json!({"a": [1, {"b": null}], "c": true}));
+    }
+
+    #[test]
+    fn maps_compare_by_content_not_order_or_form() {
+        let raw = parsed(r#"{"a":1,"b":[2]}"#);
+        let built: Properties =
+            Properties::from(json!({"b": [2], "a": 1}).as_object().cloned().unwrap());
+        assert_eq!(raw, built);
+        assert_ne!(raw, parsed(r#"{"a":1}"#));
+    }
+}
