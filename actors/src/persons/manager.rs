@@ -2,7 +2,8 @@
 //!
 //! Events of one distinct id apply one after another in batch order, as PostHog's sub-batches
 //! guarantee. Per batch: one snapshot read of every distinct id's person (confirming cached
-//! copies by version); the events that change nothing are answered from it; the plain events
+//! copies by version; a cached copy that the id's first event changes is confirmed by its
+//! write's version check instead); the events that change nothing are answered from it; the plain events
 //! of each remaining id are applied in memory (`plan`) and every created or changed person is
 //! written once, in one optimistic batch write; merges, and the writes that lost a race, take a
 //! transaction per event, different distinct ids up to `concurrency` at once (below the
@@ -239,9 +240,35 @@ impl PersonManager {
                 event.is_simple() && !(event.is_read_only() && id.fresh.is_some())
             })
         };
-        let wanted: Vec<usize> = (0..ids.len())
-            .filter(|&n| needs_snapshot(&ids[n]))
-            .collect();
+        // An id whose first event changes the cached copy, and whose events merge nothing,
+        // is written with that copy's version checked: a stale copy loses the write and its
+        // events are applied again on what is stored, so the snapshot would only confirm
+        // what the write checks anyway.
+        let checked_by_write = |id: &IdEvents<'_>| {
+            let Some(held) = &id.held else {
+                return false;
+            };
+            let plain = id.indices.iter().all(|&index| {
+                let event = &events[index];
+                event.is_simple() || !event.process_person
+            });
+            plain
+                && id.indices.first().is_some_and(|&index| {
+                    let event = &events[index];
+                    event.process_person && event.updates.would_change(&held.person.properties)
+                })
+        };
+        let mut wanted: Vec<usize> = Vec::new();
+        for n in 0..ids.len() {
+            if !needs_snapshot(&ids[n]) {
+                continue;
+            }
+            if checked_by_write(&ids[n]) {
+                ids[n].known = ids[n].held.clone();
+            } else {
+                wanted.push(n);
+            }
+        }
         let keys: Vec<SnapshotKey<'_>> = wanted
             .iter()
             .map(|&n| SnapshotKey {

@@ -784,6 +784,21 @@ fn find_process(name: &str) -> Option<u32> {
         })
 }
 
+/// utime + stime summed over every process whose `comm` is `name` (Postgres runs one process
+/// per connection); `None` when there is none.
+fn all_processes_ticks(name: &str) -> Option<u64> {
+    let ticks: Vec<u64> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == name).then(|| process_ticks(pid)).flatten()
+        })
+        .collect();
+    (!ticks.is_empty()).then(|| ticks.iter().sum())
+}
+
 /// Busy and total jiffies of the whole machine, from the `cpu` line of /proc/stat.
 fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -804,6 +819,7 @@ struct CpuSample {
     server: u64,
     clickhouse: Option<u64>,
     broker: Option<u64>,
+    postgres: Option<u64>,
     machine: Option<(u64, u64)>,
 }
 
@@ -819,6 +835,7 @@ impl Watched {
             server: process_ticks(self.server).unwrap_or_default(),
             clickhouse: self.clickhouse.and_then(process_ticks),
             broker: self.broker.and_then(process_ticks),
+            postgres: all_processes_ticks("postgres"),
             machine: machine_ticks(),
         }
     }
@@ -829,6 +846,9 @@ struct CpuUse {
     server_seconds: f64,
     clickhouse_seconds: Option<f64>,
     broker_seconds: Option<f64>,
+    /// Every `postgres` process (the server and its connections' backends) that is alive at
+    /// both ends of the window: a backend that exits in between loses its share.
+    postgres_seconds: Option<f64>,
     /// Share of both cores busy (anything on the machine) over the window.
     machine_busy_percent: Option<f64>,
 }
@@ -839,6 +859,7 @@ fn cpu_between(start: CpuSample, end: CpuSample, ticks: f64) -> CpuUse {
         server_seconds: (end.server - start.server) as f64 / ticks,
         clickhouse_seconds: seconds(start.clickhouse, end.clickhouse),
         broker_seconds: seconds(start.broker, end.broker),
+        postgres_seconds: seconds(start.postgres, end.postgres),
         machine_busy_percent: match (start.machine, end.machine) {
             (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
                 Some(100.0 * (busy1 - busy0) as f64 / (total1 - total0) as f64)
@@ -1373,9 +1394,9 @@ async fn run_peer(args: &Args, services: &Services) -> Result<PeerResult> {
 
 fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     println!(
-        "\n| scenario | server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
+        "\n| scenario | server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | Postgres CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let per_1000 = |seconds: Option<f64>, events: usize| {
         seconds.map_or("n/a".to_owned(), |s| {
             format!("{:.4}", s * 1000.0 / events as f64)
@@ -1396,7 +1417,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
                     )
                 });
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {} | {:.1} | {} | {} |",
             result.scenario.name(),
             result.server,
             result.batch_size,
@@ -1407,6 +1428,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
             result.server_cpu_seconds_per_1000,
             per_1000(result.cpu.clickhouse_seconds, result.events),
             per_1000(result.cpu.broker_seconds, result.events),
+            per_1000(result.cpu.postgres_seconds, result.events),
             result
                 .cpu
                 .machine_busy_percent
@@ -1418,7 +1440,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     }
     if let Some(peer) = peer {
         println!(
-            "| naive peer | | | {:.0} | 1.00 | {:.2} | | | | | | | | |",
+            "| naive peer | | | {:.0} | 1.00 | {:.2} | | | | | | | | | |",
             peer.events_per_second, peer.seconds
         );
     }

@@ -246,6 +246,60 @@ async fn a_person_changed_elsewhere_is_read_again_and_updated() {
     assert_eq!(store.writes(), transactions + 1, "the event was applied");
 }
 
+/// A cached person that the batch's first event of its id changes is not read first: the
+/// write checks the cached version, loses to the change made elsewhere, and the events are
+/// applied again on the stored person, keeping that change.
+#[tokio::test]
+async fn a_changing_event_on_a_stale_cached_person_loses_its_write_and_is_applied_again() {
+    let (manager, store) = manager(PersonConfig::default());
+    manager
+        .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "n": 0 } }))])
+        .await;
+    {
+        let mut transaction = store.begin().await.expect("begin");
+        let mut stored = transaction
+            .person_by_distinct_id(2, "u")
+            .await
+            .expect("read")
+            .expect("person");
+        stored
+            .properties
+            .insert("elsewhere".to_owned(), json!(true));
+        transaction.update_person(&stored).await.expect("update");
+        transaction.commit().await.expect("commit");
+    }
+    let snapshots = store.snapshots.load(Ordering::SeqCst);
+    let transactions = store.transactions.load(Ordering::SeqCst);
+    let outcomes = manager
+        .resolve_batch(&[
+            event("u", "$pageview", json!({ "$set": { "n": 1 } })),
+            event("u", "$pageview", json!({ "$set": { "n": 2 } })),
+        ])
+        .await;
+    assert_eq!(
+        store.snapshots.load(Ordering::SeqCst),
+        snapshots,
+        "the write checks the cached copy instead of a read"
+    );
+    assert!(
+        store.transactions.load(Ordering::SeqCst) > transactions + 1,
+        "the lost write's events take a transaction each"
+    );
+    let first: Value = serde_json::from_str(&person(&outcomes[0]).properties).expect("json");
+    assert_eq!(
+        first,
+        json!({"n": 1, "elsewhere": true, "$creator_event_uuid": first["$creator_event_uuid"]})
+    );
+    let mut transaction = store.begin().await.expect("begin");
+    let stored = transaction
+        .person_by_distinct_id(2, "u")
+        .await
+        .expect("read")
+        .expect("person");
+    assert_eq!(stored.properties["n"], json!(2));
+    assert_eq!(stored.properties["elsewhere"], json!(true));
+}
+
 /// A batch of first sights and plain updates writes each person once, in one batch write,
 /// whatever the number of its events; each event still carries its person as it left it, and
 /// the ClickHouse rows carry each person's final version once.
