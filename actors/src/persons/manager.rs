@@ -259,12 +259,12 @@ impl PersonManager {
                 })
         };
         let mut wanted: Vec<usize> = Vec::new();
-        for n in 0..ids.len() {
-            if !needs_snapshot(&ids[n]) {
+        for (n, id) in ids.iter_mut().enumerate() {
+            if !needs_snapshot(id) {
                 continue;
             }
-            if checked_by_write(&ids[n]) {
-                ids[n].known = ids[n].held.clone();
+            if checked_by_write(id) {
+                id.known = id.held.clone();
             } else {
                 wanted.push(n);
             }
