@@ -150,6 +150,79 @@ async fn personless_is_decided_before_plugins() {
     drop(server);
 }
 
+/// Plugins see the event as it was sent (PostHog runs processEvent before normalizing): no
+/// derived `$set_once` of `$initial_*`, `$set` of campaign keys or `$ip` among its properties;
+/// the stored row still has all of them.
+#[tokio::test]
+async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones() {
+    plugin_server::telemetry::install_tls_provider();
+    let base = tempfile::tempdir().unwrap();
+    write_plugin(
+        base.path(),
+        "lister",
+        &[(
+            "index.js",
+            "exports.processEvent = (event) => {
+                event.properties.seen_keys = Object.keys(event.properties).join(',')
+                event.properties.seen_set = event.$set === undefined ? null : Object.keys(event.$set).join(',')
+                return event
+            }",
+        )],
+    );
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"lister\"\nteam_id = 1\n",
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+    ]);
+    let status = post_batch(
+        &server.addr(),
+        "phc_lister",
+        json!([{
+            "event": "$pageview",
+            "distinct_id": "sent-as-is",
+            "$set": {"top": 1},
+            "properties": {
+                "$current_url": "https://example.com/landing",
+                "utm_source": "newsletter",
+                "plan": "free",
+            },
+        }]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let rows = wait_for_rows(base.path(), |rows| !rows.is_empty()).await;
+    let properties = &rows[0]["properties"];
+    assert_eq!(
+        properties["seen_keys"], "$current_url,utm_source,plan",
+        "the plugin saw only what was sent: {properties}"
+    );
+    assert_eq!(properties["seen_set"], "top", "{properties}");
+    assert_eq!(
+        properties["$set_once"],
+        json!({
+            "$initial_current_url": "https://example.com/landing",
+            "$initial_utm_source": "newsletter",
+        }),
+        "{properties}"
+    );
+    assert_eq!(
+        properties["$set"],
+        json!({"top": 1, "utm_source": "newsletter"}),
+        "{properties}"
+    );
+    assert!(properties.get("$ip").is_some(), "{properties}");
+    let person: Value =
+        serde_json::from_str(rows[0]["person_properties"].as_str().unwrap_or("null")).unwrap();
+    assert_eq!(person["$initial_utm_source"], "newsletter", "{person}");
+    assert_eq!(person["top"], 1, "{person}");
+    drop(server);
+}
+
 /// The repository's sample (config/plugins.toml enabling plugins/hello-world for team 1)
 /// changes the first event a new user sends, as the README and the config file promise.
 #[tokio::test]

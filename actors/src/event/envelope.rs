@@ -177,8 +177,8 @@ pub fn parse_envelope(
 /// PostHog's `normalizeEvent`: merges the top-level `$set`/`$set_once` into the properties and
 /// derives the person's campaign and `$initial_*` properties.
 ///
-/// The pipeline runs it again after the plugins, which may have changed any of these. It is
-/// idempotent.
+/// The pipeline runs it after the plugins (PostHog's order: a plugin sees the properties that
+/// were sent, not the derived ones), on whatever they returned. It is idempotent.
 ///
 /// A top-level `$set` wins over a key of `properties.$set` (PostHog spreads the top-level
 /// object last), and campaign values of this event win over both. The top-level objects
@@ -447,14 +447,15 @@ fn parse_team_id(value: Option<&Value>) -> Result<Option<i64>, String> {
     }
 }
 
-/// Moves the validated fields into the event and normalizes it.
+/// Moves the validated fields into the event, as it arrived: plugins see it before
+/// [`normalize_event`] (PostHog's order), which the pipeline runs after them.
 fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent {
     let properties = match fields.properties {
         Some(PropertiesField::Object(properties)) => properties,
         // Refused by `validate`.
         Some(PropertiesField::NotObject(_)) | None => Properties::new(),
     };
-    let mut event = PluginEvent {
+    let event = PluginEvent {
         distinct_id: fields.distinct_id.map(into_text).unwrap_or_default(),
         // PostHog's `ip || null`: any falsy value is no ip.
         ip: fields.ip.and_then(into_truthy_text),
@@ -471,7 +472,6 @@ fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent
         set: fields.set.and_then(into_object),
         set_once: fields.set_once.and_then(into_object),
     };
-    normalize_event(&mut event);
     PipelineEvent {
         team_id,
         token: fields.token.and_then(|token| match token {

@@ -1,8 +1,9 @@
 //! `IngestionPipeline`: raw messages in, stored rows out (spec 1.3, in PostHog's order).
 //!
-//! For each batch: parse and normalize every envelope; find each event's team (one lookup per
-//! distinct token or team id, cached); run the team's plugin chain (the event passes through
-//! unchanged when the team has no plugins); parse timestamps and check uuids; resolve persons
+//! For each batch: parse every envelope; find each event's team (one lookup per distinct token
+//! or team id, cached); run the team's plugin chain on the event as it arrived (it passes
+//! through unchanged when the team has no plugins); normalize it (`$set`/`$set_once` merged,
+//! campaign and `$initial_*` person properties); parse timestamps and check uuids; resolve persons
 //! (identify, alias, merges, `$set`/`$set_once`/`$unset`); build the rows; then hand rows,
 //! person changes, dead letters and warnings to the `EventWriter` in one `WriteRows` and reply
 //! once it has stored them. Bad events never fail the batch: they
@@ -544,7 +545,6 @@ impl Run {
                 match serde_json::from_value::<PluginEvent>(value) {
                     Ok(event) => {
                         slot.event = event;
-                        slot.changed = true;
                     }
                     Err(error) => {
                         keep[index] = false;
@@ -670,8 +670,6 @@ struct Resolved {
 struct ResolvedEvent {
     event: PluginEvent,
     team: Arc<Team>,
-    /// A plugin returned this event, so it is normalized again before it is stored.
-    changed: bool,
     /// Read from the event as it arrived, before plugins (as PostHog does): false for
     /// `$process_person_profile: false`.
     process_person: bool,
@@ -731,7 +729,6 @@ fn resolve_batch(
         resolved.events.push(ResolvedEvent {
             event: plugin_event,
             team,
-            changed: false,
             process_person,
         });
     }
@@ -834,14 +831,11 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
     for ResolvedEvent {
         mut event,
         team,
-        changed,
         process_person,
     } in resolved.events
     {
-        // Parsing normalized the event; a plugin's output is normalized again, as PostHog does.
-        if changed {
-            normalize_event(&mut event);
-        }
+        // After the plugins, as PostHog does: they see the properties that were sent.
+        normalize_event(&mut event);
         if with_persons {
             normalize_process_person(&mut event, process_person);
         }

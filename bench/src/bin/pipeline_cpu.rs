@@ -1,5 +1,5 @@
-//! CPU per event of the pipeline's steps that need no service: envelope parsing and
-//! normalization, stamping, the group step (in-memory store; events naming no group, the common
+//! CPU per event of the pipeline's steps that need no service: envelope parsing,
+//! normalization and stamping, the group step (in-memory store; events naming no group, the common
 //! case), the definitions check (warm caches: the steady state), and building the row. Two
 //! event shapes: the end-to-end benchmark's (3 properties, shared with the naive peer) and one
 //! like posthog-js sends (35 properties). For profiling: `perf record target/release/pipeline_cpu`.
@@ -14,7 +14,7 @@ use plugin_server_actors::definitions::{
 };
 use plugin_server_actors::event::StampedEvent;
 use plugin_server_actors::event::Team;
-use plugin_server_actors::event::envelope::{EnvelopeLimits, parse_envelope};
+use plugin_server_actors::event::envelope::{EnvelopeLimits, normalize_event, parse_envelope};
 use plugin_server_actors::groups::{GroupColumns, GroupConfig, GroupManager, MemoryGroupStore};
 use plugin_server_actors::ingest::prepare::{build_row, stamp_event};
 use serde_json::{Value, json};
@@ -163,7 +163,12 @@ fn run(
     let mut warnings = Vec::new();
     let mut stamped: Vec<StampedEvent> = parsed
         .into_iter()
-        .filter_map(|event| stamp_event(event.event, &team, &mut warnings).ok())
+        .filter_map(|event| {
+            // The pipeline normalizes after the plugins, just before stamping.
+            let mut event = event.event;
+            normalize_event(&mut event);
+            stamp_event(event, &team, &mut warnings).ok()
+        })
         .collect();
     let stamp = started.elapsed();
 

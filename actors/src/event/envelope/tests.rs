@@ -90,6 +90,13 @@ fn parses_a_capture_message() {
     assert_eq!(event.set, None);
     assert_eq!(event.set_once, None);
     assert_eq!(
+        Value::from(event.properties.clone()),
+        json!({ "$current_url": "https://example.com/", "distinct_id": "my_id" }),
+        "plugins see the properties that were sent: normalization comes after them"
+    );
+    let mut event = event;
+    normalize_event(&mut event);
+    assert_eq!(
         Value::from(event.properties),
         json!({
             "$current_url": "https://example.com/",
@@ -617,8 +624,10 @@ fn non_object_top_level_set_is_ignored() {
         json!({ "event": "$identify", "$set": "x", "$set_once": { "a": 1 } }),
         json!({}),
     );
-    let event = parse(&raw).unwrap().event;
+    let mut event = parse(&raw).unwrap().event;
     assert_eq!(event.set, None);
     assert_eq!(event.set_once, Some(object(json!({ "a": 1 }))));
+    assert!(!event.properties.contains_key("$set_once"));
+    normalize_event(&mut event);
     assert_eq!(event.properties["$set_once"], json!({ "a": 1 }));
 }
