@@ -464,7 +464,7 @@ fn zip_archive(files: &[(&str, &str)]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
+async fn plugins_load_from_posthog_tables_failed_setups_disable_and_load_failures_are_reported() {
     plugin_server::telemetry::install_tls_provider();
     let database = FreshPostgres::create().await;
     common::migrate(&[("DATABASE_URL", &database.url)]);
@@ -484,7 +484,8 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
                  VALUES (1, '00000000-0000-0000-0000-000000000001', 'source', 'ts source', now()),
                         (3, '00000000-0000-0000-0000-000000000001', 'source', 'failing setup', now()),
                         (4, '00000000-0000-0000-0000-000000000001', 'source', 'disabled one', now()),
-                        (5, '00000000-0000-0000-0000-000000000001', 'source', 'stateful', now());",
+                        (5, '00000000-0000-0000-0000-000000000001', 'source', 'stateful', now()),
+                        (6, '00000000-0000-0000-0000-000000000001', 'source', 'snowflake export', now());",
         )
         .await
         .unwrap();
@@ -509,6 +510,11 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
             "exports.processEvent = (e) => { e.event = 'never'; return e }",
         ),
         (5, "index.js", STATEFUL),
+        (
+            6,
+            "index.js",
+            "const snowflake = require('snowflake-sdk'); exports.processEvent = (e) => e",
+        ),
     ] {
         client
             .execute(
@@ -525,7 +531,8 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
                  (11, 2, 2, true, 2, '{}'),
                  (12, 2, 3, true, 3, '{}'),
                  (13, 2, 4, false, 4, '{}'),
-                 (14, 2, 5, true, 5, '{}');"#,
+                 (14, 2, 5, true, 5, '{}'),
+                 (15, 2, 6, true, 6, '{}');"#,
         )
         .await
         .unwrap();
@@ -554,7 +561,10 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
         props["$plugins_succeeded"],
         json!(["ts source (10)", "zip plugin (11)", "stateful (14)"])
     );
-    assert_eq!(props["$plugins_failed"], json!(["failing setup (12)"]));
+    assert_eq!(
+        props["$plugins_failed"],
+        json!(["failing setup (12)", "snowflake export (15)"])
+    );
     assert_eq!(props["cursor"], 101);
 
     // meta.storage and meta.utils.cursor live in posthog_pluginstorage, meta.cache in Redis
@@ -611,6 +621,31 @@ async fn plugins_load_from_posthog_tables_and_failed_setups_are_written_back() {
         assert!(
             Instant::now() < deadline,
             "the failed config was not disabled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A plugin that cannot load here (a module outside the allow-list) gets its error
+    // recorded but stays enabled: PostHog's own server, sharing the database, may run it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT enabled, error FROM posthog_pluginconfig WHERE id = 15",
+                &[],
+            )
+            .await
+            .unwrap();
+        let enabled: bool = row.get(0);
+        let error: Option<Value> = row.get(1);
+        if let Some(error) = error {
+            let message = error["message"].as_str().unwrap_or_default().to_owned();
+            assert!(message.contains("snowflake-sdk"), "{message}");
+            assert!(enabled, "a plugin that cannot load is not disabled");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the load failure was not recorded"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -64,7 +64,7 @@ use plugin_server_actors::plugins::pool::{
 use plugin_server_actors::plugins::post_ingestion::{
     PostIngestionConsumer, PostIngestionPublisher,
 };
-use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
+use plugin_server_actors::plugins::registry::{LoadProblem, PluginRegistry, RegistrySource};
 use plugin_server_actors::plugins::reloader::{
     PluginReloader, PluginReloaderConfig, ReloadSubscriptions,
 };
@@ -72,7 +72,6 @@ use plugin_server_actors::plugins::runtime::natives::PluginHost;
 use plugin_server_actors::plugins::runtime::vm::VmLimits;
 use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig, SchedulerStats};
 use plugin_server_actors::plugins::telemetry::PluginTelemetry;
-use plugin_server_actors::plugins::worker::SideEffects;
 use std::rc::Rc;
 
 use crate::error::ServerError;
@@ -775,12 +774,7 @@ async fn start_plugins(
         "Plugins loaded."
     );
     if !problems.is_empty() {
-        let mut side = SideEffects::default();
-        for problem in problems {
-            tracing::error!(plugin_config_id = problem.identity.plugin_config_id, plugin = %problem.identity.plugin_name, error = %problem.message, "A plugin could not be loaded; its config is skipped.");
-            side.config_errors.push((problem.identity, problem.message));
-        }
-        outputs.side_effects(side);
+        outputs.side_effects(LoadProblem::report_all(problems));
     }
     pool.set_plugins(PluginSet::new(configs));
     Ok((pool, http, registry))

@@ -17,7 +17,7 @@ use crate::plugins::post_ingestion::PostIngestionPublisher;
 use crate::plugins::runtime::VmIdentity;
 use crate::plugins::runtime::natives::FetchRequest;
 use crate::plugins::telemetry::{MethodOutcome, PluginTelemetry};
-use crate::plugins::worker::SideEffects;
+use crate::plugins::worker::{ConfigError, ConfigFailure, SideEffects};
 
 /// Why a composed webhook was not delivered.
 #[derive(Debug, thiserror::Error)]
@@ -178,13 +178,26 @@ impl PluginOutputs for ServerOutputs {
                     }
                 });
             }
-            for (identity, message) in side.config_errors {
+            for ConfigError {
+                identity,
+                message,
+                failure,
+            } in side.config_errors
+            {
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     let error = json!({"message": message, "time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)});
+                    let statement = match failure {
+                        ConfigFailure::Disabled => {
+                            "UPDATE posthog_pluginconfig SET error = $2, enabled = false WHERE id = $1"
+                        }
+                        ConfigFailure::Reported => {
+                            "UPDATE posthog_pluginconfig SET error = $2 WHERE id = $1"
+                        }
+                    };
                     let result = execute(
                         &pool,
-                        "UPDATE posthog_pluginconfig SET error = $2, enabled = false WHERE id = $1",
+                        statement,
                         &[&(identity.plugin_config_id as i32), &error],
                     )
                     .await;
@@ -194,8 +207,8 @@ impl PluginOutputs for ServerOutputs {
                 });
             }
         } else {
-            for (identity, message) in side.config_errors {
-                tracing::error!(plugin_config_id = identity.plugin_config_id, plugin = %identity.plugin_name, "Plugin disabled: {message}");
+            for error in side.config_errors {
+                tracing::error!(plugin_config_id = error.identity.plugin_config_id, plugin = %error.identity.plugin_name, failure = ?error.failure, "Plugin config failed: {}", error.message);
             }
         }
     }

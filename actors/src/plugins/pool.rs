@@ -31,8 +31,8 @@ use crate::plugins::post_ingestion_messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::runtime::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    FlushExports, Inspect, NotReady, ProcessEvents, Retire, RunAsync, RunJob, RunScheduled,
-    SideEffects, TeardownAll, VmWorker,
+    ConfigError, ConfigFailure, FlushExports, Inspect, NotReady, ProcessEvents, Retire, RunAsync,
+    RunJob, RunScheduled, SideEffects, TeardownAll, VmWorker,
 };
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -663,7 +663,8 @@ impl PluginVmPool {
 }
 
 /// Takes configs that stopped a worker out of the plugin set (a rerun would stop the next
-/// worker too) and reports them, so that the registry records the error and disables them.
+/// worker too) and reports them, so that their error is recorded (they are not disabled for
+/// PostHog's server, which may share the database; here they come back with the next reload).
 fn disable_configs(inner: &Inner, plugin_config_ids: &[i64], limit: Duration) {
     let Ok(mut plugins) = inner.plugins.write() else {
         return;
@@ -674,10 +675,11 @@ fn disable_configs(inner: &Inner, plugin_config_ids: &[i64], limit: Duration) {
         .filter(|config| {
             let stuck = plugin_config_ids.contains(&config.identity.plugin_config_id);
             if stuck {
-                side.config_errors.push((
-                    config.identity.clone(),
-                    format!("a call ran past {limit:?} (twice TASK_TIMEOUT) or past its memory limit; the plugin is disabled"),
-                ));
+                side.config_errors.push(ConfigError {
+                    identity: config.identity.clone(),
+                    message: format!("a call ran past {limit:?} (twice TASK_TIMEOUT) or past its memory limit; this server stops the plugin until the next reload"),
+                    failure: ConfigFailure::Reported,
+                });
             }
             !stuck
         })

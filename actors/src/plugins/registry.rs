@@ -20,6 +20,7 @@ use super::LoadedConfig;
 use super::filters::WebhookFilters;
 use super::runtime::transpile::{TranspileError, transpile};
 use super::runtime::{Attachment, VmIdentity, VmSource};
+use super::worker::{ConfigError, ConfigFailure, SideEffects};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -70,6 +71,23 @@ impl Eq for PluginCodeError {}
 pub struct LoadProblem {
     pub identity: VmIdentity,
     pub message: String,
+}
+
+impl LoadProblem {
+    /// Logs these skipped configs and reports them for their configs' errors. They are not
+    /// disabled: PostHog's own server, which may share the database, may load them.
+    pub fn report_all(problems: Vec<LoadProblem>) -> SideEffects {
+        let mut side = SideEffects::default();
+        for problem in problems {
+            tracing::error!(plugin_config_id = problem.identity.plugin_config_id, plugin = %problem.identity.plugin_name, error = %problem.message, "A plugin could not be loaded; its config is skipped.");
+            side.config_errors.push(ConfigError {
+                identity: problem.identity,
+                message: problem.message,
+                failure: ConfigFailure::Reported,
+            });
+        }
+        side
+    }
 }
 
 /// Where plugin configs come from.

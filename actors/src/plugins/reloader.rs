@@ -26,8 +26,7 @@ use crate::cluster::ClusterError;
 use crate::cluster::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::plugins::outputs::PluginOutputs;
 use crate::plugins::pool::{PluginSet, PluginVmPool};
-use crate::plugins::registry::PluginRegistry;
-use crate::plugins::worker::SideEffects;
+use crate::plugins::registry::{LoadProblem, PluginRegistry};
 use crate::system::stats::ActorStats;
 
 /// PostHog's channel, published by its app when a plugin is installed or updated.
@@ -207,12 +206,7 @@ async fn reload(registry: &mut PluginRegistry, pool: &PluginVmPool, outputs: &dy
             Ok((configs, problems)) => {
                 let count = configs.len();
                 if !problems.is_empty() {
-                    let mut side = SideEffects::default();
-                    for problem in problems {
-                        tracing::error!(plugin_config_id = problem.identity.plugin_config_id, plugin = %problem.identity.plugin_name, error = %problem.message, "A plugin could not be loaded; its config is skipped.");
-                        side.config_errors.push((problem.identity, problem.message));
-                    }
-                    outputs.side_effects(side);
+                    outputs.side_effects(LoadProblem::report_all(problems));
                 }
                 pool.replace_plugins(PluginSet::new(configs)).await;
                 tracing::info!(configs = count, "Plugins reloaded.");

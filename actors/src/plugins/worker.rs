@@ -141,8 +141,8 @@ pub struct WorkerReply<T> {
 pub struct SideEffects {
     pub logs: Vec<PluginLogEntry>,
     pub captures: Vec<(VmIdentity, CapturedByPlugin)>,
-    /// Configs that failed to load or set up: PostHog records the error and disables them.
-    pub config_errors: Vec<(VmIdentity, String)>,
+    /// Configs that failed to load or set up: the error is recorded on the config.
+    pub config_errors: Vec<ConfigError>,
     /// Per call outcomes, for app metrics.
     pub outcomes: Vec<MethodOutcome>,
     /// Calls that threw RetryError and have attempts left.
@@ -153,6 +153,26 @@ pub struct SideEffects {
     pub webhooks: Vec<(VmIdentity, FetchRequest)>,
     /// Configs whose VM was (re)built: whether it has a post-ingestion method.
     pub async_capable: Vec<(i64, bool)>,
+}
+
+/// A config that cannot run, and what becomes of it where configs are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub identity: VmIdentity,
+    pub message: String,
+    pub failure: ConfigFailure,
+}
+
+/// Whether a failed config is disabled where it is kept (`posthog_pluginconfig.enabled`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFailure {
+    /// setupPlugin failed after its retries: PostHog disables the config, and so does this
+    /// server.
+    Disabled,
+    /// The error is recorded and the config left enabled: the plugin could not be loaded
+    /// here (a module outside the allow-list, code that does not compile) or stopped a
+    /// worker, and PostHog's own server, which may share the database, may still run it.
+    Reported,
 }
 
 impl SideEffects {
@@ -311,13 +331,23 @@ impl VmWorker {
                     slot.vm = Some(vm);
                 }
                 Err(error) => {
-                    let log = format!("Plugin failed to load: {error}");
-                    return Err(disable(
+                    // Not disabled where the config is kept: PostHog's own server may run a
+                    // plugin this one cannot (a module outside the allow-list), and both may
+                    // share the database. This server skips it until its next version.
+                    let log = format!(
+                        "Plugin failed to load: {error}; this server skips it until the plugin or its config changes"
+                    );
+                    side.outcome(identity, "setupPlugin", 1, false, None);
+                    if let Some(outcome) = side.outcomes.last_mut() {
+                        outcome.error_type = Some("PluginLoadError".to_owned());
+                    }
+                    return Err(fail_for_good(
                         slot,
                         side,
                         identity,
                         log,
                         NotReady::LoadFailed(error),
+                        ConfigFailure::Reported,
                     ));
                 }
             }
@@ -373,7 +403,14 @@ impl VmWorker {
                 let log = format!("{error}; the plugin is disabled");
                 // A VM that failed its setup reports no methods (PostHog); drop it.
                 slot.vm = None;
-                Err(disable(slot, side, identity, log, error))
+                Err(fail_for_good(
+                    slot,
+                    side,
+                    identity,
+                    log,
+                    error,
+                    ConfigFailure::Disabled,
+                ))
             }
         }
     }
@@ -759,18 +796,23 @@ fn export(slot: &mut Slot, events: Vec<Value>, attempt: u32, side: &mut SideEffe
     forget_if_poisoned(slot, &error);
 }
 
-/// Disables a config for good (until its next version): logs why, records the error for
-/// `posthog_pluginconfig`, and fails every later call with `error`, which it returns.
-fn disable(
+/// Stops a config for good on this server (until its next version): logs why, records the
+/// error for `posthog_pluginconfig` (disabling it there only for `ConfigFailure::Disabled`),
+/// and fails every later call with `error`, which it returns.
+fn fail_for_good(
     slot: &mut Slot,
     side: &mut SideEffects,
     identity: &VmIdentity,
     log: String,
     error: NotReady,
+    failure: ConfigFailure,
 ) -> NotReady {
     side.system_log(identity, LogLevel::Error, log);
-    side.config_errors
-        .push((identity.clone(), error.to_string()));
+    side.config_errors.push(ConfigError {
+        identity: identity.clone(),
+        message: error.to_string(),
+        failure,
+    });
     slot.setup = SetupState::Failed(error.clone());
     error
 }

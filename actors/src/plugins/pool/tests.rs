@@ -137,7 +137,7 @@ async fn a_failed_setup_disables_the_config_and_is_reported() {
         out["properties"]["$plugins_failed"],
         json!(["bad setup (20)", "bad require (21)"])
     );
-    let errors: Vec<(i64, String)> = outputs
+    let errors: Vec<(i64, String, ConfigFailure)> = outputs
         .0
         .lock()
         .expect("lock")
@@ -145,19 +145,37 @@ async fn a_failed_setup_disables_the_config_and_is_reported() {
         .flat_map(|s| {
             s.config_errors
                 .iter()
-                .map(|(id, m)| (id.plugin_config_id, m.clone()))
+                .map(|e| (e.identity.plugin_config_id, e.message.clone(), e.failure))
         })
         .collect();
     assert!(
-        errors
-            .iter()
-            .any(|(id, m)| *id == 20 && m.contains("no key")),
-        "{errors:?}"
+        errors.iter().any(|(id, m, failure)| *id == 20
+            && m.contains("no key")
+            && *failure == ConfigFailure::Disabled),
+        "a failed setup disables its config: {errors:?}"
     );
     assert!(
-        errors.iter().any(|(id, m)| *id == 21 && m.contains("'fs'")),
-        "{errors:?}"
+        errors.iter().any(|(id, m, failure)| *id == 21
+            && m.contains("'fs'")
+            && *failure == ConfigFailure::Reported),
+        "a plugin that cannot load is reported, not disabled: {errors:?}"
     );
+    let effects = outputs.0.lock().expect("lock");
+    assert!(
+        effects.iter().flat_map(|s| &s.outcomes).any(|outcome| {
+            outcome.plugin_config_id == 21
+                && outcome.category == "setupPlugin"
+                && outcome.error_type.as_deref() == Some("PluginLoadError")
+        }),
+        "the load failure counts in app metrics"
+    );
+    assert!(
+        effects.iter().flat_map(|s| &s.logs).any(|entry| {
+            entry.plugin_config_id == 21 && entry.message.contains("Plugin failed to load")
+        }),
+        "the load failure is in the plugin's log"
+    );
+    drop(effects);
 }
 
 /// Runaway code that the in-VM deadline cannot stop: a memory bomb (the budget stops the
@@ -221,7 +239,7 @@ async fn the_watchdog_contains_what_the_deadline_cannot() {
         let reported = outputs.0.lock().expect("lock").iter().any(|s| {
             s.config_errors
                 .iter()
-                .any(|(id, _)| id.plugin_config_id == 30)
+                .any(|e| e.identity.plugin_config_id == 30 && e.failure == ConfigFailure::Reported)
         });
         assert!(reported, "{bomb}");
     }
