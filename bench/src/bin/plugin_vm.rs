@@ -175,8 +175,11 @@ struct Outputs {
 
 impl PluginOutputs for Outputs {
     fn side_effects(&self, side: SideEffects) {
-        for (identity, error) in &side.config_errors {
-            eprintln!("config {} failed: {error}", identity.plugin_config_id);
+        for error in &side.config_errors {
+            eprintln!(
+                "config {} failed: {}",
+                error.identity.plugin_config_id, error.message
+            );
         }
         self.config_errors
             .fetch_add(side.config_errors.len(), Ordering::Relaxed);
