@@ -665,7 +665,7 @@ exports.processEvent = (event) => {
 "#;
 
 #[tokio::test]
-async fn plugin_logs_and_app_metrics_reach_clickhouse() {
+async fn plugin_logs_app_metrics_and_unforwardable_recordings_reach_clickhouse() {
     plugin_server::telemetry::install_tls_provider();
     let database = common::unique_name("ps_plugins");
     let env = [
@@ -698,10 +698,34 @@ async fn plugin_logs_and_app_metrics_reach_clickhouse() {
             {"event": "ok", "distinct_id": "a"},
             {"event": "ok", "distinct_id": "b"},
             {"event": "fail", "distinct_id": "c"},
+            // ClickHouse without Kafka has nowhere to forward a recording: dead-lettered.
+            {"event": "$snapshot", "distinct_id": "d", "properties": {"$session_id": "s1", "$snapshot_data": {"x": 1}}},
         ]),
     )
     .await;
     assert_eq!(status, 200);
+    let letters = common::clickhouse_query(&format!(
+        "SELECT event, error, raw_payload FROM {database}.events_dead_letter_queue FORMAT JSONEachRow"
+    ))
+    .await;
+    let letters: Vec<Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(letters[0]["event"], "$snapshot");
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("KAFKA_HOSTS")),
+        "{letters:#?}"
+    );
+    assert!(
+        letters[0]["raw_payload"]
+            .as_str()
+            .is_some_and(|raw| raw.contains("$snapshot_data")),
+        "{letters:#?}"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (logs, metrics) = loop {

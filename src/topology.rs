@@ -149,7 +149,10 @@ impl Topology {
         let kafka = kafka_connection(settings);
         let writer = start_writer(settings, &mut base, kafka.as_ref()).await?;
         let plugins = start_plugin_side(settings, &base).await?;
-        let pipeline = start_pipeline(&base, &steps, &writer, &plugins)?;
+        // Recordings go to Kafka's topic, or to the embedded profile's file; ClickHouse alone
+        // has nowhere for them.
+        let forward_recordings = kafka.is_some() || settings.clickhouse_url().is_none();
+        let pipeline = start_pipeline(&base, &steps, &writer, &plugins, forward_recordings)?;
         let intake: Arc<dyn EventIntake> = match &kafka {
             Some(connection) => {
                 Arc::new(KafkaIntake::new(connection, consumption_topic(settings))?)
@@ -524,6 +527,7 @@ fn start_pipeline(
     steps: &Steps,
     writer: &ObservedAddr<EventWriter>,
     plugins: &Plugins,
+    forward_recordings: bool,
 ) -> Result<ObservedAddr<IngestionPipeline>, ServerError> {
     let pipeline_metrics = PipelineMetrics::register(&base.metrics)?;
     let metrics = base.metrics.clone();
@@ -534,6 +538,7 @@ fn start_pipeline(
             let pipeline = IngestionPipeline::new(
                 PipelineConfig {
                     limits: EnvelopeLimits::default(),
+                    forward_recordings,
                 },
                 Arc::clone(&steps.teams),
                 writer.clone(),

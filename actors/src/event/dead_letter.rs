@@ -34,10 +34,13 @@ pub enum DropReason {
     /// `$identify`, `$create_alias`, `$merge_dangerously` or `$groupidentify` sent with
     /// `$process_person_profile: false`: PostHog drops it with an ingestion warning.
     InvalidWhenPersonless,
+    /// A `$snapshot` or `$performance_event` where there is no `session_recording_events`
+    /// topic to forward it to (ClickHouse without Kafka): kept here instead of vanishing.
+    RecordingNotForwarded,
 }
 
 impl DropReason {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::InvalidUtf8,
         Self::InvalidJson,
         Self::NoToken,
@@ -50,6 +53,7 @@ impl DropReason {
         Self::PersonRejected,
         Self::GroupRejected,
         Self::InvalidWhenPersonless,
+        Self::RecordingNotForwarded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +70,7 @@ impl DropReason {
             Self::PersonRejected => "person_rejected",
             Self::GroupRejected => "group_rejected",
             Self::InvalidWhenPersonless => "invalid_event_when_process_person_profile_is_false",
+            Self::RecordingNotForwarded => "recording_not_forwarded",
         }
     }
 

@@ -142,6 +142,9 @@ impl PipelineMetrics {
 #[derive(Debug, Clone, Default)]
 pub struct PipelineConfig {
     pub limits: EnvelopeLimits,
+    /// Whether session recordings have somewhere to go (the Kafka topic, or the embedded
+    /// profile's file). Without, they are dead-lettered rather than dropped unseen.
+    pub forward_recordings: bool,
 }
 
 pub struct IngestionPipeline {
@@ -279,6 +282,19 @@ struct Run {
 /// as events (spec 1.2), as PostHog's ingestion consumer does.
 const RECORDING_EVENTS: [&str; 2] = ["$snapshot", "$performance_event"];
 
+/// The dead letter of a session recording event that has no topic to go to, holding the
+/// message as it came so that it can be replayed.
+fn unforwarded_recording(recording: &PipelineEvent, raw: &[u8]) -> DeadLetter {
+    let mut letter = dead_letter_for_event(
+        &recording.event,
+        DropReason::RecordingNotForwarded,
+        "session recordings go to Kafka's session_recording_events topic, and this server has no KAFKA_HOSTS".to_owned(),
+    );
+    letter.raw_payload = String::from_utf8_lossy(raw).into_owned();
+    letter.team_id = recording.team_id.unwrap_or(0);
+    letter
+}
+
 /// PostHog's warning for events that arrive through the overflow topic.
 pub const WARNING_INGESTION_CAPACITY_OVERFLOW: &str = "ingestion_capacity_overflow";
 
@@ -322,6 +338,7 @@ impl Run {
     ) -> Result<BatchOutcome, PipelineError> {
         self.metrics.received.inc_by(messages.len() as u64);
         let limits = self.config.limits;
+        let forward_recordings = self.config.forward_recordings;
         let (parsed, recordings) = self
             .step("parse", move || {
                 let mut recordings = Vec::new();
@@ -329,6 +346,12 @@ impl Run {
                 for raw in messages.iter() {
                     let event = parse_envelope(raw, &limits);
                     match &event {
+                        Ok(recording)
+                            if RECORDING_EVENTS.contains(&recording.event.event.as_str())
+                                && !forward_recordings =>
+                        {
+                            parsed.push(Err(Box::new(unforwarded_recording(recording, raw))));
+                        }
                         Ok(event) if RECORDING_EVENTS.contains(&event.event.event.as_str()) => {
                             recordings.push(RecordingMessage {
                                 key: event

@@ -56,6 +56,10 @@ async fn start() -> Harness {
 }
 
 async fn start_with_persons(persons: Option<Arc<PersonManager>>) -> Harness {
+    start_with(persons, true).await
+}
+
+async fn start_with(persons: Option<Arc<PersonManager>>, forward_recordings: bool) -> Harness {
     let data = tempfile::tempdir().expect("tempdir");
     let metrics = Metrics::new().expect("metrics");
     let registry = ActorRegistry::new(metrics.clone());
@@ -99,6 +103,7 @@ async fn start_with_persons(persons: Option<Arc<PersonManager>>) -> Harness {
                 limits: EnvelopeLimits {
                     max_message_bytes: 10_000,
                 },
+                forward_recordings,
             },
             Arc::clone(&teams),
             writer.clone(),
@@ -237,6 +242,46 @@ async fn good_events_are_written_and_each_bad_kind_is_dead_lettered() {
             "{letter}"
         );
     }
+}
+
+/// Where recordings cannot be forwarded (ClickHouse without Kafka), they are dead-lettered
+/// with their message as it came instead of vanishing; where they can, they go on unchanged.
+#[actix::test]
+async fn session_recordings_without_a_destination_are_dead_lettered() {
+    let recording = || {
+        envelope(
+            json!({"event": "$snapshot", "properties": {"$session_id": "s1", "$snapshot_data": {"x": 1}}}),
+            json!({}),
+        )
+    };
+    let pageview = || envelope(json!({"event": "$pageview", "properties": {}}), json!({}));
+
+    let harness = start_with(None, false).await;
+    let outcome = harness
+        .ingest(vec![recording(), pageview()])
+        .await
+        .expect("ingested");
+    assert_eq!((outcome.written, outcome.dead_lettered), (1, 1));
+    let letters = read_lines(harness.data.path(), "dead_letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["reason"], "recording_not_forwarded");
+    assert!(
+        letters[0]["raw_payload"]
+            .as_str()
+            .is_some_and(|raw| raw.contains("$snapshot_data")),
+        "{letters:?}"
+    );
+
+    let harness = start().await;
+    let outcome = harness
+        .ingest(vec![recording(), pageview()])
+        .await
+        .expect("ingested");
+    assert_eq!(outcome.dead_lettered, 0);
+    assert_eq!(
+        read_lines(harness.data.path(), "session_recording_events").len(),
+        1
+    );
 }
 
 #[actix::test]
