@@ -831,6 +831,88 @@ async fn recording_messages_are_forwarded_to_the_recordings_topic_not_stored_as_
     deployment.teardown().await;
 }
 
+/// Events to Kafka without ClickHouse (PostHog's layout, ClickHouse reading the topics): plugin
+/// log entries and app metrics go to PostHog's `plugin_log_entries` and
+/// `clickhouse_app_metrics` topics, in its JSON, instead of nowhere.
+#[tokio::test]
+async fn without_clickhouse_plugin_logs_and_app_metrics_go_to_posthogs_topics() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let plugin = base.path().join("plugins/chatty/index.js");
+    std::fs::create_dir_all(plugin.parent().expect("parent")).expect("mkdir");
+    std::fs::write(
+        &plugin,
+        "exports.processEvent = (event) => { console.error('seen', event.event); return event }",
+    )
+    .expect("plugin");
+    let configs = base.path().join("plugins.toml");
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"chatty\"\nteam_id = 1\n",
+    )
+    .expect("configs");
+    let prefix = format!("{}_", unique_name("t"));
+    let topic = format!("{prefix}events_plugin_ingestion");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .create()
+        .expect("admin client");
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topics")
+    {
+        result.expect("topic created");
+    }
+    let _server = ServerProcess::start(&[
+        ("KAFKA_HOSTS", kafka_hosts()),
+        ("KAFKA_PREFIX", prefix.clone()),
+        ("KAFKA_SESSION_TIMEOUT_MS", "1000".to_owned()),
+        ("KAFKA_FLUSH_FREQUENCY_MS", "20".to_owned()),
+        ("APP_METRICS_FLUSH_FREQUENCY_MS", "100".to_owned()),
+        ("BASE_DIR", base.path().to_str().expect("utf-8").to_owned()),
+        (
+            "PLUGINS_CONFIG_FILE",
+            configs.to_str().expect("utf-8").to_owned(),
+        ),
+        ("HTTP_SERVER_HOST", "127.0.0.1".to_owned()),
+        ("HTTP_SERVER_PORT", "0".to_owned()),
+    ]);
+    let token = unique_name("phc");
+    produce(
+        &topic,
+        &[envelope(
+            &token,
+            "reader",
+            json!({"event": "$pageview", "properties": {}}),
+            json!({}),
+        )],
+    )
+    .await;
+
+    let logs = read_topic(&format!("{prefix}plugin_log_entries"), 1);
+    let log: Value = serde_json::from_slice(&logs[0].1).expect("json");
+    assert_eq!(log["plugin_config_id"], 1, "{log}");
+    assert_eq!(log["team_id"], 1, "{log}");
+    assert_eq!(log["source"], "CONSOLE", "{log}");
+    assert_eq!(log["type"], "ERROR", "{log}");
+    assert!(
+        log["message"].as_str().is_some_and(|m| m.contains("seen")),
+        "{log}"
+    );
+    assert!(
+        log["timestamp"].as_str().is_some_and(|t| t.len() == 23),
+        "ClickHouse's format, YYYY-MM-DD HH:MM:SS.sss: {log}"
+    );
+    let metrics = read_topic(&format!("{prefix}clickhouse_app_metrics"), 1);
+    let metric: Value = serde_json::from_slice(&metrics[0].1).expect("json");
+    assert_eq!(metric["category"], "processEvent", "{metric}");
+    assert_eq!(metric["successes"], 1, "{metric}");
+    assert_eq!(metric["plugin_config_id"], 1, "{metric}");
+}
+
 /// INGESTION_OVERFLOW_ENABLED (PostHog's `ingestion-overflow.test.ts`): a distinct id over its
 /// token bucket is sent to the overflow topic unchanged while the others are ingested; the
 /// main topic's offsets are all committed; an `ingestion-overflow` instance then stores the

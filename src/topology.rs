@@ -71,7 +71,7 @@ use plugin_server_actors::plugins::reloader::{
 use plugin_server_actors::plugins::runtime::natives::PluginHost;
 use plugin_server_actors::plugins::runtime::vm::VmLimits;
 use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig, SchedulerStats};
-use plugin_server_actors::plugins::telemetry::PluginTelemetry;
+use plugin_server_actors::plugins::telemetry::{PluginTelemetry, TelemetryDestination};
 use std::rc::Rc;
 
 use crate::error::ServerError;
@@ -148,7 +148,7 @@ impl Topology {
         let steps = start_steps(settings, &base).await?;
         let kafka = kafka_connection(settings);
         let writer = start_writer(settings, &mut base, kafka.as_ref()).await?;
-        let plugins = start_plugin_side(settings, &base).await?;
+        let plugins = start_plugin_side(settings, &base, kafka.as_ref()).await?;
         // Recordings go to Kafka's topic, or to the embedded profile's file; ClickHouse alone
         // has nowhere for them.
         let forward_recordings = kafka.is_some() || settings.clickhouse_url().is_none();
@@ -379,14 +379,20 @@ async fn start_writer(
 
 /// The VM pool and its plugins, GeoIP, the post-ingestion publisher and consumer, and the
 /// plugin actors (reload subscriber, scheduler, job queue).
-async fn start_plugin_side(settings: &Settings, base: &Base) -> Result<Plugins, ServerError> {
-    let telemetry = clickhouse_target(settings).map(|target| {
-        PluginTelemetry::start(
-            target.database_client(),
-            uuid::Uuid::new_v4(),
-            std::time::Duration::from_millis(settings.app_metrics_flush_frequency_ms),
-        )
-    });
+async fn start_plugin_side(
+    settings: &Settings,
+    base: &Base,
+    kafka: Option<&KafkaConnection>,
+) -> Result<Plugins, ServerError> {
+    let telemetry = telemetry_destination(settings, kafka)
+        .await?
+        .map(|destination| {
+            PluginTelemetry::start(
+                destination,
+                uuid::Uuid::new_v4(),
+                std::time::Duration::from_millis(settings.app_metrics_flush_frequency_ms),
+            )
+        });
     let outputs = Arc::new(ServerOutputs::new(base.database.clone(), telemetry));
     let geoip = GeoIpHandle::new();
     start_geoip(settings, base.database.as_ref(), &base.registry, &geoip).await?;
@@ -831,6 +837,32 @@ async fn event_sink(
         Some(clickhouse) => Arc::new(FanOutSink::new(vec![clickhouse, kafka_sink])),
         None => kafka_sink,
     })
+}
+
+/// Where plugin log entries and app metrics go: ClickHouse when it is configured, else
+/// PostHog's Kafka topics when events go to Kafka (for ClickHouse's Kafka-engine tables),
+/// else nowhere but the server's own log (the embedded profile).
+async fn telemetry_destination(
+    settings: &Settings,
+    kafka: Option<&KafkaConnection>,
+) -> Result<Option<TelemetryDestination>, ServerError> {
+    if let Some(target) = clickhouse_target(settings) {
+        return Ok(Some(TelemetryDestination::ClickHouse(
+            target.database_client(),
+        )));
+    }
+    let Some(connection) = kafka else {
+        return Ok(None);
+    };
+    let prefix = &settings.kafka_prefix;
+    let logs_topic = format!("{prefix}plugin_log_entries");
+    let metrics_topic = format!("{prefix}clickhouse_app_metrics");
+    ensure_topics(connection, &[logs_topic.clone(), metrics_topic.clone()]).await?;
+    Ok(Some(TelemetryDestination::Kafka {
+        producer: connection.acknowledged_producer()?,
+        logs_topic,
+        metrics_topic,
+    }))
 }
 
 fn clickhouse_target(settings: &Settings) -> Option<ClickHouseTarget> {

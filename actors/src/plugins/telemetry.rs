@@ -1,5 +1,7 @@
-//! Plugin log entries and app metrics into ClickHouse (`plugin_log_entries`, `app_metrics`,
-//! spec 2.6), batched off the event path.
+//! Plugin log entries and app metrics (spec 2.6), batched off the event path: into ClickHouse
+//! (`plugin_log_entries`, `app_metrics`), or, where events go to Kafka for ClickHouse's
+//! Kafka-engine tables (no `CLICKHOUSE_HOST`), to PostHog's topics `plugin_log_entries` and
+//! `clickhouse_app_metrics` as JSON.
 //!
 //! Log entries are inserted every second (or at 1,000 entries). App metrics are summed per
 //! (team, config, category, error type) and inserted every APP_METRICS_FLUSH_FREQUENCY_MS, as
@@ -11,7 +13,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clickhouse::Row;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -48,15 +52,27 @@ pub struct PluginTelemetry {
     sender: mpsc::UnboundedSender<Record>,
 }
 
+/// Where log entries and app metrics go.
+pub enum TelemetryDestination {
+    ClickHouse(clickhouse::Client),
+    /// PostHog's topics (with KAFKA_PREFIX), one JSON message per row, as its plugin server
+    /// produces them.
+    Kafka {
+        producer: FutureProducer,
+        logs_topic: String,
+        metrics_topic: String,
+    },
+}
+
 impl PluginTelemetry {
     /// Starts the writer task on the current runtime.
     pub fn start(
-        client: clickhouse::Client,
+        destination: TelemetryDestination,
         instance_id: Uuid,
         app_metrics_flush: Duration,
     ) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(receiver, client, instance_id, app_metrics_flush));
+        tokio::spawn(run(receiver, destination, instance_id, app_metrics_flush));
         Self { sender }
     }
 
@@ -111,7 +127,7 @@ type MetricKey = (i64, i64, &'static str, String);
 
 async fn run(
     mut receiver: mpsc::UnboundedReceiver<Record>,
-    client: clickhouse::Client,
+    destination: TelemetryDestination,
     instance_id: Uuid,
     app_metrics_flush: Duration,
 ) {
@@ -136,7 +152,7 @@ async fn run(
                         _offset: 0,
                     });
                     if logs.len() >= LOG_BATCH {
-                        insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await;
+                        destination.write_logs(std::mem::take(&mut logs)).await;
                     }
                 }
                 Some(Record::Outcome(outcome)) => {
@@ -150,13 +166,13 @@ async fn run(
                     }
                 }
                 None => {
-                    insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await;
-                    insert(&client, "app_metrics", metric_rows(std::mem::take(&mut metrics))).await;
+                    destination.write_logs(std::mem::take(&mut logs)).await;
+                    destination.write_metrics(metric_rows(std::mem::take(&mut metrics))).await;
                     return;
                 }
             },
-            _ = log_tick.tick() => insert(&client, "plugin_log_entries", std::mem::take(&mut logs)).await,
-            _ = metric_tick.tick() => insert(&client, "app_metrics", metric_rows(std::mem::take(&mut metrics))).await,
+            _ = log_tick.tick() => destination.write_logs(std::mem::take(&mut logs)).await,
+            _ = metric_tick.tick() => destination.write_metrics(metric_rows(std::mem::take(&mut metrics))).await,
         }
     }
 }
@@ -189,6 +205,99 @@ fn metric_rows(metrics: HashMap<MetricKey, Counts>) -> Vec<MetricRow> {
             },
         )
         .collect()
+}
+
+impl TelemetryDestination {
+    async fn write_logs(&self, rows: Vec<LogRow>) {
+        match self {
+            Self::ClickHouse(client) => insert(client, "plugin_log_entries", rows).await,
+            Self::Kafka {
+                producer,
+                logs_topic,
+                ..
+            } => {
+                let messages = rows.iter().map(log_json).collect();
+                produce(producer, logs_topic, messages).await;
+            }
+        }
+    }
+
+    async fn write_metrics(&self, rows: Vec<MetricRow>) {
+        match self {
+            Self::ClickHouse(client) => insert(client, "app_metrics", rows).await,
+            Self::Kafka {
+                producer,
+                metrics_topic,
+                ..
+            } => {
+                let messages = rows.iter().map(metric_json).collect();
+                produce(producer, metrics_topic, messages).await;
+            }
+        }
+    }
+}
+
+/// ClickHouse's `DateTime64(6)` as PostHog's Kafka messages write it.
+fn clickhouse_time(time: &DateTime<Utc>) -> String {
+    time.format("%Y-%m-%d %H:%M:%S%.3f").to_string()
+}
+
+/// PostHog's `plugin_log_entries` message.
+fn log_json(row: &LogRow) -> String {
+    json!({
+        "id": row.id.to_string(),
+        "team_id": row.team_id,
+        "plugin_id": row.plugin_id,
+        "plugin_config_id": row.plugin_config_id,
+        "timestamp": clickhouse_time(&row.timestamp),
+        "source": row.source,
+        "type": row.kind,
+        "message": row.message,
+        "instance_id": row.instance_id.to_string(),
+    })
+    .to_string()
+}
+
+/// PostHog's `clickhouse_app_metrics` message.
+fn metric_json(row: &MetricRow) -> String {
+    json!({
+        "timestamp": clickhouse_time(&row.timestamp),
+        "team_id": row.team_id,
+        "plugin_config_id": row.plugin_config_id,
+        "job_id": row.job_id,
+        "category": row.category,
+        "successes": row.successes,
+        "successes_on_retry": row.successes_on_retry,
+        "failures": row.failures,
+        "error_uuid": row.error_uuid.to_string(),
+        "error_type": row.error_type,
+        "error_details": row.error_details,
+    })
+    .to_string()
+}
+
+/// Sends `messages` and waits for the broker's acknowledgements; failures are logged and the
+/// messages dropped, as a failed ClickHouse insert's rows are.
+async fn produce(producer: &FutureProducer, topic: &str, messages: Vec<String>) {
+    if messages.is_empty() {
+        return;
+    }
+    let count = messages.len();
+    let deliveries = messages.iter().map(|message| {
+        producer.send(
+            FutureRecord::<(), str>::to(topic).payload(message.as_str()),
+            Duration::from_secs(30),
+        )
+    });
+    let failed = futures::future::join_all(deliveries)
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|(error, _)| error)
+        .last();
+    if let Some(error) = failed {
+        tracing::warn!(topic, count, %error, "Could not send plugin telemetry; these messages are dropped.");
+    }
 }
 
 async fn insert<R>(client: &clickhouse::Client, table: &str, rows: Vec<R>)
