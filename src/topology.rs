@@ -847,9 +847,9 @@ async fn telemetry_destination(
     kafka: Option<&KafkaConnection>,
 ) -> Result<Option<TelemetryDestination>, ServerError> {
     if let Some(target) = clickhouse_target(settings) {
-        return Ok(Some(TelemetryDestination::ClickHouse(
+        return Ok(Some(TelemetryDestination::ClickHouse(Box::new(
             target.database_client(),
-        )));
+        ))));
     }
     let Some(connection) = kafka else {
         return Ok(None);

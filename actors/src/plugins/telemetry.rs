@@ -54,7 +54,7 @@ pub struct PluginTelemetry {
 
 /// Where log entries and app metrics go.
 pub enum TelemetryDestination {
-    ClickHouse(clickhouse::Client),
+    ClickHouse(Box<clickhouse::Client>),
     /// PostHog's topics (with KAFKA_PREFIX), one JSON message per row, as its plugin server
     /// produces them.
     Kafka {
