@@ -872,6 +872,8 @@ async fn without_clickhouse_plugin_logs_and_app_metrics_go_to_posthogs_topics() 
         ("KAFKA_SESSION_TIMEOUT_MS", "1000".to_owned()),
         ("KAFKA_FLUSH_FREQUENCY_MS", "20".to_owned()),
         ("APP_METRICS_FLUSH_FREQUENCY_MS", "100".to_owned()),
+        // PostHog's test setting: every message sent at once (the others run with its 20).
+        ("KAFKA_PRODUCER_MAX_QUEUE_SIZE", "0".to_owned()),
         ("BASE_DIR", base.path().to_str().expect("utf-8").to_owned()),
         (
             "PLUGINS_CONFIG_FILE",
@@ -911,6 +913,42 @@ async fn without_clickhouse_plugin_logs_and_app_metrics_go_to_posthogs_topics() 
     assert_eq!(metric["category"], "processEvent", "{metric}");
     assert_eq!(metric["successes"], 1, "{metric}");
     assert_eq!(metric["plugin_config_id"], 1, "{metric}");
+}
+
+/// PostHog settings that cannot apply here are named once at start, in the start line, with
+/// why; none are named when none is set.
+#[tokio::test]
+async fn settings_that_cannot_apply_are_named_at_start() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let base_dir = base.path().to_str().expect("utf-8").to_owned();
+    let plain = ServerProcess::start(&[("BASE_DIR", base_dir.clone())]);
+    assert_eq!(
+        plain.started["settings_not_applied"], "",
+        "{}",
+        plain.started
+    );
+    drop(plain);
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base_dir),
+        ("INTERNAL_MMDB_SERVER_PORT", "4321".to_owned()),
+        ("PISCINA_ATOMICS_TIMEOUT", "5000".to_owned()),
+    ]);
+    let named = server.started["settings_not_applied"]
+        .as_str()
+        .expect("logged")
+        .to_owned();
+    assert!(
+        named.contains("INTERNAL_MMDB_SERVER_PORT: GeoIP lookups run in process"),
+        "{named}"
+    );
+    assert!(
+        named.contains("PISCINA_USE_ATOMICS / PISCINA_ATOMICS_TIMEOUT"),
+        "{named}"
+    );
+    assert!(
+        !named.contains("CLICKHOUSE_OFFLINE_CLUSTER_HOST"),
+        "{named}"
+    );
 }
 
 /// INGESTION_OVERFLOW_ENABLED (PostHog's `ingestion-overflow.test.ts`): a distinct id over its

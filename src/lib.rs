@@ -77,10 +77,17 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let http_task = actix::spawn(server);
 
     topology.mark_ready();
+    // PostHog settings that are set but cannot apply here, said once rather than ignored.
+    let not_applied: Vec<String> = settings
+        .inapplicable()
+        .iter()
+        .map(|(name, why)| format!("{name}: {why}"))
+        .collect();
     tracing::info!(
         %local_addr,
         version = env!("CARGO_PKG_VERSION"),
         profile = profile_summary(&settings),
+        settings_not_applied = not_applied.join("; "),
         instance = %topology.cluster.instance,
         "plugin server started"
     );

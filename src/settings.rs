@@ -180,6 +180,11 @@ pub struct Settings {
     pub disable_mmdb: bool,
     pub internal_mmdb_server_port: u16,
     pub mmdb_file_location: String,
+    /// PostHog's Piscina thread-pool settings: read only to say that they do not apply.
+    #[serde(default)]
+    pub piscina_use_atomics: Option<String>,
+    #[serde(default)]
+    pub piscina_atomics_timeout: Option<String>,
 
     pub healthcheck_max_stale_seconds: u64,
     pub http_server_host: String,
@@ -370,6 +375,16 @@ impl Settings {
             u64::from(self.kafka_partitions_consumed_concurrently),
         )?;
         positive("KAFKA_FLUSH_FREQUENCY_MS", self.kafka_flush_frequency_ms)?;
+        // librdkafka's `batch.num.messages` takes at most a million.
+        if self.kafka_producer_max_queue_size > 1_000_000 {
+            return Err(SettingsError::invalid(
+                "KAFKA_PRODUCER_MAX_QUEUE_SIZE",
+                format!(
+                    "{} is more than 1000000 messages per produce request",
+                    self.kafka_producer_max_queue_size
+                ),
+            ));
+        }
         positive("KAFKA_SESSION_TIMEOUT_MS", self.kafka_session_timeout_ms)?;
         positive(
             "HEALTHCHECK_MAX_STALE_SECONDS",
@@ -506,6 +521,31 @@ impl Settings {
     }
 
     /// The ClickHouse HTTP endpoint, or `None` when events go to the embedded JSON-lines sink.
+    /// PostHog settings this server takes but cannot apply, with why, when they are set: the
+    /// server says so once at start rather than ignoring them silently.
+    pub fn inapplicable(&self) -> Vec<(&'static str, &'static str)> {
+        let mut ignored = Vec::new();
+        if !self.clickhouse_offline_cluster_host.trim().is_empty() {
+            ignored.push((
+                "CLICKHOUSE_OFFLINE_CLUSTER_HOST",
+                "only historical exports read it, and they are not supported",
+            ));
+        }
+        if self.internal_mmdb_server_port != 0 {
+            ignored.push((
+                "INTERNAL_MMDB_SERVER_PORT",
+                "GeoIP lookups run in process; there is no MMDB server to listen",
+            ));
+        }
+        if self.piscina_use_atomics.is_some() || self.piscina_atomics_timeout.is_some() {
+            ignored.push((
+                "PISCINA_USE_ATOMICS / PISCINA_ATOMICS_TIMEOUT",
+                "plugins run on this server's own worker threads (WORKER_CONCURRENCY), not Piscina",
+            ));
+        }
+        ignored
+    }
+
     pub fn clickhouse_url(&self) -> Option<String> {
         if self.clickhouse_host.trim().is_empty() {
             return None;

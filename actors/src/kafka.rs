@@ -26,6 +26,11 @@ pub struct KafkaConnection {
     pub client_cert_b64: String,
     pub client_cert_key_b64: String,
     pub trusted_cert_b64: String,
+    /// `KAFKA_PRODUCER_MAX_QUEUE_SIZE`: PostHog's producer sends once this many messages are
+    /// queued; here, the most messages librdkafka puts in one produce request
+    /// (`batch.num.messages`). 0 sends each message at once (no linger), as PostHog's tests
+    /// configure it.
+    pub producer_max_queue_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +48,25 @@ impl KafkaConnection {
     /// ingestion topic's own message limit (dead letters and rerouted messages keep raw
     /// payloads that large).
     pub fn acknowledged_producer(&self) -> Result<FutureProducer, KafkaSetupError> {
-        self.client_config()?
-            .set("linger.ms", "20")
+        self.acknowledged_producer_config()?
+            .create()
+            .map_err(KafkaSetupError::Client)
+    }
+
+    fn acknowledged_producer_config(&self) -> Result<ClientConfig, KafkaSetupError> {
+        let mut config = self.client_config()?;
+        config
             .set("compression.type", "lz4")
             .set("acks", "all")
             .set("message.timeout.ms", "30000")
-            .set("message.max.bytes", "20000000")
-            .create()
-            .map_err(KafkaSetupError::Client)
+            .set("message.max.bytes", "20000000");
+        match self.producer_max_queue_size {
+            0 => config.set("linger.ms", "0").set("batch.num.messages", "1"),
+            size => config
+                .set("linger.ms", "20")
+                .set("batch.num.messages", size.to_string()),
+        };
+        Ok(config)
     }
 
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSetupError> {
@@ -209,6 +225,25 @@ mod tests {
 
     fn b64(text: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn the_producer_queue_size_bounds_each_produce_request() {
+        let config = |size| {
+            KafkaConnection {
+                brokers: "k:9092".to_owned(),
+                producer_max_queue_size: size,
+                ..KafkaConnection::default()
+            }
+            .acknowledged_producer_config()
+            .expect("config")
+        };
+        let posthog_default = config(20);
+        assert_eq!(posthog_default.get("batch.num.messages"), Some("20"));
+        assert_eq!(posthog_default.get("linger.ms"), Some("20"));
+        let immediate = config(0);
+        assert_eq!(immediate.get("batch.num.messages"), Some("1"));
+        assert_eq!(immediate.get("linger.ms"), Some("0"));
     }
 
     #[test]

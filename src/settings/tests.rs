@@ -221,6 +221,41 @@ fn a_negative_or_out_of_range_number_is_refused() {
 }
 
 #[test]
+fn settings_that_cannot_apply_are_named_when_set() {
+    assert!(load_with(&[]).expect("defaults").inapplicable().is_empty());
+    let settings = load_with(&[
+        ("CLICKHOUSE_OFFLINE_CLUSTER_HOST", "ch-offline"),
+        ("INTERNAL_MMDB_SERVER_PORT", "4000"),
+        ("PISCINA_USE_ATOMICS", "false"),
+    ])
+    .expect("settings");
+    let names: Vec<&str> = settings
+        .inapplicable()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "CLICKHOUSE_OFFLINE_CLUSTER_HOST",
+            "INTERNAL_MMDB_SERVER_PORT",
+            "PISCINA_USE_ATOMICS / PISCINA_ATOMICS_TIMEOUT"
+        ]
+    );
+}
+
+#[test]
+fn the_producer_queue_size_is_what_librdkafka_can_batch() {
+    let error = error_with(&[("KAFKA_PRODUCER_MAX_QUEUE_SIZE", "1000001")]);
+    assert!(
+        error.starts_with("invalid KAFKA_PRODUCER_MAX_QUEUE_SIZE"),
+        "{error}"
+    );
+    let settings = load_with(&[("KAFKA_PRODUCER_MAX_QUEUE_SIZE", "0")]).expect("settings");
+    assert_eq!(settings.kafka_producer_max_queue_size, 0);
+}
+
+#[test]
 fn zero_is_refused_where_it_makes_no_sense() {
     for var in [
         "TASKS_PER_WORKER",
