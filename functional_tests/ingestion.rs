@@ -915,6 +915,42 @@ async fn without_clickhouse_plugin_logs_and_app_metrics_go_to_posthogs_topics() 
     assert_eq!(metric["plugin_config_id"], 1, "{metric}");
 }
 
+/// A new deployment: the consumption topic does not exist when the server starts, and the first
+/// event produced creates it (the broker's auto-create). The consumer notices the topic and its
+/// partitions within seconds (librdkafka's default metadata refresh would leave the events
+/// waiting up to five minutes; found by docker/check_image.sh).
+#[tokio::test]
+async fn a_consumption_topic_created_by_the_first_event_is_read_within_seconds() {
+    let deployment = Deployment::create().await;
+    let topic = format!("{}late_events", deployment.kafka_prefix);
+    let (_server, _) =
+        deployment.start_server_with(&[("KAFKA_CONSUMPTION_TOPIC", "late_events".to_owned())]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    produce(
+        &topic,
+        &[envelope(
+            &deployment.token,
+            "early",
+            json!({"event": "first", "properties": {}}),
+            json!({}),
+        )],
+    )
+    .await;
+    wait_for_up_to(
+        Duration::from_secs(60),
+        "the first event stored",
+        async || (!deployment.events().await.is_empty()).then_some(()),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+    deployment.teardown().await;
+}
+
 /// PostHog settings that cannot apply here are named once at start, in the start line, with
 /// why; none are named when none is set.
 #[tokio::test]

@@ -370,6 +370,10 @@ impl KafkaConsumer {
             // Offsets are stored by hand, only for stored messages.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // A topic first created by the first event produced to it (a new deployment,
+            // the broker's auto-create), or given more partitions, is noticed within 10 s
+            // instead of librdkafka's default 5 minutes, during which its events would wait.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .set(
                 "session.timeout.ms",
                 config.session_timeout.as_millis().to_string(),
