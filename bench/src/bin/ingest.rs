@@ -892,6 +892,12 @@ struct ScenarioResult {
     cpu: CpuUse,
     server_cpu_seconds_per_1000: f64,
     peak_rss_mib: f64,
+    /// Transactions committed or rolled back in the deployment's database during the drain
+    /// (`pg_stat_database`): every statement the server ran outside an explicit transaction
+    /// is one, so this counts its round trips that did work, all steps together (persons,
+    /// groups, definitions, team lookups, job-queue polls).
+    postgres_transactions: i64,
+    postgres_transactions_per_batch: Option<f64>,
     metrics: Vec<(String, String)>,
     latency: Option<LatencyResult>,
 }
@@ -947,6 +953,7 @@ async fn run_scenario(
         }
     };
     let start_sample = watched.sample();
+    let start_transactions = postgres_transactions(services, &deployment.name).await?;
     let addr = addr.context("no local_addr before the assignment")?;
     let perf = match &args.perf {
         Some(dir) => Some(start_perf(
@@ -990,6 +997,9 @@ async fn run_scenario(
     };
     let end_sample = watched.sample();
     let peak_rss = peak_rss_kib(server.pid).unwrap_or_default();
+    // Postgres publishes a backend's counters within a second of its transactions.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let transactions = postgres_transactions(services, &deployment.name).await? - start_transactions;
     if let Some(perf) = perf {
         stop_perf(perf)?;
     }
@@ -1034,6 +1044,11 @@ async fn run_scenario(
     let (first_at, first_count) = first_rows.unwrap_or((drained_at, 0));
     let steady = drained_at.duration_since(first_at).as_secs_f64();
     let cpu = cpu_between(start_sample, end_sample, ticks);
+    let batches = scrape
+        .lines()
+        .find_map(|line| line.strip_prefix("kafka_consumer_batches_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
     Ok(ScenarioResult {
         scenario: deployment.scenario,
         server: server_binary
@@ -1054,6 +1069,8 @@ async fn run_scenario(
         server_cpu_seconds_per_1000: cpu.server_seconds * 1000.0 / events as f64,
         cpu,
         peak_rss_mib: peak_rss as f64 / 1024.0,
+        postgres_transactions: transactions,
+        postgres_transactions_per_batch: (batches > 0.0).then(|| transactions as f64 / batches),
         metrics: summarize_metrics(&scrape),
         latency,
     })
@@ -1091,6 +1108,19 @@ async fn scrape_metrics(services: &Services, addr: &str) -> Result<String> {
 }
 
 /// Histogram means and the counters that explain the run, from the Prometheus text.
+async fn postgres_transactions(services: &Services, database: &str) -> Result<i64> {
+    let row = services
+        .postgres("postgres")
+        .await?
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .context("read pg_stat_database")?;
+    Ok(row.get(0))
+}
+
 fn summarize_metrics(scrape: &str) -> Vec<(String, String)> {
     let mut sums: HashMap<String, (f64, f64)> = HashMap::new();
     let mut out = Vec::new();
@@ -1394,9 +1424,9 @@ async fn run_peer(args: &Args, services: &Services) -> Result<PeerResult> {
 
 fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     println!(
-        "\n| scenario | server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | Postgres CPU s / 1000 | machine busy | peak RSS MiB | p50 ms | p99 ms |"
+        "\n| scenario | server | KAFKA_MAX_MESSAGE_BATCH_SIZE | events/s | × peer | drain s | steady events/s | server CPU s / 1000 | ClickHouse CPU s / 1000 | broker CPU s / 1000 | Postgres CPU s / 1000 | Postgres transactions / batch | machine busy | peak RSS MiB | p50 ms | p99 ms |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let per_1000 = |seconds: Option<f64>, events: usize| {
         seconds.map_or("n/a".to_owned(), |s| {
             format!("{:.4}", s * 1000.0 / events as f64)
@@ -1417,7 +1447,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
                     )
                 });
         println!(
-            "| {} | {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.4} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
             result.scenario.name(),
             result.server,
             result.batch_size,
@@ -1430,6 +1460,9 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
             per_1000(result.cpu.broker_seconds, result.events),
             per_1000(result.cpu.postgres_seconds, result.events),
             result
+                .postgres_transactions_per_batch
+                .map_or("n/a".to_owned(), |per_batch| format!("{per_batch:.1}")),
+            result
                 .cpu
                 .machine_busy_percent
                 .map_or("n/a".to_owned(), |busy| format!("{busy:.0} %")),
@@ -1440,7 +1473,7 @@ fn print_table(results: &[ScenarioResult], peer: Option<&PeerResult>) {
     }
     if let Some(peer) = peer {
         println!(
-            "| naive peer | | | {:.0} | 1.00 | {:.2} | | | | | | | | | |",
+            "| naive peer | | | {:.0} | 1.00 | {:.2} | | | | | | | | | | |",
             peer.events_per_second, peer.seconds
         );
     }
