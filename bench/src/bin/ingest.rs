@@ -999,7 +999,8 @@ async fn run_scenario(
     let peak_rss = peak_rss_kib(server.pid).unwrap_or_default();
     // Postgres publishes a backend's counters within a second of its transactions.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let transactions = postgres_transactions(services, &deployment.name).await? - start_transactions;
+    let transactions =
+        postgres_transactions(services, &deployment.name).await? - start_transactions;
     if let Some(perf) = perf {
         stop_perf(perf)?;
     }
