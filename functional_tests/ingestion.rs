@@ -951,6 +951,24 @@ async fn a_consumption_topic_created_by_the_first_event_is_read_within_seconds()
     deployment.teardown().await;
 }
 
+/// `/_ready` answers 200 once the Kafka consumers have joined their groups (until then 503
+/// `joining`; `system::health`'s tests cover the waiting, which a live broker makes too short
+/// to catch from outside).
+#[tokio::test]
+async fn readiness_turns_ok_once_the_consumers_have_joined() {
+    plugin_server::telemetry::install_tls_provider();
+    let deployment = Deployment::create().await;
+    let (_server, addr) = deployment.start_server();
+    wait_for_up_to(Duration::from_secs(30), "ready", async || {
+        let response = reqwest::get(format!("http://{addr}/_ready")).await.ok()?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.ok()?;
+        (status == 200 && body["status"] == "ok").then_some(())
+    })
+    .await;
+    deployment.teardown().await;
+}
+
 /// PostHog settings that cannot apply here are named once at start, in the start line, with
 /// why; none are named when none is set.
 #[tokio::test]

@@ -41,7 +41,7 @@ use plugin_server_actors::persons::{
     SharedPersonStore,
 };
 use plugin_server_actors::postgres::PostgresError;
-use plugin_server_actors::system::health::ProgressReporter;
+use plugin_server_actors::system::health::{AwaitJoin, ProgressReporter};
 use plugin_server_actors::system::health::{
     BeginShutdown, Health, HealthConfig, ReportIdle, SetReady,
 };
@@ -635,6 +635,11 @@ async fn start_consumer(
     let consumer_arbiter = Arbiter::new();
     let workers = Arbiter::new();
     let health = base.health.addr().clone();
+    // Before readiness can turn green (the topology marks it ready after this, from the same
+    // task): `/_ready` then waits until this consumer has joined its group.
+    health.do_send(AwaitJoin {
+        component: role.health.to_owned(),
+    });
     let factory = {
         let pipeline = pipeline.clone();
         let workers = workers.handle();

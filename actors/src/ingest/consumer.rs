@@ -226,6 +226,8 @@ struct RebalanceContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
     metrics: ConsumerMetrics,
+    /// Tells readiness that the consumer has joined its group.
+    progress: ProgressReporter,
 }
 
 impl ClientContext for RebalanceContext {
@@ -284,6 +286,8 @@ impl ConsumerContext for RebalanceContext {
         if let Rebalance::Assign(assigned) = rebalance {
             let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?partitions, "partitions assigned");
+            // Joined, even with no partitions (more instances than partitions).
+            self.progress.report_joined();
         }
     }
 }
@@ -359,6 +363,7 @@ impl KafkaConsumer {
             shared: Arc::clone(&self.shared),
             drain_timeout: self.config.rebalance_drain_timeout,
             metrics: self.metrics.clone(),
+            progress: self.progress.clone(),
         };
         let config = &self.config;
         let consumer: Client = config

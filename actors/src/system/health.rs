@@ -74,6 +74,21 @@ pub struct Deregister {
 #[rtype(result = "()")]
 pub struct SetReady;
 
+/// A Kafka consumer that readiness waits for: `/_ready` answers 200 only once it has joined
+/// its group (see [`Joined`]). Sent by the topology before readiness can turn green.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct AwaitJoin {
+    pub component: String,
+}
+
+/// The consumer joined its group (it got its partitions, possibly none).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Joined {
+    pub component: String,
+}
+
 /// Shutdown has begun: readiness turns red for good.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -181,6 +196,8 @@ impl Serialize for HealthReport {
 #[serde(rename_all = "snake_case")]
 pub enum Readiness {
     Starting,
+    /// Started, but a Kafka consumer has not joined its group yet.
+    Joining,
     Ready,
     ShuttingDown,
 }
@@ -224,6 +241,8 @@ pub struct Health {
     stats: Arc<ActorStats>,
     components: BTreeMap<String, Component>,
     readiness: Readiness,
+    /// Consumers that have not joined their group yet.
+    awaiting_join: std::collections::BTreeSet<String>,
 }
 
 impl Health {
@@ -233,6 +252,7 @@ impl Health {
             stats,
             components: BTreeMap::new(),
             readiness: Readiness::Starting,
+            awaiting_join: std::collections::BTreeSet::new(),
         }
     }
 
@@ -372,6 +392,24 @@ impl Handler<SetReady> for Health {
     }
 }
 
+impl Handler<AwaitJoin> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: AwaitJoin, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        self.awaiting_join.insert(message.component);
+    }
+}
+
+impl Handler<Joined> for Health {
+    type Result = ();
+
+    fn handle(&mut self, message: Joined, _: &mut Context<Self>) {
+        let _timer = self.stats.message_received();
+        self.awaiting_join.remove(&message.component);
+    }
+}
+
 impl Handler<BeginShutdown> for Health {
     type Result = ();
 
@@ -395,7 +433,10 @@ impl Handler<GetReadiness> for Health {
 
     fn handle(&mut self, _: GetReadiness, _: &mut Context<Self>) -> Self::Result {
         let _timer = self.stats.message_received();
-        MessageResult(self.readiness)
+        MessageResult(match self.readiness {
+            Readiness::Ready if !self.awaiting_join.is_empty() => Readiness::Joining,
+            readiness => readiness,
+        })
     }
 }
 
@@ -408,6 +449,7 @@ pub struct ProgressReporter {
     stopped: actix::Recipient<ReportStopped>,
     degraded: actix::Recipient<ReportDegraded>,
     idle: actix::Recipient<ReportIdle>,
+    joined: actix::Recipient<Joined>,
     stats: Arc<ActorStats>,
 }
 
@@ -423,6 +465,7 @@ impl ProgressReporter {
             stopped: health.clone().recipient(),
             degraded: health.clone().recipient(),
             idle: health.clone().recipient(),
+            joined: health.clone().recipient(),
             stats,
         }
     }
@@ -446,6 +489,13 @@ impl ProgressReporter {
         self.degraded.do_send(ReportDegraded {
             component: self.component.clone(),
             reason: reason.into(),
+        });
+    }
+
+    /// The consumer joined its group: readiness no longer waits for it.
+    pub fn report_joined(&self) {
+        self.joined.do_send(Joined {
+            component: self.component.clone(),
         });
     }
 
@@ -577,6 +627,45 @@ mod tests {
         let report = health.send(GetHealth).await.expect("answered");
         assert!(report.is_healthy(), "{report:?}");
         assert_eq!(report.checks["event_writer"], CheckStatus::Idle);
+    }
+
+    #[actix::test]
+    async fn readiness_waits_for_every_consumer_to_join_its_group() {
+        let health = start(Duration::from_secs(7200));
+        for component in ["analytics-ingestion", "analytics-ingestion-overflow"] {
+            health
+                .send(AwaitJoin {
+                    component: component.to_owned(),
+                })
+                .await
+                .expect("sent");
+        }
+        health.send(SetReady).await.expect("sent");
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::Joining
+        );
+        health
+            .send(Joined {
+                component: "analytics-ingestion".to_owned(),
+            })
+            .await
+            .expect("sent");
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::Joining,
+            "one consumer is still joining"
+        );
+        health
+            .send(Joined {
+                component: "analytics-ingestion-overflow".to_owned(),
+            })
+            .await
+            .expect("sent");
+        assert_eq!(
+            health.send(GetReadiness).await.expect("answered"),
+            Readiness::Ready
+        );
     }
 
     #[actix::test]
