@@ -58,21 +58,7 @@ impl Deployment {
         let env = deployment.env_pairs();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         common::migrate(&env);
-        let topic = deployment.topic();
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", kafka_hosts())
-            .create()
-            .expect("admin client");
-        let created = admin
-            .create_topics(
-                &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await
-            .expect("create topics");
-        for result in created {
-            result.expect("topic created");
-        }
+        create_topic(&deployment.topic(), 2).await;
         let mut deployment = deployment;
         deployment.team_id = deployment.insert_team().await;
         deployment
@@ -379,6 +365,24 @@ pub(crate) fn envelope(token: &str, distinct_id: &str, event: Value, outer: Valu
         message.extend(outer);
     }
     serde_json::to_vec(&message).expect("json")
+}
+
+/// Creates `topic` on the test broker with `partitions`.
+pub(crate) async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .create()
+        .expect("admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topics");
+    for result in created {
+        result.expect("topic created");
+    }
 }
 
 pub(crate) async fn produce(topic: &str, messages: &[Vec<u8>]) {
@@ -837,35 +841,14 @@ async fn recording_messages_are_forwarded_to_the_recordings_topic_not_stored_as_
 #[tokio::test]
 async fn without_clickhouse_plugin_logs_and_app_metrics_go_to_posthogs_topics() {
     let base = tempfile::tempdir().expect("tempdir");
-    let plugin = base.path().join("plugins/chatty/index.js");
-    std::fs::create_dir_all(plugin.parent().expect("parent")).expect("mkdir");
-    std::fs::write(
-        &plugin,
+    let configs = crate::plugins::plugin_for_team_one(
+        base.path(),
+        "chatty",
         "exports.processEvent = (event) => { console.error('seen', event.event); return event }",
-    )
-    .expect("plugin");
-    let configs = base.path().join("plugins.toml");
-    std::fs::write(
-        &configs,
-        "[[plugin_config]]\nplugin = \"chatty\"\nteam_id = 1\n",
-    )
-    .expect("configs");
+    );
     let prefix = format!("{}_", unique_name("t"));
     let topic = format!("{prefix}events_plugin_ingestion");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
-        .create()
-        .expect("admin client");
-    for result in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topics")
-    {
-        result.expect("topic created");
-    }
+    create_topic(&topic, 1).await;
     let _server = ServerProcess::start(&[
         ("KAFKA_HOSTS", kafka_hosts()),
         ("KAFKA_PREFIX", prefix.clone()),

@@ -65,6 +65,19 @@ fn write_plugin(root: &Path, name: &str, files: &[(&str, &str)]) {
     }
 }
 
+/// One plugin, `index.js` = `source`, enabled for team 1 (the embedded profile's first token):
+/// written under `root`, with the configs file naming it, whose path is returned.
+pub(crate) fn plugin_for_team_one(root: &Path, name: &str, source: &str) -> std::path::PathBuf {
+    write_plugin(root, name, &[("index.js", source)]);
+    let configs = root.join("plugins.toml");
+    std::fs::write(
+        &configs,
+        format!("[[plugin_config]]\nplugin = \"{name}\"\nteam_id = 1\n"),
+    )
+    .unwrap();
+    configs
+}
+
 async fn post_batch(addr: &str, token: &str, batch: Value) -> u16 {
     reqwest::Client::new()
         .post(format!("http://{addr}/batch"))
@@ -95,25 +108,16 @@ async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec
 async fn personless_is_decided_before_plugins() {
     plugin_server::telemetry::install_tls_provider();
     let base = tempfile::tempdir().unwrap();
-    write_plugin(
+    let configs = plugin_for_team_one(
         base.path(),
         "flipper",
-        &[(
-            "index.js",
-            "exports.processEvent = (event) => {
+        "exports.processEvent = (event) => {
                 if (event.event === '$identify') event.properties.reached_a_plugin = true
                 if (event.event === 'flip') event.properties.$process_person_profile = false
                 if (event.event === 'unflip') delete event.properties.$process_person_profile
                 return event
             }",
-        )],
     );
-    let configs = base.path().join("plugins.toml");
-    std::fs::write(
-        &configs,
-        "[[plugin_config]]\nplugin = \"flipper\"\nteam_id = 1\n",
-    )
-    .unwrap();
     let server = ServerProcess::start(&[
         ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
         ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
@@ -157,24 +161,15 @@ async fn personless_is_decided_before_plugins() {
 async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones() {
     plugin_server::telemetry::install_tls_provider();
     let base = tempfile::tempdir().unwrap();
-    write_plugin(
+    let configs = plugin_for_team_one(
         base.path(),
         "lister",
-        &[(
-            "index.js",
-            "exports.processEvent = (event) => {
+        "exports.processEvent = (event) => {
                 event.properties.seen_keys = Object.keys(event.properties).join(',')
                 event.properties.seen_set = event.$set === undefined ? null : Object.keys(event.$set).join(',')
                 return event
             }",
-        )],
     );
-    let configs = base.path().join("plugins.toml");
-    std::fs::write(
-        &configs,
-        "[[plugin_config]]\nplugin = \"lister\"\nteam_id = 1\n",
-    )
-    .unwrap();
     let server = ServerProcess::start(&[
         ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
         ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 
 use super::store::{
     Group, GroupKey, GroupRow, GroupStoreError, GroupUpsert, MAX_GROUP_TYPES, SharedGroupStore,
-    merge_group_set,
+    apply_upsert,
 };
 use crate::event::{Properties, StampedEvent};
 
@@ -284,7 +284,13 @@ impl GroupManager {
                         let Some(identify) = &identifies[position] else {
                             continue;
                         };
-                        let applied = applied(group.take(), identify, events[position].timestamp);
+                        let applied = apply_upsert(
+                            group.take(),
+                            &upsert.key,
+                            &identify.set,
+                            events[position].timestamp,
+                        )
+                        .group;
                         let column = Arc::new(GroupColumn::of(&applied));
                         after[position] = Some(Ok(Arc::clone(&column)));
                         last = Some(column);
@@ -493,25 +499,6 @@ enum TypeLookup {
     Absent,
     /// The team's types are not cached, or too old.
     Stale,
-}
-
-/// The group as an upsert of `identify` at `timestamp` leaves `group` (`None`: not there).
-fn applied(group: Option<Group>, identify: &Identify, timestamp: DateTime<Utc>) -> Group {
-    match group {
-        None => Group {
-            key: identify.key.clone(),
-            properties: identify.set.clone(),
-            created_at: timestamp,
-            version: 1,
-        },
-        Some(mut group) => {
-            if merge_group_set(&mut group.properties, &identify.set) {
-                group.version += 1;
-            }
-            group.created_at = group.created_at.min(timestamp);
-            group
-        }
-    }
 }
 
 /// The group an event's `$group_<index>` names.

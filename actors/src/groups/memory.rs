@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::store::{
-    Group, GroupKey, GroupStore, GroupStoreError, MAX_GROUP_TYPES, Upserted, merge_group_set,
+    Group, GroupKey, GroupStore, GroupStoreError, MAX_GROUP_TYPES, Upserted, apply_upsert,
 };
 
 #[derive(Default)]
@@ -80,30 +80,10 @@ impl GroupStore for MemoryGroupStore {
         timestamp: DateTime<Utc>,
     ) -> Result<Upserted, GroupStoreError> {
         let mut state = self.state();
-        let Some(group) = state.groups.get_mut(key) else {
-            let group = Group {
-                key: key.clone(),
-                properties: set.clone(),
-                created_at: timestamp,
-                version: 1,
-            };
-            state.groups.insert(key.clone(), group.clone());
-            return Ok(Upserted {
-                group,
-                written: true,
-            });
-        };
-        let mut written = merge_group_set(&mut group.properties, set);
-        if timestamp < group.created_at {
-            group.created_at = timestamp;
-            written = true;
+        let upserted = apply_upsert(state.groups.get(key).cloned(), key, set, timestamp);
+        if upserted.written {
+            state.groups.insert(key.clone(), upserted.group.clone());
         }
-        if written {
-            group.version += 1;
-        }
-        Ok(Upserted {
-            group: group.clone(),
-            written,
-        })
+        Ok(upserted)
     }
 }

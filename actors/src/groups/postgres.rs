@@ -65,24 +65,11 @@ const SELECT_GROUPS: &str = "SELECT g.team_id, g.group_type_index, g.group_key, 
      JOIN posthog_group g ON g.team_id = wanted.team_id \
        AND g.group_type_index = wanted.group_type_index AND g.group_key = wanted.group_key";
 
-/// Returns the row only when it was written: inserted, or changed by the merge or by an
-/// earlier creation time. An update that would change nothing is skipped by the WHERE, so
-/// it bumps no version and sends ClickHouse nothing.
-const UPSERT_GROUP: &str = "INSERT INTO posthog_group AS g \
-     (team_id, group_key, group_type_index, group_properties, created_at, \
-      properties_last_updated_at, properties_last_operation, version) \
-     VALUES ($1, $2, $3, $4, $5, '{}', '{}', 1) \
-     ON CONFLICT (team_id, group_key, group_type_index) DO UPDATE \
-     SET group_properties = g.group_properties || EXCLUDED.group_properties, \
-         created_at = LEAST(g.created_at, EXCLUDED.created_at), \
-         version = g.version + 1 \
-     WHERE g.group_properties || EXCLUDED.group_properties <> g.group_properties \
-        OR EXCLUDED.created_at < g.created_at \
-     RETURNING g.team_id, g.group_type_index, g.group_key, g.group_properties, \
-       g.created_at, g.version";
-
-/// [`UPSERT_GROUP`] for a batch: one row per group, unnested in the order given (sorted, so
-/// that instances writing overlapping batches lock rows in one order and cannot deadlock).
+/// Upserts groups, one row each, unnested in the order given (sorted, so that instances writing
+/// overlapping batches lock rows in one order and cannot deadlock). Returns a row only when it
+/// was written: inserted, or changed by the merge or by an earlier creation time. An update
+/// that would change nothing is skipped by the WHERE, so it bumps no version and sends
+/// ClickHouse nothing.
 const UPSERT_GROUPS: &str = "INSERT INTO posthog_group AS g \
      (team_id, group_key, group_type_index, group_properties, created_at, \
       properties_last_updated_at, properties_last_operation, version) \
@@ -214,26 +201,21 @@ impl GroupStore for PostgresGroupStore {
         set: &Map<String, Value>,
         timestamp: DateTime<Utc>,
     ) -> Result<Upserted, GroupStoreError> {
-        let team = team_column(key.team_id)?;
-        let index = i32::from(key.group_type_index);
-        let client = self.client().await?;
-        let upsert = client
-            .prepare_cached(UPSERT_GROUP)
-            .await
-            .map_err(classify)?;
-        let written = client
-            .query_opt(
-                &upsert,
-                &[&team, &key.group_key, &index, &Json(set), &timestamp],
-            )
-            .await
-            .map_err(classify)?;
-        if let Some(row) = written {
+        // The batch statement with one row; a group it left unchanged is read back.
+        let one = [GroupUpsert {
+            key: key.clone(),
+            set: set.clone(),
+            timestamp,
+        }];
+        if let Some(Ok(Some(group))) = self.upsert_in_one_statement(&one).await?.pop() {
             return Ok(Upserted {
-                group: group_from_row(&row)?,
+                group,
                 written: true,
             });
         }
+        let team = team_column(key.team_id)?;
+        let index = i32::from(key.group_type_index);
+        let client = self.client().await?;
         let select = client
             .prepare_cached(SELECT_GROUP)
             .await

@@ -147,6 +147,36 @@ pub fn merge_group_set(properties: &mut Map<String, Value>, set: &Map<String, Va
     changed
 }
 
+/// What upserting `set` at `timestamp` makes of `group` (`None`: no such group yet): `$set`
+/// merged, the earlier `created_at`, and the version bumped only when that changed something.
+pub fn apply_upsert(
+    group: Option<Group>,
+    key: &GroupKey,
+    set: &Map<String, Value>,
+    timestamp: DateTime<Utc>,
+) -> Upserted {
+    let Some(mut group) = group else {
+        return Upserted {
+            group: Group {
+                key: key.clone(),
+                properties: set.clone(),
+                created_at: timestamp,
+                version: 1,
+            },
+            written: true,
+        };
+    };
+    let mut written = merge_group_set(&mut group.properties, set);
+    if timestamp < group.created_at {
+        group.created_at = timestamp;
+        written = true;
+    }
+    if written {
+        group.version += 1;
+    }
+    Upserted { group, written }
+}
+
 /// A row of ClickHouse's `groups` table (topic `clickhouse_groups`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupRow {

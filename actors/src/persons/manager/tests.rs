@@ -88,6 +88,33 @@ fn manager(config: PersonConfig) -> (PersonManager, Arc<CountingStore>) {
     (PersonManager::new(shared, config), store)
 }
 
+/// Team 2's person of `distinct_id` as stored, read in a transaction of its own.
+async fn stored(store: &dyn PersonStore, distinct_id: &str) -> Person {
+    let mut transaction = store.begin().await.expect("begin");
+    transaction
+        .person_by_distinct_id(2, distinct_id)
+        .await
+        .expect("read")
+        .expect("person")
+}
+
+/// Another writer changes team 2's person of `distinct_id` (a transaction of its own).
+async fn change_stored(
+    store: &dyn PersonStore,
+    distinct_id: &str,
+    change: impl FnOnce(&mut Person),
+) {
+    let mut transaction = store.begin().await.expect("begin");
+    let mut person = transaction
+        .person_by_distinct_id(2, distinct_id)
+        .await
+        .expect("read")
+        .expect("person");
+    change(&mut person);
+    transaction.update_person(&person).await.expect("update");
+    transaction.commit().await.expect("commit");
+}
+
 fn person(outcome: &Result<PersonOutcome, PersonError>) -> &EventPerson {
     &outcome.as_ref().expect("resolved").person
 }
@@ -227,17 +254,10 @@ async fn a_person_changed_elsewhere_is_read_again_and_updated() {
     manager
         .resolve_batch(&[event("u", "$pageview", json!({ "$set_once": { "a": 1 } }))])
         .await;
-    {
-        let mut transaction = store.begin().await.expect("begin");
-        let mut stored = transaction
-            .person_by_distinct_id(2, "u")
-            .await
-            .expect("read")
-            .expect("person");
-        stored.properties.remove("a");
-        transaction.update_person(&stored).await.expect("update");
-        transaction.commit().await.expect("commit");
-    }
+    change_stored(store.as_ref(), "u", |person| {
+        person.properties.remove("a");
+    })
+    .await;
     let transactions = store.writes();
     let outcome = manager
         .resolve_batch(&[event("u", "$pageview", json!({ "$set_once": { "a": 2 } }))])
@@ -255,19 +275,12 @@ async fn a_changing_event_on_a_stale_cached_person_loses_its_write_and_is_applie
     manager
         .resolve_batch(&[event("u", "$pageview", json!({ "$set": { "n": 0 } }))])
         .await;
-    {
-        let mut transaction = store.begin().await.expect("begin");
-        let mut stored = transaction
-            .person_by_distinct_id(2, "u")
-            .await
-            .expect("read")
-            .expect("person");
-        stored
+    change_stored(store.as_ref(), "u", |person| {
+        person
             .properties
             .insert("elsewhere".to_owned(), json!(true));
-        transaction.update_person(&stored).await.expect("update");
-        transaction.commit().await.expect("commit");
-    }
+    })
+    .await;
     let snapshots = store.snapshots.load(Ordering::SeqCst);
     let transactions = store.transactions.load(Ordering::SeqCst);
     let outcomes = manager
@@ -290,12 +303,7 @@ async fn a_changing_event_on_a_stale_cached_person_loses_its_write_and_is_applie
         first,
         json!({"n": 1, "elsewhere": true, "$creator_event_uuid": first["$creator_event_uuid"]})
     );
-    let mut transaction = store.begin().await.expect("begin");
-    let stored = transaction
-        .person_by_distinct_id(2, "u")
-        .await
-        .expect("read")
-        .expect("person");
+    let stored = stored(store.as_ref(), "u").await;
     assert_eq!(stored.properties["n"], json!(2));
     assert_eq!(stored.properties["elsewhere"], json!(true));
 }
@@ -468,12 +476,7 @@ async fn a_write_that_lost_a_race_is_applied_again_on_the_stored_person() {
         answered.contains("\"a\":5") && answered.contains("\"b\":2"),
         "{answered}"
     );
-    let mut transaction = store.begin().await.expect("begin");
-    let stored = transaction
-        .person_by_distinct_id(2, "u")
-        .await
-        .expect("read")
-        .expect("person");
+    let stored = stored(store.as_ref(), "u").await;
     assert_eq!(stored.properties["a"], json!(5));
     assert_eq!(stored.properties["b"], json!(2));
     assert_eq!(
