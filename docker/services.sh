@@ -184,6 +184,8 @@ export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export CLICKHOUSE_HOST=127.0.0.1:$CH_HTTP
 export KAFKA_HOSTS=127.0.0.1:$KAFKA_PORT
+# The broker binary, for the chaos test that runs a broker of its own behind a proxy.
+export TANSU_BIN=$SVC_DIR/tansu
 ENV
 }
 

@@ -1,6 +1,6 @@
-//! Chaos: the server killed with SIGKILL mid-stream, and each store it depends on (ClickHouse,
+//! Chaos: the server killed with SIGKILL mid-stream, each store it depends on (ClickHouse,
 //! Postgres, Redis) killed with SIGKILL during ingestion and restarted on its data a while
-//! later. Every event is stored once (after ClickHouse's dedup of replays), no offset of an
+//! later, and the Kafka broker made unreachable for 30 s and then reachable again. Every event is stored once (after ClickHouse's dedup of replays), no offset of an
 //! unstored event is committed, `/_health` shows the outage and recovers. The killed stores are
 //! the tests' own instances (`private_stores`), so the shared services of the other tests keep
 //! running.
@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{self, clickhouse_http_url, clickhouse_query, clickhouse_query_at};
-use crate::ingestion::{Deployment, good_events, produce, tagged_events, wait_for, wait_for_up_to};
-use crate::private_stores::{PrivateStore, StoreKind};
+use crate::ingestion::{
+    Deployment, good_events, produce, produce_at, tagged_events, wait_for, wait_for_up_to,
+};
+use crate::private_stores::{PrivateStore, ProxiedBroker, StoreKind};
 
 #[tokio::test]
 async fn a_server_killed_mid_stream_stores_every_event_once_after_restart() {
@@ -143,6 +145,82 @@ async fn a_server_killed_mid_stream_of_person_updates_leaves_every_person_at_its
     assert_eq!(clickhouse.len(), USERS, "ClickHouse's persons");
     // Not `teardown`'s lag check: tansu reports high watermarks short of the last offset for
     // topics produced in multi-record batches (the committed offsets were checked above).
+    deployment.drop_databases().await;
+}
+
+/// Issue 25: the broker unreachable for 30 s mid-ingest (its proxy cut: connections closed,
+/// new ones closed on arrival). The consumer reads nothing meanwhile and `/_health` names it
+/// degraded within 30 s while the process stays alive; once the broker is reachable again the
+/// consumer rejoins and resumes from its committed offsets: every event stored once after
+/// dedup, every offset committed, health ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_unreachable_for_30s_loses_nothing_and_health_shows_the_consumer_degraded() {
+    let broker = ProxiedBroker::start().await;
+    let deployment = Deployment::create_with_broker(
+        &common::postgres_server_url(),
+        &clickhouse_http_url(),
+        &broker.hosts(),
+    )
+    .await;
+    let (_server, addr) = deployment.start_server();
+    let total = 4_000;
+    let events = good_events(&deployment.token, total, "outage");
+    // In slices with pauses, so the cut lands while events still arrive; slices sent during
+    // the outage wait in the producer until the broker is back.
+    let producing = tokio::spawn({
+        let (hosts, topic) = (broker.hosts(), deployment.topic());
+        async move {
+            for slice in events.chunks(200) {
+                produce_at(&hosts, &topic, slice).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    wait_for("some events stored before the outage", async || {
+        (deployment.counts().await.1 >= 400).then_some(())
+    })
+    .await;
+    broker.cut();
+    let outage = Instant::now();
+    let stored_at_cut = deployment.counts().await.1;
+    assert!(
+        stored_at_cut < total as u64,
+        "the outage came too late to test anything"
+    );
+    let report = wait_for("health reported the consumer degraded", async || {
+        let report = health(&addr).await;
+        report["checks"]["analytics-ingestion"]
+            .as_str()
+            .is_some_and(|check| check.starts_with("degraded: Kafka unreachable"))
+            .then_some(report)
+    })
+    .await;
+    assert!(
+        outage.elapsed() < Duration::from_secs(30),
+        "degraded only after {:?}: {report}",
+        outage.elapsed()
+    );
+    assert_eq!(
+        report["status"], "degraded",
+        "alive while degraded: {report}"
+    );
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    broker.restore();
+
+    producing.await.expect("producer task");
+    wait_for_up_to(Duration::from_secs(120), "every event stored", async || {
+        (deployment.counts().await.1 == total as u64).then_some(())
+    })
+    .await;
+    committed_and_healthy(&deployment, &addr, total as u64).await;
+    deployment
+        .clickhouse(&format!(
+            "OPTIMIZE TABLE {}.events FINAL",
+            deployment.clickhouse_database
+        ))
+        .await;
+    assert_eq!(deployment.counts().await, (total as u64, total as u64));
+    // Not `teardown`'s lag check (see above); the broker goes with the test.
     deployment.drop_databases().await;
 }
 

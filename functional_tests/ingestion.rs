@@ -31,6 +31,8 @@ pub(crate) struct Deployment {
     pub(crate) clickhouse_url: String,
     pub(crate) clickhouse_database: String,
     pub(crate) kafka_prefix: String,
+    /// The broker: the test run's, or a test's own.
+    pub(crate) kafka_hosts: String,
     pub(crate) token: String,
     pub(crate) team_id: i64,
 }
@@ -44,6 +46,15 @@ impl Deployment {
     /// On the Postgres server at `postgres_server` (a URL without a database) and the
     /// ClickHouse at `clickhouse_url`, e.g. a test's own instances that it restarts.
     pub(crate) async fn create_on(postgres_server: &str, clickhouse_url: &str) -> Self {
+        Self::create_with_broker(postgres_server, clickhouse_url, &kafka_hosts()).await
+    }
+
+    /// As `create_on`, with the broker at `kafka_hosts`.
+    pub(crate) async fn create_with_broker(
+        postgres_server: &str,
+        clickhouse_url: &str,
+        kafka_hosts: &str,
+    ) -> Self {
         let postgres = FreshPostgres::create_on(postgres_server).await;
         let clickhouse_database = unique_name("ps_ingest");
         let kafka_prefix = format!("{}_", unique_name("t"));
@@ -52,13 +63,14 @@ impl Deployment {
             clickhouse_url: clickhouse_url.to_owned(),
             clickhouse_database,
             kafka_prefix,
+            kafka_hosts: kafka_hosts.to_owned(),
             token: unique_name("phc"),
             team_id: 0,
         };
         let env = deployment.env_pairs();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         common::migrate(&env);
-        create_topic(&deployment.topic(), 2).await;
+        create_topic_at(&deployment.kafka_hosts, &deployment.topic(), 2).await;
         let mut deployment = deployment;
         deployment.team_id = deployment.insert_team().await;
         deployment
@@ -73,7 +85,7 @@ impl Deployment {
             ("DATABASE_URL", self.postgres.url.clone()),
             ("CLICKHOUSE_HOST", self.clickhouse_url.clone()),
             ("CLICKHOUSE_DATABASE", self.clickhouse_database.clone()),
-            ("KAFKA_HOSTS", kafka_hosts()),
+            ("KAFKA_HOSTS", self.kafka_hosts.clone()),
             ("KAFKA_PREFIX", self.kafka_prefix.clone()),
             ("KAFKA_SESSION_TIMEOUT_MS", "1000".to_owned()),
             ("KAFKA_FLUSH_FREQUENCY_MS", "20".to_owned()),
@@ -203,7 +215,7 @@ impl Deployment {
     /// committed, if any.
     fn offsets(&self, group: &str, topic: &str) -> Vec<((i64, i64), Option<i64>)> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_hosts())
+            .set("bootstrap.servers", &self.kafka_hosts)
             .set("group.id", format!("{}{group}", self.kafka_prefix))
             .create()
             .expect("consumer");
@@ -369,8 +381,13 @@ pub(crate) fn envelope(token: &str, distinct_id: &str, event: Value, outer: Valu
 
 /// Creates `topic` on the test broker with `partitions`.
 pub(crate) async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_at(&kafka_hosts(), topic, partitions).await;
+}
+
+/// Creates `topic` with `partitions` on the broker at `hosts`.
+pub(crate) async fn create_topic_at(hosts: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
+        .set("bootstrap.servers", hosts)
         .create()
         .expect("admin client");
     let created = admin
@@ -386,8 +403,13 @@ pub(crate) async fn create_topic(topic: &str, partitions: i32) {
 }
 
 pub(crate) async fn produce(topic: &str, messages: &[Vec<u8>]) {
+    produce_at(&kafka_hosts(), topic, messages).await;
+}
+
+/// `produce` to the broker at `hosts`.
+pub(crate) async fn produce_at(hosts: &str, topic: &str, messages: &[Vec<u8>]) {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
+        .set("bootstrap.servers", hosts)
         .set("linger.ms", "5")
         // The oversized-event case needs a message over the server's 1 MiB event limit.
         .set("message.max.bytes", "4000000")

@@ -278,3 +278,123 @@ async fn redis_ping(port: u16) -> bool {
     let mut reply = [0u8; 7];
     matches!(stream.read(&mut reply).await, Ok(n) if reply[..n].starts_with(b"+PONG"))
 }
+
+/// A Kafka-compatible broker of a test's own (tansu, memory storage, `TANSU_BIN` from
+/// `docker/services.sh env`) that clients reach only through a TCP proxy the test can cut. The
+/// broker advertises the proxy's address, so every connection librdkafka opens, the ones it
+/// makes after reading metadata included, passes the proxy. tansu keeps its topics in memory,
+/// so an outage is made by cutting the proxy rather than by killing the broker.
+pub struct ProxiedBroker {
+    _dir: tempfile::TempDir,
+    broker: Child,
+    proxy_port: u16,
+    proxy: tokio::task::JoinHandle<()>,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl ProxiedBroker {
+    pub async fn start() -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let binary = std::env::var("TANSU_BIN").expect("TANSU_BIN: run functional_tests/run.sh");
+        assert!(
+            std::path::Path::new(&binary).is_file(),
+            "no broker binary at TANSU_BIN={binary}: run docker/services.sh start"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("ps-private-broker-")
+            .tempdir()
+            .expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy port");
+        let proxy_port = listener.local_addr().expect("proxy address").port();
+        let broker_port = free_port();
+        let log = std::fs::File::create(dir.path().join("broker.log")).expect("log file");
+        let broker = Command::new(&binary)
+            .arg("broker")
+            .args(["--listener-url", &format!("tcp://127.0.0.1:{broker_port}")])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{proxy_port}"),
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::from(log.try_clone().expect("log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("broker binary runs");
+        let deadline = Instant::now() + START_TIMEOUT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", broker_port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the private broker did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let open = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let proxy = tokio::spawn({
+            let (open, connections) = (Arc::clone(&open), Arc::clone(&connections));
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        // Cut: the connection is closed at once, as by a broker that is gone.
+                        continue;
+                    }
+                    let Ok(mut upstream) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                    else {
+                        continue;
+                    };
+                    let relay = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    });
+                    let mut live = connections.lock().expect("connections");
+                    live.retain(|handle: &tokio::task::AbortHandle| !handle.is_finished());
+                    live.push(relay.abort_handle());
+                }
+            }
+        });
+        Self {
+            _dir: dir,
+            broker,
+            proxy_port,
+            proxy,
+            open,
+            connections,
+        }
+    }
+
+    /// `KAFKA_HOSTS` for clients: the proxy.
+    pub fn hosts(&self) -> String {
+        format!("127.0.0.1:{}", self.proxy_port)
+    }
+
+    /// Unreachable: open connections are closed and new ones closed on arrival.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for relay in self.connections.lock().expect("connections").drain(..) {
+            relay.abort();
+        }
+    }
+
+    /// Reachable again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for ProxiedBroker {
+    fn drop(&mut self) {
+        self.proxy.abort();
+        self.cut();
+        let _ = self.broker.kill();
+        let _ = self.broker.wait();
+    }
+}

@@ -23,13 +23,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use prometheus::{IntCounter, IntGaugeVec, Opts};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
 use tokio::sync::Semaphore;
@@ -42,6 +43,7 @@ use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::system::health::ProgressReporter;
 use crate::system::metrics::{Metrics, MetricsError};
 use crate::system::stats::{ActorStats, ObservedAddr};
+use broker_watch::BrokerWatch;
 use overflow::{KeyedMessage, OverflowRouter};
 
 #[derive(Debug, Clone)]
@@ -69,6 +71,8 @@ pub struct KafkaConsumerConfig {
     pub shutdown_timeout: Duration,
     /// Health: the read loop reports at least every second; silent this long means stuck.
     pub progress_deadline: Duration,
+    /// Health: Kafka unreachable this long shows the consumer degraded (see `broker_watch`).
+    pub unreachable_grace: Duration,
 }
 
 impl KafkaConsumerConfig {
@@ -89,6 +93,7 @@ impl KafkaConsumerConfig {
             rebalance_drain_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             progress_deadline: Duration::from_secs(60),
+            unreachable_grace: Duration::from_secs(15),
         }
     }
 }
@@ -215,13 +220,16 @@ impl Tracker {
 struct Shared {
     tracker: Mutex<Tracker>,
     idle: Condvar,
+    /// Whether Kafka answers, from the librdkafka callbacks and the reads.
+    brokers: BrokerWatch,
 }
 
 // ---------------------------------------------------------------------------------------------
 // librdkafka context
 
-/// The consumer's librdkafka context: Kafka statistics into metrics, and the revoke callback
-/// that drains in-flight batches before a partition moves.
+/// The consumer's librdkafka context: Kafka statistics into metrics and, with client errors,
+/// into the broker watch; the revoke callback that drains in-flight batches before a partition
+/// moves.
 struct RebalanceContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
@@ -231,7 +239,16 @@ struct RebalanceContext {
 }
 
 impl ClientContext for RebalanceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics.errors.inc();
+        tracing::warn!(%error, reason, "Kafka client error");
+        self.shared
+            .brokers
+            .error(format!("{error}: {reason}"), Instant::now());
+    }
+
     fn stats(&self, statistics: Statistics) {
+        self.shared.brokers.statistics(&statistics, Instant::now());
         for (topic, topic_stats) in &statistics.topics {
             for (partition, partition_stats) in &topic_stats.partitions {
                 if *partition < 0 || partition_stats.consumer_lag < 0 {
@@ -251,7 +268,7 @@ impl ConsumerContext for RebalanceContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let tracker = self
             .shared
             .tracker
@@ -330,12 +347,14 @@ impl KafkaConsumer {
         progress: ProgressReporter,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_in_flight_batches.max(1)));
+        let brokers = BrokerWatch::new(config.unreachable_grace);
         Self {
             config,
             consumer: None,
             shared: Arc::new(Shared {
                 tracker: Mutex::new(Tracker::default()),
                 idle: Condvar::new(),
+                brokers,
             }),
             pipeline,
             stats,
@@ -533,9 +552,20 @@ impl Reader {
                 match received {
                     None if !batch.messages.is_empty() => break,
                     None => {
-                        self.runner
-                            .progress
-                            .report(self.runner.config.progress_deadline);
+                        // An idle tick is progress only while Kafka answers: with the
+                        // brokers gone the loop idles just the same.
+                        let unreachable = self
+                            .runner
+                            .shared
+                            .brokers
+                            .degraded(std::time::Instant::now());
+                        match unreachable {
+                            Some(reason) => self.runner.progress.report_degraded(reason),
+                            None => self
+                                .runner
+                                .progress
+                                .report(self.runner.config.progress_deadline),
+                        }
                         timer.as_mut().reset(Instant::now() + idle_tick);
                     }
                     Some(Ok(message)) => {
@@ -564,11 +594,16 @@ impl Reader {
                         self.runner.metrics.errors.inc();
                         self.stats.record_error();
                         tracing::warn!(%error, "Kafka read failed; retrying");
+                        self.runner
+                            .shared
+                            .brokers
+                            .error(error.to_string(), std::time::Instant::now());
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
             }
             if !batch.messages.is_empty() {
+                self.runner.shared.brokers.reading();
                 let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
                     return;
                 };
@@ -743,6 +778,7 @@ impl BatchRunner {
     }
 }
 
+mod broker_watch;
 pub mod overflow;
 
 #[cfg(test)]
