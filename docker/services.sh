@@ -89,6 +89,8 @@ install_missing() {
   command -v redis-server >/dev/null || need+=(redis-server)
   command -v clickhouse-server >/dev/null || need+=(clickhouse-server clickhouse-client)
   command -v curl >/dev/null || need+=(curl)
+  # The HTTPS ClickHouse test makes its certificate authority with it.
+  command -v openssl >/dev/null || need+=(openssl)
   apt_install "${need[@]}"
 }
 

@@ -3,6 +3,7 @@
 //! actors against fresh databases and topics of its own, so the modules run side by side.
 
 mod chaos;
+mod clickhouse_tls;
 mod common;
 mod ingestion;
 mod jobs;

@@ -31,6 +31,8 @@ pub struct PrivateStore {
     child: Option<Child>,
     /// The user the process runs as (Postgres under root).
     user: Option<(u32, u32)>,
+    /// ClickHouse's HTTPS port, when it serves one.
+    https_port: Option<u16>,
 }
 
 /// How long a store may take to answer after a (re)start: Postgres replays its WAL after a
@@ -40,6 +42,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 impl PrivateStore {
     /// Prepares the data directory and starts the store; returns once it answers.
     pub async fn start(kind: StoreKind) -> Self {
+        let mut store = Self::prepare(kind);
+        store.restart().await;
+        store
+    }
+
+    fn prepare(kind: StoreKind) -> Self {
         plugin_server::telemetry::install_tls_provider();
         let dir = tempfile::Builder::new()
             .prefix("ps-private-store-")
@@ -51,14 +59,48 @@ impl PrivateStore {
             user: None,
             dir,
             child: None,
+            https_port: None,
         };
         match kind {
             StoreKind::Redis => {}
             StoreKind::Postgres => store.init_postgres(),
             StoreKind::ClickHouse => store.write_clickhouse_config(),
         }
+        store
+    }
+
+    /// A ClickHouse that also serves HTTPS with the certificate and key of `tls`.
+    pub async fn start_clickhouse_https(tls: &TestCertificates) -> Self {
+        let mut store = Self::prepare(StoreKind::ClickHouse);
+        let port = free_port();
+        let config_d = store.dir.path().join("config.d");
+        std::fs::create_dir_all(&config_d).expect("config.d");
+        // The packaged config names a Diffie-Hellman file that does not exist, which leaves
+        // the HTTPS port silently closed: removed.
+        std::fs::write(
+            config_d.join("tls.xml"),
+            format!(
+                "<?xml version=\"1.0\"?>\n<yandex>\n  <https_port>{port}</https_port>\n  \
+                 <openSSL><server>\n    <certificateFile>{}</certificateFile>\n    \
+                 <privateKeyFile>{}</privateKeyFile>\n    <dhParamsFile remove=\"1\"/>\n    \
+                 <verificationMode>none</verificationMode>\n    \
+                 <loadDefaultCAFile>false</loadDefaultCAFile>\n  </server></openSSL>\n</yandex>\n",
+                tls.server_certificate.display(),
+                tls.server_key.display()
+            ),
+        )
+        .expect("tls.xml");
+        store.https_port = Some(port);
         store.restart().await;
         store
+    }
+
+    /// ClickHouse's `https://127.0.0.1:<port>`, with `start_clickhouse_https`.
+    pub fn https_url(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https_port.expect("started with HTTPS")
+        )
     }
 
     /// Where clients reach it: `redis://…`, `postgres://postgres@…` (no database) or
@@ -174,9 +216,15 @@ impl PrivateStore {
                     .await
                     .is_ok()
             }
-            StoreKind::ClickHouse => reqwest::get(format!("{}/ping", self.url()))
-                .await
-                .is_ok_and(|response| response.status().is_success()),
+            StoreKind::ClickHouse => {
+                let http = reqwest::get(format!("{}/ping", self.url()))
+                    .await
+                    .is_ok_and(|response| response.status().is_success());
+                // The HTTPS port opens with the others, or never (see the config).
+                http && self
+                    .https_port
+                    .is_none_or(|port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            }
         }
     }
 
@@ -396,5 +444,102 @@ impl Drop for ProxiedBroker {
         self.cut();
         let _ = self.broker.kill();
         let _ = self.broker.wait();
+    }
+}
+
+/// A certificate authority of a test's own and a server certificate it signed for 127.0.0.1
+/// and localhost (rustls wants the names as subject alternative names, and refuses a
+/// self-signed server certificate used as its own CA), made with the `openssl` command.
+pub struct TestCertificates {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_certificate: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCertificates {
+    pub fn create() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ps-test-tls-")
+            .tempdir()
+            .expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs (docker/services.sh installs it)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-sha256",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=plugin-server test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-sha256",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            path("server.ext"),
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\n\
+             subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("server.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        Self {
+            ca: path("ca.pem"),
+            server_certificate: path("server.crt"),
+            server_key: path("server.key"),
+            _dir: dir,
+        }
     }
 }

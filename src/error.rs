@@ -25,6 +25,8 @@ pub enum ServerError {
     #[error("cannot reach ClickHouse (check CLICKHOUSE_HOST and CLICKHOUSE_USER): {0}")]
     ClickHouse(#[source] clickhouse::error::Error),
     #[error(transparent)]
+    ClickHouseTls(#[from] plugin_server_actors::clickhouse_client::ClickHouseTlsError),
+    #[error(transparent)]
     Sink(#[from] plugin_server_actors::ingest::sinks::SinkError),
     #[error(transparent)]
     Kafka(#[from] plugin_server_actors::kafka::KafkaSetupError),
@@ -34,4 +36,52 @@ pub enum ServerError {
     Plugins(#[from] plugin_server_actors::plugins::registry::RegistryError),
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+}
+
+/// The error and every cause under it, for the one line a failed start prints: a wrapped
+/// client error such as "client error (Connect)" hides its reason ("invalid peer certificate:
+/// UnknownIssuer") in its sources. A cause whose text is already in the line is not repeated.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(source) = cause {
+        let text = source.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = source.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("invalid peer certificate: UnknownIssuer")]
+        Certificate,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("client error (Connect)")]
+        Hidden(#[source] Inner),
+        #[error("shown: {0}")]
+        Shown(#[source] Inner),
+    }
+
+    #[test]
+    fn causes_are_appended_once() {
+        assert_eq!(
+            with_causes(&Outer::Hidden(Inner::Certificate)),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
+        assert_eq!(
+            with_causes(&Outer::Shown(Inner::Certificate)),
+            "shown: invalid peer certificate: UnknownIssuer"
+        );
+    }
 }

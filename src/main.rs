@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use plugin_server::settings::{LoadOptions, Settings};
 use plugin_server::{ServerError, telemetry};
-use plugin_server_actors::migrations::{self, ClickHouseTarget};
+use plugin_server_actors::migrations;
 
 /// The pipeline allocates many small strings and maps per event: with glibc malloc, allocation
 /// and free took a quarter of the pipeline's CPU in a perf profile of `bench`'s `pipeline_cpu`.
@@ -79,6 +79,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            let error = plugin_server::error::with_causes(&error);
             tracing::error!(%error, "plugin server failed");
             eprintln!("plugin-server: {error}");
             ExitCode::FAILURE
@@ -102,13 +103,7 @@ async fn migrate(settings: &Settings) -> Result<(), ServerError> {
         tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "postgres is up to date");
         migrated = true;
     }
-    if let Some(url) = settings.clickhouse_url() {
-        let target = ClickHouseTarget {
-            url,
-            database: settings.clickhouse_database.clone(),
-            user: settings.clickhouse_user.clone(),
-            password: settings.clickhouse_password.clone(),
-        };
+    if let Some(target) = plugin_server::topology::clickhouse_target(settings)? {
         let report = migrations::migrate_clickhouse(&target).await?;
         tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "clickhouse is up to date");
         migrated = true;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use actix::{Addr, Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
 use plugin_server_actors::actions::{ActionHooks, ActionHooksConfig};
+use plugin_server_actors::clickhouse_client::ClickHouseTarget;
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::definitions::{
@@ -35,7 +36,6 @@ use plugin_server_actors::ingest::teams::{
 };
 use plugin_server_actors::ingest::writer::{EventWriter, EventWriterConfig, WriterMetrics};
 use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
-use plugin_server_actors::migrations::ClickHouseTarget;
 use plugin_server_actors::persons::{
     MemoryPersonStore, PersonConfig, PersonManager, PersonMetrics, PostgresPersonStore,
     SharedPersonStore,
@@ -851,7 +851,7 @@ async fn telemetry_destination(
     settings: &Settings,
     kafka: Option<&KafkaConnection>,
 ) -> Result<Option<TelemetryDestination>, ServerError> {
-    if let Some(target) = clickhouse_target(settings) {
+    if let Some(target) = clickhouse_target(settings)? {
         return Ok(Some(TelemetryDestination::ClickHouse(Box::new(
             target.database_client(),
         ))));
@@ -870,17 +870,26 @@ async fn telemetry_destination(
     }))
 }
 
-fn clickhouse_target(settings: &Settings) -> Option<ClickHouseTarget> {
-    Some(ClickHouseTarget {
-        url: settings.clickhouse_url()?,
+/// ClickHouse as CLICKHOUSE_* say, if CLICKHOUSE_HOST is set.
+pub fn clickhouse_target(settings: &Settings) -> Result<Option<ClickHouseTarget>, ServerError> {
+    let Some(url) = settings.clickhouse_url() else {
+        return Ok(None);
+    };
+    let target = ClickHouseTarget {
+        url,
         database: settings.clickhouse_database.clone(),
         user: settings.clickhouse_user.clone(),
         password: settings.clickhouse_password.clone(),
-    })
+        tls: None,
+    };
+    Ok(Some(match settings.clickhouse_ca.as_str() {
+        "" => target,
+        ca => target.trusting_ca(std::path::Path::new(ca))?,
+    }))
 }
 
 async fn clickhouse_sink(settings: &Settings) -> Result<Option<Arc<dyn EventSink>>, ServerError> {
-    let Some(target) = clickhouse_target(settings) else {
+    let Some(target) = clickhouse_target(settings)? else {
         return Ok(None);
     };
     target

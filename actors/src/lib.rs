@@ -5,6 +5,7 @@
 //! and `src/topology.rs` wires the actors together.
 
 pub mod actions;
+pub mod clickhouse_client;
 pub mod cluster;
 pub mod definitions;
 pub mod event;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
+use crate::clickhouse_client::ClickHouseTarget;
+
 /// A migration: its version (the file's number), its name, and its SQL.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -211,32 +213,6 @@ async fn apply_postgres(
         .await
         .map_err(MigrationError::PostgresBookkeeping)?;
     Ok(report)
-}
-
-/// Where and as whom to reach ClickHouse.
-#[derive(Debug, Clone)]
-pub struct ClickHouseTarget {
-    pub url: String,
-    pub database: String,
-    pub user: String,
-    pub password: String,
-}
-
-impl ClickHouseTarget {
-    /// A client without a default database, for `CREATE DATABASE`.
-    pub fn server_client(&self) -> clickhouse::Client {
-        // Validation off: it needs `RowBinaryWithNamesAndTypes` and settings that older
-        // servers (such as the 18.16 in Debian) reject; RowBinary works everywhere.
-        clickhouse::Client::default()
-            .with_url(&self.url)
-            .with_user(&self.user)
-            .with_password(&self.password)
-            .with_validation(false)
-    }
-
-    pub fn database_client(&self) -> clickhouse::Client {
-        self.server_client().with_database(&self.database)
-    }
 }
 
 /// Creates the database if needed, then applies the ClickHouse migrations not yet recorded.

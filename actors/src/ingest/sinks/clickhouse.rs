@@ -11,9 +11,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{EventSink, Rows, SinkError};
+use crate::clickhouse_client::ClickHouseTarget;
 use crate::event::{DeadLetter, EventRow, IngestionWarning};
 use crate::groups::GroupRow;
-use crate::migrations::ClickHouseTarget;
 use crate::persons::{PersonDistinctIdRow, PersonRow};
 
 pub struct ClickHouseSink {
