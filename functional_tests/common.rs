@@ -331,10 +331,19 @@ pub fn read_rows(base_dir: &std::path::Path, kind: &str) -> Vec<serde_json::Valu
 }
 
 /// A local HTTP destination for plugins' fetches and webhooks: answers 200 to everything and
-/// hands each request over as (method, path, body).
+/// hands each request over as (method, path, body), or whole with `next_request`.
 pub struct HttpRecorder {
     pub url: String,
-    requests: tokio::sync::mpsc::UnboundedReceiver<(String, String, String)>,
+    requests: tokio::sync::mpsc::UnboundedReceiver<RecordedRequest>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    /// Header names lowercased.
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: String,
 }
 
 impl HttpRecorder {
@@ -381,11 +390,21 @@ impl HttpRecorder {
                         data.extend_from_slice(&chunk[..n]);
                     }
                     let head = String::from_utf8_lossy(&data[..head_end]).to_string();
-                    let mut first = head.lines().next().unwrap_or("").split(' ');
+                    let mut lines = head.lines();
+                    let mut first = lines.next().unwrap_or("").split(' ');
                     let method = first.next().unwrap_or("").to_owned();
                     let path = first.next().unwrap_or("").to_owned();
+                    let headers = lines
+                        .filter_map(|line| line.split_once(':'))
+                        .map(|(name, value)| (name.to_lowercase(), value.trim().to_owned()))
+                        .collect();
                     let body = String::from_utf8_lossy(&data[head_end..]).to_string();
-                    let _ = sender.send((method, path, body));
+                    let _ = sender.send(RecordedRequest {
+                        method,
+                        path,
+                        headers,
+                        body,
+                    });
                     let _ = stream
                         .write_all(
                             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
@@ -397,8 +416,15 @@ impl HttpRecorder {
         Self { url, requests }
     }
 
-    /// Waits up to `within` for the next request.
+    /// Waits up to `within` for the next request: (method, path, body).
     pub async fn next(&mut self, within: std::time::Duration) -> Option<(String, String, String)> {
+        self.next_request(within)
+            .await
+            .map(|request| (request.method, request.path, request.body))
+    }
+
+    /// Waits up to `within` for the next request.
+    pub async fn next_request(&mut self, within: std::time::Duration) -> Option<RecordedRequest> {
         tokio::time::timeout(within, self.requests.recv())
             .await
             .ok()

@@ -1443,3 +1443,103 @@ async fn scheduled_tasks_run_once_per_tick_across_instances_and_survive_the_hold
     let holders = schedule_holders(&servers).await;
     assert_eq!(holders.len(), 1, "{holders:?}");
 }
+
+/// Issue 25: `posthog.api` calls SITE_URL as PostHog's server does, with the team's token
+/// and a personal API key of the organization's bot user, which the server creates in
+/// PostHog's tables once and then reuses; the key stored is only its hash in the form
+/// PostHog's API looks presented keys up by (PostHog's own key manager once sent the hash).
+#[tokio::test]
+async fn posthog_api_calls_site_url_with_the_teams_token_and_a_bot_key_posthog_accepts() {
+    use crate::ingestion::{Deployment, good_events, produce, wait_for};
+
+    let deployment = Deployment::create().await;
+    let mut site = common::HttpRecorder::start().await;
+    deployment
+        .insert_source_plugin(
+            "api caller",
+            "index.js",
+            r#"exports.processEvent = async (event) => {
+                const reply = await posthog.api.get('/api/projects/@current/feature_flags', { data: { active: 'yes please' } })
+                event.properties.api_status = reply.status
+                return event
+            }"#,
+            json!({}),
+        )
+        .await;
+    let (_server, _) = deployment.start_server_with(&[("SITE_URL", site.url.clone())]);
+    produce(
+        &deployment.topic(),
+        &good_events(&deployment.token, 3, "api"),
+    )
+    .await;
+
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let request = site
+            .next_request(Duration::from_secs(60))
+            .await
+            .expect("a posthog.api request");
+        assert_eq!(request.method, "GET");
+        assert_eq!(
+            request.path,
+            format!(
+                "/api/projects/{}/feature_flags?active=yes+please&token={}",
+                deployment.team_id, deployment.token
+            )
+        );
+        let key = request.headers["authorization"]
+            .strip_prefix("Bearer phx_")
+            .map(|rest| format!("phx_{rest}"))
+            .expect("a personal API key");
+        keys.push(key);
+    }
+    keys.dedup();
+    assert_eq!(keys.len(), 1, "one key for every call: {keys:?}");
+    wait_for("the events stored with the API's answer", async || {
+        let events = deployment.events().await;
+        (events.len() == 3
+            && events.iter().all(|event| {
+                serde_json::from_str::<Value>(event["properties"].as_str().unwrap_or("{}"))
+                    .is_ok_and(|properties| properties["api_status"] == 200)
+            }))
+        .then_some(())
+    })
+    .await;
+
+    let client = deployment.postgres.client().await;
+    let rows = client
+        .query(
+            "SELECT k.secure_value, k.value, k.label, u.email, u.first_name, u.is_active, m.level, \
+             u.current_organization_id = t.organization_id \
+             FROM posthog_personalapikey k JOIN posthog_user u ON u.id = k.user_id \
+             JOIN posthog_organizationmembership m ON m.user_id = u.id \
+             JOIN posthog_team t ON t.organization_id = m.organization_id WHERE t.id = $1",
+            &[&i32::try_from(deployment.team_id).unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one bot user with one key");
+    let row = &rows[0];
+    // PostHog's hash_key_value in its sha256 mode, computed by Postgres.
+    let expected_hash: String = client
+        .query_one(
+            "SELECT 'sha256$' || encode(sha256(convert_to($1, 'UTF8')), 'hex')",
+            &[&keys[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(row.get::<_, Option<String>>(0), Some(expected_hash));
+    assert_eq!(
+        row.get::<_, Option<String>>(1),
+        None,
+        "the raw key is not stored"
+    );
+    assert_eq!(row.get::<_, String>(2), "autogen");
+    assert!(row.get::<_, String>(3).ends_with("@posthogbot.user"));
+    assert_eq!(row.get::<_, String>(4), "Plugins API User [Bot]");
+    assert!(row.get::<_, bool>(5));
+    assert_eq!(row.get::<_, i16>(6), 8, "an admin of the organization");
+    assert!(row.get::<_, bool>(7));
+    deployment.teardown().await;
+}

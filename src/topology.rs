@@ -52,6 +52,7 @@ use plugin_server_actors::system::supervisor::{
 };
 
 use plugin_server_actors::cluster::cache::CacheStore;
+use plugin_server_actors::plugins::api_keys::PluginApiKeys;
 use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
 };
@@ -753,6 +754,7 @@ async fn start_plugins(
     let host_config = ServerHostConfig {
         request_timeout: std::time::Duration::from_millis(settings.external_request_timeout_ms),
         refuse_private_addresses: settings.fetch_refuse_private_addresses,
+        site_url: settings.site_url.clone(),
     };
     let runtime = tokio::runtime::Handle::current();
     let http = PluginHttp::new(reqwest::Client::new(), host_config);
@@ -760,17 +762,25 @@ async fn start_plugins(
         Some(pool) => PluginStorage::Postgres(pool.clone()),
         None => PluginStorage::InProcess(Arc::default()),
     };
+    // posthog.api's bot keys live where PostHog's users do.
+    let api_keys =
+        database.map(|pool| Arc::new(PluginApiKeys::new(pool.clone(), Arc::clone(&cache))));
     let host_factory: HostFactory = Arc::new({
         let http = http.clone();
         move || {
-            Rc::new(ServerHost::new(
+            let host = ServerHost::new(
                 runtime.clone(),
                 http.clone(),
                 Arc::clone(&cache),
                 storage.clone(),
                 geoip.clone(),
                 Arc::clone(&jobs),
-            )) as Rc<dyn PluginHost>
+            );
+            let host = match &api_keys {
+                Some(keys) => host.with_api_keys(Arc::clone(keys)),
+                None => host,
+            };
+            Rc::new(host) as Rc<dyn PluginHost>
         }
     });
     let config = PluginVmPoolConfig {

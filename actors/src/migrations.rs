@@ -57,6 +57,11 @@ pub const POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "actions",
         sql: include_str!("../migrations/postgres/0007_actions.sql"),
     },
+    Migration {
+        version: 8,
+        name: "plugin_api_keys",
+        sql: include_str!("../migrations/postgres/0008_plugin_api_keys.sql"),
+    },
 ];
 
 pub const CLICKHOUSE_MIGRATIONS: &[Migration] = &[

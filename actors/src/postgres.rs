@@ -26,7 +26,7 @@ pub enum PostgresError {
 /// Every table the server reads or writes: PostHog's (present in a PostHog database) and the
 /// job queue's own. `--migrate` creates whichever is missing. Not `posthog_actionstep`: PostHog
 /// dropped it in 2024 for `posthog_action.steps_json`, and actions are read from either.
-pub const REQUIRED_TABLES: [&str; 19] = [
+pub const REQUIRED_TABLES: [&str; 22] = [
     "posthog_organization",
     "posthog_team",
     "posthog_person",
@@ -44,6 +44,9 @@ pub const REQUIRED_TABLES: [&str; 19] = [
     "posthog_pluginsourcefile",
     "posthog_pluginattachment",
     "posthog_pluginstorage",
+    "posthog_user",
+    "posthog_organizationmembership",
+    "posthog_personalapikey",
     "plugin_server_jobs",
     "plugin_server_jobs_dead_letter",
 ];

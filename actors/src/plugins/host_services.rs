@@ -16,6 +16,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::runtime::Handle;
 
+use super::api_keys::{ApiKeyError, PluginApiKeys};
 use super::runtime::VmIdentity;
 use super::runtime::natives::{
     CacheOp, FetchReply, FetchRequest, JobRequest, PluginHost, StorageOp,
@@ -43,6 +44,13 @@ pub enum HostServiceError {
     /// A host that does not offer the service at all, such as the VM benchmark's.
     #[error("{0} is not available on this host")]
     NotAvailable(&'static str),
+    #[error(transparent)]
+    ApiKeys(#[from] ApiKeyError),
+    #[error(
+        "this server has no personal API key to give (PostHog's users are in Postgres: set \
+         DATABASE_URL), so pass personalApiKey and projectApiKey"
+    )]
+    ApiKeysNeedPostgres,
 }
 
 /// Why a request of `fetch` or of a composed webhook was not answered.
@@ -105,8 +113,11 @@ pub enum PluginStorage {
 pub struct ServerHostConfig {
     /// EXTERNAL_REQUEST_TIMEOUT_MS: the longest a request may take, whatever the plugin asks.
     pub request_timeout: Duration,
-    /// Refuse loopback, private and link-local destinations.
+    /// Refuse loopback, private and link-local destinations (except SITE_URL's).
     pub refuse_private_addresses: bool,
+    /// SITE_URL: the PostHog app `posthog.api` calls; the operator's own, so reachable
+    /// whatever its address.
+    pub site_url: String,
 }
 
 /// Outgoing HTTP for plugins: their `fetch` calls and the webhooks they compose, under one
@@ -124,6 +135,8 @@ pub struct ServerHost {
     storage: PluginStorage,
     geoip: GeoIpHandle,
     jobs: Arc<dyn JobStore>,
+    /// `posthog.api`'s default keys; only with Postgres, where PostHog's users are.
+    api_keys: Option<Arc<PluginApiKeys>>,
 }
 
 impl ServerHost {
@@ -142,7 +155,13 @@ impl ServerHost {
             storage,
             geoip,
             jobs,
+            api_keys: None,
         }
+    }
+
+    pub fn with_api_keys(mut self, api_keys: Arc<PluginApiKeys>) -> Self {
+        self.api_keys = Some(api_keys);
+        self
     }
 
     async fn cache_op(&self, identity: &VmIdentity, op: CacheOp) -> Result<Value, ClusterError> {
@@ -204,6 +223,11 @@ impl PluginHttp {
         Self { client, config }
     }
 
+    /// Whether `url` is on SITE_URL's origin.
+    fn is_site(&self, url: &reqwest::Url) -> bool {
+        reqwest::Url::parse(&self.config.site_url).is_ok_and(|site| site.origin() == url.origin())
+    }
+
     /// Sends the request and reads the whole answer; errors say what went wrong in words a
     /// plugin author can act on.
     pub async fn send(&self, request: FetchRequest) -> Result<FetchReply, FetchError> {
@@ -214,7 +238,7 @@ impl PluginHttp {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(FetchError::UnsupportedScheme(url.scheme().to_owned()));
         }
-        if self.config.refuse_private_addresses {
+        if self.config.refuse_private_addresses && !self.is_site(&url) {
             refuse_private(&url).await?;
         }
         let method =
@@ -262,6 +286,23 @@ impl PluginHost for ServerHost {
 
     fn storage(&self, identity: &VmIdentity, op: StorageOp) -> Result<Value, HostServiceError> {
         Ok(self.runtime.block_on(self.storage_op(identity, op))?)
+    }
+
+    fn api(&self, identity: &VmIdentity, with_keys: bool) -> Result<Value, HostServiceError> {
+        let mut reply = serde_json::json!({
+            "siteUrl": self.http.config.site_url,
+            "teamId": identity.team_id,
+        });
+        if with_keys {
+            let keys = self
+                .api_keys
+                .as_ref()
+                .ok_or(HostServiceError::ApiKeysNeedPostgres)?;
+            let credentials = self.runtime.block_on(keys.credentials(identity.team_id))?;
+            reply["projectApiKey"] = Value::String(credentials.project_api_key);
+            reply["personalApiKey"] = Value::String(credentials.personal_api_key);
+        }
+        Ok(reply)
     }
 
     /// Straight from the shared reader, on this thread: no actor round trip per lookup.
@@ -464,7 +505,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn the_switch_refuses_loopback_before_connecting() {
+    async fn the_switch_refuses_loopback_before_connecting_except_site_url() {
         // The server installs ring as the process's TLS provider at start; so does this test.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let host = ServerHost::new(
@@ -474,6 +515,7 @@ mod tests {
                 ServerHostConfig {
                     request_timeout: Duration::from_secs(1),
                     refuse_private_addresses: true,
+                    site_url: "http://localhost:2".to_owned(),
                 },
             ),
             Arc::new(crate::cluster::cache::InProcessCache::new(
@@ -484,21 +526,29 @@ mod tests {
             GeoIpHandle::new(),
             Arc::new(crate::plugins::jobs::MemoryJobStore::new()),
         );
-        let request = FetchRequest {
-            url: "http://localhost:1/x".into(),
+        let request = |url: &str| FetchRequest {
+            url: url.into(),
             method: "GET".into(),
             headers: BTreeMap::new(),
             body: None,
             timeout: None,
         };
-        let error = tokio::task::spawn_blocking(move || host.fetch(request))
-            .await
-            .expect("join");
+        let (refused, site) = tokio::task::spawn_blocking(move || {
+            (
+                host.fetch(request("http://localhost:1/x")),
+                host.fetch(request("http://localhost:2/api")),
+            )
+        })
+        .await
+        .expect("join");
         assert!(
-            error
+            refused
                 .expect_err("refused")
                 .to_string()
                 .contains("not allowed")
         );
+        // Tried (nothing listens there), not refused.
+        let site = site.expect_err("nothing listens").to_string();
+        assert!(!site.contains("not allowed"), "{site}");
     }
 }

@@ -1,5 +1,6 @@
 //! The plugin runtime: PostHog plugins (JavaScript or TypeScript) run unmodified on boa.
 
+pub mod api_keys;
 pub mod chain;
 pub mod filters;
 pub mod host_services;

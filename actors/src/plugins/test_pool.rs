@@ -68,6 +68,7 @@ pub(crate) async fn start(
         ServerHostConfig {
             request_timeout: Duration::from_secs(5),
             refuse_private_addresses: false,
+            site_url: "http://localhost:8000".to_owned(),
         },
     );
     let cache: Arc<dyn CacheStore> =

@@ -27,7 +27,13 @@ impl PluginHost for MockHost {
             status: 200,
             status_text: "OK".into(),
             headers: [("content-type".to_string(), "application/json".to_string())].into(),
-            body: json!({"echo": request.url, "method": request.method}).to_string(),
+            body: json!({
+                "echo": request.url,
+                "method": request.method,
+                "headers": request.headers,
+                "body": request.body,
+            })
+            .to_string(),
         };
         self.requests.borrow_mut().push(request);
         Ok(reply)
@@ -69,6 +75,16 @@ impl PluginHost for MockHost {
             .borrow_mut()
             .push((identity.plugin_config_id, job));
         Ok(Value::Null)
+    }
+
+    /// A PostHog at a made-up address; the server's own keys when asked for.
+    fn api(&self, identity: &VmIdentity, with_keys: bool) -> Result<Value, HostServiceError> {
+        let mut reply = json!({"siteUrl": "https://posthog.example/", "teamId": identity.team_id});
+        if with_keys {
+            reply["projectApiKey"] = json!("phc_team");
+            reply["personalApiKey"] = json!("phx_bot");
+        }
+        Ok(reply)
     }
 
     /// One known address, in geoip2-node's shape.
@@ -416,6 +432,53 @@ fn posthog_capture_and_fetch_reach_the_host() {
     assert_eq!(effects.captures.len(), 1);
     assert_eq!(effects.captures[0].event, "derived");
     assert_eq!(effects.captures[0].properties, json!({"from": "page"}));
+}
+
+/// PostHog's `posthog.api`: SITE_URL (or `host`), `@current` as the team, `token` in the
+/// query (with a GET's data), the personal key as a Bearer token, JSON bodies; the server's
+/// own keys unless the plugin gives both of its own.
+#[test]
+fn posthog_api_sends_requests_as_posthogs_server_does() {
+    let mut vm = load(
+        r#"exports.processEvent = async (e) => {
+            const sent = async (reply) => (await reply).json()
+            const got = await sent(posthog.api.get('/api/projects/@current/feature_flags', { data: { limit: 5 } }))
+            const posted = await sent(posthog.api.post('api/projects/@current/annotations/', { data: { content: 'x' } }))
+            const own = await sent(posthog.api.delete('/api/x?y=1', {
+                host: 'https://eu.posthog.example/', projectApiKey: 'phc_other', personalApiKey: 'phx_mine', data: { ignored: true },
+            }))
+            let refused
+            try { await posthog.api.get('/x', { projectApiKey: 'phc_other' }) } catch (error) { refused = error.message }
+            e.properties.api = [got, posted, own, refused]
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let api = result.expect("ok").expect("event")["properties"]["api"].clone();
+    assert_eq!(
+        api,
+        json!([
+            {
+                "echo": "https://posthog.example/api/projects/2/feature_flags?limit=5&token=phc_team",
+                "method": "GET",
+                "headers": {"Authorization": "Bearer phx_bot"},
+                "body": null,
+            },
+            {
+                "echo": "https://posthog.example/api/projects/2/annotations/?token=phc_team",
+                "method": "POST",
+                "headers": {"Authorization": "Bearer phx_bot", "Content-Type": "application/json"},
+                "body": "{\"content\":\"x\"}",
+            },
+            {
+                "echo": "https://eu.posthog.example/api/x?y=1&token=phc_other",
+                "method": "DELETE",
+                "headers": {"Authorization": "Bearer phx_mine"},
+                "body": null,
+            },
+            "You must specify a personalApiKey if you specify a projectApiKey and vice-versa!",
+        ])
+    );
 }
 
 #[test]

@@ -136,6 +136,11 @@ pub trait PluginHost {
         identity: &VmIdentity,
         job: JobRequest,
     ) -> Result<Value, HostServiceError>;
+    /// `posthog.api`: `{siteUrl, teamId}`, and with `with_keys` the team's
+    /// `projectApiKey` and its organization's plugin `personalApiKey`.
+    fn api(&self, _identity: &VmIdentity, _with_keys: bool) -> Result<Value, HostServiceError> {
+        Err(HostServiceError::NotAvailable("posthog.api"))
+    }
 }
 
 /// A job a plugin queued through `meta.jobs`.
@@ -317,7 +322,7 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 15] = [
+    let functions: [(&str, usize, NativeFn); 16] = [
         ("section", 1, section),
         ("cache", 4, cache),
         ("geoip", 1, geoip),
@@ -331,6 +336,7 @@ pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
         ("randomUUID", 0, random_uuid),
         ("fetch", 5, fetch),
         ("capture", 2, capture),
+        ("api", 1, api),
         ("setTimeout", 2, set_timeout),
         ("clearTimeout", 1, clear_timeout),
     ];
@@ -565,6 +571,17 @@ fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsV
             .push(CapturedByPlugin { event, properties });
         Ok(JsValue::undefined())
     })
+}
+
+/// `posthog.api`'s host side (see `PluginHost::api`); the request itself is the prelude's
+/// `fetch`.
+fn api(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+    let with_keys = args.first().is_some_and(JsValue::to_boolean);
+    let (host, identity) = with_call(|call| Ok((call.host.clone(), call.identity.clone())))?;
+    let reply = host
+        .api(&identity, with_keys)
+        .map_err(|error| JsNativeError::error().with_message(format!("posthog.api: {error}")))?;
+    JsValue::from_json(&reply, context)
 }
 
 fn set_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {

@@ -8,6 +8,7 @@ pub const CORE: &str = include_str!("prelude/core.js");
 /// `function (host, load)`.
 pub fn section(name: &str) -> Option<&'static str> {
     Some(match name {
+        "api" => include_str!("prelude/api.js"),
         "buffer" => include_str!("prelude/buffer.js"),
         "console" => include_str!("prelude/console.js"),
         "crypto" => include_str!("prelude/crypto.js"),

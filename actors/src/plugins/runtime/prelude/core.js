@@ -52,6 +52,7 @@
             host.capture(String(event), properties === undefined ? {} : properties)
         },
     }
+    lazy(posthog, 'api', 'api', true)
 
     const timers = {
         setTimeout(fn, ms, ...args) {
