@@ -245,6 +245,46 @@ impl Deployment {
             .collect()
     }
 
+    /// The main topic's end offsets summed over partitions, found by reading every message
+    /// (tansu's high watermarks can fall short, see `lag`'s callers): what a consumer that
+    /// stored everything has committed. Differs from the number of events produced when a
+    /// producer's retry after a cut connection appended a message twice.
+    pub(crate) fn end_offsets_read(&self) -> i64 {
+        use rdkafka::message::Message;
+
+        let topic = self.topic();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka_hosts)
+            .set("group.id", format!("{}end-offsets", self.kafka_prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut partitions = TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions
+                .add_partition_offset(&topic, partition.id(), Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&partitions).expect("assign");
+        let mut ends = std::collections::HashMap::new();
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < Duration::from_secs(3) {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let end = ends.entry(message.partition()).or_insert(0);
+                    *end = (*end).max(message.offset() + 1);
+                    idle_since = Instant::now();
+                }
+                Some(Err(error)) => panic!("reading {topic}: {error}"),
+                None => {}
+            }
+        }
+        ends.values().sum()
+    }
+
     /// Messages of `topic` not yet committed by `{prefix}{group}`, summed over partitions (a
     /// partition the group never committed counts whole).
     pub(crate) fn lag(&self, group: &str, topic: &str) -> i64 {
