@@ -1014,6 +1014,50 @@ async fn readiness_turns_ok_once_the_consumers_have_joined() {
     deployment.teardown().await;
 }
 
+/// A broker that cannot be reached does not hold up the start (librdkafka's admin requests
+/// would wait a minute each): the server listens within 30 s, is not ready (`joining`), and
+/// `/_health` names each consumer degraded with the Kafka error, alive.
+#[tokio::test]
+async fn an_unreachable_broker_delays_neither_the_start_nor_the_health_report() {
+    plugin_server::telemetry::install_tls_provider();
+    let deployment = Deployment::create().await;
+    let started = Instant::now();
+    // A port nothing listens on.
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let (_server, addr) = deployment.start_server_with(&[("KAFKA_HOSTS", unreachable.to_string())]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "started after {:?}",
+        started.elapsed()
+    );
+    let ready = reqwest::get(format!("http://{addr}/_ready"))
+        .await
+        .expect("ready answered");
+    assert_eq!(ready.status().as_u16(), 503);
+    assert_eq!(
+        ready.json::<Value>().await.expect("json")["status"],
+        "joining"
+    );
+    let report = wait_for_up_to(
+        Duration::from_secs(30),
+        "the consumer degraded",
+        async || {
+            let response = reqwest::get(format!("http://{addr}/_health")).await.ok()?;
+            let status = response.status().as_u16();
+            let report: Value = response.json().await.ok()?;
+            report["checks"]["analytics-ingestion"]
+                .as_str()?
+                .starts_with("degraded: Kafka unreachable for")
+                .then_some((status, report))
+        },
+    )
+    .await;
+    assert_eq!(report.0, 200, "degraded is alive: {}", report.1);
+    deployment.drop_databases().await;
+}
+
 /// PostHog settings that cannot apply here are named once at start, in the start line, with
 /// why; none are named when none is set.
 #[tokio::test]

@@ -23,9 +23,13 @@ cargo test --workspace --features plugin-server/functional-tests "$@"
 # runs on these machines): a debootstrap of its base, its own RUN/COPY/USER/ENV, the test build
 # of the binary as the image's, then a first `docker run`'s checks (see the script).
 # Where podman is installed, the runtime stage is also built into a real image and run with it,
-# embedded and then against the services above (docker/check_image.sh).
+# embedded and then against the services above (docker/check_image.sh). docker/compose.yml's
+# wiring is checked by docker/check_compose.py.
 if [ $# -eq 0 ]; then
   python3 docker/check_runtime_stage.py target/debug/plugin-server
+  # The compose file cannot run here (no registry for its store images): its wiring is
+  # checked instead, and the image runs against the local services below.
+  python3 docker/check_compose.py target/debug/plugin-server
   if command -v podman >/dev/null; then
     bash docker/check_image.sh target/debug/plugin-server
   fi

@@ -1,6 +1,7 @@
 //! Kafka client settings shared by the consumer and the producer: brokers, TLS from PostHog's
 //! base64 PEM variables, SASL; and the producer that HTTP capture uses in the cluster profile.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -193,11 +194,39 @@ pub async fn ensure_topics(
         .client_config()?
         .create()
         .map_err(KafkaSetupError::Client)?;
+    // Unreachable brokers must not hold up the start (each admin request would wait a minute
+    // by default, several times over): a short metadata probe first, and bounded requests.
+    // Whatever is missing then is created by the broker on first use, or reported by the
+    // consumers' health.
+    let admin = Arc::new(admin);
+    let probe = {
+        let admin = Arc::clone(&admin);
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(None, TOPIC_SETUP_TIMEOUT / 2)
+                .map(drop)
+        })
+        .await
+    };
+    match probe {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, ?topics, "Kafka unreachable at start; these topics are not created now");
+            return Ok(());
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Kafka metadata probe did not finish");
+            return Ok(());
+        }
+    }
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|topic| NewTopic::new(topic, 1, TopicReplication::Fixed(-1)))
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(TOPIC_SETUP_TIMEOUT))
+        .request_timeout(Some(TOPIC_SETUP_TIMEOUT));
     match admin.create_topics(&new_topics, &options).await {
         Ok(results) => {
             for result in results {
@@ -216,6 +245,9 @@ pub async fn ensure_topics(
     }
     Ok(())
 }
+
+/// The longest one start-up topic step may take.
+const TOPIC_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
