@@ -2,6 +2,7 @@
 //! `run.sh`), in one test binary: each module starts the built `plugin-server` binary or its
 //! actors against fresh databases and topics of its own, so the modules run side by side.
 
+mod browser;
 mod chaos;
 mod clickhouse_tls;
 mod common;

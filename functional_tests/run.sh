@@ -17,6 +17,12 @@ eval "$services_env"
 # forbids committing it).
 GEOIP_TEST_MMDB="$(bash docker/fetch_geolite2.sh)"
 export GEOIP_TEST_MMDB
+# Headless Chromium and posthog-js for the browser test (installed or fetched when missing).
+if ! browser_env="$(bash docker/fetch_browser.sh)"; then
+  echo "functional_tests/run.sh: the browser test's Chromium or posthog-js could not be set up (the error is above); no test ran" >&2
+  exit 1
+fi
+eval "$browser_env"
 cargo test --workspace --features plugin-server/functional-tests "$@"
 
 # The whole suite (no filter) also runs the Dockerfile's runtime stage without Docker (no engine

@@ -65,6 +65,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
             .app_data(web::Data::new(state.clone()))
             .app_data(capture.clone())
             .configure(http::capture::routes)
+            .configure(http::sdk_config::routes)
             .configure(http::routes)
     })
     // Signals are ours: shutdown must drain the actors before the listener goes away.

@@ -271,7 +271,7 @@ async fn preflight(request: HttpRequest) -> HttpResponse {
 /// Browsers discard responses to cross-origin posts that lack these headers, and posthog-js
 /// then retries, duplicating the events. Like PostHog, any origin is allowed: project tokens
 /// are public.
-fn add_cors_headers(request: &HttpRequest, headers: &mut HeaderMap) {
+pub(super) fn add_cors_headers(request: &HttpRequest, headers: &mut HeaderMap) {
     let Some(origin) = request.headers().get(header::ORIGIN) else {
         return;
     };

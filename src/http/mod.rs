@@ -5,6 +5,7 @@ mod actors;
 pub mod capture;
 mod health;
 mod metrics;
+pub mod sdk_config;
 
 use plugin_server_actors::plugins::job_queue::JobQueueStats;
 use plugin_server_actors::plugins::pool::PluginVmPool;
