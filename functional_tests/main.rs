@@ -6,6 +6,7 @@ mod browser;
 mod chaos;
 mod clickhouse_tls;
 mod common;
+mod embedded;
 mod ingestion;
 mod jobs;
 mod migrate;

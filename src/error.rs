@@ -25,6 +25,10 @@ pub enum ServerError {
     #[error("cannot reach ClickHouse (check CLICKHOUSE_HOST and CLICKHOUSE_USER): {0}")]
     ClickHouse(#[source] clickhouse::error::Error),
     #[error(transparent)]
+    Embedded(#[from] plugin_server_actors::sqlite::SqliteError),
+    #[error(transparent)]
+    EmbeddedTeams(#[from] plugin_server_actors::ingest::teams::sqlite::NamedTeamsError),
+    #[error(transparent)]
     ClickHouseTls(#[from] plugin_server_actors::clickhouse_client::ClickHouseTlsError),
     #[error(transparent)]
     Sink(#[from] plugin_server_actors::ingest::sinks::SinkError),

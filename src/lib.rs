@@ -59,6 +59,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
         metrics: capture_metrics,
         intake: topology.intake.clone(),
         max_body_bytes: http::capture::DEFAULT_MAX_BODY_BYTES,
+        known_tokens: topology.known_tokens.clone(),
     });
     let server = HttpServer::new(move || {
         App::new()

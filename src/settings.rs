@@ -167,6 +167,9 @@ pub struct Settings {
     pub site_url: String,
     /// Not PostHog's: per-team plugin configs in the embedded profile (no Postgres).
     pub plugins_config_file: PathBuf,
+    /// Not PostHog's: in the embedded profile, what a token no `[[team]]` names gets: `create`
+    /// (a team, remembered) or `refuse` (PostHog's 401).
+    pub embedded_unknown_tokens: String,
     /// Not PostHog's: refuse plugin `fetch` to loopback, private and link-local addresses.
     #[serde(deserialize_with = "deserialize_flag")]
     pub fetch_refuse_private_addresses: bool,
@@ -431,6 +434,11 @@ impl Settings {
             ));
         }
         self.kafka_brokers()?;
+        one_of(
+            "EMBEDDED_UNKNOWN_TOKENS",
+            &self.embedded_unknown_tokens,
+            &["create", "refuse"],
+        )?;
         one_of(
             "KAFKA_SECURITY_PROTOCOL",
             &self.kafka_security_protocol,

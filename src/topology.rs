@@ -38,7 +38,7 @@ use plugin_server_actors::ingest::writer::{EventWriter, EventWriterConfig, Write
 use plugin_server_actors::kafka::{KafkaConnection, KafkaIntake, ensure_topics};
 use plugin_server_actors::persons::{
     MemoryPersonStore, PersonConfig, PersonManager, PersonMetrics, PostgresPersonStore,
-    SharedPersonStore,
+    SharedPersonStore, SqlitePersonStore,
 };
 use plugin_server_actors::postgres::PostgresError;
 use plugin_server_actors::system::health::{AwaitJoin, ProgressReporter};
@@ -51,7 +51,7 @@ use plugin_server_actors::system::supervisor::{
     SpawnOptions, spawn_supervised, spawn_supervised_in,
 };
 
-use plugin_server_actors::cluster::cache::CacheStore;
+use plugin_server_actors::ingest::teams::sqlite::{SqliteTeamStore, UnknownTokens, named_teams};
 use plugin_server_actors::plugins::api_keys::PluginApiKeys;
 use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
@@ -73,6 +73,7 @@ use plugin_server_actors::plugins::runtime::natives::PluginHost;
 use plugin_server_actors::plugins::runtime::vm::VmLimits;
 use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig, SchedulerStats};
 use plugin_server_actors::plugins::telemetry::{PluginTelemetry, TelemetryDestination};
+use plugin_server_actors::sqlite::Sqlite;
 use std::rc::Rc;
 
 use crate::error::ServerError;
@@ -87,6 +88,8 @@ pub struct Topology {
     pub cluster: Cluster,
     /// Where HTTP capture hands events: Kafka when `KAFKA_HOSTS` is set, else the pipeline.
     pub intake: Arc<dyn EventIntake>,
+    /// Capture refuses tokens without a team (embedded, `EMBEDDED_UNKNOWN_TOKENS=refuse`).
+    pub known_tokens: Option<Arc<TeamManager>>,
     pub pipeline: ObservedAddr<IngestionPipeline>,
     pub writer: ObservedAddr<EventWriter>,
     /// Kept so the arbiters' threads live as long as the topology.
@@ -111,6 +114,8 @@ struct Base {
     health: ObservedAddr<Health>,
     cluster: Cluster,
     database: Option<deadpool_postgres::Pool>,
+    /// The embedded profile's SQLite database, when there is no Postgres.
+    embedded: Option<Sqlite>,
     /// Actors to drain on shutdown, in start order.
     drain_order: Vec<(String, Recipient<Shutdown>)>,
 }
@@ -176,12 +181,16 @@ impl Topology {
                 arbiters.extend(started);
             }
         }
+        let known_tokens = (base.embedded.is_some()
+            && settings.embedded_unknown_tokens == "refuse")
+            .then(|| Arc::clone(&steps.teams));
         Ok(Self {
             metrics: base.metrics,
             registry: base.registry,
             health: base.health,
             cluster: base.cluster,
             intake,
+            known_tokens,
             pipeline,
             writer,
             _arbiters: arbiters,
@@ -261,6 +270,10 @@ impl Base {
             }
             None => None,
         };
+        let embedded = match database {
+            Some(_) => None,
+            None => Some(Sqlite::open(&embedded_database_path(settings))?),
+        };
         Ok(Self {
             capabilities,
             metrics,
@@ -268,6 +281,7 @@ impl Base {
             health,
             cluster,
             database,
+            embedded,
             drain_order: Vec::new(),
         })
     }
@@ -292,13 +306,24 @@ impl Base {
 /// set and in process otherwise (definitions and actions only exist with a PostHog database).
 async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerError> {
     let database = base.database.as_ref();
-    let team_store: Arc<dyn TeamStore> = match database {
-        Some(pool) => Arc::new(PostgresTeamStore::new(pool.clone())),
-        None => Arc::new(EmbeddedTeamStore::new()),
+    let team_store: Arc<dyn TeamStore> = match (database, &base.embedded) {
+        (Some(pool), _) => Arc::new(PostgresTeamStore::new(pool.clone())),
+        (None, Some(embedded)) => {
+            let path = &settings.plugins_config_file;
+            let unknown = match settings.embedded_unknown_tokens.as_str() {
+                "refuse" => UnknownTokens::Refuse,
+                _ => UnknownTokens::Create,
+            };
+            Arc::new(
+                SqliteTeamStore::new(embedded.clone(), &named_teams(path)?, path, unknown).await?,
+            )
+        }
+        (None, None) => Arc::new(EmbeddedTeamStore::new()),
     };
-    let person_store: SharedPersonStore = match database {
-        Some(pool) => Arc::new(PostgresPersonStore::new(pool.clone())),
-        None => Arc::new(MemoryPersonStore::new()),
+    let person_store: SharedPersonStore = match (database, &base.embedded) {
+        (Some(pool), _) => Arc::new(PostgresPersonStore::new(pool.clone())),
+        (None, Some(embedded)) => Arc::new(SqlitePersonStore::new(embedded.clone())),
+        (None, None) => Arc::new(MemoryPersonStore::new()),
     };
     let persons = PersonManager::new(
         person_store,
@@ -403,11 +428,9 @@ async fn start_plugin_side(
     };
     let (pool, plugin_http, plugin_registry) = start_plugins(
         settings,
-        base.database.as_ref(),
-        Arc::clone(&base.cluster.cache),
+        base,
         geoip,
         Arc::clone(&job_store),
-        &base.metrics,
         outputs.clone(),
     )
     .await?;
@@ -732,13 +755,13 @@ async fn mmdb_attachment(pool: &deadpool_postgres::Pool) -> Result<Option<Vec<u8
 /// A plugin that cannot be loaded is recorded and skipped; the others run.
 async fn start_plugins(
     settings: &Settings,
-    database: Option<&deadpool_postgres::Pool>,
-    cache: Arc<dyn CacheStore>,
+    base: &Base,
     geoip: GeoIpHandle,
     jobs: Arc<dyn JobStore>,
-    metrics: &Metrics,
     outputs: Arc<ServerOutputs>,
 ) -> Result<(PluginVmPool, PluginHttp, PluginRegistry), ServerError> {
+    let (database, embedded) = (base.database.as_ref(), base.embedded.as_ref());
+    let (cache, metrics) = (Arc::clone(&base.cluster.cache), &base.metrics);
     let source = match database {
         Some(pool) => RegistrySource::Postgres {
             pool: pool.clone(),
@@ -758,9 +781,10 @@ async fn start_plugins(
     };
     let runtime = tokio::runtime::Handle::current();
     let http = PluginHttp::new(reqwest::Client::new(), host_config);
-    let storage = match database {
-        Some(pool) => PluginStorage::Postgres(pool.clone()),
-        None => PluginStorage::InProcess(Arc::default()),
+    let storage = match (database, embedded) {
+        (Some(pool), _) => PluginStorage::Postgres(pool.clone()),
+        (None, Some(embedded)) => PluginStorage::Sqlite(embedded.clone()),
+        (None, None) => PluginStorage::InProcess(Arc::default()),
     };
     // posthog.api's bot keys live where PostHog's users do.
     let api_keys =
@@ -878,6 +902,11 @@ async fn telemetry_destination(
         logs_topic,
         metrics_topic,
     }))
+}
+
+/// Where the embedded profile keeps its state: `BASE_DIR/data/plugin-server.db`.
+pub fn embedded_database_path(settings: &Settings) -> std::path::PathBuf {
+    settings.base_dir.join("data").join("plugin-server.db")
 }
 
 /// ClickHouse as CLICKHOUSE_* say, if CLICKHOUSE_HOST is set.

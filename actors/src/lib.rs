@@ -17,6 +17,7 @@ pub mod migrations;
 pub mod persons;
 pub mod plugins;
 pub mod postgres;
+pub mod sqlite;
 pub mod system;
 #[cfg(all(test, feature = "integration-tests"))]
 mod test_support;

@@ -30,6 +30,7 @@ use plugin_server_actors::event::envelope::{Envelope, from_str_repairing};
 use plugin_server_actors::event::intake::{CapturedEvent, EventIntake, IntakeError};
 use plugin_server_actors::event::iso8601::parse_iso8601;
 use plugin_server_actors::event::js::type_name;
+use plugin_server_actors::ingest::teams::TeamManager;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -60,6 +61,9 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const MISSING_API_KEY_DETAIL: &str =
     "API key not provided. You can find your project API key in PostHog project settings.";
 
+const INVALID_API_KEY_DETAIL: &str =
+    "Project API key invalid. You can find your project API key in PostHog project settings.";
+
 /// Standard base64 that also takes missing padding and trailing bits: SDKs and proxies are
 /// not consistent about either, and PostHog pads whatever arrives before decoding.
 const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, lenient_config());
@@ -80,6 +84,9 @@ pub struct CaptureState {
     /// Larger bodies, and gzip bodies that inflate past it, are refused with 413.
     pub max_body_bytes: usize,
     pub metrics: CaptureMetrics,
+    /// When set, a request naming a token without a team is refused with PostHog's 401
+    /// (the embedded profile with `EMBEDDED_UNKNOWN_TOKENS=refuse`).
+    pub known_tokens: Option<Arc<TeamManager>>,
 }
 
 /// Requests by outcome (`ok` or the error code) and events accepted.
@@ -153,6 +160,8 @@ pub enum CaptureError {
     InvalidEvent { index: usize, problem: EventProblem },
     #[error("{MISSING_API_KEY_DETAIL}")]
     MissingToken,
+    #[error("{INVALID_API_KEY_DETAIL}")]
+    InvalidToken,
     #[error("events could not be accepted, please retry: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -205,6 +214,11 @@ impl CaptureError {
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 "missing_api_key",
+            ),
+            Self::InvalidToken => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
             ),
             Self::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -306,6 +320,9 @@ async fn accept(
         .await
         .map_err(|error| CaptureError::Internal(format!("decoding task failed: {error}")))??;
     let accepted = events.len();
+    if let Some(teams) = &state.known_tokens {
+        refuse_unknown_tokens(teams, &events).await?;
+    }
     state
         .intake
         .submit(events)
@@ -314,6 +331,32 @@ async fn accept(
             IntakeError::Unavailable(reason) => CaptureError::Unavailable(reason),
         })?;
     Ok(accepted)
+}
+
+/// Every token of the request must have a team; each is looked up once (the team manager
+/// caches the answers).
+async fn refuse_unknown_tokens(
+    teams: &TeamManager,
+    events: &[CapturedEvent],
+) -> Result<(), CaptureError> {
+    let mut checked = std::collections::HashSet::new();
+    for event in events {
+        // The key is `<token>:<distinct_id>`.
+        let token = event
+            .key
+            .split_once(':')
+            .map_or(event.key.as_str(), |(token, _)| token);
+        if checked.insert(token)
+            && teams
+                .by_token(token)
+                .await
+                .map_err(|error| CaptureError::Unavailable(error.to_string()))?
+                .is_none()
+        {
+            return Err(CaptureError::InvalidToken);
+        }
+    }
+    Ok(())
 }
 
 /// The raw body, refused as soon as it is known to exceed `limit`. The stream is read by hand

@@ -102,9 +102,9 @@ impl TeamStore for PostgresTeamStore {
 // ---------------------------------------------------------------------------------------------
 // Embedded
 
-/// The embedded profile's teams: every token is a team, created the first time it is seen
-/// and numbered from 1 in order of appearance, so any PostHog SDK works against a fresh
-/// server without set-up. Teams live as long as the process; ids restart on restart.
+/// Teams in process memory, for tests: every token is a team, created the first time it is
+/// seen and numbered from 1 in order of appearance. The embedded profile keeps its teams in
+/// [`sqlite::SqliteTeamStore`], where ids never move.
 #[derive(Default)]
 pub struct EmbeddedTeamStore {
     teams: Mutex<EmbeddedTeams>,
@@ -248,5 +248,6 @@ impl TeamManager {
     }
 }
 
+pub mod sqlite;
 #[cfg(test)]
 mod tests;

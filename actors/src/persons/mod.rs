@@ -6,7 +6,8 @@
 //! - [`state`]: those rules applied to one event in one store transaction, retried on races;
 //! - [`manager`]: a batch's events through [`state`], concurrently per distinct id, with the
 //!   DISTINCT_ID_LRU_SIZE cache in front;
-//! - [`postgres`] and [`memory`]: the stores of the cluster and embedded profiles;
+//! - [`postgres`] and [`sqlite`]: the stores of the cluster and embedded profiles, and
+//!   [`memory`] for unit tests;
 //! - [`rows`]: the changes as ClickHouse's `person` and `person_distinct_id` rows.
 
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod memory;
 pub mod postgres;
 pub mod properties;
 pub mod rows;
+pub mod sqlite;
 pub mod state;
 pub mod store;
 
@@ -31,6 +33,7 @@ pub use properties::{
     person_updates,
 };
 pub use rows::{PersonDistinctIdRow, PersonRow};
+pub use sqlite::SqlitePersonStore;
 pub use state::{PersonError, PersonEvent, Resolution};
 pub use store::{
     Person, PersonStore, PersonStoreError, PersonVersion, PersonWrite, SharedPersonStore,

@@ -25,6 +25,7 @@ use crate::cluster::ClusterError;
 use crate::cluster::cache::CacheStore;
 use crate::geoip::GeoIpHandle;
 use crate::plugins::jobs::{JobStore, JobStoreError, NewJob, RetryPolicy};
+use crate::sqlite::Sqlite;
 
 /// Why a host service failed. Its text is the message of the Error the plugin's call throws
 /// (after `fetch failed: `, `cache: `, `storage: ` or `jobs: `): plugins and their authors
@@ -96,6 +97,8 @@ pub enum StorageError {
     Query(#[from] tokio_postgres::Error),
     #[error("the cursor {0:?} does not hold a number")]
     NotANumber(String),
+    #[error("the embedded database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A thread panicked while holding the in-process map.
     #[error("the storage map is poisoned")]
     Poisoned,
@@ -105,7 +108,9 @@ pub enum StorageError {
 #[derive(Clone)]
 pub enum PluginStorage {
     Postgres(Pool),
-    /// The embedded profile without Postgres: kept for the life of the process.
+    /// The embedded profile: its SQLite database.
+    Sqlite(Sqlite),
+    /// Kept for the life of the process, for tests and tools.
     InProcess(Arc<Mutex<HashMap<(i64, String), String>>>),
 }
 
@@ -210,6 +215,9 @@ impl ServerHost {
         let config_id = identity.plugin_config_id;
         match &self.storage {
             PluginStorage::Postgres(pool) => postgres_storage(pool, config_id, op).await,
+            PluginStorage::Sqlite(database) => {
+                sqlite_storage(&*database.lock().await, config_id, op)
+            }
             PluginStorage::InProcess(map) => {
                 let mut map = map.lock().map_err(|_| StorageError::Poisoned)?;
                 Ok(in_process_storage(&mut map, config_id, op))
@@ -399,6 +407,64 @@ async fn postgres_storage(
     })
 }
 
+fn sqlite_storage(
+    connection: &rusqlite::Connection,
+    config_id: i64,
+    op: StorageOp,
+) -> Result<Value, StorageError> {
+    use rusqlite::{OptionalExtension, params};
+
+    Ok(match op {
+        StorageOp::Get { key } => connection
+            .prepare_cached(
+                "SELECT value FROM plugin_storage WHERE plugin_config_id = ?1 AND key = ?2",
+            )?
+            .query_row(params![config_id, key], |row| row.get::<_, String>(0))
+            .optional()?
+            .map_or(Value::Null, Value::String),
+        StorageOp::Set { key, value } => {
+            connection
+                .prepare_cached(
+                    "INSERT INTO plugin_storage (plugin_config_id, key, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (plugin_config_id, key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![config_id, key, value])?;
+            Value::Null
+        }
+        StorageOp::Del { key } => {
+            connection
+                .prepare_cached(
+                    "DELETE FROM plugin_storage WHERE plugin_config_id = ?1 AND key = ?2",
+                )?
+                .execute(params![config_id, key])?;
+            Value::Null
+        }
+        StorageOp::CursorInit { key, initial } => {
+            connection
+                .prepare_cached(
+                    "INSERT INTO plugin_storage (plugin_config_id, key, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (plugin_config_id, key) DO NOTHING",
+                )?
+                .execute(params![config_id, key, initial.to_string()])?;
+            Value::Null
+        }
+        StorageOp::CursorIncrement { key, by } => {
+            let value: String = connection
+                .prepare_cached(
+                    "INSERT INTO plugin_storage (plugin_config_id, key, value) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (plugin_config_id, key) \
+                     DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?4 AS TEXT) RETURNING value",
+                )?
+                .query_row(params![config_id, key, by.to_string(), by], |row| row.get(0))?;
+            Value::from(
+                value
+                    .parse::<i64>()
+                    .map_err(|_| StorageError::NotANumber(key))?,
+            )
+        }
+    })
+}
+
 fn in_process_storage(
     map: &mut HashMap<(i64, String), String>,
     config_id: i64,
@@ -502,6 +568,56 @@ mod tests {
         for ip in ["8.8.8.8", "2001:4860:4860::8888"] {
             assert!(!is_internal(&ip.parse().expect("ip")), "{ip}");
         }
+    }
+
+    #[tokio::test]
+    async fn storage_on_sqlite_gets_sets_deletes_and_counts() {
+        let database = Sqlite::in_memory().expect("sqlite");
+        let connection = database.lock().await;
+        let run = |op| sqlite_storage(&connection, 4, op).expect("storage");
+        let key = |key: &str| key.to_owned();
+        assert_eq!(run(StorageOp::Get { key: key("a") }), Value::Null);
+        run(StorageOp::Set {
+            key: key("a"),
+            value: "\"one\"".to_owned(),
+        });
+        run(StorageOp::Set {
+            key: key("a"),
+            value: "\"two\"".to_owned(),
+        });
+        assert_eq!(
+            run(StorageOp::Get { key: key("a") }),
+            Value::from("\"two\"")
+        );
+        // Another config's storage is its own.
+        assert_eq!(
+            sqlite_storage(&connection, 5, StorageOp::Get { key: key("a") }).expect("other"),
+            Value::Null
+        );
+        run(StorageOp::Del { key: key("a") });
+        assert_eq!(run(StorageOp::Get { key: key("a") }), Value::Null);
+        run(StorageOp::CursorInit {
+            key: key("n"),
+            initial: 10,
+        });
+        run(StorageOp::CursorInit {
+            key: key("n"),
+            initial: 99,
+        });
+        assert_eq!(
+            run(StorageOp::CursorIncrement {
+                key: key("n"),
+                by: 5
+            }),
+            Value::from(15)
+        );
+        assert_eq!(
+            run(StorageOp::CursorIncrement {
+                key: key("fresh"),
+                by: 2
+            }),
+            Value::from(2)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

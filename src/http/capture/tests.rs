@@ -65,6 +65,7 @@ async fn respond(
         metrics: CaptureMetrics::new().expect("metrics"),
         intake: intake.clone(),
         max_body_bytes,
+        known_tokens: None,
     };
     let app = init_service(App::new().app_data(web::Data::new(state)).configure(routes)).await;
     call_service(&app, request.to_request()).await

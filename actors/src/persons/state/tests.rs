@@ -561,39 +561,58 @@ async fn the_person_step_on_the_memory_store() {
     scenarios!(memory_store);
 }
 
+async fn sqlite_store(_: u32) -> Arc<dyn PersonStore> {
+    Arc::new(crate::persons::SqlitePersonStore::new(
+        crate::sqlite::Sqlite::in_memory().expect("sqlite"),
+    ))
+}
+
+#[tokio::test]
+async fn the_person_step_on_the_sqlite_store() {
+    scenarios!(sqlite_store);
+}
+
+async fn a_dropped_transaction_changes_nothing(store: &dyn PersonStore) {
+    run(
+        store,
+        &event("kept", "$pageview", json!({ "$set": { "v": 1 } }), 1),
+    )
+    .await;
+    {
+        let mut transaction = store.begin().await.expect("begin");
+        let person = transaction
+            .person_by_distinct_id(TEAM, "kept")
+            .await
+            .expect("read")
+            .expect("exists");
+        let mut changed = person.clone();
+        changed.properties.insert("v".to_owned(), json!(2));
+        transaction.update_person(&changed).await.expect("update");
+        transaction
+            .add_distinct_id(&person, "added")
+            .await
+            .expect("add");
+        transaction.delete_person(&person).await.expect("delete");
+    }
+    let person = person_of(store, "kept").await.expect("still there");
+    assert_eq!(person.properties["v"], json!(1));
+    assert_eq!(person.version, 0);
+    assert!(person_of(store, "added").await.is_none());
+}
+
 #[test]
 fn a_dropped_memory_transaction_changes_nothing() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        let store = MemoryPersonStore::new();
-        run(
-            &store,
-            &event("kept", "$pageview", json!({ "$set": { "v": 1 } }), 1),
-        )
-        .await;
-        {
-            let mut transaction = store.begin().await.expect("begin");
-            let person = transaction
-                .person_by_distinct_id(TEAM, "kept")
-                .await
-                .expect("read")
-                .expect("exists");
-            let mut changed = person.clone();
-            changed.properties.insert("v".to_owned(), json!(2));
-            transaction.update_person(&changed).await.expect("update");
-            transaction
-                .add_distinct_id(&person, "added")
-                .await
-                .expect("add");
-            transaction.delete_person(&person).await.expect("delete");
-        }
-        let person = person_of(&store, "kept").await.expect("still there");
-        assert_eq!(person.properties["v"], json!(1));
-        assert_eq!(person.version, 0);
-        assert!(person_of(&store, "added").await.is_none());
-    });
+    runtime.block_on(a_dropped_transaction_changes_nothing(
+        &MemoryPersonStore::new(),
+    ));
+}
+
+#[tokio::test]
+async fn a_dropped_sqlite_transaction_changes_nothing() {
+    a_dropped_transaction_changes_nothing(&*sqlite_store(0).await).await;
 }
 
 #[cfg(feature = "integration-tests")]
