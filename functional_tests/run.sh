@@ -13,6 +13,12 @@ if ! services_env="$(bash docker/services.sh start)"; then
   exit 1
 fi
 eval "$services_env"
+# Every test makes databases of its own (`ps_*`); those of failed or killed runs and of the
+# in-crate Postgres tests stay behind, and hundreds of them keep autovacuum from the live ones.
+# A run starts without them.
+psql -q -At "$DATABASE_URL" \
+  -c "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE);', datname) FROM pg_database WHERE datname LIKE 'ps\_%'" \
+  | psql -q "$DATABASE_URL" >/dev/null
 # GeoLite2 City for the GeoIP tests, fetched into a cache outside the repository (its licence
 # forbids committing it).
 GEOIP_TEST_MMDB="$(bash docker/fetch_geolite2.sh)"

@@ -175,7 +175,12 @@ CREATE TABLE IF NOT EXISTS posthog_pluginstorage (
 );
 
 -- Person. version is bumped on every update and sent to ClickHouse so that
--- ReplacingMergeTree(version) keeps the newest row. is_user_id is a plain integer here
+-- ReplacingMergeTree(version) keeps the newest row.
+-- fillfactor: a person is rewritten on almost every batch that sees them, and no indexed
+-- column changes, so with room left on its page the new version stays there (a HOT update)
+-- instead of adding an entry to each of the four indexes, which was most of Postgres' work
+-- on person-changing traffic (bench/results/core-path.md). Only where this file creates the
+-- table; on PostHog's own table it is an operator's choice (README, Performance). is_user_id is a plain integer here
 -- because posthog_user is not created.
 CREATE TABLE IF NOT EXISTS posthog_person (
     id bigserial PRIMARY KEY,
@@ -189,7 +194,7 @@ CREATE TABLE IF NOT EXISTS posthog_person (
     is_user_id integer,
     is_identified boolean NOT NULL DEFAULT false,
     version bigint
-);
+) WITH (fillfactor = 75);
 
 -- Same names as in PostHog, so these are no-ops on a PostHog database.
 -- Lookups by (team_id, uuid) and the per-team listing.

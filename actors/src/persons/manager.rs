@@ -406,11 +406,16 @@ impl PersonManager {
             return Ok(Vec::new());
         }
         let ids = together_by_person(ids);
-        let plans: Vec<Plan> = ids
+        let mut plans: Vec<Plan> = ids
             .iter()
             .map(|(indices, known)| Plan::new(events, indices, known.as_ref()))
             .collect();
-        let writes: Vec<PersonWrite> = plans.iter().filter_map(|plan| plan.write.clone()).collect();
+        // Moved out rather than copied: only whether a plan writes is needed afterwards.
+        let writes_person: Vec<bool> = plans.iter().map(|plan| plan.write.is_some()).collect();
+        let writes: Vec<PersonWrite> = plans
+            .iter_mut()
+            .filter_map(|plan| plan.write.take())
+            .collect();
         let outcomes = match self.store.write_batch(&writes).await {
             Ok(outcomes) => outcomes,
             Err(PersonStoreError::Unavailable(message)) => {
@@ -427,9 +432,9 @@ impl PersonManager {
         let mut outcomes = outcomes.into_iter();
         let mut lost = Vec::new();
         let mut learned = Vec::new();
-        for ((indices, _), plan) in ids.into_iter().zip(plans) {
-            let stored = match plan.write {
-                Some(_) => match outcomes.next() {
+        for (((indices, _), plan), writes) in ids.into_iter().zip(plans).zip(writes_person) {
+            let stored = if writes {
+                match outcomes.next() {
                     Some(WriteOutcome::Stored(person)) => Some(person),
                     Some(WriteOutcome::Lost) | None => {
                         if let Some(metrics) = &self.metrics {
@@ -438,8 +443,9 @@ impl PersonManager {
                         lost.push((indices, None));
                         continue;
                     }
-                },
-                None => None,
+                }
+            } else {
+                None
             };
             let Plan {
                 mut answers,
@@ -482,7 +488,11 @@ impl PersonManager {
                     learned.push((id.team_id, id.distinct_id.as_str(), known.clone()));
                 }
                 answers[position].changes = Some(Resolution {
-                    person_rows: vec![PersonRow::of(&person)],
+                    // The event's person JSON is this version's: serialized once.
+                    person_rows: vec![PersonRow::with_properties(
+                        &person,
+                        Arc::clone(&answers[position].person.properties),
+                    )],
                     person,
                     distinct_ids: vec![event.distinct_id.clone()],
                     merged_person: None,

@@ -1,6 +1,8 @@
 //! Person changes as ClickHouse stores them (spec 1.9): one row per person version in `person`
 //! and one per distinct-id version in `person_distinct_id`, both ReplacingMergeTree by version.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -12,8 +14,9 @@ pub struct PersonRow {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
     pub team_id: i64,
-    /// The properties object, serialized as JSON.
-    pub properties: String,
+    /// The properties object, serialized as JSON; shared with the events that carry it as
+    /// `person_properties`, so a person's JSON is written once per version.
+    pub properties: Arc<str>,
     pub is_identified: bool,
     pub is_deleted: bool,
     pub version: i64,
@@ -32,11 +35,16 @@ pub fn properties_json(properties: &serde_json::Map<String, serde_json::Value>) 
 impl PersonRow {
     /// The row of a person as it now is.
     pub fn of(person: &Person) -> Self {
+        Self::with_properties(person, properties_json(&person.properties).into())
+    }
+
+    /// The row of `person`, whose properties are already serialized as `properties`.
+    pub fn with_properties(person: &Person, properties: Arc<str>) -> Self {
         Self {
             id: person.uuid,
             created_at: person.created_at,
             team_id: person.team_id,
-            properties: properties_json(&person.properties),
+            properties,
             is_identified: person.is_identified,
             is_deleted: false,
             version: person.version,

@@ -16,7 +16,7 @@ fn person() -> PersonRow {
         id: Uuid::new_v4(),
         created_at: Utc::now(),
         team_id: 2,
-        properties: "{}".to_owned(),
+        properties: "{}".into(),
         is_identified: false,
         is_deleted: false,
         version: 0,
