@@ -188,3 +188,58 @@ async fn plugin_storage_survives_kill_9() {
     assert_eq!(row(base.path(), "first")["properties"]["seen"], 1);
     assert_eq!(row(base.path(), "second")["properties"]["seen"], 2);
 }
+
+/// A job queued with `runIn` is in the embedded database: the server killed right after the
+/// 200 that queued it runs it once, on the next start, when it is due.
+#[tokio::test]
+async fn a_job_queued_before_kill_9_runs_once_after_the_restart() {
+    use std::time::Duration;
+
+    let mut destination = crate::common::HttpRecorder::start().await;
+    let base = tempfile::tempdir().expect("tempdir");
+    let configs = plugin_for_team_one(
+        base.path(),
+        "later",
+        "exports.processEvent = async (event, { jobs }) => {
+            await jobs.ping({ n: event.properties.n }).runIn(3, 'seconds')
+            return event
+        }
+        exports.jobs = {
+            ping: async ({ n }, { config }) => {
+                await fetch(config.url + '/ping', { method: 'POST', body: JSON.stringify({ n }) })
+            },
+        }",
+    );
+    let text = std::fs::read_to_string(&configs).expect("configs");
+    std::fs::write(
+        &configs,
+        format!("{text}config = {{ url = \"{}\" }}\n", destination.url),
+    )
+    .expect("configs");
+    let env = [(
+        "PLUGINS_CONFIG_FILE",
+        configs.to_str().expect("utf-8").to_owned(),
+    )];
+    let first = start(base.path(), &env);
+    capture(&first.addr(), "phc_jobs", "queue", "u", json!({"n": 7})).await;
+    drop(first);
+    assert!(
+        destination.next(Duration::from_secs(4)).await.is_none(),
+        "nothing runs while the server is down"
+    );
+
+    let _second = start(base.path(), &env);
+    let (method, path, body) = destination
+        .next(Duration::from_secs(30))
+        .await
+        .expect("the job ran after the restart");
+    assert_eq!((method.as_str(), path.as_str()), ("POST", "/ping"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!({"n": 7})
+    );
+    assert!(
+        destination.next(Duration::from_secs(5)).await.is_none(),
+        "the job ran once"
+    );
+}

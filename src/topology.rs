@@ -20,6 +20,7 @@ use plugin_server_actors::event::intake::EventIntake;
 use plugin_server_actors::geoip::{GeoIpActor, GeoIpConfig, GeoIpHandle, GeoIpSource};
 use plugin_server_actors::groups::{
     GroupConfig, GroupManager, MemoryGroupStore, PostgresGroupStore, SharedGroupStore,
+    SqliteGroupStore,
 };
 use plugin_server_actors::ingest::consumer::overflow::{OverflowConfig, OverflowRouter};
 use plugin_server_actors::ingest::consumer::{ConsumerMetrics, KafkaConsumer, KafkaConsumerConfig};
@@ -57,7 +58,9 @@ use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
 };
 use plugin_server_actors::plugins::job_queue::{JobQueueConfig, JobQueueStats, PluginJobQueue};
-use plugin_server_actors::plugins::jobs::{JobStore, MemoryJobStore, PostgresJobStore};
+use plugin_server_actors::plugins::jobs::{
+    JobStore, MemoryJobStore, PostgresJobStore, SqliteJobStore,
+};
 use plugin_server_actors::plugins::outputs::{PluginOutputs, ServerOutputs};
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
@@ -334,9 +337,10 @@ async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerEr
         },
     )
     .with_metrics(PersonMetrics::register(&base.metrics)?);
-    let group_store: SharedGroupStore = match database {
-        Some(pool) => Arc::new(PostgresGroupStore::new(pool.clone())),
-        None => Arc::new(MemoryGroupStore::new()),
+    let group_store: SharedGroupStore = match (database, &base.embedded) {
+        (Some(pool), _) => Arc::new(PostgresGroupStore::new(pool.clone())),
+        (None, Some(embedded)) => Arc::new(SqliteGroupStore::new(embedded.clone())),
+        (None, None) => Arc::new(MemoryGroupStore::new()),
     };
     let definitions = database.map(|pool| {
         Arc::new(DefinitionsManager::new(
@@ -422,10 +426,12 @@ async fn start_plugin_side(
     let outputs = Arc::new(ServerOutputs::new(base.database.clone(), telemetry));
     let geoip = GeoIpHandle::new();
     start_geoip(settings, base.database.as_ref(), &base.registry, &geoip).await?;
-    let job_store: Arc<dyn JobStore> = match (&base.database, settings.database_url()) {
-        (Some(pool), Some(url)) => Arc::new(PostgresJobStore::start(pool.clone(), url)),
-        _ => Arc::new(MemoryJobStore::new()),
-    };
+    let job_store: Arc<dyn JobStore> =
+        match (&base.database, settings.database_url(), &base.embedded) {
+            (Some(pool), Some(url), _) => Arc::new(PostgresJobStore::start(pool.clone(), url)),
+            (None, _, Some(embedded)) => Arc::new(SqliteJobStore::new(embedded.clone())),
+            _ => Arc::new(MemoryJobStore::new()),
+        };
     let (pool, plugin_http, plugin_registry) = start_plugins(
         settings,
         base,

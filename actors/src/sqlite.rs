@@ -1,6 +1,7 @@
 //! The embedded profile's database: one SQLite file (`BASE_DIR/data/plugin-server.db`)
 //! holding what Postgres holds in the cluster profile (teams, persons and their distinct ids,
-//! plugin storage), so a single node keeps its state across restarts and crashes.
+//! groups, plugin storage, the plugin job queue), so a single node keeps its state across
+//! restarts and crashes.
 //!
 //! One connection, behind an async mutex: SQLite has one writer at a time anyway, and the
 //! embedded profile's traffic is one node's. Statements run on the calling thread, holding the
@@ -19,7 +20,10 @@ use rusqlite::Connection;
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 /// The schema's steps, in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/sqlite/0001_embedded.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_embedded.sql"),
+    include_str!("../migrations/sqlite/0002_groups_jobs.sql"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqliteError {

@@ -7,12 +7,13 @@
 //! - every event's `groupN_properties` / `groupN_created_at` columns show the groups its
 //!   `$group_N` properties name, as they are after the batch's earlier events.
 //!
-//! [`manager`] does this for a batch with caches in front; [`postgres`] and [`memory`] are
-//! the stores of the cluster and embedded profiles.
+//! [`manager`] does this for a batch with caches in front; [`postgres`] and [`sqlite`] are
+//! the stores of the cluster and embedded profiles, [`memory`] one for unit tests.
 
 pub mod manager;
 pub mod memory;
 pub mod postgres;
+pub mod sqlite;
 pub mod store;
 
 pub use manager::{
@@ -20,6 +21,7 @@ pub use manager::{
 };
 pub use memory::MemoryGroupStore;
 pub use postgres::PostgresGroupStore;
+pub use sqlite::SqliteGroupStore;
 pub use store::{
     BatchUpserted, Group, GroupKey, GroupRow, GroupStore, GroupStoreError, GroupUpsert,
     MAX_GROUP_TYPES, SharedGroupStore, Upserted, merge_group_set,

@@ -1,4 +1,4 @@
-//! The same expectations of both stores: the embedded profile's memory store, and Postgres
+//! The same expectations of every store: the memory store, the embedded profile's SQLite, and Postgres
 //! (the test run's server; a fresh database per test).
 
 #[cfg(feature = "integration-tests")]
@@ -219,6 +219,17 @@ async fn postgres_concurrent_batch_upserts_lose_nothing() {
         assert_eq!(group.properties.len(), 8, "{:?}", group.key);
         assert_eq!(group.version, 8);
     }
+}
+
+fn sqlite_store() -> crate::groups::SqliteGroupStore {
+    crate::groups::SqliteGroupStore::new(crate::sqlite::Sqlite::in_memory().expect("sqlite"))
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_group_store_contract() {
+    types_take_the_lowest_free_index_and_at_most_five(&sqlite_store()).await;
+    upserts_merge_keep_the_earliest_creation_and_bump_versions(&sqlite_store()).await;
+    batch_upserts_answer_per_group_as_upserting_each_would(&sqlite_store()).await;
 }
 
 #[tokio::test]

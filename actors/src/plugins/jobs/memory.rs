@@ -1,5 +1,5 @@
-//! The embedded profile's job queue: in process memory, lost on restart (the embedded profile
-//! keeps no state across restarts; use Postgres for jobs that must survive one).
+//! A job queue in process memory, lost on restart: for tests and tools (the embedded profile
+//! keeps its queue in SQLite, [`super::SqliteJobStore`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};

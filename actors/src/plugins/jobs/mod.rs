@@ -11,6 +11,7 @@
 
 pub mod memory;
 pub mod postgres;
+pub mod sqlite;
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use serde_json::Value;
 
 pub use memory::MemoryJobStore;
 pub use postgres::PostgresJobStore;
+pub use sqlite::SqliteJobStore;
 
 /// A job as queued by a plugin.
 #[derive(Debug, Clone, PartialEq)]

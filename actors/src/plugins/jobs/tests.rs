@@ -198,6 +198,17 @@ async fn the_in_process_queue_keeps_the_contract() {
     contract!(memory);
 }
 
+async fn sqlite() -> Arc<dyn JobStore> {
+    Arc::new(super::SqliteJobStore::new(
+        crate::sqlite::Sqlite::in_memory().expect("sqlite"),
+    ))
+}
+
+#[tokio::test]
+async fn the_embedded_queue_keeps_the_contract() {
+    contract!(sqlite);
+}
+
 #[tokio::test]
 async fn a_job_whose_attempts_are_used_up_is_kept_with_its_error() {
     let store = MemoryJobStore::new();
