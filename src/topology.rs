@@ -776,6 +776,7 @@ async fn start_plugins(
         None => RegistrySource::Directory {
             plugins_dir: settings.base_dir.join("plugins"),
             configs_file: settings.plugins_config_file.clone(),
+            ids: embedded.cloned(),
         },
     };
     let mut registry = PluginRegistry::new(source);

@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_embedded.sql"),
     include_str!("../migrations/sqlite/0002_groups_jobs.sql"),
+    include_str!("../migrations/sqlite/0003_plugin_ids.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]

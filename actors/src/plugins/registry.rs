@@ -21,6 +21,7 @@ use super::filters::WebhookFilters;
 use super::runtime::transpile::{TranspileError, transpile};
 use super::runtime::{Attachment, VmIdentity, VmSource};
 use super::worker::{ConfigError, ConfigFailure, SideEffects};
+use crate::sqlite::Sqlite;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -40,6 +41,8 @@ pub enum RegistryError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("the embedded database's plugin ids: {0}")]
+    Embedded(#[from] rusqlite::Error),
 }
 
 /// Why a plugin has no code to run; each of its configs records it as its error.
@@ -98,9 +101,12 @@ pub enum RegistrySource {
         base_dir: PathBuf,
     },
     /// `plugins_dir/<name>/` holds each plugin; `configs_file` lists per-team configs.
+    /// With `ids`, plugin and config ids are the embedded database's, which never move;
+    /// without, they follow the folder names and the file's order.
     Directory {
         plugins_dir: PathBuf,
         configs_file: PathBuf,
+        ids: Option<Sqlite>,
     },
 }
 
@@ -115,6 +121,9 @@ struct RawConfig {
     attachments: Vec<Attachment>,
     /// `posthog_pluginconfig.filters` (JSON null when unset).
     filters: Value,
+    /// The config's place among its plugin's configs for its team, in the configs file
+    /// (0 for Postgres' configs, which have ids of their own).
+    slot: u32,
 }
 
 /// A plugin's main file, or why there is none.
@@ -144,7 +153,14 @@ impl PluginRegistry {
             RegistrySource::Directory {
                 plugins_dir,
                 configs_file,
-            } => load_directory(plugins_dir, configs_file)?,
+                ids,
+            } => {
+                let (mut configs, mut mains) = load_directory(plugins_dir, configs_file)?;
+                if let Some(database) = ids {
+                    stable_ids(database, &mut configs, &mut mains).await?;
+                }
+                (configs, mains)
+            }
         };
         let mut loaded = Vec::with_capacity(configs.len());
         let mut problems = Vec::new();
@@ -236,6 +252,7 @@ async fn load_postgres(pool: &Pool, base_dir: &Path) -> Result<Sourced, Registry
             log_level: u8::try_from(row.get::<_, i32>(10).clamp(0, 4)).unwrap_or(0),
             attachments: Vec::new(),
             filters: row.get::<_, Option<Value>>(11).unwrap_or(Value::Null),
+            slot: 0,
         });
     }
 
@@ -443,7 +460,14 @@ fn load_directory(plugins_dir: &Path, configs_file: &Path) -> Result<Sourced, Re
         mains.insert(ids[name.as_str()], (version, main));
     }
     let mut configs = Vec::new();
+    let mut slots: HashMap<(String, i64), u32> = HashMap::new();
     for (index, entry) in file.plugin_config.into_iter().enumerate() {
+        // Counted for disabled entries too, so disabling one moves no other's id.
+        let slot = slots
+            .entry((entry.plugin.clone(), entry.team_id))
+            .and_modify(|slot| *slot += 1)
+            .or_insert(0);
+        let slot = *slot;
         if !entry.enabled {
             continue;
         }
@@ -462,9 +486,56 @@ fn load_directory(plugins_dir: &Path, configs_file: &Path) -> Result<Sourced, Re
             log_level: entry.log_level,
             attachments: Vec::new(),
             filters,
+            slot,
         });
     }
     Ok((configs, mains))
+}
+
+/// Gives the directory's plugins and configs the embedded database's ids: a plugin by its
+/// folder, a config by its plugin, team and slot; new ones get the next free id.
+async fn stable_ids(
+    database: &Sqlite,
+    configs: &mut [RawConfig],
+    mains: &mut HashMap<i64, (String, MainFile)>,
+) -> Result<(), rusqlite::Error> {
+    let connection = database.lock().await;
+    let mut plugin_ids: HashMap<i64, i64> = HashMap::new();
+    for config in configs.iter_mut() {
+        let identity = &mut config.identity;
+        let plugin_id = match plugin_ids.get(&identity.plugin_id) {
+            Some(id) => *id,
+            None => {
+                connection.execute(
+                    "INSERT INTO plugins (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                    [&identity.plugin_name],
+                )?;
+                let id: i64 = connection.query_row(
+                    "SELECT id FROM plugins WHERE name = ?1",
+                    [&identity.plugin_name],
+                    |row| row.get(0),
+                )?;
+                plugin_ids.insert(identity.plugin_id, id);
+                id
+            }
+        };
+        connection.execute(
+            "INSERT INTO plugin_configs (plugin, team_id, slot) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (plugin, team_id, slot) DO NOTHING",
+            rusqlite::params![identity.plugin_name, identity.team_id, config.slot],
+        )?;
+        identity.plugin_config_id = connection.query_row(
+            "SELECT id FROM plugin_configs WHERE plugin = ?1 AND team_id = ?2 AND slot = ?3",
+            rusqlite::params![identity.plugin_name, identity.team_id, config.slot],
+            |row| row.get(0),
+        )?;
+        identity.plugin_id = plugin_id;
+    }
+    *mains = std::mem::take(mains)
+        .into_iter()
+        .filter_map(|(old, main)| Some((*plugin_ids.get(&old)?, main)))
+        .collect();
+    Ok(())
 }
 
 /// FNV-1a: a stable fingerprint for change detection (not security).
@@ -557,6 +628,7 @@ mod tests {
         let mut registry = PluginRegistry::new(RegistrySource::Directory {
             plugins_dir: plugins,
             configs_file: configs,
+            ids: None,
         });
         let (loaded, problems) = registry.load().await.expect("loads");
         assert_eq!(loaded.len(), 1);
@@ -576,5 +648,62 @@ mod tests {
         );
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].identity.plugin_name, "broken");
+    }
+
+    /// With the embedded database, ids survive a new plugin folder sorting first and the
+    /// file's entries being reordered (storage and jobs belong to a config id).
+    #[tokio::test]
+    async fn embedded_ids_stay_when_plugins_are_added_and_configs_reordered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugins = dir.path().join("plugins");
+        for name in ["alpha", "beta", "zeta"] {
+            std::fs::create_dir_all(plugins.join(name)).expect("mkdir");
+            std::fs::write(
+                plugins.join(name).join("index.js"),
+                "exports.processEvent = (e) => e",
+            )
+            .expect("write");
+        }
+        let configs = dir.path().join("plugins.toml");
+        let entry = |plugin: &str, team: i64| {
+            format!("[[plugin_config]]\nplugin = \"{plugin}\"\nteam_id = {team}\n")
+        };
+        let database = Sqlite::in_memory().expect("sqlite");
+        let load = |text: String| {
+            let (plugins, configs, database) = (plugins.clone(), configs.clone(), database.clone());
+            async move {
+                std::fs::write(&configs, text).expect("write");
+                let mut registry = PluginRegistry::new(RegistrySource::Directory {
+                    plugins_dir: plugins,
+                    configs_file: configs,
+                    ids: Some(database),
+                });
+                let (loaded, _) = registry.load().await.expect("loads");
+                loaded
+                    .into_iter()
+                    .map(|config| {
+                        let identity = config.identity;
+                        (
+                            (identity.plugin_name, identity.team_id),
+                            (identity.plugin_id, identity.plugin_config_id),
+                        )
+                    })
+                    .collect::<HashMap<_, _>>()
+            }
+        };
+        let first = load(entry("zeta", 1) + &entry("beta", 1) + &entry("beta", 2)).await;
+        // alpha sorts first and its entry comes first; the others keep their ids.
+        let second =
+            load(entry("alpha", 1) + &entry("beta", 2) + &entry("beta", 1) + &entry("zeta", 1))
+                .await;
+        for key in first.keys() {
+            assert_eq!(first[key], second[key], "{key:?}");
+        }
+        let alpha = second[&("alpha".to_owned(), 1)];
+        assert!(
+            first
+                .values()
+                .all(|ids| ids.0 != alpha.0 && ids.1 != alpha.1)
+        );
     }
 }

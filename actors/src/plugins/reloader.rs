@@ -313,6 +313,7 @@ mod tests {
         let mut plugin_registry = PluginRegistry::new(RegistrySource::Directory {
             plugins_dir,
             configs_file: configs_file.clone(),
+            ids: None,
         });
         let (configs, problems) = plugin_registry.load().await.expect("loaded");
         assert!(problems.is_empty());

@@ -615,6 +615,7 @@ async fn boot_from(
     let mut registry = PluginRegistry::new(RegistrySource::Directory {
         plugins_dir: dir.join("plugins"),
         configs_file: dir.join("plugins.toml"),
+        ids: None,
     });
     let (loaded, problems) = registry.load().await.context("registry load")?;
     if !problems.is_empty() {
