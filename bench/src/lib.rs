@@ -1,5 +1,7 @@
 //! What the benchmark binaries share.
 
+pub mod process;
+
 /// The processEvent plugin of the Node vm2 peer (`shared/bench/node_vm2_bench.js`), byte for
 /// byte: parse a URL, rename a property, add a field, rename the event with `config.suffix`.
 pub const BENCH_PLUGIN: &str = r#"
