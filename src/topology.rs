@@ -391,6 +391,9 @@ async fn start_writer(
     let writer_config = EventWriterConfig {
         max_batch_bytes: settings.kafka_max_message_batch_size as usize,
         flush_interval: std::time::Duration::from_millis(settings.kafka_flush_frequency_ms),
+        // Without Kafka, capture requests wait for their rows' write: no timer between them
+        // (KAFKA_FLUSH_FREQUENCY_MS batches Kafka's consumption, which is not there).
+        cut_when_free: kafka.is_none(),
         ..EventWriterConfig::default()
     };
     let writer_metrics = WriterMetrics::register(&base.metrics)?;

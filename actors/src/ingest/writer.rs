@@ -2,7 +2,8 @@
 //! acknowledging each `WriteRows` only once every row it carried is stored.
 //!
 //! A batch is cut when the buffer reaches `max_batch_bytes` (KAFKA_MAX_MESSAGE_BATCH_SIZE) or
-//! every `flush_interval` (KAFKA_FLUSH_FREQUENCY_MS). Up to `max_concurrent_flushes` batches are
+//! every `flush_interval` (KAFKA_FLUSH_FREQUENCY_MS), or, with `cut_when_free` (HTTP capture
+//! without Kafka, whose requests wait for their write), as soon as a flush slot is free. Up to `max_concurrent_flushes` batches are
 //! written at once, so encoding the next batch overlaps the insert of the previous one. A failed
 //! write is retried with exponential backoff, indefinitely: the Kafka offsets of its events are
 //! not committed until it succeeds, so giving up would lose nothing but would replay everything
@@ -56,6 +57,10 @@ pub struct EventWriterConfig {
     /// Health deadline while there is work: longer than any sane insert, shorter than an outage
     /// that needs a human.
     pub progress_deadline: Duration,
+    /// Write as soon as a flush slot is free, batching what arrives while the flushes run
+    /// (group commit), instead of waiting for `flush_interval`: for when a caller waits on its
+    /// write, as HTTP capture does without Kafka. Under load the batches grow by themselves.
+    pub cut_when_free: bool,
 }
 
 impl Default for EventWriterConfig {
@@ -68,6 +73,7 @@ impl Default for EventWriterConfig {
             retry_max: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             progress_deadline: Duration::from_secs(300),
+            cut_when_free: false,
         }
     }
 }
@@ -212,7 +218,12 @@ impl EventWriter {
                     // The requester may have gone away (e.g. an HTTP client disconnected).
                     let _ = waiter.send(reply.clone());
                 }
-                writer.start_flushes(ctx);
+                if writer.config.cut_when_free {
+                    // What arrived during the flush goes now, as one batch.
+                    writer.cut(ctx);
+                } else {
+                    writer.start_flushes(ctx);
+                }
                 if writer.is_idle() {
                     writer.progress.report_idle();
                     for drained in writer.drained.drain(..) {
@@ -321,7 +332,10 @@ impl Handler<WriteRows> for EventWriter {
         self.buffer_bytes += batch.approximate_size();
         self.buffer.batch.append(batch);
         self.buffer.waiters.push(sender);
-        if self.buffer_bytes >= self.config.max_batch_bytes {
+        let slot_free = self.in_flight < self.config.max_concurrent_flushes;
+        if self.buffer_bytes >= self.config.max_batch_bytes
+            || (self.config.cut_when_free && slot_free)
+        {
             self.cut(ctx);
         }
         Box::pin(async move { receiver.await.unwrap_or(Err(WriteError::Stopped)) })

@@ -212,6 +212,46 @@ async fn a_full_buffer_is_written_without_waiting_for_the_interval() {
     );
 }
 
+/// Group commit: a write starts at once when a flush slot is free, and what arrives while it
+/// runs goes together as soon as it is done; the interval (an hour here) plays no part.
+#[actix::test]
+async fn with_cut_when_free_writes_start_at_once_and_batch_behind_a_running_flush() {
+    let mut config = config();
+    config.flush_interval = Duration::from_secs(3600);
+    config.max_concurrent_flushes = 1;
+    config.cut_when_free = true;
+    let harness = start(config, ScriptedSink::gated());
+    let first = harness.writer.addr().send(WriteRows(events(1)));
+    tokio::pin!(first);
+    // Started: the flush is waiting at the sink's gate, not for the interval.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut first)
+            .await
+            .is_err()
+    );
+    let behind: Vec<_> = (0..2)
+        .map(|_| harness.writer.addr().send(WriteRows(events(2))))
+        .collect();
+    harness.sink.open_gate(1);
+    let first = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first write needs no interval");
+    assert_eq!(first.expect("delivered"), Ok(()));
+    harness.sink.open_gate(1);
+    let behind = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(behind))
+        .await
+        .expect("the writes behind it follow at once");
+    for reply in behind {
+        assert_eq!(reply.expect("delivered"), Ok(()));
+    }
+    assert_eq!(harness.sink.stored_events().len(), 5);
+    assert_eq!(
+        harness.sink.writes.load(Ordering::SeqCst),
+        2,
+        "the two writes that waited went as one batch"
+    );
+}
+
 #[actix::test]
 async fn requests_within_an_interval_share_one_write() {
     let harness = start(config(), ScriptedSink::default());
