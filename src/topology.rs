@@ -13,7 +13,8 @@ use plugin_server_actors::clickhouse_client::ClickHouseTarget;
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::definitions::{
-    DefinitionConfig, DefinitionsManager, PostgresDefinitionStore,
+    DefinitionConfig, DefinitionStore, DefinitionsManager, PostgresDefinitionStore,
+    SqliteDefinitionStore,
 };
 use plugin_server_actors::event::envelope::EnvelopeLimits;
 use plugin_server_actors::event::intake::EventIntake;
@@ -306,7 +307,8 @@ impl Base {
 }
 
 /// Teams, persons, groups, definitions and actions, each on Postgres when `DATABASE_URL` is
-/// set and in process otherwise (definitions and actions only exist with a PostHog database).
+/// set and in the embedded SQLite database otherwise (actions only exist with a PostHog
+/// database).
 async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerError> {
     let database = base.database.as_ref();
     let team_store: Arc<dyn TeamStore> = match (database, &base.embedded) {
@@ -342,12 +344,13 @@ async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerEr
         (None, Some(embedded)) => Arc::new(SqliteGroupStore::new(embedded.clone())),
         (None, None) => Arc::new(MemoryGroupStore::new()),
     };
-    let definitions = database.map(|pool| {
-        Arc::new(DefinitionsManager::new(
-            Arc::new(PostgresDefinitionStore::new(pool.clone())),
-            DefinitionConfig::default(),
-        ))
-    });
+    let definition_store: Option<Arc<dyn DefinitionStore>> = match (database, &base.embedded) {
+        (Some(pool), _) => Some(Arc::new(PostgresDefinitionStore::new(pool.clone()))),
+        (None, Some(embedded)) => Some(Arc::new(SqliteDefinitionStore::new(embedded.clone()))),
+        (None, None) => None,
+    };
+    let definitions = definition_store
+        .map(|store| Arc::new(DefinitionsManager::new(store, DefinitionConfig::default())));
     let actions = match database {
         Some(pool) => Some(
             ActionHooks::start(

@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0001_embedded.sql"),
     include_str!("../migrations/sqlite/0002_groups_jobs.sql"),
     include_str!("../migrations/sqlite/0003_plugin_ids.sql"),
+    include_str!("../migrations/sqlite/0004_definitions.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]

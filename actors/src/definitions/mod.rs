@@ -6,13 +6,16 @@
 //! - [`types`]: the type a property's first value gives it;
 //! - [`manager`]: what a batch adds, against caches, so that known events cost a hash lookup;
 //!   writes go in the background, off the ingestion path, as PostHog only logs their errors;
-//! - [`postgres`]: the writes, one statement per table per batch.
+//! - [`postgres`]: the writes, one statement per table per batch; [`sqlite`]: the embedded
+//!   profile's, one transaction per batch.
 
 pub mod manager;
 pub mod postgres;
+pub mod sqlite;
 pub mod types;
 
 pub use manager::{DefinitionConfig, DefinitionStore, DefinitionStoreError, DefinitionsManager};
 pub use manager::{NewDefinitions, PropertyDefinition, PropertyKind};
 pub use postgres::PostgresDefinitionStore;
+pub use sqlite::SqliteDefinitionStore;
 pub use types::{PropertyType, detect_property_type};
