@@ -431,3 +431,13 @@ impl HttpRecorder {
             .flatten()
     }
 }
+
+/// Posts `batch` to the server's `/batch` as posthog-python does, with `token`.
+pub async fn post_batch(addr: &str, token: &str, batch: serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/batch"))
+        .json(&serde_json::json!({"api_key": token, "batch": batch}))
+        .send()
+        .await
+        .expect("capture answered")
+}

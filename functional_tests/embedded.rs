@@ -6,17 +6,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::common::{ServerProcess, read_event_rows};
+use crate::common::{ServerProcess, post_batch as post, read_event_rows};
 use crate::plugins::plugin_for_team_one;
-
-async fn post(addr: &str, token: &str, batch: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("http://{addr}/batch"))
-        .json(&json!({"api_key": token, "batch": batch}))
-        .send()
-        .await
-        .expect("capture answered")
-}
 
 async fn capture(addr: &str, token: &str, event: &str, distinct_id: &str, properties: Value) {
     let response = post(

@@ -79,12 +79,8 @@ pub(crate) fn plugin_for_team_one(root: &Path, name: &str, source: &str) -> std:
 }
 
 async fn post_batch(addr: &str, token: &str, batch: Value) -> u16 {
-    reqwest::Client::new()
-        .post(format!("http://{addr}/batch"))
-        .json(&json!({"api_key": token, "batch": batch}))
-        .send()
+    common::post_batch(addr, token, batch)
         .await
-        .expect("capture answered")
         .status()
         .as_u16()
 }

@@ -1,7 +1,8 @@
 //! A benchmarked process from the outside: signals, and its CPU time and peak memory from
 //! `/proc`.
 
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 
@@ -13,6 +14,20 @@ pub fn signal(pid: u32, name: &str) -> Result<()> {
         .status()?;
     ensure!(status.success(), "kill -{name} {pid} failed");
     Ok(())
+}
+
+/// SIGTERM (a graceful drain) and up to 30 s for the exit; whether it exited. The caller's
+/// `Drop` kills what did not.
+pub fn stop_gracefully(child: &mut Child) -> Result<bool> {
+    signal(child.id(), "TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(false)
 }
 
 pub fn clock_ticks_per_second() -> f64 {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use plugin_server_bench::process::{
-    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, signal,
+    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, stop_gracefully,
 };
 use serde_json::{Value, json};
 
@@ -81,15 +81,10 @@ impl Server {
     }
 
     fn stop(mut self) -> Result<()> {
-        signal(self.pid, "TERM")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !stop_gracefully(&mut self.child)? {
+            bail!("the server did not stop within 30 s");
         }
-        bail!("the server did not stop within 30 s")
+        Ok(())
     }
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use plugin_server_bench::process::{
-    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, signal,
+    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, signal, stop_gracefully,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -704,15 +704,9 @@ impl Server {
 
     /// SIGTERM (a graceful drain), then SIGKILL if it has not exited within 30 s.
     fn stop(mut self) -> Result<()> {
-        signal(self.pid, "TERM")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !stop_gracefully(&mut self.child)? {
+            eprintln!("server did not stop within 30 s; killing it");
         }
-        eprintln!("server did not stop within 30 s; killing it");
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
-use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob};
+use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob, fail_stale};
 
 #[derive(Default)]
 pub struct MemoryJobStore {
@@ -148,11 +148,7 @@ impl JobStore for MemoryJobStore {
             .filter(|stored| stored.claimed_at.is_some_and(|at| at.elapsed() > timeout))
             .map(|stored| stored.job.clone())
             .collect();
-        for job in &stale {
-            self.fail(job, "the instance running it stopped answering")
-                .await?;
-        }
-        Ok(stale.len() as u64)
+        fail_stale(self, &stale).await
     }
 
     async fn wait_for_jobs(&self, timeout: Duration) {

@@ -107,6 +107,17 @@ pub enum JobStoreError {
     Rejected(String),
 }
 
+/// [`JobStore::release_stale`]'s end, the same for every store: each job claimed by an
+/// instance that stopped answering counts as a failed attempt; how many there were.
+async fn fail_stale<S: JobStore + ?Sized>(store: &S, stale: &[Job]) -> Result<u64, JobStoreError> {
+    for job in stale {
+        store
+            .fail(job, "the instance running it stopped answering")
+            .await?;
+    }
+    Ok(stale.len() as u64)
+}
+
 /// The queue.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {

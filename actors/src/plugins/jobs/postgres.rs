@@ -20,7 +20,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob, RetryPolicy};
+use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob, RetryPolicy, fail_stale};
 
 /// The NOTIFY channel.
 pub const JOBS_CHANNEL: &str = "plugin_server_jobs";
@@ -256,11 +256,7 @@ impl JobStore for PostgresJobStore {
                 .map(job_from_row)
                 .collect::<Result<Vec<_>, _>>()?
         };
-        for job in &stale {
-            self.fail(job, "the instance running it stopped answering")
-                .await?;
-        }
-        Ok(stale.len() as u64)
+        fail_stale(self, &stale).await
     }
 
     async fn wait_for_jobs(&self, timeout: Duration) {

@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob, RetryPolicy};
+use super::{FailOutcome, Job, JobStore, JobStoreError, NewJob, RetryPolicy, fail_stale};
 use crate::sqlite::Sqlite;
 
 pub struct SqliteJobStore {
@@ -194,11 +194,7 @@ impl JobStore for SqliteJobStore {
                 .collect::<Result<_, _>>()
                 .map_err(unavailable)?
         };
-        for job in &stale {
-            self.fail(job, "the instance running it stopped answering")
-                .await?;
-        }
-        Ok(stale.len() as u64)
+        fail_stale(self, &stale).await
     }
 
     async fn wait_for_jobs(&self, timeout: Duration) {
