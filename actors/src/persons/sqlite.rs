@@ -89,6 +89,27 @@ fn person_by_distinct_id(
         .optional()
 }
 
+/// Which person row (and version) `distinct_id` points at, without reading the person: what a
+/// version check needs, minus decoding the properties.
+fn version_of(
+    connection: &Connection,
+    team_id: i64,
+    distinct_id: &str,
+) -> rusqlite::Result<Option<PersonVersion>> {
+    connection
+        .prepare_cached(
+            "SELECT p.id, p.version FROM person_distinct_ids d \
+             JOIN persons p ON p.id = d.person_id WHERE d.team_id = ?1 AND d.distinct_id = ?2",
+        )?
+        .query_row(params![team_id, distinct_id], |row| {
+            Ok(PersonVersion {
+                id: row.get(0)?,
+                version: row.get(1)?,
+            })
+        })
+        .optional()
+}
+
 fn distinct_id_taken(
     connection: &Connection,
     team_id: i64,
@@ -266,9 +287,8 @@ impl SqliteTransaction {
         distinct_id: &str,
         person: &Person,
     ) -> Result<WriteOutcome, PersonStoreError> {
-        let stored = person_by_distinct_id(&self.connection, person.team_id, distinct_id)
-            .map_err(classify)?;
-        if stored.as_ref().map(PersonVersion::from) != Some(PersonVersion::from(person)) {
+        let stored = version_of(&self.connection, person.team_id, distinct_id).map_err(classify)?;
+        if stored != Some(PersonVersion::from(person)) {
             return Ok(WriteOutcome::Lost);
         }
         Ok(
