@@ -250,9 +250,12 @@ impl ServerProcess {
                 }
             }
         });
-        let started = receiver
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the server logged its start within 60 s");
+        let Ok(started) = receiver.recv_timeout(std::time::Duration::from_secs(60)) else {
+            // Not left running behind the failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not log its start within 60 s (its warnings are above)");
+        };
         Self { child, started }
     }
 
