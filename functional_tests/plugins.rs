@@ -85,6 +85,32 @@ async fn post_batch(addr: &str, token: &str, batch: Value) -> u16 {
         .as_u16()
 }
 
+/// The error message `posthog_pluginconfig` row `id` records, once it has one and `state`
+/// accepts its `enabled` (within 10 s).
+async fn config_error_once(
+    client: &tokio_postgres::Client,
+    id: i32,
+    state: impl Fn(bool) -> bool,
+    what: &str,
+) -> String {
+    crate::ingestion::wait_for_up_to(
+        Duration::from_secs(10),
+        &format!("config {id} {what}"),
+        async || {
+            let row = client
+                .query_one(
+                    "SELECT enabled, error FROM posthog_pluginconfig WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .ok()?;
+            let error: Value = row.get::<_, Option<Value>>(1)?;
+            state(row.get(0)).then(|| error["message"].as_str().unwrap_or_default().to_owned())
+        },
+    )
+    .await
+}
+
 async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -590,56 +616,21 @@ async fn plugins_load_from_posthog_tables_failed_setups_disable_and_load_failure
     assert_eq!(cached.as_deref(), Some(r#""d1""#));
 
     // PostHog records the error on the config and disables it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT enabled, error FROM posthog_pluginconfig WHERE id = 12",
-                &[],
-            )
-            .await
-            .unwrap();
-        let enabled: bool = row.get(0);
-        let error: Option<Value> = row.get(1);
-        if !enabled {
-            let message = error.expect("an error")["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            assert!(message.contains("missing API key"), "{message}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the failed config was not disabled"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let message = config_error_once(&client, 12, |enabled| !enabled, "disabled").await;
+    assert!(message.contains("missing API key"), "{message}");
     // A plugin that cannot load here (a module outside the allow-list) gets its error
     // recorded but stays enabled: PostHog's own server, sharing the database, may run it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT enabled, error FROM posthog_pluginconfig WHERE id = 15",
-                &[],
-            )
-            .await
-            .unwrap();
-        let enabled: bool = row.get(0);
-        let error: Option<Value> = row.get(1);
-        if let Some(error) = error {
-            let message = error["message"].as_str().unwrap_or_default().to_owned();
-            assert!(message.contains("snowflake-sdk"), "{message}");
-            assert!(enabled, "a plugin that cannot load is not disabled");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the load failure was not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let message = config_error_once(&client, 15, |_| true, "given its load error").await;
+    assert!(message.contains("snowflake-sdk"), "{message}");
+    let enabled: bool = client
+        .query_one(
+            "SELECT enabled FROM posthog_pluginconfig WHERE id = 15",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(enabled, "a plugin that cannot load is not disabled");
     drop(server);
     drop(client);
     database.drop_database().await;

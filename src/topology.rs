@@ -186,7 +186,7 @@ impl Topology {
             }
         }
         let known_tokens = (base.embedded.is_some()
-            && settings.embedded_unknown_tokens == "refuse")
+            && unknown_tokens(settings) == UnknownTokens::Refuse)
             .then(|| Arc::clone(&steps.teams));
         Ok(Self {
             metrics: base.metrics,
@@ -315,13 +315,9 @@ async fn start_steps(settings: &Settings, base: &Base) -> Result<Steps, ServerEr
         (Some(pool), _) => Arc::new(PostgresTeamStore::new(pool.clone())),
         (None, Some(embedded)) => {
             let path = &settings.plugins_config_file;
-            let unknown = match settings.embedded_unknown_tokens.as_str() {
-                "refuse" => UnknownTokens::Refuse,
-                _ => UnknownTokens::Create,
-            };
-            Arc::new(
-                SqliteTeamStore::new(embedded.clone(), &named_teams(path)?, path, unknown).await?,
-            )
+            let named = named_teams(path)?;
+            let unknown = unknown_tokens(settings);
+            Arc::new(SqliteTeamStore::new(embedded.clone(), &named, path, unknown).await?)
         }
         (None, None) => Arc::new(EmbeddedTeamStore::new()),
     };
@@ -915,6 +911,14 @@ async fn telemetry_destination(
         logs_topic,
         metrics_topic,
     }))
+}
+
+/// EMBEDDED_UNKNOWN_TOKENS (validated by the settings: `create` or `refuse`).
+fn unknown_tokens(settings: &Settings) -> UnknownTokens {
+    match settings.embedded_unknown_tokens.as_str() {
+        "refuse" => UnknownTokens::Refuse,
+        _ => UnknownTokens::Create,
+    }
 }
 
 /// Where the embedded profile keeps its state: `BASE_DIR/data/plugin-server.db`.

@@ -162,28 +162,28 @@ impl SqliteTeamStore {
     }
 }
 
+/// Inserts the team, numbered after the highest id when `id` is `None` and named "Team <id>"
+/// when `name` is; one statement, answering the row.
 fn insert(
     connection: &rusqlite::Connection,
     id: Option<i64>,
     token: &str,
     name: Option<&str>,
-) -> rusqlite::Result<i64> {
-    connection.execute(
-        "INSERT INTO teams (id, uuid, api_token, name, created_at) VALUES (?1, ?2, ?3, '', ?4)",
+) -> rusqlite::Result<Team> {
+    connection.query_row(
+        "INSERT INTO teams (id, uuid, api_token, name, created_at) \
+         SELECT new.id, ?2, ?3, coalesce(?4, 'Team ' || new.id), ?5 \
+         FROM (SELECT coalesce(?1, (SELECT coalesce(max(id), 0) + 1 FROM teams)) AS id) AS new \
+         RETURNING id, uuid, api_token, name",
         params![
             id,
             Uuid::now_v7().to_string(),
             token,
+            name,
             Utc::now().to_rfc3339()
         ],
-    )?;
-    let id = connection.last_insert_rowid();
-    let name = name.map_or_else(|| format!("Team {id}"), str::to_owned);
-    connection.execute(
-        "UPDATE teams SET name = ?1 WHERE id = ?2",
-        params![name, id],
-    )?;
-    Ok(id)
+        team,
+    )
 }
 
 fn team(row: &rusqlite::Row<'_>) -> rusqlite::Result<Team> {
@@ -218,16 +218,13 @@ impl TeamStore for SqliteTeamStore {
         if found.is_some() || self.unknown == UnknownTokens::Refuse {
             return Ok(found);
         }
-        let id = insert(&connection, None, token, None).map_err(unavailable)?;
+        let created = insert(&connection, None, token, None).map_err(unavailable)?;
         tracing::info!(
             token,
-            team_id = id,
+            team_id = created.id,
             "a new token is now a team (EMBEDDED_UNKNOWN_TOKENS=create; `refuse` turns this off)"
         );
-        connection
-            .query_row(select, [token], team)
-            .optional()
-            .map_err(unavailable)
+        Ok(Some(created))
     }
 
     async fn by_id(&self, id: i64) -> Result<Option<Team>, TeamStoreError> {
