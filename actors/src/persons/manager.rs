@@ -145,6 +145,15 @@ impl PersonMetrics {
 
 type CacheKey = (i64, String);
 
+/// Distinct ids come from clients, and the cache outlives a batch: a seeded hasher of good
+/// quality, still several times cheaper than SipHash.
+type CacheHasher = foldhash::quality::RandomState;
+
+/// For maps that live one batch.
+type BatchHasher = foldhash::fast::RandomState;
+
+type PersonCache = LruCache<CacheKey, Cached, CacheHasher>;
+
 /// The latest known state of one distinct id's person: within a batch, and in the cache
 /// between batches.
 #[derive(Clone)]
@@ -158,9 +167,13 @@ struct Known {
 
 impl Known {
     fn new(person: Person) -> Self {
+        Self::of(Arc::new(person))
+    }
+
+    fn of(person: Arc<Person>) -> Self {
         Self {
             event_person: EventPerson::of(&person),
-            person: Arc::new(person),
+            person,
         }
     }
 }
@@ -181,6 +194,8 @@ struct IdEvents<'a> {
     fresh: Option<Known>,
     /// The person as of the events answered so far (from the snapshot, then the step).
     known: Option<Known>,
+    /// Its first event is known to change `known`: none of its events is answered from memory.
+    changes_first: bool,
 }
 
 /// Answers counted per batch rather than per event.
@@ -195,14 +210,14 @@ struct Lookups {
 pub struct PersonManager {
     store: SharedPersonStore,
     config: PersonConfig,
-    cache: Option<Mutex<LruCache<CacheKey, Cached>>>,
+    cache: Option<Mutex<PersonCache>>,
     metrics: Option<PersonMetrics>,
 }
 
 impl PersonManager {
     pub fn new(store: SharedPersonStore, config: PersonConfig) -> Self {
-        let cache =
-            NonZeroUsize::new(config.cache_size).map(|size| Mutex::new(LruCache::new(size)));
+        let cache = NonZeroUsize::new(config.cache_size)
+            .map(|size| Mutex::new(LruCache::with_hasher(size, CacheHasher::default())));
         Self {
             store,
             config,
@@ -265,6 +280,7 @@ impl PersonManager {
             }
             if checked_by_write(id) {
                 id.known = id.held.clone();
+                id.changes_first = true;
             } else {
                 wanted.push(n);
             }
@@ -318,6 +334,9 @@ impl PersonManager {
             let confirmed_before = lookups.snapshot;
             let mut answered = 0;
             for &index in &id.indices {
+                if id.changes_first {
+                    break;
+                }
                 let event = &events[index];
                 let Some(outcome) =
                     self.answer_from_memory(event, &mut id.fresh, id.known.as_ref(), &mut lookups)
@@ -430,13 +449,16 @@ impl PersonManager {
             }
         };
         let mut outcomes = outcomes.into_iter();
+        let mut writes = writes.into_iter();
         let mut lost = Vec::new();
         let mut learned = Vec::new();
-        for (((indices, _), plan), writes) in ids.into_iter().zip(plans).zip(writes_person) {
-            let stored = if writes {
-                match outcomes.next() {
-                    Some(WriteOutcome::Stored(person)) => Some(person),
-                    Some(WriteOutcome::Lost) | None => {
+        for (((indices, _), plan), wrote) in ids.into_iter().zip(plans).zip(writes_person) {
+            let stored = if wrote {
+                match (outcomes.next(), writes.next()) {
+                    (Some(WriteOutcome::Stored(version)), Some(write)) => {
+                        Some(Arc::new(stored_person(write, version)))
+                    }
+                    _ => {
                         if let Some(metrics) = &self.metrics {
                             metrics.lost_writes.inc();
                         }
@@ -471,7 +493,7 @@ impl PersonManager {
                 };
                 let known = Known {
                     event_person: answers[position].person.clone(),
-                    person: Arc::new(person.clone()),
+                    person: Arc::clone(&person),
                 };
                 // Every distinct id of the plan (two, after a merge) now has this person.
                 let mut plan_ids: Vec<&PersonEvent> = Vec::with_capacity(1);
@@ -512,7 +534,8 @@ impl PersonManager {
 
     /// The batch's events by distinct id, each with what the cache holds for it (one lock).
     fn group_by_distinct_id<'a>(&self, events: &'a [PersonEvent]) -> Vec<IdEvents<'a>> {
-        let mut positions: HashMap<(i64, &str), usize> = HashMap::new();
+        let mut positions: HashMap<(i64, &str), usize, BatchHasher> =
+            HashMap::with_capacity_and_hasher(events.len(), BatchHasher::default());
         let mut ids: Vec<IdEvents<'a>> = Vec::new();
         for (index, event) in events.iter().enumerate() {
             let key = (event.team_id, event.distinct_id.as_str());
@@ -523,6 +546,7 @@ impl PersonManager {
                     held: None,
                     fresh: None,
                     known: None,
+                    changes_first: false,
                 });
                 ids.len() - 1
             });
@@ -618,7 +642,7 @@ impl PersonManager {
                 metrics.merged.inc();
             }
         }
-        let learned = Known::new(resolution.person.clone());
+        let learned = Known::of(Arc::clone(&resolution.person));
         let person = learned.event_person.clone();
         self.remember(event.team_id, &resolution.distinct_ids, &learned);
         *known = Some(learned);
@@ -643,14 +667,9 @@ impl PersonManager {
         };
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
         let stored_at = Instant::now();
+        let mut key = (team_id, String::new());
         for distinct_id in distinct_ids {
-            cache.put(
-                (team_id, distinct_id.clone()),
-                Cached {
-                    known: known.clone(),
-                    stored_at,
-                },
-            );
+            cache_put(&mut cache, &mut key, distinct_id, known, stored_at);
         }
     }
 
@@ -664,14 +683,10 @@ impl PersonManager {
         }
         let mut cache = cache.lock().unwrap_or_else(PoisonError::into_inner);
         let stored_at = Instant::now();
+        let mut key = (0, String::new());
         for (team_id, distinct_id, known) in learned {
-            cache.put(
-                (*team_id, (*distinct_id).to_owned()),
-                Cached {
-                    known: known.clone(),
-                    stored_at,
-                },
-            );
+            key.0 = *team_id;
+            cache_put(&mut cache, &mut key, distinct_id, known, stored_at);
         }
     }
 
@@ -685,11 +700,50 @@ impl PersonManager {
     }
 }
 
+/// Caches `known` for `(key.0, distinct_id)`, most recently used. An id already cached (the
+/// steady state) is updated in place, without allocating a key; `key` is the caller's buffer.
+fn cache_put(
+    cache: &mut PersonCache,
+    key: &mut CacheKey,
+    distinct_id: &str,
+    known: &Known,
+    stored_at: Instant,
+) {
+    key.1.clear();
+    key.1.push_str(distinct_id);
+    let fresh = Cached {
+        known: known.clone(),
+        stored_at,
+    };
+    match cache.get_mut(&*key) {
+        Some(cached) => *cached = fresh,
+        None => {
+            cache.put(key.clone(), fresh);
+        }
+    }
+}
+
+/// The person a batched write stored: what was written, under the row id and version the
+/// store answered.
+fn stored_person(write: PersonWrite, stored: PersonVersion) -> Person {
+    match write {
+        PersonWrite::Update { person, .. } => Person {
+            version: stored.version,
+            ..person
+        },
+        PersonWrite::Create { person, .. } => Person {
+            version: stored.version,
+            ..person.stored(stored.id)
+        },
+    }
+}
+
 /// Joins the events of distinct ids that share a known person (two ids after a merge), in
 /// batch order, so that the person is planned and written once: two writes of one person in
 /// one batch would race each other, and the second would always be lost.
 fn together_by_person(ids: Vec<(Vec<usize>, Option<Known>)>) -> Vec<(Vec<usize>, Option<Known>)> {
-    let mut by_person: HashMap<i64, usize> = HashMap::new();
+    let mut by_person: HashMap<i64, usize, BatchHasher> =
+        HashMap::with_capacity_and_hasher(ids.len(), BatchHasher::default());
     let mut joined: Vec<(Vec<usize>, Option<Known>)> = Vec::with_capacity(ids.len());
     for (indices, known) in ids {
         if let Some(person_id) = known.as_ref().map(|known| known.person.id) {

@@ -26,7 +26,7 @@ use crate::postgres::Failure;
 
 use super::store::{
     MovedDistinctId, NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction,
-    PersonWrite, SnapshotEntry, SnapshotKey, WriteOutcome,
+    PersonVersion, PersonWrite, SnapshotEntry, SnapshotKey, WriteOutcome,
 };
 
 pub struct PostgresPersonStore {
@@ -73,8 +73,8 @@ impl PersonStore for PostgresPersonStore {
         for part in [updated, created] {
             match part {
                 Ok(stored) => {
-                    for (n, person) in stored {
-                        outcomes[n] = WriteOutcome::Stored(person);
+                    for (n, version) in stored {
+                        outcomes[n] = WriteOutcome::Stored(version);
                     }
                 }
                 Err(error @ PersonStoreError::Unavailable(_)) => return Err(error),
@@ -125,7 +125,7 @@ impl PostgresPersonStore {
     async fn write_updates(
         &self,
         writes: &[PersonWrite],
-    ) -> Result<Vec<(usize, Person)>, PersonStoreError> {
+    ) -> Result<Vec<(usize, PersonVersion)>, PersonStoreError> {
         let mut updates: Vec<(usize, &Person)> = writes
             .iter()
             .enumerate()
@@ -155,9 +155,9 @@ impl PostgresPersonStore {
                 if let Some(&version) = versions.get(&person.id) {
                     stored.push((
                         *n,
-                        Person {
+                        PersonVersion {
+                            id: person.id,
                             version,
-                            ..(*person).clone()
                         },
                     ));
                 }
@@ -203,7 +203,7 @@ impl PostgresPersonStore {
     async fn write_creates(
         &self,
         writes: &[PersonWrite],
-    ) -> Result<Vec<(usize, Person)>, PersonStoreError> {
+    ) -> Result<Vec<(usize, PersonVersion)>, PersonStoreError> {
         let mut creates: Vec<(usize, &str, &NewPerson)> = writes
             .iter()
             .enumerate()
@@ -307,7 +307,7 @@ impl PostgresPersonStore {
             .into_iter()
             .zip(person_ids)
             .filter(|(_, id)| linked.contains(id))
-            .map(|((n, _, person), id)| (n, person.clone().stored(id)))
+            .map(|((n, _, _), id)| (n, PersonVersion { id, version: 0 }))
             .collect())
     }
 

@@ -260,7 +260,7 @@ impl PersonStore for SqlitePersonStore {
                     .create_person(person.clone(), &[distinct_id.as_str()])
                     .await
                 {
-                    Ok(stored) => WriteOutcome::Stored(stored),
+                    Ok(stored) => WriteOutcome::Stored(PersonVersion::from(&stored)),
                     Err(PersonStoreError::Conflict(_) | PersonStoreError::Rejected(_)) => {
                         WriteOutcome::Lost
                     }
@@ -293,7 +293,7 @@ impl SqliteTransaction {
         }
         Ok(
             match update_person(&self.connection, person, Some(person.version)) {
-                Ok(Some(stored)) => WriteOutcome::Stored(stored),
+                Ok(Some(stored)) => WriteOutcome::Stored(PersonVersion::from(&stored)),
                 Ok(None) | Err(PersonStoreError::Conflict(_) | PersonStoreError::Rejected(_)) => {
                     WriteOutcome::Lost
                 }

@@ -8,6 +8,8 @@
 //! rows it returns, a retry sees the winner's changes and builds on them, so two instances
 //! identifying the same user at once end with one person holding both events' properties.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -67,8 +69,9 @@ pub fn uuid_from_distinct_id(team_id: i64, distinct_id: &str) -> Uuid {
 /// The outcome of the person step for one event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolution {
-    /// The person the event belongs to, as stored after the event.
-    pub person: Person,
+    /// The person the event belongs to, as stored after the event; shared with the person
+    /// step's cache.
+    pub person: Arc<Person>,
     /// Distinct ids now known to belong to `person` (the event's own first).
     pub distinct_ids: Vec<String>,
     /// The person a merge folded into `person` and deleted.
@@ -142,7 +145,7 @@ pub async fn resolve(
                     created,
                 } = attempt.rows;
                 return Ok(Resolution {
-                    person,
+                    person: Arc::new(person),
                     distinct_ids,
                     merged_person,
                     person_rows,

@@ -102,8 +102,10 @@ pub enum PersonWrite {
 /// What became of one [`PersonWrite`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOutcome {
-    /// Written; the person as stored, with its new version (0 for a new person).
-    Stored(Person),
+    /// Written: the person's row id (assigned by the store for a new person) and its new
+    /// version (0 for a new person). The caller holds the rest of what it wrote, so nothing
+    /// is copied back.
+    Stored(PersonVersion),
     /// Someone changed the person (or took the distinct id) first: nothing was written, and
     /// the caller applies its events again on what is stored now.
     Lost,
@@ -216,7 +218,7 @@ pub trait PersonStore: Send + Sync + 'static {
             };
             let outcome = match written {
                 Ok(stored) => match transaction.commit().await {
-                    Ok(()) => WriteOutcome::Stored(stored),
+                    Ok(()) => WriteOutcome::Stored(PersonVersion::from(&stored)),
                     Err(PersonStoreError::Conflict(_)) => WriteOutcome::Lost,
                     Err(error) => return Err(error),
                 },
