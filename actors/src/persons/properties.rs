@@ -116,10 +116,19 @@ pub fn apply_updates(
             changed = true;
         }
     }
+    // A key the person has is overwritten in place: one hash lookup and no copy of the key.
+    // The map hashes with SipHash, and this runs for every property of every `$set`.
     for (key, value) in set {
-        if properties.get(key) != Some(value) {
-            properties.insert(key.clone(), value.clone());
-            changed = true;
+        match properties.get_mut(key) {
+            Some(existing) if existing == value => {}
+            Some(existing) => {
+                existing.clone_from(value);
+                changed = true;
+            }
+            None => {
+                properties.insert(key.clone(), value.clone());
+                changed = true;
+            }
         }
     }
     for key in unset {
