@@ -206,6 +206,7 @@ mod tests {
         assert_eq!(mask_value("phx_0123456789abcdef").len(), 11);
     }
 
+    #[cfg(feature = "integration-tests")]
     fn in_process_cache() -> Arc<dyn CacheStore> {
         Arc::new(crate::cluster::cache::InProcessCache::new(
             crate::cluster::cache::InProcessCacheBackend::new(),
