@@ -149,6 +149,12 @@ pub struct Settings {
     pub tasks_per_worker: usize,
     /// Seconds.
     pub task_timeout: u64,
+    /// Not PostHog's: megabytes of heap the plugin VMs may hold in all (as each took it to
+    /// load), shared equally by the worker threads; above it the least recently used VMs are
+    /// torn down. 0: no limit.
+    pub plugin_vm_memory_budget_mb: u64,
+    /// Not PostHog's: a plugin VM unused this many seconds is torn down. 0: never.
+    pub plugin_vm_idle_teardown_seconds: u64,
 
     pub base_dir: PathBuf,
     pub plugins_reload_pubsub_channel: String,
@@ -664,6 +670,19 @@ impl Settings {
 
     pub fn task_timeout(&self) -> Duration {
         Duration::from_secs(self.task_timeout)
+    }
+
+    /// PLUGIN_VM_MEMORY_BUDGET_MB as each worker's share in bytes (`None`: no limit).
+    pub fn plugin_vm_budget_per_worker(&self) -> Option<i64> {
+        let total = self.plugin_vm_memory_budget_mb.checked_mul(1024 * 1024)?;
+        let workers = u64::try_from(self.worker_threads()).unwrap_or(1).max(1);
+        (total > 0).then(|| i64::try_from(total / workers).unwrap_or(i64::MAX))
+    }
+
+    /// PLUGIN_VM_IDLE_TEARDOWN_SECONDS (`None`: never).
+    pub fn plugin_vm_idle(&self) -> Option<Duration> {
+        (self.plugin_vm_idle_teardown_seconds > 0)
+            .then(|| Duration::from_secs(self.plugin_vm_idle_teardown_seconds))
     }
 
     pub fn healthcheck_max_stale(&self) -> Duration {

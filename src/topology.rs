@@ -66,6 +66,7 @@ use plugin_server_actors::plugins::outputs::{PluginOutputs, ServerOutputs};
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
+use plugin_server_actors::plugins::worker::VmRetention;
 use plugin_server_actors::plugins::post_ingestion::{
     PostIngestionConsumer, PostIngestionPublisher,
 };
@@ -824,6 +825,10 @@ async fn start_plugins(
             ..VmLimits::default()
         },
         setup_retry_base: std::time::Duration::from_secs(5),
+        retention: VmRetention {
+            budget_bytes: settings.plugin_vm_budget_per_worker(),
+            idle: settings.plugin_vm_idle(),
+        },
     };
     let pool = PluginVmPool::start(config, host_factory, outputs.clone(), metrics)?;
     tracing::info!(

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use actix::prelude::*;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments,
 use crate::plugins::runtime::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
     ConfigError, ConfigFailure, FlushExports, Inspect, NotReady, ProcessEvents, Retire, RunAsync,
-    RunJob, RunScheduled, SideEffects, TeardownAll, VmWorker,
+    RunJob, RunScheduled, SideEffects, Sweep, TeardownAll, VmRetention, VmWorker,
 };
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -79,6 +79,8 @@ pub struct PluginVmPoolConfig {
     pub limits: VmLimits,
     /// The first backoff of a setupPlugin that threw RetryError (PostHog: 5 s, doubling).
     pub setup_retry_base: Duration,
+    /// When VMs are torn down; the budget here is each worker's share.
+    pub retention: VmRetention,
 }
 
 /// Builds the host services of a worker thread, on that thread.
@@ -141,6 +143,7 @@ struct WorkerSlot {
 #[derive(Clone)]
 struct PoolMetrics {
     method_duration: HistogramVec,
+    vms_torn_down: IntCounterVec,
     workers_replaced: IntCounter,
     events_failed: IntCounter,
     events_dropped: IntCounter,
@@ -158,6 +161,13 @@ impl PoolMetrics {
                 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
             ]),
             &["method"],
+        )?;
+        let vms_torn_down = IntCounterVec::new(
+            Opts::new(
+                "plugin_vms_torn_down_total",
+                "Plugin VMs torn down while their config stayed, by reason: over PLUGIN_VM_MEMORY_BUDGET_MB (budget) or unused for PLUGIN_VM_IDLE_TEARDOWN_SECONDS (idle).",
+            ),
+            &["reason"],
         )?;
         let workers_replaced = IntCounter::with_opts(Opts::new(
             "plugin_vm_workers_replaced_total",
@@ -180,6 +190,9 @@ impl PoolMetrics {
             .register(Box::new(method_duration.clone()))?;
         metrics
             .registry()
+            .register(Box::new(vms_torn_down.clone()))?;
+        metrics
+            .registry()
             .register(Box::new(workers_replaced.clone()))?;
         metrics
             .registry()
@@ -192,6 +205,7 @@ impl PoolMetrics {
             .register(Box::new(configs_loaded.clone()))?;
         Ok(Self {
             method_duration,
+            vms_torn_down,
             workers_replaced,
             events_failed,
             events_dropped,
@@ -269,6 +283,7 @@ impl PluginVmPool {
             }),
         };
         pool.spawn_watchdog();
+        pool.spawn_sweeper();
         Ok(pool)
     }
 
@@ -593,6 +608,7 @@ impl PluginVmPool {
                 Some(serde_json::json!({
                     "worker": index,
                     "vms": slot.load.vms.load(Ordering::Relaxed),
+                    "vms_torn_down": slot.load.evicted.load(Ordering::Relaxed),
                     "vm_heap_bytes_at_load": slot.load.vm_heap_bytes_at_load.load(Ordering::Relaxed),
                     "busy_ms": busy.map(|(for_, _)| for_.as_millis() as u64),
                     "busy_plugin_config_id": busy.map(|(_, id)| id),
@@ -604,6 +620,7 @@ impl PluginVmPool {
             "configs": self.plugins().config_count(),
             "vms": total("vms"),
             "vm_heap_bytes_at_load": total("vm_heap_bytes_at_load"),
+            "vms_torn_down": total("vms_torn_down"),
             "workers_replaced": self.inner.metrics.workers_replaced.get(),
             "workers": workers,
         })
@@ -622,6 +639,34 @@ impl PluginVmPool {
                 self.inner.outputs.side_effects(reply.side);
             }
         }
+    }
+
+    /// With an idle time set, has every worker tear down its idle VMs a few times per idle
+    /// time, so that a worker that gets no requests gives its memory back as well.
+    fn spawn_sweeper(&self) {
+        let Some(idle) = self.inner.config.retention.idle else {
+            return;
+        };
+        let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        let pool = Arc::downgrade(&self.inner);
+        actix::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(inner) = pool.upgrade() else { return };
+                let pool = PluginVmPool { inner };
+                let configs: Vec<Arc<LoadedConfig>> = pool.plugins().configs().cloned().collect();
+                for index in 0..pool.inner.workers.len() {
+                    if let Sent::Reply(reply) = pool
+                        .send_to(index, |request_id| Sweep { request_id })
+                        .await
+                    {
+                        pool.deliver(reply.side, &configs);
+                    }
+                }
+            }
+        });
     }
 
     fn spawn_watchdog(&self) {
@@ -708,13 +753,16 @@ fn spawn_worker(
         let limits = config.limits.clone();
         let retry = config.setup_retry_base;
         let durations = metrics.method_duration.clone();
+        let evictions = metrics.vms_torn_down.clone();
+        let retention = config.retention;
         move || {
             let instruments = WorkerInstruments {
                 heartbeat: Arc::clone(&heartbeat),
                 load: Arc::clone(&load),
                 durations: durations.clone(),
+                evictions: evictions.clone(),
             };
-            VmWorker::new(host_factory(), limits.clone(), retry, instruments)
+            VmWorker::new(host_factory(), limits.clone(), retry, retention, instruments)
         }
     };
     WorkerSlot {

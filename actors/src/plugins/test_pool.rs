@@ -92,6 +92,7 @@ pub(crate) async fn start(
             ..VmLimits::default()
         },
         setup_retry_base: Duration::from_millis(50),
+        retention: crate::plugins::worker::VmRetention::default(),
     };
     let metrics = Metrics::new().expect("metrics");
     let pool = PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::Utc;
+use prometheus::IntCounterVec;
 use serde_json::Value;
 
 use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
@@ -31,6 +32,22 @@ use super::{LoadedConfig, LogLevel, LogSource, PluginLogEntry};
 
 /// PostHog retries a setupPlugin that throws RetryError this many times in all.
 const SETUP_ATTEMPTS: u32 = 5;
+
+/// When a worker tears down VMs it holds. A built VM costs about half a megabyte however
+/// little its plugin does, so with thousands of configs only the recently used ones can stay
+/// built; a torn-down config is built and set up again on its next use, as after a reload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmRetention {
+    /// Heap this worker's VMs may hold, counted as each took it to load; above it the least
+    /// recently used are torn down. `None`: no limit.
+    pub budget_bytes: Option<i64>,
+    /// A VM unused this long is torn down. `None`: never.
+    pub idle: Option<Duration>,
+}
+
+/// Once over the budget, VMs are torn down until their heap is this share of it, so that a
+/// worker at its budget does not tear one down on every call.
+const BUDGET_LOW_WATER_PERCENT: i64 = 90;
 
 /// Why a config's VM cannot be called now. The text is each event's failure for the config in
 /// a processEvent chain and, once the config is disabled, its recorded error.
@@ -128,6 +145,14 @@ pub struct Retire {
 #[derive(Message)]
 #[rtype(result = "WorkerReply<()>")]
 pub struct TeardownAll;
+
+/// Tear down the VMs unused for the idle time (sent periodically by the pool, so that a quiet
+/// worker gives its memory back too).
+#[derive(Message)]
+#[rtype(result = "WorkerReply<()>")]
+pub struct Sweep {
+    pub request_id: u64,
+}
 
 /// A reply and what the calls produced on the side.
 #[derive(Debug, Default)]
@@ -246,14 +271,19 @@ struct Slot {
     buffer: ExportBuffer,
     /// Net heap bytes allocated while the current VM loaded.
     vm_bytes: i64,
+    /// When a call last made this config ready (or its VM was built).
+    last_used: Instant,
 }
 
 pub struct VmWorker {
     heartbeat: Arc<Heartbeat>,
     load: Arc<WorkerLoad>,
+    /// `plugin_vms_torn_down_total{reason}`.
+    evictions: IntCounterVec,
     host: Rc<dyn PluginHost>,
     limits: VmLimits,
     setup_retry_base: Duration,
+    retention: VmRetention,
     slots: HashMap<i64, Slot>,
 }
 
@@ -263,17 +293,21 @@ impl VmWorker {
         host: Rc<dyn PluginHost>,
         limits: VmLimits,
         setup_retry_base: Duration,
+        retention: VmRetention,
         instruments: WorkerInstruments,
     ) -> Self {
         let heartbeat = Arc::clone(&instruments.heartbeat);
         let load = Arc::clone(&instruments.load);
+        let evictions = instruments.evictions.clone();
         install_instruments(instruments);
         Self {
             heartbeat,
             load,
+            evictions,
             host,
             limits,
             setup_retry_base,
+            retention,
             slots: HashMap::new(),
         }
     }
@@ -298,6 +332,7 @@ impl VmWorker {
                 export: ExportSettings::from_config(&config.config),
                 buffer: ExportBuffer::default(),
                 vm_bytes: 0,
+                last_used: Instant::now(),
             });
         if let SetupState::Failed(error) = &slot.setup {
             return Err(error.clone());
@@ -366,6 +401,7 @@ impl VmWorker {
         let Some(slot) = self.slots.get_mut(&identity.plugin_config_id) else {
             return Err(NotReady::VmMissing);
         };
+        slot.last_used = Instant::now();
         let attempts = match slot.setup {
             SetupState::Done => return Ok(()),
             SetupState::RetryAt { at, attempts } if Instant::now() < at => {
@@ -416,23 +452,74 @@ impl VmWorker {
     }
 
     fn teardown(&mut self, mut slot: Slot, side: &mut SideEffects) {
-        // PostHog flushes the export buffer before teardown.
-        if !slot.buffer.is_empty() && matches!(slot.setup, SetupState::Done) {
-            let events = slot.buffer.take();
-            export(&mut slot, events, 0, side);
-        }
-        if let (Some(mut vm), SetupState::Done) = (slot.vm, slot.setup) {
-            let identity = vm.identity().clone();
-            let (result, effects) = vm.call(Method::TeardownPlugin, &[]);
-            side.absorb(&identity, effects);
-            if let Err(error) = result {
-                side.system_log(
-                    &identity,
-                    LogLevel::Error,
-                    format!("teardownPlugin failed: {error}"),
-                );
+        close(&mut slot, side);
+    }
+
+    /// Tears down the VMs idle past the idle time, then, while the VMs' heap is over the
+    /// budget, the least recently used ones. Runs after each request, when every VM is back
+    /// in its slot; a config torn down here is built and set up again on its next use.
+    fn retain(&mut self, side: &mut SideEffects) {
+        let now = Instant::now();
+        if let Some(idle) = self.retention.idle {
+            let idle_ids: Vec<i64> = self
+                .slots
+                .iter()
+                .filter(|(_, slot)| {
+                    slot.vm.is_some() && now.saturating_duration_since(slot.last_used) >= idle
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in idle_ids {
+                self.evict(id, EvictReason::Idle, side);
             }
         }
+        let Some(budget) = self.retention.budget_bytes else {
+            return;
+        };
+        let mut held: i64 = self
+            .slots
+            .values()
+            .filter(|slot| slot.vm.is_some())
+            .map(|slot| slot.vm_bytes)
+            .sum();
+        if held <= budget {
+            return;
+        }
+        let mut by_age: Vec<(Instant, i64, i64)> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.vm.is_some())
+            .map(|(id, slot)| (slot.last_used, *id, slot.vm_bytes))
+            .collect();
+        by_age.sort_unstable();
+        let low_water = budget / 100 * BUDGET_LOW_WATER_PERCENT;
+        for (_, id, bytes) in by_age {
+            if held <= low_water {
+                break;
+            }
+            self.evict(id, EvictReason::Budget, side);
+            held -= bytes;
+        }
+    }
+
+    /// Tears down one config's VM but keeps its slot: its setup state goes back to "not run",
+    /// so its next use builds and sets it up again.
+    fn evict(&mut self, id: i64, reason: EvictReason, side: &mut SideEffects) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        if slot.vm.is_none() {
+            return;
+        }
+        close(slot, side);
+        slot.vm_bytes = 0;
+        if matches!(slot.setup, SetupState::Done) {
+            slot.setup = SetupState::NotRun;
+        }
+        self.load.evicted.fetch_add(1, Ordering::Relaxed);
+        self.evictions
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     fn process(
@@ -620,6 +707,47 @@ impl VmWorker {
         }
         side
     }
+}
+
+/// Why a VM was torn down while its config stayed: the `reason` label of
+/// `plugin_vms_torn_down_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EvictReason {
+    Budget,
+    Idle,
+}
+
+impl EvictReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Budget => "budget",
+            Self::Idle => "idle",
+        }
+    }
+}
+
+/// Ends a slot's VM: its export buffer is flushed and `teardownPlugin` runs (both only once
+/// setupPlugin has), as PostHog does before dropping a VM; then the VM is dropped.
+fn close(slot: &mut Slot, side: &mut SideEffects) {
+    if !slot.buffer.is_empty() && matches!(slot.setup, SetupState::Done) {
+        let events = slot.buffer.take();
+        export(slot, events, 0, side);
+    }
+    if matches!(slot.setup, SetupState::Done)
+        && let Some(vm) = slot.vm.as_mut()
+    {
+        let identity = vm.identity().clone();
+        let (result, effects) = vm.call(Method::TeardownPlugin, &[]);
+        side.absorb(&identity, effects);
+        if let Err(error) = result {
+            side.system_log(
+                &identity,
+                LogLevel::Error,
+                format!("teardownPlugin failed: {error}"),
+            );
+        }
+    }
+    slot.vm = None;
 }
 
 /// Drops a VM whose call may have left it half-run; it is rebuilt before its next call.
@@ -826,7 +954,8 @@ impl Handler<ProcessEvents> for VmWorker {
 
     fn handle(&mut self, message: ProcessEvents, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
-        let reply = self.process(&message.chain, &message.events);
+        let mut reply = self.process(&message.chain, &message.events);
+        self.retain(&mut reply.side);
         self.publish_load();
         MessageResult(reply)
     }
@@ -837,7 +966,8 @@ impl Handler<RunAsync> for VmWorker {
 
     fn handle(&mut self, message: RunAsync, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
-        let side = self.run_async(&message.chain, &message.events, message.target);
+        let mut side = self.run_async(&message.chain, &message.events, message.target);
+        self.retain(&mut side);
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
@@ -875,6 +1005,7 @@ impl Handler<RunScheduled> for VmWorker {
                 }
             }
         }
+        self.retain(&mut side);
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }
@@ -887,6 +1018,7 @@ impl Handler<RunJob> for VmWorker {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
         let result = self.run_job(&message, &mut side);
+        self.retain(&mut side);
         self.publish_load();
         MessageResult(WorkerReply {
             value: result,
@@ -949,6 +1081,7 @@ impl Handler<Inspect> for VmWorker {
             }
             None => self.load(config, &mut side),
         };
+        self.retain(&mut side);
         self.publish_load();
         MessageResult(WorkerReply {
             value: result,
@@ -962,7 +1095,20 @@ impl Handler<FlushExports> for VmWorker {
 
     fn handle(&mut self, message: FlushExports, _: &mut Self::Context) -> Self::Result {
         self.heartbeat.set_request(message.request_id);
-        let side = self.flush_exports(message.all);
+        let mut side = self.flush_exports(message.all);
+        self.retain(&mut side);
+        self.publish_load();
+        MessageResult(WorkerReply { value: (), side })
+    }
+}
+
+impl Handler<Sweep> for VmWorker {
+    type Result = MessageResult<Sweep>;
+
+    fn handle(&mut self, message: Sweep, _: &mut Self::Context) -> Self::Result {
+        self.heartbeat.set_request(message.request_id);
+        let mut side = SideEffects::default();
+        self.retain(&mut side);
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
     }

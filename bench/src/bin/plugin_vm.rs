@@ -35,7 +35,7 @@ use plugin_server_actors::plugins::runtime::natives::{FetchReply, FetchRequest, 
 use plugin_server_actors::plugins::runtime::transpile::transpile;
 use plugin_server_actors::plugins::runtime::vm::{Method, PluginVm, VmLimits};
 use plugin_server_actors::plugins::runtime::{VmIdentity, VmSource};
-use plugin_server_actors::plugins::worker::SideEffects;
+use plugin_server_actors::plugins::worker::{SideEffects, VmRetention};
 use plugin_server_actors::system::metrics::Metrics;
 use plugin_server_bench::BENCH_PLUGIN;
 use serde_json::{Value, json};
@@ -101,6 +101,12 @@ enum Command {
         workers: usize,
         #[arg(long, value_enum, default_value_t = Layout::Teams)]
         layout: Layout,
+        /// Rounds of one event per team; each round starts when the previous one is done.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// PLUGIN_VM_MEMORY_BUDGET_MB (the server's default); 0 for no limit.
+        #[arg(long, default_value_t = 1024)]
+        budget_mb: u64,
     },
 }
 
@@ -210,7 +216,15 @@ fn main() -> anyhow::Result<()> {
             configs,
             workers,
             layout,
-        } => actix::System::new().block_on(boot(configs, workers, layout))?,
+            rounds,
+            budget_mb,
+        } => actix::System::new().block_on(boot(BootRun {
+            configs,
+            workers,
+            layout,
+            rounds,
+            budget_mb,
+        }))?,
     }
     Ok(())
 }
@@ -308,7 +322,7 @@ async fn throughput_pool(
 ) -> anyhow::Result<()> {
     let raw = bench_event()?;
     let outputs = Arc::new(Outputs::default());
-    let pool = start_pool(1, outputs.clone())?;
+    let pool = start_pool(1, 0, outputs.clone())?;
     let code = source(BENCH_PLUGIN)?;
     pool.set_plugins(PluginSet::new((1..=chain).map(|order| LoadedConfig {
         identity: identity(order as i64, 2, "bench"),
@@ -544,15 +558,25 @@ fn page_size() -> anyhow::Result<u64> {
     bail!("no AT_PAGESZ in /proc/self/auxv")
 }
 
-fn start_pool(workers: usize, outputs: Arc<Outputs>) -> anyhow::Result<PluginVmPool> {
+fn start_pool(
+    workers: usize,
+    budget_mb: u64,
+    outputs: Arc<Outputs>,
+) -> anyhow::Result<PluginVmPool> {
     let metrics = Metrics::new().map_err(|e| anyhow!("metrics: {e}"))?;
     let factory: HostFactory = Arc::new(host);
+    // As the server shares PLUGIN_VM_MEMORY_BUDGET_MB between its workers.
+    let budget_bytes = (budget_mb > 0).then(|| (budget_mb * 1024 * 1024 / workers.max(1) as u64) as i64);
     PluginVmPool::start(
         PluginVmPoolConfig {
             workers,
             tasks_per_worker: 10,
             limits: VmLimits::default(),
             setup_retry_base: Duration::from_secs(5),
+            retention: VmRetention {
+                budget_bytes,
+                idle: None,
+            },
         },
         factory,
         outputs,
@@ -594,22 +618,34 @@ fn write_configs(dir: &Path, configs: usize, layout: Layout) -> anyhow::Result<V
     Ok(team_ids)
 }
 
-async fn boot(configs: usize, workers: usize, layout: Layout) -> anyhow::Result<()> {
+/// What `boot` runs.
+#[derive(Debug, Clone, Copy)]
+struct BootRun {
+    configs: usize,
+    workers: usize,
+    layout: Layout,
+    rounds: usize,
+    budget_mb: u64,
+}
+
+async fn boot(run: BootRun) -> anyhow::Result<()> {
     let dir: PathBuf = std::env::temp_dir().join(format!("plugin-vm-boot-{}", std::process::id()));
-    let teams = write_configs(&dir, configs, layout)?;
-    let result = boot_from(&dir, &teams, workers, layout).await;
+    let teams = write_configs(&dir, run.configs, run.layout)?;
+    let result = boot_from(&dir, &teams, run).await;
     std::fs::remove_dir_all(&dir).context("remove the temp dir")?;
     result?;
     actix::System::current().stop();
     Ok(())
 }
 
-async fn boot_from(
-    dir: &Path,
-    teams: &[i64],
-    workers: usize,
-    layout: Layout,
-) -> anyhow::Result<()> {
+async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()> {
+    let BootRun {
+        workers,
+        layout,
+        rounds,
+        budget_mb,
+        ..
+    } = run;
     let rss_before = rss_bytes()?;
     let started = Instant::now();
     let mut registry = PluginRegistry::new(RegistrySource::Directory {
@@ -633,31 +669,52 @@ async fn boot_from(
     let registry_loaded = started.elapsed();
 
     let outputs = Arc::new(Outputs::default());
-    let pool = start_pool(workers, outputs.clone())?;
+    let pool = start_pool(workers, budget_mb, outputs.clone())?;
     pool.set_plugins(PluginSet::new(loaded));
     let pool_started = started.elapsed();
 
     let event =
         json!({"event": "e", "distinct_id": "d", "properties": {"$current_url": "https://a.b/c"}});
-    let replies = futures::future::join_all(
-        teams
-            .iter()
-            .map(|team| pool.process_events(*team, vec![event.clone()])),
-    )
-    .await;
-    let ready = started.elapsed();
-
+    // When the first 1,000 teams (in the order they were sent) had their event back.
+    let first_thousand = Arc::new(std::sync::Mutex::new(None::<Duration>));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut failures = 0;
-    for outcome in replies.iter().flatten() {
-        failures += outcome.failures.len();
-        let seen = outcome
-            .event
-            .as_ref()
-            .and_then(|e| e["properties"]["host_seen"].as_str());
-        if seen != Some("a.b") {
-            bail!("an event came back without host_seen: {:?}", outcome.event);
+    let mut first_round_done = None;
+    for round in 0..rounds.max(1) {
+        let replies = futures::future::join_all(teams.iter().map(|team| {
+            let event = event.clone();
+            let pool = &pool;
+            let done = Arc::clone(&done);
+            let first_thousand = Arc::clone(&first_thousand);
+            async move {
+                let reply = pool.process_events(*team, vec![event]).await;
+                if done.fetch_add(1, Ordering::Relaxed) + 1 == 1000
+                    && let Ok(mut at) = first_thousand.lock()
+                {
+                    *at = Some(started.elapsed());
+                }
+                reply
+            }
+        }))
+        .await;
+        for outcome in replies.iter().flatten() {
+            failures += outcome.failures.len();
+            let seen = outcome
+                .event
+                .as_ref()
+                .and_then(|e| e["properties"]["host_seen"].as_str());
+            if seen != Some("a.b") {
+                bail!(
+                    "round {round}: an event came back without host_seen: {:?}",
+                    outcome.event
+                );
+            }
         }
+        first_round_done.get_or_insert(started.elapsed());
     }
+    let ready = first_round_done.unwrap_or_default();
+    let all_done = started.elapsed();
+    let stats = pool.stats();
     if failures > 0 || outputs.config_errors.load(Ordering::Relaxed) > 0 {
         bail!("{failures} failures during boot");
     }
@@ -674,7 +731,17 @@ async fn boot_from(
             "pool_start_s": round3((pool_started - registry_loaded).as_secs_f64()),
             "first_events_s": round3((ready - pool_started).as_secs_f64()),
             "ready_s": round3(ready.as_secs_f64()),
+            "rounds": rounds,
+            "all_rounds_s": round3(all_done.as_secs_f64()),
+            "first_1000_teams_s": first_thousand
+                .lock()
+                .ok()
+                .and_then(|at| at.map(|at| round3(at.as_secs_f64()))),
+            "budget_mb": budget_mb,
+            "live_vms": stats["vms"],
+            "vms_torn_down": stats["vms_torn_down"],
             "rss_delta_mb": round3(rss_bytes()?.saturating_sub(rss_before) as f64 / 1_048_576.0),
+            "peak_rss_mb": round3(plugin_server_bench::process::peak_rss_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0),
         })
     );
     Ok(())

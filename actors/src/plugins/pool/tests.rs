@@ -65,6 +65,14 @@ fn config(id: i64, team_id: i64, order: i32, name: &str, code: &str) -> LoadedCo
 }
 
 fn start(workers: usize, outputs: Arc<Collected>) -> PluginVmPool {
+    start_retaining(workers, outputs, VmRetention::default())
+}
+
+fn start_retaining(
+    workers: usize,
+    outputs: Arc<Collected>,
+    retention: VmRetention,
+) -> PluginVmPool {
     let config = PluginVmPoolConfig {
         workers,
         tasks_per_worker: 10,
@@ -74,6 +82,7 @@ fn start(workers: usize, outputs: Arc<Collected>) -> PluginVmPool {
             ..VmLimits::default()
         },
         setup_retry_base: Duration::from_millis(50),
+        retention,
     };
     let metrics = Metrics::new().expect("metrics");
     let factory: HostFactory = Arc::new(|| Rc::new(NoNetwork) as Rc<dyn PluginHost>);
@@ -445,4 +454,112 @@ async fn exports_retry_three_times_then_fail() {
         .filter(|o| o.category == "exportEvents" && o.error_type.as_deref() == Some("RetryError"))
         .collect();
     assert_eq!(failures.len(), 1, "{failures:?}");
+}
+
+/// A plugin that logs its setup and teardown and counts its calls in `meta.global`, which
+/// lives as long as its VM.
+const COUNTING_PLUGIN: &str = "exports.setupPlugin = ({ global }) => { global.calls = 0; console.log('setup') }; \
+     exports.teardownPlugin = () => { console.log('teardown') }; \
+     exports.processEvent = (e, { global }) => { global.calls += 1; e.properties.calls = global.calls; return e }";
+
+/// The `setup` and `teardown` lines each config logged, in order.
+fn lifecycle(outputs: &Collected) -> Vec<(i64, String)> {
+    collected(outputs, |side| {
+        side.logs
+            .iter()
+            .filter(|entry| entry.message == "setup" || entry.message == "teardown")
+            .map(|entry| (entry.plugin_config_id, entry.message.clone()))
+            .collect()
+    })
+}
+
+async fn calls_seen(pool: &PluginVmPool, team_id: i64) -> Value {
+    let outcomes = pool.process_events(team_id, vec![event(team_id, "e")]).await;
+    assert!(outcomes[0].failures.is_empty(), "{:?}", outcomes[0].failures);
+    outcomes[0].event.as_ref().expect("event")["properties"]["calls"].clone()
+}
+
+/// Over the budget, the least recently used VM is torn down (teardownPlugin runs); its
+/// config's next event builds and sets it up again, with a fresh `meta.global`, and is
+/// processed correctly. The VM in use stays.
+#[actix::test]
+async fn over_the_budget_the_least_recently_used_vm_is_torn_down_and_set_up_again_on_use() {
+    // One VM's heap, measured on a pool without a budget.
+    let probe = start(1, Arc::new(Collected::default()));
+    probe.set_plugins(PluginSet::new([config(1, 1, 1, "probe", COUNTING_PLUGIN)]));
+    calls_seen(&probe, 1).await;
+    let one_vm = probe.stats()["vm_heap_bytes_at_load"]
+        .as_i64()
+        .expect("bytes");
+    assert!(one_vm > 100_000, "{one_vm}");
+
+    let outputs = Arc::new(Collected::default());
+    let pool = start_retaining(
+        1,
+        outputs.clone(),
+        VmRetention {
+            budget_bytes: Some(one_vm * 3 / 2),
+            idle: None,
+        },
+    );
+    pool.set_plugins(PluginSet::new([
+        config(10, 1, 1, "first", COUNTING_PLUGIN),
+        config(20, 2, 1, "second", COUNTING_PLUGIN),
+    ]));
+    assert_eq!(calls_seen(&pool, 1).await, 1);
+    assert_eq!(calls_seen(&pool, 1).await, 2, "the VM stays under the budget");
+    // Two VMs are over the budget: the first, used least recently, goes.
+    assert_eq!(calls_seen(&pool, 2).await, 1);
+    assert_eq!(calls_seen(&pool, 2).await, 2, "the VM in use stays");
+    assert_eq!(
+        calls_seen(&pool, 1).await,
+        1,
+        "set up again on a fresh VM, its meta.global new"
+    );
+    assert_eq!(
+        lifecycle(&outputs),
+        vec![
+            (10, "setup".to_owned()),
+            (20, "setup".to_owned()),
+            (10, "teardown".to_owned()),
+            (10, "setup".to_owned()),
+            (20, "teardown".to_owned()),
+        ]
+    );
+    let stats = pool.stats();
+    assert_eq!(stats["vms"], 1, "{stats}");
+    assert_eq!(stats["vms_torn_down"], 2, "{stats}");
+}
+
+/// A VM unused for the idle time is torn down by the pool's sweep, without any request to
+/// its worker, and set up again when its config gets an event.
+#[actix::test]
+async fn an_idle_vm_is_torn_down_by_the_sweep_and_set_up_again_on_use() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start_retaining(
+        1,
+        outputs.clone(),
+        VmRetention {
+            budget_bytes: None,
+            idle: Some(Duration::from_millis(200)),
+        },
+    );
+    pool.set_plugins(PluginSet::new([config(10, 1, 1, "idle", COUNTING_PLUGIN)]));
+    assert_eq!(calls_seen(&pool, 1).await, 1);
+    assert_eq!(calls_seen(&pool, 1).await, 2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.stats()["vms"] != 0 {
+        assert!(Instant::now() < deadline, "the idle VM was never torn down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pool.stats()["vms_torn_down"], 1);
+    assert_eq!(calls_seen(&pool, 1).await, 1, "a fresh VM, set up again");
+    assert_eq!(
+        lifecycle(&outputs),
+        vec![
+            (10, "setup".to_owned()),
+            (10, "teardown".to_owned()),
+            (10, "setup".to_owned()),
+        ]
+    );
 }

@@ -23,7 +23,7 @@ use chrono::Utc;
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use md5::Md5;
-use prometheus::HistogramVec;
+use prometheus::{HistogramVec, IntCounterVec};
 use serde_json::Value;
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
@@ -206,6 +206,8 @@ fn unix_ms() -> u64 {
 pub struct WorkerLoad {
     pub vms: AtomicI64,
     pub vm_heap_bytes_at_load: AtomicI64,
+    /// VMs torn down to stay within the budget or because they sat idle.
+    pub evicted: AtomicU64,
 }
 
 /// What a worker thread reports about its calls.
@@ -214,6 +216,8 @@ pub struct WorkerInstruments {
     pub load: Arc<WorkerLoad>,
     /// `plugin_method_duration_seconds{method}`.
     pub durations: HistogramVec,
+    /// `plugin_vms_torn_down_total{reason}`.
+    pub evictions: IntCounterVec,
 }
 
 struct ActiveCall {
