@@ -66,7 +66,6 @@ use plugin_server_actors::plugins::outputs::{PluginOutputs, ServerOutputs};
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
 };
-use plugin_server_actors::plugins::worker::VmRetention;
 use plugin_server_actors::plugins::post_ingestion::{
     PostIngestionConsumer, PostIngestionPublisher,
 };
@@ -78,6 +77,7 @@ use plugin_server_actors::plugins::runtime::natives::PluginHost;
 use plugin_server_actors::plugins::runtime::vm::VmLimits;
 use plugin_server_actors::plugins::scheduler::{PluginScheduler, SchedulerConfig, SchedulerStats};
 use plugin_server_actors::plugins::telemetry::{PluginTelemetry, TelemetryDestination};
+use plugin_server_actors::plugins::worker::VmRetention;
 use plugin_server_actors::sqlite::Sqlite;
 use std::rc::Rc;
 

@@ -440,3 +440,22 @@ fn the_embedded_default_listens_on_loopback_and_a_deployment_everywhere() {
         "an explicit host wins"
     );
 }
+
+#[test]
+fn the_plugin_vm_budget_is_shared_by_the_workers_and_zero_turns_limits_off() {
+    let settings = load_with(&[("WORKER_CONCURRENCY", "2")]).expect("defaults load");
+    assert_eq!(settings.plugin_vm_memory_budget_mb, 1024);
+    assert_eq!(
+        settings.plugin_vm_budget_per_worker(),
+        Some(512 * 1024 * 1024)
+    );
+    assert_eq!(settings.plugin_vm_idle(), Some(Duration::from_secs(3600)));
+
+    let settings = load_with(&[
+        ("PLUGIN_VM_MEMORY_BUDGET_MB", "0"),
+        ("PLUGIN_VM_IDLE_TEARDOWN_SECONDS", "0"),
+    ])
+    .expect("zero is valid");
+    assert_eq!(settings.plugin_vm_budget_per_worker(), None);
+    assert_eq!(settings.plugin_vm_idle(), None);
+}

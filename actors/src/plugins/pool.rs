@@ -658,9 +658,8 @@ impl PluginVmPool {
                 let pool = PluginVmPool { inner };
                 let configs: Vec<Arc<LoadedConfig>> = pool.plugins().configs().cloned().collect();
                 for index in 0..pool.inner.workers.len() {
-                    if let Sent::Reply(reply) = pool
-                        .send_to(index, |request_id| Sweep { request_id })
-                        .await
+                    if let Sent::Reply(reply) =
+                        pool.send_to(index, |request_id| Sweep { request_id }).await
                     {
                         pool.deliver(reply.side, &configs);
                     }
@@ -762,7 +761,13 @@ fn spawn_worker(
                 durations: durations.clone(),
                 evictions: evictions.clone(),
             };
-            VmWorker::new(host_factory(), limits.clone(), retry, retention, instruments)
+            VmWorker::new(
+                host_factory(),
+                limits.clone(),
+                retry,
+                retention,
+                instruments,
+            )
         }
     };
     WorkerSlot {

@@ -517,9 +517,7 @@ impl VmWorker {
             slot.setup = SetupState::NotRun;
         }
         self.load.evicted.fetch_add(1, Ordering::Relaxed);
-        self.evictions
-            .with_label_values(&[reason.as_str()])
-            .inc();
+        self.evictions.with_label_values(&[reason.as_str()]).inc();
     }
 
     fn process(

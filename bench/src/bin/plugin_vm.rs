@@ -566,7 +566,8 @@ fn start_pool(
     let metrics = Metrics::new().map_err(|e| anyhow!("metrics: {e}"))?;
     let factory: HostFactory = Arc::new(host);
     // As the server shares PLUGIN_VM_MEMORY_BUDGET_MB between its workers.
-    let budget_bytes = (budget_mb > 0).then(|| (budget_mb * 1024 * 1024 / workers.max(1) as u64) as i64);
+    let budget_bytes =
+        (budget_mb > 0).then(|| (budget_mb * 1024 * 1024 / workers.max(1) as u64) as i64);
     PluginVmPool::start(
         PluginVmPoolConfig {
             workers,

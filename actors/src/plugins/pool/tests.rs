@@ -474,8 +474,14 @@ fn lifecycle(outputs: &Collected) -> Vec<(i64, String)> {
 }
 
 async fn calls_seen(pool: &PluginVmPool, team_id: i64) -> Value {
-    let outcomes = pool.process_events(team_id, vec![event(team_id, "e")]).await;
-    assert!(outcomes[0].failures.is_empty(), "{:?}", outcomes[0].failures);
+    let outcomes = pool
+        .process_events(team_id, vec![event(team_id, "e")])
+        .await;
+    assert!(
+        outcomes[0].failures.is_empty(),
+        "{:?}",
+        outcomes[0].failures
+    );
     outcomes[0].event.as_ref().expect("event")["properties"]["calls"].clone()
 }
 
@@ -507,7 +513,11 @@ async fn over_the_budget_the_least_recently_used_vm_is_torn_down_and_set_up_agai
         config(20, 2, 1, "second", COUNTING_PLUGIN),
     ]));
     assert_eq!(calls_seen(&pool, 1).await, 1);
-    assert_eq!(calls_seen(&pool, 1).await, 2, "the VM stays under the budget");
+    assert_eq!(
+        calls_seen(&pool, 1).await,
+        2,
+        "the VM stays under the budget"
+    );
     // Two VMs are over the budget: the first, used least recently, goes.
     assert_eq!(calls_seen(&pool, 2).await, 1);
     assert_eq!(calls_seen(&pool, 2).await, 2, "the VM in use stays");
