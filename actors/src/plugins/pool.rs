@@ -394,10 +394,61 @@ impl PluginVmPool {
         }
     }
 
-    /// Runs the team's processEvent chain over `events`. Events of a team without plugins come
-    /// back unchanged. Never fails: a stuck worker turns into failures marked on the events.
+    /// Runs the team's processEvent chain over `events`, answering in their order. Events of a
+    /// team without plugins come back unchanged. Never fails: a stuck worker turns into
+    /// failures marked on the events.
+    ///
+    /// A team is spread over every worker by distinct id, as PostHog groups a batch by
+    /// `token:distinct_id`: each id's events always go to the same worker, in order, and each
+    /// worker builds its own VM of a config once it gets events for it (so `meta.global` is
+    /// per VM, as it is per worker thread in PostHog). One team's chain then uses every core.
     pub async fn process_events(&self, team_id: i64, events: Vec<Value>) -> Vec<ChainOutcome> {
-        let index = self.worker_index(team_id);
+        let workers = self.inner.workers.len();
+        if workers <= 1 || !self.has_plugins(team_id) {
+            return self.process_on(0, team_id, events).await;
+        }
+        let mut shares: Vec<Share> = (0..workers).map(|_| Share::default()).collect();
+        for (position, event) in events.into_iter().enumerate() {
+            let share = &mut shares[worker_of_distinct_id(team_id, &event, workers)];
+            share.positions.push(position);
+            share.events.push(event);
+        }
+        let mut busy: Vec<(usize, Share)> = shares
+            .into_iter()
+            .enumerate()
+            .filter(|(_, share)| !share.events.is_empty())
+            .collect();
+        if busy.len() == 1
+            && let Some((index, share)) = busy.pop()
+        {
+            // One worker gets them all (one distinct id): nothing to put back in order.
+            return self.process_on(index, team_id, share.events).await;
+        }
+        let replies =
+            futures::future::join_all(busy.into_iter().map(|(index, share)| async move {
+                (
+                    share.positions,
+                    self.process_on(index, team_id, share.events).await,
+                )
+            }))
+            .await;
+        let total = replies.iter().map(|(positions, _)| positions.len()).sum();
+        let mut ordered: Vec<Option<ChainOutcome>> = (0..total).map(|_| None).collect();
+        for (positions, outcomes) in replies {
+            for (position, outcome) in positions.into_iter().zip(outcomes) {
+                ordered[position] = Some(outcome);
+            }
+        }
+        ordered.into_iter().flatten().collect()
+    }
+
+    /// [`Self::process_events`] on one worker.
+    async fn process_on(
+        &self,
+        index: usize,
+        team_id: i64,
+        events: Vec<Value>,
+    ) -> Vec<ChainOutcome> {
         // Shared with the worker and kept here, so that events can be re-sent or go on marked
         // failed if their worker is abandoned.
         let pending = Arc::new(events);
@@ -811,6 +862,29 @@ fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<Loade
 
 /// The events back from their `Arc`: free once no worker holds them, a copy if an abandoned
 /// worker still does.
+/// A worker's part of a team's batch: its events, and where each was in the batch.
+#[derive(Default)]
+struct Share {
+    positions: Vec<usize>,
+    events: Vec<Value>,
+}
+
+/// The worker a team's event goes to: by its distinct id, with a hash that does not change
+/// while the process runs, so that each id's events keep their order on one worker. An event
+/// without a string distinct id goes by what it has there (`null` when nothing).
+fn worker_of_distinct_id(team_id: i64, event: &Value, workers: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+
+    let mut hasher = std::hash::DefaultHasher::new();
+    team_id.hash(&mut hasher);
+    match event.get("distinct_id") {
+        Some(Value::String(distinct_id)) => distinct_id.hash(&mut hasher),
+        Some(other) => other.to_string().hash(&mut hasher),
+        None => 0u8.hash(&mut hasher),
+    }
+    (hasher.finish() % workers.max(1) as u64) as usize
+}
+
 fn take_events(events: Arc<Vec<Value>>) -> Vec<Value> {
     Arc::try_unwrap(events).unwrap_or_else(|shared| shared.as_ref().clone())
 }

@@ -573,3 +573,50 @@ async fn an_idle_vm_is_torn_down_by_the_sweep_and_set_up_again_on_use() {
         ]
     );
 }
+
+/// One team's events are spread over every worker by distinct id: each id's events run in
+/// order on one VM, batch after batch, the answers come back in the events' order, and each
+/// worker holds its own VM of the config (with its own `meta.global`).
+#[actix::test]
+async fn one_teams_events_spread_over_the_workers_by_distinct_id_in_order() {
+    const IDS: usize = 40;
+    let pool = start(2, Arc::new(Collected::default()));
+    pool.set_plugins(PluginSet::new([config(
+        10,
+        2,
+        1,
+        "tagger",
+        "exports.setupPlugin = ({ global }) => { global.vm = String(Math.random()); global.seen = {} }; \
+         exports.processEvent = (e, { global }) => { \
+             const n = (global.seen[e.distinct_id] || 0) + 1; global.seen[e.distinct_id] = n; \
+             e.properties.vm = global.vm; e.properties.nth = n; return e }",
+    )]));
+    let batch = |from: usize, count: usize| -> Vec<Value> {
+        (from..from + count)
+            .map(|i| {
+                json!({"event": "e", "team_id": 2, "distinct_id": format!("user-{}", i % IDS), "properties": {"i": i}})
+            })
+            .collect()
+    };
+    let mut vm_of: HashMap<String, String> = HashMap::new();
+    for (from, count) in [(0, 5 * IDS), (5 * IDS, IDS)] {
+        let outcomes = pool.process_events(2, batch(from, count)).await;
+        assert_eq!(outcomes.len(), count);
+        for (offset, outcome) in outcomes.iter().enumerate() {
+            let i = from + offset;
+            let event = outcome.event.as_ref().expect("kept");
+            assert_eq!(event["properties"]["i"], i, "answers in the events' order");
+            assert_eq!(
+                event["properties"]["nth"],
+                i / IDS + 1,
+                "each id's events run in order on one VM"
+            );
+            let distinct_id = event["distinct_id"].as_str().expect("id").to_owned();
+            let vm = event["properties"]["vm"].as_str().expect("vm").to_owned();
+            assert_eq!(vm_of.entry(distinct_id).or_insert_with(|| vm.clone()), &vm);
+        }
+    }
+    let vms: std::collections::HashSet<&String> = vm_of.values().collect();
+    assert_eq!(vms.len(), 2, "both workers ran the team's chain");
+    assert_eq!(pool.stats()["vms"], 2);
+}
