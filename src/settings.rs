@@ -146,6 +146,10 @@ pub struct Settings {
 
     /// 0 means one worker thread per core.
     pub worker_concurrency: usize,
+    /// Not PostHog's: the plugin threads for onEvent, composeWebhook, exportEvents,
+    /// scheduled tasks and jobs, apart from processEvent's. 0 means as many as
+    /// `worker_concurrency` gives.
+    pub async_worker_concurrency: usize,
     pub tasks_per_worker: usize,
     /// Seconds.
     pub task_timeout: u64,
@@ -672,10 +676,22 @@ impl Settings {
         Duration::from_secs(self.task_timeout)
     }
 
-    /// PLUGIN_VM_MEMORY_BUDGET_MB as each worker's share in bytes (`None`: no limit).
+    /// Plugin threads for the post-ingestion methods, scheduled tasks and jobs:
+    /// `ASYNC_WORKER_CONCURRENCY`, or as many as processEvent's when it is 0.
+    pub fn async_worker_threads(&self) -> usize {
+        if self.async_worker_concurrency > 0 {
+            return self.async_worker_concurrency;
+        }
+        self.worker_threads()
+    }
+
+    /// PLUGIN_VM_MEMORY_BUDGET_MB as each worker's share in bytes (`None`: no limit), shared
+    /// by processEvent's threads and the async ones.
     pub fn plugin_vm_budget_per_worker(&self) -> Option<i64> {
         let total = self.plugin_vm_memory_budget_mb.checked_mul(1024 * 1024)?;
-        let workers = u64::try_from(self.worker_threads()).unwrap_or(1).max(1);
+        let workers = u64::try_from(self.worker_threads() + self.async_worker_threads())
+            .unwrap_or(1)
+            .max(1);
         (total > 0).then(|| i64::try_from(total / workers).unwrap_or(i64::MAX))
     }
 

@@ -819,6 +819,7 @@ async fn start_plugins(
     });
     let config = PluginVmPoolConfig {
         workers: settings.worker_threads(),
+        async_workers: settings.async_worker_threads(),
         tasks_per_worker: settings.tasks_per_worker,
         limits: VmLimits {
             task_timeout: settings.task_timeout(),

@@ -446,9 +446,21 @@ fn the_plugin_vm_budget_is_shared_by_the_workers_and_zero_turns_limits_off() {
     let settings = load_with(&[("WORKER_CONCURRENCY", "2")]).expect("defaults load");
     assert_eq!(settings.plugin_vm_memory_budget_mb, 1024);
     assert_eq!(
-        settings.plugin_vm_budget_per_worker(),
-        Some(512 * 1024 * 1024)
+        settings.async_worker_threads(),
+        2,
+        "as many as processEvent's"
     );
+    assert_eq!(
+        settings.plugin_vm_budget_per_worker(),
+        Some(256 * 1024 * 1024),
+        "shared by two processEvent and two async threads"
+    );
+    let settings = load_with(&[
+        ("WORKER_CONCURRENCY", "2"),
+        ("ASYNC_WORKER_CONCURRENCY", "1"),
+    ])
+    .expect("valid");
+    assert_eq!(settings.async_worker_threads(), 1);
     assert_eq!(settings.plugin_vm_idle(), Some(Duration::from_secs(3600)));
 
     let settings = load_with(&[

@@ -72,8 +72,12 @@ pub enum PoolError {
 /// Settings of the pool (PostHog names in `src/settings.rs`).
 #[derive(Debug, Clone)]
 pub struct PluginVmPoolConfig {
-    /// WORKER_CONCURRENCY.
+    /// WORKER_CONCURRENCY: the threads that run processEvent.
     pub workers: usize,
+    /// ASYNC_WORKER_CONCURRENCY: the threads that run everything else (onEvent,
+    /// composeWebhook, exportEvents, scheduled tasks, jobs), so that none of it, however slow
+    /// its I/O, holds up processEvent. At least one.
+    pub async_workers: usize,
     /// TASKS_PER_WORKER: requests in flight per worker thread.
     pub tasks_per_worker: usize,
     pub limits: VmLimits,
@@ -267,7 +271,8 @@ impl PluginVmPool {
         metrics: &Metrics,
     ) -> Result<Self, MetricsError> {
         let metrics = PoolMetrics::register(metrics)?;
-        let workers = (0..config.workers.max(1))
+        // processEvent's workers first, then the async ones (see `async_index`).
+        let workers = (0..config.workers.max(1) + config.async_workers.max(1))
             .map(|_| Mutex::new(spawn_worker(&config, &host_factory, &metrics)))
             .collect();
         let pool = Self {
@@ -354,8 +359,21 @@ impl PluginVmPool {
             .then(|| chain.iter().any(|config| config.webhook_filters.is_some()))
     }
 
+    /// processEvent's workers: the first `workers` of the pool.
+    fn ingestion_workers(&self) -> usize {
+        self.inner.config.workers.max(1)
+    }
+
+    /// The processEvent worker that builds a team's VMs for `inspect_plugin`.
     fn worker_index(&self, team_id: i64) -> usize {
-        (team_id.unsigned_abs() % self.inner.workers.len() as u64) as usize
+        (team_id.unsigned_abs() % self.ingestion_workers() as u64) as usize
+    }
+
+    /// The async worker of a team: its post-ingestion methods, export buffers, scheduled
+    /// tasks and jobs all run there, in order.
+    fn async_index(&self, team_id: i64) -> usize {
+        let async_workers = self.inner.workers.len() - self.ingestion_workers();
+        self.ingestion_workers() + (team_id.unsigned_abs() % async_workers.max(1) as u64) as usize
     }
 
     /// Sends a request to a worker once a permit is free. A worker that the watchdog abandons
@@ -403,7 +421,7 @@ impl PluginVmPool {
     /// worker builds its own VM of a config once it gets events for it (so `meta.global` is
     /// per VM, as it is per worker thread in PostHog). One team's chain then uses every core.
     pub async fn process_events(&self, team_id: i64, events: Vec<Value>) -> Vec<ChainOutcome> {
-        let workers = self.inner.workers.len();
+        let workers = self.ingestion_workers();
         if workers <= 1 || !self.has_plugins(team_id) {
             return self.process_on(0, team_id, events).await;
         }
@@ -511,7 +529,7 @@ impl PluginVmPool {
         };
         let events = Arc::new(events);
         let reply = self
-            .send_to(self.worker_index(team_id), |request_id| RunAsync {
+            .send_to(self.async_index(team_id), |request_id| RunAsync {
                 request_id,
                 chain: Arc::clone(&chain),
                 events: Arc::clone(&events),
@@ -530,7 +548,7 @@ impl PluginVmPool {
             return Ok(());
         };
         let reply = self
-            .send_to(self.worker_index(team_id), |request_id| RunScheduled {
+            .send_to(self.async_index(team_id), |request_id| RunScheduled {
                 request_id,
                 chain: Arc::clone(&chain),
                 method,
@@ -562,7 +580,7 @@ impl PluginVmPool {
             .chain(team_id)
             .unwrap_or_else(|| Arc::from(Vec::new()));
         let sent = self
-            .send_to(self.worker_index(team_id), |request_id| RunJob {
+            .send_to(self.async_index(team_id), |request_id| RunJob {
                 request_id,
                 config,
                 job_name: job_name.to_owned(),
@@ -614,7 +632,8 @@ impl PluginVmPool {
     /// Exports the buffers that are due, or all of them (shutdown).
     pub async fn flush_exports(&self, all: bool) {
         let plugins = self.plugins();
-        for index in 0..self.inner.workers.len() {
+        // Export buffers live on the async workers only.
+        for index in self.ingestion_workers()..self.inner.workers.len() {
             if let Sent::Reply(reply) = self
                 .send_to(index, |request_id| FlushExports { request_id, all })
                 .await
@@ -658,6 +677,7 @@ impl PluginVmPool {
                 let busy = slot.heartbeat.busy();
                 Some(serde_json::json!({
                     "worker": index,
+                    "runs": if index < self.ingestion_workers() { "processEvent" } else { "async" },
                     "vms": slot.load.vms.load(Ordering::Relaxed),
                     "vms_torn_down": slot.load.evicted.load(Ordering::Relaxed),
                     "vm_heap_bytes_at_load": slot.load.vm_heap_bytes_at_load.load(Ordering::Relaxed),

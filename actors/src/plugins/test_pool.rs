@@ -85,6 +85,7 @@ pub(crate) async fn start(
     });
     let config = PluginVmPoolConfig {
         workers: 1,
+        async_workers: 1,
         tasks_per_worker: 10,
         limits: VmLimits {
             task_timeout: Duration::from_secs(5),

@@ -571,6 +571,7 @@ fn start_pool(
     PluginVmPool::start(
         PluginVmPoolConfig {
             workers,
+            async_workers: 1,
             tasks_per_worker: 10,
             limits: VmLimits::default(),
             setup_retry_base: Duration::from_secs(5),

@@ -8,10 +8,16 @@ use crate::plugins::host_services::HostServiceError;
 use crate::plugins::runtime::natives::{CacheOp, FetchReply, FetchRequest, JobRequest, StorageOp};
 use crate::plugins::runtime::{VmIdentity, VmSource};
 
-struct NoNetwork;
+/// Host services that all fail; `fetch` first hangs for `fetch_hangs_for`, as a remote that
+/// does not answer (the worker thread waits, as it does for a real fetch).
+#[derive(Default)]
+struct NoNetwork {
+    fetch_hangs_for: Duration,
+}
 
 impl PluginHost for NoNetwork {
     fn fetch(&self, _: FetchRequest) -> Result<FetchReply, HostServiceError> {
+        std::thread::sleep(self.fetch_hangs_for);
         Err(HostServiceError::NotAvailable("fetch"))
     }
 
@@ -73,8 +79,18 @@ fn start_retaining(
     outputs: Arc<Collected>,
     retention: VmRetention,
 ) -> PluginVmPool {
+    start_with(workers, outputs, retention, Duration::ZERO)
+}
+
+fn start_with(
+    workers: usize,
+    outputs: Arc<Collected>,
+    retention: VmRetention,
+    fetch_hangs_for: Duration,
+) -> PluginVmPool {
     let config = PluginVmPoolConfig {
         workers,
+        async_workers: 1,
         tasks_per_worker: 10,
         limits: VmLimits {
             task_timeout: Duration::from_millis(300),
@@ -85,7 +101,8 @@ fn start_retaining(
         retention,
     };
     let metrics = Metrics::new().expect("metrics");
-    let factory: HostFactory = Arc::new(|| Rc::new(NoNetwork) as Rc<dyn PluginHost>);
+    let factory: HostFactory =
+        Arc::new(move || Rc::new(NoNetwork { fetch_hangs_for }) as Rc<dyn PluginHost>);
     PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts")
 }
 
@@ -619,4 +636,71 @@ async fn one_teams_events_spread_over_the_workers_by_distinct_id_in_order() {
     let vms: std::collections::HashSet<&String> = vm_of.values().collect();
     assert_eq!(vms.len(), 2, "both workers ran the team's chain");
     assert_eq!(pool.stats()["vms"], 2);
+}
+
+/// onEvent runs on the async workers: one stuck in a fetch that hangs does not hold up
+/// another team's processEvent, even with a single processEvent worker.
+#[actix::test]
+async fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event() {
+    // Under the watchdog's 2 × TASK_TIMEOUT (600 ms here), which would replace the worker.
+    let hang = Duration::from_millis(400);
+    let outputs = Arc::new(Collected::default());
+    let pool = start_with(1, outputs.clone(), VmRetention::default(), hang);
+    pool.set_plugins(PluginSet::new([
+        config(
+            10,
+            1,
+            1,
+            "exporter",
+            "exports.onEvent = async (e) => { try { await fetch('https://hooks.example/x') } catch (error) { console.log('fetch failed') } }",
+        ),
+        config(
+            20,
+            2,
+            1,
+            "tagger",
+            "exports.processEvent = (e) => { e.properties.tagged = true; return e }",
+        ),
+    ]));
+    // Both VMs built, so that only the calls are timed.
+    pool.process_events(2, vec![event(2, "warm")]).await;
+    pool.process_events(1, vec![event(1, "warm")]).await;
+
+    let background = pool.clone();
+    let on_event = actix::spawn(async move {
+        background
+            .run_async(1, vec![event(1, "stored")].into(), None)
+            .await
+    });
+    // Until the onEvent call is inside its fetch.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let busy = |stats: Value| {
+        stats["workers"]
+            .as_array()
+            .is_some_and(|workers| workers.iter().any(|w| !w["busy_ms"].is_null()))
+    };
+    while !busy(pool.stats()) {
+        assert!(Instant::now() < deadline, "onEvent never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let started = Instant::now();
+    let outcomes = pool.process_events(2, vec![event(2, "e")]).await;
+    let took = started.elapsed();
+    assert_eq!(
+        outcomes[0].event.as_ref().expect("kept")["properties"]["tagged"],
+        true
+    );
+    assert!(
+        took < Duration::from_millis(100),
+        "processEvent waited {took:?} behind another team's onEvent"
+    );
+    on_event.await.expect("joined").expect("ran");
+    let logs = collected(&outputs, |side| {
+        side.logs
+            .iter()
+            .map(|entry| entry.message.clone())
+            .collect()
+    });
+    assert!(logs.contains(&"fetch failed".to_owned()), "{logs:?}");
 }
