@@ -154,8 +154,8 @@ pub struct Settings {
     /// Seconds.
     pub task_timeout: u64,
     /// Not PostHog's: megabytes of heap the plugin VMs may hold in all (as each took it to
-    /// load), shared equally by the worker threads; above it the least recently used VMs are
-    /// torn down. 0: no limit.
+    /// load); a worker thread that finds the total above it tears down its own least recently
+    /// used VMs. 0: no limit.
     pub plugin_vm_memory_budget_mb: u64,
     /// Not PostHog's: a plugin VM unused this many seconds is torn down. 0: never.
     pub plugin_vm_idle_teardown_seconds: u64,
@@ -685,14 +685,11 @@ impl Settings {
         self.worker_threads()
     }
 
-    /// PLUGIN_VM_MEMORY_BUDGET_MB as each worker's share in bytes (`None`: no limit), shared
-    /// by processEvent's threads and the async ones.
-    pub fn plugin_vm_budget_per_worker(&self) -> Option<i64> {
+    /// PLUGIN_VM_MEMORY_BUDGET_MB in bytes, for all plugin threads together (`None`: no
+    /// limit).
+    pub fn plugin_vm_budget_bytes(&self) -> Option<i64> {
         let total = self.plugin_vm_memory_budget_mb.checked_mul(1024 * 1024)?;
-        let workers = u64::try_from(self.worker_threads() + self.async_worker_threads())
-            .unwrap_or(1)
-            .max(1);
-        (total > 0).then(|| i64::try_from(total / workers).unwrap_or(i64::MAX))
+        (total > 0).then(|| i64::try_from(total).unwrap_or(i64::MAX))
     }
 
     /// PLUGIN_VM_IDLE_TEARDOWN_SECONDS (`None`: never).

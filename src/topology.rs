@@ -827,7 +827,7 @@ async fn start_plugins(
         },
         setup_retry_base: std::time::Duration::from_secs(5),
         retention: VmRetention {
-            budget_bytes: settings.plugin_vm_budget_per_worker(),
+            budget_bytes: settings.plugin_vm_budget_bytes(),
             idle: settings.plugin_vm_idle(),
         },
     };

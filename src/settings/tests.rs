@@ -442,7 +442,7 @@ fn the_embedded_default_listens_on_loopback_and_a_deployment_everywhere() {
 }
 
 #[test]
-fn the_plugin_vm_budget_is_shared_by_the_workers_and_zero_turns_limits_off() {
+fn plugin_vm_limits_default_to_a_budget_and_an_idle_time_and_zero_turns_them_off() {
     let settings = load_with(&[("WORKER_CONCURRENCY", "2")]).expect("defaults load");
     assert_eq!(settings.plugin_vm_memory_budget_mb, 1024);
     assert_eq!(
@@ -450,11 +450,7 @@ fn the_plugin_vm_budget_is_shared_by_the_workers_and_zero_turns_limits_off() {
         2,
         "as many as processEvent's"
     );
-    assert_eq!(
-        settings.plugin_vm_budget_per_worker(),
-        Some(256 * 1024 * 1024),
-        "shared by two processEvent and two async threads"
-    );
+    assert_eq!(settings.plugin_vm_budget_bytes(), Some(1024 * 1024 * 1024));
     let settings = load_with(&[
         ("WORKER_CONCURRENCY", "2"),
         ("ASYNC_WORKER_CONCURRENCY", "1"),
@@ -468,6 +464,6 @@ fn the_plugin_vm_budget_is_shared_by_the_workers_and_zero_turns_limits_off() {
         ("PLUGIN_VM_IDLE_TEARDOWN_SECONDS", "0"),
     ])
     .expect("zero is valid");
-    assert_eq!(settings.plugin_vm_budget_per_worker(), None);
+    assert_eq!(settings.plugin_vm_budget_bytes(), None);
     assert_eq!(settings.plugin_vm_idle(), None);
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use crate::plugins::post_ingestion_messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
 use crate::plugins::runtime::vm::{CallError, Method, VmLimits};
 use crate::plugins::worker::{
-    ConfigError, ConfigFailure, FlushExports, Inspect, NotReady, ProcessEvents, Retire, RunAsync,
-    RunJob, RunScheduled, SideEffects, Sweep, TeardownAll, VmRetention, VmWorker,
+    BudgetShare, ConfigError, ConfigFailure, FlushExports, Inspect, NotReady, ProcessEvents,
+    Retire, RunAsync, RunJob, RunScheduled, SideEffects, Sweep, TeardownAll, VmRetention, VmWorker,
 };
 use crate::system::metrics::{Metrics, MetricsError};
 
@@ -83,7 +83,7 @@ pub struct PluginVmPoolConfig {
     pub limits: VmLimits,
     /// The first backoff of a setupPlugin that threw RetryError (PostHog: 5 s, doubling).
     pub setup_retry_base: Duration,
-    /// When VMs are torn down; the budget here is each worker's share.
+    /// When VMs are torn down; the budget is the pool's, for all its workers.
     pub retention: VmRetention,
 }
 
@@ -223,6 +223,8 @@ struct Inner {
     host_factory: HostFactory,
     outputs: Arc<dyn PluginOutputs>,
     workers: Vec<Mutex<WorkerSlot>>,
+    /// What each worker's VMs hold, for the one budget of all of them.
+    held: Arc<[AtomicI64]>,
     plugins: RwLock<Arc<PluginSet>>,
     metrics: PoolMetrics,
     next_request_id: AtomicU64,
@@ -272,8 +274,16 @@ impl PluginVmPool {
     ) -> Result<Self, MetricsError> {
         let metrics = PoolMetrics::register(metrics)?;
         // processEvent's workers first, then the async ones (see `async_index`).
-        let workers = (0..config.workers.max(1) + config.async_workers.max(1))
-            .map(|_| Mutex::new(spawn_worker(&config, &host_factory, &metrics)))
+        let count = config.workers.max(1) + config.async_workers.max(1);
+        let held: Arc<[AtomicI64]> = (0..count).map(|_| AtomicI64::new(0)).collect();
+        let workers = (0..count)
+            .map(|index| {
+                let share = BudgetShare {
+                    index,
+                    held: Arc::clone(&held),
+                };
+                Mutex::new(spawn_worker(&config, &host_factory, &metrics, share))
+            })
             .collect();
         let pool = Self {
             inner: Arc::new(Inner {
@@ -281,6 +291,7 @@ impl PluginVmPool {
                 host_factory,
                 outputs,
                 workers,
+                held,
                 plugins: RwLock::new(Arc::new(PluginSet::default())),
                 metrics,
                 next_request_id: AtomicU64::new(1),
@@ -765,7 +776,11 @@ impl PluginVmPool {
                     slot.stuck_request
                         .store(slot.heartbeat.request(), Ordering::Relaxed);
                     slot.abandoned.cancel();
-                    *slot = spawn_worker(&inner.config, &inner.host_factory, &inner.metrics);
+                    let share = BudgetShare {
+                        index,
+                        held: Arc::clone(&inner.held),
+                    };
+                    *slot = spawn_worker(&inner.config, &inner.host_factory, &inner.metrics, share);
                     inner.metrics.workers_replaced.inc();
                     stuck_configs.push(plugin_config_id);
                 }
@@ -813,6 +828,7 @@ fn spawn_worker(
     config: &PluginVmPoolConfig,
     host_factory: &HostFactory,
     metrics: &PoolMetrics,
+    share: BudgetShare,
 ) -> WorkerSlot {
     let heartbeat = Arc::new(Heartbeat::default());
     let load = Arc::new(WorkerLoad::default());
@@ -837,6 +853,7 @@ fn spawn_worker(
                 limits.clone(),
                 retry,
                 retention,
+                share.clone(),
                 instruments,
             )
         }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -38,8 +38,8 @@ const SETUP_ATTEMPTS: u32 = 5;
 /// built; a torn-down config is built and set up again on its next use, as after a reload.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VmRetention {
-    /// Heap this worker's VMs may hold, counted as each took it to load; above it the least
-    /// recently used are torn down. `None`: no limit.
+    /// Heap the pool's VMs may hold in all, counted as each took it to load; above it a
+    /// worker tears down its least recently used ones. `None`: no limit.
     pub budget_bytes: Option<i64>,
     /// A VM unused this long is torn down. `None`: never.
     pub idle: Option<Duration>,
@@ -48,6 +48,17 @@ pub struct VmRetention {
 /// Once over the budget, VMs are torn down until their heap is this share of it, so that a
 /// worker at its budget does not tear one down on every call.
 const BUDGET_LOW_WATER_PERCENT: i64 = 90;
+
+/// What each worker of a pool holds, so that one budget covers them all: a worker over it
+/// tears down its own least recently used VMs. A busy worker thus gets the share that idle
+/// ones leave (they give theirs back when they run or are swept).
+#[derive(Clone)]
+pub struct BudgetShare {
+    /// This worker's entry in `held`; a replacement worker takes over its predecessor's.
+    pub index: usize,
+    /// Per worker: the heap its live VMs took to load, as of its last request.
+    pub held: Arc<[AtomicI64]>,
+}
 
 /// Why a config's VM cannot be called now. The text is each event's failure for the config in
 /// a processEvent chain and, once the config is disabled, its recorded error.
@@ -284,6 +295,7 @@ pub struct VmWorker {
     limits: VmLimits,
     setup_retry_base: Duration,
     retention: VmRetention,
+    share: BudgetShare,
     slots: HashMap<i64, Slot>,
 }
 
@@ -294,6 +306,7 @@ impl VmWorker {
         limits: VmLimits,
         setup_retry_base: Duration,
         retention: VmRetention,
+        share: BudgetShare,
         instruments: WorkerInstruments,
     ) -> Self {
         let heartbeat = Arc::clone(&instruments.heartbeat);
@@ -308,6 +321,7 @@ impl VmWorker {
             limits,
             setup_retry_base,
             retention,
+            share,
             slots: HashMap::new(),
         }
     }
@@ -476,12 +490,21 @@ impl VmWorker {
         let Some(budget) = self.retention.budget_bytes else {
             return;
         };
-        let mut held: i64 = self
-            .slots
-            .values()
-            .filter(|slot| slot.vm.is_some())
-            .map(|slot| slot.vm_bytes)
+        let held_elsewhere: i64 = self
+            .share
+            .held
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != self.share.index)
+            .map(|(_, held)| held.load(Ordering::Relaxed))
             .sum();
+        let mut held = held_elsewhere
+            + self
+                .slots
+                .values()
+                .filter(|slot| slot.vm.is_some())
+                .map(|slot| slot.vm_bytes)
+                .sum::<i64>();
         if held <= budget {
             return;
         }
@@ -639,6 +662,9 @@ impl VmWorker {
         self.load
             .vm_heap_bytes_at_load
             .store(bytes, Ordering::Relaxed);
+        if let Some(held) = self.share.held.get(self.share.index) {
+            held.store(bytes, Ordering::Relaxed);
+        }
     }
 
     fn run_async(

@@ -565,9 +565,8 @@ fn start_pool(
 ) -> anyhow::Result<PluginVmPool> {
     let metrics = Metrics::new().map_err(|e| anyhow!("metrics: {e}"))?;
     let factory: HostFactory = Arc::new(host);
-    // As the server shares PLUGIN_VM_MEMORY_BUDGET_MB between its workers.
-    let budget_bytes =
-        (budget_mb > 0).then(|| (budget_mb * 1024 * 1024 / workers.max(1) as u64) as i64);
+    // PLUGIN_VM_MEMORY_BUDGET_MB, for all the pool's workers together.
+    let budget_bytes = (budget_mb > 0).then(|| (budget_mb * 1024 * 1024) as i64);
     PluginVmPool::start(
         PluginVmPoolConfig {
             workers,
