@@ -483,8 +483,11 @@ impl VmWorker {
                 })
                 .map(|(id, _)| *id)
                 .collect();
-            for id in idle_ids {
-                self.evict(id, EvictReason::Idle, side);
+            if !idle_ids.is_empty() {
+                for id in idle_ids {
+                    self.evict(id, EvictReason::Idle, side);
+                }
+                boa_engine::gc::force_collect();
             }
         }
         let Some(budget) = self.retention.budget_bytes else {
@@ -523,6 +526,10 @@ impl VmWorker {
             self.evict(id, EvictReason::Budget, side);
             held -= bytes;
         }
+        // A dropped VM's objects are only freed by the thread's next collection, which boa
+        // runs when allocation passes a threshold: collect now, so that the memory is free
+        // before the next VMs are built (and their heap is what the budget counts).
+        boa_engine::gc::force_collect();
     }
 
     /// Tears down one config's VM but keeps its slot: its setup state goes back to "not run",
