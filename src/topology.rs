@@ -977,6 +977,7 @@ fn kafka_connection(settings: &Settings) -> Option<KafkaConnection> {
         client_cert_key_b64: settings.kafka_client_cert_key_b64.clone(),
         trusted_cert_b64: settings.kafka_trusted_cert_b64.clone(),
         producer_max_queue_size: settings.kafka_producer_max_queue_size,
+        start_probe: Default::default(),
     })
 }
 

@@ -27,6 +27,9 @@ pub struct KafkaConnection {
     pub client_cert_b64: String,
     pub client_cert_key_b64: String,
     pub trusted_cert_b64: String,
+    /// Whether the brokers answered `ensure_topics`' first metadata probe, shared by every
+    /// clone: a start against unreachable brokers waits for one probe, not one per role.
+    pub start_probe: Arc<tokio::sync::OnceCell<bool>>,
     /// `KAFKA_PRODUCER_MAX_QUEUE_SIZE`: PostHog's producer sends once this many messages are
     /// queued; here, the most messages librdkafka puts in one produce request
     /// (`batch.num.messages`). 0 sends each message at once (no linger), as PostHog's tests
@@ -199,26 +202,35 @@ pub async fn ensure_topics(
     // Whatever is missing then is created by the broker on first use, or reported by the
     // consumers' health.
     let admin = Arc::new(admin);
-    let probe = {
-        let admin = Arc::clone(&admin);
-        tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(None, TOPIC_SETUP_TIMEOUT / 2)
-                .map(drop)
+    let reachable = *connection
+        .start_probe
+        .get_or_init(|| {
+            let admin = Arc::clone(&admin);
+            async move {
+                let probe = tokio::task::spawn_blocking(move || {
+                    admin
+                        .inner()
+                        .fetch_metadata(None, TOPIC_SETUP_TIMEOUT / 2)
+                        .map(drop)
+                })
+                .await;
+                match probe {
+                    Ok(Ok(())) => true,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "Kafka unreachable at start; topics are not created now");
+                        false
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "Kafka metadata probe did not finish");
+                        false
+                    }
+                }
+            }
         })
-        .await
-    };
-    match probe {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%error, ?topics, "Kafka unreachable at start; these topics are not created now");
-            return Ok(());
-        }
-        Err(error) => {
-            tracing::warn!(%error, "Kafka metadata probe did not finish");
-            return Ok(());
-        }
+        .await;
+    if !reachable {
+        tracing::warn!(?topics, "not created: Kafka was unreachable at start");
+        return Ok(());
     }
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
