@@ -2,6 +2,18 @@
 
 pub mod process;
 
+/// The number of events a CPU bench runs: its first argument, or `default`.
+pub fn event_count_argument(default: usize) -> anyhow::Result<usize> {
+    use anyhow::Context;
+
+    Ok(std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()
+        .context("the argument is a number of events")?
+        .unwrap_or(default))
+}
+
 /// The processEvent plugin of the Node vm2 peer (`shared/bench/node_vm2_bench.js`), byte for
 /// byte: parse a URL, rename a property, add a field, rename the event with `config.suffix`.
 pub const BENCH_PLUGIN: &str = r#"

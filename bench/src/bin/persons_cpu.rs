@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use chrono::Utc;
 use plugin_server_actors::event::Properties;
 use plugin_server_actors::persons::{
@@ -29,12 +28,7 @@ const DISTINCT_IDS: usize = 10_000;
 const BATCH: usize = 10_000;
 
 fn main() -> anyhow::Result<()> {
-    let count: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()
-        .context("the argument is a number of events")?
-        .unwrap_or(200_000);
+    let count = plugin_server_bench::event_count_argument(200_000)?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let manager = PersonManager::new(Arc::new(MemoryPersonStore::new()), PersonConfig::default());
     let timestamp = Utc::now();

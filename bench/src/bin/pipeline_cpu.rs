@@ -35,12 +35,7 @@ impl DefinitionStore for NoStore {
 }
 
 fn main() -> anyhow::Result<()> {
-    let count: usize = std::env::args()
-        .nth(1)
-        .map(|n| n.parse())
-        .transpose()
-        .context("the argument is a number of events")?
-        .unwrap_or(200_000);
+    let count = plugin_server_bench::event_count_argument(200_000)?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let small = |i: usize| json!({"i": i, "$current_url": "https://example.com/p?q=1", "blob": "x".repeat(i % 300)});
     let web = |i: usize| {
