@@ -723,13 +723,23 @@ impl PluginVmPool {
         }
     }
 
-    /// With an idle time set, has every worker tear down its idle VMs a few times per idle
-    /// time, so that a worker that gets no requests gives its memory back as well.
+    /// Has every worker tear down its idle VMs a few times per idle time, and, with a budget,
+    /// give back what it holds over its share every second: a worker that gets no requests
+    /// gives its memory back as well.
     fn spawn_sweeper(&self) {
-        let Some(idle) = self.inner.config.retention.idle else {
-            return;
+        let retention = self.inner.config.retention;
+        let every = match (retention.idle, retention.budget_bytes) {
+            (Some(idle), budget) => {
+                let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+                if budget.is_some() {
+                    every.min(Duration::from_secs(1))
+                } else {
+                    every
+                }
+            }
+            (None, Some(_)) => Duration::from_secs(1),
+            (None, None) => return,
         };
-        let every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
         let pool = Arc::downgrade(&self.inner);
         actix::spawn(async move {
             let mut ticker = tokio::time::interval(every);

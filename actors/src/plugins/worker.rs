@@ -49,9 +49,10 @@ pub struct VmRetention {
 /// worker at its budget does not tear one down on every call.
 const BUDGET_LOW_WATER_PERCENT: i64 = 90;
 
-/// What each worker of a pool holds, so that one budget covers them all: a worker over it
-/// tears down its own least recently used VMs. A busy worker thus gets the share that idle
-/// ones leave (they give theirs back when they run or are swept).
+/// What each worker of a pool holds, so that one budget covers them all: a worker that finds
+/// the total over it tears down its own least recently used VMs, but not below an equal share
+/// of the budget. A busy worker thus gets the share that idle ones leave, and a worker holding
+/// more than its share gives it back when it runs or is swept (every second).
 #[derive(Clone)]
 pub struct BudgetShare {
     /// This worker's entry in `held`; a replacement worker takes over its predecessor's.
@@ -487,6 +488,9 @@ impl VmWorker {
                 for id in idle_ids {
                     self.evict(id, EvictReason::Idle, side);
                 }
+                // A dropped VM's objects are only freed by the thread's next collection,
+                // which boa runs when allocation passes a threshold: collect now, so that the
+                // memory is free before the next VMs are built.
                 boa_engine::gc::force_collect();
             }
         }
@@ -501,14 +505,18 @@ impl VmWorker {
             .filter(|(index, _)| *index != self.share.index)
             .map(|(_, held)| held.load(Ordering::Relaxed))
             .sum();
-        let mut held = held_elsewhere
-            + self
-                .slots
-                .values()
-                .filter(|slot| slot.vm.is_some())
-                .map(|slot| slot.vm_bytes)
-                .sum::<i64>();
-        if held <= budget {
+        let mut own: i64 = self
+            .slots
+            .values()
+            .filter(|slot| slot.vm.is_some())
+            .map(|slot| slot.vm_bytes)
+            .sum();
+        let mut held = held_elsewhere + own;
+        let workers = i64::try_from(self.share.held.len()).unwrap_or(1).max(1);
+        // Not below an equal share: otherwise a worker would tear down the VM it just used,
+        // on every request, while another sits on the budget.
+        let floor = budget / workers / 100 * BUDGET_LOW_WATER_PERCENT;
+        if held <= budget || own <= floor {
             return;
         }
         let mut by_age: Vec<(Instant, i64, i64)> = self
@@ -519,17 +527,20 @@ impl VmWorker {
             .collect();
         by_age.sort_unstable();
         let low_water = budget / 100 * BUDGET_LOW_WATER_PERCENT;
+        let mut evicted = false;
         for (_, id, bytes) in by_age {
-            if held <= low_water {
+            if held <= low_water || own <= floor {
                 break;
             }
             self.evict(id, EvictReason::Budget, side);
             held -= bytes;
+            own -= bytes;
+            evicted = true;
         }
-        // A dropped VM's objects are only freed by the thread's next collection, which boa
-        // runs when allocation passes a threshold: collect now, so that the memory is free
-        // before the next VMs are built (and their heap is what the budget counts).
-        boa_engine::gc::force_collect();
+        if evicted {
+            // As above: free them now, and what the budget counts is what the thread holds.
+            boa_engine::gc::force_collect();
+        }
     }
 
     /// Tears down one config's VM but keeps its slot: its setup state goes back to "not run",

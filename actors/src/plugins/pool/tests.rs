@@ -704,3 +704,57 @@ async fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event
     });
     assert!(logs.contains(&"fetch failed".to_owned()), "{logs:?}");
 }
+
+/// One budget for all workers, without thrashing: a worker under an equal share keeps the VM
+/// it uses even while the total is over the budget, and the worker holding more than its share
+/// gives the excess back when the pool sweeps it.
+#[actix::test]
+async fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms() {
+    let probe = start(1, Arc::new(Collected::default()));
+    probe.set_plugins(PluginSet::new([config(1, 1, 1, "probe", COUNTING_PLUGIN)]));
+    calls_seen(&probe, 1).await;
+    let one_vm = probe.stats()["vm_heap_bytes_at_load"]
+        .as_i64()
+        .expect("bytes");
+
+    // One processEvent worker and one async worker; room for four and a half VMs.
+    let pool = start_retaining(
+        1,
+        Arc::new(Collected::default()),
+        VmRetention {
+            budget_bytes: Some(one_vm * 9 / 2),
+            idle: None,
+        },
+    );
+    let scheduled = format!("{COUNTING_PLUGIN}; exports.runEveryMinute = () => {{}}");
+    pool.set_plugins(PluginSet::new([
+        config(31, 1, 1, "a", &scheduled),
+        config(32, 1, 2, "b", &scheduled),
+        config(33, 1, 3, "c", &scheduled),
+        config(34, 1, 4, "d", &scheduled),
+        config(40, 2, 1, "busy", COUNTING_PLUGIN),
+    ]));
+    // The async worker builds four VMs: within the budget.
+    pool.run_scheduled(1, Method::RunEveryMinute)
+        .await
+        .expect("ran");
+    assert_eq!(pool.stats()["vms"], 4);
+    // The processEvent worker's VM puts the total over the budget, but that worker holds less
+    // than an equal share: it keeps its VM.
+    assert_eq!(calls_seen(&pool, 2).await, 1);
+    assert_eq!(
+        calls_seen(&pool, 2).await,
+        2,
+        "not torn down after its call"
+    );
+    // The sweep (every second with a budget) has the async worker give back its excess.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.stats()["vms"] != 4 {
+        assert!(Instant::now() < deadline, "{}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(calls_seen(&pool, 2).await, 3, "the busy worker's VM stayed");
+    let stats = pool.stats();
+    assert_eq!(stats["workers"][0]["vms"], 1, "{stats}");
+    assert_eq!(stats["workers"][1]["vms"], 3, "{stats}");
+}
