@@ -12,6 +12,8 @@
 pub mod manager;
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod store_tests;
 pub mod types;
 
 pub use manager::{DefinitionConfig, DefinitionStore, DefinitionStoreError, DefinitionsManager};

@@ -142,16 +142,6 @@ fn team_column(team_id: i64) -> Result<i32, DefinitionStoreError> {
 #[cfg(all(test, feature = "integration-tests"))]
 mod tests {
     use super::*;
-    use crate::definitions::{PropertyDefinition, PropertyKind, PropertyType};
-
-    fn property(name: &str, property_type: Option<PropertyType>) -> PropertyDefinition {
-        PropertyDefinition {
-            team_id: 2,
-            name: name.to_owned(),
-            kind: PropertyKind::Event,
-            property_type,
-        }
-    }
 
     /// Writes are idempotent, a property keeps its first type, and an untyped one takes the
     /// first type that comes.
@@ -161,22 +151,7 @@ mod tests {
         crate::test_support::insert_teams(&pool, &[2]).await;
         let client = pool.get().await.expect("connection");
         let store = PostgresDefinitionStore::new(pool.clone());
-        let mut new = NewDefinitions {
-            events: vec![(2, "signup".to_owned())],
-            properties: vec![
-                property("typed", Some(PropertyType::Numeric)),
-                property("later", None),
-            ],
-            event_properties: vec![(2, "signup".to_owned(), "typed\u{0}".to_owned())],
-            ingested_teams: vec![2],
-        };
-        store.write(&new).await.expect("first write");
-        store.write(&new).await.expect("the same again");
-        new.properties = vec![
-            property("typed", Some(PropertyType::String)),
-            property("later", Some(PropertyType::DateTime)),
-        ];
-        store.write(&new).await.expect("with types");
+        crate::definitions::store_tests::write_types_twice(&store, "typed\u{0}").await;
 
         let types: Vec<(String, Option<String>, bool)> = client
             .query(

@@ -86,16 +86,6 @@ impl DefinitionStore for SqliteDefinitionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::definitions::{PropertyDefinition, PropertyKind, PropertyType};
-
-    fn property(name: &str, property_type: Option<PropertyType>) -> PropertyDefinition {
-        PropertyDefinition {
-            team_id: 2,
-            name: name.to_owned(),
-            kind: PropertyKind::Event,
-            property_type,
-        }
-    }
 
     /// As Postgres' test: idempotent, a property keeps its first type, an untyped one takes
     /// the first type that comes.
@@ -103,22 +93,7 @@ mod tests {
     async fn writes_are_idempotent_and_types_stick_once_set() {
         let database = Sqlite::in_memory().expect("sqlite");
         let store = SqliteDefinitionStore::new(database.clone());
-        let mut new = NewDefinitions {
-            events: vec![(2, "signup".to_owned())],
-            properties: vec![
-                property("typed", Some(PropertyType::Numeric)),
-                property("later", None),
-            ],
-            event_properties: vec![(2, "signup".to_owned(), "typed".to_owned())],
-            ingested_teams: vec![2],
-        };
-        store.write(&new).await.expect("first write");
-        store.write(&new).await.expect("the same again");
-        new.properties = vec![
-            property("typed", Some(PropertyType::String)),
-            property("later", Some(PropertyType::DateTime)),
-        ];
-        store.write(&new).await.expect("with types");
+        crate::definitions::store_tests::write_types_twice(&store, "typed").await;
 
         let connection = database.lock().await;
         let mut select = connection

@@ -490,6 +490,16 @@ fn lifecycle(outputs: &Collected) -> Vec<(i64, String)> {
     })
 }
 
+/// The heap one VM of `COUNTING_PLUGIN` takes to load, measured on a pool without a budget.
+async fn one_vm_bytes() -> i64 {
+    let probe = start(1, Arc::new(Collected::default()));
+    probe.set_plugins(PluginSet::new([config(1, 1, 1, "probe", COUNTING_PLUGIN)]));
+    calls_seen(&probe, 1).await;
+    probe.stats()["vm_heap_bytes_at_load"]
+        .as_i64()
+        .expect("bytes")
+}
+
 async fn calls_seen(pool: &PluginVmPool, team_id: i64) -> Value {
     let outcomes = pool
         .process_events(team_id, vec![event(team_id, "e")])
@@ -507,13 +517,7 @@ async fn calls_seen(pool: &PluginVmPool, team_id: i64) -> Value {
 /// processed correctly. The VM in use stays.
 #[actix::test]
 async fn over_the_budget_the_least_recently_used_vm_is_torn_down_and_set_up_again_on_use() {
-    // One VM's heap, measured on a pool without a budget.
-    let probe = start(1, Arc::new(Collected::default()));
-    probe.set_plugins(PluginSet::new([config(1, 1, 1, "probe", COUNTING_PLUGIN)]));
-    calls_seen(&probe, 1).await;
-    let one_vm = probe.stats()["vm_heap_bytes_at_load"]
-        .as_i64()
-        .expect("bytes");
+    let one_vm = one_vm_bytes().await;
     assert!(one_vm > 100_000, "{one_vm}");
 
     let outputs = Arc::new(Collected::default());
@@ -710,12 +714,7 @@ async fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event
 /// gives the excess back when the pool sweeps it.
 #[actix::test]
 async fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms() {
-    let probe = start(1, Arc::new(Collected::default()));
-    probe.set_plugins(PluginSet::new([config(1, 1, 1, "probe", COUNTING_PLUGIN)]));
-    calls_seen(&probe, 1).await;
-    let one_vm = probe.stats()["vm_heap_bytes_at_load"]
-        .as_i64()
-        .expect("bytes");
+    let one_vm = one_vm_bytes().await;
 
     // One processEvent worker and one async worker; room for four and a half VMs.
     let pool = start_retaining(
