@@ -316,12 +316,19 @@ async fn accept(
     let body = read_body(request, payload, state.max_body_bytes).await?;
     let context = RequestContext::from_request(request, state.max_body_bytes, Utc::now());
     // Inflating and parsing up to 20 MB takes far longer than an arbiter may be blocked.
-    let events = web::block(move || build_events(&context, &body))
+    let (token, events) = web::block(move || build_events(&context, &body))
         .await
         .map_err(|error| CaptureError::Internal(format!("decoding task failed: {error}")))??;
     let accepted = events.len();
-    if let Some(teams) = &state.known_tokens {
-        refuse_unknown_tokens(teams, &events).await?;
+    if let Some(teams) = &state.known_tokens
+        && !events.is_empty()
+        && teams
+            .by_token(&token)
+            .await
+            .map_err(|error| CaptureError::Unavailable(error.to_string()))?
+            .is_none()
+    {
+        return Err(CaptureError::InvalidToken);
     }
     state
         .intake
@@ -331,32 +338,6 @@ async fn accept(
             IntakeError::Unavailable(reason) => CaptureError::Unavailable(reason),
         })?;
     Ok(accepted)
-}
-
-/// Every token of the request must have a team; each is looked up once (the team manager
-/// caches the answers).
-async fn refuse_unknown_tokens(
-    teams: &TeamManager,
-    events: &[CapturedEvent],
-) -> Result<(), CaptureError> {
-    let mut checked = std::collections::HashSet::new();
-    for event in events {
-        // The key is `<token>:<distinct_id>`.
-        let token = event
-            .key
-            .split_once(':')
-            .map_or(event.key.as_str(), |(token, _)| token);
-        if checked.insert(token)
-            && teams
-                .by_token(token)
-                .await
-                .map_err(|error| CaptureError::Unavailable(error.to_string()))?
-                .is_none()
-        {
-            return Err(CaptureError::InvalidToken);
-        }
-    }
-    Ok(())
 }
 
 /// The raw body, refused as soon as it is known to exceed `limit`. The stream is read by hand
@@ -548,7 +529,11 @@ impl Compression {
 
 /// Decodes the body (or `data` field) and builds one envelope per event. All-or-nothing: the
 /// first problem refuses the whole request, as PostHog does.
-fn build_events(context: &RequestContext, body: &[u8]) -> Result<Vec<CapturedEvent>, CaptureError> {
+/// The request's token (one serves every event, see [`request_token`]) and its events.
+fn build_events(
+    context: &RequestContext,
+    body: &[u8],
+) -> Result<(String, Vec<CapturedEvent>), CaptureError> {
     // posthog-js sometimes sends `data=...` as `text/plain`; PostHog strips the prefix too.
     // A JSON body under a form content type is a client mislabelling it, not a form.
     let is_form = (context.is_form && !looks_like_json(body)) || body.starts_with(b"data=");
@@ -587,12 +572,13 @@ fn build_events(context: &RequestContext, body: &[u8]) -> Result<Vec<CapturedEve
             .unwrap_or_default(),
     };
 
-    request
+    let events = request
         .events
         .into_iter()
         .enumerate()
         .map(|(index, event)| build_event(index, event, &shared))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((token, events))
 }
 
 /// gzip (announced or recognised by its magic bytes), then base64 if the text is not JSON,

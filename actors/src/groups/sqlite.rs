@@ -84,7 +84,7 @@ fn upsert_in(
                     key.team_id,
                     key.group_type_index,
                     key.group_key,
-                    Value::Object(group.properties.clone()).to_string(),
+                    crate::persons::rows::properties_json(&group.properties),
                     group.created_at.to_rfc3339(),
                     group.version,
                 ])

@@ -500,37 +500,41 @@ async fn stable_ids(
     mains: &mut HashMap<i64, (String, MainFile)>,
 ) -> Result<(), rusqlite::Error> {
     let connection = database.lock().await;
+    // One transaction: one fsync for a whole directory of new configs, not two per config.
+    let transaction = connection.unchecked_transaction()?;
     let mut plugin_ids: HashMap<i64, i64> = HashMap::new();
     for config in configs.iter_mut() {
         let identity = &mut config.identity;
         let plugin_id = match plugin_ids.get(&identity.plugin_id) {
             Some(id) => *id,
             None => {
-                connection.execute(
-                    "INSERT INTO plugins (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
-                    [&identity.plugin_name],
-                )?;
-                let id: i64 = connection.query_row(
-                    "SELECT id FROM plugins WHERE name = ?1",
-                    [&identity.plugin_name],
-                    |row| row.get(0),
-                )?;
+                transaction
+                    .prepare_cached(
+                        "INSERT INTO plugins (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                    )?
+                    .execute([&identity.plugin_name])?;
+                let id: i64 = transaction
+                    .prepare_cached("SELECT id FROM plugins WHERE name = ?1")?
+                    .query_row([&identity.plugin_name], |row| row.get(0))?;
                 plugin_ids.insert(identity.plugin_id, id);
                 id
             }
         };
-        connection.execute(
-            "INSERT INTO plugin_configs (plugin, team_id, slot) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (plugin, team_id, slot) DO NOTHING",
-            rusqlite::params![identity.plugin_name, identity.team_id, config.slot],
-        )?;
-        identity.plugin_config_id = connection.query_row(
-            "SELECT id FROM plugin_configs WHERE plugin = ?1 AND team_id = ?2 AND slot = ?3",
-            rusqlite::params![identity.plugin_name, identity.team_id, config.slot],
-            |row| row.get(0),
-        )?;
+        let key = rusqlite::params![identity.plugin_name, identity.team_id, config.slot];
+        transaction
+            .prepare_cached(
+                "INSERT INTO plugin_configs (plugin, team_id, slot) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (plugin, team_id, slot) DO NOTHING",
+            )?
+            .execute(key)?;
+        identity.plugin_config_id = transaction
+            .prepare_cached(
+                "SELECT id FROM plugin_configs WHERE plugin = ?1 AND team_id = ?2 AND slot = ?3",
+            )?
+            .query_row(key, |row| row.get(0))?;
         identity.plugin_id = plugin_id;
     }
+    transaction.commit()?;
     *mains = std::mem::take(mains)
         .into_iter()
         .filter_map(|(old, main)| Some((*plugin_ids.get(&old)?, main)))
