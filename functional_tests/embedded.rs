@@ -26,18 +26,6 @@ fn start(base: &Path, extra: &[(&str, String)]) -> ServerProcess {
     ServerProcess::start(&env)
 }
 
-/// SIGTERM, and the exit it leads to: a clean stop.
-fn stop(mut server: ServerProcess) {
-    let pid = server.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    let exit = server.child.wait().expect("the server exits");
-    assert!(exit.success(), "clean stop: {exit}");
-}
-
 /// The stored row of the event named `event`.
 fn row(base: &Path, event: &str) -> Value {
     read_event_rows(base)
@@ -85,7 +73,7 @@ async fn teams_and_persons_survive_kill_9_and_clean_restarts_in_any_arrival_orde
         json!({"$set": {"seen": 2}}),
     )
     .await;
-    stop(second);
+    crate::ingestion::terminate(second);
 
     let third = start(base, &[]);
     capture(&third.addr(), "phc_alpha", "alpha 3", "user", json!({})).await;

@@ -85,14 +85,14 @@ async fn post_batch(addr: &str, token: &str, batch: Value) -> u16 {
         .as_u16()
 }
 
-/// The error message `posthog_pluginconfig` row `id` records, once it has one and `state`
-/// accepts its `enabled` (within 10 s).
+/// `enabled` and the error message of `posthog_pluginconfig` row `id`, once it has an error
+/// and `state` accepts its `enabled` (within 10 s).
 async fn config_error_once(
     client: &tokio_postgres::Client,
     id: i32,
     state: impl Fn(bool) -> bool,
     what: &str,
-) -> String {
+) -> (bool, String) {
     crate::ingestion::wait_for_up_to(
         Duration::from_secs(10),
         &format!("config {id} {what}"),
@@ -105,7 +105,13 @@ async fn config_error_once(
                 .await
                 .ok()?;
             let error: Value = row.get::<_, Option<Value>>(1)?;
-            state(row.get(0)).then(|| error["message"].as_str().unwrap_or_default().to_owned())
+            let enabled: bool = row.get(0);
+            state(enabled).then(|| {
+                (
+                    enabled,
+                    error["message"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
         },
     )
     .await
@@ -623,20 +629,12 @@ async fn plugins_load_from_posthog_tables_failed_setups_disable_and_load_failure
     assert_eq!(cached.as_deref(), Some(r#""d1""#));
 
     // PostHog records the error on the config and disables it.
-    let message = config_error_once(&client, 12, |enabled| !enabled, "disabled").await;
+    let (_, message) = config_error_once(&client, 12, |enabled| !enabled, "disabled").await;
     assert!(message.contains("missing API key"), "{message}");
     // A plugin that cannot load here (a module outside the allow-list) gets its error
     // recorded but stays enabled: PostHog's own server, sharing the database, may run it.
-    let message = config_error_once(&client, 15, |_| true, "given its load error").await;
+    let (enabled, message) = config_error_once(&client, 15, |_| true, "given its load error").await;
     assert!(message.contains("snowflake-sdk"), "{message}");
-    let enabled: bool = client
-        .query_one(
-            "SELECT enabled FROM posthog_pluginconfig WHERE id = 15",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert!(enabled, "a plugin that cannot load is not disabled");
     drop(server);
     drop(client);

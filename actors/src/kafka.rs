@@ -193,6 +193,10 @@ pub async fn ensure_topics(
     if topics.is_empty() {
         return Ok(());
     }
+    if connection.start_probe.get() == Some(&false) {
+        tracing::warn!(?topics, "not created: Kafka was unreachable at start");
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = connection
         .client_config()?
         .create()

@@ -748,11 +748,17 @@ impl PluginVmPool {
                 ticker.tick().await;
                 let Some(inner) = pool.upgrade() else { return };
                 let pool = PluginVmPool { inner };
-                let configs: Vec<Arc<LoadedConfig>> = pool.plugins().configs().cloned().collect();
                 for index in 0..pool.inner.workers.len() {
                     if let Sent::Reply(reply) =
                         pool.send_to(index, |request_id| Sweep { request_id }).await
                     {
+                        // The configs only filter log entries, and most sweeps tear nothing
+                        // down: no copy of every config each second for nothing.
+                        let configs: Vec<Arc<LoadedConfig>> = if reply.side.logs.is_empty() {
+                            Vec::new()
+                        } else {
+                            pool.plugins().configs().cloned().collect()
+                        };
                         pool.deliver(reply.side, &configs);
                     }
                 }
@@ -907,8 +913,6 @@ fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<Loade
     }
 }
 
-/// The events back from their `Arc`: free once no worker holds them, a copy if an abandoned
-/// worker still does.
 /// A worker's part of a team's batch: its events, and where each was in the batch.
 #[derive(Default)]
 struct Share {
@@ -932,6 +936,8 @@ fn worker_of_distinct_id(team_id: i64, event: &Value, workers: usize) -> usize {
     (hasher.finish() % workers.max(1) as u64) as usize
 }
 
+/// The events back from their `Arc`: free once no worker holds them, a copy if an abandoned
+/// worker still does.
 fn take_events(events: Arc<Vec<Value>>) -> Vec<Value> {
     Arc::try_unwrap(events).unwrap_or_else(|shared| shared.as_ref().clone())
 }

@@ -334,8 +334,8 @@ impl VmWorker {
             .slots
             .get(&identity.plugin_config_id)
             .is_some_and(|slot| slot.config.version != config.version);
-        if stale && let Some(slot) = self.slots.remove(&identity.plugin_config_id) {
-            self.teardown(slot, side);
+        if stale && let Some(mut slot) = self.slots.remove(&identity.plugin_config_id) {
+            close(&mut slot, side);
         }
         let slot = self
             .slots
@@ -466,10 +466,6 @@ impl VmWorker {
         }
     }
 
-    fn teardown(&mut self, mut slot: Slot, side: &mut SideEffects) {
-        close(&mut slot, side);
-    }
-
     /// Tears down the VMs idle past the idle time, then, while the VMs' heap is over the
     /// budget, the least recently used ones. Runs after each request, when every VM is back
     /// in its slot; a config torn down here is built and set up again on its next use.
@@ -553,7 +549,6 @@ impl VmWorker {
             return;
         }
         close(slot, side);
-        slot.vm_bytes = 0;
         if matches!(slot.setup, SetupState::Done) {
             slot.setup = SetupState::NotRun;
         }
@@ -1169,8 +1164,8 @@ impl Handler<Retire> for VmWorker {
             .collect();
         let mut side = SideEffects::default();
         for id in retired {
-            if let Some(slot) = self.slots.remove(&id) {
-                self.teardown(slot, &mut side);
+            if let Some(mut slot) = self.slots.remove(&id) {
+                close(&mut slot, &mut side);
             }
         }
         self.publish_load();
@@ -1183,8 +1178,8 @@ impl Handler<TeardownAll> for VmWorker {
 
     fn handle(&mut self, _: TeardownAll, _: &mut Self::Context) -> Self::Result {
         let mut side = SideEffects::default();
-        for (_, slot) in std::mem::take(&mut self.slots) {
-            self.teardown(slot, &mut side);
+        for (_, mut slot) in std::mem::take(&mut self.slots) {
+            close(&mut slot, &mut side);
         }
         self.publish_load();
         MessageResult(WorkerReply { value: (), side })
