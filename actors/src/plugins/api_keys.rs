@@ -70,21 +70,11 @@ impl PluginApiKeys {
         let project_api_key: String = row.get(0);
         let organization: Uuid = row.get(1);
         let cache_key = format!("plugins-api-key-manager/{organization}");
-        // JSON-encoded, as PostHog's server caches it.
-        let cached = self
-            .cache
-            .get(&cache_key)
-            .await?
-            .and_then(|text| serde_json::from_str::<String>(&text).ok());
-        let personal_api_key = match cached {
+        let personal_api_key = match self.cached_key(&cache_key).await? {
             Some(key) => key,
             None => {
-                let key = create_key(&mut client, organization).await?;
-                let encoded = serde_json::Value::String(key.clone()).to_string();
-                self.cache
-                    .set(&cache_key, &encoded, Some(KEY_CACHED_FOR))
-                    .await?;
-                key
+                self.create_key(&mut client, organization, &cache_key)
+                    .await?
             }
         };
         Ok(ApiCredentials {
@@ -92,21 +82,53 @@ impl PluginApiKeys {
             personal_api_key,
         })
     }
+
+    /// The organization's key as cached: JSON-encoded, as PostHog's server caches it.
+    async fn cached_key(&self, cache_key: &str) -> Result<Option<String>, ApiKeyError> {
+        Ok(self
+            .cache
+            .get(cache_key)
+            .await?
+            .and_then(|text| serde_json::from_str::<String>(&text).ok()))
+    }
+
+    /// A new key for the organization's bot user, made first if it has none, cached before the
+    /// organization's advisory lock is released. Callers that missed the cache at once (worker
+    /// threads of one instance, or instances sharing the cache) wait on the lock and then find
+    /// the first one's key instead of making their own; instances with caches of their own
+    /// share the bot and get a key each.
+    async fn create_key(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        organization: Uuid,
+        cache_key: &str,
+    ) -> Result<String, ApiKeyError> {
+        let transaction = client.transaction().await?;
+        transaction
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext('plugin-server bot user ' || $1::text))",
+                &[&organization.to_string()],
+            )
+            .await?;
+        if let Some(key) = self.cached_key(cache_key).await? {
+            return Ok(key);
+        }
+        let key = insert_key(&transaction, organization).await?;
+        let encoded = serde_json::Value::String(key.clone()).to_string();
+        self.cache
+            .set(cache_key, &encoded, Some(KEY_CACHED_FOR))
+            .await?;
+        transaction.commit().await?;
+        Ok(key)
+    }
 }
 
-/// A new key for the organization's bot user, made first if it has none. Under an advisory
-/// lock per organization, so instances missing the cache at once make one bot between them.
-async fn create_key(
-    client: &mut deadpool_postgres::Client,
+/// A new key for the organization's bot user, made first if it has none, in `transaction`
+/// (which holds the organization's advisory lock, so concurrent callers make one bot).
+async fn insert_key(
+    transaction: &tokio_postgres::Transaction<'_>,
     organization: Uuid,
 ) -> Result<String, tokio_postgres::Error> {
-    let transaction = client.transaction().await?;
-    transaction
-        .execute(
-            "SELECT pg_advisory_xact_lock(hashtext('plugin-server bot user ' || $1::text))",
-            &[&organization.to_string()],
-        )
-        .await?;
     let existing = transaction
         .query_opt(
             "SELECT id FROM posthog_user \
@@ -161,7 +183,6 @@ async fn create_key(
             ],
         )
         .await?;
-    transaction.commit().await?;
     Ok(key)
 }
 
