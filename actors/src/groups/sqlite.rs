@@ -94,6 +94,21 @@ fn upsert_in(
     Ok(upserted)
 }
 
+fn group_types_in(
+    connection: &Connection,
+    team_id: i64,
+) -> Result<HashMap<String, u8>, GroupStoreError> {
+    let mut select = connection
+        .prepare_cached("SELECT group_type, group_type_index FROM group_types WHERE team_id = ?1")
+        .map_err(unavailable)?;
+    let rows = select
+        .query_map([team_id], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, u8>(1)?))
+        })
+        .map_err(unavailable)?;
+    rows.collect::<Result<_, _>>().map_err(unavailable)
+}
+
 #[async_trait]
 impl GroupStore for SqliteGroupStore {
     fn name(&self) -> &'static str {
@@ -101,18 +116,7 @@ impl GroupStore for SqliteGroupStore {
     }
 
     async fn group_types(&self, team_id: i64) -> Result<HashMap<String, u8>, GroupStoreError> {
-        let connection = self.database.lock().await;
-        let mut select = connection
-            .prepare_cached(
-                "SELECT group_type, group_type_index FROM group_types WHERE team_id = ?1",
-            )
-            .map_err(unavailable)?;
-        let rows = select
-            .query_map([team_id], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, u8>(1)?))
-            })
-            .map_err(unavailable)?;
-        rows.collect::<Result<_, _>>().map_err(unavailable)
+        group_types_in(&*self.database.lock().await, team_id)
     }
 
     async fn add_group_type(
@@ -120,7 +124,10 @@ impl GroupStore for SqliteGroupStore {
         team_id: i64,
         group_type: &str,
     ) -> Result<Option<u8>, GroupStoreError> {
-        let types = self.group_types(team_id).await?;
+        // The read and the insert under one hold of the connection, so that two callers adding
+        // the same type get the same index rather than the second one failing on the key.
+        let connection = self.database.lock().await;
+        let types = group_types_in(&connection, team_id)?;
         if let Some(index) = types.get(group_type) {
             return Ok(Some(*index));
         }
@@ -128,10 +135,7 @@ impl GroupStore for SqliteGroupStore {
         else {
             return Ok(None);
         };
-        // One connection: nothing came between the read and this insert.
-        self.database
-            .lock()
-            .await
+        connection
             .execute(
                 "INSERT INTO group_types (team_id, group_type, group_type_index) VALUES (?1, ?2, ?3)",
                 params![team_id, group_type, free],

@@ -232,6 +232,23 @@ async fn sqlite_keeps_the_group_store_contract() {
     batch_upserts_answer_per_group_as_upserting_each_would(&sqlite_store()).await;
 }
 
+/// Two callers adding the same new type at once both get its one index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_callers_adding_one_type_at_once_get_the_same_index() {
+    for _ in 0..50 {
+        let store = std::sync::Arc::new(sqlite_store());
+        let adds: Vec<_> = (0..4)
+            .map(|_| {
+                let store = std::sync::Arc::clone(&store);
+                tokio::spawn(async move { store.add_group_type(1, "company").await })
+            })
+            .collect();
+        for add in adds {
+            assert_eq!(add.await.expect("joined").expect("added"), Some(0));
+        }
+    }
+}
+
 #[tokio::test]
 async fn memory_types_take_the_lowest_free_index_and_at_most_five() {
     types_take_the_lowest_free_index_and_at_most_five(&MemoryGroupStore::new()).await;
