@@ -1,11 +1,9 @@
 //! The `processEvent` chain of one team, as PostHog runs it (spec 1.4), on one worker thread.
 
-use std::borrow::Cow;
-
 use serde_json::{Map, Value};
 
-use super::runtime::vm::{CallError, Method, PluginVm};
-use crate::event::js::type_name;
+use super::runtime::plain::Plain;
+use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
 
 /// `"<plugin name> (<config id>)"`, PostHog's identifier in `$plugins_succeeded`/`$plugins_failed`.
 pub fn config_label(plugin_name: &str, plugin_config_id: i64) -> String {
@@ -39,8 +37,10 @@ pub struct ChainStep<'a> {
 /// Runs `event` through `steps` in order. A throw keeps the last good event and goes on; a
 /// missing result drops the event at once; a config already listed in the event's
 /// `$plugins_succeeded`/`$plugins_failed` (an event re-ingested by `posthog.capture` or a
-/// retry) is skipped. The input is copied only when no plugin returned a new event. Each
-/// call's effects come back with the id of the config that made them.
+/// retry) is skipped. Between steps the event stays a [`Plain`] value, which each VM builds
+/// its own objects from; it becomes JSON once, at the end (the input is copied only when no
+/// plugin returned a new event). Each call's effects come back with the id of the config that
+/// made them.
 pub fn run_chain(
     input: &Value,
     steps: &mut [ChainStep<'_>],
@@ -54,17 +54,26 @@ pub fn run_chain(
     };
     let mut effects = Vec::new();
     let original_team = input.get("team_id");
-    let mut event = Cow::Borrowed(input);
+    // `None` while no plugin has returned an event: the input is still the event.
+    let mut event: Option<Plain> = None;
 
     for step in steps.iter_mut() {
-        if already_ran(&event, step.label) {
+        let ran = match &event {
+            Some(plain) => already_ran_plain(plain, step.label),
+            None => already_ran(input, step.label),
+        };
+        if ran {
             continue;
         }
-        let (result, call_effects) = call_process_event(step.vm, &event);
+        let argument = match &event {
+            Some(plain) => CallArg::Plain(plain),
+            None => CallArg::Json(input),
+        };
+        let (result, call_effects) = call_process_event(step.vm, argument);
         effects.push((step.plugin_config_id, call_effects));
         match result {
             Ok(Some(next)) if next.is_object() => {
-                if next.get("team_id") != original_team {
+                if next.get("team_id").map(Plain::to_json).as_ref() != original_team {
                     // Changing team_id is undone and counts as a throw (spec 1.4).
                     failed_labels.push(step.label.to_owned());
                     outcome.failures.push(EventFailure {
@@ -76,7 +85,7 @@ pub fn run_chain(
                     });
                     continue;
                 }
-                event = Cow::Owned(next);
+                event = Some(next);
                 succeeded_labels.push(step.label.to_owned());
                 outcome.succeeded.push(step.plugin_config_id);
             }
@@ -89,7 +98,7 @@ pub fn run_chain(
                         name: "TypeError".into(),
                         message: format!(
                             "processEvent returned {} instead of an event",
-                            type_name(&other)
+                            other.type_name()
                         ),
                     },
                 });
@@ -103,7 +112,7 @@ pub fn run_chain(
             }
         }
     }
-    let mut event = event.into_owned();
+    let mut event = event.map_or_else(|| input.clone(), |plain| plain.to_json());
     if !succeeded_labels.is_empty() || !failed_labels.is_empty() {
         append_labels(&mut event, "$plugins_succeeded", succeeded_labels);
         append_labels(&mut event, "$plugins_failed", failed_labels);
@@ -115,19 +124,22 @@ pub fn run_chain(
 /// processEvent, or processEventBatch given a single event (plugin-compat point 1).
 fn call_process_event(
     vm: &mut PluginVm,
-    event: &Value,
+    event: CallArg<'_>,
 ) -> (
-    Result<Option<Value>, CallError>,
+    Result<Option<Plain>, CallError>,
     super::runtime::CallEffects,
 ) {
     if vm.has(Method::ProcessEvent) {
-        return vm.call(Method::ProcessEvent, &[event]);
+        return vm.call_plain(Method::ProcessEvent, &[event]);
     }
-    let batch = Value::Array(vec![event.clone()]);
-    let (result, effects) = vm.call(Method::ProcessEventBatch, &[&batch]);
+    let batch = match event {
+        CallArg::Json(value) => Plain::Array(vec![Plain::from_json(value)]),
+        CallArg::Plain(plain) => Plain::Array(vec![plain.clone()]),
+    };
+    let (result, effects) = vm.call_plain(Method::ProcessEventBatch, &[CallArg::Plain(&batch)]);
     let result = result.map(|out| match out {
-        Some(Value::Array(mut events)) if !events.is_empty() => {
-            Some(events.swap_remove(0)).filter(|e| !e.is_null())
+        Some(Plain::Array(mut events)) if !events.is_empty() => {
+            Some(events.swap_remove(0)).filter(|e| *e != Plain::Null)
         }
         _ => None,
     });
@@ -143,6 +155,16 @@ fn already_ran(event: &Value, label: &str) -> bool {
             .get(*key)
             .and_then(Value::as_array)
             .is_some_and(|list| list.iter().any(|l| l.as_str() == Some(label)))
+    })
+}
+
+fn already_ran_plain(event: &Plain, label: &str) -> bool {
+    let Some(properties) = event.get("properties") else {
+        return false;
+    };
+    ["$plugins_succeeded", "$plugins_failed"].iter().any(|key| {
+        matches!(properties.get(key), Some(Plain::Array(list))
+            if list.iter().any(|l| matches!(l, Plain::String(s) if *s == label)))
     })
 }
 

@@ -6,6 +6,7 @@
 //! both ways: who a VM is, what it runs, and what a call produced besides its value.
 
 pub mod natives;
+pub mod plain;
 pub mod prelude;
 pub mod transpile;
 pub mod vm;

@@ -565,7 +565,7 @@ fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsV
     let event = string_arg(args, 0, context)?;
     let properties = match args.get(1) {
         Some(value) if !value.is_null_or_undefined() => {
-            value.to_json(context)?.unwrap_or(Value::Null)
+            super::plain::Plain::export(value, context)?.map_or(Value::Null, |p| p.to_json())
         }
         _ => Value::Object(serde_json::Map::new()),
     };

@@ -22,6 +22,7 @@ use boa_engine::{
 use serde_json::Value;
 
 use super::natives::{self, PluginHost};
+use super::plain::Plain;
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
 
 /// How many boa "clock cycles" run between two deadline checks. At about 10 ns per cycle
@@ -161,9 +162,31 @@ pub struct PluginVm {
     methods: Vec<(Method, JsObject)>,
     jobs: Vec<(String, JsObject)>,
     meta: JsValue,
-    /// `__ps_target(...__ps_args)`, compiled once: calls go through a script so that they run
-    /// in boa's budgeted interpreter loop, which is what lets the deadline interrupt them.
-    invoker: Script,
+    /// `__ps_target(__ps_args[0], …)` for one, two and three arguments, each compiled on first
+    /// use: calls go through a script so that they run in boa's budgeted interpreter loop,
+    /// which is what lets the deadline interrupt them. (A spread, `__ps_target(...__ps_args)`,
+    /// would do for every count, but its iterator cost a quarter of a small plugin's call.)
+    invokers: [Option<Script>; MAX_ARGS],
+}
+
+/// The most arguments a plugin function is called with (the plugin's own wrapper takes
+/// `exports, module, require`; methods take at most an event and `meta`).
+const MAX_ARGS: usize = 3;
+
+/// An argument of a call: JSON from the server, or what an earlier VM of the thread returned.
+#[derive(Debug, Clone, Copy)]
+pub enum CallArg<'a> {
+    Json(&'a Value),
+    Plain(&'a Plain),
+}
+
+impl CallArg<'_> {
+    fn to_js(self, context: &mut Context) -> JsResult<JsValue> {
+        match self {
+            Self::Json(value) => JsValue::from_json(value, context),
+            Self::Plain(plain) => Ok(plain.to_js(context)),
+        }
+    }
 }
 
 impl std::fmt::Debug for PluginVm {
@@ -212,13 +235,6 @@ impl PluginVm {
         )
         .map_err(|e| VmError::Context(e.to_string()))?;
 
-        let invoker = Script::parse(
-            Source::from_bytes(b"__ps_target(...__ps_args)"),
-            None,
-            &mut context,
-        )
-        .map_err(|e| VmError::Context(e.to_string()))?;
-
         let host_object =
             natives::natives(&mut context).map_err(|e| VmError::Context(e.to_string()))?;
         let prelude = context
@@ -237,7 +253,7 @@ impl PluginVm {
             methods: Vec::new(),
             jobs: Vec::new(),
             meta: JsValue::undefined(),
-            invoker,
+            invokers: Default::default(),
         };
         let effects = vm.run_plugin_code(source, &prelude)?;
         vm.meta = vm
@@ -263,13 +279,25 @@ impl PluginVm {
     }
 
     /// Calls an exported method with `args` followed by `meta`, drives the promise it returns,
-    /// and converts the result to JSON (`None` for `undefined`).
-    /// Returns `Ok(None)` also when the plugin does not export the method.
+    /// and converts the result to JSON as `JSON.stringify` would (`None` for `undefined` or
+    /// `null`). Returns `Ok(None)` also when the plugin does not export the method.
     pub fn call(
         &mut self,
         method: Method,
         args: &[&Value],
     ) -> (Result<Option<Value>, CallError>, CallEffects) {
+        let args: Vec<CallArg<'_>> = args.iter().map(|arg| CallArg::Json(arg)).collect();
+        let (result, effects) = self.call_plain(method, &args);
+        (result.map(|value| value.map(|v| v.to_json())), effects)
+    }
+
+    /// [`PluginVm::call`], keeping the result as a [`Plain`] value, which the next VM of the
+    /// thread takes without a round trip through JSON.
+    pub fn call_plain(
+        &mut self,
+        method: Method,
+        args: &[CallArg<'_>],
+    ) -> (Result<Option<Plain>, CallError>, CallEffects) {
         let Some(function) = self
             .methods
             .iter()
@@ -299,15 +327,16 @@ impl PluginVm {
             };
             return (Err(error), CallEffects::default());
         };
-        self.call_function(function, "job", &[payload])
+        let (result, effects) = self.call_function(function, "job", &[CallArg::Json(payload)]);
+        (result.map(|value| value.map(|v| v.to_json())), effects)
     }
 
     fn call_function(
         &mut self,
         function: JsObject,
         method: &'static str,
-        args: &[&Value],
-    ) -> (Result<Option<Value>, CallError>, CallEffects) {
+        args: &[CallArg<'_>],
+    ) -> (Result<Option<Plain>, CallError>, CallEffects) {
         let deadline = Instant::now() + self.limits.task_timeout;
         natives::begin_call(
             self.host.clone(),
@@ -324,15 +353,16 @@ impl PluginVm {
     fn invoke(
         &mut self,
         function: JsObject,
-        args: &[&Value],
+        args: &[CallArg<'_>],
         deadline: Instant,
-    ) -> Result<Option<Value>, CallError> {
+    ) -> Result<Option<Plain>, CallError> {
         let context = &mut self.context;
         let mut values = Vec::with_capacity(args.len() + 1);
         for arg in args {
-            values.push(JsValue::from_json(arg, context).map_err(|e| thrown(e, context))?);
+            values.push(arg.to_js(context).map_err(|e| thrown(e, context))?);
         }
         values.push(self.meta.clone());
+        let invoker = invoker(&mut self.invokers, values.len(), context)?;
         let array = JsArray::from_iter(values, context);
         let global = context.global_object();
         global
@@ -340,12 +370,20 @@ impl PluginVm {
             .and_then(|_| global.set(js_string!(ARGS), array, false, context))
             .map_err(|e| thrown(e, context))?;
 
-        let value = run_with_deadline(&self.invoker, context, deadline, self.limits.task_timeout)?;
+        let value = run_with_deadline(&invoker, context, deadline, self.limits.task_timeout)?;
         let value = settle(value, context, deadline, self.limits.task_timeout)?;
         if value.is_null_or_undefined() {
             return Ok(None);
         }
-        value.to_json(context).map_err(|e| thrown(e, context))
+        if value.is_callable() {
+            // JSON would make it `undefined`, which drops an event; a plugin that returns a
+            // function has a bug, and PostHog counts it as a failed call too.
+            return Err(CallError::Thrown {
+                name: "TypeError".into(),
+                message: "the plugin returned a function".into(),
+            });
+        }
+        Plain::export(&value, context).map_err(|e| thrown(e, context))
     }
 
     fn run_plugin_code(
@@ -398,6 +436,7 @@ impl PluginVm {
         );
         let locals = {
             let args = [exports.clone().into(), module.clone().into(), require];
+            let invoker = invoker(&mut self.invokers, args.len(), context);
             let array = JsArray::from_iter(args, context);
             let global = context.global_object();
             global
@@ -405,7 +444,7 @@ impl PluginVm {
                 .and_then(|_| global.set(js_string!(ARGS), array, false, context))
                 .map_err(|e| thrown(e, context))
                 .and_then(|_| {
-                    run_with_deadline(&self.invoker, context, deadline, self.limits.task_timeout)
+                    run_with_deadline(&invoker?, context, deadline, self.limits.task_timeout)
                 })
         };
         let effects = natives::end_call();
@@ -512,6 +551,28 @@ impl PluginVm {
         call_value(&meta_apis, &[meta.clone().into()], context)?;
         Ok(meta.into())
     }
+}
+
+/// The invoker script for `arity` arguments, compiled the first time it is needed.
+fn invoker(
+    invokers: &mut [Option<Script>; MAX_ARGS],
+    arity: usize,
+    context: &mut Context,
+) -> Result<Script, CallError> {
+    let limit_error = || CallError::Limit(format!("more than {MAX_ARGS} arguments"));
+    let slot = arity
+        .checked_sub(1)
+        .and_then(|index| invokers.get_mut(index))
+        .ok_or_else(limit_error)?;
+    if let Some(script) = slot {
+        return Ok(script.clone());
+    }
+    let args: Vec<String> = (0..arity).map(|i| format!("{ARGS}[{i}]")).collect();
+    let code = format!("{TARGET}({})", args.join(", "));
+    let script = Script::parse(Source::from_bytes(code.as_bytes()), None, context)
+        .map_err(|e| thrown(e, context))?;
+    *slot = Some(script.clone());
+    Ok(script)
 }
 
 fn call_value(function: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {

@@ -1,0 +1,444 @@
+//! Values that leave a VM: what a plugin returned, reduced to JSON data as `JSON.stringify`
+//! would see it, but still holding boa's strings.
+//!
+//! A team's processEvent chain hands one event through up to tens of VMs. Converting each
+//! result to a `serde_json::Value` and back re-encodes every string twice (UTF-16 or Latin-1
+//! to UTF-8 and back), and boa's own `to_json` writes strings a character at a time: together
+//! about 40 % of a plugin call. A [`Plain`] value keeps the `JsString`s, which are immutable
+//! and reference counted, so the next VM of the thread builds its objects from them without
+//! copying text; only the chain's end converts to JSON once.
+//!
+//! The reduction follows `JSON.stringify` (ECMA-262 SerializeJSONProperty), which is what
+//! PostHog's Node server does to an event before it leaves: `toJSON` is called (a `Date` becomes
+//! its ISO string), getters run, only enumerable string keys count, functions, symbols and
+//! `undefined` disappear from objects and become `null` in arrays, non-finite numbers become
+//! `null`, a `BigInt` or a cycle is a `TypeError`. Every VM builds its own objects from a
+//! `Plain` value, so no plugin ever holds an object of another plugin's realm.
+
+use boa_engine::object::builtins::JsArray;
+use boa_engine::property::{PropertyDescriptor, PropertyKey};
+use boa_engine::{
+    Context, JsNativeError, JsObject, JsResult, JsString, JsValue, JsVariant, js_string,
+};
+use serde_json::{Map, Number, Value};
+
+/// Objects nested deeper than this are refused (`JSON.stringify` would exhaust its stack); the
+/// limit keeps a hostile plugin from overflowing the worker thread's stack instead.
+const MAX_DEPTH: usize = 512;
+
+/// JSON data with boa strings: what a plugin returned, after `JSON.stringify`'s rules.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plain {
+    Null,
+    Bool(bool),
+    /// Always finite (`JSON.stringify` writes the others as `null`).
+    Number(f64),
+    String(JsString),
+    Array(Vec<Plain>),
+    Object(Vec<(JsString, Plain)>),
+}
+
+impl Plain {
+    /// Reduces `value` as `JSON.stringify(value)` would; `None` where it would return
+    /// `undefined` (for `undefined`, a function or a symbol).
+    pub fn export(value: &JsValue, context: &mut Context) -> JsResult<Option<Self>> {
+        Exporter { stack: Vec::new() }.property(value.clone(), Key::Name(&js_string!()), context)
+    }
+
+    /// Builds the value as objects of `context`'s realm, as `JSON.parse` of its text would.
+    pub fn to_js(&self, context: &mut Context) -> JsValue {
+        match self {
+            Self::Null => JsValue::null(),
+            Self::Bool(b) => JsValue::new(*b),
+            Self::Number(n) => number_to_js(*n),
+            Self::String(s) => JsValue::from(s.clone()),
+            Self::Array(items) => {
+                let values: Vec<JsValue> = items.iter().map(|item| item.to_js(context)).collect();
+                JsArray::from_iter(values, context).into()
+            }
+            Self::Object(entries) => {
+                let object = JsObject::with_object_proto(context.intrinsics());
+                for (key, value) in entries {
+                    let value = value.to_js(context);
+                    object.insert_property(key.clone(), data_property(value));
+                }
+                object.into()
+            }
+        }
+    }
+
+    /// The value as JSON; numbers that are integers come out as integers, as in
+    /// `JSON.stringify`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Null => Value::Null,
+            Self::Bool(b) => Value::Bool(*b),
+            Self::Number(n) => number_to_json(*n),
+            Self::String(s) => Value::String(rust_string(s)),
+            Self::Array(items) => Value::Array(items.iter().map(Self::to_json).collect()),
+            Self::Object(entries) => {
+                let mut map = Map::with_capacity(entries.len());
+                for (key, value) in entries {
+                    map.insert(rust_string(key), value.to_json());
+                }
+                Value::Object(map)
+            }
+        }
+    }
+
+    /// The value at `key` of an object (`None` for a missing key or a non-object).
+    pub fn get(&self, key: &str) -> Option<&Self> {
+        match self {
+            Self::Object(entries) => entries.iter().find(|(k, _)| *k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn is_object(&self) -> bool {
+        matches!(self, Self::Object(_))
+    }
+
+    /// As `crate::event::js::type_name` names JSON values.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Null => "null",
+            Self::Bool(_) => "a boolean",
+            Self::Number(_) => "a number",
+            Self::String(_) => "a string",
+            Self::Array(_) => "an array",
+            Self::Object(_) => "an object",
+        }
+    }
+}
+
+/// `JSON.parse` turns integers into boa's small-integer form; a value built from `Plain` does
+/// the same, so a plugin sees the same representation either way.
+fn number_to_js(n: f64) -> JsValue {
+    if n.fract() == 0.0 && n >= f64::from(i32::MIN) && n <= f64::from(i32::MAX) {
+        // `n` is integral and in range, so the cast is exact (and turns -0 into 0, as
+        // `JSON.stringify(-0)` does).
+        JsValue::new(n as i32)
+    } else {
+        JsValue::new(n)
+    }
+}
+
+fn number_to_json(n: f64) -> Value {
+    /// Integers up to 2^53 are exact in an f64; past it `JSON.stringify` still writes digits
+    /// without a fraction, which an f64 `Number` would print with `e` notation.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    if n.fract() == 0.0 && n.abs() <= EXACT {
+        Value::Number(Number::from(n as i64))
+    } else {
+        Number::from_f64(n).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// A boa string as UTF-8. Text that is not valid UTF-16 (a lone surrogate) keeps its escape
+/// spelled out, as boa's own conversion does.
+fn rust_string(s: &JsString) -> String {
+    s.to_std_string()
+        .unwrap_or_else(|_| s.to_std_string_escaped())
+}
+
+fn data_property(value: JsValue) -> PropertyDescriptor {
+    PropertyDescriptor::builder()
+        .value(value)
+        .writable(true)
+        .enumerable(true)
+        .configurable(true)
+        .build()
+}
+
+/// The key `toJSON` is called with; an array index becomes a string only if that happens.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    Name(&'a JsString),
+    Index(u64),
+}
+
+impl Key<'_> {
+    fn to_js(self) -> JsValue {
+        match self {
+            Self::Name(name) => name.clone().into(),
+            Self::Index(index) => JsString::from(index.to_string()).into(),
+        }
+    }
+}
+
+struct Exporter {
+    /// The objects being serialized, outermost first: a cycle is an object met again here.
+    stack: Vec<JsObject>,
+}
+
+impl Exporter {
+    /// SerializeJSONProperty: `value` is `holder[key]`.
+    fn property(
+        &mut self,
+        value: JsValue,
+        key: Key<'_>,
+        context: &mut Context,
+    ) -> JsResult<Option<Plain>> {
+        let value = match value.as_object() {
+            Some(object) => {
+                let to_json = object.get(js_string!("toJSON"), context)?;
+                match to_json.as_callable() {
+                    Some(function) => function.call(&value, &[key.to_js()], context)?,
+                    None => value,
+                }
+            }
+            None => value,
+        };
+        Ok(Some(match value.variant() {
+            JsVariant::Null => Plain::Null,
+            JsVariant::Undefined | JsVariant::Symbol(_) => return Ok(None),
+            JsVariant::Boolean(b) => Plain::Bool(b),
+            JsVariant::String(s) => Plain::String(s),
+            JsVariant::Integer32(i) => Plain::Number(f64::from(i)),
+            JsVariant::Float64(n) if n.is_finite() => Plain::Number(n),
+            JsVariant::Float64(_) => Plain::Null,
+            JsVariant::BigInt(_) => {
+                return Err(JsNativeError::typ()
+                    .with_message("a BigInt value can't be serialized in JSON")
+                    .into());
+            }
+            JsVariant::Object(object) if object.is_callable() => return Ok(None),
+            JsVariant::Object(object) if object.is_array() => {
+                self.enter(&object)?;
+                let array = self.array(&object, context);
+                self.stack.pop();
+                array?
+            }
+            JsVariant::Object(object) if object.is_ordinary() => {
+                self.enter(&object)?;
+                let fields = self.object(&object, context);
+                self.stack.pop();
+                fields?
+            }
+            // Boxed primitives, proxies, typed arrays, maps and the like: rare in events, and
+            // `JSON.stringify` itself knows each of them.
+            JsVariant::Object(object) => return self.exotic(&object, context),
+        }))
+    }
+
+    fn enter(&mut self, object: &JsObject) -> JsResult<()> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(JsNativeError::range()
+                .with_message(format!(
+                    "the value is nested deeper than {MAX_DEPTH} levels"
+                ))
+                .into());
+        }
+        if self.stack.iter().any(|seen| seen == object) {
+            return Err(JsNativeError::typ()
+                .with_message("cyclic object value")
+                .into());
+        }
+        self.stack.push(object.clone());
+        Ok(())
+    }
+
+    fn array(&mut self, array: &JsObject, context: &mut Context) -> JsResult<Plain> {
+        let length = array
+            .get(js_string!("length"), context)?
+            .to_length(context)?;
+        let mut items = Vec::with_capacity(usize::try_from(length).unwrap_or(0).min(1 << 16));
+        for index in 0..length {
+            let value = match u32::try_from(index) {
+                Ok(index) => array.get(index, context)?,
+                Err(_) => array.get(JsString::from(index.to_string()), context)?,
+            };
+            items.push(
+                self.property(value, Key::Index(index), context)?
+                    .unwrap_or(Plain::Null),
+            );
+        }
+        Ok(Plain::Array(items))
+    }
+
+    /// An ordinary object's enumerable own string keys, in property order. Data properties are
+    /// read in place; an accessor runs its getter, as `JSON.stringify` does.
+    fn object(&mut self, object: &JsObject, context: &mut Context) -> JsResult<Plain> {
+        let keys = object.own_property_keys(context)?;
+        let mut entries = Vec::with_capacity(keys.len());
+        for key in keys {
+            let name = match &key {
+                PropertyKey::String(name) => name.clone(),
+                PropertyKey::Index(index) => JsString::from(index.get().to_string()),
+                PropertyKey::Symbol(_) => continue,
+            };
+            // The borrow ends before any getter or toJSON runs (they may change the object).
+            let descriptor = object.borrow().properties().get(&key);
+            let Some(descriptor) = descriptor else {
+                continue;
+            };
+            if descriptor.enumerable() != Some(true) {
+                continue;
+            }
+            let value = match descriptor.value() {
+                Some(value) => value.clone(),
+                None => object.get(key, context)?,
+            };
+            if let Some(value) = self.property(value, Key::Name(&name), context)? {
+                entries.push((name, value));
+            }
+        }
+        Ok(Plain::Object(entries))
+    }
+
+    /// Asks the realm's own `JSON.stringify`, then reads its text back.
+    fn exotic(&mut self, object: &JsObject, context: &mut Context) -> JsResult<Option<Plain>> {
+        let json = context.intrinsics().objects().json();
+        let stringify = json.get(js_string!("stringify"), context)?;
+        let Some(stringify) = stringify.as_callable() else {
+            return Err(JsNativeError::typ()
+                .with_message("JSON.stringify is not a function")
+                .into());
+        };
+        let text = stringify.call(&json.clone().into(), &[object.clone().into()], context)?;
+        let Some(text) = text.as_string() else {
+            return Ok(None);
+        };
+        let parsed: Value = serde_json::from_str(&rust_string(&text)).map_err(|error| {
+            JsNativeError::typ().with_message(format!("JSON.stringify wrote invalid JSON: {error}"))
+        })?;
+        Ok(Some(Plain::from_json(&parsed)))
+    }
+}
+
+impl Plain {
+    /// The JSON value with boa strings (the rare path of `exotic`; events enter a VM straight
+    /// from JSON with `JsValue::from_json`).
+    pub fn from_json(value: &Value) -> Self {
+        match value {
+            Value::Null => Self::Null,
+            Value::Bool(b) => Self::Bool(*b),
+            Value::Number(n) => n.as_f64().map_or(Self::Null, Self::Number),
+            Value::String(s) => Self::String(JsString::from(s.as_str())),
+            Value::Array(items) => Self::Array(items.iter().map(Self::from_json).collect()),
+            Value::Object(map) => Self::Object(
+                map.iter()
+                    .map(|(k, v)| (JsString::from(k.as_str()), Self::from_json(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use boa_engine::Source;
+    use serde_json::json;
+
+    use super::*;
+
+    fn export(code: &str) -> JsResult<Option<Value>> {
+        let mut context = Context::default();
+        let value = context
+            .eval(Source::from_bytes(code.as_bytes()))
+            .expect("the test code runs");
+        Plain::export(&value, &mut context).map(|plain| plain.map(|p| p.to_json()))
+    }
+
+    /// What boa's own `JSON.stringify` makes of the same code, read back as JSON.
+    fn stringified(code: &str) -> Option<Value> {
+        let mut context = Context::default();
+        let text = context
+            .eval(Source::from_bytes(
+                format!("JSON.stringify((() => {{ return {code} }})())").as_bytes(),
+            ))
+            .expect("JSON.stringify runs");
+        text.as_string()
+            .map(|t| serde_json::from_str(&rust_string(&t)).expect("JSON"))
+    }
+
+    #[test]
+    fn plain_data_comes_out_as_json_stringify_writes_it() {
+        let cases = [
+            "({a: 1, b: 'x', c: [1, 'two', null, true], d: {e: {f: -2.5}}})",
+            "({n: 3.0, big: 2 ** 40, frac: 0.1, neg: -0, inf: Infinity, nan: NaN})",
+            "({u: undefined, f() {}, s: Symbol('x'), arr: [undefined, () => 1]})",
+            "({2: 'two', 1: 'one', z: 'z', a: 'a'})",
+            "({d: new Date(0), nested: {toJSON(key) { return 'key ' + key }}})",
+            "(() => { const o = {shown: 1}; Object.defineProperty(o, 'hidden', {value: 2, enumerable: false}); Object.defineProperty(o, 'computed', {get() { return this.shown + 1 }, enumerable: true}); return o })()",
+            "({boxed: [new Number(4), new String('s'), new Boolean(false)], map: new Map([[1, 2]])})",
+            "({text: 'é ü ✓ 😀', key_é: 1})",
+            "[1, {a: [2]}]",
+            "'just a string'",
+        ];
+        for code in cases {
+            assert_eq!(export(code).expect("exports"), stringified(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn integers_stay_integers_and_non_finite_numbers_are_null() {
+        assert_eq!(
+            export("({a: 3.0, b: 1e15, c: Math.floor(7.5), d: 0.5, e: -Infinity})")
+                .expect("exports"),
+            Some(json!({"a": 3, "b": 1_000_000_000_000_000_i64, "c": 7, "d": 0.5, "e": null}))
+        );
+    }
+
+    #[test]
+    fn undefined_functions_and_symbols_export_as_nothing() {
+        for code in ["undefined", "(() => 1)", "Symbol('s')"] {
+            assert_eq!(export(code).expect("exports"), None, "{code}");
+        }
+    }
+
+    #[test]
+    fn cycles_bigints_and_deep_nesting_are_errors() {
+        let cycle = export("(() => { const o = {}; o.self = o; return o })()")
+            .expect_err("a cycle is refused");
+        assert!(cycle.to_string().contains("cyclic"), "{cycle}");
+        let bigint = export("({n: 10n})").expect_err("a BigInt is refused");
+        assert!(bigint.to_string().contains("BigInt"), "{bigint}");
+        let deep =
+            export("(() => { let o = {}; for (let i = 0; i < 10000; i++) o = {o}; return o })()")
+                .expect_err("deep nesting is refused");
+        assert!(deep.to_string().contains("nested deeper"), "{deep}");
+        // The same object twice, side by side, is not a cycle.
+        assert_eq!(
+            export("(() => { const o = {x: 1}; return {a: o, b: o} })()").expect("exports"),
+            Some(json!({"a": {"x": 1}, "b": {"x": 1}}))
+        );
+    }
+
+    #[test]
+    fn a_value_moves_to_another_realm_as_its_own_objects() {
+        let mut from = Context::default();
+        let mut to = Context::default();
+        let value = from
+            .eval(Source::from_bytes(
+                "({event: 'e', properties: {list: [1, 'x'], d: new Date(0)}})",
+            ))
+            .expect("runs");
+        let plain = Plain::export(&value, &mut from)
+            .expect("exports")
+            .expect("a value");
+        let moved = plain.to_js(&mut to);
+        to.global_object()
+            .set(js_string!("moved"), moved, false, &mut to)
+            .expect("set");
+        let checks = to
+            .eval(Source::from_bytes(
+                "[moved instanceof Object, Array.isArray(moved.properties.list), \
+                 moved.properties.list instanceof Array, typeof moved.properties.d, \
+                 Object.getPrototypeOf(moved) === Object.prototype]",
+            ))
+            .expect("runs");
+        assert_eq!(
+            checks.to_json(&mut to).expect("json"),
+            Some(json!([true, true, true, "string", true]))
+        );
+        assert_eq!(
+            plain.to_json(),
+            json!({"event": "e", "properties": {"list": [1, "x"], "d": "1970-01-01T00:00:00.000Z"}})
+        );
+        assert_eq!(
+            Plain::from_json(&plain.to_json()).to_json(),
+            plain.to_json()
+        );
+    }
+}
