@@ -15,8 +15,10 @@
 //! `null`, a `BigInt` or a cycle is a `TypeError`. Every VM builds its own objects from a
 //! `Plain` value, so no plugin ever holds an object of another plugin's realm.
 
+use boa_engine::builtins::object::OrdinaryObject;
+use boa_engine::object::ObjectInitializer;
 use boa_engine::object::builtins::JsArray;
-use boa_engine::property::{PropertyDescriptor, PropertyKey};
+use boa_engine::property::{Attribute, PropertyKey};
 use boa_engine::{
     Context, JsNativeError, JsObject, JsResult, JsString, JsValue, JsVariant, js_string,
 };
@@ -57,12 +59,8 @@ impl Plain {
                 JsArray::from_iter(values, context).into()
             }
             Self::Object(entries) => {
-                let object = JsObject::with_object_proto(context.intrinsics());
-                for (key, value) in entries {
-                    let value = value.to_js(context);
-                    object.insert_property(key.clone(), data_property(value));
-                }
-                object.into()
+                let values: Vec<JsValue> = entries.iter().map(|(_, v)| v.to_js(context)).collect();
+                object(entries.iter().map(|(k, _)| k.clone()).zip(values), context)
             }
         }
     }
@@ -111,6 +109,39 @@ impl Plain {
     }
 }
 
+/// Builds a JSON value (an event from the server) as objects of `context`'s realm, as
+/// `JsValue::from_json` does, but with the object shapes of [`Plain::to_js`].
+pub fn json_to_js(value: &Value, context: &mut Context) -> JsValue {
+    match value {
+        Value::Null => JsValue::null(),
+        Value::Bool(b) => JsValue::new(*b),
+        Value::Number(n) => n.as_f64().map_or(JsValue::null(), number_to_js),
+        Value::String(s) => JsValue::from(JsString::from(s.as_str())),
+        Value::Array(items) => {
+            let values: Vec<JsValue> = items.iter().map(|item| json_to_js(item, context)).collect();
+            JsArray::from_iter(values, context).into()
+        }
+        Value::Object(map) => {
+            let values: Vec<JsValue> = map.values().map(|v| json_to_js(v, context)).collect();
+            object(
+                map.keys().map(|k| JsString::from(k.as_str())).zip(values),
+                context,
+            )
+        }
+    }
+}
+
+/// An ordinary object with a shared shape, as an object literal gets: events of one kind share
+/// its transitions, and the plugin's property reads hit boa's inline caches (an object with a
+/// shape of its own costs a hash lookup per read).
+fn object(entries: impl Iterator<Item = (JsString, JsValue)>, context: &mut Context) -> JsValue {
+    let mut object = ObjectInitializer::with_native_data(OrdinaryObject, context);
+    for (key, value) in entries {
+        object.property(key, value, Attribute::all());
+    }
+    object.build().into()
+}
+
 /// `JSON.parse` turns integers into boa's small-integer form; a value built from `Plain` does
 /// the same, so a plugin sees the same representation either way.
 fn number_to_js(n: f64) -> JsValue {
@@ -139,15 +170,6 @@ fn number_to_json(n: f64) -> Value {
 fn rust_string(s: &JsString) -> String {
     s.to_std_string()
         .unwrap_or_else(|_| s.to_std_string_escaped())
-}
-
-fn data_property(value: JsValue) -> PropertyDescriptor {
-    PropertyDescriptor::builder()
-        .value(value)
-        .writable(true)
-        .enumerable(true)
-        .configurable(true)
-        .build()
 }
 
 /// The key `toJSON` is called with; an array index becomes a string only if that happens.

@@ -22,7 +22,7 @@ use boa_engine::{
 use serde_json::Value;
 
 use super::natives::{self, PluginHost};
-use super::plain::Plain;
+use super::plain::{self, Plain};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
 
 /// How many boa "clock cycles" run between two deadline checks. At about 10 ns per cycle
@@ -181,10 +181,10 @@ pub enum CallArg<'a> {
 }
 
 impl CallArg<'_> {
-    fn to_js(self, context: &mut Context) -> JsResult<JsValue> {
+    fn to_js(self, context: &mut Context) -> JsValue {
         match self {
-            Self::Json(value) => JsValue::from_json(value, context),
-            Self::Plain(plain) => Ok(plain.to_js(context)),
+            Self::Json(value) => plain::json_to_js(value, context),
+            Self::Plain(plain) => plain.to_js(context),
         }
     }
 }
@@ -359,7 +359,7 @@ impl PluginVm {
         let context = &mut self.context;
         let mut values = Vec::with_capacity(args.len() + 1);
         for arg in args {
-            values.push(arg.to_js(context).map_err(|e| thrown(e, context))?);
+            values.push(arg.to_js(context));
         }
         values.push(self.meta.clone());
         let invoker = invoker(&mut self.invokers, values.len(), context)?;
