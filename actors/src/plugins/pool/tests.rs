@@ -147,6 +147,45 @@ async fn chains_run_in_order_and_record_success_and_failure() {
     assert_eq!(outcomes[0].event, Some(event(3, "other")));
 }
 
+/// Between configs the event is data, as after `JSON.stringify`: each VM gets objects of its
+/// own realm, so one plugin can neither change what another kept nor reach its prototypes.
+#[actix::test]
+async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(
+            50,
+            2,
+            1,
+            "keeper",
+            "let kept = null; exports.processEvent = (e) => {                e.properties.kept_before = kept === null ? 'none' : kept.properties.mark;                e.properties.polluted_before = ({}).polluted === undefined ? 'no' : 'yes';                kept = e; e.properties.mark = 'keeper'; e.properties.when = new Date(0);                e.properties.hidden = () => 1; return e }",
+        ),
+        config(
+            51,
+            2,
+            2,
+            "changer",
+            "exports.processEvent = (e) => {                e.properties.same_realm = e instanceof Object && Array.isArray(e.properties.list)                  && e.properties.list instanceof Array;                e.properties.when_type = typeof e.properties.when;                e.properties.mark = 'changer';                Object.getPrototypeOf(e).polluted = true; return e }",
+        ),
+    ]));
+    let mut first = event(2, "one");
+    first["properties"]["list"] = json!([1, 2]);
+    let outcomes = pool.process_events(2, vec![first, event(2, "two")]).await;
+    let one = &outcomes[0].event.as_ref().expect("kept")["properties"];
+    assert_eq!(one["same_realm"], true, "{one}");
+    assert_eq!(one["when"], "1970-01-01T00:00:00.000Z", "{one}");
+    assert_eq!(one["when_type"], "string", "{one}");
+    assert!(one.get("hidden").is_none(), "{one}");
+    assert_eq!(one["mark"], "changer");
+    let two = &outcomes[1].event.as_ref().expect("kept")["properties"];
+    assert_eq!(
+        two["kept_before"], "keeper",
+        "the keeper's own object: {two}"
+    );
+    assert_eq!(two["polluted_before"], "no", "{two}");
+}
+
 #[actix::test]
 async fn a_failed_setup_disables_the_config_and_is_reported() {
     let outputs = Arc::new(Collected::default());
