@@ -43,6 +43,7 @@ use crate::persons::{
     MergeIntent, PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError,
     merge_intent, person_updates,
 };
+use crate::plugins::chain::ChainEvent;
 use crate::plugins::pool::PluginVmPool;
 use crate::plugins::post_ingestion::{FollowUp, PostIngestionPublisher};
 use crate::system::metrics::{Metrics, MetricsError};
@@ -547,11 +548,11 @@ impl Run {
             return (resolved, 0);
         }
         let calls = by_team.into_iter().map(|(team_id, indices)| {
-            let values: Vec<serde_json::Value> = indices
+            let events: Vec<ChainEvent> = indices
                 .iter()
-                .map(|&i| serde_json::to_value(&resolved.events[i].event).unwrap_or_default())
+                .map(|&i| chain_event(&resolved.events[i].event))
                 .collect();
-            async move { (indices, pool.process_events(team_id, values).await) }
+            async move { (indices, pool.process_events(team_id, events).await) }
         });
         let results = futures::future::join_all(calls).await;
 
@@ -565,7 +566,7 @@ impl Run {
                     continue;
                 };
                 let slot = &mut resolved.events[index];
-                match serde_json::from_value::<PluginEvent>(value) {
+                match serde_json::from_str::<PluginEvent>(&value) {
                     Ok(event) => {
                         slot.event = event;
                     }
@@ -875,6 +876,25 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
         }
     }
     stamped
+}
+
+/// An event as the plugin chain takes it: its JSON text (the properties' text as it
+/// arrived, copied, not parsed) and what the chain reads before a plugin runs.
+fn chain_event(event: &PluginEvent) -> ChainEvent {
+    let ran = ["$plugins_succeeded", "$plugins_failed"]
+        .iter()
+        .filter_map(|key| event.properties.get(key).and_then(|v| v.as_array()))
+        .flatten()
+        .filter_map(|label| label.as_str().map(str::to_owned))
+        .collect();
+    ChainEvent {
+        // Serializing an event cannot fail (string keys only); were it to, the chain would
+        // report the text as unreadable and the event would be dead-lettered, not lost.
+        json: serde_json::to_string(event).unwrap_or_default(),
+        distinct_id: event.distinct_id.clone(),
+        team_id: Some(serde_json::Value::from(event.team_id)),
+        ran,
+    }
 }
 
 /// What the person step reads of an event.

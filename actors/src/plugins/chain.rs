@@ -1,6 +1,6 @@
 //! The `processEvent` chain of one team, as PostHog runs it (spec 1.4), on one worker thread.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::runtime::plain::Plain;
 use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
@@ -17,13 +17,65 @@ pub struct EventFailure {
     pub error: CallError,
 }
 
+/// An event on its way into a team's processEvent chain: its JSON text, which the first VM
+/// builds its objects from without a `serde_json::Value` between, and what the pool and the
+/// chain read of it before any plugin runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainEvent {
+    pub json: String,
+    /// Which worker the event goes to (see `PluginVmPool::process_events`).
+    pub distinct_id: String,
+    /// The event's `team_id`, which no plugin may change.
+    pub team_id: Option<Value>,
+    /// The labels already in its `$plugins_succeeded` and `$plugins_failed`: those configs
+    /// are skipped (an event re-ingested by `posthog.capture` or retried).
+    pub ran: Vec<String>,
+}
+
+impl ChainEvent {
+    /// The chain's view of a JSON event.
+    pub fn from_value(event: &Value) -> Self {
+        let ran = event
+            .get("properties")
+            .map(|properties| {
+                ["$plugins_succeeded", "$plugins_failed"]
+                    .iter()
+                    .filter_map(|key| properties.get(*key).and_then(Value::as_array))
+                    .flatten()
+                    .filter_map(|label| label.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let distinct_id = match event.get("distinct_id") {
+            Some(Value::String(id)) => id.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        Self {
+            json: event.to_string(),
+            distinct_id,
+            team_id: event.get("team_id").cloned(),
+            ran,
+        }
+    }
+}
+
 /// What the chain made of one event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainOutcome {
-    /// `None`: a plugin dropped the event.
-    pub event: Option<Value>,
+    /// The event as JSON text; `None`: a plugin dropped the event.
+    pub event: Option<String>,
     pub succeeded: Vec<i64>,
     pub failures: Vec<EventFailure>,
+}
+
+impl ChainOutcome {
+    /// The event parsed, for callers that want JSON (tests, benchmarks).
+    pub fn event_value(&self) -> Option<Value> {
+        self.event
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+    }
 }
 
 /// A step of the chain: the VM and its label. `None` when the config could not be loaded or
@@ -34,16 +86,18 @@ pub struct ChainStep<'a> {
     pub vm: &'a mut PluginVm,
 }
 
-/// Runs `event` through `steps` in order. A throw keeps the last good event and goes on; a
+/// Runs `input` through `steps` in order. A throw keeps the last good event and goes on; a
 /// missing result drops the event at once; a config already listed in the event's
-/// `$plugins_succeeded`/`$plugins_failed` (an event re-ingested by `posthog.capture` or a
-/// retry) is skipped. Between steps the event stays a [`Plain`] value, which each VM builds
-/// its own objects from; it becomes JSON once, at the end (the input is copied only when no
-/// plugin returned a new event). Each call's effects come back with the id of the config that
-/// made them.
+/// `$plugins_succeeded`/`$plugins_failed` is skipped. `unavailable` are the labels of configs
+/// that could not be made ready: they are listed as failed. The first VM builds the event
+/// from its text; between steps it stays a [`Plain`] value, which each VM builds its own
+/// objects from; it becomes text again once, at the end (the input's text is kept when no
+/// plugin returned an event and there is nothing to list). Each call's effects come back with
+/// the id of the config that made them.
 pub fn run_chain(
-    input: &Value,
+    input: &ChainEvent,
     steps: &mut [ChainStep<'_>],
+    unavailable: &[String],
 ) -> (ChainOutcome, Vec<(i64, super::runtime::CallEffects)>) {
     let mut succeeded_labels = Vec::new();
     let mut failed_labels = Vec::new();
@@ -53,27 +107,26 @@ pub fn run_chain(
         failures: Vec::new(),
     };
     let mut effects = Vec::new();
-    let original_team = input.get("team_id");
     // `None` while no plugin has returned an event: the input is still the event.
     let mut event: Option<Plain> = None;
 
     for step in steps.iter_mut() {
         let ran = match &event {
-            Some(plain) => already_ran_plain(plain, step.label),
-            None => already_ran(input, step.label),
+            Some(plain) => already_ran(plain, step.label),
+            None => input.ran.iter().any(|label| label == step.label),
         };
         if ran {
             continue;
         }
         let argument = match &event {
             Some(plain) => CallArg::Plain(plain),
-            None => CallArg::Json(input),
+            None => CallArg::Text(&input.json),
         };
         let (result, call_effects) = call_process_event(step.vm, argument);
         effects.push((step.plugin_config_id, call_effects));
         match result {
             Ok(Some(next)) if next.is_object() => {
-                if next.get("team_id").map(Plain::to_json).as_ref() != original_team {
+                if next.get("team_id").map(Plain::to_json) != input.team_id {
                     // Changing team_id is undone and counts as a throw (spec 1.4).
                     failed_labels.push(step.label.to_owned());
                     outcome.failures.push(EventFailure {
@@ -112,12 +165,25 @@ pub fn run_chain(
             }
         }
     }
-    let mut event = event.map_or_else(|| input.clone(), |plain| plain.to_json());
-    if !succeeded_labels.is_empty() || !failed_labels.is_empty() {
-        append_labels(&mut event, "$plugins_succeeded", succeeded_labels);
-        append_labels(&mut event, "$plugins_failed", failed_labels);
-    }
-    outcome.event = Some(event);
+    failed_labels.extend(unavailable.iter().cloned());
+    let labelled = !succeeded_labels.is_empty() || !failed_labels.is_empty();
+    outcome.event = match event {
+        None if !labelled => Some(input.json.clone()),
+        event => {
+            // The input's text parses: the pool made it from a JSON value or an event.
+            let mut event = match event {
+                Some(plain) => plain,
+                None => serde_json::from_str::<Value>(&input.json)
+                    .map(|value| Plain::from_json(&value))
+                    .unwrap_or(Plain::Null),
+            };
+            if labelled {
+                event.append_labels("$plugins_succeeded", &succeeded_labels);
+                event.append_labels("$plugins_failed", &failed_labels);
+            }
+            serde_json::to_string(&event).ok()
+        }
+    };
     (outcome, effects)
 }
 
@@ -134,6 +200,10 @@ fn call_process_event(
     }
     let batch = match event {
         CallArg::Json(value) => Plain::Array(vec![Plain::from_json(value)]),
+        CallArg::Text(text) => match serde_json::from_str::<Value>(text) {
+            Ok(value) => Plain::Array(vec![Plain::from_json(&value)]),
+            Err(error) => return (Err(CallError::unreadable(&error)), Default::default()),
+        },
         CallArg::Plain(plain) => Plain::Array(vec![plain.clone()]),
     };
     let (result, effects) = vm.call_plain(Method::ProcessEventBatch, &[CallArg::Plain(&batch)]);
@@ -146,19 +216,7 @@ fn call_process_event(
     (result, effects)
 }
 
-fn already_ran(event: &Value, label: &str) -> bool {
-    let Some(properties) = event.get("properties") else {
-        return false;
-    };
-    ["$plugins_succeeded", "$plugins_failed"].iter().any(|key| {
-        properties
-            .get(*key)
-            .and_then(Value::as_array)
-            .is_some_and(|list| list.iter().any(|l| l.as_str() == Some(label)))
-    })
-}
-
-fn already_ran_plain(event: &Plain, label: &str) -> bool {
+fn already_ran(event: &Plain, label: &str) -> bool {
     let Some(properties) = event.get("properties") else {
         return false;
     };
@@ -168,32 +226,14 @@ fn already_ran_plain(event: &Plain, label: &str) -> bool {
     })
 }
 
-/// Lists `labels` in the event's `$plugins_failed` (every config failed without running).
-pub fn mark_failed(event: &mut Value, labels: Vec<String>) {
-    append_labels(event, "$plugins_succeeded", Vec::new());
-    append_labels(event, "$plugins_failed", labels);
-}
-
-fn append_labels(event: &mut Value, key: &str, labels: Vec<String>) {
-    let Some(object) = event.as_object_mut() else {
-        return;
+/// The event with `labels` listed in its `$plugins_failed` (every config failed without
+/// running); text that is not JSON stays as it is.
+pub fn mark_failed(json: &str, labels: &[String]) -> String {
+    let Ok(value) = serde_json::from_str::<Value>(json) else {
+        return json.to_owned();
     };
-    let properties = object
-        .entry("properties")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !properties.is_object() {
-        *properties = Value::Object(Map::new());
-    }
-    let Some(properties) = properties.as_object_mut() else {
-        return;
-    };
-    let list = properties
-        .entry(key)
-        .or_insert_with(|| Value::Array(Vec::new()));
-    if !list.is_array() {
-        *list = Value::Array(Vec::new());
-    }
-    if let Some(list) = list.as_array_mut() {
-        list.extend(labels.into_iter().map(Value::String));
-    }
+    let mut event = Plain::from_json(&value);
+    event.append_labels("$plugins_succeeded", &[]);
+    event.append_labels("$plugins_failed", labels);
+    serde_json::to_string(&event).unwrap_or_else(|_| json.to_owned())
 }

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugins::LoadedConfig;
-use crate::plugins::chain::{ChainOutcome, EventFailure, config_label, mark_failed};
+use crate::plugins::chain::{ChainEvent, ChainOutcome, EventFailure, config_label, mark_failed};
 use crate::plugins::outputs::PluginOutputs;
 use crate::plugins::post_ingestion_messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
@@ -431,14 +431,14 @@ impl PluginVmPool {
     /// `token:distinct_id`: each id's events always go to the same worker, in order, and each
     /// worker builds its own VM of a config once it gets events for it (so `meta.global` is
     /// per VM, as it is per worker thread in PostHog). One team's chain then uses every core.
-    pub async fn process_events(&self, team_id: i64, events: Vec<Value>) -> Vec<ChainOutcome> {
+    pub async fn process_events(&self, team_id: i64, events: Vec<ChainEvent>) -> Vec<ChainOutcome> {
         let workers = self.ingestion_workers();
         if workers <= 1 || !self.has_plugins(team_id) {
             return self.process_on(0, team_id, events).await;
         }
         let mut shares: Vec<Share> = (0..workers).map(|_| Share::default()).collect();
         for (position, event) in events.into_iter().enumerate() {
-            let share = &mut shares[worker_of_distinct_id(team_id, &event, workers)];
+            let share = &mut shares[worker_of_distinct_id(team_id, &event.distinct_id, workers)];
             share.positions.push(position);
             share.events.push(event);
         }
@@ -476,7 +476,7 @@ impl PluginVmPool {
         &self,
         index: usize,
         team_id: i64,
-        events: Vec<Value>,
+        events: Vec<ChainEvent>,
     ) -> Vec<ChainOutcome> {
         // Shared with the worker and kept here, so that events can be re-sent or go on marked
         // failed if their worker is abandoned.
@@ -917,64 +917,58 @@ fn account(side: &mut SideEffects, outcomes: &[ChainOutcome], chain: &[Arc<Loade
 #[derive(Default)]
 struct Share {
     positions: Vec<usize>,
-    events: Vec<Value>,
+    events: Vec<ChainEvent>,
 }
 
 /// The worker a team's event goes to: by its distinct id, with a hash that does not change
-/// while the process runs, so that each id's events keep their order on one worker. An event
-/// without a string distinct id goes by what it has there (`null` when nothing).
-fn worker_of_distinct_id(team_id: i64, event: &Value, workers: usize) -> usize {
+/// while the process runs, so that each id's events keep their order on one worker.
+fn worker_of_distinct_id(team_id: i64, distinct_id: &str, workers: usize) -> usize {
     use std::hash::{Hash, Hasher};
 
     let mut hasher = std::hash::DefaultHasher::new();
     team_id.hash(&mut hasher);
-    match event.get("distinct_id") {
-        Some(Value::String(distinct_id)) => distinct_id.hash(&mut hasher),
-        Some(other) => other.to_string().hash(&mut hasher),
-        None => 0u8.hash(&mut hasher),
-    }
+    distinct_id.hash(&mut hasher);
     (hasher.finish() % workers.max(1) as u64) as usize
 }
 
 /// The events back from their `Arc`: free once no worker holds them, a copy if an abandoned
 /// worker still does.
-fn take_events(events: Arc<Vec<Value>>) -> Vec<Value> {
+fn take_events(events: Arc<Vec<ChainEvent>>) -> Vec<ChainEvent> {
     Arc::try_unwrap(events).unwrap_or_else(|shared| shared.as_ref().clone())
 }
 
-fn passthrough(event: Value) -> ChainOutcome {
+fn passthrough(event: ChainEvent) -> ChainOutcome {
     ChainOutcome {
-        event: Some(event),
+        event: Some(event.json),
         succeeded: Vec::new(),
         failures: Vec::new(),
     }
 }
 
-fn fail_all(events: Vec<Value>, chain: &[Arc<LoadedConfig>], message: &str) -> Vec<ChainOutcome> {
+fn fail_all(
+    events: Vec<ChainEvent>,
+    chain: &[Arc<LoadedConfig>],
+    message: &str,
+) -> Vec<ChainOutcome> {
+    let labels: Vec<String> = chain
+        .iter()
+        .map(|c| config_label(&c.identity.plugin_name, c.identity.plugin_config_id))
+        .collect();
     events
         .into_iter()
-        .map(|mut event| {
-            mark_failed(
-                &mut event,
-                chain
-                    .iter()
-                    .map(|c| config_label(&c.identity.plugin_name, c.identity.plugin_config_id))
-                    .collect(),
-            );
-            ChainOutcome {
-                event: Some(event),
-                succeeded: Vec::new(),
-                failures: chain
-                    .iter()
-                    .map(|config| EventFailure {
-                        plugin_config_id: config.identity.plugin_config_id,
-                        error: CallError::Thrown {
-                            name: "TimeoutError".into(),
-                            message: message.to_string(),
-                        },
-                    })
-                    .collect(),
-            }
+        .map(|event| ChainOutcome {
+            event: Some(mark_failed(&event.json, &labels)),
+            succeeded: Vec::new(),
+            failures: chain
+                .iter()
+                .map(|config| EventFailure {
+                    plugin_config_id: config.identity.plugin_config_id,
+                    error: CallError::Thrown {
+                        name: "TimeoutError".into(),
+                        message: message.to_string(),
+                    },
+                })
+                .collect(),
         })
         .collect()
 }

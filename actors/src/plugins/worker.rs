@@ -15,7 +15,7 @@ use chrono::Utc;
 use prometheus::IntCounterVec;
 use serde_json::Value;
 
-use super::chain::{ChainOutcome, ChainStep, EventFailure, config_label, mark_failed, run_chain};
+use super::chain::{ChainEvent, ChainOutcome, ChainStep, EventFailure, config_label, run_chain};
 use super::filters::FilterSubject;
 use super::pool::JobRunError;
 use super::post_ingestion_messages::{
@@ -93,7 +93,7 @@ pub struct ProcessEvents {
     pub request_id: u64,
     pub chain: Arc<[Arc<LoadedConfig>]>,
     /// Shared with the pool, which keeps them to re-send if this worker is replaced.
-    pub events: Arc<Vec<Value>>,
+    pub events: Arc<Vec<ChainEvent>>,
 }
 
 /// Run the post-ingestion methods over stored events of one team (spec 1.11): `onEvent` and
@@ -559,7 +559,7 @@ impl VmWorker {
     fn process(
         &mut self,
         chain: &[Arc<LoadedConfig>],
-        events: &[Value],
+        events: &[ChainEvent],
     ) -> WorkerReply<Vec<ChainOutcome>> {
         let mut side = SideEffects::default();
         // Configs that could not be made ready fail every event of this batch, so that the
@@ -585,8 +585,10 @@ impl VmWorker {
             .iter()
             .map(|c| config_label(&c.identity.plugin_name, c.identity.plugin_config_id))
             .collect();
-        let unavailable_labels: Vec<&String> =
-            unavailable.iter().map(|(i, _)| &labels[*i]).collect();
+        let unavailable_labels: Vec<String> = unavailable
+            .iter()
+            .map(|(i, _)| labels[*i].clone())
+            .collect();
 
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
@@ -605,7 +607,7 @@ impl VmWorker {
                     )
                 })
                 .collect();
-            let (mut outcome, effects) = run_chain(event, &mut steps);
+            let (mut outcome, effects) = run_chain(event, &mut steps, &unavailable_labels);
             drop(steps);
             for (plugin_config_id, effects) in effects {
                 if let Some(config) = chain
@@ -627,14 +629,6 @@ impl VmWorker {
                         slot.setup = SetupState::NotRun;
                     }
                 }
-            }
-            if !unavailable_labels.is_empty()
-                && let Some(event) = outcome.event.as_mut()
-            {
-                mark_failed(
-                    event,
-                    unavailable_labels.iter().map(|l| (*l).clone()).collect(),
-                );
             }
             for (index, error) in &unavailable {
                 outcome.failures.push(EventFailure {

@@ -25,6 +25,7 @@ use boa_engine::script::Script;
 use boa_engine::{Context, JsObject, JsValue, Source};
 use clap::{Parser, Subcommand, ValueEnum};
 use plugin_server_actors::plugins::LoadedConfig;
+use plugin_server_actors::plugins::chain::ChainEvent;
 use plugin_server_actors::plugins::host_services::HostServiceError;
 use plugin_server_actors::plugins::outputs::PluginOutputs;
 use plugin_server_actors::plugins::pool::{
@@ -33,7 +34,7 @@ use plugin_server_actors::plugins::pool::{
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
 use plugin_server_actors::plugins::runtime::natives::{FetchReply, FetchRequest, PluginHost};
 use plugin_server_actors::plugins::runtime::transpile::transpile;
-use plugin_server_actors::plugins::runtime::vm::{Method, PluginVm, VmLimits};
+use plugin_server_actors::plugins::runtime::vm::{CallArg, Method, PluginVm, VmLimits};
 use plugin_server_actors::plugins::runtime::{VmIdentity, VmSource};
 use plugin_server_actors::plugins::worker::{SideEffects, VmRetention};
 use plugin_server_actors::system::metrics::Metrics;
@@ -260,9 +261,10 @@ fn host() -> Rc<dyn PluginHost> {
 }
 
 /// Parses `raw`, runs processEvent, serializes the result; returns its length.
+/// JSON text in, JSON text out, as the chain runs a config (and as the peer does with
+/// `JSON.parse` and `JSON.stringify`).
 fn one_event(vm: &mut PluginVm, raw: &str) -> anyhow::Result<usize> {
-    let event: Value = serde_json::from_str(raw).context("parse the event")?;
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event]);
+    let (result, _) = vm.call_plain(Method::ProcessEvent, &[CallArg::Text(raw)]);
     let out = result
         .map_err(|e| anyhow!("processEvent failed: {e}"))?
         .ok_or_else(|| anyhow!("processEvent dropped the event"))?;
@@ -344,16 +346,21 @@ async fn throughput_pool(
             while left > 0 {
                 let size = left.min(batch);
                 left -= size;
-                let parsed = (0..size)
-                    .map(|_| serde_json::from_str::<Value>(raw))
-                    .collect::<Result<Vec<_>, _>>()
-                    .context("parse the events")?;
-                for outcome in pool.process_events(2, parsed).await {
+                // As the pipeline hands them over: the event's text and its distinct id.
+                let events = (0..size)
+                    .map(|_| ChainEvent {
+                        json: raw.to_owned(),
+                        distinct_id: "u1".to_owned(),
+                        team_id: None,
+                        ran: Vec::new(),
+                    })
+                    .collect();
+                for outcome in pool.process_events(2, events).await {
                     failures += outcome.failures.len();
                     let event = outcome
                         .event
                         .ok_or_else(|| anyhow!("processEvent dropped the event"))?;
-                    bytes += serde_json::to_string(&event).context("serialize")?.len();
+                    bytes += event.len();
                 }
             }
             anyhow::Ok((bytes, failures))
@@ -688,7 +695,9 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
             let done = Arc::clone(&done);
             let first_thousand = Arc::clone(&first_thousand);
             async move {
-                let reply = pool.process_events(*team, vec![event]).await;
+                let reply = pool
+                    .process_events(*team, vec![ChainEvent::from_value(&event)])
+                    .await;
                 if done.fetch_add(1, Ordering::Relaxed) + 1 == 1000
                     && let Ok(mut at) = first_thousand.lock()
                 {
@@ -701,10 +710,9 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
         for outcome in replies.iter().flatten() {
             failures += outcome.failures.len();
             let seen = outcome
-                .event
-                .as_ref()
-                .and_then(|e| e["properties"]["host_seen"].as_str());
-            if seen != Some("a.b") {
+                .event_value()
+                .and_then(|e| e["properties"]["host_seen"].as_str().map(str::to_owned));
+            if seen.as_deref() != Some("a.b") {
                 bail!(
                     "round {round}: an event came back without host_seen: {:?}",
                     outcome.event

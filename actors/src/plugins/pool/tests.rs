@@ -106,6 +106,10 @@ fn start_with(
     PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts")
 }
 
+fn chain_events(events: Vec<Value>) -> Vec<ChainEvent> {
+    events.iter().map(ChainEvent::from_value).collect()
+}
+
 fn event(team_id: i64, name: &str) -> Value {
     json!({"event": name, "team_id": team_id, "distinct_id": "d", "properties": {}})
 }
@@ -121,9 +125,9 @@ async fn chains_run_in_order_and_record_success_and_failure() {
         config(13, 2, 4, "dropper", "exports.processEvent = (e) => e.event === 'drop' ? null : e"),
     ]));
     let outcomes = pool
-        .process_events(2, vec![event(2, "keep"), event(2, "drop")])
+        .process_events(2, chain_events(vec![event(2, "keep"), event(2, "drop")]))
         .await;
-    let kept = outcomes[0].event.as_ref().expect("kept");
+    let kept = outcomes[0].event_value().expect("kept");
     assert_eq!(kept["properties"]["order"], "first,second");
     assert_eq!(
         kept["properties"]["$plugins_succeeded"],
@@ -143,8 +147,10 @@ async fn chains_run_in_order_and_record_success_and_failure() {
     assert!(heap > 4 * 100_000, "{stats}");
 
     // A team without plugins passes through untouched.
-    let outcomes = pool.process_events(3, vec![event(3, "other")]).await;
-    assert_eq!(outcomes[0].event, Some(event(3, "other")));
+    let outcomes = pool
+        .process_events(3, chain_events(vec![event(3, "other")]))
+        .await;
+    assert_eq!(outcomes[0].event_value(), Some(event(3, "other")));
 }
 
 /// Between configs the event is data, as after `JSON.stringify`: each VM gets objects of its
@@ -171,14 +177,18 @@ async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
     ]));
     let mut first = event(2, "one");
     first["properties"]["list"] = json!([1, 2]);
-    let outcomes = pool.process_events(2, vec![first, event(2, "two")]).await;
-    let one = &outcomes[0].event.as_ref().expect("kept")["properties"];
+    let outcomes = pool
+        .process_events(2, chain_events(vec![first, event(2, "two")]))
+        .await;
+    let one = outcomes[0].event_value().expect("kept");
+    let one = &one["properties"];
     assert_eq!(one["same_realm"], true, "{one}");
     assert_eq!(one["when"], "1970-01-01T00:00:00.000Z", "{one}");
     assert_eq!(one["when_type"], "string", "{one}");
     assert!(one.get("hidden").is_none(), "{one}");
     assert_eq!(one["mark"], "changer");
-    let two = &outcomes[1].event.as_ref().expect("kept")["properties"];
+    let two = outcomes[1].event_value().expect("kept");
+    let two = &two["properties"];
     assert_eq!(
         two["kept_before"], "keeper",
         "the keeper's own object: {two}"
@@ -195,8 +205,10 @@ async fn a_failed_setup_disables_the_config_and_is_reported() {
         config(21, 2, 2, "bad require", "const fs = require('fs'); exports.processEvent = (e) => e"),
         config(22, 2, 3, "fine", "exports.processEvent = (e) => { e.properties.fine = true; return e }"),
     ]));
-    let outcomes = pool.process_events(2, vec![event(2, "e")]).await;
-    let out = outcomes[0].event.as_ref().expect("event");
+    let outcomes = pool
+        .process_events(2, chain_events(vec![event(2, "e")]))
+        .await;
+    let out = outcomes[0].event_value().expect("event");
     assert_eq!(out["properties"]["fine"], true);
     assert_eq!(
         out["properties"]["$plugins_failed"],
@@ -274,11 +286,12 @@ async fn the_watchdog_contains_what_the_deadline_cannot() {
             ),
         ]));
         let started = Instant::now();
-        let bombed = pool.process_events(2, vec![event(2, "boom")]);
+        let bombed = pool.process_events(2, chain_events(vec![event(2, "boom")]));
         let healthy = async {
             // Sent while the bomb runs; answered by the replacement worker.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            pool.process_events(3, vec![event(3, "fine")]).await
+            pool.process_events(3, chain_events(vec![event(3, "fine")]))
+                .await
         };
         let (bombed, healthy) = tokio::join!(bombed, healthy);
         let elapsed = started.elapsed();
@@ -286,14 +299,14 @@ async fn the_watchdog_contains_what_the_deadline_cannot() {
             elapsed < Duration::from_millis(1500),
             "{bomb}: took {elapsed:?}"
         );
-        let out = bombed[0].event.as_ref().expect("kept");
+        let out = bombed[0].event_value().expect("kept");
         assert_eq!(
             out["properties"]["$plugins_failed"],
             json!(["bomb (30)"]),
             "{bomb}"
         );
         assert_eq!(
-            healthy[0].event.as_ref().expect("event")["properties"]["ok"],
+            healthy[0].event_value().expect("event")["properties"]["ok"],
             true,
             "{bomb}"
         );
@@ -334,7 +347,7 @@ async fn captures_are_attributed_to_the_config_that_made_them() {
         ),
     ]));
     let outcomes = pool
-        .process_events(2, vec![event(2, "a"), event(2, "b")])
+        .process_events(2, chain_events(vec![event(2, "a"), event(2, "b")]))
         .await;
     assert_eq!(outcomes.len(), 2);
     let captures: Vec<(i64, String)> = outputs
@@ -398,7 +411,8 @@ async fn post_ingestion_methods_run_and_retry() {
         config(53, 2, 4, "plain", "exports.processEvent = (e) => e"),
     ]));
     assert!(!pool.wants_async(2), "unknown until a VM was built");
-    pool.process_events(2, vec![event(2, "warm")]).await;
+    pool.process_events(2, chain_events(vec![event(2, "warm")]))
+        .await;
     assert!(pool.wants_async(2));
 
     pool.run_async(
@@ -541,14 +555,14 @@ async fn one_vm_bytes() -> i64 {
 
 async fn calls_seen(pool: &PluginVmPool, team_id: i64) -> Value {
     let outcomes = pool
-        .process_events(team_id, vec![event(team_id, "e")])
+        .process_events(team_id, chain_events(vec![event(team_id, "e")]))
         .await;
     assert!(
         outcomes[0].failures.is_empty(),
         "{:?}",
         outcomes[0].failures
     );
-    outcomes[0].event.as_ref().expect("event")["properties"]["calls"].clone()
+    outcomes[0].event_value().expect("event")["properties"]["calls"].clone()
 }
 
 /// Over the budget, the least recently used VM is torn down (teardownPlugin runs); its
@@ -660,11 +674,13 @@ async fn one_teams_events_spread_over_the_workers_by_distinct_id_in_order() {
     };
     let mut vm_of: HashMap<String, String> = HashMap::new();
     for (from, count) in [(0, 5 * IDS), (5 * IDS, IDS)] {
-        let outcomes = pool.process_events(2, batch(from, count)).await;
+        let outcomes = pool
+            .process_events(2, chain_events(batch(from, count)))
+            .await;
         assert_eq!(outcomes.len(), count);
         for (offset, outcome) in outcomes.iter().enumerate() {
             let i = from + offset;
-            let event = outcome.event.as_ref().expect("kept");
+            let event = outcome.event_value().expect("kept");
             assert_eq!(event["properties"]["i"], i, "answers in the events' order");
             assert_eq!(
                 event["properties"]["nth"],
@@ -706,8 +722,10 @@ async fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event
         ),
     ]));
     // Both VMs built, so that only the calls are timed.
-    pool.process_events(2, vec![event(2, "warm")]).await;
-    pool.process_events(1, vec![event(1, "warm")]).await;
+    pool.process_events(2, chain_events(vec![event(2, "warm")]))
+        .await;
+    pool.process_events(1, chain_events(vec![event(1, "warm")]))
+        .await;
 
     let background = pool.clone();
     let on_event = actix::spawn(async move {
@@ -728,10 +746,12 @@ async fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event
     }
 
     let started = Instant::now();
-    let outcomes = pool.process_events(2, vec![event(2, "e")]).await;
+    let outcomes = pool
+        .process_events(2, chain_events(vec![event(2, "e")]))
+        .await;
     let took = started.elapsed();
     assert_eq!(
-        outcomes[0].event.as_ref().expect("kept")["properties"]["tagged"],
+        outcomes[0].event_value().expect("kept")["properties"]["tagged"],
         true
     );
     assert!(

@@ -23,6 +23,10 @@ use boa_engine::string::JsStrVariant;
 use boa_engine::{
     Context, JsNativeError, JsObject, JsResult, JsString, JsValue, JsVariant, js_string,
 };
+use std::borrow::Cow;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Number, Value};
 
 /// Objects nested deeper than this are refused (`JSON.stringify` would exhaust its stack); the
@@ -93,6 +97,27 @@ impl Plain {
         }
     }
 
+    /// Adds `labels` to the list at `properties[key]` of an event, making the properties
+    /// object and the list if they are missing or not of that type (as
+    /// `crate::plugins::chain` does for JSON events).
+    pub fn append_labels(&mut self, key: &str, labels: &[String]) {
+        let Self::Object(entries) = self else {
+            return;
+        };
+        let properties = entry(entries, "properties", || Self::Object(Vec::new()));
+        let Self::Object(properties) = properties else {
+            return;
+        };
+        let list = entry(properties, key, || Self::Array(Vec::new()));
+        if let Self::Array(list) = list {
+            list.extend(
+                labels
+                    .iter()
+                    .map(|l| Self::String(JsString::from(l.as_str()))),
+            );
+        }
+    }
+
     pub fn is_object(&self) -> bool {
         matches!(self, Self::Object(_))
     }
@@ -108,6 +133,119 @@ impl Plain {
             Self::Object(_) => "an object",
         }
     }
+}
+
+/// Builds JSON text (an event from the server) as objects of `context`'s realm, in one pass:
+/// the same objects as [`json_to_js`] of its parse, without the `serde_json::Value` between.
+pub fn text_to_js(text: &str, context: &mut Context) -> Result<JsValue, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let value = JsSeed(context).deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+/// Deserializes one JSON value straight into boa values.
+struct JsSeed<'a>(&'a mut Context);
+
+impl<'de> DeserializeSeed<'de> for JsSeed<'_> {
+    type Value = JsValue;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<JsValue, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsSeed<'_> {
+    type Value = JsValue;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<JsValue, E> {
+        Ok(JsValue::null())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<JsValue, E> {
+        Ok(JsValue::new(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<JsValue, E> {
+        Ok(number_to_js(n as f64))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<JsValue, E> {
+        Ok(number_to_js(n as f64))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<JsValue, E> {
+        Ok(number_to_js(n))
+    }
+
+    fn visit_str<E>(self, text: &str) -> Result<JsValue, E> {
+        Ok(JsString::from(text).into())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<JsValue, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(value) = seq.next_element_seed(JsSeed(&mut *self.0))? {
+            values.push(value);
+        }
+        Ok(JsArray::from_iter(values, self.0).into())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsValue, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value = map.next_value_seed(JsSeed(&mut *self.0))?;
+            entries.push((JsString::from(key.as_ref()), value));
+        }
+        Ok(object(entries.into_iter(), self.0))
+    }
+}
+
+impl Serialize for Plain {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Null => serializer.serialize_unit(),
+            Self::Bool(b) => serializer.serialize_bool(*b),
+            Self::Number(n) => number_to_json(*n).serialize(serializer),
+            Self::String(s) => serialize_js_string(s, serializer),
+            Self::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Self::Object(entries) => {
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (key, value) in entries {
+                    map.serialize_entry(&JsText(key), value)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+/// A key of a [`Plain`] object, serialized as its text.
+struct JsText<'a>(&'a JsString);
+
+impl Serialize for JsText<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_js_string(self.0, serializer)
+    }
+}
+
+fn serialize_js_string<S: Serializer>(s: &JsString, serializer: S) -> Result<S::Ok, S::Error> {
+    if let JsStrVariant::Latin1(bytes) = s.variant()
+        && bytes.is_ascii()
+        && let Ok(text) = std::str::from_utf8(bytes)
+    {
+        return serializer.serialize_str(text);
+    }
+    serializer.serialize_str(&rust_string(s))
 }
 
 /// Builds a JSON value (an event from the server) as objects of `context`'s realm, as
@@ -141,6 +279,26 @@ fn object(entries: impl Iterator<Item = (JsString, JsValue)>, context: &mut Cont
         object.property(key, value, Attribute::all());
     }
     object.build().into()
+}
+
+/// The value at `key`, replaced by `empty()` unless it is of the same kind.
+fn entry<'a>(
+    entries: &'a mut Vec<(JsString, Plain)>,
+    key: &str,
+    empty: impl Fn() -> Plain,
+) -> &'a mut Plain {
+    let position = match entries.iter().position(|(k, _)| *k == key) {
+        Some(position) => position,
+        None => {
+            entries.push((JsString::from(key), empty()));
+            entries.len() - 1
+        }
+    };
+    let slot = &mut entries[position].1;
+    if std::mem::discriminant(slot) != std::mem::discriminant(&empty()) {
+        *slot = empty();
+    }
+    slot
 }
 
 /// `JSON.parse` turns integers into boa's small-integer form; a value built from `Plain` does
@@ -448,6 +606,54 @@ mod tests {
                 .expect("a value");
             assert_eq!(exported.to_json(), value);
         }
+    }
+
+    #[test]
+    fn text_enters_a_realm_as_its_parse_would_and_plain_writes_the_same_text() {
+        let mut context = Context::default();
+        let texts = [
+            r#"{"event":"e","properties":{"a":[1,2.5,-3,null,true],"é":"✓ \"q\" \n","big":18446744073709551615,"n":{}},"t":1e300}"#,
+            r#"[1,{"x":[]},"s"]"#,
+            r#""just text""#,
+        ];
+        for text in texts {
+            let parsed: Value = serde_json::from_str(text).expect("JSON");
+            let built = text_to_js(text, &mut context).expect("parses");
+            let plain = Plain::export(&built, &mut context)
+                .expect("exports")
+                .expect("a value");
+            let expected = Plain::export(&json_to_js(&parsed, &mut context), &mut context)
+                .expect("exports")
+                .expect("a value");
+            assert_eq!(plain, expected, "{text}");
+            assert_eq!(
+                serde_json::to_string(&plain).expect("serializes"),
+                serde_json::to_string(&plain.to_json()).expect("serializes"),
+                "{text}"
+            );
+        }
+        assert!(text_to_js("{\"a\": ", &mut context).is_err());
+        assert!(text_to_js("{} trailing", &mut context).is_err());
+    }
+
+    #[test]
+    fn labels_are_appended_making_what_is_missing() {
+        let mut event = Plain::from_json(
+            &json!({"event": "e", "properties": {"$plugins_failed": "not a list"}}),
+        );
+        event.append_labels("$plugins_succeeded", &["a (1)".to_owned()]);
+        event.append_labels("$plugins_failed", &["b (2)".to_owned()]);
+        event.append_labels("$plugins_succeeded", &["c (3)".to_owned()]);
+        assert_eq!(
+            event.to_json(),
+            json!({"event": "e", "properties": {"$plugins_failed": ["b (2)"], "$plugins_succeeded": ["a (1)", "c (3)"]}})
+        );
+        let mut bare = Plain::from_json(&json!({"event": "e", "properties": 5}));
+        bare.append_labels("$plugins_failed", &["x (9)".to_owned()]);
+        assert_eq!(
+            bare.to_json(),
+            json!({"event": "e", "properties": {"$plugins_failed": ["x (9)"]}})
+        );
     }
 
     #[test]

@@ -75,6 +75,15 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// An argument given as JSON text that does not parse (the server made it, so this is a
+    /// bug of ours, reported as the plugin's failed call rather than lost).
+    pub fn unreadable(error: &serde_json::Error) -> Self {
+        Self::Thrown {
+            name: "SyntaxError".into(),
+            message: format!("the event is not JSON: {error}"),
+        }
+    }
+
     pub fn is_retry(&self) -> bool {
         matches!(self, Self::Thrown { name, .. } if name == "RetryError")
     }
@@ -173,18 +182,23 @@ pub struct PluginVm {
 /// `exports, module, require`; methods take at most an event and `meta`).
 const MAX_ARGS: usize = 3;
 
-/// An argument of a call: JSON from the server, or what an earlier VM of the thread returned.
+/// An argument of a call: JSON from the server (as a value or as text), or what an earlier
+/// VM of the thread returned.
 #[derive(Debug, Clone, Copy)]
 pub enum CallArg<'a> {
     Json(&'a Value),
+    Text(&'a str),
     Plain(&'a Plain),
 }
 
 impl CallArg<'_> {
-    fn to_js(self, context: &mut Context) -> JsValue {
+    fn to_js(self, context: &mut Context) -> Result<JsValue, CallError> {
         match self {
-            Self::Json(value) => plain::json_to_js(value, context),
-            Self::Plain(plain) => plain.to_js(context),
+            Self::Json(value) => Ok(plain::json_to_js(value, context)),
+            Self::Text(text) => {
+                plain::text_to_js(text, context).map_err(|error| CallError::unreadable(&error))
+            }
+            Self::Plain(plain) => Ok(plain.to_js(context)),
         }
     }
 }
@@ -359,7 +373,7 @@ impl PluginVm {
         let context = &mut self.context;
         let mut values = Vec::with_capacity(args.len() + 1);
         for arg in args {
-            values.push(arg.to_js(context));
+            values.push(arg.to_js(context)?);
         }
         values.push(self.meta.clone());
         let invoker = invoker(&mut self.invokers, values.len(), context)?;
