@@ -607,7 +607,7 @@ fn retry_without_lone_surrogates<T: DeserializeOwned>(
 /// `text` with every `\uXXXX` escape of an unpaired surrogate rewritten to `\ufffd`, or `None`
 /// when there is none. Escaped backslashes are skipped, so `\\ud800` (a JSON string holding
 /// the six characters `\ud800`, as in a nested `data`) is left alone.
-fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
+pub(crate) fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
     const ESCAPE_LEN: usize = 6;
     let bytes = text.as_bytes();
     let mut repaired: Option<String> = None;

@@ -43,7 +43,7 @@ use crate::persons::{
     MergeIntent, PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError,
     merge_intent, person_updates,
 };
-use crate::plugins::chain::ChainEvent;
+use crate::plugins::chain::{ChainEvent, LABEL_KEYS};
 use crate::plugins::pool::PluginVmPool;
 use crate::plugins::post_ingestion::{FollowUp, PostIngestionPublisher};
 use crate::system::metrics::{Metrics, MetricsError};
@@ -881,12 +881,7 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
 /// An event as the plugin chain takes it: its JSON text (the properties' text as it
 /// arrived, copied, not parsed) and what the chain reads before a plugin runs.
 fn chain_event(event: &PluginEvent) -> ChainEvent {
-    let ran = ["$plugins_succeeded", "$plugins_failed"]
-        .iter()
-        .filter_map(|key| event.properties.get(key).and_then(|v| v.as_array()))
-        .flatten()
-        .filter_map(|label| label.as_str().map(str::to_owned))
-        .collect();
+    let ran = ChainEvent::labels_in(LABEL_KEYS.map(|key| event.properties.get(key)));
     ChainEvent {
         // Serializing an event cannot fail (string keys only); were it to, the chain would
         // report the text as unreadable and the event would be dead-lettered, not lost.

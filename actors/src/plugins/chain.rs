@@ -1,6 +1,8 @@
 //! The `processEvent` chain of one team, as PostHog runs it (spec 1.4), on one worker thread.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
+
+use crate::event::envelope::replace_lone_surrogate_escapes;
 
 use super::runtime::plain::Plain;
 use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
@@ -35,17 +37,8 @@ pub struct ChainEvent {
 impl ChainEvent {
     /// The chain's view of a JSON event.
     pub fn from_value(event: &Value) -> Self {
-        let ran = event
-            .get("properties")
-            .map(|properties| {
-                ["$plugins_succeeded", "$plugins_failed"]
-                    .iter()
-                    .filter_map(|key| properties.get(*key).and_then(Value::as_array))
-                    .flatten()
-                    .filter_map(|label| label.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let properties = event.get("properties");
+        let ran = Self::labels_in(LABEL_KEYS.map(|key| properties.and_then(|p| p.get(key))));
         let distinct_id = match event.get("distinct_id") {
             Some(Value::String(id)) => id.clone(),
             Some(other) => other.to_string(),
@@ -58,7 +51,22 @@ impl ChainEvent {
             ran,
         }
     }
+
+    /// The labels in an event's `$plugins_succeeded` and `$plugins_failed` values (see
+    /// [`LABEL_KEYS`]), for [`ChainEvent::ran`].
+    pub fn labels_in(lists: [Option<&Value>; 2]) -> Vec<String> {
+        lists
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(|label| label.as_str().map(str::to_owned))
+            .collect()
+    }
 }
+
+/// Where an event lists the configs that ran on it.
+pub const LABEL_KEYS: [&str; 2] = ["$plugins_succeeded", "$plugins_failed"];
 
 /// What the chain made of one event.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,23 +175,18 @@ pub fn run_chain(
     }
     failed_labels.extend(unavailable.iter().cloned());
     let labelled = !succeeded_labels.is_empty() || !failed_labels.is_empty();
-    outcome.event = match event {
-        None if !labelled => Some(input.json.clone()),
-        event => {
-            // The input's text parses: the pool made it from a JSON value or an event.
-            let mut event = match event {
-                Some(plain) => plain,
-                None => serde_json::from_str::<Value>(&input.json)
-                    .map(|value| Plain::from_json(&value))
-                    .unwrap_or(Plain::Null),
-            };
+    outcome.event = Some(match event {
+        None if !labelled => input.json.clone(),
+        None => with_labels(&input.json, &succeeded_labels, &failed_labels),
+        Some(mut event) => {
             if labelled {
-                event.append_labels("$plugins_succeeded", &succeeded_labels);
-                event.append_labels("$plugins_failed", &failed_labels);
+                event.append_labels(LABEL_KEYS[0], &succeeded_labels);
+                event.append_labels(LABEL_KEYS[1], &failed_labels);
             }
-            serde_json::to_string(&event).ok()
+            // Writing JSON data cannot fail; were it to, the last event that was text goes on.
+            serde_json::to_string(&event).unwrap_or_else(|_| input.json.clone())
         }
-    };
+    });
     (outcome, effects)
 }
 
@@ -200,7 +203,7 @@ fn call_process_event(
     }
     let batch = match event {
         CallArg::Json(value) => Plain::Array(vec![Plain::from_json(value)]),
-        CallArg::Text(text) => match serde_json::from_str::<Value>(text) {
+        CallArg::Text(text) => match parse_repairing(text) {
             Ok(value) => Plain::Array(vec![Plain::from_json(&value)]),
             Err(error) => return (Err(CallError::unreadable(&error)), Default::default()),
         },
@@ -220,20 +223,61 @@ fn already_ran(event: &Plain, label: &str) -> bool {
     let Some(properties) = event.get("properties") else {
         return false;
     };
-    ["$plugins_succeeded", "$plugins_failed"].iter().any(|key| {
+    LABEL_KEYS.iter().any(|key| {
         matches!(properties.get(key), Some(Plain::Array(list))
             if list.iter().any(|l| matches!(l, Plain::String(s) if *s == label)))
     })
 }
 
-/// The event with `labels` listed in its `$plugins_failed` (every config failed without
-/// running); text that is not JSON stays as it is.
+/// The event's text with `labels` listed in its `$plugins_failed` (every config failed
+/// without running).
 pub fn mark_failed(json: &str, labels: &[String]) -> String {
-    let Ok(value) = serde_json::from_str::<Value>(json) else {
+    with_labels(json, &[], labels)
+}
+
+/// The event's text with the labels added and its other values exactly as they were (numbers
+/// included: no plugin touched them). Text that is not JSON goes on as it is; its plugins'
+/// failures are recorded on their own.
+fn with_labels(json: &str, succeeded: &[String], failed: &[String]) -> String {
+    let Ok(mut event) = parse_repairing(json) else {
         return json.to_owned();
     };
-    let mut event = Plain::from_json(&value);
-    event.append_labels("$plugins_succeeded", &[]);
-    event.append_labels("$plugins_failed", labels);
+    append_labels(&mut event, LABEL_KEYS[0], succeeded);
+    append_labels(&mut event, LABEL_KEYS[1], failed);
     serde_json::to_string(&event).unwrap_or_else(|_| json.to_owned())
+}
+
+/// Event text as JSON. Raw property text keeps what the client sent, which may escape a lone
+/// surrogate: JSON.parse takes it, serde does not, so U+FFFD stands in for it, as at
+/// ingestion.
+fn parse_repairing(json: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str::<Value>(json).or_else(|error| {
+        let repaired = replace_lone_surrogate_escapes(json).ok_or(error)?;
+        serde_json::from_str::<Value>(&repaired)
+    })
+}
+
+/// As [`Plain::append_labels`], on JSON.
+fn append_labels(event: &mut Value, key: &str, labels: &[String]) {
+    let Some(object) = event.as_object_mut() else {
+        return;
+    };
+    let properties = object
+        .entry("properties")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !properties.is_object() {
+        *properties = Value::Object(Map::new());
+    }
+    let Some(properties) = properties.as_object_mut() else {
+        return;
+    };
+    let list = properties
+        .entry(key)
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if !list.is_array() {
+        *list = Value::Array(Vec::new());
+    }
+    if let Some(list) = list.as_array_mut() {
+        list.extend(labels.iter().cloned().map(Value::String));
+    }
 }

@@ -336,9 +336,10 @@ async fn throughput_pool(
         log_level: 0,
         webhook_filters: None,
     })));
+    let template = ChainEvent::from_value(&serde_json::from_str(&raw).context("parse the event")?);
     let run = |count: usize| {
         let pool = pool.clone();
-        let raw = raw.as_str();
+        let template = &template;
         async move {
             let mut bytes = 0;
             let mut failures = 0;
@@ -346,15 +347,8 @@ async fn throughput_pool(
             while left > 0 {
                 let size = left.min(batch);
                 left -= size;
-                // As the pipeline hands them over: the event's text and its distinct id.
-                let events = (0..size)
-                    .map(|_| ChainEvent {
-                        json: raw.to_owned(),
-                        distinct_id: "u1".to_owned(),
-                        team_id: None,
-                        ran: Vec::new(),
-                    })
-                    .collect();
+                // As the pipeline hands them over: the event's text and what the chain reads.
+                let events = vec![template.clone(); size];
                 for outcome in pool.process_events(2, events).await {
                     failures += outcome.failures.len();
                     let event = outcome

@@ -196,6 +196,102 @@ async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
     assert_eq!(two["polluted_before"], "no", "{two}");
 }
 
+/// What the chain checks and keeps: a changed team_id and a result JSON cannot hold are
+/// failures that keep the last good event; a config the event lists as already run is
+/// skipped; an event no plugin returned keeps its text exactly (numbers past 2^53 included)
+/// when it is labelled; text with an escaped lone surrogate (kept raw from the client) still
+/// reaches the plugins.
+#[actix::test]
+async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(60, 2, 1, "retarget", "exports.processEvent = (e) => { e.team_id = 99; e.properties.lost = 1; return e }"),
+        config(61, 2, 2, "symbol", "exports.processEvent = (e) => Symbol('e')"),
+        config(62, 2, 3, "thrower", "exports.processEvent = (e) => { throw new Error('no') }"),
+        config(63, 2, 4, "counter", "exports.processEvent = (e) => { e.properties.seen = (e.properties.seen || 0) + 1; return e }"),
+    ]));
+    let mut skipped = event(2, "again");
+    skipped["properties"]["$plugins_succeeded"] = json!(["counter (63)"]);
+    let exact = r#"{"event":"exact","team_id":2,"distinct_id":"d","properties":{"big":12345678901234567890,"f":1.0}}"#;
+    let exact_event = ChainEvent {
+        json: exact.to_owned(),
+        distinct_id: "d".into(),
+        team_id: Some(json!(2)),
+        ran: vec!["counter (63)".into()],
+    };
+    let surrogate =
+        r#"{"event":"odd","team_id":2,"distinct_id":"d","properties":{"s":"a\ud800b"}}"#;
+    let surrogate_event = ChainEvent {
+        json: surrogate.to_owned(),
+        distinct_id: "d".into(),
+        team_id: Some(json!(2)),
+        ran: Vec::new(),
+    };
+    let mut events = chain_events(vec![event(2, "plain"), skipped]);
+    events.push(exact_event);
+    events.push(surrogate_event);
+    let outcomes = pool.process_events(2, events).await;
+
+    let plain = outcomes[0].event_value().expect("kept");
+    assert_eq!(plain["team_id"], 2, "{plain}");
+    assert!(plain["properties"].get("lost").is_none(), "{plain}");
+    assert_eq!(plain["properties"]["seen"], 1, "{plain}");
+    assert_eq!(
+        plain["properties"]["$plugins_failed"],
+        json!(["retarget (60)", "symbol (61)", "thrower (62)"])
+    );
+    let messages: Vec<String> = outcomes[0]
+        .failures
+        .iter()
+        .map(|f| f.error.to_string())
+        .collect();
+    assert!(messages[0].contains("team_id"), "{messages:?}");
+    assert!(messages[1].contains("JSON cannot hold"), "{messages:?}");
+
+    let again = outcomes[1].event_value().expect("kept");
+    assert!(
+        again["properties"].get("seen").is_none(),
+        "skipped: {again}"
+    );
+
+    let exact_out = outcomes[2].event.as_deref().expect("kept");
+    assert!(
+        exact_out.contains(r#""big":12345678901234567890"#),
+        "{exact_out}"
+    );
+    assert!(exact_out.contains(r#""f":1.0"#), "{exact_out}");
+    assert!(exact_out.contains("thrower (62)"), "{exact_out}");
+
+    let odd = outcomes[3].event_value().expect("kept");
+    assert_eq!(odd["properties"]["seen"], 1, "{odd}");
+    assert_eq!(odd["properties"]["s"], "a\u{fffd}b", "{odd}");
+}
+
+/// Results nobody reads are not converted: a setupPlugin that returns a function or a cycle
+/// (PostHog drops the value) leaves the config working.
+#[actix::test]
+async fn results_nobody_reads_are_not_checked() {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new([
+        config(70, 2, 1, "returns a function", "exports.setupPlugin = () => () => 1; exports.processEvent = (e) => { e.properties.f = 1; return e }"),
+        config(71, 2, 2, "returns a cycle", "exports.setupPlugin = () => { const o = {}; o.o = o; return o }; exports.processEvent = (e) => { e.properties.c = 1; return e }"),
+    ]));
+    let outcomes = pool
+        .process_events(2, chain_events(vec![event(2, "e")]))
+        .await;
+    let out = outcomes[0].event_value().expect("kept");
+    assert_eq!(out["properties"]["f"], 1, "{out}");
+    assert_eq!(out["properties"]["c"], 1, "{out}");
+    assert!(
+        outcomes[0].failures.is_empty(),
+        "{:?}",
+        outcomes[0].failures
+    );
+    assert!(pool.has_plugins(2));
+}
+
 #[actix::test]
 async fn a_failed_setup_disables_the_config_and_is_reported() {
     let outputs = Arc::new(Collected::default());

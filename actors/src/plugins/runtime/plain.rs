@@ -98,8 +98,7 @@ impl Plain {
     }
 
     /// Adds `labels` to the list at `properties[key]` of an event, making the properties
-    /// object and the list if they are missing or not of that type (as
-    /// `crate::plugins::chain` does for JSON events).
+    /// object and the list if they are missing or not of that type.
     pub fn append_labels(&mut self, key: &str, labels: &[String]) {
         let Self::Object(entries) = self else {
             return;
@@ -496,8 +495,8 @@ impl Exporter {
 }
 
 impl Plain {
-    /// The JSON value with boa strings (the rare path of `exotic`; events enter a VM straight
-    /// from JSON with `JsValue::from_json`).
+    /// The JSON value with boa strings (the rare paths: `exotic`, labels on an event no
+    /// plugin returned, processEventBatch's one-event batch).
     pub fn from_json(value: &Value) -> Self {
         match value {
             Value::Null => Self::Null,

@@ -24,6 +24,7 @@ use serde_json::Value;
 use super::natives::{self, PluginHost};
 use super::plain::{self, Plain};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
+use crate::event::envelope::replace_lone_surrogate_escapes;
 
 /// How many boa "clock cycles" run between two deadline checks. At about 10 ns per cycle
 /// this checks every few hundred microseconds, which costs nothing measurable.
@@ -145,6 +146,16 @@ impl Method {
         Self::GetSettings,
     ];
 
+    /// Whether the server reads what the method returns (the others' results are dropped
+    /// unread, as PostHog drops them, so a `setupPlugin` that returns a function or a cycle
+    /// is fine).
+    pub fn returns_data(self) -> bool {
+        matches!(
+            self,
+            Self::ProcessEvent | Self::ProcessEventBatch | Self::ComposeWebhook | Self::GetSettings
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::SetupPlugin => "setupPlugin",
@@ -195,9 +206,15 @@ impl CallArg<'_> {
     fn to_js(self, context: &mut Context) -> Result<JsValue, CallError> {
         match self {
             Self::Json(value) => Ok(plain::json_to_js(value, context)),
-            Self::Text(text) => {
-                plain::text_to_js(text, context).map_err(|error| CallError::unreadable(&error))
-            }
+            Self::Text(text) => plain::text_to_js(text, context)
+                .or_else(|error| {
+                    // Raw property text keeps what the client sent, which may escape a lone
+                    // surrogate; JSON.parse takes it, serde does not. U+FFFD stands in for it, as
+                    // at ingestion.
+                    let repaired = replace_lone_surrogate_escapes(text).ok_or(error)?;
+                    plain::text_to_js(&repaired, context)
+                })
+                .map_err(|error| CallError::unreadable(&error)),
             Self::Plain(plain) => Ok(plain.to_js(context)),
         }
     }
@@ -320,7 +337,7 @@ impl PluginVm {
         else {
             return (Ok(None), CallEffects::default());
         };
-        self.call_function(function, method.name(), args)
+        self.call_function(function, method.name(), method.returns_data(), args)
     }
 
     /// Runs `jobs[name](payload, meta)`.
@@ -341,7 +358,8 @@ impl PluginVm {
             };
             return (Err(error), CallEffects::default());
         };
-        let (result, effects) = self.call_function(function, "job", &[CallArg::Json(payload)]);
+        let (result, effects) =
+            self.call_function(function, "job", false, &[CallArg::Json(payload)]);
         (result.map(|value| value.map(|v| v.to_json())), effects)
     }
 
@@ -349,6 +367,7 @@ impl PluginVm {
         &mut self,
         function: JsObject,
         method: &'static str,
+        keep_result: bool,
         args: &[CallArg<'_>],
     ) -> (Result<Option<Plain>, CallError>, CallEffects) {
         let deadline = Instant::now() + self.limits.task_timeout;
@@ -359,7 +378,7 @@ impl PluginVm {
             method,
             self.limits.memory_limit_bytes,
         );
-        let result = self.invoke(function, args, deadline);
+        let result = self.invoke(function, args, keep_result, deadline);
         let effects = natives::end_call();
         (result, effects)
     }
@@ -368,6 +387,7 @@ impl PluginVm {
         &mut self,
         function: JsObject,
         args: &[CallArg<'_>],
+        keep_result: bool,
         deadline: Instant,
     ) -> Result<Option<Plain>, CallError> {
         let context = &mut self.context;
@@ -386,18 +406,22 @@ impl PluginVm {
 
         let value = run_with_deadline(&invoker, context, deadline, self.limits.task_timeout)?;
         let value = settle(value, context, deadline, self.limits.task_timeout)?;
-        if value.is_null_or_undefined() {
+        if !keep_result || value.is_null_or_undefined() {
             return Ok(None);
         }
-        if value.is_callable() {
-            // JSON would make it `undefined`, which drops an event; a plugin that returns a
-            // function has a bug, and PostHog counts it as a failed call too.
-            return Err(CallError::Thrown {
+        match Plain::export(&value, context).map_err(|e| thrown(e, context))? {
+            Some(plain) => Ok(Some(plain)),
+            // A function, a symbol, or a `toJSON` that gives `undefined`: JSON has nothing for
+            // it, and reading it as `undefined` would drop an event. It is a plugin bug, which
+            // PostHog counts as a failed call (its team_id check fails) and so does this.
+            None => Err(CallError::Thrown {
                 name: "TypeError".into(),
-                message: "the plugin returned a function".into(),
-            });
+                message: format!(
+                    "the plugin returned a {} value, which JSON cannot hold",
+                    value.type_of()
+                ),
+            }),
         }
-        Plain::export(&value, context).map_err(|e| thrown(e, context))
     }
 
     fn run_plugin_code(
