@@ -287,6 +287,8 @@ impl PluginVm {
             invokers: Default::default(),
         };
         let effects = vm.run_plugin_code(source, &prelude)?;
+        // Only loading passes three arguments; a VM is kept for long and there are many.
+        vm.invokers[MAX_ARGS - 1] = None;
         vm.meta = vm
             .build_meta(config, attachments, &prelude)
             .map_err(|e| VmError::Context(e.to_string()))?;
