@@ -246,6 +246,60 @@ async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones
     drop(server);
 }
 
+/// What a plugin returns is stored as `JSON.stringify` would write it (as PostHog's Node
+/// server does): a `Date` as its ISO string, a getter's value, no function or non-enumerable
+/// key, integers as integers; and a property the client sent with an escaped lone surrogate
+/// (kept raw until a step reads it) still reaches the plugin.
+#[tokio::test]
+async fn a_plugins_result_is_stored_as_json_stringify_writes_it() {
+    plugin_server::telemetry::install_tls_provider();
+    let base = tempfile::tempdir().unwrap();
+    let configs = plugin_for_team_one(
+        base.path(),
+        "shaper",
+        "exports.processEvent = (event) => {
+                event.properties.at = new Date(0)
+                event.properties.whole = 7.5 * 2
+                event.properties.hidden_fn = () => 1
+                Object.defineProperty(event.properties, 'computed', { get() { return 'got ' + this.plan }, enumerable: true })
+                Object.defineProperty(event.properties, 'secret', { value: 'x', enumerable: false })
+                event.properties.odd_seen = event.properties.odd.length
+                return event
+            }",
+    );
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+    ]);
+    // `\ud800` is an escape in the request's JSON text: a lone surrogate, as browsers send.
+    let body = r#"[{"event": "shaped", "distinct_id": "d1",
+                    "properties": {"plan": "free", "odd": "a\ud800b"}}]"#;
+    let status = reqwest::Client::new()
+        .post(format!("http://{}/batch", server.addr()))
+        .header("Content-Type", "application/json")
+        .body(format!(r#"{{"api_key": "phc_shaper", "batch": {body}}}"#))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(status, 200);
+    let rows = wait_for_rows(base.path(), |rows| !rows.is_empty()).await;
+    let properties = &rows[0]["properties"];
+    assert_eq!(properties["at"], "1970-01-01T00:00:00.000Z", "{properties}");
+    assert_eq!(properties["whole"], json!(15), "{properties}");
+    assert!(properties.get("hidden_fn").is_none(), "{properties}");
+    assert_eq!(properties["computed"], "got free", "{properties}");
+    assert!(properties.get("secret").is_none(), "{properties}");
+    assert_eq!(properties["odd_seen"], 3, "{properties}");
+    assert_eq!(
+        properties["$plugins_succeeded"],
+        json!(["shaper (1)"]),
+        "{properties}"
+    );
+    drop(server);
+}
+
 /// The repository's sample (config/plugins.toml enabling plugins/hello-world for team 1)
 /// changes the first event a new user sends, as the README and the config file promise.
 #[tokio::test]
