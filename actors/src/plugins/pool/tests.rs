@@ -901,14 +901,15 @@ async fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms(
         2,
         "not torn down after its call"
     );
-    // The sweep (every second with a budget) has the async worker give back its excess.
+    // The sweep (every second with a budget) has the async worker give back its excess, down
+    // to 75 % of the budget (3.4 VMs): two of its four go.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pool.stats()["vms"] != 4 {
+    while pool.stats()["vms"] != 3 {
         assert!(Instant::now() < deadline, "{}", pool.stats());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(calls_seen(&pool, 2).await, 3, "the busy worker's VM stayed");
     let stats = pool.stats();
     assert_eq!(stats["workers"][0]["vms"], 1, "{stats}");
-    assert_eq!(stats["workers"][1]["vms"], 3, "{stats}");
+    assert_eq!(stats["workers"][1]["vms"], 2, "{stats}");
 }
