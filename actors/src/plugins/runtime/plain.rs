@@ -24,6 +24,8 @@ use boa_engine::{
     Context, JsNativeError, JsObject, JsResult, JsString, JsValue, JsVariant, js_string,
 };
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -197,7 +199,7 @@ impl<'de> Visitor<'de> for JsSeed<'_> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             let value = map.next_value_seed(JsSeed(&mut *self.0))?;
-            entries.push((JsString::from(key.as_ref()), value));
+            entries.push((key_string(&key), value));
         }
         Ok(object(entries.into_iter(), self.0))
     }
@@ -261,12 +263,36 @@ pub fn json_to_js(value: &Value, context: &mut Context) -> JsValue {
         }
         Value::Object(map) => {
             let values: Vec<JsValue> = map.values().map(|v| json_to_js(v, context)).collect();
-            object(
-                map.keys().map(|k| JsString::from(k.as_str())).zip(values),
-                context,
-            )
+            object(map.keys().map(|k| key_string(k)).zip(values), context)
         }
     }
+}
+
+/// Most keys fit the cache; past it, it starts over rather than grow with hostile input.
+const KEY_CACHE_LIMIT: usize = 4096;
+
+thread_local! {
+    /// The thread's object keys as boa strings: events of a kind repeat their keys, and a
+    /// cached key is a reference count instead of an allocation, a copy and boa's lookup of
+    /// the text among its static strings.
+    static KEYS: RefCell<HashMap<Box<str>, JsString, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
+}
+
+/// `key` as a boa string, from the thread's cache when it has been seen.
+fn key_string(key: &str) -> JsString {
+    KEYS.with(|keys| {
+        let mut keys = keys.borrow_mut();
+        if let Some(cached) = keys.get(key) {
+            return cached.clone();
+        }
+        let string = JsString::from(key);
+        if keys.len() >= KEY_CACHE_LIMIT {
+            keys.clear();
+        }
+        keys.insert(Box::from(key), string.clone());
+        string
+    })
 }
 
 /// An ordinary object with a shared shape, as an object literal gets: events of one kind share
@@ -506,7 +532,7 @@ impl Plain {
             Value::Array(items) => Self::Array(items.iter().map(Self::from_json).collect()),
             Value::Object(map) => Self::Object(
                 map.iter()
-                    .map(|(k, v)| (JsString::from(k.as_str()), Self::from_json(v)))
+                    .map(|(k, v)| (key_string(k), Self::from_json(v)))
                     .collect(),
             ),
         }
@@ -633,6 +659,17 @@ mod tests {
         }
         assert!(text_to_js("{\"a\": ", &mut context).is_err());
         assert!(text_to_js("{} trailing", &mut context).is_err());
+    }
+
+    #[test]
+    fn the_key_cache_gives_back_the_same_text_and_stays_bounded() {
+        assert_eq!(key_string("$current_url"), "$current_url");
+        assert_eq!(key_string("$current_url"), "$current_url");
+        assert_eq!(key_string("é ✓"), "é ✓");
+        for i in 0..KEY_CACHE_LIMIT + 10 {
+            assert_eq!(key_string(&format!("k{i}")), format!("k{i}").as_str());
+        }
+        assert!(KEYS.with(|keys| keys.borrow().len()) <= KEY_CACHE_LIMIT);
     }
 
     #[test]
