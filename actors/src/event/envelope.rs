@@ -648,6 +648,68 @@ pub(crate) fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
     Some(output)
 }
 
+/// What serde cannot parse in JSON text that a client sent and JavaScript's `JSON.parse`
+/// takes, repaired as JavaScript would read it: lone surrogate escapes become U+FFFD, and
+/// numbers too large for a double (`1e400`, which `JSON.parse` reads as `Infinity`) become
+/// `null`, which is what `JSON.stringify` writes for them. `None` when there is nothing to
+/// repair. Raw property text keeps both until a step reads it.
+pub(crate) fn repair_for_javascript(text: &str) -> Option<String> {
+    match replace_lone_surrogate_escapes(text) {
+        Some(repaired) => Some(replace_out_of_range_numbers(&repaired).unwrap_or(repaired)),
+        None => replace_out_of_range_numbers(text),
+    }
+}
+
+/// `text` with every number outside a string that overflows a double rewritten to `null`, or
+/// `None` when there is none.
+fn replace_out_of_range_numbers(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut repaired: Option<String> = None;
+    let mut copied_up_to = 0;
+    let mut position = 0;
+    let mut in_string = false;
+    while let Some(&byte) = bytes.get(position) {
+        if in_string {
+            match byte {
+                b'\\' => position += 2,
+                b'"' => {
+                    in_string = false;
+                    position += 1;
+                }
+                _ => position += 1,
+            }
+            continue;
+        }
+        if byte == b'"' {
+            in_string = true;
+            position += 1;
+            continue;
+        }
+        if byte != b'-' && !byte.is_ascii_digit() {
+            position += 1;
+            continue;
+        }
+        let start = position;
+        while bytes
+            .get(position)
+            .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
+        {
+            position += 1;
+        }
+        // Number tokens are ASCII, so both ends are on char boundaries.
+        let token = text.get(start..position)?;
+        if token.parse::<f64>().is_ok_and(|n| n.is_infinite()) {
+            let output = repaired.get_or_insert_with(|| String::with_capacity(text.len()));
+            output.push_str(text.get(copied_up_to..start)?);
+            output.push_str("null");
+            copied_up_to = position;
+        }
+    }
+    let mut output = repaired?;
+    output.push_str(text.get(copied_up_to..)?);
+    Some(output)
+}
+
 /// The UTF-16 unit of the `\uXXXX` escape starting at `start`, if there is one.
 fn hex_escape_unit(bytes: &[u8], start: usize) -> Option<u16> {
     if bytes.get(start) != Some(&b'\\') || bytes.get(start + 1) != Some(&b'u') {

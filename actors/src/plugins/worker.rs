@@ -52,6 +52,11 @@ pub struct VmRetention {
 /// (`bench/results/plugins.md`).
 const BUDGET_LOW_WATER_PERCENT: i64 = 75;
 
+/// A worker tears down none of its VMs while it holds no more than this share of an equal
+/// split of the budget: otherwise it would tear down the VM it just used, on every request,
+/// while another worker sits on the budget (the pool's sweep makes that one give back).
+const BUDGET_SHARE_FLOOR_PERCENT: i64 = 90;
+
 /// What each worker of a pool holds, so that one budget covers them all: a worker that finds
 /// the total over it tears down its own least recently used VMs, but not below an equal share
 /// of the budget. A busy worker thus gets the share that idle ones leave, and a worker holding
@@ -512,9 +517,8 @@ impl VmWorker {
             .sum();
         let mut held = held_elsewhere + own;
         let workers = i64::try_from(self.share.held.len()).unwrap_or(1).max(1);
-        // Not below an equal share: otherwise a worker would tear down the VM it just used,
-        // on every request, while another sits on the budget.
-        let floor = budget / workers / 100 * BUDGET_LOW_WATER_PERCENT;
+        // Not below (nearly) an equal share: see BUDGET_SHARE_FLOOR_PERCENT.
+        let floor = budget / workers / 100 * BUDGET_SHARE_FLOOR_PERCENT;
         if held <= budget || own <= floor {
             return;
         }

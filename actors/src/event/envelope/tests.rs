@@ -631,3 +631,21 @@ fn non_object_top_level_set_is_ignored() {
     normalize_event(&mut event);
     assert_eq!(event.properties["$set_once"], json!({ "a": 1 }));
 }
+
+#[test]
+fn numbers_past_a_double_become_null_as_json_parse_then_stringify_make_them() {
+    let text = r#"{"a":1e400,"b":-1e999,"c":1.5e3,"d":"1e400 in a string \" 1e400","e":[2e308,0]}"#;
+    let repaired = repair_for_javascript(text).expect("something to repair");
+    assert_eq!(
+        repaired,
+        r#"{"a":null,"b":null,"c":1.5e3,"d":"1e400 in a string \" 1e400","e":[null,0]}"#
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&repaired).expect("parses now");
+    assert_eq!(parsed["c"], json!(1500.0));
+    assert_eq!(repair_for_javascript(r#"{"fine":[1,2.5e10]}"#), None);
+    // Both repairs at once.
+    assert_eq!(
+        repair_for_javascript(r#"{"s":"a\ud800b","n":1e400}"#).as_deref(),
+        Some(r#"{"s":"a\ufffdb","n":null}"#)
+    );
+}

@@ -228,9 +228,26 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         team_id: Some(json!(2)),
         ran: Vec::new(),
     };
+    // A number JSON.parse reads as Infinity: serde cannot, and the plugins still run.
+    let huge = r#"{"event":"huge","team_id":2,"distinct_id":"d","properties":{"n":1e400}}"#;
+    let huge_event = ChainEvent {
+        json: huge.to_owned(),
+        distinct_id: "d".into(),
+        team_id: Some(json!(2)),
+        ran: Vec::new(),
+    };
+    // Every config fails or is skipped: the labels go onto the client's own text.
+    let odd_unchanged = ChainEvent {
+        json: surrogate.replace("odd", "odd_unchanged"),
+        distinct_id: "d".into(),
+        team_id: Some(json!(2)),
+        ran: vec!["counter (63)".into()],
+    };
     let mut events = chain_events(vec![event(2, "plain"), skipped]);
     events.push(exact_event);
     events.push(surrogate_event);
+    events.push(huge_event);
+    events.push(odd_unchanged);
     let outcomes = pool.process_events(2, events).await;
 
     let plain = outcomes[0].event_value().expect("kept");
@@ -266,6 +283,18 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
     let odd = outcomes[3].event_value().expect("kept");
     assert_eq!(odd["properties"]["seen"], 1, "{odd}");
     assert_eq!(odd["properties"]["s"], "a\u{fffd}b", "{odd}");
+
+    let huge = outcomes[4].event_value().expect("kept");
+    assert_eq!(huge["properties"]["seen"], 1, "{huge}");
+    assert_eq!(huge["properties"]["n"], Value::Null, "{huge}");
+
+    let unchanged = outcomes[5].event_value().expect("kept");
+    assert_eq!(unchanged["event"], "odd_unchanged", "{unchanged}");
+    assert_eq!(
+        unchanged["properties"]["$plugins_failed"],
+        json!(["retarget (60)", "symbol (61)", "thrower (62)"]),
+        "{unchanged}"
+    );
 }
 
 /// Results nobody reads are not converted: a setupPlugin that returns a function or a cycle

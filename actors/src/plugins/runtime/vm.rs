@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::natives::{self, PluginHost};
 use super::plain::{self, Plain};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
-use crate::event::envelope::replace_lone_surrogate_escapes;
+use crate::event::envelope::repair_for_javascript;
 
 /// How many boa "clock cycles" run between two deadline checks. At about 10 ns per cycle
 /// this checks every few hundred microseconds, which costs nothing measurable.
@@ -183,7 +183,7 @@ pub struct PluginVm {
     jobs: Vec<(String, JsObject)>,
     meta: JsValue,
     /// `__ps_target(__ps_args[0], …)` for one, two and three arguments, each compiled on first
-    /// use: calls go through a script so that they run in boa's budgeted interpreter loop,
+    /// use (three only while loading: it is dropped once the VM is built): calls go through a script so that they run in boa's budgeted interpreter loop,
     /// which is what lets the deadline interrupt them. (A spread, `__ps_target(...__ps_args)`,
     /// would do for every count, but its iterator cost a quarter of a small plugin's call.)
     invokers: [Option<Script>; MAX_ARGS],
@@ -208,10 +208,10 @@ impl CallArg<'_> {
             Self::Json(value) => Ok(plain::json_to_js(value, context)),
             Self::Text(text) => plain::text_to_js(text, context)
                 .or_else(|error| {
-                    // Raw property text keeps what the client sent, which may escape a lone
-                    // surrogate; JSON.parse takes it, serde does not. U+FFFD stands in for it, as
-                    // at ingestion.
-                    let repaired = replace_lone_surrogate_escapes(text).ok_or(error)?;
+                    // Raw property text keeps what the client sent, which JSON.parse may take
+                    // and serde not (a lone surrogate escape, `1e400`): read it as JavaScript
+                    // would.
+                    let repaired = repair_for_javascript(text).ok_or(error)?;
                     plain::text_to_js(&repaired, context)
                 })
                 .map_err(|error| CallError::unreadable(&error)),
@@ -312,8 +312,10 @@ impl PluginVm {
     }
 
     /// Calls an exported method with `args` followed by `meta`, drives the promise it returns,
-    /// and converts the result to JSON as `JSON.stringify` would (`None` for `undefined` or
-    /// `null`). Returns `Ok(None)` also when the plugin does not export the method.
+    /// and, for a method whose result the server reads ([`Method::returns_data`]), converts it
+    /// to JSON as `JSON.stringify` would (`None` for `undefined` or `null`; a function or a
+    /// symbol is an error). Returns `Ok(None)` for the other methods and when the plugin does
+    /// not export the method.
     pub fn call(
         &mut self,
         method: Method,
