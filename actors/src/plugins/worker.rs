@@ -48,7 +48,7 @@ pub struct VmRetention {
 /// Once over the budget, VMs are torn down until their heap is this share of it, so that a
 /// worker at its budget does not tear one down on every call. Each round of teardowns ends
 /// with a collection, which traces every VM the thread still holds: with 31,000 configs
-/// cycling through a 1 GiB budget, 90 % made that 110 s and 75 % 82 s, at the same peak RSS
+/// cycling through a 1 GiB budget, 90 % made that 110 s and 75 % 85 s, at the same peak RSS
 /// (`bench/results/plugins.md`).
 const BUDGET_LOW_WATER_PERCENT: i64 = 75;
 
