@@ -344,12 +344,12 @@ impl PluginVm {
         self.call_function(function, method.name(), method.returns_data(), args)
     }
 
-    /// Runs `jobs[name](payload, meta)`.
+    /// Runs `jobs[name](payload, meta)`; what the job returns is not read, as in PostHog.
     pub fn call_job(
         &mut self,
         name: &str,
         payload: &Value,
-    ) -> (Result<Option<Value>, CallError>, CallEffects) {
+    ) -> (Result<(), CallError>, CallEffects) {
         let Some(function) = self
             .jobs
             .iter()
@@ -364,7 +364,7 @@ impl PluginVm {
         };
         let (result, effects) =
             self.call_function(function, "job", false, &[CallArg::Json(payload)]);
-        (result.map(|value| value.map(|v| v.to_json())), effects)
+        (result.map(|_| ()), effects)
     }
 
     fn call_function(
