@@ -65,6 +65,15 @@ fn write_plugin(root: &Path, name: &str, files: &[(&str, &str)]) {
     }
 }
 
+/// The embedded server over `root` with one plugin (`index.js` = `source`) enabled for team 1.
+fn embedded_server_with_plugin(root: &Path, name: &str, source: &str) -> ServerProcess {
+    let configs = plugin_for_team_one(root, name, source);
+    ServerProcess::start(&[
+        ("BASE_DIR", root.to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+    ])
+}
+
 /// One plugin, `index.js` = `source`, enabled for team 1 (the embedded profile's first token):
 /// written under `root`, with the configs file naming it, whose path is returned.
 pub(crate) fn plugin_for_team_one(root: &Path, name: &str, source: &str) -> std::path::PathBuf {
@@ -136,7 +145,7 @@ async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec
 async fn personless_is_decided_before_plugins() {
     plugin_server::telemetry::install_tls_provider();
     let base = tempfile::tempdir().unwrap();
-    let configs = plugin_for_team_one(
+    let server = embedded_server_with_plugin(
         base.path(),
         "flipper",
         "exports.processEvent = (event) => {
@@ -146,10 +155,6 @@ async fn personless_is_decided_before_plugins() {
                 return event
             }",
     );
-    let server = ServerProcess::start(&[
-        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
-        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
-    ]);
     let status = post_batch(
         &server.addr(),
         "phc_flip",
@@ -189,7 +194,7 @@ async fn personless_is_decided_before_plugins() {
 async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones() {
     plugin_server::telemetry::install_tls_provider();
     let base = tempfile::tempdir().unwrap();
-    let configs = plugin_for_team_one(
+    let server = embedded_server_with_plugin(
         base.path(),
         "lister",
         "exports.processEvent = (event) => {
@@ -198,10 +203,6 @@ async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones
                 return event
             }",
     );
-    let server = ServerProcess::start(&[
-        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
-        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
-    ]);
     let status = post_batch(
         &server.addr(),
         "phc_lister",
@@ -254,7 +255,7 @@ async fn plugins_see_the_properties_that_were_sent_and_rows_get_the_derived_ones
 async fn a_plugins_result_is_stored_as_json_stringify_writes_it() {
     plugin_server::telemetry::install_tls_provider();
     let base = tempfile::tempdir().unwrap();
-    let configs = plugin_for_team_one(
+    let server = embedded_server_with_plugin(
         base.path(),
         "shaper",
         "exports.processEvent = (event) => {
@@ -267,10 +268,6 @@ async fn a_plugins_result_is_stored_as_json_stringify_writes_it() {
                 return event
             }",
     );
-    let server = ServerProcess::start(&[
-        ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
-        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
-    ]);
     // `\ud800` is an escape in the request's JSON text: a lone surrogate, as browsers send.
     let body = r#"[{"event": "shaped", "distinct_id": "d1",
                     "properties": {"plan": "free", "odd": "a\ud800b"}}]"#;

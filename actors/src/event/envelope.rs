@@ -607,7 +607,7 @@ fn retry_without_lone_surrogates<T: DeserializeOwned>(
 /// `text` with every `\uXXXX` escape of an unpaired surrogate rewritten to `\ufffd`, or `None`
 /// when there is none. Escaped backslashes are skipped, so `\\ud800` (a JSON string holding
 /// the six characters `\ud800`, as in a nested `data`) is left alone.
-pub(crate) fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
+fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
     const ESCAPE_LEN: usize = 6;
     let bytes = text.as_bytes();
     let mut repaired: Option<String> = None;
@@ -648,12 +648,24 @@ pub(crate) fn replace_lone_surrogate_escapes(text: &str) -> Option<String> {
     Some(output)
 }
 
+/// `parse(text)`, and when serde refuses text that JavaScript's `JSON.parse` takes, `parse` of
+/// the text as JavaScript would read it (see [`repair_for_javascript`]).
+pub(crate) fn parse_like_javascript<T>(
+    text: &str,
+    mut parse: impl FnMut(&str) -> Result<T, serde_json::Error>,
+) -> Result<T, serde_json::Error> {
+    parse(text).or_else(|error| {
+        let repaired = repair_for_javascript(text).ok_or(error)?;
+        parse(&repaired)
+    })
+}
+
 /// What serde cannot parse in JSON text that a client sent and JavaScript's `JSON.parse`
 /// takes, repaired as JavaScript would read it: lone surrogate escapes become U+FFFD, and
 /// numbers too large for a double (`1e400`, which `JSON.parse` reads as `Infinity`) become
 /// `null`, which is what `JSON.stringify` writes for them. `None` when there is nothing to
 /// repair. Raw property text keeps both until a step reads it.
-pub(crate) fn repair_for_javascript(text: &str) -> Option<String> {
+fn repair_for_javascript(text: &str) -> Option<String> {
     match replace_lone_surrogate_escapes(text) {
         Some(repaired) => Some(replace_out_of_range_numbers(&repaired).unwrap_or(repaired)),
         None => replace_out_of_range_numbers(text),

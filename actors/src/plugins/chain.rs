@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::envelope::repair_for_javascript;
+use crate::event::envelope::parse_like_javascript;
 
 use super::runtime::plain::Plain;
 use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
@@ -247,13 +247,10 @@ fn with_labels(json: &str, succeeded: &[String], failed: &[String]) -> String {
     serde_json::to_string(&event).unwrap_or_else(|_| json.to_owned())
 }
 
-/// Event text as JSON. Raw property text keeps what the client sent, which JSON.parse may
-/// take and serde not (a lone surrogate escape, `1e400`): it is read as JavaScript would.
+/// Event text as JSON, read as JavaScript would (raw property text keeps what the client sent,
+/// which JSON.parse may take and serde not).
 fn parse_repairing(json: &str) -> Result<Value, serde_json::Error> {
-    serde_json::from_str::<Value>(json).or_else(|error| {
-        let repaired = repair_for_javascript(json).ok_or(error)?;
-        serde_json::from_str::<Value>(&repaired)
-    })
+    parse_like_javascript(json, |text| serde_json::from_str::<Value>(text))
 }
 
 /// As [`Plain::append_labels`], on JSON.

@@ -137,7 +137,7 @@ impl Plain {
 }
 
 /// Builds JSON text (an event from the server) as objects of `context`'s realm, in one pass:
-/// the same objects as [`json_to_js`] of its parse, without the `serde_json::Value` between.
+/// the objects [`json_to_js`] makes of its parse, without the `serde_json::Value` between.
 pub fn text_to_js(text: &str, context: &mut Context) -> Result<JsValue, serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let value = JsSeed(context).deserialize(&mut deserializer)?;
@@ -240,32 +240,13 @@ impl Serialize for JsText<'_> {
 }
 
 fn serialize_js_string<S: Serializer>(s: &JsString, serializer: S) -> Result<S::Ok, S::Error> {
-    if let JsStrVariant::Latin1(bytes) = s.variant()
-        && bytes.is_ascii()
-        && let Ok(text) = std::str::from_utf8(bytes)
-    {
-        return serializer.serialize_str(text);
-    }
-    serializer.serialize_str(&rust_string(s))
+    serializer.serialize_str(&text_of(s))
 }
 
-/// Builds a JSON value (an event from the server) as objects of `context`'s realm, as
-/// `JsValue::from_json` does, but with the object shapes of [`Plain::to_js`].
-pub fn json_to_js(value: &Value, context: &mut Context) -> JsValue {
-    match value {
-        Value::Null => JsValue::null(),
-        Value::Bool(b) => JsValue::new(*b),
-        Value::Number(n) => n.as_f64().map_or(JsValue::null(), number_to_js),
-        Value::String(s) => JsValue::from(JsString::from(s.as_str())),
-        Value::Array(items) => {
-            let values: Vec<JsValue> = items.iter().map(|item| json_to_js(item, context)).collect();
-            JsArray::from_iter(values, context).into()
-        }
-        Value::Object(map) => {
-            let values: Vec<JsValue> = map.values().map(|v| json_to_js(v, context)).collect();
-            object(map.keys().map(|k| key_string(k)).zip(values), context)
-        }
-    }
+/// Builds a JSON value (an event from the server) as objects of `context`'s realm, with the
+/// same deserializer as [`text_to_js`] (a `Value` is a serde data source too).
+pub fn json_to_js(value: &Value, context: &mut Context) -> Result<JsValue, serde_json::Error> {
+    JsSeed(context).deserialize(value)
 }
 
 /// Most keys fit the cache; past it, it starts over rather than grow with hostile input.
@@ -359,16 +340,22 @@ fn number_to_json(n: f64) -> Value {
 /// A boa string as UTF-8. Text that is not valid UTF-16 (a lone surrogate) keeps its escape
 /// spelled out, as boa's own conversion does.
 fn rust_string(s: &JsString) -> String {
-    // Most event text is ASCII, which is already UTF-8: one copy instead of boa's decoding a
-    // character at a time.
+    text_of(s).into_owned()
+}
+
+/// A boa string's text, borrowed when it is ASCII (already UTF-8, so no copy and no decoding
+/// a character at a time, which is most event text).
+fn text_of(s: &JsString) -> Cow<'_, str> {
     if let JsStrVariant::Latin1(bytes) = s.variant()
         && bytes.is_ascii()
         && let Ok(text) = std::str::from_utf8(bytes)
     {
-        return text.to_owned();
+        return Cow::Borrowed(text);
     }
-    s.to_std_string()
-        .unwrap_or_else(|_| s.to_std_string_escaped())
+    Cow::Owned(
+        s.to_std_string()
+            .unwrap_or_else(|_| s.to_std_string_escaped()),
+    )
 }
 
 /// The key `toJSON` is called with; an array index becomes a string only if that happens.
@@ -630,7 +617,7 @@ mod tests {
     fn json_enters_a_realm_as_from_json_would_build_it() {
         let mut context = Context::default();
         let value = json!({"a": [1, 2.5, "x", null, {"b": false}], "n": 1e300, "big": 1_i64 << 40, "s": "é✓"});
-        let ours = json_to_js(&value, &mut context);
+        let ours = json_to_js(&value, &mut context).expect("builds");
         let boas = JsValue::from_json(&value, &mut context).expect("from_json");
         for built in [ours, boas] {
             let exported = Plain::export(&built, &mut context)
@@ -654,7 +641,8 @@ mod tests {
             let plain = Plain::export(&built, &mut context)
                 .expect("exports")
                 .expect("a value");
-            let expected = Plain::export(&json_to_js(&parsed, &mut context), &mut context)
+            let built = json_to_js(&parsed, &mut context).expect("builds");
+            let expected = Plain::export(&built, &mut context)
                 .expect("exports")
                 .expect("a value");
             assert_eq!(plain, expected, "{text}");

@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::natives::{self, PluginHost};
 use super::plain::{self, Plain};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
-use crate::event::envelope::repair_for_javascript;
+use crate::event::envelope::parse_like_javascript;
 
 /// How many boa "clock cycles" run between two deadline checks. At about 10 ns per cycle
 /// this checks every few hundred microseconds, which costs nothing measurable.
@@ -182,16 +182,16 @@ pub struct PluginVm {
     methods: Vec<(Method, JsObject)>,
     jobs: Vec<(String, JsObject)>,
     meta: JsValue,
-    /// `__ps_target(__ps_args[0], …)` for one, two and three arguments, each compiled on first
-    /// use (three only while loading: it is dropped once the VM is built): calls go through a script so that they run in boa's budgeted interpreter loop,
-    /// which is what lets the deadline interrupt them. (A spread, `__ps_target(...__ps_args)`,
-    /// would do for every count, but its iterator cost a quarter of a small plugin's call.)
+    /// `__ps_target(__ps_args[0], …)` for one and two arguments, each compiled on first use:
+    /// calls go through a script so that they run in boa's budgeted interpreter loop, which is
+    /// what lets the deadline interrupt them. (A spread, `__ps_target(...__ps_args)`, would do
+    /// for every count, but its iterator cost a quarter of a small plugin's call.)
     invokers: [Option<Script>; MAX_ARGS],
 }
 
-/// The most arguments a plugin function is called with (the plugin's own wrapper takes
-/// `exports, module, require`; methods take at most an event and `meta`).
-const MAX_ARGS: usize = 3;
+/// The most arguments a plugin method is called with: an event and `meta`. (Loading calls the
+/// plugin's wrapper with three, `exports, module, require`, once, with a script of its own.)
+const MAX_ARGS: usize = 2;
 
 /// An argument of a call: JSON from the server (as a value or as text), or what an earlier
 /// VM of the thread returned.
@@ -205,16 +205,15 @@ pub enum CallArg<'a> {
 impl CallArg<'_> {
     fn to_js(self, context: &mut Context) -> Result<JsValue, CallError> {
         match self {
-            Self::Json(value) => Ok(plain::json_to_js(value, context)),
-            Self::Text(text) => plain::text_to_js(text, context)
-                .or_else(|error| {
-                    // Raw property text keeps what the client sent, which JSON.parse may take
-                    // and serde not (a lone surrogate escape, `1e400`): read it as JavaScript
-                    // would.
-                    let repaired = repair_for_javascript(text).ok_or(error)?;
-                    plain::text_to_js(&repaired, context)
-                })
-                .map_err(|error| CallError::unreadable(&error)),
+            Self::Json(value) => {
+                plain::json_to_js(value, context).map_err(|error| CallError::unreadable(&error))
+            }
+            // Raw property text keeps what the client sent, which JSON.parse may take and
+            // serde not (a lone surrogate escape, `1e400`).
+            Self::Text(text) => {
+                parse_like_javascript(text, |text| plain::text_to_js(text, context))
+                    .map_err(|error| CallError::unreadable(&error))
+            }
             Self::Plain(plain) => Ok(plain.to_js(context)),
         }
     }
@@ -287,8 +286,6 @@ impl PluginVm {
             invokers: Default::default(),
         };
         let effects = vm.run_plugin_code(source, &prelude)?;
-        // Only loading passes three arguments; a VM is kept for long and there are many.
-        vm.invokers[MAX_ARGS - 1] = None;
         vm.meta = vm
             .build_meta(config, attachments, &prelude)
             .map_err(|e| VmError::Context(e.to_string()))?;
@@ -478,7 +475,7 @@ impl PluginVm {
         );
         let locals = {
             let args = [exports.clone().into(), module.clone().into(), require];
-            let invoker = invoker(&mut self.invokers, args.len(), context);
+            let invoker = invoker_script(args.len(), context);
             let array = JsArray::from_iter(args, context);
             let global = context.global_object();
             global
@@ -609,12 +606,17 @@ fn invoker(
     if let Some(script) = slot {
         return Ok(script.clone());
     }
-    let args: Vec<String> = (0..arity).map(|i| format!("{ARGS}[{i}]")).collect();
-    let code = format!("{TARGET}({})", args.join(", "));
-    let script = Script::parse(Source::from_bytes(code.as_bytes()), None, context)
-        .map_err(|e| thrown(e, context))?;
+    let script = invoker_script(arity, context)?;
     *slot = Some(script.clone());
     Ok(script)
+}
+
+/// Compiles `__ps_target(__ps_args[0], …)` for `arity` arguments.
+fn invoker_script(arity: usize, context: &mut Context) -> Result<Script, CallError> {
+    let args: Vec<String> = (0..arity).map(|i| format!("{ARGS}[{i}]")).collect();
+    let code = format!("{TARGET}({})", args.join(", "));
+    Script::parse(Source::from_bytes(code.as_bytes()), None, context)
+        .map_err(|e| thrown(e, context))
 }
 
 fn call_value(function: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
