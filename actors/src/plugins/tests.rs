@@ -266,6 +266,69 @@ fn thrown_values_keep_name_and_message() {
     assert!(result.expect_err("throws").is_retry());
 }
 
+/// The prelude's core is built natively; what plugins can see of it is what the JavaScript
+/// it replaced gave them (a class extending Error, Node-style timers, `require`'s list).
+#[test]
+fn the_core_globals_behave_as_javascript_would_define_them() {
+    let mut vm = load(
+        r#"
+        const { RetryError: Scaffold } = require('@posthog/plugin-scaffold')
+        class Later extends RetryError {
+            constructor(message) { super(message); this.extra = 1 }
+        }
+        exports.processEvent = async (e) => {
+            const later = new Later('soon')
+            const plain = new RetryError()
+            let uncalled = ''
+            try { RetryError('x') } catch (error) { uncalled = error.name }
+            let missing = ''
+            try { require('fs') } catch (error) { missing = error.message }
+            const order = []
+            await new Promise((resolve) => {
+                setTimeout((a, b) => order.push(a + b), 5, 'x', 'y')
+                const cancelled = setTimeout(() => order.push('never'), 1)
+                clearTimeout(cancelled)
+                setTimeout(resolve, 'not a number')
+            })
+            await new Promise((resolve) => setTimeout(resolve, 10))
+            e.properties.checks = {
+                sameClass: Scaffold === RetryError,
+                subclass: later instanceof Later && later instanceof RetryError && later instanceof Error,
+                names: [later.name, later.message, later.extra, plain.name, Object.hasOwn(plain, 'message'), 'message' in plain, String(later)],
+                shape: [RetryError.name, RetryError.length, Object.getPrototypeOf(RetryError) === Error,
+                        RetryError.prototype.constructor === RetryError, typeof RetryError.prototype],
+                uncalled,
+                missing,
+                order,
+                hidden: Object.keys(globalThis).filter((k) => ['posthog', 'RetryError', 'setTimeout', 'console', 'fetch', 'Buffer'].includes(k)),
+                functions: [typeof setTimeout, setTimeout.name, clearTimeout.name, typeof posthog.capture, require.name, require.length],
+                modules: [typeof require('url').URL, typeof require('crypto').createHash, typeof require('node-fetch')],
+            }
+            console = { log() {} }
+            e.properties.replaced = typeof console.log === 'function' && typeof console.error === 'undefined'
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let out = result.expect("no error").expect("an event");
+    assert_eq!(
+        out["properties"]["checks"],
+        json!({
+            "sameClass": true,
+            "subclass": true,
+            "names": ["RetryError", "soon", 1, "RetryError", false, true, "RetryError: soon"],
+            "shape": ["RetryError", 1, true, true, "object"],
+            "uncalled": "TypeError",
+            "missing": "Cannot find module 'fs': plugins may import only url, @posthog/plugin-scaffold, crypto, node-fetch",
+            "order": ["xy"],
+            "hidden": [],
+            "functions": ["function", "setTimeout", "clearTimeout", "function", "require", 1],
+            "modules": ["function", "function", "function"],
+        })
+    );
+    assert_eq!(out["properties"]["replaced"], true);
+}
+
 #[test]
 fn modules_outside_the_allow_list_fail_the_load_naming_the_module() {
     let error = load_with("const fs = require('fs')", json!({}), &[]).expect_err("fs is refused");

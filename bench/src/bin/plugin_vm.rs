@@ -5,7 +5,7 @@
 //! ```sh
 //! plugin_vm throughput                 # node node_vm2_bench.js 200000
 //! plugin_vm memory                     # node --expose-gc node_vm2_memory.js 1000
-//! plugin_vm memory --variant bare      # breakdown: bare | realm | url | prelude-compiled | prelude
+//! plugin_vm memory --variant bare      # breakdown: bare | realm | url | prelude
 //! plugin_vm boot --layout teams        # registry + pool + first event of every team
 //! ```
 //!
@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use boa_engine::script::Script;
-use boa_engine::{Context, JsObject, JsValue, Source};
+use boa_engine::{Context, JsObject};
 use clap::{Parser, Subcommand, ValueEnum};
 use plugin_server_actors::plugins::LoadedConfig;
 use plugin_server_actors::plugins::chain::ChainEvent;
@@ -33,6 +32,7 @@ use plugin_server_actors::plugins::pool::{
 };
 use plugin_server_actors::plugins::registry::{PluginRegistry, RegistrySource};
 use plugin_server_actors::plugins::runtime::natives::{FetchReply, FetchRequest, PluginHost};
+use plugin_server_actors::plugins::runtime::prelude::Prelude;
 use plugin_server_actors::plugins::runtime::transpile::transpile;
 use plugin_server_actors::plugins::runtime::vm::{CallArg, Method, PluginVm, VmLimits};
 use plugin_server_actors::plugins::runtime::{VmIdentity, VmSource};
@@ -49,8 +49,6 @@ static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
 
 /// The plugin of `node_vm2_memory.js`, byte for byte.
 const SMALL_PLUGIN: &str = "function processEvent(event, meta) { event.properties.host_seen = new URL(event.properties.$current_url).hostname; return event }";
-
-const PRELUDE: &str = plugin_server_actors::plugins::runtime::prelude::CORE;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -120,9 +118,7 @@ enum Variant {
     Realm,
     /// + boa_runtime's URL extension, as `PluginVm::load` registers it.
     Url,
-    /// + the prelude parsed and compiled to bytecode, not run.
-    PreludeCompiled,
-    /// + the prelude evaluated and run (with an empty host object).
+    /// + the prelude's core installed (with an empty host object).
     Prelude,
     /// `PluginVm::load` of the small plugin, then one processEvent call each (the peer's).
     Plugin,
@@ -387,22 +383,17 @@ async fn throughput_pool(
 
 /// Holds one context of a `memory` variant alive.
 enum Held {
-    Context {
-        _kept: Box<Context>,
-        _script: Option<Script>,
-    },
-    Realm {
-        _kept: boa_engine::realm::Realm,
-    },
+    Context { _kept: Box<Context> },
+    Realm { _kept: boa_engine::realm::Realm },
     Vm(Box<PluginVm>),
 }
 
-fn build_context(variant: Variant) -> anyhow::Result<(Context, Option<Script>)> {
+fn build_context(variant: Variant) -> anyhow::Result<Context> {
     let mut context = Context::builder()
         .build()
         .map_err(|e| anyhow!("context: {e}"))?;
     if variant == Variant::Bare {
-        return Ok((context, None));
+        return Ok(context);
     }
     boa_runtime::extensions::RuntimeExtension::register(
         boa_runtime::extensions::UrlExtension,
@@ -411,26 +402,11 @@ fn build_context(variant: Variant) -> anyhow::Result<(Context, Option<Script>)> 
     )
     .map_err(|e| anyhow!("URL extension: {e}"))?;
     if variant == Variant::Url {
-        return Ok((context, None));
+        return Ok(context);
     }
-    if variant == Variant::PreludeCompiled {
-        let script = Script::parse(Source::from_bytes(PRELUDE), None, &mut context)
-            .map_err(|e| anyhow!("prelude: {e}"))?;
-        script
-            .codeblock(&mut context)
-            .map_err(|e| anyhow!("prelude: {e}"))?;
-        return Ok((context, Some(script)));
-    }
-    let prelude = context
-        .eval(Source::from_bytes(PRELUDE))
-        .map_err(|e| anyhow!("prelude: {e}"))?;
     let stub_host = JsObject::with_object_proto(context.intrinsics());
-    prelude
-        .as_callable()
-        .ok_or_else(|| anyhow!("the prelude is not a function"))?
-        .call(&JsValue::undefined(), &[stub_host.into()], &mut context)
-        .map_err(|e| anyhow!("prelude: {e}"))?;
-    Ok((context, None))
+    Prelude::install(stub_host, &mut context).map_err(|e| anyhow!("prelude: {e}"))?;
+    Ok(context)
 }
 
 fn memory(count: usize, variant: Variant, loaded_events: usize) -> anyhow::Result<()> {
@@ -441,7 +417,7 @@ fn memory(count: usize, variant: Variant, loaded_events: usize) -> anyhow::Resul
     let started = Instant::now();
     let mut held = Vec::with_capacity(count);
     let mut shared = match variant {
-        Variant::Realm => Some(build_context(Variant::Bare)?.0),
+        Variant::Realm => Some(build_context(Variant::Bare)?),
         _ => None,
     };
     for i in 0..count {
@@ -458,13 +434,9 @@ fn memory(count: usize, variant: Variant, loaded_events: usize) -> anyhow::Resul
                     .create_realm()
                     .map_err(|e| anyhow!("realm: {e}"))?,
             },
-            other => {
-                let (context, script) = build_context(other)?;
-                Held::Context {
-                    _kept: Box::new(context),
-                    _script: script,
-                }
-            }
+            other => Held::Context {
+                _kept: Box::new(build_context(other)?),
+            },
         });
     }
     let create = started.elapsed();
@@ -750,7 +722,7 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
     Ok(())
 }
 
-/// The name clap parses for a value (`prelude-compiled`).
+/// The name clap parses for a value (`prelude`).
 fn value_name(value: impl ValueEnum) -> String {
     value
         .to_possible_value()

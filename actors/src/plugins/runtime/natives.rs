@@ -326,8 +326,7 @@ type NativeFn = fn(&JsValue, &[JsValue], &mut Context) -> JsResult<JsValue>;
 
 /// Builds the `host` object the prelude closes over.
 pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
-    let functions: [(&str, usize, NativeFn); 16] = [
-        ("section", 1, section),
+    let functions: [(&str, usize, NativeFn); 12] = [
         ("cache", 4, cache),
         ("geoip", 1, geoip),
         ("jobs", 5, jobs),
@@ -339,10 +338,7 @@ pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
         ("encode", 2, encode),
         ("randomUUID", 0, random_uuid),
         ("fetch", 5, fetch),
-        ("capture", 2, capture),
         ("api", 1, api),
-        ("setTimeout", 2, set_timeout),
-        ("clearTimeout", 1, clear_timeout),
     ];
     let mut object = ObjectInitializer::new(context);
     for (name, length, function) in functions {
@@ -353,15 +349,6 @@ pub(super) fn natives(context: &mut Context) -> JsResult<JsObject> {
         );
     }
     Ok(object.build())
-}
-
-/// Compiles one of the prelude's sections (see `prelude/core.js`).
-fn section(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
-    let name = string_arg(args, 0, context)?;
-    let source = super::prelude::section(&name).ok_or_else(|| {
-        JsNativeError::typ().with_message(format!("the prelude has no section {name:?}"))
-    })?;
-    context.eval(boa_engine::Source::from_bytes(source))
 }
 
 fn string_arg(args: &[JsValue], index: usize, context: &mut Context) -> JsResult<String> {
@@ -561,7 +548,7 @@ fn fetch(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsVal
     Ok(reply_object.into())
 }
 
-fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+pub(super) fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let event = string_arg(args, 0, context)?;
     let properties = match args.get(1) {
         Some(value) if !value.is_null_or_undefined() => {
@@ -588,7 +575,11 @@ fn api(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue
     JsValue::from_json(&reply, context)
 }
 
-fn set_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+pub(super) fn set_timeout(
+    _: &JsValue,
+    args: &[JsValue],
+    context: &mut Context,
+) -> JsResult<JsValue> {
     let callback = args.first().and_then(JsValue::as_callable).ok_or_else(|| {
         JsNativeError::typ().with_message("setTimeout: the callback is not a function")
     })?;
@@ -614,7 +605,11 @@ fn set_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult
     })
 }
 
-fn clear_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+pub(super) fn clear_timeout(
+    _: &JsValue,
+    args: &[JsValue],
+    context: &mut Context,
+) -> JsResult<JsValue> {
     let id = args.first().cloned().unwrap_or_default().to_u32(context)?;
     with_call(|call| {
         call.timers.retain(|t| t.id != id);

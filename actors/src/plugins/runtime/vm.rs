@@ -16,13 +16,13 @@ use boa_engine::builtins::promise::PromiseState;
 use boa_engine::object::builtins::{JsArray, JsPromise, JsUint8Array};
 use boa_engine::property::PropertyKey;
 use boa_engine::{
-    Context, JsError, JsNativeError, JsObject, JsResult, JsString, JsValue, Source, js_string,
-    script::Script,
+    Context, JsError, JsObject, JsResult, JsString, JsValue, Source, js_string, script::Script,
 };
 use serde_json::Value;
 
 use super::natives::{self, PluginHost};
 use super::plain::{self, Plain};
+use super::prelude::{ExportSources, Prelude};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
 use crate::event::envelope::parse_like_javascript;
 
@@ -267,13 +267,8 @@ impl PluginVm {
 
         let host_object =
             natives::natives(&mut context).map_err(|e| VmError::Context(e.to_string()))?;
-        let prelude = context
-            .eval(Source::from_bytes(super::prelude::CORE))
-            .and_then(|f| call_value(&f, &[host_object.into()], &mut context))
+        let prelude = Prelude::install(host_object, &mut context)
             .map_err(|e| VmError::Context(e.to_string()))?;
-        let prelude = prelude
-            .as_object()
-            .ok_or_else(|| VmError::Context("the prelude returned no object".into()))?;
 
         let mut vm = Self {
             context,
@@ -428,7 +423,7 @@ impl PluginVm {
     fn run_plugin_code(
         &mut self,
         source: &VmSource,
-        prelude: &JsObject,
+        prelude: &Prelude,
     ) -> Result<CallEffects, VmError> {
         let context = &mut self.context;
         let load_error = |error: CallError| VmError::Load {
@@ -438,12 +433,16 @@ impl PluginVm {
         let mut wrapped = String::with_capacity(source.code.len() + 512);
         wrapped.push_str("(function (exports, module, require) {\n");
         wrapped.push_str(&source.code);
-        // A plain script declares its methods at top level; hand them out by name.
+        // A plain script declares its methods at top level; hand them out by name. Only the
+        // names its text mentions can be declared: the others would only cost parsing, about
+        // 60 k instructions each (boa descends its whole expression grammar for each part).
         wrapped.push_str("\n;return {");
         for method in Method::ALL.iter().map(|m| m.name()).chain(["jobs"]) {
-            wrapped.push_str(&format!(
-                "{method}: typeof {method} === 'undefined' ? undefined : {method},"
-            ));
+            if source.code.contains(method) {
+                wrapped.push_str(&format!(
+                    "{method}: typeof {method} === 'undefined' ? undefined : {method},"
+                ));
+            }
         }
         wrapped.push_str("}\n})");
         let function = context
@@ -461,9 +460,7 @@ impl PluginVm {
         module
             .set(js_string!("exports"), exports.clone(), false, context)
             .map_err(|e| VmError::Context(e.to_string()))?;
-        let require = prelude
-            .get(js_string!("require"), context)
-            .map_err(|e| VmError::Context(e.to_string()))?;
+        let require = prelude.require();
 
         let deadline = Instant::now() + self.limits.task_timeout;
         natives::begin_call(
@@ -489,24 +486,18 @@ impl PluginVm {
         let effects = natives::end_call();
         let locals = locals.map_err(load_error)?;
 
-        let resolve = prelude
-            .get(js_string!("resolveExports"), context)
-            .map_err(|e| VmError::Context(e.to_string()))?;
-        let found = call_value(&resolve, &[module.into(), exports.into(), locals], context)
+        let found = ExportSources::new(&module, &exports, locals, context)
             .map_err(|e| load_error(thrown(e, context)))?;
-        let found = found
-            .as_object()
-            .ok_or_else(|| VmError::Context("resolveExports returned no object".into()))?;
         for method in Method::ALL {
             let value = found
-                .get(js_string!(method.name()), context)
+                .find(method.name(), context)
                 .map_err(|e| load_error(thrown(e, context)))?;
             if let Some(function) = value.as_callable() {
                 self.methods.push((method, function.clone()));
             }
         }
         let jobs = found
-            .get(js_string!("jobs"), context)
+            .find("jobs", context)
             .map_err(|e| load_error(thrown(e, context)))?;
         if let Some(jobs) = jobs.as_object() {
             for key in jobs
@@ -532,7 +523,7 @@ impl PluginVm {
         &mut self,
         config: &Value,
         attachments: &[Attachment],
-        prelude: &JsObject,
+        prelude: &Prelude,
     ) -> JsResult<JsValue> {
         let context = &mut self.context;
         let meta = JsObject::with_object_proto(context.intrinsics());
@@ -549,9 +540,8 @@ impl PluginVm {
         let buffer_prototype = if attachments.is_empty() {
             None
         } else {
-            let buffer = prelude.get(js_string!("buffer"), context)?;
-            let buffer = call_value(&buffer, &[], context)?;
-            buffer
+            prelude
+                .buffer(context)?
                 .as_object()
                 .map(|b| b.get(js_string!("prototype"), context))
                 .transpose()?
@@ -586,8 +576,7 @@ impl PluginVm {
             )?;
         }
         meta.set(js_string!("attachments"), attachment_map, false, context)?;
-        let meta_apis = prelude.get(js_string!("metaApis"), context)?;
-        call_value(&meta_apis, &[meta.clone().into()], context)?;
+        prelude.add_meta_apis(&meta, context)?;
         Ok(meta.into())
     }
 }
@@ -617,13 +606,6 @@ fn invoker_script(arity: usize, context: &mut Context) -> Result<Script, CallErr
     let code = format!("{TARGET}({})", args.join(", "));
     Script::parse(Source::from_bytes(code.as_bytes()), None, context)
         .map_err(|e| thrown(e, context))
-}
-
-fn call_value(function: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
-    match function.as_callable() {
-        Some(f) => f.call(&JsValue::undefined(), args, context),
-        None => Err(JsNativeError::typ().with_message("not a function").into()),
-    }
 }
 
 /// Evaluates `script` in boa's budgeted loop, checking the deadline each time the budget runs
