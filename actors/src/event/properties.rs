@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::ops::Index;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use indexmap::IndexMap;
 use serde::de::{MapAccess, Visitor};
@@ -35,10 +35,11 @@ pub struct Properties {
 /// One value: as it arrived, or as a step set it.
 #[derive(Clone)]
 enum Slot {
-    /// The JSON text as it arrived, and its parse once a step has read it.
+    /// The JSON text as it arrived, and its parse once a step has read it (shared with the
+    /// steps that keep it, such as the person step's `$set`).
     Raw {
         text: Box<RawValue>,
-        parsed: OnceLock<Box<Value>>,
+        parsed: OnceLock<Arc<Value>>,
     },
     /// Set or changed by a step.
     Value(Box<Value>),
@@ -54,15 +55,24 @@ impl Slot {
 
     fn get(&self) -> &Value {
         match self {
-            Self::Raw { text, parsed } => parsed.get_or_init(|| Box::new(parse(text))),
+            Self::Raw { text, parsed } => parsed.get_or_init(|| Arc::new(parse(text))),
             Self::Value(value) => value,
+        }
+    }
+
+    fn shared(&self) -> Arc<Value> {
+        match self {
+            Self::Raw { text, parsed } => Arc::clone(parsed.get_or_init(|| Arc::new(parse(text)))),
+            Self::Value(value) => Arc::new(Value::clone(value)),
         }
     }
 
     fn get_mut(&mut self) -> &mut Value {
         if let Self::Raw { text, parsed } = self {
-            let value = parsed.take().unwrap_or_else(|| Box::new(parse(text)));
-            *self = Self::Value(value);
+            let value = parsed
+                .take()
+                .map_or_else(|| parse(text), Arc::unwrap_or_clone);
+            *self = Self::Value(Box::new(value));
         }
         match self {
             Self::Value(value) => value,
@@ -74,7 +84,7 @@ impl Slot {
         match self {
             Self::Raw { text, parsed } => parsed
                 .into_inner()
-                .map_or_else(|| parse(&text), |value| *value),
+                .map_or_else(|| parse(&text), Arc::unwrap_or_clone),
             Self::Value(value) => *value,
         }
     }
@@ -103,6 +113,12 @@ impl Properties {
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.entries.get(key).map(Slot::get)
+    }
+
+    /// The value under `key`, shared rather than copied: a value as it arrived is parsed once
+    /// for the event and whoever keeps it.
+    pub fn get_shared(&self, key: &str) -> Option<Arc<Value>> {
+        self.entries.get(key).map(Slot::shared)
     }
 
     /// The value under `key`, to change: it is written back from its new value.

@@ -227,24 +227,27 @@ impl PersonStore for SqlitePersonStore {
         let connection = self.database.lock().await;
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
-            // A held copy that is still current is confirmed without decoding the person,
-            // as the trait promises for a steady stream of the same users.
-            if key.held.is_some()
-                && version_of(&connection, key.team_id, key.distinct_id).map_err(classify)?
-                    == key.held
-            {
-                answers.push(Some(SnapshotEntry::Held));
-                continue;
-            }
-            let person = person_by_distinct_id(&connection, key.team_id, key.distinct_id)
+            let entry = connection
+                .prepare_cached(PERSON_BY_DISTINCT_ID)
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![key.team_id, key.distinct_id], |row| {
+                            // A held copy that is still current is confirmed without decoding
+                            // the person, as the trait promises for a steady stream of the
+                            // same users; one query either way.
+                            let stored = PersonVersion {
+                                id: row.get(0)?,
+                                version: row.get(6)?,
+                            };
+                            if key.held == Some(stored) {
+                                return Ok(SnapshotEntry::Held);
+                            }
+                            read_person(row).map(SnapshotEntry::Read)
+                        })
+                        .optional()
+                })
                 .map_err(classify)?;
-            answers.push(person.map(|person| {
-                if key.held == Some(PersonVersion::from(&person)) {
-                    SnapshotEntry::Held
-                } else {
-                    SnapshotEntry::Read(person)
-                }
-            }));
+            answers.push(entry);
         }
         Ok(answers)
     }

@@ -32,20 +32,20 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let manager = PersonManager::new(Arc::new(MemoryPersonStore::new()), PersonConfig::default());
     let timestamp = Utc::now();
-    // The event's properties as the pipeline has them after parsing.
+    // The event's properties as the pipeline has them after parsing: each value as the text
+    // it arrived as, parsed when a step first reads it.
     let properties: Vec<Properties> = (0..count + BATCH)
         .map(|i| {
-            let mut map = serde_json::Map::new();
-            map.insert("i".to_owned(), json!(i));
-            map.insert(
-                "$current_url".to_owned(),
-                json!("https://example.com/p?q=1"),
-            );
-            map.insert("blob".to_owned(), json!("x".repeat(i % 300)));
-            map.insert("$set".to_owned(), json!({"last_i": i}));
-            Properties::from(map)
+            let text = json!({
+                "i": i,
+                "$current_url": "https://example.com/p?q=1",
+                "blob": "x".repeat(i % 300),
+                "$set": {"last_i": i},
+            })
+            .to_string();
+            serde_json::from_str::<Properties>(&text)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let uuids: Vec<String> = (0..count + BATCH)
         .map(|_| Uuid::new_v4().to_string())
         .collect();
