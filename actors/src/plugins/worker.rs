@@ -23,7 +23,7 @@ use super::post_ingestion_messages::{
     ExportSettings, ON_EVENT_ATTEMPTS, ON_EVENT_RETRY_BASE, StoredEvents, webhook_request,
 };
 use super::runtime::natives::{
-    FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
+    self, FetchRequest, Heartbeat, PluginHost, WorkerInstruments, WorkerLoad, install_instruments,
 };
 use super::runtime::vm::{CallError, Method, PluginVm, VmError, VmLimits};
 use super::runtime::{CallEffects, CapturedByPlugin, VmIdentity};
@@ -663,7 +663,8 @@ impl VmWorker {
 }
 
 impl VmWorker {
-    /// Counts the live VMs for `/_actors` (after each message, when every VM is in its slot).
+    /// Counts the live VMs for `/_actors` (after each message, when every VM is in its slot),
+    /// and adds the message's call durations to `/_metrics`.
     fn publish_load(&self) {
         let (vms, bytes) = self
             .slots
@@ -679,6 +680,7 @@ impl VmWorker {
         if let Some(held) = self.share.held.get(self.share.index) {
             held.store(bytes, Ordering::Relaxed);
         }
+        natives::flush_call_metrics();
     }
 
     fn run_async(

@@ -88,6 +88,17 @@ fn start_with(
     retention: VmRetention,
     fetch_hangs_for: Duration,
 ) -> PluginVmPool {
+    let metrics = Metrics::new().expect("metrics");
+    start_measured(workers, outputs, retention, fetch_hangs_for, &metrics)
+}
+
+fn start_measured(
+    workers: usize,
+    outputs: Arc<Collected>,
+    retention: VmRetention,
+    fetch_hangs_for: Duration,
+    metrics: &Metrics,
+) -> PluginVmPool {
     let config = PluginVmPoolConfig {
         workers,
         async_workers: 1,
@@ -100,10 +111,9 @@ fn start_with(
         setup_retry_base: Duration::from_millis(50),
         retention,
     };
-    let metrics = Metrics::new().expect("metrics");
     let factory: HostFactory =
         Arc::new(move || Rc::new(NoNetwork { fetch_hangs_for }) as Rc<dyn PluginHost>);
-    PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts")
+    PluginVmPool::start(config, factory, outputs, metrics).expect("pool starts")
 }
 
 fn chain_events(events: Vec<Value>) -> Vec<ChainEvent> {
@@ -112,6 +122,42 @@ fn chain_events(events: Vec<Value>) -> Vec<ChainEvent> {
 
 fn event(team_id: i64, name: &str) -> Value {
     json!({"event": name, "team_id": team_id, "distinct_id": "d", "properties": {}})
+}
+
+/// Call durations are recorded on the worker's thread and reach `/_metrics` by the time the
+/// request is answered: one observation per call.
+#[actix::test]
+async fn every_call_is_timed_in_the_method_histogram() {
+    let metrics = Metrics::new().expect("metrics");
+    let outputs = Arc::new(Collected::default());
+    let pool = start_measured(1, outputs, VmRetention::default(), Duration::ZERO, &metrics);
+    let code = "exports.processEvent = (e) => e";
+    pool.set_plugins(PluginSet::new([
+        config(50, 2, 1, "first", code),
+        config(51, 2, 2, "second", code),
+    ]));
+    let calls = |method: &str| -> u64 {
+        metrics
+            .registry()
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "plugin_method_duration_seconds")
+            .flat_map(|family| family.get_metric())
+            .filter(|metric| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|label| label.name() == "method" && label.value() == method)
+            })
+            .map(|metric| metric.get_histogram().get_sample_count())
+            .sum()
+    };
+    let events = (0..3).map(|i| event(2, &format!("e{i}"))).collect();
+    pool.process_events(2, chain_events(events)).await;
+    assert_eq!(calls("processEvent"), 6, "three events through two configs");
+    pool.process_events(2, chain_events(vec![event(2, "more")]))
+        .await;
+    assert_eq!(calls("processEvent"), 8);
 }
 
 #[actix::test]

@@ -23,6 +23,7 @@ use chrono::Utc;
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use md5::Md5;
+use prometheus::local::LocalHistogram;
 use prometheus::{HistogramVec, IntCounterVec};
 use serde_json::Value;
 use sha1::Sha1;
@@ -236,6 +237,33 @@ struct ActiveCall {
 thread_local! {
     static ACTIVE: RefCell<Option<ActiveCall>> = const { RefCell::new(None) };
     static INSTRUMENTS: RefCell<Option<WorkerInstruments>> = const { RefCell::new(None) };
+    /// `plugin_method_duration_seconds` per method, recorded on this thread and added to the
+    /// shared histograms once per request ([`flush_call_metrics`]): looking the method's
+    /// histogram up and observing it atomically on every call was about 2 % of the server's
+    /// CPU with ten plugins in a chain.
+    static DURATIONS: RefCell<Vec<(&'static str, LocalHistogram)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds the durations this thread recorded since the last flush to the shared histograms.
+pub fn flush_call_metrics() {
+    DURATIONS.with(|durations| {
+        for (_, histogram) in durations.borrow().iter() {
+            histogram.flush();
+        }
+    });
+}
+
+fn record_duration(instruments: &WorkerInstruments, method: &'static str, seconds: f64) {
+    DURATIONS.with(|durations| {
+        let mut durations = durations.borrow_mut();
+        if let Some((_, histogram)) = durations.iter().find(|(name, _)| *name == method) {
+            histogram.observe(seconds);
+            return;
+        }
+        let histogram = instruments.durations.with_label_values(&[method]).local();
+        histogram.observe(seconds);
+        durations.push((method, histogram));
+    });
 }
 
 /// Installs this thread's instruments; a worker does it once when its thread starts.
@@ -287,10 +315,11 @@ pub(super) fn end_call() -> CallEffects {
                 .started_unix_ms
                 .store(0, Ordering::Relaxed);
             if let Some(call) = &call {
-                instruments
-                    .durations
-                    .with_label_values(&[call.method])
-                    .observe(call.started.elapsed().as_secs_f64());
+                record_duration(
+                    instruments,
+                    call.method,
+                    call.started.elapsed().as_secs_f64(),
+                );
             }
         }
     });
