@@ -755,3 +755,32 @@ fn lazy_globals_keep_working_after_their_first_use() {
         assert_eq!(effects.logs.len(), 1, "round {round}");
     }
 }
+
+/// Whether 4 MiB of garbage made boa collect on a fresh thread, after `headroom`.
+fn collects_within_four_mebibytes(headroom: Option<usize>) -> bool {
+    std::thread::spawn(move || {
+        if let Some(bytes) = headroom {
+            crate::plugins::runtime::natives::reserve_gc_headroom(bytes);
+        }
+        let garbage = boa_engine::gc::Gc::new([0u8; 64]);
+        let watch = boa_engine::gc::WeakGc::new(&garbage);
+        drop(garbage);
+        for _ in 0..1024 {
+            drop(boa_engine::gc::Gc::new([0u8; 4096]));
+        }
+        watch.upgrade().is_none()
+    })
+    .join()
+    .expect("the thread ends")
+}
+
+#[test]
+fn a_plugin_thread_gathers_its_headroom_of_garbage_before_collecting() {
+    assert!(
+        collects_within_four_mebibytes(None),
+        "boa collects at 1 MiB by itself"
+    );
+    assert!(!collects_within_four_mebibytes(Some(
+        crate::plugins::runtime::natives::GC_HEADROOM_BYTES
+    )));
+}

@@ -322,6 +322,7 @@ impl VmWorker {
         let load = Arc::clone(&instruments.load);
         let evictions = instruments.evictions.clone();
         install_instruments(instruments);
+        natives::reserve_gc_headroom(natives::GC_HEADROOM_BYTES);
         Self {
             heartbeat,
             load,

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use boa_engine::gc::Gc;
 use boa_engine::object::ObjectInitializer;
 use boa_engine::object::builtins::JsUint8Array;
 use boa_engine::property::{Attribute, PropertyKey};
@@ -269,6 +270,32 @@ fn record_duration(instruments: &WorkerInstruments, method: &'static str, second
 /// Installs this thread's instruments; a worker does it once when its thread starts.
 pub fn install_instruments(instruments: WorkerInstruments) {
     INSTRUMENTS.with(|slot| *slot.borrow_mut() = Some(instruments));
+}
+
+/// How much a plugin thread's boa heap may grow before a collection (see
+/// [`reserve_gc_headroom`]).
+pub const GC_HEADROOM_BYTES: usize = 16 << 20;
+
+/// Raises this thread's boa collection threshold to about `bytes`, once, when a plugin worker
+/// thread starts.
+///
+/// boa_gc 0.22 collects when its heap passes a threshold that starts at 1 MiB; after a
+/// collection that leaves more than 70 % of it live, the threshold becomes what is live over
+/// 0.7, and it never shrinks (boa has no setting for it yet). Every collection traces every
+/// object of every VM on the thread. With a few VMs, such as one team's chain of plugins, the
+/// heap stays near 1 MiB, so a collection ran every few hundred calls and took 13 % of the
+/// server's CPU with ten plugins (`bench/results/plugins.md`). Keeping 70 % of `bytes` of
+/// placeholders alive while their own allocation triggers collections raises the threshold;
+/// they are then dropped and collected at once, so the memory goes back now, and what the
+/// thread keeps is the right to gather up to `bytes` of garbage between collections.
+pub fn reserve_gc_headroom(bytes: usize) {
+    // Large elements, so that tracing a placeholder (an element at a time) stays cheap.
+    type Block = [u128; 4096];
+    let placeholders: Vec<Gc<Block>> = (0..bytes / 10 * 7 / size_of::<Block>())
+        .map(|_| Gc::new([0; 4096]))
+        .collect();
+    drop(placeholders);
+    boa_engine::gc::force_collect();
 }
 
 pub(super) fn begin_call(
