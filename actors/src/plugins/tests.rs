@@ -756,8 +756,9 @@ fn lazy_globals_keep_working_after_their_first_use() {
     }
 }
 
-/// Whether 4 MiB of garbage made boa collect on a fresh thread, after `headroom`.
-fn collects_within_four_mebibytes(headroom: Option<usize>) -> bool {
+/// Whether half the headroom in garbage (more than boa's own 1 MiB) made boa collect on a
+/// fresh thread, after `headroom`.
+fn collects_within_half_the_headroom(headroom: Option<usize>) -> bool {
     std::thread::spawn(move || {
         if let Some(bytes) = headroom {
             crate::plugins::runtime::natives::reserve_gc_headroom(bytes);
@@ -765,7 +766,7 @@ fn collects_within_four_mebibytes(headroom: Option<usize>) -> bool {
         let garbage = boa_engine::gc::Gc::new([0u8; 64]);
         let watch = boa_engine::gc::WeakGc::new(&garbage);
         drop(garbage);
-        for _ in 0..1024 {
+        for _ in 0..crate::plugins::runtime::natives::GC_HEADROOM_BYTES / 2 / 4096 {
             drop(boa_engine::gc::Gc::new([0u8; 4096]));
         }
         watch.upgrade().is_none()
@@ -777,10 +778,10 @@ fn collects_within_four_mebibytes(headroom: Option<usize>) -> bool {
 #[test]
 fn a_plugin_thread_gathers_its_headroom_of_garbage_before_collecting() {
     assert!(
-        collects_within_four_mebibytes(None),
+        collects_within_half_the_headroom(None),
         "boa collects at 1 MiB by itself"
     );
-    assert!(!collects_within_four_mebibytes(Some(
+    assert!(!collects_within_half_the_headroom(Some(
         crate::plugins::runtime::natives::GC_HEADROOM_BYTES
     )));
 }

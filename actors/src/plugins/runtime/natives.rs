@@ -274,10 +274,10 @@ pub fn install_instruments(instruments: WorkerInstruments) {
 
 /// How much a plugin thread's boa heap may grow before a collection (see
 /// [`reserve_gc_headroom`]).
-pub const GC_HEADROOM_BYTES: usize = 16 << 20;
+pub const GC_HEADROOM_BYTES: usize = 4 << 20;
 
-/// Raises this thread's boa collection threshold to about `bytes`, once, when a plugin worker
-/// thread starts.
+/// Raises this thread's boa collection threshold to between 70 % and all of `bytes`, once,
+/// when a plugin worker thread starts.
 ///
 /// boa_gc 0.22 collects when its heap passes a threshold that starts at 1 MiB; after a
 /// collection that leaves more than 70 % of it live, the threshold becomes what is live over
