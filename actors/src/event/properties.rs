@@ -41,8 +41,8 @@ enum Slot {
         text: Box<RawValue>,
         parsed: OnceLock<Arc<Value>>,
     },
-    /// Set or changed by a step.
-    Value(Box<Value>),
+    /// Set or changed by a step; shared the same way (a change to a shared value copies it).
+    Value(Arc<Value>),
 }
 
 impl Slot {
@@ -63,19 +63,17 @@ impl Slot {
     fn shared(&self) -> Arc<Value> {
         match self {
             Self::Raw { text, parsed } => Arc::clone(parsed.get_or_init(|| Arc::new(parse(text)))),
-            Self::Value(value) => Arc::new(Value::clone(value)),
+            Self::Value(value) => Arc::clone(value),
         }
     }
 
     fn get_mut(&mut self) -> &mut Value {
         if let Self::Raw { text, parsed } = self {
-            let value = parsed
-                .take()
-                .map_or_else(|| parse(text), Arc::unwrap_or_clone);
-            *self = Self::Value(Box::new(value));
+            let value = parsed.take().unwrap_or_else(|| Arc::new(parse(text)));
+            *self = Self::Value(value);
         }
         match self {
-            Self::Value(value) => value,
+            Self::Value(value) => Arc::make_mut(value),
             Self::Raw { .. } => unreachable!("a raw slot was just replaced by its value"),
         }
     }
@@ -85,7 +83,7 @@ impl Slot {
             Self::Raw { text, parsed } => parsed
                 .into_inner()
                 .map_or_else(|| parse(&text), Arc::unwrap_or_clone),
-            Self::Value(value) => *value,
+            Self::Value(value) => Arc::unwrap_or_clone(value),
         }
     }
 }
@@ -132,7 +130,7 @@ impl Properties {
 
     /// Sets `key`, keeping its place when it is already there (as JavaScript does).
     pub fn insert(&mut self, key: String, value: Value) {
-        self.entries.insert(key, Slot::Value(Box::new(value)));
+        self.entries.insert(key, Slot::Value(Arc::new(value)));
     }
 
     /// Removes `key`, keeping the order of the others.
@@ -144,7 +142,7 @@ impl Properties {
     pub fn get_or_insert_with(&mut self, key: &str, default: impl FnOnce() -> Value) -> &mut Value {
         if !self.entries.contains_key(key) {
             self.entries
-                .insert(key.to_owned(), Slot::Value(Box::new(default())));
+                .insert(key.to_owned(), Slot::Value(Arc::new(default())));
         }
         match self.entries.get_mut(key) {
             Some(slot) => slot.get_mut(),
