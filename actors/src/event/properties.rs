@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::ops::Index;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use indexmap::IndexMap;
 use serde::de::{MapAccess, Visitor};
@@ -35,14 +35,13 @@ pub struct Properties {
 /// One value: as it arrived, or as a step set it.
 #[derive(Clone)]
 enum Slot {
-    /// The JSON text as it arrived, and its parse once a step has read it (shared with the
-    /// steps that keep it, such as the person step's `$set`).
+    /// The JSON text as it arrived, and its parse once a step has read it.
     Raw {
         text: Box<RawValue>,
-        parsed: OnceLock<Arc<Value>>,
+        parsed: OnceLock<Box<Value>>,
     },
-    /// Set or changed by a step; shared the same way (a change to a shared value copies it).
-    Value(Arc<Value>),
+    /// Set or changed by a step.
+    Value(Box<Value>),
 }
 
 impl Slot {
@@ -55,25 +54,18 @@ impl Slot {
 
     fn get(&self) -> &Value {
         match self {
-            Self::Raw { text, parsed } => parsed.get_or_init(|| Arc::new(parse(text))),
+            Self::Raw { text, parsed } => parsed.get_or_init(|| Box::new(parse(text))),
             Self::Value(value) => value,
-        }
-    }
-
-    fn shared(&self) -> Arc<Value> {
-        match self {
-            Self::Raw { text, parsed } => Arc::clone(parsed.get_or_init(|| Arc::new(parse(text)))),
-            Self::Value(value) => Arc::clone(value),
         }
     }
 
     fn get_mut(&mut self) -> &mut Value {
         if let Self::Raw { text, parsed } = self {
-            let value = parsed.take().unwrap_or_else(|| Arc::new(parse(text)));
+            let value = parsed.take().unwrap_or_else(|| Box::new(parse(text)));
             *self = Self::Value(value);
         }
         match self {
-            Self::Value(value) => Arc::make_mut(value),
+            Self::Value(value) => value,
             Self::Raw { .. } => unreachable!("a raw slot was just replaced by its value"),
         }
     }
@@ -82,8 +74,8 @@ impl Slot {
         match self {
             Self::Raw { text, parsed } => parsed
                 .into_inner()
-                .map_or_else(|| parse(&text), Arc::unwrap_or_clone),
-            Self::Value(value) => Arc::unwrap_or_clone(value),
+                .map_or_else(|| parse(&text), |value| *value),
+            Self::Value(value) => *value,
         }
     }
 }
@@ -113,12 +105,6 @@ impl Properties {
         self.entries.get(key).map(Slot::get)
     }
 
-    /// The value under `key`, shared rather than copied: a value as it arrived is parsed once
-    /// for the event and whoever keeps it.
-    pub fn get_shared(&self, key: &str) -> Option<Arc<Value>> {
-        self.entries.get(key).map(Slot::shared)
-    }
-
     /// The value under `key`, to change: it is written back from its new value.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
         self.entries.get_mut(key).map(Slot::get_mut)
@@ -130,7 +116,7 @@ impl Properties {
 
     /// Sets `key`, keeping its place when it is already there (as JavaScript does).
     pub fn insert(&mut self, key: String, value: Value) {
-        self.entries.insert(key, Slot::Value(Arc::new(value)));
+        self.entries.insert(key, Slot::Value(Box::new(value)));
     }
 
     /// Removes `key`, keeping the order of the others.
@@ -142,7 +128,7 @@ impl Properties {
     pub fn get_or_insert_with(&mut self, key: &str, default: impl FnOnce() -> Value) -> &mut Value {
         if !self.entries.contains_key(key) {
             self.entries
-                .insert(key.to_owned(), Slot::Value(Arc::new(default())));
+                .insert(key.to_owned(), Slot::Value(Box::new(default())));
         }
         match self.entries.get_mut(key) {
             Some(slot) => slot.get_mut(),

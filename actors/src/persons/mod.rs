@@ -29,8 +29,8 @@ pub use manager::{EventPerson, PersonConfig, PersonManager, PersonMetrics, Perso
 pub use memory::MemoryPersonStore;
 pub use postgres::PostgresPersonStore;
 pub use properties::{
-    CREATOR_EVENT_UUID, PersonUpdates, UpdateObject, apply_updates, initial_properties,
-    merged_properties, person_updates,
+    CREATOR_EVENT_UUID, PersonUpdates, apply_updates, initial_properties, merged_properties,
+    person_updates,
 };
 pub use rows::{PersonDistinctIdRow, PersonRow};
 pub use sqlite::SqlitePersonStore;

@@ -1,9 +1,6 @@
 //! Person properties (spec 1.5 steps 1–3): the initial properties of a new person, how an
 //! event's `$set`, `$set_once` and `$unset` change them, and how a merge combines two people.
 
-use std::ops::Deref;
-use std::sync::{Arc, LazyLock};
-
 use serde_json::{Map, Value};
 
 use crate::event::Properties;
@@ -11,52 +8,13 @@ use crate::event::Properties;
 /// The property naming the event that created the person.
 pub const CREATOR_EVENT_UUID: &str = "$creator_event_uuid";
 
-/// A `$set` or `$set_once` object as its event holds it: parsed once and shared with the event
-/// (which still writes it to ClickHouse) instead of copied, which cost about a tenth of the
-/// person step. Anything but an object reads as an empty one.
-#[derive(Debug, Clone, Default)]
-pub struct UpdateObject(Option<Arc<Value>>);
-
-static NO_UPDATES: LazyLock<Map<String, Value>> = LazyLock::new(Map::new);
-
-impl UpdateObject {
-    fn of(value: Option<Arc<Value>>) -> Self {
-        Self(value.filter(|value| value.is_object()))
-    }
-}
-
-impl Deref for UpdateObject {
-    type Target = Map<String, Value>;
-
-    fn deref(&self) -> &Map<String, Value> {
-        match self.0.as_deref() {
-            Some(Value::Object(map)) => map,
-            _ => &NO_UPDATES,
-        }
-    }
-}
-
-impl From<Map<String, Value>> for UpdateObject {
-    fn from(map: Map<String, Value>) -> Self {
-        Self(Some(Arc::new(Value::Object(map))))
-    }
-}
-
-impl PartialEq for UpdateObject {
-    fn eq(&self, other: &Self) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for UpdateObject {}
-
 /// The person-property operations carried by one event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PersonUpdates {
     /// `$set`: overwrite these keys.
-    pub set: UpdateObject,
+    pub set: Map<String, Value>,
     /// `$set_once`: write these keys only where the person has none.
-    pub set_once: UpdateObject,
+    pub set_once: Map<String, Value>,
     /// `$unset`: delete these keys.
     pub unset: Vec<String>,
 }
@@ -99,7 +57,10 @@ impl PersonUpdates {
 /// keys, but some SDKs send an object whose keys are to be unset, which PostHog accepts too;
 /// non-string array elements are ignored since no SDK sends them.
 pub fn person_updates(properties: &Properties) -> PersonUpdates {
-    let object = |key: &str| UpdateObject::of(properties.get_shared(key));
+    let object = |key: &str| match properties.get(key) {
+        Some(Value::Object(map)) => map.clone(),
+        _ => Map::new(),
+    };
     let unset = match properties.get("$unset") {
         Some(Value::Array(keys)) => keys
             .iter()

@@ -27,8 +27,8 @@ fn updates_are_read_from_event_properties() {
         "$unset": ["old", "older"],
         "$browser": "Firefox",
     })));
-    assert_eq!(*updates.set, props(json!({"email": "a@b.c"})));
-    assert_eq!(*updates.set_once, props(json!({"first_seen": "today"})));
+    assert_eq!(updates.set, props(json!({"email": "a@b.c"})));
+    assert_eq!(updates.set_once, props(json!({"first_seen": "today"})));
     assert_eq!(updates.unset, keys(&["old", "older"]));
     assert!(!updates.is_empty());
 }
