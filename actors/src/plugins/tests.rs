@@ -204,6 +204,25 @@ fn finds_exports_in_every_module_shape() {
     }
 }
 
+/// Top-level methods the wrapper finds although the source does not spell their names out.
+#[test]
+fn methods_declared_under_names_the_source_does_not_spell_out_are_found() {
+    let shapes = [
+        r"function process\u0045vent(e) { return { ...e, event: 'shape' } }",
+        "eval('function process' + 'Event(e) { return { ...e, event: \\'shape\\' } }')",
+        "globalThis['process' + 'Ev' + 'ent'] = (e) => ({ ...e, event: 'shape' })",
+    ];
+    for shape in shapes {
+        let mut vm = load(shape);
+        let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+        assert_eq!(
+            result.expect(shape).expect(shape)["event"],
+            "shape",
+            "{shape}"
+        );
+    }
+}
+
 #[test]
 fn undefined_and_null_drop_the_event() {
     for body in ["return", "return null", "return undefined"] {
@@ -302,6 +321,7 @@ fn the_core_globals_behave_as_javascript_would_define_them() {
                 order,
                 hidden: Object.keys(globalThis).filter((k) => ['posthog', 'RetryError', 'setTimeout', 'console', 'fetch', 'Buffer'].includes(k)),
                 functions: [typeof setTimeout, setTimeout.name, clearTimeout.name, typeof posthog.capture, require.name, require.length],
+                posthogKeys: Object.keys(posthog),
                 modules: [typeof require('url').URL, typeof require('crypto').createHash, typeof require('node-fetch')],
             }
             console = { log() {} }
@@ -323,6 +343,7 @@ fn the_core_globals_behave_as_javascript_would_define_them() {
             "order": ["xy"],
             "hidden": [],
             "functions": ["function", "setTimeout", "clearTimeout", "function", "require", 1],
+            "posthogKeys": ["capture", "api"],
             "modules": ["function", "function", "function"],
         })
     );

@@ -269,6 +269,8 @@ fn record_duration(instruments: &WorkerInstruments, method: &'static str, second
 
 /// Installs this thread's instruments; a worker does it once when its thread starts.
 pub fn install_instruments(instruments: WorkerInstruments) {
+    // Durations recorded for earlier instruments go to those, not to the new ones.
+    DURATIONS.with(|durations| durations.borrow_mut().clear());
     INSTRUMENTS.with(|slot| *slot.borrow_mut() = Some(instruments));
 }
 

@@ -108,12 +108,10 @@ impl Prelude {
         .length(1)
         .build();
 
+        // A method of an object literal: enumerable, so `{...posthog}` keeps it.
+        let capture = function(context, "capture", 2, capture);
         let posthog = ObjectInitializer::new(context)
-            .function(
-                NativeFunction::from_fn_ptr(capture),
-                js_string!("capture"),
-                2,
-            )
+            .property(js_string!("capture"), capture, Attribute::all())
             .build();
         define_lazy(&posthog, "api", "api", true, &state, context)?;
         let set_timeout = function(context, "setTimeout", 2, set_timeout);
@@ -389,7 +387,8 @@ fn capture(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsV
 }
 
 /// `setTimeout(fn, ms, ...args)`: `fn(...args)` after `ms` (0 unless a number). A callback
-/// that is not a function fails when it is due, as in Node.
+/// that is not a function fails when it is due (as with the JavaScript core this replaced;
+/// Node refuses it at once).
 fn set_timeout(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
     let target = args.first().cloned().unwrap_or_default();
     let rest: Vec<JsValue> = args.iter().skip(2).cloned().collect();

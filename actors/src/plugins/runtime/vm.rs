@@ -433,12 +433,13 @@ impl PluginVm {
         let mut wrapped = String::with_capacity(source.code.len() + 512);
         wrapped.push_str("(function (exports, module, require) {\n");
         wrapped.push_str(&source.code);
-        // A plain script declares its methods at top level; hand them out by name. Only the
-        // names its text mentions can be declared: the others would only cost parsing, about
-        // 60 k instructions each (boa descends its whole expression grammar for each part).
+        // A plain script declares its methods at top level; hand them out by name. Only names
+        // the code can declare are asked for: the others would only cost parsing, about 50 k
+        // instructions each (boa descends its whole expression grammar for each part). A name
+        // left out is still looked up on the global object below, as `typeof` would have.
         wrapped.push_str("\n;return {");
         for method in Method::ALL.iter().map(|m| m.name()).chain(["jobs"]) {
-            if source.code.contains(method) {
+            if may_declare(&source.code, method) {
                 wrapped.push_str(&format!(
                     "{method}: typeof {method} === 'undefined' ? undefined : {method},"
                 ));
@@ -488,17 +489,22 @@ impl PluginVm {
 
         let found = ExportSources::new(&module, &exports, locals, context)
             .map_err(|e| load_error(thrown(e, context)))?;
+        let find = |name: &str, context: &mut Context| -> JsResult<JsValue> {
+            let value = found.find(name, context)?;
+            if value.is_undefined() && !may_declare(&source.code, name) {
+                // Set on the global object under a name built at run time
+                // (`globalThis['process' + 'Event'] = ...`), which `typeof` finds too.
+                return context.global_object().get(JsString::from(name), context);
+            }
+            Ok(value)
+        };
         for method in Method::ALL {
-            let value = found
-                .find(method.name(), context)
-                .map_err(|e| load_error(thrown(e, context)))?;
+            let value = find(method.name(), context).map_err(|e| load_error(thrown(e, context)))?;
             if let Some(function) = value.as_callable() {
                 self.methods.push((method, function.clone()));
             }
         }
-        let jobs = found
-            .find("jobs", context)
-            .map_err(|e| load_error(thrown(e, context)))?;
+        let jobs = find("jobs", context).map_err(|e| load_error(thrown(e, context)))?;
         if let Some(jobs) = jobs.as_object() {
             for key in jobs
                 .own_property_keys(context)
@@ -579,6 +585,15 @@ impl PluginVm {
         prelude.add_meta_apis(&meta, context)?;
         Ok(meta.into())
     }
+}
+
+/// Whether `code` may declare `name` at top level: it spells the name out, or it could
+/// declare it without doing so (an escaped identifier, or code it builds and evaluates).
+fn may_declare(code: &str, name: &str) -> bool {
+    code.contains(name)
+        || code.contains("\\u")
+        || code.contains("eval")
+        || code.contains("Function")
 }
 
 /// The invoker script for `arity` arguments, compiled the first time it is needed.
