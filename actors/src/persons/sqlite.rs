@@ -90,6 +90,28 @@ fn person_by_distinct_id(
         .optional()
 }
 
+/// The snapshot's answer for one key, in one query: a held copy that is still current is
+/// confirmed without decoding the person, as the trait promises for a steady stream of the
+/// same users.
+fn snapshot_entry(
+    connection: &Connection,
+    key: &SnapshotKey<'_>,
+) -> rusqlite::Result<Option<SnapshotEntry>> {
+    connection
+        .prepare_cached(PERSON_BY_DISTINCT_ID)?
+        .query_row(params![key.team_id, key.distinct_id], |row| {
+            let stored = PersonVersion {
+                id: row.get(0)?,
+                version: row.get(6)?,
+            };
+            if key.held == Some(stored) {
+                return Ok(SnapshotEntry::Held);
+            }
+            read_person(row).map(SnapshotEntry::Read)
+        })
+        .optional()
+}
+
 /// Which person row (and version) `distinct_id` points at, without reading the person: what a
 /// version check needs, minus decoding the properties.
 fn version_of(
@@ -227,27 +249,7 @@ impl PersonStore for SqlitePersonStore {
         let connection = self.database.lock().await;
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
-            let entry = connection
-                .prepare_cached(PERSON_BY_DISTINCT_ID)
-                .and_then(|mut statement| {
-                    statement
-                        .query_row(params![key.team_id, key.distinct_id], |row| {
-                            // A held copy that is still current is confirmed without decoding
-                            // the person, as the trait promises for a steady stream of the
-                            // same users; one query either way.
-                            let stored = PersonVersion {
-                                id: row.get(0)?,
-                                version: row.get(6)?,
-                            };
-                            if key.held == Some(stored) {
-                                return Ok(SnapshotEntry::Held);
-                            }
-                            read_person(row).map(SnapshotEntry::Read)
-                        })
-                        .optional()
-                })
-                .map_err(classify)?;
-            answers.push(entry);
+            answers.push(snapshot_entry(&connection, key).map_err(classify)?);
         }
         Ok(answers)
     }

@@ -116,6 +116,14 @@ fn start_measured(
     PluginVmPool::start(config, factory, outputs, metrics).expect("pool starts")
 }
 
+/// A one-worker pool running `configs`, and what it reports besides events.
+fn running(configs: impl IntoIterator<Item = LoadedConfig>) -> (PluginVmPool, Arc<Collected>) {
+    let outputs = Arc::new(Collected::default());
+    let pool = start(1, outputs.clone());
+    pool.set_plugins(PluginSet::new(configs));
+    (pool, outputs)
+}
+
 fn chain_events(events: Vec<Value>) -> Vec<ChainEvent> {
     events.iter().map(ChainEvent::from_value).collect()
 }
@@ -203,9 +211,7 @@ async fn chains_run_in_order_and_record_success_and_failure() {
 /// own realm, so one plugin can neither change what another kept nor reach its prototypes.
 #[actix::test]
 async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
-    let outputs = Arc::new(Collected::default());
-    let pool = start(1, outputs.clone());
-    pool.set_plugins(PluginSet::new([
+    let (pool, _outputs) = running([
         config(
             50,
             2,
@@ -220,7 +226,7 @@ async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
             "changer",
             "exports.processEvent = (e) => {                e.properties.same_realm = e instanceof Object && Array.isArray(e.properties.list)                  && e.properties.list instanceof Array;                e.properties.when_type = typeof e.properties.when;                e.properties.mark = 'changer';                Object.getPrototypeOf(e).polluted = true; return e }",
         ),
-    ]));
+    ]);
     let mut first = event(2, "one");
     first["properties"]["list"] = json!([1, 2]);
     let outcomes = pool
@@ -249,14 +255,36 @@ async fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
 /// reaches the plugins.
 #[actix::test]
 async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
-    let outputs = Arc::new(Collected::default());
-    let pool = start(1, outputs.clone());
-    pool.set_plugins(PluginSet::new([
-        config(60, 2, 1, "retarget", "exports.processEvent = (e) => { e.team_id = 99; e.properties.lost = 1; return e }"),
-        config(61, 2, 2, "symbol", "exports.processEvent = (e) => Symbol('e')"),
-        config(62, 2, 3, "thrower", "exports.processEvent = (e) => { throw new Error('no') }"),
-        config(63, 2, 4, "counter", "exports.processEvent = (e) => { e.properties.seen = (e.properties.seen || 0) + 1; return e }"),
-    ]));
+    let (pool, _outputs) = running([
+        config(
+            60,
+            2,
+            1,
+            "retarget",
+            "exports.processEvent = (e) => { e.team_id = 99; e.properties.lost = 1; return e }",
+        ),
+        config(
+            61,
+            2,
+            2,
+            "symbol",
+            "exports.processEvent = (e) => Symbol('e')",
+        ),
+        config(
+            62,
+            2,
+            3,
+            "thrower",
+            "exports.processEvent = (e) => { throw new Error('no') }",
+        ),
+        config(
+            63,
+            2,
+            4,
+            "counter",
+            "exports.processEvent = (e) => { e.properties.seen = (e.properties.seen || 0) + 1; return e }",
+        ),
+    ]);
     let mut skipped = event(2, "again");
     skipped["properties"]["$plugins_succeeded"] = json!(["counter (63)"]);
     let exact = r#"{"event":"exact","team_id":2,"distinct_id":"d","properties":{"big":12345678901234567890,"f":1.0}}"#;
@@ -347,12 +375,22 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
 /// (PostHog drops the value) leaves the config working.
 #[actix::test]
 async fn results_nobody_reads_are_not_checked() {
-    let outputs = Arc::new(Collected::default());
-    let pool = start(1, outputs.clone());
-    pool.set_plugins(PluginSet::new([
-        config(70, 2, 1, "returns a function", "exports.setupPlugin = () => () => 1; exports.processEvent = (e) => { e.properties.f = 1; return e }"),
-        config(71, 2, 2, "returns a cycle", "exports.setupPlugin = () => { const o = {}; o.o = o; return o }; exports.processEvent = (e) => { e.properties.c = 1; return e }"),
-    ]));
+    let (pool, _outputs) = running([
+        config(
+            70,
+            2,
+            1,
+            "returns a function",
+            "exports.setupPlugin = () => () => 1; exports.processEvent = (e) => { e.properties.f = 1; return e }",
+        ),
+        config(
+            71,
+            2,
+            2,
+            "returns a cycle",
+            "exports.setupPlugin = () => { const o = {}; o.o = o; return o }; exports.processEvent = (e) => { e.properties.c = 1; return e }",
+        ),
+    ]);
     let outcomes = pool
         .process_events(2, chain_events(vec![event(2, "e")]))
         .await;
@@ -369,13 +407,29 @@ async fn results_nobody_reads_are_not_checked() {
 
 #[actix::test]
 async fn a_failed_setup_disables_the_config_and_is_reported() {
-    let outputs = Arc::new(Collected::default());
-    let pool = start(1, outputs.clone());
-    pool.set_plugins(PluginSet::new([
-        config(20, 2, 1, "bad setup", "exports.setupPlugin = () => { throw new Error('no key') }; exports.processEvent = (e) => e"),
-        config(21, 2, 2, "bad require", "const fs = require('fs'); exports.processEvent = (e) => e"),
-        config(22, 2, 3, "fine", "exports.processEvent = (e) => { e.properties.fine = true; return e }"),
-    ]));
+    let (pool, outputs) = running([
+        config(
+            20,
+            2,
+            1,
+            "bad setup",
+            "exports.setupPlugin = () => { throw new Error('no key') }; exports.processEvent = (e) => e",
+        ),
+        config(
+            21,
+            2,
+            2,
+            "bad require",
+            "const fs = require('fs'); exports.processEvent = (e) => e",
+        ),
+        config(
+            22,
+            2,
+            3,
+            "fine",
+            "exports.processEvent = (e) => { e.properties.fine = true; return e }",
+        ),
+    ]);
     let outcomes = pool
         .process_events(2, chain_events(vec![event(2, "e")]))
         .await;

@@ -156,7 +156,7 @@ impl Method {
         )
     }
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Self::SetupPlugin => "setupPlugin",
             Self::TeardownPlugin => "teardownPlugin",
@@ -437,9 +437,10 @@ impl PluginVm {
         // the code can declare are asked for: the others would only cost parsing, about 50 k
         // instructions each (boa descends its whole expression grammar for each part). A name
         // left out is still looked up on the global object below, as `typeof` would have.
+        let asked = AskedNames::of(&source.code);
         wrapped.push_str("\n;return {");
-        for method in Method::ALL.iter().map(|m| m.name()).chain(["jobs"]) {
-            if may_declare(&source.code, method) {
+        for method in EXPORT_NAMES {
+            if asked.includes(method) {
                 wrapped.push_str(&format!(
                     "{method}: typeof {method} === 'undefined' ? undefined : {method},"
                 ));
@@ -491,7 +492,7 @@ impl PluginVm {
             .map_err(|e| load_error(thrown(e, context)))?;
         let find = |name: &str, context: &mut Context| -> JsResult<JsValue> {
             let value = found.find(name, context)?;
-            if value.is_undefined() && !may_declare(&source.code, name) {
+            if value.is_undefined() && !asked.includes(name) {
                 // Set on the global object under a name built at run time
                 // (`globalThis['process' + 'Event'] = ...`), which `typeof` finds too.
                 return context.global_object().get(JsString::from(name), context);
@@ -587,13 +588,34 @@ impl PluginVm {
     }
 }
 
-/// Whether `code` may declare `name` at top level: it spells the name out, or it could
-/// declare it without doing so (an escaped identifier, or code it builds and evaluates).
-fn may_declare(code: &str, name: &str) -> bool {
-    code.contains(name)
-        || code.contains("\\u")
-        || code.contains("eval")
-        || code.contains("Function")
+/// The names the plugin wrapper may hand out: the methods, then `jobs`.
+const EXPORT_NAMES: [&str; 12] = {
+    let mut names = ["jobs"; 12];
+    let mut i = 0;
+    while i < Method::ALL.len() {
+        names[i] = Method::ALL[i].name();
+        i += 1;
+    }
+    names
+};
+
+/// Which of [`EXPORT_NAMES`] the plugin's code may declare at top level, read once per load:
+/// the names it spells out, or all of them when it could declare one without spelling it (an
+/// escaped identifier, or code it builds and evaluates).
+struct AskedNames([bool; EXPORT_NAMES.len()]);
+
+impl AskedNames {
+    fn of(code: &str) -> Self {
+        let hidden = code.contains("\\u") || code.contains("eval") || code.contains("Function");
+        Self(EXPORT_NAMES.map(|name| hidden || code.contains(name)))
+    }
+
+    fn includes(&self, name: &str) -> bool {
+        EXPORT_NAMES
+            .iter()
+            .zip(self.0)
+            .any(|(known, asked)| asked && *known == name)
+    }
 }
 
 /// The invoker script for `arity` arguments, compiled the first time it is needed.
