@@ -425,6 +425,7 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
 
     const USERS: usize = 10_000;
     const EVENTS: usize = 100_000;
+    const BATCH: usize = 10_000;
     let deployment = KafkaDeployment::create().await;
     let messages: Vec<(String, Vec<u8>)> = (0..EVENTS)
         .map(|index| {
@@ -444,13 +445,23 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
     produce_keyed(&deployment.topic(), &messages).await;
     drop(messages);
 
-    let (server, _) = deployment.start_server();
+    // Batches of PostHog's old size, so that each user's events span ten of them.
+    let (server, addr) =
+        deployment.start_server_with(&[("CONSUMER_BATCH_SIZE", BATCH.to_string())]);
     wait_for_up_to(
         std::time::Duration::from_secs(900),
         "every event stored",
         async || (deployment.counts().await.1 == EVENTS as u64).then_some(()),
     )
     .await;
+    let metrics = crate::common::scrape_metrics(&addr).await;
+    let batches =
+        crate::common::metric_value(&metrics, "kafka_consumer_batches_total", &[]).unwrap_or(0.0);
+    assert!(
+        batches >= (EVENTS / BATCH) as f64,
+        "CONSUMER_BATCH_SIZE={BATCH} cuts {EVENTS} messages into at least {} batches, not {batches}",
+        EVENTS / BATCH
+    );
     terminate(server);
     // Every offset committed at the graceful stop. (Not `teardown`'s lag check: tansu reports
     // high watermarks short of the last offset for topics produced in multi-record batches.)

@@ -143,6 +143,17 @@ pub struct Settings {
     /// Not PostHog's: the consumer group session timeout (librdkafka `session.timeout.ms`).
     /// A group join takes about half of it on some brokers, so tests lower it.
     pub kafka_session_timeout_ms: u64,
+    /// The most messages the ingestion consumer hands the pipeline as one batch (PostHog's
+    /// newer consumers read this name; its default there is far smaller, for batches that are
+    /// processed event by event). Under a backlog batches fill up to it; at lower rates a batch
+    /// is cut 100 ms after its first message. The person step writes each changed person once
+    /// per batch, and ClickHouse's cost per row falls with the insert's size, so large batches
+    /// are what lets a backlog drain fast.
+    pub consumer_batch_size: usize,
+    /// Not PostHog's: the most message bytes in one consumer batch, which bounds the memory a
+    /// batch holds (up to about five times its raw bytes while it is parsed and written, and
+    /// KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY + 2 batches at once).
+    pub consumer_batch_max_bytes: usize,
 
     /// 0 means one worker thread per core.
     pub worker_concurrency: usize,
@@ -399,6 +410,11 @@ impl Settings {
             ));
         }
         positive("KAFKA_SESSION_TIMEOUT_MS", self.kafka_session_timeout_ms)?;
+        positive("CONSUMER_BATCH_SIZE", self.consumer_batch_size as u64)?;
+        positive(
+            "CONSUMER_BATCH_MAX_BYTES",
+            self.consumer_batch_max_bytes as u64,
+        )?;
         positive(
             "HEALTHCHECK_MAX_STALE_SECONDS",
             self.healthcheck_max_stale_seconds,

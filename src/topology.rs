@@ -1013,6 +1013,8 @@ fn consumer_config(
     // One batch per partition consumed concurrently, plus one being read.
     config.max_in_flight_batches = settings.kafka_partitions_consumed_concurrently as usize + 1;
     config.session_timeout = std::time::Duration::from_millis(settings.kafka_session_timeout_ms);
+    config.max_batch_messages = settings.consumer_batch_size;
+    config.max_batch_bytes = settings.consumer_batch_max_bytes;
     config
 }
 

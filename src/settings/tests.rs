@@ -47,6 +47,8 @@ fn defaults_are_posthogs() {
     assert_eq!(settings.kafka_flush_frequency_ms, 500);
     assert_eq!(settings.kafka_max_message_batch_size, 900_000);
     assert_eq!(settings.kafka_partitions_consumed_concurrently, 1);
+    assert_eq!(settings.consumer_batch_size, 50_000);
+    assert_eq!(settings.consumer_batch_max_bytes, 32 * 1024 * 1024);
     assert_eq!(settings.log_level, "info");
     assert_eq!(settings.log_filter().expect("valid"), "info");
     assert_eq!(settings.sentry_dsn, "");
@@ -89,6 +91,8 @@ fn every_variable_is_read_from_the_environment() {
         ("KAFKA_FLUSH_FREQUENCY_MS", "50"),
         ("KAFKA_MAX_MESSAGE_BATCH_SIZE", "1000"),
         ("KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY", "4"),
+        ("CONSUMER_BATCH_SIZE", "500"),
+        ("CONSUMER_BATCH_MAX_BYTES", "1048576"),
         ("LOG_LEVEL", "warn"),
         ("SENTRY_DSN", "https://key@sentry.example/1"),
         ("DISABLE_MMDB", "yes"),
@@ -138,6 +142,8 @@ fn every_variable_is_read_from_the_environment() {
     assert_eq!(settings.kafka_flush_frequency_ms, 50);
     assert_eq!(settings.kafka_max_message_batch_size, 1000);
     assert_eq!(settings.kafka_partitions_consumed_concurrently, 4);
+    assert_eq!(settings.consumer_batch_size, 500);
+    assert_eq!(settings.consumer_batch_max_bytes, 1_048_576);
     assert_eq!(settings.log_filter().expect("valid"), "warn");
     assert_eq!(settings.sentry_dsn, "https://key@sentry.example/1");
     assert!(settings.disable_mmdb);
@@ -264,6 +270,8 @@ fn zero_is_refused_where_it_makes_no_sense() {
         "REDIS_POOL_MAX_SIZE",
         "KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY",
         "HEALTHCHECK_MAX_STALE_SECONDS",
+        "CONSUMER_BATCH_SIZE",
+        "CONSUMER_BATCH_MAX_BYTES",
     ] {
         let error = error_with(&[(var, "0"), ("REDIS_POOL_MIN_SIZE", "0")]);
         assert_eq!(error, format!("invalid {var}: must be greater than 0"));
