@@ -414,9 +414,10 @@ async fn two_instances_identifying_the_same_users_at_once_make_one_person_each()
 }
 
 /// Issue 23, as an operator found it: a backlog of `$set`s for 10,000 users on a 2-partition
-/// topic, ten events per user spread over ten batches, consumed with batches in flight. Every
-/// person must end with its last event's properties (PostHog applies one distinct id's events
-/// in order), and ClickHouse's newest person version must say the same as Postgres.
+/// topic, ten events per user spread over ten batches (of twenty, by CONSUMER_BATCH_SIZE),
+/// consumed with batches in flight. Every person must end with its last event's properties
+/// (PostHog applies one distinct id's events in order), and ClickHouse's newest person version
+/// must say the same as Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_users_updates_apply_in_order_across_batches_in_flight() {
     use crate::ingestion::{
@@ -425,7 +426,7 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
 
     const USERS: usize = 10_000;
     const EVENTS: usize = 100_000;
-    const BATCH: usize = 10_000;
+    const BATCH: usize = 5_000;
     let deployment = KafkaDeployment::create().await;
     let messages: Vec<(String, Vec<u8>)> = (0..EVENTS)
         .map(|index| {
@@ -445,7 +446,7 @@ async fn a_users_updates_apply_in_order_across_batches_in_flight() {
     produce_keyed(&deployment.topic(), &messages).await;
     drop(messages);
 
-    // Batches of PostHog's old size, so that each user's events span ten of them.
+    // Small batches, so that each user's ten events fall in ten of them.
     let (server, addr) =
         deployment.start_server_with(&[("CONSUMER_BATCH_SIZE", BATCH.to_string())]);
     wait_for_up_to(

@@ -144,15 +144,15 @@ pub struct Settings {
     /// A group join takes about half of it on some brokers, so tests lower it.
     pub kafka_session_timeout_ms: u64,
     /// The most messages the ingestion consumer hands the pipeline as one batch (PostHog's
-    /// newer consumers read this name; its default there is far smaller, for batches that are
-    /// processed event by event). Under a backlog batches fill up to it; at lower rates a batch
-    /// is cut 100 ms after its first message. The person step writes each changed person once
-    /// per batch, and ClickHouse's cost per row falls with the insert's size, so large batches
-    /// are what lets a backlog drain fast.
+    /// newer consumers read this name, with a far smaller default there, for batches processed
+    /// event by event). Under a backlog batches fill up to it; at lower rates a batch is cut
+    /// 100 ms after its first message. The person step writes each changed person once per
+    /// batch, and ClickHouse's cost per row falls with the insert's size, so larger batches
+    /// drain a backlog faster, for more memory and a longer wait for a batch's first events.
     pub consumer_batch_size: usize,
-    /// Not PostHog's: the most message bytes in one consumer batch, which bounds the memory a
-    /// batch holds (up to about five times its raw bytes while it is parsed and written, and
-    /// KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY + 2 batches at once).
+    /// Not PostHog's: the most message bytes in one consumer batch, which bounds the memory
+    /// batches hold (KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY + 2 of them at once, each several
+    /// times its raw size while it is parsed and written).
     pub consumer_batch_max_bytes: usize,
 
     /// 0 means one worker thread per core.

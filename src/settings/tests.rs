@@ -47,8 +47,8 @@ fn defaults_are_posthogs() {
     assert_eq!(settings.kafka_flush_frequency_ms, 500);
     assert_eq!(settings.kafka_max_message_batch_size, 900_000);
     assert_eq!(settings.kafka_partitions_consumed_concurrently, 1);
-    assert_eq!(settings.consumer_batch_size, 50_000);
-    assert_eq!(settings.consumer_batch_max_bytes, 32 * 1024 * 1024);
+    assert_eq!(settings.consumer_batch_size, 25_000);
+    assert_eq!(settings.consumer_batch_max_bytes, 16 * 1024 * 1024);
     assert_eq!(settings.log_level, "info");
     assert_eq!(settings.log_filter().expect("valid"), "info");
     assert_eq!(settings.sentry_dsn, "");
