@@ -196,6 +196,13 @@ struct IdEvents<'a> {
     known: Option<Known>,
     /// Its first event is known to change `known`: none of its events is answered from memory.
     changes_first: bool,
+    /// Every event only creates or updates its own person (or is personless): no merge. Read
+    /// while grouping, in batch order, so that the passes by id need not visit the events.
+    plain: bool,
+    /// Some event merges nothing.
+    any_simple: bool,
+    /// Some event merges nothing and may change its person.
+    any_simple_update: bool,
 }
 
 /// Answers counted per batch rather than per event.
@@ -249,12 +256,10 @@ impl PersonManager {
         events: &[PersonEvent],
     ) -> Vec<Result<PersonOutcome, PersonError>> {
         let mut ids = self.group_by_distinct_id(events);
-        let needs_snapshot = |id: &IdEvents<'_>| {
-            id.indices.iter().any(|&index| {
-                let event = &events[index];
-                event.is_simple() && !(event.is_read_only() && id.fresh.is_some())
-            })
-        };
+        // Some event that merges nothing must be read against the person: one that may change
+        // it, or a read-only one without a fresh cached copy.
+        let needs_snapshot =
+            |id: &IdEvents<'_>| id.any_simple_update || (id.any_simple && id.fresh.is_none());
         // An id whose first event changes the cached copy, and whose events merge nothing,
         // is written with that copy's version checked: a stale copy loses the write and its
         // events are applied again on what is stored, so the snapshot would only confirm
@@ -263,11 +268,7 @@ impl PersonManager {
             let Some(held) = &id.held else {
                 return false;
             };
-            let plain = id.indices.iter().all(|&index| {
-                let event = &events[index];
-                event.is_simple() || !event.process_person
-            });
-            plain
+            id.plain
                 && id.indices.first().is_some_and(|&index| {
                     let event = &events[index];
                     event.process_person && event.updates.would_change(&held.person.properties)
@@ -329,6 +330,11 @@ impl PersonManager {
         // rest of an id's events (from its first change on) go to the store, in order.
         let mut lookups = Lookups::default();
         let mut learned: Vec<(i64, &str, Known)> = Vec::new();
+        // Ids whose remaining events only create or update their own person are written in one
+        // go; the rest (merges, and writes that lost a race) take a transaction per event. An
+        // event that merges is never answered from memory, so what remains of a plain id is
+        // plain and what remains of another still holds its merge.
+        let mut batched: Vec<(Vec<usize>, Option<Known>)> = Vec::new();
         let mut rest: Vec<(Vec<usize>, Option<Known>)> = Vec::new();
         for mut id in ids {
             let confirmed_before = lookups.snapshot;
@@ -354,20 +360,16 @@ impl PersonManager {
             }
             if answered < id.indices.len() {
                 id.indices.drain(..answered);
-                rest.push((id.indices, id.known));
+                if id.plain {
+                    batched.push((id.indices, id.known));
+                } else {
+                    rest.push((id.indices, id.known));
+                }
             }
         }
         self.count_lookups(&lookups);
         self.remember_all(&learned);
 
-        // Ids whose remaining events only create or update their own person are written in one
-        // go; the rest (merges, and writes that lost a race) take a transaction per event.
-        let (batched, mut rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(indices, _)| {
-            indices.iter().all(|&index| {
-                let event = &events[index];
-                event.is_simple() || !event.process_person
-            })
-        });
         match self.write_in_one_go(events, batched, &mut results).await {
             Ok(lost) => rest.extend(lost),
             Err(error) => {
@@ -547,10 +549,18 @@ impl PersonManager {
                     fresh: None,
                     known: None,
                     changes_first: false,
+                    plain: true,
+                    any_simple: false,
+                    any_simple_update: false,
                 });
                 ids.len() - 1
             });
-            ids[position].indices.push(index);
+            let id = &mut ids[position];
+            id.indices.push(index);
+            let simple = event.is_simple();
+            id.plain &= simple || !event.process_person;
+            id.any_simple |= simple;
+            id.any_simple_update |= simple && !event.is_read_only();
         }
         if let Some(cache) = &self.cache {
             let now = Instant::now();
