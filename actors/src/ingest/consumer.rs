@@ -83,7 +83,8 @@ impl KafkaConsumerConfig {
             group_id,
             metrics_group: "ingestion",
             reads_overflow: false,
-            max_batch_messages: 10_000,
+            // CONSUMER_BATCH_SIZE and CONSUMER_BATCH_MAX_BYTES's defaults.
+            max_batch_messages: 25_000,
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_wait: Duration::from_millis(100),
             max_in_flight_batches: 2,

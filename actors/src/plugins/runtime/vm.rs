@@ -589,8 +589,8 @@ impl PluginVm {
 }
 
 /// The names the plugin wrapper may hand out: the methods, then `jobs`.
-const EXPORT_NAMES: [&str; 12] = {
-    let mut names = ["jobs"; 12];
+const EXPORT_NAMES: [&str; Method::ALL.len() + 1] = {
+    let mut names = ["jobs"; Method::ALL.len() + 1];
     let mut i = 0;
     while i < Method::ALL.len() {
         names[i] = Method::ALL[i].name();
