@@ -126,6 +126,119 @@ async fn config_error_once(
     .await
 }
 
+/// Issue 24 item 5, in the running server with its default PLUGIN_WORKER_ISOLATION=process: a
+/// plugin that allocates until its memory limit stops it, and one whose regular expression
+/// backtracks for ever (native code, which no deadline check reaches), each cost the server
+/// nothing once contained: the process they stopped is ended, so the server's processes hold
+/// about the memory they held before and the CPU goes idle; their events are stored marked
+/// failed, and events after them keep flowing.
+#[tokio::test]
+async fn a_plugin_stopped_by_its_memory_limit_or_stuck_in_native_code_gives_back_memory_and_cpu() {
+    plugin_server::telemetry::install_tls_provider();
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path();
+    write_plugin(
+        root,
+        "bomb",
+        &[(
+            "index.js",
+            "exports.processEvent = (e) => { if (e.event === 'bomb') { let s = 'x'.repeat(1 << 16); const all = []; while (true) { all.push(s + all.length) } } return e }",
+        )],
+    );
+    write_plugin(
+        root,
+        "spin",
+        &[(
+            "index.js",
+            "exports.processEvent = (e) => { if (e.event === 'spin') { e.properties.matched = /(a+)+$/.test('a'.repeat(40) + 'b') } e.properties.seen = true; return e }",
+        )],
+    );
+    let configs = root.join("plugins.toml");
+    std::fs::write(
+        &configs,
+        "[[plugin_config]]\nplugin = \"bomb\"\nteam_id = 1\norder = 1\n\n[[plugin_config]]\nplugin = \"spin\"\nteam_id = 1\norder = 2\n",
+    )
+    .unwrap();
+    let server = ServerProcess::start(&[
+        ("BASE_DIR", root.to_str().unwrap().to_owned()),
+        ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        // A spinning call is given up after twice this.
+        ("TASK_TIMEOUT", "1".to_owned()),
+        ("WORKER_CONCURRENCY", "1".to_owned()),
+    ]);
+    let addr = server.addr();
+    let pid = server.child.id();
+    let send = |name: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let batch = json!([{"event": name, "distinct_id": "u1", "properties": {}}]);
+            assert_eq!(post_batch(&addr, "phc_plugins", batch).await, 200);
+        }
+    };
+    let stored = |name: &'static str| {
+        let root = root.to_path_buf();
+        async move {
+            let rows = wait_for_rows(&root, |rows| rows.iter().any(|r| r["event"] == name)).await;
+            rows.into_iter().find(|r| r["event"] == name).unwrap()
+        }
+    };
+
+    // Both VMs built and called once: the level to come back to.
+    send("warm").await;
+    assert_eq!(stored("warm").await["properties"]["seen"], true);
+    let workers_before = common::process_tree(pid).len();
+    assert!(
+        workers_before > 1,
+        "the plugin workers are processes of the server"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = common::tree_rss_kib(pid);
+
+    send("bomb").await;
+    let bombed = stored("bomb").await;
+    // The chain's call never ended: the event goes on marked failed by the whole chain.
+    assert_eq!(
+        bombed["properties"]["$plugins_failed"],
+        json!(["bomb (1)", "spin (2)"]),
+        "{bombed}"
+    );
+    send("spin").await;
+    let spun = stored("spin").await;
+    // The bomb's config is disabled by now: only the spin's ran.
+    assert_eq!(
+        spun["properties"]["$plugins_failed"],
+        json!(["spin (2)"]),
+        "{spun}"
+    );
+    send("after").await;
+    stored("after").await;
+
+    // The stopped processes are gone and replaced: as many as before.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(common::process_tree(pid).len(), workers_before);
+    let rss_after = common::tree_rss_kib(pid);
+    assert!(
+        rss_after * 10 <= rss_before * 11,
+        "resident memory of the server and its workers: {rss_before} KiB before, {rss_after} KiB after"
+    );
+    let cpu_before = common::tree_cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = common::tree_cpu_ticks(pid) - cpu_before;
+    // Clock ticks are hundredths of a second here: a spinning core would be about 200.
+    assert!(
+        busy <= 20,
+        "{busy} ticks of CPU in 2 s after the plugins were contained"
+    );
+    let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let replaced = actors.to_string();
+    assert!(replaced.contains("\"workers_replaced\":2"), "{replaced}");
+}
+
 async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

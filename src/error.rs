@@ -38,6 +38,10 @@ pub enum ServerError {
     Actions(#[from] plugin_server_actors::actions::ActionHooksError),
     #[error("cannot load the plugins: {0}")]
     Plugins(#[from] plugin_server_actors::plugins::registry::RegistryError),
+    #[error(
+        "cannot find this executable to start plugin worker processes (PLUGIN_WORKER_ISOLATION=process): {0}"
+    )]
+    WorkerExecutable(#[source] std::io::Error),
     #[error("cannot install the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }

@@ -8,6 +8,7 @@ use clap::Parser;
 use plugin_server::settings::{LoadOptions, Settings};
 use plugin_server::{ServerError, telemetry};
 use plugin_server_actors::migrations;
+use plugin_server_actors::plugins::isolation;
 
 /// The pipeline allocates many small strings and maps per event: with glibc malloc, allocation
 /// and free took a quarter of the pipeline's CPU in a perf profile of `bench`'s `pipeline_cpu`.
@@ -44,12 +45,43 @@ struct Cli {
     /// A settings profile: config/NAME.toml, or a built-in one (cluster, test).
     #[arg(long, value_name = "NAME", env = "PLUGIN_SERVER_PROFILE")]
     profile: Option<String>,
+
+    /// Run as one of the server's plugin worker processes (PLUGIN_WORKER_ISOLATION=process):
+    /// the server starts these itself.
+    #[arg(long, hide = true)]
+    plugin_worker: bool,
+}
+
+/// A plugin worker process: its VMs on this thread, its socket from the server in
+/// PLUGIN_SERVER_WORKER_SOCKET, its logs on stderr at the server's LOG_LEVEL and LOG_FORMAT.
+fn plugin_worker() -> ExitCode {
+    // The server's own logging (the server passes its LOG_LEVEL and LOG_FORMAT down).
+    let settings = Settings::load(&LoadOptions::default()).ok();
+    let _telemetry = settings.as_ref().map(telemetry::init);
+    let Some(socket) = std::env::var_os(isolation::SOCKET_ENV) else {
+        eprintln!(
+            "plugin-server: --plugin-worker is started by the server itself ({} is not set)",
+            isolation::SOCKET_ENV
+        );
+        return ExitCode::from(EXIT_BAD_SETTINGS);
+    };
+    match isolation::run_worker_process(std::path::Path::new(&socket)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "plugin worker process failed");
+            eprintln!("plugin-server --plugin-worker: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     // Before the pipeline's first batch touches memory (see the function for why).
     let huge_pages_off = plugin_server_alloc::disable_transparent_huge_pages();
     let cli = Cli::parse();
+    if cli.plugin_worker {
+        return plugin_worker();
+    }
     let settings = match Settings::load(&LoadOptions {
         profile: cli.profile.clone(),
         config_file: cli.config.clone(),

@@ -170,6 +170,10 @@ pub struct Settings {
     pub plugin_vm_memory_budget_mb: u64,
     /// Not PostHog's: a plugin VM unused this many seconds is torn down. 0: never.
     pub plugin_vm_idle_teardown_seconds: u64,
+    /// Not PostHog's: where plugin workers run, `process` (one process per worker, which the
+    /// server can end: a stopped call gives its memory back) or `thread` (threads of the
+    /// server, as PostHog's worker threads).
+    pub plugin_worker_isolation: String,
 
     pub base_dir: PathBuf,
     pub plugins_reload_pubsub_channel: String,
@@ -217,6 +221,13 @@ pub struct Settings {
     pub log_format: String,
     pub sentry_dsn: String,
     pub plugin_server_mode: String,
+}
+
+/// `PLUGIN_WORKER_ISOLATION`: where plugin workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginWorkerIsolation {
+    Process,
+    Thread,
 }
 
 /// `PLUGIN_SERVER_MODE`: which capabilities this instance runs (spec 5.3). Unset runs all.
@@ -411,6 +422,7 @@ impl Settings {
         }
         positive("KAFKA_SESSION_TIMEOUT_MS", self.kafka_session_timeout_ms)?;
         positive("CONSUMER_BATCH_SIZE", self.consumer_batch_size as u64)?;
+        self.worker_isolation()?;
         positive(
             "CONSUMER_BATCH_MAX_BYTES",
             self.consumer_batch_max_bytes as u64,
@@ -706,6 +718,18 @@ impl Settings {
     pub fn plugin_vm_budget_bytes(&self) -> Option<i64> {
         let total = self.plugin_vm_memory_budget_mb.checked_mul(1024 * 1024)?;
         (total > 0).then(|| i64::try_from(total).unwrap_or(i64::MAX))
+    }
+
+    /// PLUGIN_WORKER_ISOLATION.
+    pub fn worker_isolation(&self) -> Result<PluginWorkerIsolation, SettingsError> {
+        match self.plugin_worker_isolation.trim() {
+            "process" => Ok(PluginWorkerIsolation::Process),
+            "thread" => Ok(PluginWorkerIsolation::Thread),
+            other => Err(SettingsError::invalid(
+                "PLUGIN_WORKER_ISOLATION",
+                format!("{other:?} is neither process nor thread"),
+            )),
+        }
     }
 
     /// PLUGIN_VM_IDLE_TEARDOWN_SECONDS (`None`: never).

@@ -58,6 +58,7 @@ use plugin_server_actors::plugins::api_keys::PluginApiKeys;
 use plugin_server_actors::plugins::host_services::{
     PluginHttp, PluginStorage, ServerHost, ServerHostConfig,
 };
+use plugin_server_actors::plugins::isolation::{WorkerCommand, WorkerIsolation};
 use plugin_server_actors::plugins::job_queue::{JobQueueConfig, JobQueueStats, PluginJobQueue};
 use plugin_server_actors::plugins::jobs::{
     JobStore, MemoryJobStore, PostgresJobStore, SqliteJobStore,
@@ -82,7 +83,7 @@ use plugin_server_actors::sqlite::Sqlite;
 use std::rc::Rc;
 
 use crate::error::ServerError;
-use crate::settings::{Capabilities, Settings};
+use crate::settings::{Capabilities, PluginWorkerIsolation, Settings};
 
 /// The running actors.
 pub struct Topology {
@@ -762,6 +763,23 @@ async fn mmdb_attachment(pool: &deadpool_postgres::Pool) -> Result<Option<Vec<u8
 /// Loads every active plugin config (Postgres when DATABASE_URL is set, else
 /// `BASE_DIR/plugins` with `plugins_config_file`) and starts the VM pool that runs them.
 /// A plugin that cannot be loaded is recorded and skipped; the others run.
+/// PLUGIN_WORKER_ISOLATION as the pool takes it: worker processes are this executable, told
+/// how the server logs.
+fn worker_isolation(settings: &Settings) -> Result<WorkerIsolation, ServerError> {
+    Ok(match settings.worker_isolation()? {
+        PluginWorkerIsolation::Thread => WorkerIsolation::Thread,
+        PluginWorkerIsolation::Process => {
+            let env = vec![
+                ("LOG_LEVEL".to_owned(), settings.log_level.clone()),
+                ("LOG_FORMAT".to_owned(), settings.log_format.clone()),
+            ];
+            WorkerIsolation::Process(
+                WorkerCommand::this_executable(env).map_err(ServerError::WorkerExecutable)?,
+            )
+        }
+    })
+}
+
 async fn start_plugins(
     settings: &Settings,
     base: &Base,
@@ -830,6 +848,7 @@ async fn start_plugins(
             budget_bytes: settings.plugin_vm_budget_bytes(),
             idle: settings.plugin_vm_idle(),
         },
+        isolation: worker_isolation(settings)?,
     };
     let pool = PluginVmPool::start(config, host_factory, outputs.clone(), metrics)?;
     tracing::info!(

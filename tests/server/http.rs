@@ -16,6 +16,8 @@ async fn start_server() -> RunningServer {
     let env = HashMap::from([
         ("HTTP_SERVER_HOST".to_owned(), "127.0.0.1".to_owned()),
         ("HTTP_SERVER_PORT".to_owned(), "0".to_owned()),
+        // The test binary is not the server's: it cannot be a plugin worker process.
+        ("PLUGIN_WORKER_ISOLATION".to_owned(), "thread".to_owned()),
     ]);
     let settings = Settings::load(&LoadOptions {
         env: Some(env),

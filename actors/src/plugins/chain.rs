@@ -1,5 +1,6 @@
 //! The `processEvent` chain of one team, as PostHog runs it (spec 1.4), on one worker thread.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::event::envelope::parse_like_javascript;
@@ -13,7 +14,7 @@ pub fn config_label(plugin_name: &str, plugin_config_id: i64) -> String {
 }
 
 /// One config's failure on one event, for `posthog_pluginconfig.error`, logs and app metrics.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventFailure {
     pub plugin_config_id: i64,
     pub error: CallError,
@@ -22,7 +23,7 @@ pub struct EventFailure {
 /// An event on its way into a team's processEvent chain: its JSON text, which the first VM
 /// builds its objects from without a `serde_json::Value` between, and what the pool and the
 /// chain read of it before any plugin runs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChainEvent {
     pub json: String,
     /// Which worker the event goes to (see `PluginVmPool::process_events`).
@@ -69,7 +70,7 @@ impl ChainEvent {
 pub const LABEL_KEYS: [&str; 2] = ["$plugins_succeeded", "$plugins_failed"];
 
 /// What the chain made of one event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChainOutcome {
     /// The event as JSON text; `None`: a plugin dropped the event.
     pub event: Option<String>,

@@ -54,9 +54,27 @@ impl PartialEq for FilterError {
 
 impl Eq for FilterError {}
 
-/// A config's filters, parsed once when the config is loaded.
+/// A config's filters, parsed once when the config is loaded. They cross to a plugin worker
+/// process as the JSON they were read from, and are parsed there again.
 #[derive(Debug, Clone)]
-pub struct WebhookFilters(Result<Rules, Arc<serde_json::Error>>);
+pub struct WebhookFilters {
+    rules: Result<Rules, Arc<serde_json::Error>>,
+    source: Value,
+}
+
+impl serde::Serialize for WebhookFilters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.source.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookFilters {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let source = Value::deserialize(deserializer)?;
+        Self::from_json(&source)
+            .ok_or_else(|| serde::de::Error::custom("webhook filters cannot be null"))
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 struct Rules {
@@ -134,16 +152,17 @@ impl WebhookFilters {
         if value.is_null() {
             return None;
         }
-        Some(Self(
-            Rules::deserialize(value)
+        Some(Self {
+            rules: Rules::deserialize(value)
                 .map(Rules::prepare)
                 .map_err(Arc::new),
-        ))
+            source: value.clone(),
+        })
     }
 
     pub fn matches(&self, subject: FilterSubject<'_>) -> Result<bool, FilterError> {
         let rules = self
-            .0
+            .rules
             .as_ref()
             .map_err(|error| FilterError::Invalid(Arc::clone(error)))?;
         if rules.events.is_empty() && rules.actions.is_empty() {

@@ -47,6 +47,10 @@ pub enum HostServiceError {
     NotAvailable(&'static str),
     #[error(transparent)]
     ApiKeys(#[from] ApiKeyError),
+    /// A call made in a plugin worker process failed in the server that serves it; the text
+    /// is the server's error, as the plugin would have seen it on a worker thread.
+    #[error("{0}")]
+    InServer(String),
     #[error(
         "this server has no personal API key to give (PostHog's users are in Postgres: set \
          DATABASE_URL), so pass personalApiKey and projectApiKey"

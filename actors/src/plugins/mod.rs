@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod chain;
 pub mod filters;
 pub mod host_services;
+pub mod isolation;
 pub mod job_queue;
 pub mod jobs;
 pub mod outputs;
@@ -26,7 +27,7 @@ pub use runtime::{LogLevel, LogSource, PluginLogEntry};
 
 /// A plugin config ready for a VM: its plugin transpiled, its settings and attachments.
 /// Shared by every worker that serves its team.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LoadedConfig {
     pub identity: VmIdentity,
     pub source: VmSource,

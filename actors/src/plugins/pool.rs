@@ -26,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::plugins::LoadedConfig;
 use crate::plugins::chain::{ChainEvent, ChainOutcome, EventFailure, config_label, mark_failed};
+use crate::plugins::isolation::protocol::WorkerSettings;
+use crate::plugins::isolation::{
+    ProcessInstruments, ProcessWorker, ToProcess, WorkerCommand, WorkerIsolation,
+};
 use crate::plugins::outputs::PluginOutputs;
 use crate::plugins::post_ingestion_messages::{AsyncTarget, StoredEvents};
 use crate::plugins::runtime::natives::{Heartbeat, PluginHost, WorkerInstruments, WorkerLoad};
@@ -37,7 +41,7 @@ use crate::plugins::worker::{
 use crate::system::metrics::{Metrics, MetricsError};
 
 /// Why a job did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum JobRunError {
     /// Its config is disabled, deleted, or belongs to no loaded plugin.
     #[error("its plugin config is not active")]
@@ -85,6 +89,8 @@ pub struct PluginVmPoolConfig {
     pub setup_retry_base: Duration,
     /// When VMs are torn down; the budget is the pool's, for all its workers.
     pub retention: VmRetention,
+    /// PLUGIN_WORKER_ISOLATION: threads of this process, or a process per worker.
+    pub isolation: WorkerIsolation,
 }
 
 /// Builds the host services of a worker thread, on that thread.
@@ -132,8 +138,15 @@ impl PluginSet {
     }
 }
 
+/// Where a worker runs.
+#[derive(Clone)]
+enum WorkerAddr {
+    Thread(Addr<VmWorker>),
+    Process(ProcessWorker),
+}
+
 struct WorkerSlot {
-    addr: Addr<VmWorker>,
+    addr: WorkerAddr,
     heartbeat: Arc<Heartbeat>,
     load: Arc<WorkerLoad>,
     /// Cancelled when the watchdog abandons this worker.
@@ -391,7 +404,7 @@ impl PluginVmPool {
     /// meanwhile answers `Abandoned`; `stuck` tells whether this very request stopped it.
     async fn send_to<M>(&self, index: usize, message: impl FnOnce(u64) -> M) -> Sent<M::Result>
     where
-        M: Message + Send + 'static,
+        M: Message + ToProcess + Send + 'static,
         M::Result: Send,
         VmWorker: Handler<M>,
     {
@@ -410,10 +423,27 @@ impl PluginVmPool {
             return Sent::Unavailable;
         };
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let request = addr.send(message(request_id));
-        let reply = tokio::select! {
-            reply = request => reply.ok(),
-            () = abandoned.cancelled() => None,
+        let reply = match addr {
+            WorkerAddr::Thread(addr) => {
+                let request = addr.send(message(request_id));
+                tokio::select! {
+                    reply = request => reply.ok(),
+                    () = abandoned.cancelled() => None,
+                }
+            }
+            WorkerAddr::Process(worker) => {
+                let message = message(request_id);
+                let replied = worker
+                    .request(request_id, |builder| message.to_request(builder))
+                    .await
+                    .and_then(|replied| M::from_reply(replied.value, replied.side));
+                if replied.is_none() {
+                    // The process is gone; the watchdog replaces it within a tick and
+                    // records which request stopped it.
+                    abandoned.cancelled().await;
+                }
+                replied
+            }
         };
         match reply {
             Some(reply) => Sent::Reply(reply),
@@ -685,7 +715,14 @@ impl PluginVmPool {
             .enumerate()
             .filter_map(|(index, slot)| {
                 let slot = slot.lock().ok()?;
-                let busy = slot.heartbeat.busy();
+                let (busy, pid) = match &slot.addr {
+                    WorkerAddr::Thread(_) => (slot.heartbeat.busy(), None),
+                    // The process watches its own calls; the pool sees its requests.
+                    WorkerAddr::Process(worker) => (
+                        worker.busy().map(|busy| (busy, 0)),
+                        Some(worker.pid()).filter(|&pid| pid != 0),
+                    ),
+                };
                 Some(serde_json::json!({
                     "worker": index,
                     "runs": if index < self.ingestion_workers() { "processEvent" } else { "async" },
@@ -693,7 +730,8 @@ impl PluginVmPool {
                     "vms_torn_down": slot.load.evicted.load(Ordering::Relaxed),
                     "vm_heap_bytes_at_load": slot.load.vm_heap_bytes_at_load.load(Ordering::Relaxed),
                     "busy_ms": busy.map(|(for_, _)| for_.as_millis() as u64),
-                    "busy_plugin_config_id": busy.map(|(_, id)| id),
+                    "busy_plugin_config_id": busy.map(|(_, id)| id).filter(|&id| id != 0),
+                    "pid": pid,
                 }))
             })
             .collect();
@@ -710,14 +748,8 @@ impl PluginVmPool {
 
     /// Runs teardownPlugin everywhere (shutdown).
     pub async fn teardown(&self) {
-        let addrs: Vec<_> = self
-            .inner
-            .workers
-            .iter()
-            .filter_map(|slot| slot.lock().ok().map(|s| s.addr.clone()))
-            .collect();
-        for addr in addrs {
-            if let Ok(reply) = addr.send(TeardownAll).await {
+        for index in 0..self.inner.workers.len() {
+            if let Sent::Reply(reply) = self.send_to(index, |_| TeardownAll).await {
                 self.inner.outputs.side_effects(reply.side);
             }
         }
@@ -777,6 +809,42 @@ impl PluginVmPool {
                 let mut stuck_configs = Vec::new();
                 for (index, slot) in inner.workers.iter().enumerate() {
                     let Ok(mut slot) = slot.lock() else { continue };
+                    if let WorkerAddr::Process(worker) = &slot.addr {
+                        if !worker.exited() {
+                            continue;
+                        }
+                        let report = worker.stuck_report();
+                        match &report {
+                            Some(report) => tracing::error!(
+                                worker = index,
+                                plugin_config_id = report.plugin_config_id,
+                                busy_ms = report.busy.as_millis() as u64,
+                                out_of_memory = report.out_of_memory,
+                                "A plugin call ran past twice TASK_TIMEOUT or past its memory limit; its worker process was ended, starting a new one and disabling the config."
+                            ),
+                            None => tracing::error!(
+                                worker = index,
+                                pid = worker.pid(),
+                                "A plugin worker process ended on its own; starting a new one."
+                            ),
+                        }
+                        slot.stuck_request.store(
+                            report.as_ref().map_or(0, |report| report.request_id),
+                            Ordering::Relaxed,
+                        );
+                        slot.abandoned.cancel();
+                        let share = BudgetShare {
+                            index,
+                            held: Arc::clone(&inner.held),
+                        };
+                        *slot =
+                            spawn_worker(&inner.config, &inner.host_factory, &inner.metrics, share);
+                        inner.metrics.workers_replaced.inc();
+                        if let Some(report) = report.filter(|report| report.plugin_config_id != 0) {
+                            stuck_configs.push(report.plugin_config_id);
+                        }
+                        continue;
+                    }
                     let Some((busy, plugin_config_id)) = slot.heartbeat.busy() else {
                         continue;
                     };
@@ -848,6 +916,17 @@ fn spawn_worker(
 ) -> WorkerSlot {
     let heartbeat = Arc::new(Heartbeat::default());
     let load = Arc::new(WorkerLoad::default());
+    if let WorkerIsolation::Process(command) = &config.isolation {
+        return spawn_process_worker(
+            config,
+            command,
+            host_factory,
+            metrics,
+            share,
+            heartbeat,
+            load,
+        );
+    }
     let factory = {
         let heartbeat = Arc::clone(&heartbeat);
         let load = Arc::clone(&load);
@@ -875,7 +954,42 @@ fn spawn_worker(
         }
     };
     WorkerSlot {
-        addr: SyncArbiter::start(1, factory),
+        addr: WorkerAddr::Thread(SyncArbiter::start(1, factory)),
+        heartbeat,
+        load,
+        abandoned: CancellationToken::new(),
+        stuck_request: Arc::new(AtomicU64::new(0)),
+        permits: Arc::new(Semaphore::new(config.tasks_per_worker.max(1))),
+    }
+}
+
+/// A worker in a process of its own (see `super::isolation`). Its heartbeat stays idle: the
+/// process watches its own calls and reports a stuck one before it is ended.
+fn spawn_process_worker(
+    config: &PluginVmPoolConfig,
+    command: &WorkerCommand,
+    host_factory: &HostFactory,
+    metrics: &PoolMetrics,
+    share: BudgetShare,
+    heartbeat: Arc<Heartbeat>,
+    load: Arc<WorkerLoad>,
+) -> WorkerSlot {
+    let settings = WorkerSettings {
+        limits: config.limits.clone(),
+        setup_retry_base: config.setup_retry_base,
+        retention: config.retention,
+        index: share.index,
+        workers: share.held.len(),
+    };
+    let instruments = ProcessInstruments {
+        load: Arc::clone(&load),
+        held: Arc::clone(&share.held),
+        durations: metrics.method_duration.clone(),
+        torn_down: metrics.vms_torn_down.clone(),
+    };
+    let worker = ProcessWorker::spawn(command, settings, Arc::clone(host_factory), instruments);
+    WorkerSlot {
+        addr: WorkerAddr::Process(worker),
         heartbeat,
         load,
         abandoned: CancellationToken::new(),

@@ -117,7 +117,7 @@ pub struct AsyncTarget {
 }
 
 /// A call that threw `RetryError` and has attempts left: to be delivered again after `delay`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AsyncRetry {
     pub team_id: i64,
     pub target: AsyncTarget,

@@ -27,11 +27,12 @@ const LOG_BATCH: usize = 1_000;
 const LOG_FLUSH: Duration = Duration::from_secs(1);
 
 /// One outcome of one plugin method call, for app metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MethodOutcome {
     pub team_id: i64,
     pub plugin_config_id: i64,
-    /// processEvent | onEvent | exportEvents | composeWebhook | webhook | scheduledTask
+    /// One of [`CATEGORIES`]: setupPlugin | processEvent | onEvent | exportEvents |
+    /// composeWebhook | webhook | scheduledTask | job.
     pub category: &'static str,
     /// Events the call covered (exportEvents takes many at once).
     pub count: u64,
@@ -39,6 +40,56 @@ pub struct MethodOutcome {
     pub on_retry: bool,
     /// `None` for a success.
     pub error_type: Option<String>,
+}
+
+/// The categories a method outcome may have, as `&'static str` again once it crossed from a
+/// plugin worker process.
+const CATEGORIES: [&str; 8] = [
+    "setupPlugin",
+    "processEvent",
+    "onEvent",
+    "exportEvents",
+    "composeWebhook",
+    "webhook",
+    "scheduledTask",
+    "job",
+];
+
+/// [`MethodOutcome`] as a plugin worker process sends it.
+#[derive(serde::Deserialize)]
+struct OutcomeFromWorker {
+    team_id: i64,
+    plugin_config_id: i64,
+    category: String,
+    count: u64,
+    on_retry: bool,
+    error_type: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for MethodOutcome {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::try_from(OutcomeFromWorker::deserialize(deserializer)?)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl TryFrom<OutcomeFromWorker> for MethodOutcome {
+    type Error = String;
+
+    fn try_from(outcome: OutcomeFromWorker) -> Result<Self, Self::Error> {
+        let category = CATEGORIES
+            .iter()
+            .find(|known| **known == outcome.category)
+            .ok_or_else(|| format!("unknown method outcome category {:?}", outcome.category))?;
+        Ok(Self {
+            team_id: outcome.team_id,
+            plugin_config_id: outcome.plugin_config_id,
+            category,
+            count: outcome.count,
+            on_retry: outcome.on_retry,
+            error_type: outcome.error_type,
+        })
+    }
 }
 
 enum Record {

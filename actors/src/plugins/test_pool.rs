@@ -94,6 +94,7 @@ pub(crate) async fn start(
         },
         setup_retry_base: Duration::from_millis(50),
         retention: crate::plugins::worker::VmRetention::default(),
+        isolation: crate::plugins::isolation::WorkerIsolation::Thread,
     };
     let metrics = Metrics::new().expect("metrics");
     let pool = PluginVmPool::start(config, factory, outputs, &metrics).expect("pool starts");

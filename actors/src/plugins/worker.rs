@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::Utc;
 use prometheus::IntCounterVec;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::chain::{ChainEvent, ChainOutcome, ChainStep, EventFailure, config_label, run_chain};
@@ -36,7 +37,7 @@ const SETUP_ATTEMPTS: u32 = 5;
 /// When a worker tears down VMs it holds. A built VM costs about half a megabyte however
 /// little its plugin does, so with thousands of configs only the recently used ones can stay
 /// built; a torn-down config is built and set up again on its next use, as after a reload.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRetention {
     /// Heap the pool's VMs may hold in all, counted as each took it to load; above it a
     /// worker tears down its least recently used ones. `None`: no limit.
@@ -71,7 +72,7 @@ pub struct BudgetShare {
 
 /// Why a config's VM cannot be called now. The text is each event's failure for the config in
 /// a processEvent chain and, once the config is disabled, its recorded error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum NotReady {
     /// The VM could not be built; the config stays disabled until its next version.
     #[error(transparent)]
@@ -182,7 +183,7 @@ pub struct WorkerReply<T> {
 }
 
 /// Log entries, captured events and config failures, for the pool to pass on.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SideEffects {
     pub logs: Vec<PluginLogEntry>,
     pub captures: Vec<(VmIdentity, CapturedByPlugin)>,
@@ -201,7 +202,7 @@ pub struct SideEffects {
 }
 
 /// A config that cannot run, and what becomes of it where configs are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigError {
     pub identity: VmIdentity,
     pub message: String,
@@ -209,7 +210,7 @@ pub struct ConfigError {
 }
 
 /// Whether a failed config is disabled where it is kept (`posthog_pluginconfig.enabled`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConfigFailure {
     /// setupPlugin failed after its retries: PostHog disables the config, and so does this
     /// server.
@@ -990,34 +991,47 @@ impl Actor for VmWorker {
     type Context = SyncContext<Self>;
 }
 
-impl Handler<ProcessEvents> for VmWorker {
-    type Result = MessageResult<ProcessEvents>;
+/// How the worker answers a message, whether it came through its actix mailbox (a worker
+/// thread) or over the socket of a worker process (`super::isolation`).
+pub trait Answer<M: Message> {
+    fn answer(&mut self, message: M) -> M::Result;
+}
 
-    fn handle(&mut self, message: ProcessEvents, _: &mut Self::Context) -> Self::Result {
+impl<M> Handler<M> for VmWorker
+where
+    M: Message,
+    M::Result: 'static,
+    VmWorker: Answer<M>,
+{
+    type Result = MessageResult<M>;
+
+    fn handle(&mut self, message: M, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.answer(message))
+    }
+}
+
+impl Answer<ProcessEvents> for VmWorker {
+    fn answer(&mut self, message: ProcessEvents) -> <ProcessEvents as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut reply = self.process(&message.chain, &message.events);
         self.retain(&mut reply.side);
         self.publish_load();
-        MessageResult(reply)
+        reply
     }
 }
 
-impl Handler<RunAsync> for VmWorker {
-    type Result = MessageResult<RunAsync>;
-
-    fn handle(&mut self, message: RunAsync, _: &mut Self::Context) -> Self::Result {
+impl Answer<RunAsync> for VmWorker {
+    fn answer(&mut self, message: RunAsync) -> <RunAsync as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = self.run_async(&message.chain, &message.events, message.target);
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }
 
-impl Handler<RunScheduled> for VmWorker {
-    type Result = MessageResult<RunScheduled>;
-
-    fn handle(&mut self, message: RunScheduled, _: &mut Self::Context) -> Self::Result {
+impl Answer<RunScheduled> for VmWorker {
+    fn answer(&mut self, message: RunScheduled) -> <RunScheduled as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
         for config in message.chain.iter() {
@@ -1048,23 +1062,21 @@ impl Handler<RunScheduled> for VmWorker {
         }
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }
 
-impl Handler<RunJob> for VmWorker {
-    type Result = MessageResult<RunJob>;
-
-    fn handle(&mut self, message: RunJob, _: &mut Self::Context) -> Self::Result {
+impl Answer<RunJob> for VmWorker {
+    fn answer(&mut self, message: RunJob) -> <RunJob as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
         let result = self.run_job(&message, &mut side);
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply {
+        WorkerReply {
             value: result,
             side,
-        })
+        }
     }
 }
 
@@ -1100,10 +1112,8 @@ impl VmWorker {
     }
 }
 
-impl Handler<Inspect> for VmWorker {
-    type Result = MessageResult<Inspect>;
-
-    fn handle(&mut self, message: Inspect, _: &mut Self::Context) -> Self::Result {
+impl Answer<Inspect> for VmWorker {
+    fn answer(&mut self, message: Inspect) -> <Inspect as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
         let config = &message.config;
@@ -1124,41 +1134,35 @@ impl Handler<Inspect> for VmWorker {
         };
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply {
+        WorkerReply {
             value: result,
             side,
-        })
+        }
     }
 }
 
-impl Handler<FlushExports> for VmWorker {
-    type Result = MessageResult<FlushExports>;
-
-    fn handle(&mut self, message: FlushExports, _: &mut Self::Context) -> Self::Result {
+impl Answer<FlushExports> for VmWorker {
+    fn answer(&mut self, message: FlushExports) -> <FlushExports as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = self.flush_exports(message.all);
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }
 
-impl Handler<Sweep> for VmWorker {
-    type Result = MessageResult<Sweep>;
-
-    fn handle(&mut self, message: Sweep, _: &mut Self::Context) -> Self::Result {
+impl Answer<Sweep> for VmWorker {
+    fn answer(&mut self, message: Sweep) -> <Sweep as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let mut side = SideEffects::default();
         self.retain(&mut side);
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }
 
-impl Handler<Retire> for VmWorker {
-    type Result = MessageResult<Retire>;
-
-    fn handle(&mut self, message: Retire, _: &mut Self::Context) -> Self::Result {
+impl Answer<Retire> for VmWorker {
+    fn answer(&mut self, message: Retire) -> <Retire as Message>::Result {
         self.heartbeat.set_request(message.request_id);
         let retired: Vec<i64> = self
             .slots
@@ -1173,19 +1177,17 @@ impl Handler<Retire> for VmWorker {
             }
         }
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }
 
-impl Handler<TeardownAll> for VmWorker {
-    type Result = MessageResult<TeardownAll>;
-
-    fn handle(&mut self, _: TeardownAll, _: &mut Self::Context) -> Self::Result {
+impl Answer<TeardownAll> for VmWorker {
+    fn answer(&mut self, _: TeardownAll) -> <TeardownAll as Message>::Result {
         let mut side = SideEffects::default();
         for (_, mut slot) in std::mem::take(&mut self.slots) {
             close(&mut slot, &mut side);
         }
         self.publish_load();
-        MessageResult(WorkerReply { value: (), side })
+        WorkerReply { value: (), side }
     }
 }

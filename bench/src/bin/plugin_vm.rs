@@ -26,6 +26,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use plugin_server_actors::plugins::LoadedConfig;
 use plugin_server_actors::plugins::chain::ChainEvent;
 use plugin_server_actors::plugins::host_services::HostServiceError;
+use plugin_server_actors::plugins::isolation::WorkerIsolation;
 use plugin_server_actors::plugins::outputs::PluginOutputs;
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
@@ -551,6 +552,8 @@ fn start_pool(
                 budget_bytes,
                 idle: None,
             },
+            // What is measured here is the VM's own cost, on threads of this process.
+            isolation: WorkerIsolation::Thread,
         },
         factory,
         outputs,

@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -110,10 +111,24 @@ fn start_measured(
         },
         setup_retry_base: Duration::from_millis(50),
         retention,
+        isolation: test_isolation(),
     };
     let factory: HostFactory =
         Arc::new(move || Rc::new(NoNetwork { fetch_hangs_for }) as Rc<dyn PluginHost>);
     PluginVmPool::start(config, factory, outputs, metrics).expect("pool starts")
+}
+
+thread_local! {
+    /// Set by the tests of `in_processes`: the pool's workers are processes.
+    static IN_PROCESSES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn test_isolation() -> WorkerIsolation {
+    if IN_PROCESSES.get() {
+        WorkerIsolation::Process(crate::plugins::isolation::tests::worker_command())
+    } else {
+        WorkerIsolation::Thread
+    }
 }
 
 /// A one-worker pool running `configs`, and what it reports besides events.
@@ -1041,4 +1056,163 @@ async fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms(
     let stats = pool.stats();
     assert_eq!(stats["workers"][0]["vms"], 1, "{stats}");
     assert_eq!(stats["workers"][1]["vms"], 2, "{stats}");
+}
+
+/// The worker process's pid as `/_actors` shows it, once it has started.
+async fn worker_pid(pool: &PluginVmPool, index: usize) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = pool.stats()["workers"][index]["pid"].as_u64() {
+            return pid as u32;
+        }
+        assert!(Instant::now() < deadline, "worker {index} never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// In a process of its own, a worker stopped for good (by a memory bomb, or by a regular
+/// expression that backtracks for ever, which no deadline check can interrupt) is ended: its
+/// process is gone, and with it its memory and its CPU; another process serves, the config is
+/// disabled, and `/_actors` counts the replacement.
+#[test]
+fn a_stopped_worker_process_is_ended_and_replaced() {
+    IN_PROCESSES.set(true);
+    actix::System::new().block_on(async {
+        let bombs = [
+            "let s = 'xxxxxxxxxxxxxxxx'; while (true) { s = s + s }",
+            "/(a+)+$/.test('a'.repeat(40) + 'b')",
+        ];
+        for bomb in bombs {
+            let pool = start(1, Arc::new(Collected::default()));
+            pool.set_plugins(PluginSet::new([
+                config(
+                    30,
+                    2,
+                    1,
+                    "bomb",
+                    &format!("exports.processEvent = (e) => {{ {bomb}; return e }}"),
+                ),
+                config(
+                    31,
+                    3,
+                    1,
+                    "healthy",
+                    "exports.processEvent = (e) => { e.properties.ok = true; return e }",
+                ),
+            ]));
+            let before = worker_pid(&pool, 0).await;
+            let bombed = pool
+                .process_events(2, chain_events(vec![event(2, "boom")]))
+                .await;
+            assert_eq!(
+                bombed[0].event_value().expect("kept")["properties"]["$plugins_failed"],
+                json!(["bomb (30)"]),
+                "{bomb}"
+            );
+            let healthy = pool
+                .process_events(3, chain_events(vec![event(3, "fine")]))
+                .await;
+            assert_eq!(
+                healthy[0].event_value().expect("event")["properties"]["ok"],
+                true
+            );
+            let after = worker_pid(&pool, 0).await;
+            assert_ne!(before, after, "{bomb}: a new process serves");
+            assert!(
+                !Path::new(&format!("/proc/{before}")).exists(),
+                "{bomb}: the stopped process is gone (killed and reaped)"
+            );
+            assert_eq!(pool.stats()["workers_replaced"], 1, "{bomb}");
+            assert!(!pool.has_plugins(2), "{bomb}: the config is disabled");
+        }
+    });
+}
+
+/// Every test above again, with each of the pool's workers in a process of its own (this
+/// test binary, see `isolation::tests`): what plugins see and what the pool reports is the
+/// same.
+mod in_processes {
+    fn in_processes(test: fn()) {
+        super::IN_PROCESSES.set(true);
+        test();
+    }
+
+    #[test]
+    fn every_call_is_timed_in_the_method_histogram() {
+        in_processes(super::every_call_is_timed_in_the_method_histogram);
+    }
+
+    #[test]
+    fn chains_run_in_order_and_record_success_and_failure() {
+        in_processes(super::chains_run_in_order_and_record_success_and_failure);
+    }
+
+    #[test]
+    fn each_config_of_a_chain_gets_its_own_copy_of_the_event() {
+        in_processes(super::each_config_of_a_chain_gets_its_own_copy_of_the_event);
+    }
+
+    #[test]
+    fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
+        in_processes(super::the_chain_keeps_the_event_through_what_plugins_get_wrong);
+    }
+
+    #[test]
+    fn results_nobody_reads_are_not_checked() {
+        in_processes(super::results_nobody_reads_are_not_checked);
+    }
+
+    #[test]
+    fn a_failed_setup_disables_the_config_and_is_reported() {
+        in_processes(super::a_failed_setup_disables_the_config_and_is_reported);
+    }
+
+    #[test]
+    fn the_watchdog_contains_what_the_deadline_cannot() {
+        in_processes(super::the_watchdog_contains_what_the_deadline_cannot);
+    }
+
+    #[test]
+    fn captures_are_attributed_to_the_config_that_made_them() {
+        in_processes(super::captures_are_attributed_to_the_config_that_made_them);
+    }
+
+    #[test]
+    fn post_ingestion_methods_run_and_retry() {
+        in_processes(super::post_ingestion_methods_run_and_retry);
+    }
+
+    #[test]
+    fn exports_retry_three_times_then_fail() {
+        in_processes(super::exports_retry_three_times_then_fail);
+    }
+
+    #[test]
+    fn over_the_budget_the_least_recently_used_vm_is_torn_down_and_set_up_again_on_use() {
+        in_processes(
+            super::over_the_budget_the_least_recently_used_vm_is_torn_down_and_set_up_again_on_use,
+        );
+    }
+
+    #[test]
+    fn an_idle_vm_is_torn_down_by_the_sweep_and_set_up_again_on_use() {
+        in_processes(super::an_idle_vm_is_torn_down_by_the_sweep_and_set_up_again_on_use);
+    }
+
+    #[test]
+    fn one_teams_events_spread_over_the_workers_by_distinct_id_in_order() {
+        in_processes(super::one_teams_events_spread_over_the_workers_by_distinct_id_in_order);
+    }
+
+    #[test]
+    fn an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event() {
+        in_processes(
+            super::an_on_event_stuck_in_fetch_does_not_hold_up_another_teams_process_event,
+        );
+    }
+
+    #[test]
+    fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms() {
+        in_processes(super::a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms);
+    }
 }

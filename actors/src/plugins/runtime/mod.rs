@@ -12,10 +12,11 @@ pub mod transpile;
 pub mod vm;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Who a VM belongs to; log entries and captured events carry it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmIdentity {
     pub plugin_config_id: i64,
     pub plugin_id: i64,
@@ -24,7 +25,7 @@ pub struct VmIdentity {
 }
 
 /// The plugin as the VM needs it: already transpiled to CommonJS script form.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmSource {
     pub file_name: String,
     /// Shared by every config of the plugin.
@@ -32,7 +33,7 @@ pub struct VmSource {
 }
 
 /// A `meta.attachments` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attachment {
     pub key: String,
     pub content_type: String,
@@ -48,7 +49,7 @@ pub struct CallEffects {
 }
 
 /// An event a plugin sent with `posthog.capture`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapturedByPlugin {
     pub event: String,
     pub properties: Value,
@@ -56,7 +57,7 @@ pub struct CapturedByPlugin {
 
 /// Log levels of plugin log entries, in PostHog's order (its `log_level` filter drops from the
 /// bottom: 1 drops LOG, 2 drops LOG and INFO, 3 keeps only ERROR).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum LogLevel {
     Debug,
     Log,
@@ -78,7 +79,7 @@ impl LogLevel {
 }
 
 /// Where a log entry came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogSource {
     /// The server itself (setup failed, config disabled, ...): always kept.
     System,
@@ -98,7 +99,7 @@ impl LogSource {
 }
 
 /// A row of `plugin_log_entries`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginLogEntry {
     pub plugin_config_id: i64,
     pub plugin_id: i64,

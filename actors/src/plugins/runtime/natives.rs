@@ -26,6 +26,7 @@ use hmac::{Hmac, Mac};
 use md5::Md5;
 use prometheus::local::LocalHistogram;
 use prometheus::{HistogramVec, IntCounterVec};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
@@ -34,7 +35,7 @@ use super::{CallEffects, CapturedByPlugin, LogSource, PluginLogEntry, VmIdentity
 use crate::plugins::host_services::HostServiceError;
 
 /// An HTTP request made with `fetch`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FetchRequest {
     pub url: String,
     pub method: String,
@@ -45,7 +46,7 @@ pub struct FetchRequest {
 }
 
 /// The answer to a `fetch`, read fully: plugins call `.json()`/`.text()` on it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FetchReply {
     pub status: u16,
     pub status_text: String,
@@ -55,7 +56,7 @@ pub struct FetchReply {
 
 /// A `meta.cache` operation (spec 2.3), on the config's own key space
 /// (`@plugin/<pluginId>/<teamId>/`). Values are strings: the prelude does the JSON.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CacheOp {
     Set {
         key: String,
@@ -96,7 +97,7 @@ pub enum CacheOp {
 }
 
 /// A `meta.storage` or `meta.utils.cursor` operation on `posthog_pluginstorage`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StorageOp {
     Get {
         key: String,
@@ -146,7 +147,7 @@ pub trait PluginHost {
 }
 
 /// A job a plugin queued through `meta.jobs`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRequest {
     pub name: String,
     pub payload: Value,
@@ -243,6 +244,28 @@ thread_local! {
     /// histogram up and observing it atomically on every call was about 2 % of the server's
     /// CPU with ten plugins in a chain.
     static DURATIONS: RefCell<Vec<(&'static str, LocalHistogram)>> = const { RefCell::new(Vec::new()) };
+    /// In a plugin worker process: the durations themselves, per method, until the reply
+    /// takes them to the server, whose histograms they go to (see [`keep_call_durations`]).
+    static KEPT_DURATIONS: RefCell<Option<Vec<MethodDurations>>> = const { RefCell::new(None) };
+}
+
+/// A method's call durations, in seconds.
+pub type MethodDurations = (&'static str, Vec<f64>);
+
+/// Keeps this thread's call durations for [`take_call_durations`] instead of recording them
+/// in the worker's histograms: a worker process's histograms are not the server's.
+pub fn keep_call_durations() {
+    KEPT_DURATIONS.with(|kept| *kept.borrow_mut() = Some(Vec::new()));
+}
+
+/// The durations kept since the last take, per method.
+pub fn take_call_durations() -> Vec<MethodDurations> {
+    KEPT_DURATIONS.with(|kept| {
+        kept.borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    })
 }
 
 /// Adds the durations this thread recorded since the last flush to the shared histograms.
@@ -255,6 +278,20 @@ pub fn flush_call_metrics() {
 }
 
 fn record_duration(instruments: &WorkerInstruments, method: &'static str, seconds: f64) {
+    let kept = KEPT_DURATIONS.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        let Some(kept) = kept.as_mut() else {
+            return false;
+        };
+        match kept.iter_mut().find(|(name, _)| *name == method) {
+            Some((_, samples)) => samples.push(seconds),
+            None => kept.push((method, vec![seconds])),
+        }
+        true
+    });
+    if kept {
+        return;
+    }
     DURATIONS.with(|durations| {
         let mut durations = durations.borrow_mut();
         if let Some((_, histogram)) = durations.iter().find(|(name, _)| *name == method) {

@@ -18,6 +18,7 @@ use boa_engine::property::PropertyKey;
 use boa_engine::{
     Context, JsError, JsObject, JsResult, JsString, JsValue, Source, js_string, script::Script,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::natives::{self, PluginHost};
@@ -31,7 +32,7 @@ use crate::event::envelope::parse_like_javascript;
 const DEADLINE_CHECK_BUDGET: u32 = 20_000;
 
 /// Limits every call of a VM runs under.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmLimits {
     /// TASK_TIMEOUT: a call (including the promises it awaits) is abandoned after this.
     pub task_timeout: Duration,
@@ -60,7 +61,7 @@ impl Default for VmLimits {
 }
 
 /// Why a call did not produce a value.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CallError {
     /// The plugin threw (or rejected); `name` is the error's name (`TypeError`, `RetryError`,
     /// or `Error` for thrown non-errors).
@@ -105,7 +106,7 @@ impl CallError {
 }
 
 /// A VM that could not be built.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum VmError {
     #[error("could not create the JavaScript context: {0}")]
     Context(String),
@@ -116,7 +117,7 @@ pub enum VmError {
 }
 
 /// The exported functions PostHog looks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Method {
     SetupPlugin,
     TeardownPlugin,
