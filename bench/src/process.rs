@@ -62,6 +62,49 @@ pub fn process_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The live children of `pid` (a server's plugin worker processes).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let parent: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (parent == pid).then_some(child)
+        })
+        .collect()
+}
+
+/// CPU of a process and its children, in clock ticks: its own utime + stime, what its
+/// children that it reaped used (cutime + cstime), and the live children's utime + stime.
+pub fn tree_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let own: u64 = fields[11..15]
+        .iter()
+        .map(|field| field.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    let live: u64 = children(pid).into_iter().filter_map(process_ticks).sum();
+    Some(own + live)
+}
+
+/// Peak resident memory of a process plus each live child's peak: an upper bound of the
+/// peak of their sum.
+pub fn tree_peak_rss_kib(pid: u32) -> Option<u64> {
+    let own = peak_rss_kib(pid)?;
+    Some(
+        own + children(pid)
+            .into_iter()
+            .filter_map(peak_rss_kib)
+            .sum::<u64>(),
+    )
+}
+
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;

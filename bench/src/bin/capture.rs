@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use plugin_server_bench::process::{
-    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, stop_gracefully,
+    clock_ticks_per_second, load_average, stop_gracefully, tree_peak_rss_kib, tree_ticks,
 };
 use serde_json::{Value, json};
 
@@ -136,7 +136,7 @@ async fn run(binary: &Path, args: &Args, bodies: Arc<Vec<Vec<u8>>>) -> Result<Ou
     let url = format!("http://{}/batch", server.addr);
     let client = reqwest::Client::new();
     let next = Arc::new(AtomicUsize::new(0));
-    let ticks_before = process_ticks(server.pid).context("server CPU")?;
+    let ticks_before = tree_ticks(server.pid).context("server CPU")?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
@@ -173,8 +173,8 @@ async fn run(binary: &Path, args: &Args, bodies: Arc<Vec<Vec<u8>>>) -> Result<Ou
         latencies.extend(task.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let ticks = process_ticks(server.pid).context("server CPU")? - ticks_before;
-    let peak = peak_rss_kib(server.pid).unwrap_or(0);
+    let ticks = tree_ticks(server.pid).context("server CPU")? - ticks_before;
+    let peak = tree_peak_rss_kib(server.pid).unwrap_or(0);
     server.stop()?;
     latencies.sort_by(f64::total_cmp);
     let percentile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];

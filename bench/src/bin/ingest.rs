@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use plugin_server_bench::process::{
-    clock_ticks_per_second, load_average, peak_rss_kib, process_ticks, signal, stop_gracefully,
+    clock_ticks_per_second, load_average, process_ticks, signal, stop_gracefully,
+    tree_peak_rss_kib, tree_ticks,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -781,7 +782,8 @@ struct Watched {
 impl Watched {
     fn sample(&self) -> CpuSample {
         CpuSample {
-            server: process_ticks(self.server).unwrap_or_default(),
+            // With plugin worker processes, theirs too.
+            server: tree_ticks(self.server).unwrap_or_default(),
             clickhouse: self.clickhouse.and_then(process_ticks),
             broker: self.broker.and_then(process_ticks),
             postgres: all_processes_ticks("postgres"),
@@ -945,7 +947,7 @@ async fn run_scenario(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let end_sample = watched.sample();
-    let peak_rss = peak_rss_kib(server.pid).unwrap_or_default();
+    let peak_rss = tree_peak_rss_kib(server.pid).unwrap_or_default();
     // Postgres publishes a backend's counters within a second of its transactions.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let transactions =
