@@ -1,16 +1,21 @@
-//! `PluginVmPool`: WORKER_CONCURRENCY `VmWorker` threads (one-thread `SyncArbiter`s), each
-//! owning the VMs of the teams routed to it, plus a watchdog that replaces a stuck thread.
+//! `PluginVmPool`: WORKER_CONCURRENCY `VmWorker`s (one-thread `SyncArbiter`s, or processes),
+//! each owning the VMs of the teams routed to it, plus a watchdog that replaces a stuck one.
 //!
-//! A team always goes to the same worker (team id modulo the worker count), so each plugin
-//! config has exactly one VM: `meta.global` then behaves as one object per config, and memory
-//! is one VM per config rather than one per config and thread as in PostHog's Piscina pool.
-//! The cost is that one very busy team is limited to one thread.
+//! A team's events are spread over the processEvent workers by distinct id (each id's in
+//! order on one worker), and each worker builds its own VM of a config it gets events for, as
+//! PostHog's worker threads each hold one: `meta.global` is per VM. The post-ingestion methods,
+//! scheduled tasks and jobs run on async workers of their own, a team's on one of them.
 //!
 //! The deadline check inside the VM stops runaway plugin code within TASK_TIMEOUT. Code it
 //! cannot interrupt (a loop inside a native callback such as `Array.prototype.map`) keeps the
 //! thread busy; after 2×TASK_TIMEOUT the watchdog abandons that thread, answers its pending
 //! requests with a timeout failure, and starts a fresh worker in its place, so every other
 //! team keeps flowing. The abandoned thread exits when (if) its call returns.
+//!
+//! With `WorkerIsolation::Process` (PLUGIN_WORKER_ISOLATION=process, the server's default)
+//! each worker is a process instead (`super::isolation`): it watches its own calls and reports
+//! a stuck one, and is then killed, so that what the call held and the core it spun go back;
+//! the watchdog replaces it as it would a thread.
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;

@@ -26,7 +26,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use plugin_server_actors::plugins::LoadedConfig;
 use plugin_server_actors::plugins::chain::ChainEvent;
 use plugin_server_actors::plugins::host_services::HostServiceError;
-use plugin_server_actors::plugins::isolation::WorkerIsolation;
+use plugin_server_actors::plugins::isolation::{WorkerCommand, WorkerIsolation};
 use plugin_server_actors::plugins::outputs::PluginOutputs;
 use plugin_server_actors::plugins::pool::{
     HostFactory, PluginSet, PluginVmPool, PluginVmPoolConfig,
@@ -107,6 +107,11 @@ enum Command {
         /// PLUGIN_VM_MEMORY_BUDGET_MB (the server's default); 0 for no limit.
         #[arg(long, default_value_t = 1024)]
         budget_mb: u64,
+        /// Run the workers as processes of this server executable
+        /// (PLUGIN_WORKER_ISOLATION=process, `<exe> --plugin-worker`) instead of threads of
+        /// this benchmark.
+        #[arg(long, value_name = "EXE")]
+        worker_exe: Option<PathBuf>,
     },
 }
 
@@ -216,12 +221,21 @@ fn main() -> anyhow::Result<()> {
             layout,
             rounds,
             budget_mb,
+            worker_exe,
         } => actix::System::new().block_on(boot(BootRun {
             configs,
             workers,
             layout,
             rounds,
             budget_mb,
+            isolation: match worker_exe {
+                Some(program) => WorkerIsolation::Process(WorkerCommand {
+                    program,
+                    args: vec!["--plugin-worker".into()],
+                    env: Vec::new(),
+                }),
+                None => WorkerIsolation::Thread,
+            },
         }))?,
     }
     Ok(())
@@ -321,7 +335,7 @@ async fn throughput_pool(
 ) -> anyhow::Result<()> {
     let raw = bench_event()?;
     let outputs = Arc::new(Outputs::default());
-    let pool = start_pool(1, 0, outputs.clone())?;
+    let pool = start_pool(1, 0, WorkerIsolation::Thread, outputs.clone())?;
     let code = source(BENCH_PLUGIN)?;
     pool.set_plugins(PluginSet::new((1..=chain).map(|order| LoadedConfig {
         identity: identity(order as i64, 2, "bench"),
@@ -535,6 +549,7 @@ fn page_size() -> anyhow::Result<u64> {
 fn start_pool(
     workers: usize,
     budget_mb: u64,
+    isolation: WorkerIsolation,
     outputs: Arc<Outputs>,
 ) -> anyhow::Result<PluginVmPool> {
     let metrics = Metrics::new().map_err(|e| anyhow!("metrics: {e}"))?;
@@ -552,8 +567,7 @@ fn start_pool(
                 budget_bytes,
                 idle: None,
             },
-            // What is measured here is the VM's own cost, on threads of this process.
-            isolation: WorkerIsolation::Thread,
+            isolation,
         },
         factory,
         outputs,
@@ -596,13 +610,14 @@ fn write_configs(dir: &Path, configs: usize, layout: Layout) -> anyhow::Result<V
 }
 
 /// What `boot` runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct BootRun {
     configs: usize,
     workers: usize,
     layout: Layout,
     rounds: usize,
     budget_mb: u64,
+    isolation: WorkerIsolation,
 }
 
 async fn boot(run: BootRun) -> anyhow::Result<()> {
@@ -621,6 +636,7 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
         layout,
         rounds,
         budget_mb,
+        isolation,
         ..
     } = run;
     let rss_before = rss_bytes()?;
@@ -646,7 +662,8 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
     let registry_loaded = started.elapsed();
 
     let outputs = Arc::new(Outputs::default());
-    let pool = start_pool(workers, budget_mb, outputs.clone())?;
+    let in_processes = matches!(isolation, WorkerIsolation::Process(_));
+    let pool = start_pool(workers, budget_mb, isolation, outputs.clone())?;
     pool.set_plugins(PluginSet::new(loaded));
     let pool_started = started.elapsed();
 
@@ -719,7 +736,9 @@ async fn boot_from(dir: &Path, teams: &[i64], run: BootRun) -> anyhow::Result<()
             "live_vms": stats["vms"],
             "vms_torn_down": stats["vms_torn_down"],
             "rss_delta_mb": round3(rss_bytes()?.saturating_sub(rss_before) as f64 / 1_048_576.0),
-            "peak_rss_mb": round3(plugin_server_bench::process::peak_rss_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0),
+            "worker_processes": in_processes,
+            // With worker processes, each one's peak added (an upper bound of the whole's).
+            "peak_rss_mb": round3(plugin_server_bench::process::tree_peak_rss_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0),
         })
     );
     Ok(())
