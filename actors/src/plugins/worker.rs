@@ -307,6 +307,10 @@ pub struct VmWorker {
     retention: VmRetention,
     share: BudgetShare,
     slots: HashMap<i64, Slot>,
+    /// Whether this thread raised boa's collection threshold yet: done before its first VM,
+    /// so that a worker that never gets one (most async workers of a quiet server) does not
+    /// hold the pages it took.
+    gc_headroom_reserved: bool,
 }
 
 impl VmWorker {
@@ -323,7 +327,6 @@ impl VmWorker {
         let load = Arc::clone(&instruments.load);
         let evictions = instruments.evictions.clone();
         install_instruments(instruments);
-        natives::reserve_gc_headroom(natives::GC_HEADROOM_BYTES);
         Self {
             heartbeat,
             load,
@@ -334,6 +337,7 @@ impl VmWorker {
             retention,
             share,
             slots: HashMap::new(),
+            gc_headroom_reserved: false,
         }
     }
 
@@ -363,6 +367,10 @@ impl VmWorker {
             return Err(error.clone());
         }
         if slot.vm.is_none() {
+            if !self.gc_headroom_reserved {
+                natives::reserve_gc_headroom(natives::GC_HEADROOM_BYTES);
+                self.gc_headroom_reserved = true;
+            }
             let tally = plugin_server_alloc::open_tally();
             let loaded = PluginVm::load(
                 identity.clone(),

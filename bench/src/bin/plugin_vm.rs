@@ -79,6 +79,10 @@ enum Command {
         /// Configs of the plugin in the team's chain, in the pool measurement.
         #[arg(long, default_value_t = 1)]
         chain: usize,
+        /// The pool's worker as a process of this server executable (`<exe> --plugin-worker`)
+        /// instead of a thread of this benchmark.
+        #[arg(long, value_name = "EXE")]
+        worker_exe: Option<PathBuf>,
     },
     /// Creation time and resident memory of N VMs kept alive on one thread.
     Memory {
@@ -204,10 +208,13 @@ fn main() -> anyhow::Result<()> {
             batch,
             direct_only,
             chain,
+            worker_exe,
         } => {
             throughput_direct(events, warmup)?;
             if !direct_only {
-                actix::System::new().block_on(throughput_pool(events, warmup, batch, chain))?;
+                let isolation = isolation(worker_exe);
+                actix::System::new()
+                    .block_on(throughput_pool(events, warmup, batch, chain, isolation))?;
             }
         }
         Command::Memory {
@@ -228,14 +235,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             rounds,
             budget_mb,
-            isolation: match worker_exe {
-                Some(program) => WorkerIsolation::Process(WorkerCommand {
-                    program,
-                    args: vec!["--plugin-worker".into()],
-                    env: Vec::new(),
-                }),
-                None => WorkerIsolation::Thread,
-            },
+            isolation: isolation(worker_exe),
         }))?,
     }
     Ok(())
@@ -327,15 +327,28 @@ fn throughput_direct(events: usize, warmup: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Threads of this benchmark, or processes of a server executable.
+fn isolation(worker_exe: Option<PathBuf>) -> WorkerIsolation {
+    match worker_exe {
+        Some(program) => WorkerIsolation::Process(WorkerCommand {
+            program,
+            args: vec!["--plugin-worker".into()],
+            env: Vec::new(),
+        }),
+        None => WorkerIsolation::Thread,
+    }
+}
+
 async fn throughput_pool(
     events: usize,
     warmup: usize,
     batch: usize,
     chain: usize,
+    isolation: WorkerIsolation,
 ) -> anyhow::Result<()> {
     let raw = bench_event()?;
     let outputs = Arc::new(Outputs::default());
-    let pool = start_pool(1, 0, WorkerIsolation::Thread, outputs.clone())?;
+    let pool = start_pool(1, 0, isolation, outputs.clone())?;
     let code = source(BENCH_PLUGIN)?;
     pool.set_plugins(PluginSet::new((1..=chain).map(|order| LoadedConfig {
         identity: identity(order as i64, 2, "bench"),
