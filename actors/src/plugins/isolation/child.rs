@@ -8,7 +8,6 @@
 //! back and stops the CPU, and starts another.
 
 use std::collections::HashMap;
-use std::io::BufWriter;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::Rc;
@@ -22,7 +21,7 @@ use serde_json::Value;
 
 use super::protocol::{
     ConfigOnWire, FrameError, FromWorker, HostCall, HostReply, ReplyValue, Request, StuckReport,
-    ToWorker, WorkerReport, WorkerSettings, decode, read_frame, write_message,
+    ToWorker, WorkerReport, WorkerSettings, decode, read_frame, read_frame_into, write_message,
 };
 use crate::plugins::LoadedConfig;
 use crate::plugins::host_services::HostServiceError;
@@ -61,7 +60,13 @@ pub enum WorkerProcessError {
     UnexpectedHostReply,
 }
 
-type Writer = Arc<Mutex<BufWriter<UnixStream>>>;
+/// The socket's writing end and the buffer frames are encoded in.
+struct FrameWriter {
+    stream: UnixStream,
+    scratch: Vec<u8>,
+}
+
+type Writer = Arc<Mutex<FrameWriter>>;
 
 /// Runs a worker process until the server closes the socket. Call it from the process's main
 /// thread: the VMs live there.
@@ -71,7 +76,10 @@ pub fn run(socket: &Path) -> Result<(), WorkerProcessError> {
         source,
     })?;
     let mut reader = stream.try_clone().map_err(FrameError::from)?;
-    let writer: Writer = Arc::new(Mutex::new(BufWriter::new(stream)));
+    let writer: Writer = Arc::new(Mutex::new(FrameWriter {
+        stream,
+        scratch: Vec::new(),
+    }));
     let settings = match read_frame(&mut reader)? {
         Some(body) => match decode::<ToWorker>(&body)? {
             ToWorker::Start(settings) => settings,
@@ -118,15 +126,16 @@ type Queued = (u64, Vec<i64>, Request);
 /// Hands requests to the worker thread and host replies to the call awaiting them. When the
 /// server goes away there is nothing left to do: the process ends.
 fn read_socket(mut reader: UnixStream, requests: Sender<Queued>, host_replies: Sender<HostReply>) {
+    let mut frame = Vec::new();
     loop {
-        let frame = match read_frame(&mut reader) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => std::process::exit(0),
+        match read_frame_into(&mut reader, &mut frame) {
+            Ok(true) => {}
+            Ok(false) => std::process::exit(0),
             Err(error) => {
                 tracing::error!(%error, "plugin worker process: the server's socket failed");
                 std::process::exit(1);
             }
-        };
+        }
         let sent = match decode::<ToWorker>(&frame) {
             Ok(ToWorker::Request { id, held, body }) => requests.send((id, held, body)).is_ok(),
             Ok(ToWorker::Host(reply)) => host_replies.send(reply).is_ok(),
@@ -170,7 +179,8 @@ fn spawn_watchdog(
                 // just ends, and the server, finding the socket closed without a report,
                 // replaces it all the same.
                 if let Some(mut writer) = lock_within(&writer, Duration::from_secs(1)) {
-                    let _ = write_message(&mut *writer, &FromWorker::Stuck(report));
+                    let FrameWriter { stream, scratch } = &mut *writer;
+                    let _ = write_message(stream, scratch, &FromWorker::Stuck(report));
                     drop(writer);
                     std::thread::sleep(EXIT_AFTER_STUCK);
                 }
@@ -181,10 +191,7 @@ fn spawn_watchdog(
     Ok(())
 }
 
-fn lock_within(
-    writer: &Writer,
-    wait: Duration,
-) -> Option<std::sync::MutexGuard<'_, BufWriter<UnixStream>>> {
+fn lock_within(writer: &Writer, wait: Duration) -> Option<std::sync::MutexGuard<'_, FrameWriter>> {
     let give_up = std::time::Instant::now() + wait;
     loop {
         match writer.try_lock() {
@@ -202,7 +209,8 @@ fn send(writer: &Writer, message: &FromWorker) -> Result<(), FrameError> {
     let mut writer = writer
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    write_message(&mut *writer, message)
+    let FrameWriter { stream, scratch } = &mut *writer;
+    write_message(stream, scratch, message)
 }
 
 /// The worker and what it knows of the server's side: configs sent so far, the pool's

@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    ConfigOnWire, FrameError, FromWorker, HostCall, HostReply, MAX_FRAME_BYTES, ReplyValue,
-    Request, StuckReport, ToWorker, WorkerReport, WorkerSettings, decode, encode,
+    ConfigOnWire, FrameError, FromWorker, HostCall, HostReply, KEEP_BUFFER_BYTES, ReplyValue,
+    Request, StuckReport, ToWorker, WorkerReport, WorkerSettings, decode, encode_into,
+    frame_length, reuse,
 };
 use super::{SOCKET_ENV, WorkerCommand};
 use crate::plugins::LoadedConfig;
@@ -80,7 +81,7 @@ impl Drop for Shared {
 /// What keeps requests in the order the process reads them: frames are queued under one lock,
 /// with the record of which configs the process already has.
 struct Sending {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<ToWorker>,
     waiting: HashMap<u64, oneshot::Sender<Replied>>,
     /// Per config id, the version the process has.
     configs: HashMap<i64, String>,
@@ -177,16 +178,12 @@ impl ProcessWorker {
                 .iter()
                 .map(|held| held.load(Ordering::Relaxed))
                 .collect();
-            let frame = match encode(&ToWorker::Request { id, held, body }) {
-                Ok(frame) => frame,
-                Err(error) => {
-                    tracing::error!(%error, "a request to a plugin worker process could not be encoded");
-                    return None;
-                }
-            };
             let (reply, receive) = oneshot::channel();
             sending.waiting.insert(id, reply);
-            sending.frames.send(frame).ok()?;
+            sending
+                .frames
+                .send(ToWorker::Request { id, held, body })
+                .ok()?;
             receive
         };
         tokio::select! {
@@ -252,14 +249,14 @@ struct Connection {
     settings: WorkerSettings,
     host_factory: HostFactory,
     instruments: ProcessInstruments,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<ToWorker>,
     shared: std::sync::Weak<Shared>,
     exited: CancellationToken,
     shutdown: CancellationToken,
 }
 
 impl Connection {
-    async fn run(self, outgoing: mpsc::UnboundedReceiver<Vec<u8>>) {
+    async fn run(self, outgoing: mpsc::UnboundedReceiver<ToWorker>) {
         let index = self.settings.index;
         if let Err(error) = self.serve(outgoing).await {
             tracing::error!(worker = index, %error, "plugin worker process failed");
@@ -268,7 +265,7 @@ impl Connection {
 
     async fn serve(
         &self,
-        mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+        mut outgoing: mpsc::UnboundedReceiver<ToWorker>,
     ) -> Result<(), ConnectionError> {
         let path = socket_path();
         let _ = std::fs::remove_file(&path);
@@ -329,20 +326,27 @@ impl Connection {
             }
         };
         let (mut read, mut write) = stream.into_split();
-        let start = encode(&ToWorker::Start(self.settings.clone()))?;
+        let start = ToWorker::Start(self.settings.clone());
         let writer = async move {
-            write.write_all(&start).await?;
-            while let Some(frame) = outgoing.recv().await {
-                write.write_all(&frame).await?;
+            let mut frame = Vec::new();
+            encode_into(&mut frame, &start)?;
+            write.write_all(&frame).await.map_err(FrameError::from)?;
+            while let Some(message) = outgoing.recv().await {
+                encode_into(&mut frame, &message)?;
+                write.write_all(&frame).await.map_err(FrameError::from)?;
+                if frame.capacity() > KEEP_BUFFER_BYTES {
+                    frame = Vec::new();
+                }
             }
-            Ok::<(), std::io::Error>(())
+            Ok::<(), FrameError>(())
         };
         let host_calls = self.spawn_host_thread()?;
         let reader = async {
+            let mut frame = Vec::new();
             loop {
-                let Some(frame) = read_frame(&mut read).await? else {
+                if !read_frame_into(&mut read, &mut frame).await? {
                     return Ok::<(), ConnectionError>(());
-                };
+                }
                 match decode::<FromWorker>(&frame)? {
                     FromWorker::Began { id } => {
                         if let Some(shared) = self.shared.upgrade()
@@ -397,7 +401,7 @@ impl Connection {
         };
         let outcome = tokio::select! {
             outcome = reader => outcome,
-            written = writer => written.map_err(|error| ConnectionError::Frame(error.into())),
+            written = writer => written.map_err(ConnectionError::Frame),
             () = self.shutdown.cancelled() => Ok(()),
         };
         self.end(&mut child).await;
@@ -463,16 +467,8 @@ impl Connection {
                 let host = factory();
                 while let Ok(call) = received.recv() {
                     let reply = serve_host_call(host.as_ref(), call);
-                    match encode(&ToWorker::Host(reply)) {
-                        Ok(frame) => {
-                            if frames.send(frame).is_err() {
-                                return;
-                            }
-                        }
-                        Err(error) => {
-                            tracing::error!(%error, "a host reply to a plugin worker process could not be encoded");
-                            return;
-                        }
+                    if frames.send(ToWorker::Host(reply)).is_err() {
+                        return;
                     }
                 }
             })
@@ -499,24 +495,22 @@ fn serve_host_call(host: &dyn PluginHost, call: HostCall) -> HostReply {
     }
 }
 
-async fn read_frame(
+/// [`super::protocol::read_frame_into`] on the server's runtime.
+async fn read_frame_into(
     read: &mut tokio::net::unix::OwnedReadHalf,
-) -> Result<Option<Vec<u8>>, ConnectionError> {
+    body: &mut Vec<u8>,
+) -> Result<bool, ConnectionError> {
     let mut length = [0; 4];
     match read.read_exact(&mut length).await {
         Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
         Err(error) => return Err(ConnectionError::Frame(error.into())),
     }
-    let length = u32::from_be_bytes(length) as usize;
-    if length > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(length).into());
-    }
-    let mut body = vec![0; length];
-    read.read_exact(&mut body)
+    reuse(body, frame_length(length)?);
+    read.read_exact(body)
         .await
         .map_err(|error| ConnectionError::Frame(error.into()))?;
-    Ok(Some(body))
+    Ok(true)
 }
 
 /// A socket path of its own for each process started.

@@ -36,43 +36,87 @@ pub enum FrameError {
     Decode(#[from] rmp_serde::decode::Error),
 }
 
-/// The frame of `message`, length first.
-pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let mut frame = vec![0; 4];
-    rmp_serde::encode::write_named(&mut frame, message)?;
+/// A frame buffer kept above this is given back after use rather than kept for the next one.
+pub const KEEP_BUFFER_BYTES: usize = 64 << 20;
+
+/// Encodes `message` as a frame, length first, into `frame` (cleared first). Frames are
+/// encoded into, and read into, buffers that are used again: a batch's frame is megabytes,
+/// and a fresh allocation of that size is fresh pages the kernel zeroes each time.
+pub fn encode_into<T: Serialize>(frame: &mut Vec<u8>, message: &T) -> Result<(), FrameError> {
+    frame.clear();
+    frame.extend_from_slice(&[0; 4]);
+    rmp_serde::encode::write_named(frame, message)?;
     let length = frame.len() - 4;
     let length = u32::try_from(length)
         .ok()
         .filter(|&length| length as usize <= MAX_FRAME_BYTES)
         .ok_or(FrameError::TooLarge(length))?;
     frame[..4].copy_from_slice(&length.to_be_bytes());
+    Ok(())
+}
+
+/// The frame of `message` in a buffer of its own.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::new();
+    encode_into(&mut frame, message)?;
     Ok(frame)
+}
+
+/// Reads one frame's body into `body`; `false` at a clean end of the stream.
+pub fn read_frame_into(reader: &mut impl Read, body: &mut Vec<u8>) -> Result<bool, FrameError> {
+    let mut length = [0; 4];
+    match reader.read_exact(&mut length) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(error) => return Err(error.into()),
+    }
+    let length = frame_length(length)?;
+    reuse(body, length);
+    reader.read_exact(body)?;
+    Ok(true)
 }
 
 /// Reads one frame's body; `None` at a clean end of the stream.
 pub fn read_frame(reader: &mut impl Read) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut length = [0; 4];
-    match reader.read_exact(&mut length) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error.into()),
-    }
-    let length = u32::from_be_bytes(length) as usize;
+    let mut body = Vec::new();
+    Ok(read_frame_into(reader, &mut body)?.then_some(body))
+}
+
+/// The length a frame's first four bytes give, if it is within the limit.
+pub fn frame_length(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let length = u32::from_be_bytes(prefix) as usize;
     if length > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(length));
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok(Some(body))
+    Ok(length)
+}
+
+/// Sizes `buffer` to `length` bytes for a frame's body, keeping its allocation unless it grew
+/// past [`KEEP_BUFFER_BYTES`] for a larger frame before.
+pub fn reuse(buffer: &mut Vec<u8>, length: usize) {
+    if buffer.capacity() > KEEP_BUFFER_BYTES && length <= KEEP_BUFFER_BYTES {
+        *buffer = Vec::new();
+    }
+    buffer.clear();
+    buffer.resize(length, 0);
 }
 
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     Ok(rmp_serde::from_slice(body)?)
 }
 
-pub fn write_message<T: Serialize>(writer: &mut impl Write, message: &T) -> Result<(), FrameError> {
-    writer.write_all(&encode(message)?)?;
+/// Writes `message` as one frame, encoded in `scratch`.
+pub fn write_message<T: Serialize>(
+    writer: &mut impl Write,
+    scratch: &mut Vec<u8>,
+    message: &T,
+) -> Result<(), FrameError> {
+    encode_into(scratch, message)?;
+    writer.write_all(scratch)?;
     writer.flush()?;
+    if scratch.capacity() > KEEP_BUFFER_BYTES {
+        *scratch = Vec::new();
+    }
     Ok(())
 }
 
@@ -230,9 +274,11 @@ mod tests {
             },
         };
         let mut stream = Vec::new();
-        write_message(&mut stream, &message).expect("write");
+        let mut scratch = Vec::new();
+        write_message(&mut stream, &mut scratch, &message).expect("write");
         write_message(
             &mut stream,
+            &mut scratch,
             &ToWorker::Host(HostReply::Value(Err("no".into()))),
         )
         .expect("write");
