@@ -6,7 +6,6 @@
 //! starts another.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -220,7 +219,9 @@ impl ProcessWorker {
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
-    #[error("could not listen at {path}: {source}")]
+    #[error(
+        "could not make the worker's socket at {path} (set TMPDIR to a writable directory, or PLUGIN_WORKER_ISOLATION=thread): {source}"
+    )]
     Listen {
         path: String,
         #[source]
@@ -267,12 +268,32 @@ impl Connection {
         &self,
         mut outgoing: mpsc::UnboundedReceiver<ToWorker>,
     ) -> Result<(), ConnectionError> {
-        let path = socket_path();
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| ConnectionError::Listen {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // In a directory only this user may enter (0700): the plugins' code and configs
+        // (API keys among them) cross this socket. Removed once the process has connected.
+        let directory = match tempfile::Builder::new()
+            .prefix("plugin-server-worker-")
+            .tempdir()
+        {
+            Ok(directory) => directory,
+            Err(source) => {
+                self.failed_to_start().await;
+                return Err(ConnectionError::Listen {
+                    path: std::env::temp_dir().display().to_string(),
+                    source,
+                });
+            }
+        };
+        let path = directory.path().join("socket");
+        let listener = match UnixListener::bind(&path) {
+            Ok(listener) => listener,
+            Err(source) => {
+                self.failed_to_start().await;
+                return Err(ConnectionError::Listen {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
         let spawned = tokio::process::Command::new(&self.command.program)
             .args(&self.command.args)
             .envs(self.command.env.iter().map(|(key, value)| (key, value)))
@@ -285,7 +306,6 @@ impl Connection {
         let mut child = match spawned {
             Ok(child) => child,
             Err(source) => {
-                let _ = std::fs::remove_file(&path);
                 self.failed_to_start().await;
                 return Err(ConnectionError::Spawn {
                     program: self.command.program.display().to_string(),
@@ -301,17 +321,15 @@ impl Connection {
         let accepted = tokio::select! {
             accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => accepted,
             status = child.wait() => {
-                let _ = std::fs::remove_file(&path);
                 self.failed_to_start().await;
                 return Err(ConnectionError::ExitedBeforeConnecting(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
             }
             () = self.shutdown.cancelled() => {
-                let _ = std::fs::remove_file(&path);
                 self.end(&mut child).await;
                 return Ok(());
             }
         };
-        let _ = std::fs::remove_file(&path);
+        drop(directory);
         let stream = match accepted {
             Ok(Ok((stream, _))) => stream,
             Ok(Err(error)) => {
@@ -511,14 +529,4 @@ async fn read_frame_into(
         .await
         .map_err(|error| ConnectionError::Frame(error.into()))?;
     Ok(true)
-}
-
-/// A socket path of its own for each process started.
-fn socket_path() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    std::env::temp_dir().join(format!(
-        "plugin-server-{}-worker-{}.sock",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
 }
