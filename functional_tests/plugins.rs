@@ -224,6 +224,9 @@ async fn a_plugin_stopped_by_its_memory_limit_or_stuck_in_native_code_gives_back
     let cpu_before = common::tree_cpu_ticks(pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let busy = common::tree_cpu_ticks(pid) - cpu_before;
+    eprintln!(
+        "server and workers: {rss_before} KiB before, {rss_after} KiB after, {busy} CPU ticks in 2 s after"
+    );
     // Clock ticks are hundredths of a second here: a spinning core would be about 200.
     assert!(
         busy <= 20,
