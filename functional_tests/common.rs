@@ -275,6 +275,16 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The server's `/_actors` JSON.
+pub async fn actors(addr: &str) -> serde_json::Value {
+    reqwest::get(format!("http://{addr}/_actors"))
+        .await
+        .expect("GET /_actors")
+        .json()
+        .await
+        .expect("/_actors is JSON")
+}
+
 /// The server's `/_metrics` scrape.
 pub async fn scrape_metrics(addr: &str) -> String {
     reqwest::get(format!("http://{addr}/_metrics"))

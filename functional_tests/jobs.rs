@@ -163,12 +163,7 @@ async fn jobs_run_exactly_once_across_instances_and_on_time_after_the_queuer_die
     assert!(twice.is_empty(), "jobs ran more than once: {twice:?}");
     let mut per_instance = Vec::new();
     for addr in &addrs {
-        let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let actors = crate::common::actors(addr).await;
         per_instance.push(actors["plugin_job_queue"]["succeeded"].as_u64().unwrap());
     }
     assert_eq!(

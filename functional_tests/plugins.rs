@@ -232,14 +232,8 @@ async fn a_plugin_stopped_by_its_memory_limit_or_stuck_in_native_code_gives_back
         busy <= 20,
         "{busy} ticks of CPU in 2 s after the plugins were contained"
     );
-    let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let replaced = actors.to_string();
-    assert!(replaced.contains("\"workers_replaced\":2"), "{replaced}");
+    let actors = common::actors(&addr).await;
+    assert_eq!(actors["plugin_vm_pool"]["workers_replaced"], 2, "{actors}");
 }
 
 async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -610,12 +604,7 @@ async fn the_embedded_profile_runs_a_plugin_chain_from_the_plugins_directory() {
 
     // `/_actors` shows the pool: three live VMs (the broken plugin never loaded) on each
     // worker thread that the team's distinct ids went to, and the heap they took to load.
-    let actors: Value = reqwest::get(format!("http://{addr}/_actors"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let actors = common::actors(&addr).await;
     let pool = &actors["plugin_vm_pool"];
     assert_eq!(pool["configs"], 4, "{pool}");
     let per_worker: Vec<i64> = pool["workers"]

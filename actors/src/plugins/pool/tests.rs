@@ -495,6 +495,26 @@ async fn a_failed_setup_disables_the_config_and_is_reported() {
     drop(effects);
 }
 
+/// Team 2's config 30 runs `bomb` in processEvent; team 3's config 31 marks its events ok.
+fn bomb_and_healthy(bomb: &str) -> PluginSet {
+    PluginSet::new([
+        config(
+            30,
+            2,
+            1,
+            "bomb",
+            &format!("exports.processEvent = (e) => {{ {bomb}; return e }}"),
+        ),
+        config(
+            31,
+            3,
+            1,
+            "healthy",
+            "exports.processEvent = (e) => { e.properties.ok = true; return e }",
+        ),
+    ])
+}
+
 /// Runaway code that the in-VM deadline cannot stop: a memory bomb (the budget stops the
 /// thread) and a loop inside a native callback. Each event is marked failed within about
 /// 2×TASK_TIMEOUT, the config is disabled, and another team on the same worker goes on.
@@ -509,22 +529,7 @@ async fn the_watchdog_contains_what_the_deadline_cannot() {
         let outputs = Arc::new(Collected::default());
         // One worker: the healthy team shares the thread the bomb stops.
         let pool = start(1, outputs.clone());
-        pool.set_plugins(PluginSet::new([
-            config(
-                30,
-                2,
-                1,
-                "bomb",
-                &format!("exports.processEvent = (e) => {{ {bomb}; return e }}"),
-            ),
-            config(
-                31,
-                3,
-                1,
-                "healthy",
-                "exports.processEvent = (e) => { e.properties.ok = true; return e }",
-            ),
-        ]));
+        pool.set_plugins(bomb_and_healthy(bomb));
         let started = Instant::now();
         let bombed = pool.process_events(2, chain_events(vec![event(2, "boom")]));
         let healthy = async {
@@ -1084,22 +1089,7 @@ fn a_stopped_worker_process_is_ended_and_replaced() {
         ];
         for bomb in bombs {
             let pool = start(1, Arc::new(Collected::default()));
-            pool.set_plugins(PluginSet::new([
-                config(
-                    30,
-                    2,
-                    1,
-                    "bomb",
-                    &format!("exports.processEvent = (e) => {{ {bomb}; return e }}"),
-                ),
-                config(
-                    31,
-                    3,
-                    1,
-                    "healthy",
-                    "exports.processEvent = (e) => { e.properties.ok = true; return e }",
-                ),
-            ]));
+            pool.set_plugins(bomb_and_healthy(bomb));
             let before = worker_pid(&pool, 0).await;
             let bombed = pool
                 .process_events(2, chain_events(vec![event(2, "boom")]))
