@@ -129,9 +129,15 @@ impl Default for DefinitionConfig {
     }
 }
 
+/// The properties of a known shape that had no type (null, arrays, objects) when its
+/// definitions were recorded; usually none, or a few such as `$plugins_succeeded`.
+type Untyped = Box<[(PropertyKind, Box<str>)]>;
+
 struct Caches {
-    /// Hashes of (team, event, keys) whose definitions are all recorded and typed.
-    shapes: LruCache<u64, ()>,
+    /// Hashes of (team, event, keys) whose definitions are all recorded, with the properties
+    /// that had no type then: an event of a known shape is skipped once those are still
+    /// untyped, and only their values are read.
+    shapes: LruCache<u64, Untyped>,
     /// When each event's `last_seen_at` was last written, by hash of (team, name): a
     /// lookup per event without copying the name.
     events: LruCache<u64, Instant>,
@@ -197,16 +203,22 @@ impl DefinitionsManager {
                 new.events.push((team.id, event.event.clone()));
             }
             let shape = self.shape_of(team.id, event, group_type_index);
-            if caches.shapes.get(&shape).is_some() {
+            if caches
+                .shapes
+                .get(&shape)
+                .is_some_and(|untyped| still_untyped(event, group_type_index, untyped))
+            {
                 continue;
             }
-            let mut all_typed = true;
+            let mut untyped = Vec::new();
             for (kind, name, value) in properties_of(event, group_type_index) {
                 if name.chars().count() > MAX_NAME_CHARS {
                     continue;
                 }
                 let property_type = detect_property_type(name, value);
-                all_typed &= property_type.is_some();
+                if property_type.is_none() {
+                    untyped.push((kind, Box::from(name)));
+                }
                 let key = (team.id, name.to_owned(), kind);
                 let known = caches.properties.get(&key).copied();
                 // Known with a type, or known untyped and still untyped: nothing to write.
@@ -229,9 +241,7 @@ impl DefinitionsManager {
                     }
                 }
             }
-            if all_typed {
-                caches.shapes.put(shape, ());
-            }
+            caches.shapes.put(shape, untyped.into_boxed_slice());
         }
         new
     }
@@ -310,6 +320,28 @@ fn properties_of(
                 .map(move |(key, value)| (PropertyKind::Group(index), key.as_str(), value))
         });
     own.chain(person).chain(group)
+}
+
+/// Whether each property a known shape had untyped is still untyped in `event` (a property
+/// that got a type since is then recorded with it): only their values are read.
+fn still_untyped(event: &PluginEvent, group_type_index: Option<u8>, untyped: &Untyped) -> bool {
+    untyped.iter().all(|(kind, name)| {
+        let value = match kind {
+            PropertyKind::Event => event.properties.get(name),
+            // Both may hold it; each is recorded.
+            PropertyKind::Person => {
+                return ["$set", "$set_once"]
+                    .into_iter()
+                    .filter_map(|key| event.properties.get(key).and_then(Value::as_object))
+                    .filter_map(|set| set.get(&**name))
+                    .all(|value| detect_property_type(name, value).is_none());
+            }
+            PropertyKind::Group(_) => {
+                group_set(event, group_type_index).and_then(|(_, set)| set.get(&**name))
+            }
+        };
+        value.is_none_or(|value| detect_property_type(name, value).is_none())
+    })
 }
 
 /// The names of [`properties_of`], without reading the event's own values: a known shape

@@ -150,6 +150,19 @@ fn an_untyped_property_is_written_again_once_a_value_gives_it_a_type() {
         property(&new, "p").unwrap().property_type,
         Some(PropertyType::String)
     );
+
+    // A person property in both `$set` and `$set_once`: a typed value in either one counts.
+    let untyped = json!({"$set": {"q": null}, "$set_once": {"q": null}});
+    let new = manager.collect([(&team, &event("e", untyped.clone()), None)]);
+    assert_eq!(property(&new, "q").unwrap().property_type, None);
+    let new = manager.collect([(&team, &event("e", untyped), None)]);
+    assert!(new.properties.is_empty(), "{new:?}");
+    let typed_once = json!({"$set": {"q": null}, "$set_once": {"q": 3}});
+    let new = manager.collect([(&team, &event("e", typed_once), None)]);
+    assert_eq!(
+        property(&new, "q").unwrap().property_type,
+        Some(PropertyType::Numeric)
+    );
 }
 
 #[test]
