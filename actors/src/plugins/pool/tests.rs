@@ -1118,6 +1118,48 @@ fn a_stopped_worker_process_is_ended_and_replaced() {
     });
 }
 
+/// A worker process that dies without a word (the kernel's OOM killer, a crash) is replaced:
+/// the request it was answering goes to the new process and succeeds, and no config is
+/// blamed or disabled.
+#[test]
+fn a_worker_process_killed_from_outside_is_replaced_and_its_request_sent_again() {
+    IN_PROCESSES.set(true);
+    actix::System::new().block_on(async {
+        let (pool, outputs) = running([config(
+            40,
+            2,
+            1,
+            "slow",
+            "exports.processEvent = (e) => { const until = Date.now() + 150; while (Date.now() < until) {} e.properties.done = true; return e }",
+        )]);
+        let pid = worker_pid(&pool, 0).await;
+        let sent = pool.process_events(2, chain_events(vec![event(2, "a")]));
+        let kill = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pool.stats()["workers"][0]["busy_ms"].is_null() {
+                assert!(Instant::now() < deadline, "the request never started");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(killed.success());
+        };
+        let (outcomes, ()) = tokio::join!(sent, kill);
+        assert!(outcomes[0].failures.is_empty(), "{:?}", outcomes[0].failures);
+        assert_eq!(
+            outcomes[0].event_value().expect("kept")["properties"]["done"],
+            true
+        );
+        assert_ne!(worker_pid(&pool, 0).await, pid);
+        assert_eq!(pool.stats()["workers_replaced"], 1);
+        assert!(pool.has_plugins(2), "no config is blamed");
+        let errors = collected(&outputs, |side| side.config_errors.clone());
+        assert!(errors.is_empty(), "{errors:?}");
+    });
+}
+
 /// Every test above again, with each of the pool's workers in a process of its own (this
 /// test binary, see `isolation::tests`): what plugins see and what the pool reports is the
 /// same.
