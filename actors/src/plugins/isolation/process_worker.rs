@@ -301,6 +301,9 @@ impl Connection {
             .stdin(Stdio::null())
             // Its logs are the server's (stderr); what a test harness prints is not.
             .stdout(Stdio::null())
+            // A group of its own: a terminal's Ctrl-C reaches the server only, which then
+            // tears the plugins down in their processes before it ends them.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn();
         let mut child = match spawned {
