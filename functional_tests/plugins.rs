@@ -236,6 +236,63 @@ async fn a_plugin_stopped_by_its_memory_limit_or_stuck_in_native_code_gives_back
     assert_eq!(actors["plugin_vm_pool"]["workers_replaced"], 2, "{actors}");
 }
 
+/// A graceful stop (SIGTERM as an orchestrator sends it, SIGINT as a terminal's Ctrl-C does)
+/// runs `teardownPlugin` in the plugin's worker process, whose `fetch` the server still serves,
+/// before the server exits 0 and its worker processes with it.
+#[tokio::test]
+async fn a_graceful_stop_runs_teardown_plugin_in_the_worker_process() {
+    plugin_server::telemetry::install_tls_provider();
+    for signal in ["-TERM", "-INT"] {
+        let mut recorder = common::HttpRecorder::start().await;
+        let base = tempfile::tempdir().unwrap();
+        let source = format!(
+            "exports.processEvent = (e) => e; exports.teardownPlugin = async () => {{ await fetch('{}/bye', {{ method: 'POST', body: 'torn down' }}) }}",
+            recorder.url
+        );
+        let configs = plugin_for_team_one(base.path(), "goodbye", &source);
+        let mut server = ServerProcess::start(&[
+            ("BASE_DIR", base.path().to_str().unwrap().to_owned()),
+            ("PLUGINS_CONFIG_FILE", configs.to_str().unwrap().to_owned()),
+        ]);
+        let addr = server.addr();
+        let batch = json!([{"event": "hello", "distinct_id": "u1", "properties": {}}]);
+        assert_eq!(post_batch(&addr, "phc_plugins", batch).await, 200);
+        wait_for_rows(base.path(), |rows| {
+            rows.iter().any(|r| r["event"] == "hello")
+        })
+        .await;
+        let pid = server.child.id();
+        let workers = common::process_tree(pid);
+        assert!(workers.len() > 1, "{signal}: worker processes");
+
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let request = recorder
+            .next_request(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("{signal}: teardownPlugin's fetch never came"));
+        assert_eq!(
+            (request.path.as_str(), request.body.as_str()),
+            ("/bye", "torn down")
+        );
+        let status = server.child.wait().unwrap();
+        assert!(status.success(), "{signal}: graceful exit, not {status}");
+        for worker in &workers[1..] {
+            let gone = Instant::now() + Duration::from_secs(5);
+            while Path::new(&format!("/proc/{worker}")).exists() {
+                assert!(
+                    Instant::now() < gone,
+                    "{signal}: worker {worker} outlived the server"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn wait_for_rows(base_dir: &Path, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
