@@ -534,7 +534,7 @@ impl PluginVmPool {
                 Sent::Abandoned { stuck: true } => {
                     let limit = self.inner.config.limits.task_timeout * 2;
                     let message = format!(
-                        "the plugin call ran past {limit:?} (twice TASK_TIMEOUT) or its memory limit; its worker was replaced"
+                        "the plugin call ran past {limit:?} (twice TASK_TIMEOUT), past its memory limit, or crashed its worker process; its worker was replaced"
                     );
                     return fail_all(take_events(pending), &chain, &message);
                 }
@@ -830,13 +830,18 @@ impl PluginVmPool {
                             None => tracing::error!(
                                 worker = index,
                                 pid = worker.pid(),
-                                "A plugin worker process ended on its own; starting a new one."
+                                request = worker.running_request(),
+                                "A plugin worker process ended on its own (a crash, such as a native stack overflow, or killed); starting a new one."
                             ),
                         }
-                        slot.stuck_request.store(
-                            report.as_ref().map_or(0, |report| report.request_id),
-                            Ordering::Relaxed,
-                        );
+                        // A process that died in a request without a word is blamed on that
+                        // request: sent again, it would only end the next process too.
+                        let culprit = report
+                            .as_ref()
+                            .map(|report| report.request_id)
+                            .or_else(|| worker.running_request());
+                        slot.stuck_request
+                            .store(culprit.unwrap_or(0), Ordering::Relaxed);
                         slot.abandoned.cancel();
                         let share = BudgetShare {
                             index,

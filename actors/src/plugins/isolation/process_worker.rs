@@ -211,6 +211,13 @@ impl ProcessWorker {
         running.map(|(_, since)| since.elapsed())
     }
 
+    /// The request the process was answering (it said it began it and never replied): the
+    /// one to blame when the process dies without a word, as on a native stack overflow.
+    pub fn running_request(&self) -> Option<u64> {
+        let running = self.shared.running.lock().ok()?;
+        running.map(|(id, _)| id)
+    }
+
     /// The process id, 0 until it started.
     pub fn pid(&self) -> u32 {
         self.shared.pid.load(Ordering::Relaxed) as u32

@@ -1118,11 +1118,12 @@ fn a_stopped_worker_process_is_ended_and_replaced() {
     });
 }
 
-/// A worker process that dies without a word (the kernel's OOM killer, a crash) is replaced:
-/// the request it was answering goes to the new process and succeeds, and no config is
-/// blamed or disabled.
+/// A worker process that dies without a word (a crash, the kernel's OOM killer) is replaced.
+/// The request it was answering is blamed: its events go on marked failed (sent again, it
+/// could end the next process too); a request queued behind it goes to the new process and
+/// succeeds; and no config is disabled, since which one did it is not known.
 #[test]
-fn a_worker_process_killed_from_outside_is_replaced_and_its_request_sent_again() {
+fn a_worker_process_killed_from_outside_is_replaced_and_the_requests_behind_sent_again() {
     IN_PROCESSES.set(true);
     actix::System::new().block_on(async {
         let (pool, outputs) = running([config(
@@ -1133,30 +1134,69 @@ fn a_worker_process_killed_from_outside_is_replaced_and_its_request_sent_again()
             "exports.processEvent = (e) => { const until = Date.now() + 150; while (Date.now() < until) {} e.properties.done = true; return e }",
         )]);
         let pid = worker_pid(&pool, 0).await;
-        let sent = pool.process_events(2, chain_events(vec![event(2, "a")]));
-        let kill = async {
+        let running_request = pool.process_events(2, chain_events(vec![event(2, "a")]));
+        let queued_and_kill = async {
             let deadline = Instant::now() + Duration::from_secs(10);
             while pool.stats()["workers"][0]["busy_ms"].is_null() {
                 assert!(Instant::now() < deadline, "the request never started");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let killed = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(killed.success());
+            let queued = pool.process_events(2, chain_events(vec![event(2, "b")]));
+            let kill = async {
+                // The second request is in the process's queue by now.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let killed = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .expect("kill runs");
+                assert!(killed.success());
+            };
+            tokio::join!(queued, kill).0
         };
-        let (outcomes, ()) = tokio::join!(sent, kill);
-        assert!(outcomes[0].failures.is_empty(), "{:?}", outcomes[0].failures);
+        let (blamed, queued) = tokio::join!(running_request, queued_and_kill);
+        assert_eq!(blamed[0].failures.len(), 1, "{:?}", blamed[0]);
+        assert!(blamed[0].event.is_some(), "the event goes on");
+        assert!(queued[0].failures.is_empty(), "{:?}", queued[0].failures);
         assert_eq!(
-            outcomes[0].event_value().expect("kept")["properties"]["done"],
+            queued[0].event_value().expect("kept")["properties"]["done"],
             true
         );
         assert_ne!(worker_pid(&pool, 0).await, pid);
         assert_eq!(pool.stats()["workers_replaced"], 1);
-        assert!(pool.has_plugins(2), "no config is blamed");
+        assert!(pool.has_plugins(2), "no config is disabled");
         let errors = collected(&outputs, |side| side.config_errors.clone());
         assert!(errors.is_empty(), "{errors:?}");
+    });
+}
+
+/// boa's `JSON.stringify` recurses natively with no limit, so a deeply nested value overflows
+/// the stack, which aborts the whole process: with worker threads, the server (and it would
+/// again on the batch's redelivery). A worker process dies alone; the request it was in is
+/// blamed on its first death rather than sent again to end more processes, its events go on
+/// marked failed, and other teams keep flowing.
+#[test]
+fn a_native_stack_overflow_ends_only_its_worker_process_once() {
+    IN_PROCESSES.set(true);
+    actix::System::new().block_on(async {
+        let pool = start(1, Arc::new(Collected::default()));
+        pool.set_plugins(bomb_and_healthy(
+            "let a = []; for (let i = 0; i < 1e5; i++) { a = [a] }; JSON.stringify(a)",
+        ));
+        let bombed = pool
+            .process_events(2, chain_events(vec![event(2, "boom")]))
+            .await;
+        assert_eq!(
+            bombed[0].event_value().expect("kept")["properties"]["$plugins_failed"],
+            json!(["bomb (30)"])
+        );
+        assert_eq!(pool.stats()["workers_replaced"], 1, "one death, not three");
+        let healthy = pool
+            .process_events(3, chain_events(vec![event(3, "fine")]))
+            .await;
+        assert_eq!(
+            healthy[0].event_value().expect("event")["properties"]["ok"],
+            true
+        );
     });
 }
 
