@@ -335,6 +335,44 @@ fn the_core_globals_behave_as_javascript_would_define_them() {
     assert_eq!(out["properties"]["replaced"], true);
 }
 
+/// Node, where PostHog's plugins run, has ECMAScript's Annex B: `substr`, `escape`, `getYear`,
+/// `__proto__` and the rest, which older plugin code uses freely.
+#[test]
+fn nodes_annex_b_built_ins_are_there() {
+    let mut vm = load(
+        r#"
+        exports.processEvent = (e) => {
+            const o = { a: 1 }
+            e.properties.annexB = [
+                'https://example.com/x'.substr(8, 7),
+                escape('a b/ü'),
+                unescape('%u00FC%20'),
+                new Date(Date.UTC(2020, 0, 1)).getYear(),
+                o.__proto__ === Object.prototype,
+                'x'.bold(),
+                typeof RegExp.prototype.compile,
+                'ab'.trimLeft !== undefined,
+            ]
+            return e
+        }"#,
+    );
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    let out = result.expect("no error").expect("an event");
+    assert_eq!(
+        out["properties"]["annexB"],
+        json!([
+            "example",
+            "a%20b/%FC",
+            "\u{fc} ",
+            120,
+            true,
+            "<b>x</b>",
+            "function",
+            true
+        ])
+    );
+}
+
 #[test]
 fn modules_outside_the_allow_list_fail_the_load_naming_the_module() {
     let error = load_with("const fs = require('fs')", json!({}), &[]).expect_err("fs is refused");
