@@ -193,7 +193,7 @@ impl PoolMetrics {
         )?;
         let workers_replaced = IntCounter::with_opts(Opts::new(
             "plugin_vm_workers_replaced_total",
-            "Plugin worker threads abandoned by the watchdog because a call ran past 2x TASK_TIMEOUT.",
+            "Plugin workers replaced: a thread abandoned, or a process ended, because a call ran past 2x TASK_TIMEOUT or its memory limit, or (processes) because it crashed.",
         ))?;
         let events_failed = IntCounter::with_opts(Opts::new(
             "plugin_processevent_failures_total",
