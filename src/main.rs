@@ -52,20 +52,20 @@ struct Cli {
     plugin_worker: bool,
 }
 
-/// A plugin worker process: its VMs on this thread, its socket from the server in
-/// PLUGIN_SERVER_WORKER_SOCKET, its logs on stderr at the server's LOG_LEVEL and LOG_FORMAT.
+/// A plugin worker process: its VMs on this thread, its socket to the server on stdin, its
+/// logs on stderr at the server's LOG_LEVEL and LOG_FORMAT.
 fn plugin_worker() -> ExitCode {
     // The server's own logging (the server passes its LOG_LEVEL and LOG_FORMAT down).
     let settings = Settings::load(&LoadOptions::default()).ok();
     let _telemetry = settings.as_ref().map(telemetry::init);
-    let Some(socket) = std::env::var_os(isolation::SOCKET_ENV) else {
+    if std::env::var_os(isolation::WORKER_ENV).is_none() {
         eprintln!(
             "plugin-server: --plugin-worker is started by the server itself ({} is not set)",
-            isolation::SOCKET_ENV
+            isolation::WORKER_ENV
         );
         return ExitCode::from(EXIT_BAD_SETTINGS);
-    };
-    match isolation::run_worker_process(std::path::Path::new(&socket)) {
+    }
+    match isolation::run_worker_process() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "plugin worker process failed");

@@ -8,8 +8,8 @@
 //! back and stops the CPU, and starts another.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -44,12 +44,8 @@ const EXIT_AFTER_STUCK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerProcessError {
-    #[error("could not connect to the server at {path}: {source}")]
-    Connect {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("stdin is not the server's socket: {0}")]
+    Socket(#[source] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("the server's first frame was not its settings")]
@@ -68,13 +64,14 @@ struct FrameWriter {
 
 type Writer = Arc<Mutex<FrameWriter>>;
 
-/// Runs a worker process until the server closes the socket. Call it from the process's main
-/// thread: the VMs live there.
-pub fn run(socket: &Path) -> Result<(), WorkerProcessError> {
-    let stream = UnixStream::connect(socket).map_err(|source| WorkerProcessError::Connect {
-        path: socket.display().to_string(),
-        source,
-    })?;
+/// Runs a worker process until the server closes the socket, which is the process's stdin.
+/// Call it from the process's main thread: the VMs live there.
+pub fn run() -> Result<(), WorkerProcessError> {
+    let stream = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(UnixStream::from)
+        .map_err(WorkerProcessError::Socket)?;
     let mut reader = stream.try_clone().map_err(FrameError::from)?;
     let writer: Writer = Arc::new(Mutex::new(FrameWriter {
         stream,
@@ -87,6 +84,8 @@ pub fn run(socket: &Path) -> Result<(), WorkerProcessError> {
         },
         None => return Ok(()),
     };
+    // Started: the server no longer holds back restarting this worker.
+    send(&writer, &FromWorker::Ready)?;
 
     let (requests, queued) = channel();
     let (host_replies, host_reply) = channel();

@@ -7,7 +7,8 @@
 //! process can be killed: its memory goes back to the system and its CPU goes idle, and the
 //! pool starts another in its place as it would a thread.
 //!
-//! The process is the server's own executable (`plugin-server --plugin-worker`), so it runs
+//! The process is the server's own executable (`plugin-server --plugin-worker`, its stdin one
+//! end of a socket pair whose other end the server keeps), so it runs
 //! the same `VmWorker` with the same limits; its host services (`fetch`, `meta.cache`,
 //! `meta.storage`, jobs, geoip, `posthog.api`) are served by the server over the socket, so
 //! both profiles behave the same whichever process the VM is in.
@@ -31,8 +32,8 @@ use super::worker::{
     SideEffects, Sweep, TeardownAll, WorkerReply,
 };
 
-/// The variable that tells a worker process where the server's socket is.
-pub const SOCKET_ENV: &str = "PLUGIN_SERVER_WORKER_SOCKET";
+/// Set (to 1) for a worker process, whose stdin is then its socket to the server.
+pub const WORKER_ENV: &str = "PLUGIN_SERVER_WORKER";
 
 /// Where the pool's plugin workers run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,7 +47,7 @@ pub enum WorkerIsolation {
 }
 
 /// How to start a worker process: the program, its arguments and variables besides the
-/// server's own; the socket comes in [`SOCKET_ENV`].
+/// server's own; the socket is its stdin, and [`WORKER_ENV`] is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerCommand {
     pub program: PathBuf,

@@ -6,6 +6,7 @@
 //! starts another.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use prometheus::{HistogramVec, IntCounterVec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -22,14 +22,11 @@ use super::protocol::{
     Request, StuckReport, ToWorker, WorkerReport, WorkerSettings, decode, encode_into,
     frame_length, reuse,
 };
-use super::{SOCKET_ENV, WorkerCommand};
+use super::{WORKER_ENV, WorkerCommand};
 use crate::plugins::LoadedConfig;
 use crate::plugins::pool::HostFactory;
 use crate::plugins::runtime::natives::{PluginHost, WorkerLoad};
 use crate::plugins::worker::SideEffects;
-
-/// How long a new worker process may take to connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// See [`Connection::failed_to_start`].
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
@@ -226,26 +223,14 @@ impl ProcessWorker {
 
 #[derive(Debug, thiserror::Error)]
 enum ConnectionError {
-    #[error(
-        "could not make the worker's socket at {path} (set TMPDIR to a writable directory, or PLUGIN_WORKER_ISOLATION=thread): {source}"
-    )]
-    Listen {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("could not make the socket pair for a worker process: {0}")]
+    Socket(#[source] std::io::Error),
     #[error("could not start {program}: {source}")]
     Spawn {
         program: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the worker process exited before it connected ({0})")]
-    ExitedBeforeConnecting(String),
-    #[error("the worker process did not connect within {CONNECT_TIMEOUT:?}")]
-    ConnectTimeout,
-    #[error("accepting the worker process's connection failed: {0}")]
-    Accept(#[source] std::io::Error),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("the worker process could not start its host thread: {0}")]
@@ -275,37 +260,31 @@ impl Connection {
         &self,
         mut outgoing: mpsc::UnboundedReceiver<ToWorker>,
     ) -> Result<(), ConnectionError> {
-        // In a directory only this user may enter (0700): the plugins' code and configs
-        // (API keys among them) cross this socket. Removed once the process has connected.
-        let directory = match tempfile::Builder::new()
-            .prefix("plugin-server-worker-")
-            .tempdir()
-        {
-            Ok(directory) => directory,
+        // The socket is one end of a pair, the process's stdin the other: nothing on the file
+        // system to clean up or to guard (the plugins' code and configs, API keys among
+        // them, cross it), and no writable TMPDIR needed.
+        let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
             Err(source) => {
                 self.failed_to_start().await;
-                return Err(ConnectionError::Listen {
-                    path: std::env::temp_dir().display().to_string(),
-                    source,
-                });
+                return Err(ConnectionError::Socket(source));
             }
         };
-        let path = directory.path().join("socket");
-        let listener = match UnixListener::bind(&path) {
-            Ok(listener) => listener,
+        let stream = match ours
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(ours))
+        {
+            Ok(stream) => stream,
             Err(source) => {
                 self.failed_to_start().await;
-                return Err(ConnectionError::Listen {
-                    path: path.display().to_string(),
-                    source,
-                });
+                return Err(ConnectionError::Socket(source));
             }
         };
         let spawned = tokio::process::Command::new(&self.command.program)
             .args(&self.command.args)
             .envs(self.command.env.iter().map(|(key, value)| (key, value)))
-            .env(SOCKET_ENV, &path)
-            .stdin(Stdio::null())
+            .env(WORKER_ENV, "1")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
             // Its logs are the server's (stderr); what a test harness prints is not.
             .stdout(Stdio::null())
             // A group of its own: a terminal's Ctrl-C reaches the server only, which then
@@ -328,31 +307,6 @@ impl Connection {
                 .pid
                 .store(u64::from(child.id().unwrap_or(0)), Ordering::Relaxed);
         }
-        let accepted = tokio::select! {
-            accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => accepted,
-            status = child.wait() => {
-                self.failed_to_start().await;
-                return Err(ConnectionError::ExitedBeforeConnecting(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())));
-            }
-            () = self.shutdown.cancelled() => {
-                self.end(&mut child).await;
-                return Ok(());
-            }
-        };
-        drop(directory);
-        let stream = match accepted {
-            Ok(Ok((stream, _))) => stream,
-            Ok(Err(error)) => {
-                self.end(&mut child).await;
-                self.failed_to_start().await;
-                return Err(ConnectionError::Accept(error));
-            }
-            Err(_) => {
-                self.end(&mut child).await;
-                self.failed_to_start().await;
-                return Err(ConnectionError::ConnectTimeout);
-            }
-        };
         let (mut read, mut write) = stream.into_split();
         let start = ToWorker::Start(self.settings.clone());
         let writer = async move {
@@ -369,6 +323,9 @@ impl Connection {
             Ok::<(), FrameError>(())
         };
         let host_calls = self.spawn_host_thread()?;
+        // Whether the process got as far as its settings: one that ends before is not
+        // started again at once (see `failed_to_start`).
+        let mut ready = false;
         let reader = async {
             let mut frame = Vec::new();
             loop {
@@ -376,6 +333,7 @@ impl Connection {
                     return Ok::<(), ConnectionError>(());
                 }
                 match decode::<FromWorker>(&frame)? {
+                    FromWorker::Ready => ready = true,
                     FromWorker::Began { id } => {
                         if let Some(shared) = self.shared.upgrade()
                             && let Ok(mut running) = shared.running.lock()
@@ -432,7 +390,8 @@ impl Connection {
             written = writer => written.map_err(ConnectionError::Frame),
             () = self.shutdown.cancelled() => Ok(()),
         };
-        self.end(&mut child).await;
+        let never_started = !ready && !self.shutdown.is_cancelled();
+        self.end(&mut child, never_started).await;
         outcome
     }
 
@@ -443,10 +402,14 @@ impl Connection {
         self.exited.cancel();
     }
 
-    /// Kills the process and reaps it, then lets every waiting request go.
-    async fn end(&self, child: &mut tokio::process::Child) {
+    /// Kills the process and reaps it, then lets every waiting request go; after a pause
+    /// if it `never_started` (see `failed_to_start`).
+    async fn end(&self, child: &mut tokio::process::Child, never_started: bool) {
         let _ = child.start_kill();
         let _ = child.wait().await;
+        if never_started {
+            tokio::time::sleep(RESTART_BACKOFF).await;
+        }
         if let Some(shared) = self.shared.upgrade()
             && let Ok(mut sending) = shared.sending.lock()
         {

@@ -199,6 +199,8 @@ pub enum ReplyValue {
 /// Worker process to server.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// The process read its settings and is ready for requests.
+    Ready,
     /// The worker started on this request (for `/_actors`' `busy_ms`).
     Began { id: u64 },
     Reply {

@@ -2,9 +2,7 @@
 //! [`worker_process_entry`]. The pool's own tests run again with processes in
 //! `pool::tests::in_processes`.
 
-use std::path::Path;
-
-use super::{SOCKET_ENV, WorkerCommand, run_worker_process};
+use super::{WORKER_ENV, WorkerCommand, run_worker_process};
 
 /// The command that starts a worker process in tests.
 pub(crate) fn worker_command() -> WorkerCommand {
@@ -26,7 +24,7 @@ pub(crate) fn worker_command() -> WorkerCommand {
 #[test]
 #[ignore = "not a test: the worker process that the pool's tests in processes start"]
 fn worker_process_entry() {
-    if let Some(socket) = std::env::var_os(SOCKET_ENV) {
-        run_worker_process(Path::new(&socket)).expect("the worker process runs");
+    if std::env::var_os(WORKER_ENV).is_some() {
+        run_worker_process().expect("the worker process runs");
     }
 }
