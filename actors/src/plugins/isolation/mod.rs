@@ -17,7 +17,7 @@ mod child;
 mod process_worker;
 pub mod protocol;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use child::{WorkerProcessError, run as run_worker_process};
@@ -56,10 +56,18 @@ pub struct WorkerCommand {
 }
 
 impl WorkerCommand {
-    /// This executable with `--plugin-worker`, as the server starts its workers.
+    /// This executable with `--plugin-worker`, as the server starts its workers. On Linux
+    /// that is `/proc/self/exe`, the very file the server runs even once an upgrade replaced
+    /// it at its path: a worker from another version would not speak the same frames.
     pub fn this_executable(env: Vec<(String, String)>) -> std::io::Result<Self> {
+        let running = Path::new("/proc/self/exe");
+        let program = if running.exists() {
+            running.to_path_buf()
+        } else {
+            std::env::current_exe()?
+        };
         Ok(Self {
-            program: std::env::current_exe()?,
+            program,
             args: vec!["--plugin-worker".into()],
             env,
         })
