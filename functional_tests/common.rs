@@ -455,32 +455,29 @@ pub async fn post_batch(addr: &str, token: &str, batch: serde_json::Value) -> re
         .expect("capture answered")
 }
 
+/// The fields of `/proc/<pid>/stat` after the command's closing parenthesis (state first).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// The process `pid` and its children (the server's plugin worker processes), from `/proc`.
 pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut tree = vec![pid];
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return tree;
     };
-    for entry in entries.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // After the command's closing parenthesis: state, then the parent's pid.
-        let parent = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|ppid| ppid.parse::<u32>().ok());
-        if parent == Some(pid) {
-            tree.push(child);
-        }
-    }
+    tree.extend(
+        entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&child| {
+                let parent =
+                    stat_fields(child).and_then(|fields| fields.get(1)?.parse::<u32>().ok());
+                parent == Some(pid)
+            }),
+    );
     tree
 }
 
@@ -508,11 +505,9 @@ pub fn tree_rss_kib(pid: u32) -> u64 {
 /// CPU time (user and system, in clock ticks) used so far by `pid` and its live children.
 pub fn tree_cpu_ticks(pid: u32) -> u64 {
     process_tree(pid)
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let rest = stat.rsplit_once(')')?.1.to_owned();
-            let fields: Vec<&str> = rest.split_whitespace().collect();
+        .into_iter()
+        .filter_map(stat_fields)
+        .filter_map(|fields| {
             // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
             Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
         })

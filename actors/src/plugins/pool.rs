@@ -814,61 +814,11 @@ impl PluginVmPool {
                 let mut stuck_configs = Vec::new();
                 for (index, slot) in inner.workers.iter().enumerate() {
                     let Ok(mut slot) = slot.lock() else { continue };
-                    if let WorkerAddr::Process(worker) = &slot.addr {
-                        if !worker.exited() {
-                            continue;
-                        }
-                        let report = worker.stuck_report();
-                        match &report {
-                            Some(report) => tracing::error!(
-                                worker = index,
-                                plugin_config_id = report.plugin_config_id,
-                                busy_ms = report.busy.as_millis() as u64,
-                                out_of_memory = report.out_of_memory,
-                                "A plugin call ran past twice TASK_TIMEOUT or past its memory limit; its worker process was ended, starting a new one and disabling the config."
-                            ),
-                            None => tracing::error!(
-                                worker = index,
-                                pid = worker.pid(),
-                                request = worker.running_request(),
-                                "A plugin worker process ended on its own (a crash, such as a native stack overflow, or killed); starting a new one."
-                            ),
-                        }
-                        // A process that died in a request without a word is blamed on that
-                        // request: sent again, it would only end the next process too.
-                        let culprit = report
-                            .as_ref()
-                            .map(|report| report.request_id)
-                            .or_else(|| worker.running_request());
-                        slot.stuck_request
-                            .store(culprit.unwrap_or(0), Ordering::Relaxed);
-                        slot.abandoned.cancel();
-                        let share = BudgetShare {
-                            index,
-                            held: Arc::clone(&inner.held),
-                        };
-                        *slot =
-                            spawn_worker(&inner.config, &inner.host_factory, &inner.metrics, share);
-                        inner.metrics.workers_replaced.inc();
-                        if let Some(report) = report.filter(|report| report.plugin_config_id != 0) {
-                            stuck_configs.push(report.plugin_config_id);
-                        }
-                        continue;
-                    }
-                    let Some((busy, plugin_config_id)) = slot.heartbeat.busy() else {
+                    let Some(stopped) = stopped(&slot, index, limit) else {
                         continue;
                     };
-                    if busy < limit {
-                        continue;
-                    }
-                    tracing::error!(
-                        worker = index,
-                        plugin_config_id,
-                        busy_ms = busy.as_millis() as u64,
-                        "A plugin call ran past twice TASK_TIMEOUT or past its memory limit; abandoning its worker thread, starting a new one and disabling the config."
-                    );
                     slot.stuck_request
-                        .store(slot.heartbeat.request(), Ordering::Relaxed);
+                        .store(stopped.request.unwrap_or(0), Ordering::Relaxed);
                     slot.abandoned.cancel();
                     let share = BudgetShare {
                         index,
@@ -876,7 +826,7 @@ impl PluginVmPool {
                     };
                     *slot = spawn_worker(&inner.config, &inner.host_factory, &inner.metrics, share);
                     inner.metrics.workers_replaced.inc();
-                    stuck_configs.push(plugin_config_id);
+                    stuck_configs.extend(stopped.plugin_config_id);
                 }
                 if !stuck_configs.is_empty() {
                     disable_configs(&inner, &stuck_configs, limit);
@@ -884,6 +834,59 @@ impl PluginVmPool {
             }
         });
     }
+}
+
+/// A worker the watchdog replaces: the request it stopped in, and the config to disable when
+/// it is known.
+struct Stopped {
+    request: Option<u64>,
+    plugin_config_id: Option<i64>,
+}
+
+/// Whether the worker in `slot` is stopped for good, logged with why: a thread whose call ran
+/// past `limit`, or a process that is gone (it reported a stuck call, or died without a word,
+/// in which case the request it had begun is blamed: sent again, it would only end the next
+/// process too).
+fn stopped(slot: &WorkerSlot, index: usize, limit: Duration) -> Option<Stopped> {
+    let WorkerAddr::Process(worker) = &slot.addr else {
+        let (busy, plugin_config_id) = slot.heartbeat.busy().filter(|(busy, _)| *busy >= limit)?;
+        tracing::error!(
+            worker = index,
+            plugin_config_id,
+            busy_ms = busy.as_millis() as u64,
+            "A plugin call ran past twice TASK_TIMEOUT or past its memory limit; abandoning its worker thread, starting a new one and disabling the config."
+        );
+        return Some(Stopped {
+            request: Some(slot.heartbeat.request()),
+            plugin_config_id: Some(plugin_config_id),
+        });
+    };
+    if !worker.exited() {
+        return None;
+    }
+    let Some(report) = worker.stuck_report() else {
+        tracing::error!(
+            worker = index,
+            pid = worker.pid(),
+            request = worker.running_request(),
+            "A plugin worker process ended on its own (a crash, such as a native stack overflow, or killed); starting a new one."
+        );
+        return Some(Stopped {
+            request: worker.running_request(),
+            plugin_config_id: None,
+        });
+    };
+    tracing::error!(
+        worker = index,
+        plugin_config_id = report.plugin_config_id,
+        busy_ms = report.busy.as_millis() as u64,
+        out_of_memory = report.out_of_memory,
+        "A plugin call ran past twice TASK_TIMEOUT or past its memory limit; its worker process was ended, starting a new one and disabling the config."
+    );
+    Some(Stopped {
+        request: Some(report.request_id),
+        plugin_config_id: Some(report.plugin_config_id).filter(|&id| id != 0),
+    })
 }
 
 /// Takes configs that stopped a worker out of the plugin set (a rerun would stop the next

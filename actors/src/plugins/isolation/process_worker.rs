@@ -367,14 +367,8 @@ impl Connection {
                             return Ok(());
                         }
                     }
+                    // The pool's watchdog logs it when it replaces the process.
                     FromWorker::Stuck(report) => {
-                        tracing::error!(
-                            worker = self.settings.index,
-                            plugin_config_id = report.plugin_config_id,
-                            busy_ms = report.busy.as_millis() as u64,
-                            out_of_memory = report.out_of_memory,
-                            "A plugin worker process stopped in a call (its memory limit, or past twice TASK_TIMEOUT); ending it."
-                        );
                         if let Some(shared) = self.shared.upgrade()
                             && let Ok(mut stuck) = shared.stuck.lock()
                         {

@@ -55,13 +55,6 @@ pub fn encode_into<T: Serialize>(frame: &mut Vec<u8>, message: &T) -> Result<(),
     Ok(())
 }
 
-/// The frame of `message` in a buffer of its own.
-pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let mut frame = Vec::new();
-    encode_into(&mut frame, message)?;
-    Ok(frame)
-}
-
 /// Reads one frame's body into `body`; `false` at a clean end of the stream.
 pub fn read_frame_into(reader: &mut impl Read, body: &mut Vec<u8>) -> Result<bool, FrameError> {
     let mut length = [0; 4];

@@ -1063,16 +1063,34 @@ async fn a_worker_over_its_share_gives_back_and_a_worker_under_it_keeps_its_vms(
     assert_eq!(stats["workers"][1]["vms"], 2, "{stats}");
 }
 
-/// The worker process's pid as `/_actors` shows it, once it has started.
-async fn worker_pid(pool: &PluginVmPool, index: usize) -> u32 {
+/// What `pick` finds in the pool's stats, once it finds something (within 10 s).
+async fn once_in_stats<T>(
+    pool: &PluginVmPool,
+    what: &str,
+    pick: impl Fn(&Value) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(pid) = pool.stats()["workers"][index]["pid"].as_u64() {
-            return pid as u32;
+        if let Some(found) = pick(&pool.stats()) {
+            return found;
         }
-        assert!(Instant::now() < deadline, "worker {index} never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            Instant::now() < deadline,
+            "{what} never came: {}",
+            pool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The worker process's pid as `/_actors` shows it, once it has started.
+async fn worker_pid(pool: &PluginVmPool, index: usize) -> u32 {
+    once_in_stats(pool, "the worker's pid", |stats| {
+        stats["workers"][index]["pid"]
+            .as_u64()
+            .map(|pid| pid as u32)
+    })
+    .await
 }
 
 /// In a process of its own, a worker stopped for good (by a memory bomb, or by a regular
@@ -1136,11 +1154,10 @@ fn a_worker_process_killed_from_outside_is_replaced_and_the_requests_behind_sent
         let pid = worker_pid(&pool, 0).await;
         let running_request = pool.process_events(2, chain_events(vec![event(2, "a")]));
         let queued_and_kill = async {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while pool.stats()["workers"][0]["busy_ms"].is_null() {
-                assert!(Instant::now() < deadline, "the request never started");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            once_in_stats(&pool, "the request's start", |stats| {
+                stats["workers"][0]["busy_ms"].as_u64()
+            })
+            .await;
             let queued = pool.process_events(2, chain_events(vec![event(2, "b")]));
             let kill = async {
                 // The second request is in the process's queue by now.
