@@ -32,6 +32,15 @@ pub struct Properties {
     entries: IndexMap<String, Slot, Hasher>,
 }
 
+/// One property of an object rebuilt from another ([`Properties::rebuild`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PropertyChange {
+    /// The key and value at this position of the object rebuilt from, as they were.
+    Kept(u32),
+    /// This key with the value of this JSON text.
+    Set(String, String),
+}
+
 /// One value: as it arrived, or as a step set it.
 #[derive(Clone)]
 enum Slot {
@@ -151,6 +160,51 @@ impl Properties {
             .into_iter()
             .map(|(key, slot)| (key, slot.into_value()))
             .collect()
+    }
+
+    /// These properties in a new order, some kept and some set (a plugin's answer, see
+    /// [`PropertyChange`]); keys not named are gone. Nothing is consumed unless every change
+    /// applies: a position that is not there (or named twice) or text that is not JSON is an
+    /// error, and `self` comes back with it.
+    pub fn rebuild(self, changes: Vec<PropertyChange>) -> Result<Self, (Self, String)> {
+        let mut named = vec![false; self.entries.len()];
+        enum Checked {
+            Kept(usize),
+            Set(String, Box<RawValue>),
+        }
+        let mut checked = Vec::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                PropertyChange::Kept(position) => match named.get_mut(position as usize) {
+                    Some(seen @ false) => {
+                        *seen = true;
+                        checked.push(Checked::Kept(position as usize));
+                    }
+                    Some(true) => return Err((self, format!("position {position} kept twice"))),
+                    None => return Err((self, format!("no property at position {position}"))),
+                },
+                PropertyChange::Set(key, text) => match RawValue::from_string(text) {
+                    Ok(raw) => checked.push(Checked::Set(key, raw)),
+                    Err(error) => return Err((self, format!("the value of {key:?}: {error}"))),
+                },
+            }
+        }
+        let mut old: Vec<Option<(String, Slot)>> = self.entries.into_iter().map(Some).collect();
+        let mut entries = IndexMap::with_capacity_and_hasher(checked.len(), Hasher::default());
+        for change in checked {
+            match change {
+                // Each position was checked to be there and named once.
+                Checked::Kept(position) => {
+                    if let Some((key, slot)) = old.get_mut(position).and_then(Option::take) {
+                        entries.insert(key, slot);
+                    }
+                }
+                Checked::Set(key, raw) => {
+                    entries.insert(key, Slot::raw(raw));
+                }
+            }
+        }
+        Ok(Self { entries })
     }
 
     /// The object as JSON text: unchanged values are copied as they arrived.
@@ -332,6 +386,36 @@ mod tests {
         let back: Properties = serde_json::from_value(value).unwrap();
         assert_eq!(back, properties);
         assert_eq!(Value::from(back), json!({"a": [1, {"b": null}], "c": true}));
+    }
+
+    #[test]
+    fn a_rebuild_keeps_moves_and_sets_or_changes_nothing() {
+        let properties = parsed(r#"{"a":1.0,"b":"x","c":[1]}"#);
+        let rebuilt = properties
+            .clone()
+            .rebuild(vec![
+                PropertyChange::Kept(2),
+                PropertyChange::Set("d".into(), r#"{"e":2}"#.into()),
+                PropertyChange::Kept(0),
+            ])
+            .map_err(|(_, error)| error)
+            .unwrap();
+        assert_eq!(rebuilt.to_json(), r#"{"c":[1],"d":{"e":2},"a":1.0}"#);
+        for (changes, reason) in [
+            (vec![PropertyChange::Kept(3)], "no property at position 3"),
+            (
+                vec![PropertyChange::Kept(1), PropertyChange::Kept(1)],
+                "position 1 kept twice",
+            ),
+            (
+                vec![PropertyChange::Set("d".into(), "{".into())],
+                "the value of \"d\"",
+            ),
+        ] {
+            let (back, error) = properties.clone().rebuild(changes).unwrap_err();
+            assert!(error.contains(reason), "{error}");
+            assert_eq!(back.to_json(), r#"{"a":1.0,"b":"x","c":[1]}"#);
+        }
     }
 
     #[test]

@@ -43,7 +43,7 @@ use crate::persons::{
     MergeIntent, PersonError, PersonEvent, PersonManager, PersonOutcome, PersonStoreError,
     merge_intent, person_updates,
 };
-use crate::plugins::chain::{ChainEvent, LABEL_KEYS};
+use crate::plugins::chain::{ChainEvent, ChainOutput, LABEL_KEYS};
 use crate::plugins::pool::PluginVmPool;
 use crate::plugins::post_ingestion::{FollowUp, PostIngestionPublisher};
 use crate::system::metrics::{Metrics, MetricsError};
@@ -560,16 +560,20 @@ impl Run {
         let mut dropped = 0;
         for (indices, outcomes) in results {
             for (index, outcome) in indices.into_iter().zip(outcomes) {
-                let Some(value) = outcome.event else {
+                let Some(output) = outcome.event else {
                     keep[index] = false;
                     dropped += 1;
                     continue;
                 };
                 let slot = &mut resolved.events[index];
-                match serde_json::from_str::<PluginEvent>(&value) {
-                    Ok(event) => {
-                        slot.event = event;
-                    }
+                let result = match output {
+                    ChainOutput::Text(text) => serde_json::from_str::<PluginEvent>(&text)
+                        .map(|event| slot.event = event)
+                        .map_err(|error| error.to_string()),
+                    ChainOutput::Changes(changes) => changes.apply(&mut slot.event),
+                };
+                match result {
+                    Ok(()) => {}
                     Err(error) => {
                         keep[index] = false;
                         let mut letter = dead_letter_for_event(
@@ -889,6 +893,8 @@ fn chain_event(event: &PluginEvent) -> ChainEvent {
         distinct_id: event.distinct_id.clone(),
         team_id: Some(serde_json::Value::from(event.team_id)),
         ran,
+        // The pipeline keeps the event: only what the plugins changed comes back.
+        answer_with_changes: true,
     }
 }
 

@@ -3,9 +3,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::event::envelope::parse_like_javascript;
+use std::cell::RefCell;
 
-use super::runtime::plain::Plain;
+use boa_engine::JsString;
+
+use crate::event::envelope::parse_like_javascript;
+use crate::event::{PluginEvent, PropertyChange};
+
+use super::runtime::plain::{Originals, Plain, rust_string, text_of};
 use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
 
 /// `"<plugin name> (<config id>)"`, PostHog's identifier in `$plugins_succeeded`/`$plugins_failed`.
@@ -33,6 +38,10 @@ pub struct ChainEvent {
     /// The labels already in its `$plugins_succeeded` and `$plugins_failed`: those configs
     /// are skipped (an event re-ingested by `posthog.capture` or retried).
     pub ran: Vec<String>,
+    /// The caller still holds the event it sent: answer with what changed
+    /// ([`ChainOutput::Changes`]) where possible, rather than with the whole event's text.
+    #[serde(default)]
+    pub answer_with_changes: bool,
 }
 
 impl ChainEvent {
@@ -50,6 +59,7 @@ impl ChainEvent {
             distinct_id,
             team_id: event.get("team_id").cloned(),
             ran,
+            answer_with_changes: false,
         }
     }
 
@@ -72,18 +82,121 @@ pub const LABEL_KEYS: [&str; 2] = ["$plugins_succeeded", "$plugins_failed"];
 /// What the chain made of one event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChainOutcome {
-    /// The event as JSON text; `None`: a plugin dropped the event.
-    pub event: Option<String>,
+    /// The event that goes on; `None`: a plugin dropped the event.
+    pub event: Option<ChainOutput>,
     pub succeeded: Vec<i64>,
     pub failures: Vec<EventFailure>,
 }
 
 impl ChainOutcome {
-    /// The event parsed, for callers that want JSON (tests, benchmarks).
+    /// The event's text, when the chain answered with the whole event.
+    pub fn text(&self) -> Option<&str> {
+        match &self.event {
+            Some(ChainOutput::Text(text)) => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The event parsed, for callers that want JSON (tests, benchmarks) and asked for the
+    /// whole event.
     pub fn event_value(&self) -> Option<Value> {
-        self.event
-            .as_deref()
-            .and_then(|text| serde_json::from_str(text).ok())
+        self.text().and_then(|text| serde_json::from_str(text).ok())
+    }
+}
+
+/// An event that goes on after the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ChainOutput {
+    /// The whole event as JSON text.
+    Text(String),
+    /// What changed, against the event the caller sent ([`ChainEvent::answer_with_changes`]).
+    Changes(EventChanges),
+}
+
+/// A plugin's result as changes to the event that went in. Most plugins change a few
+/// properties of an event and return it: writing every other value as JSON text, and the
+/// caller parsing it all again, cost more than the plugin call (issue 24). Properties whose
+/// value is the primitive that went in keep the caller's text, as events without plugins do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventChanges {
+    /// The event's fields other than `properties`, as a JSON object's text.
+    pub head: String,
+    /// The properties in their order in the result.
+    pub properties: Vec<PropertyChange>,
+}
+
+impl EventChanges {
+    /// The changes from the event whose properties went in as `originals` to `result` (an
+    /// object). `None` when the result has no `properties` object, which only its whole text
+    /// says.
+    fn between(result: &Plain, originals: &Originals) -> Option<Self> {
+        let Plain::Object(fields) = result else {
+            return None;
+        };
+        let Some(Plain::Object(properties)) = result.get("properties") else {
+            return None;
+        };
+        let head = serde_json::to_string(&Head(fields)).ok()?;
+        // Positions usually follow the input's order: look where the last match ended first.
+        let mut next = 0;
+        let mut changes = Vec::with_capacity(properties.len());
+        for (key, value) in properties {
+            let position = if originals.get(next).is_some_and(|(k, _)| k == key) {
+                Some(next)
+            } else {
+                originals.iter().position(|(k, _)| k == key)
+            };
+            let kept = position.filter(|&position| originals[position].1.as_ref() == Some(value));
+            match kept.and_then(|position| u32::try_from(position).ok()) {
+                Some(position) => {
+                    changes.push(PropertyChange::Kept(position));
+                    next = position as usize + 1;
+                }
+                None => changes.push(PropertyChange::Set(
+                    rust_string(key),
+                    serde_json::to_string(value).ok()?,
+                )),
+            }
+        }
+        Some(Self {
+            head,
+            properties: changes,
+        })
+    }
+
+    /// Makes `event`, whose properties went into the chain, what the chain answered. On error
+    /// (a head that is not an event, or changes that do not fit) `event` stays as it was.
+    pub fn apply(self, event: &mut PluginEvent) -> Result<(), String> {
+        let mut changed: PluginEvent =
+            serde_json::from_str(&self.head).map_err(|error| error.to_string())?;
+        let properties = std::mem::take(&mut event.properties);
+        match properties.rebuild(self.properties) {
+            Ok(properties) => {
+                changed.properties = properties;
+                *event = changed;
+                Ok(())
+            }
+            Err((properties, error)) => {
+                event.properties = properties;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// An event's fields but `properties`, serialized as an object.
+struct Head<'a>(&'a [(JsString, Plain)]);
+
+impl Serialize for Head<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in self.0 {
+            if *key != "properties" {
+                map.serialize_entry(&*text_of(key), value)?;
+            }
+        }
+        map.end()
     }
 }
 
@@ -118,6 +231,8 @@ pub fn run_chain(
     let mut effects = Vec::new();
     // `None` while no plugin has returned an event: the input is still the event.
     let mut event: Option<Plain> = None;
+    // The input's properties as the first VM built them, to answer with changes.
+    let originals: RefCell<Option<Originals>> = RefCell::new(None);
 
     for step in steps.iter_mut() {
         let ran = match &event {
@@ -129,6 +244,7 @@ pub fn run_chain(
         }
         let argument = match &event {
             Some(plain) => CallArg::Plain(plain),
+            None if input.answer_with_changes => CallArg::Event(&input.json, &originals),
             None => CallArg::Text(&input.json),
         };
         let (result, call_effects) = call_process_event(step.vm, argument);
@@ -177,15 +293,24 @@ pub fn run_chain(
     failed_labels.extend(unavailable.iter().cloned());
     let labelled = !succeeded_labels.is_empty() || !failed_labels.is_empty();
     outcome.event = Some(match event {
-        None if !labelled => input.json.clone(),
-        None => with_labels(&input.json, &succeeded_labels, &failed_labels),
+        None if !labelled => ChainOutput::Text(input.json.clone()),
+        None => ChainOutput::Text(with_labels(&input.json, &succeeded_labels, &failed_labels)),
         Some(mut event) => {
             if labelled {
                 event.append_labels(LABEL_KEYS[0], &succeeded_labels);
                 event.append_labels(LABEL_KEYS[1], &failed_labels);
             }
-            // Writing JSON data cannot fail; were it to, the last event that was text goes on.
-            serde_json::to_string(&event).unwrap_or_else(|_| input.json.clone())
+            let changes = originals
+                .into_inner()
+                .and_then(|originals| EventChanges::between(&event, &originals));
+            match changes {
+                Some(changes) => ChainOutput::Changes(changes),
+                // Writing JSON data cannot fail; were it to, the last event that was text
+                // goes on.
+                None => ChainOutput::Text(
+                    serde_json::to_string(&event).unwrap_or_else(|_| input.json.clone()),
+                ),
+            }
         }
     });
     (outcome, effects)
@@ -204,7 +329,7 @@ fn call_process_event(
     }
     let batch = match event {
         CallArg::Json(value) => Plain::Array(vec![Plain::from_json(value)]),
-        CallArg::Text(text) => match parse_repairing(text) {
+        CallArg::Text(text) | CallArg::Event(text, _) => match parse_repairing(text) {
             Ok(value) => Plain::Array(vec![Plain::from_json(&value)]),
             Err(error) => return (Err(CallError::unreadable(&error)), Default::default()),
         },

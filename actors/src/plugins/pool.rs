@@ -30,7 +30,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugins::LoadedConfig;
-use crate::plugins::chain::{ChainEvent, ChainOutcome, EventFailure, config_label, mark_failed};
+use crate::plugins::chain::{
+    ChainEvent, ChainOutcome, ChainOutput, EventFailure, config_label, mark_failed,
+};
 use crate::plugins::isolation::protocol::WorkerSettings;
 use crate::plugins::isolation::{
     ProcessInstruments, ProcessWorker, ToProcess, WorkerCommand, WorkerIsolation,
@@ -1066,7 +1068,7 @@ fn take_events(events: Arc<Vec<ChainEvent>>) -> Vec<ChainEvent> {
 
 fn passthrough(event: ChainEvent) -> ChainOutcome {
     ChainOutcome {
-        event: Some(event.json),
+        event: Some(ChainOutput::Text(event.json)),
         succeeded: Vec::new(),
         failures: Vec::new(),
     }
@@ -1084,7 +1086,7 @@ fn fail_all(
     events
         .into_iter()
         .map(|event| ChainOutcome {
-            event: Some(mark_failed(&event.json, &labels)),
+            event: Some(ChainOutput::Text(mark_failed(&event.json, &labels))),
             succeeded: Vec::new(),
             failures: chain
                 .iter()

@@ -12,6 +12,7 @@ use super::runtime::vm::{CallError, Method, PluginVm, VmError, VmLimits};
 use super::runtime::{Attachment, VmIdentity, VmSource};
 use super::{LogLevel, LogSource};
 use crate::cluster::ClusterError;
+use crate::event::{PluginEvent, PropertyChange};
 
 #[derive(Default)]
 struct MockHost {
@@ -828,4 +829,168 @@ fn a_plugin_thread_gathers_its_headroom_of_garbage_before_collecting() {
     assert!(!collects_within_half_the_headroom(Some(
         crate::plugins::runtime::natives::GC_HEADROOM_BYTES
     )));
+}
+
+/// Runs `codes` as one chain (a VM each, loaded afresh) on the event `input`, answering with
+/// changes or not.
+fn chain_outcome(
+    codes: &[&str],
+    input: &str,
+    answer_with_changes: bool,
+) -> super::chain::ChainOutcome {
+    use super::chain::{ChainEvent, ChainStep, run_chain};
+    let mut vms: Vec<PluginVm> = codes.iter().map(|code| load(code)).collect();
+    let labels: Vec<String> = (0..codes.len()).map(|n| format!("p ({n})")).collect();
+    let mut steps: Vec<ChainStep<'_>> = vms
+        .iter_mut()
+        .zip(&labels)
+        .enumerate()
+        .map(|(n, (vm, label))| ChainStep {
+            label,
+            plugin_config_id: n as i64,
+            vm,
+        })
+        .collect();
+    let event = ChainEvent {
+        json: input.to_owned(),
+        distinct_id: "u1".into(),
+        team_id: Some(json!(2)),
+        ran: Vec::new(),
+        answer_with_changes,
+    };
+    run_chain(&event, &mut steps, &[]).0
+}
+
+/// What the pipeline makes of the chain's answer with changes, and of its whole text: the same
+/// event, with the same properties in the same order.
+fn both_answers(codes: &[&str], input: &str) -> (PluginEvent, PluginEvent) {
+    let mut applied: PluginEvent = serde_json::from_str(input).expect("an event");
+    let changes = match chain_outcome(codes, input, true).event {
+        Some(super::chain::ChainOutput::Changes(changes)) => changes,
+        other => panic!("an answer with changes, not {other:?}"),
+    };
+    changes.apply(&mut applied).expect("applies");
+    let text = chain_outcome(codes, input, false);
+    let whole: PluginEvent = serde_json::from_str(text.text().expect("text")).expect("an event");
+    assert_eq!(applied, whole, "{codes:?} on {input}");
+    let keys = |event: &PluginEvent| event.properties.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&applied), keys(&whole), "{codes:?} on {input}");
+    (applied, whole)
+}
+
+const EVENT_HEAD: &str = r#""event":"page","distinct_id":"u1","team_id":2,"now":"2024-01-01T00:00:00Z","uuid":"0190a1b2-0000-7000-8000-000000000001","ip":"10.1.2.3""#;
+
+fn event_text(properties: &str) -> String {
+    format!(r#"{{{EVENT_HEAD},"properties":{properties}}}"#)
+}
+
+#[test]
+fn an_answer_with_changes_makes_the_same_event_as_the_whole_text() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[SMALL_PLUGIN],
+            r#"{"i":1,"$current_url":"https://example.com/x?y=1","blob":"xxx"}"#,
+        ),
+        // Nested values changed in place, and replaced.
+        (
+            &[
+                "exports.processEvent = (e) => { e.properties.obj.x = 2; e.properties.list.push(3); return e }",
+            ],
+            r#"{"obj":{"x":1},"list":[1,2],"s":"same"}"#,
+        ),
+        // A new object spread from the old one.
+        (
+            &["exports.processEvent = (e) => ({ ...e, properties: { ...e.properties, n: 1 } })"],
+            r#"{"a":"x","b":2.5,"c":null,"d":true}"#,
+        ),
+        // The same value under a key moved to the end.
+        (
+            &[
+                "exports.processEvent = (e) => { const v = e.properties.a; delete e.properties.a; e.properties.a = v; return e }",
+            ],
+            r#"{"a":1,"b":2}"#,
+        ),
+        // Integer-like keys come first in JavaScript, either way.
+        (
+            &["exports.processEvent = (e) => { e.properties.z = 0; return e }"],
+            r#"{"b":1,"7":2,"a":3}"#,
+        ),
+        // Changed by one plugin, changed back by the next; a throw in between gets its label.
+        (
+            &[
+                "exports.processEvent = (e) => { e.properties.x = 2; e.event = 'renamed'; return e }",
+                "exports.processEvent = (e) => { throw new Error('no') }",
+                "exports.processEvent = (e) => { e.properties.x = 1; return e }",
+            ],
+            r#"{"x":1,"y":"\u00e9"}"#,
+        ),
+        // Text beyond ASCII, kept and changed; a string turned number.
+        (
+            &[
+                "exports.processEvent = (e) => { e.properties.t = 'ö'; e.properties.n = Number(e.properties.n); return e }",
+            ],
+            r#"{"s":"é😀","t":"ü","n":"5"}"#,
+        ),
+        // Properties that are no object any more, or gone: the labels make a new one.
+        (
+            &["exports.processEvent = (e) => { e.properties = 'gone'; return e }"],
+            r#"{"a":1}"#,
+        ),
+        (
+            &["exports.processEvent = (e) => { delete e.properties; return e }"],
+            r#"{"a":1}"#,
+        ),
+        // Top-level fields changed, added and removed.
+        (
+            &[
+                "exports.processEvent = (e) => { delete e.ip; e.$set = { a: 1 }; e.distinct_id = 'u2'; return e }",
+            ],
+            r#"{"k":1}"#,
+        ),
+    ];
+    for (codes, properties) in cases {
+        both_answers(codes, &event_text(properties));
+    }
+}
+
+#[test]
+fn properties_a_plugin_left_alone_keep_the_text_they_arrived_with() {
+    let input = event_text(r#"{"f":1.0,"big":12345678901234567890,"u":"\u00e9","n":{"a":1}}"#);
+    let mut event: PluginEvent = serde_json::from_str(&input).expect("an event");
+    let outcome = chain_outcome(
+        &["exports.processEvent = (e) => { e.properties.y = 1; return e }"],
+        &input,
+        true,
+    );
+    let Some(super::chain::ChainOutput::Changes(changes)) = outcome.event else {
+        panic!("an answer with changes");
+    };
+    // The primitives are kept by position; the object and the new key are sent as text.
+    assert_eq!(
+        changes.properties,
+        [
+            PropertyChange::Kept(0),
+            PropertyChange::Kept(1),
+            PropertyChange::Kept(2),
+            PropertyChange::Set("n".into(), r#"{"a":1}"#.into()),
+            PropertyChange::Set("y".into(), "1".into()),
+            PropertyChange::Set("$plugins_succeeded".into(), r#"["p (0)"]"#.into()),
+            PropertyChange::Set("$plugins_failed".into(), "[]".into()),
+        ]
+    );
+    changes.apply(&mut event).expect("applies");
+    assert_eq!(
+        event.properties.to_json(),
+        r#"{"f":1.0,"big":12345678901234567890,"u":"\u00e9","n":{"a":1},"y":1,"$plugins_succeeded":["p (0)"],"$plugins_failed":[]}"#
+    );
+}
+
+#[test]
+fn text_that_needed_repairing_is_answered_whole() {
+    let outcome = chain_outcome(
+        &["exports.processEvent = (e) => e"],
+        &event_text(r#"{"s":"a\ud800b","n":1e400}"#),
+        true,
+    );
+    assert!(outcome.text().is_some(), "{:?}", outcome.event);
 }

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use boa_engine::{Context, JsObject};
 use clap::{Parser, Subcommand, ValueEnum};
+use plugin_server_actors::event::PropertyChange;
 use plugin_server_actors::plugins::LoadedConfig;
-use plugin_server_actors::plugins::chain::ChainEvent;
+use plugin_server_actors::plugins::chain::{ChainEvent, ChainOutput};
 use plugin_server_actors::plugins::host_services::HostServiceError;
 use plugin_server_actors::plugins::isolation::{WorkerCommand, WorkerIsolation};
 use plugin_server_actors::plugins::outputs::PluginOutputs;
@@ -360,7 +361,10 @@ async fn throughput_pool(
         log_level: 0,
         webhook_filters: None,
     })));
-    let template = ChainEvent::from_value(&serde_json::from_str(&raw).context("parse the event")?);
+    let mut template =
+        ChainEvent::from_value(&serde_json::from_str(&raw).context("parse the event")?);
+    // As the pipeline asks: it keeps the event, so only what changed comes back.
+    template.answer_with_changes = true;
     let run = |count: usize| {
         let pool = pool.clone();
         let template = &template;
@@ -378,7 +382,20 @@ async fn throughput_pool(
                     let event = outcome
                         .event
                         .ok_or_else(|| anyhow!("processEvent dropped the event"))?;
-                    bytes += event.len();
+                    bytes += match event {
+                        ChainOutput::Text(text) => text.len(),
+                        ChainOutput::Changes(changes) => {
+                            changes.head.len()
+                                + changes
+                                    .properties
+                                    .iter()
+                                    .map(|change| match change {
+                                        PropertyChange::Kept(_) => 4,
+                                        PropertyChange::Set(key, text) => key.len() + text.len(),
+                                    })
+                                    .sum::<usize>()
+                        }
+                    };
                 }
             }
             anyhow::Ok((bytes, failures))

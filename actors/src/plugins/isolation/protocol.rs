@@ -259,6 +259,7 @@ mod tests {
             distinct_id: "d1".into(),
             team_id: Some(Value::from(2)),
             ran: vec!["p (1)".into()],
+            answer_with_changes: false,
         };
         let message = ToWorker::Request {
             id: 7,

@@ -308,6 +308,7 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         distinct_id: "d".into(),
         team_id: Some(json!(2)),
         ran: vec!["counter (63)".into()],
+        answer_with_changes: false,
     };
     let surrogate =
         r#"{"event":"odd","team_id":2,"distinct_id":"d","properties":{"s":"a\ud800b"}}"#;
@@ -316,6 +317,7 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         distinct_id: "d".into(),
         team_id: Some(json!(2)),
         ran: Vec::new(),
+        answer_with_changes: false,
     };
     // A number JSON.parse reads as Infinity: serde cannot, and the plugins still run.
     let huge = r#"{"event":"huge","team_id":2,"distinct_id":"d","properties":{"n":1e400}}"#;
@@ -324,6 +326,7 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         distinct_id: "d".into(),
         team_id: Some(json!(2)),
         ran: Vec::new(),
+        answer_with_changes: false,
     };
     // Every config fails or is skipped: the labels go onto the client's own text.
     let odd_unchanged = ChainEvent {
@@ -331,6 +334,7 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         distinct_id: "d".into(),
         team_id: Some(json!(2)),
         ran: vec!["counter (63)".into()],
+        answer_with_changes: false,
     };
     let mut events = chain_events(vec![event(2, "plain"), skipped]);
     events.push(exact_event);
@@ -361,7 +365,7 @@ async fn the_chain_keeps_the_event_through_what_plugins_get_wrong() {
         "skipped: {again}"
     );
 
-    let exact_out = outcomes[2].event.as_deref().expect("kept");
+    let exact_out = outcomes[2].text().expect("kept");
     assert!(
         exact_out.contains(r#""big":12345678901234567890"#),
         "{exact_out}"

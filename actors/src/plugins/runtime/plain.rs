@@ -145,6 +145,169 @@ pub fn text_to_js(text: &str, context: &mut Context) -> Result<JsValue, serde_js
     Ok(value)
 }
 
+/// The `properties` of an event as [`event_text_to_js`] built them, in the text's order: each
+/// key with its value when that is a primitive (`None` for an object or an array, which a
+/// plugin may change in place). What the chain compares a plugin's result with, to send back
+/// only what changed.
+pub type Originals = Vec<(JsString, Option<Plain>)>;
+
+/// [`text_to_js`] for an event (a JSON object), also giving its `properties` as they went in
+/// (`None` when the event has no `properties` object).
+pub fn event_text_to_js(
+    text: &str,
+    context: &mut Context,
+) -> Result<(JsValue, Option<Originals>), serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let mut originals = None;
+    let value = deserializer.deserialize_any(EventSeed {
+        context,
+        originals: &mut originals,
+    })?;
+    deserializer.end()?;
+    Ok((value, originals))
+}
+
+/// The top level of an event: as [`JsSeed`], but `properties` goes through [`PropertiesSeed`].
+struct EventSeed<'a> {
+    context: &'a mut Context,
+    originals: &'a mut Option<Originals>,
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_> {
+    type Value = JsValue;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_unit()
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_bool(b)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_i64(n)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_u64(n)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_f64(n)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_str(text)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<JsValue, A::Error> {
+        JsSeed(self.context).visit_seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsValue, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value = if key == "properties" {
+                // A later duplicate `properties` wins in the object, so it wins here too.
+                *self.originals = None;
+                map.next_value_seed(PropertiesSeed {
+                    context: &mut *self.context,
+                    originals: &mut *self.originals,
+                })?
+            } else {
+                map.next_value_seed(JsSeed(&mut *self.context))?
+            };
+            entries.push((key_string(&key), value));
+        }
+        Ok(object(entries.into_iter(), self.context))
+    }
+}
+
+/// An event's `properties`: as [`JsSeed`], keeping each entry in [`Originals`] when it is an
+/// object.
+struct PropertiesSeed<'a> {
+    context: &'a mut Context,
+    originals: &'a mut Option<Originals>,
+}
+
+impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
+    type Value = JsValue;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<JsValue, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PropertiesSeed<'_> {
+    type Value = JsValue;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    // Anything but an object leaves nothing to compare with, and is built as any value is.
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_unit()
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_bool(b)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_i64(n)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_u64(n)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_f64(n)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<JsValue, E> {
+        JsSeed(self.context).visit_str(text)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<JsValue, A::Error> {
+        JsSeed(self.context).visit_seq(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsValue, A::Error> {
+        let capacity = map.size_hint().unwrap_or(0);
+        let mut entries = Vec::with_capacity(capacity);
+        let mut originals: Originals = Vec::with_capacity(capacity);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value = map.next_value_seed(JsSeed(&mut *self.context))?;
+            let key = key_string(&key);
+            originals.push((key.clone(), primitive(&value)));
+            entries.push((key, value));
+        }
+        *self.originals = Some(originals);
+        Ok(object(entries.into_iter(), self.context))
+    }
+}
+
+/// A primitive value built from JSON as [`Plain`] (what [`Plain::export`] makes of it), or
+/// `None` for an object.
+fn primitive(value: &JsValue) -> Option<Plain> {
+    match value.variant() {
+        JsVariant::Null => Some(Plain::Null),
+        JsVariant::Boolean(b) => Some(Plain::Bool(b)),
+        JsVariant::String(s) => Some(Plain::String(s)),
+        JsVariant::Integer32(i) => Some(Plain::Number(f64::from(i))),
+        JsVariant::Float64(n) if n.is_finite() => Some(Plain::Number(n)),
+        // Only what JSON text builds gets here; anything else compares as changed.
+        _ => None,
+    }
+}
+
 /// Deserializes one JSON value straight into boa values.
 struct JsSeed<'a>(&'a mut Context);
 
@@ -339,13 +502,13 @@ fn number_to_json(n: f64) -> Value {
 
 /// A boa string as UTF-8. Text that is not valid UTF-16 (a lone surrogate) keeps its escape
 /// spelled out, as boa's own conversion does.
-fn rust_string(s: &JsString) -> String {
+pub(crate) fn rust_string(s: &JsString) -> String {
     text_of(s).into_owned()
 }
 
 /// A boa string's text, borrowed when it is ASCII (already UTF-8, so no copy and no decoding
 /// a character at a time, which is most event text).
-fn text_of(s: &JsString) -> Cow<'_, str> {
+pub(crate) fn text_of(s: &JsString) -> Cow<'_, str> {
     if let JsStrVariant::Latin1(bytes) = s.variant()
         && bytes.is_ascii()
         && let Ok(text) = std::str::from_utf8(bytes)

@@ -6,6 +6,7 @@
 //! progress (the host services, the deadline, what the call produced) sits in a thread-local
 //! `ActiveCall` that exists only while a call runs.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::natives::{self, PluginHost};
-use super::plain::{self, Plain};
+use super::plain::{self, Originals, Plain};
 use super::prelude::{ExportSources, Prelude};
 use super::{Attachment, CallEffects, VmIdentity, VmSource};
 use crate::event::envelope::parse_like_javascript;
@@ -200,6 +201,9 @@ const MAX_ARGS: usize = 2;
 pub enum CallArg<'a> {
     Json(&'a Value),
     Text(&'a str),
+    /// An event's JSON text, as `Text`; its `properties` as they went in are kept in the cell
+    /// (left `None` when the text needed repairing first, or has no `properties` object).
+    Event(&'a str, &'a RefCell<Option<Originals>>),
     Plain(&'a Plain),
 }
 
@@ -214,6 +218,17 @@ impl CallArg<'_> {
             Self::Text(text) => {
                 parse_like_javascript(text, |text| plain::text_to_js(text, context))
                     .map_err(|error| CallError::unreadable(&error))
+            }
+            Self::Event(text, originals) => {
+                *originals.borrow_mut() = None;
+                match plain::event_text_to_js(text, context) {
+                    Ok((value, kept)) => {
+                        *originals.borrow_mut() = kept;
+                        Ok(value)
+                    }
+                    // Repaired text holds values other than the server's: nothing is kept.
+                    Err(_) => Self::Text(text).to_js(context),
+                }
             }
             Self::Plain(plain) => Ok(plain.to_js(context)),
         }
