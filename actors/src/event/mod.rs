@@ -15,7 +15,7 @@ pub mod properties;
 pub mod team;
 
 pub use dead_letter::{DeadLetter, DropReason};
-pub use properties::{Properties, PropertyChange};
+pub use properties::Properties;
 pub use team::Team;
 
 use std::sync::Arc;

@@ -32,15 +32,6 @@ pub struct Properties {
     entries: IndexMap<String, Slot, Hasher>,
 }
 
-/// One property of an object rebuilt from another ([`Properties::rebuild`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum PropertyChange {
-    /// The key and value at this position of the object rebuilt from, as they were.
-    Kept(u32),
-    /// This key with the value of this JSON text.
-    Set(String, String),
-}
-
 /// One value: as it arrived, or as a step set it.
 #[derive(Clone)]
 enum Slot {
@@ -162,46 +153,44 @@ impl Properties {
             .collect()
     }
 
-    /// These properties in a new order, some kept and some set (a plugin's answer, see
-    /// [`PropertyChange`]); keys not named are gone. Nothing is consumed unless every change
-    /// applies: a position that is not there (or named twice) or text that is not JSON is an
-    /// error, and `self` comes back with it.
-    pub fn rebuild(self, changes: Vec<PropertyChange>) -> Result<Self, (Self, String)> {
+    /// These properties in a new order, some kept and the others from `set` (a plugin's
+    /// answer): `order` names, for each property of the result, its position here, or `None`
+    /// for the next one of `set`. Keys not named are gone. Nothing changes unless the whole
+    /// order fits: a position that is not there or named twice, or a count of `None`s other
+    /// than `set`'s length, is an error, and `self` comes back with it.
+    pub fn rebuild(self, order: &[Option<u32>], set: Properties) -> Result<Self, (Self, String)> {
         let mut named = vec![false; self.entries.len()];
-        enum Checked {
-            Kept(usize),
-            Set(String, Box<RawValue>),
-        }
-        let mut checked = Vec::with_capacity(changes.len());
-        for change in changes {
-            match change {
-                PropertyChange::Kept(position) => match named.get_mut(position as usize) {
-                    Some(seen @ false) => {
-                        *seen = true;
-                        checked.push(Checked::Kept(position as usize));
-                    }
-                    Some(true) => return Err((self, format!("position {position} kept twice"))),
-                    None => return Err((self, format!("no property at position {position}"))),
-                },
-                PropertyChange::Set(key, text) => match RawValue::from_string(text) {
-                    Ok(raw) => checked.push(Checked::Set(key, raw)),
-                    Err(error) => return Err((self, format!("the value of {key:?}: {error}"))),
-                },
+        let mut from_set = 0;
+        for position in order {
+            match position.map(|position| (position, named.get_mut(position as usize))) {
+                None => from_set += 1,
+                Some((_, Some(seen @ false))) => *seen = true,
+                Some((position, Some(true))) => {
+                    return Err((self, format!("position {position} kept twice")));
+                }
+                Some((position, None)) => {
+                    return Err((self, format!("no property at position {position}")));
+                }
             }
         }
+        if from_set != set.len() {
+            return Err((
+                self,
+                format!("{from_set} properties set, {} given", set.len()),
+            ));
+        }
         let mut old: Vec<Option<(String, Slot)>> = self.entries.into_iter().map(Some).collect();
-        let mut entries = IndexMap::with_capacity_and_hasher(checked.len(), Hasher::default());
-        for change in checked {
-            match change {
-                // Each position was checked to be there and named once.
-                Checked::Kept(position) => {
-                    if let Some((key, slot)) = old.get_mut(position).and_then(Option::take) {
-                        entries.insert(key, slot);
-                    }
-                }
-                Checked::Set(key, raw) => {
-                    entries.insert(key, Slot::raw(raw));
-                }
+        let mut set = set.entries.into_iter();
+        // Room for the keys the pipeline adds after the plugins (`$ip`, `$set_once`).
+        let mut entries = IndexMap::with_capacity_and_hasher(order.len() + 2, Hasher::default());
+        for position in order {
+            // Each position was checked to be there once, and `set` to hold the rest.
+            let entry = match position {
+                Some(position) => old.get_mut(*position as usize).and_then(Option::take),
+                None => set.next(),
+            };
+            if let Some((key, slot)) = entry {
+                entries.insert(key, slot);
             }
         }
         Ok(Self { entries })
@@ -393,26 +382,17 @@ mod tests {
         let properties = parsed(r#"{"a":1.0,"b":"x","c":[1]}"#);
         let rebuilt = properties
             .clone()
-            .rebuild(vec![
-                PropertyChange::Kept(2),
-                PropertyChange::Set("d".into(), r#"{"e":2}"#.into()),
-                PropertyChange::Kept(0),
-            ])
+            .rebuild(&[Some(2), None, Some(0)], parsed(r#"{"d":{"e":2}}"#))
             .map_err(|(_, error)| error)
             .unwrap();
         assert_eq!(rebuilt.to_json(), r#"{"c":[1],"d":{"e":2},"a":1.0}"#);
-        for (changes, reason) in [
-            (vec![PropertyChange::Kept(3)], "no property at position 3"),
-            (
-                vec![PropertyChange::Kept(1), PropertyChange::Kept(1)],
-                "position 1 kept twice",
-            ),
-            (
-                vec![PropertyChange::Set("d".into(), "{".into())],
-                "the value of \"d\"",
-            ),
+        for (order, set, reason) in [
+            (vec![Some(3)], "{}", "no property at position 3"),
+            (vec![Some(1), Some(1)], "{}", "position 1 kept twice"),
+            (vec![None], "{}", "1 properties set, 0 given"),
+            (vec![Some(0)], r#"{"d":1}"#, "0 properties set, 1 given"),
         ] {
-            let (back, error) = properties.clone().rebuild(changes).unwrap_err();
+            let (back, error) = properties.clone().rebuild(&order, parsed(set)).unwrap_err();
             assert!(error.contains(reason), "{error}");
             assert_eq!(back.to_json(), r#"{"a":1.0,"b":"x","c":[1]}"#);
         }

@@ -8,9 +8,9 @@ use std::cell::RefCell;
 use boa_engine::JsString;
 
 use crate::event::envelope::parse_like_javascript;
-use crate::event::{PluginEvent, PropertyChange};
+use crate::event::{PluginEvent, Properties};
 
-use super::runtime::plain::{Originals, Plain, rust_string, text_of};
+use super::runtime::plain::{Originals, Plain, text_of};
 use super::runtime::vm::{CallArg, CallError, Method, PluginVm};
 
 /// `"<plugin name> (<config id>)"`, PostHog's identifier in `$plugins_succeeded`/`$plugins_failed`.
@@ -121,8 +121,11 @@ pub enum ChainOutput {
 pub struct EventChanges {
     /// The event's fields other than `properties`, as a JSON object's text.
     pub head: String,
-    /// The properties in their order in the result.
-    pub properties: Vec<PropertyChange>,
+    /// The properties not kept, in their order, as a JSON object's text.
+    pub set: String,
+    /// Each property of the result in its order: the position of a kept one among the
+    /// properties that went in, or `None` for the next one of `set`.
+    pub order: Vec<Option<u32>>,
 }
 
 impl EventChanges {
@@ -136,32 +139,29 @@ impl EventChanges {
         let Some(Plain::Object(properties)) = result.get("properties") else {
             return None;
         };
-        let head = serde_json::to_string(&Head(fields)).ok()?;
+        let not_properties: Vec<bool> =
+            fields.iter().map(|(key, _)| *key != "properties").collect();
+        let head = serde_json::to_string(&Entries(fields, &not_properties)).ok()?;
         // Positions usually follow the input's order: look where the last match ended first.
         let mut next = 0;
-        let mut changes = Vec::with_capacity(properties.len());
+        let mut order = Vec::with_capacity(properties.len());
         for (key, value) in properties {
             let position = if originals.get(next).is_some_and(|(k, _)| k == key) {
                 Some(next)
             } else {
                 originals.iter().position(|(k, _)| k == key)
             };
-            let kept = position.filter(|&position| originals[position].1.as_ref() == Some(value));
-            match kept.and_then(|position| u32::try_from(position).ok()) {
-                Some(position) => {
-                    changes.push(PropertyChange::Kept(position));
-                    next = position as usize + 1;
-                }
-                None => changes.push(PropertyChange::Set(
-                    rust_string(key),
-                    serde_json::to_string(value).ok()?,
-                )),
+            let kept = position
+                .filter(|&position| originals[position].1.as_ref() == Some(value))
+                .and_then(|position| u32::try_from(position).ok());
+            if let Some(position) = kept {
+                next = position as usize + 1;
             }
+            order.push(kept);
         }
-        Some(Self {
-            head,
-            properties: changes,
-        })
+        let not_kept: Vec<bool> = order.iter().map(Option::is_none).collect();
+        let set = serde_json::to_string(&Entries(properties, &not_kept)).ok()?;
+        Some(Self { head, set, order })
     }
 
     /// Makes `event`, whose properties went into the chain, what the chain answered. On error
@@ -169,8 +169,9 @@ impl EventChanges {
     pub fn apply(self, event: &mut PluginEvent) -> Result<(), String> {
         let mut changed: PluginEvent =
             serde_json::from_str(&self.head).map_err(|error| error.to_string())?;
+        let set: Properties = serde_json::from_str(&self.set).map_err(|error| error.to_string())?;
         let properties = std::mem::take(&mut event.properties);
-        match properties.rebuild(self.properties) {
+        match properties.rebuild(&self.order, set) {
             Ok(properties) => {
                 changed.properties = properties;
                 *event = changed;
@@ -184,15 +185,16 @@ impl EventChanges {
     }
 }
 
-/// An event's fields but `properties`, serialized as an object.
-struct Head<'a>(&'a [(JsString, Plain)]);
+/// The entries of an object that a mask picks (one flag per entry, in order), serialized as
+/// an object.
+struct Entries<'a>(&'a [(JsString, Plain)], &'a [bool]);
 
-impl Serialize for Head<'_> {
+impl Serialize for Entries<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(None)?;
-        for (key, value) in self.0 {
-            if *key != "properties" {
+        for ((key, value), wanted) in self.0.iter().zip(self.1) {
+            if *wanted {
                 map.serialize_entry(&*text_of(key), value)?;
             }
         }

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use boa_engine::{Context, JsObject};
 use clap::{Parser, Subcommand, ValueEnum};
-use plugin_server_actors::event::PropertyChange;
 use plugin_server_actors::plugins::LoadedConfig;
 use plugin_server_actors::plugins::chain::{ChainEvent, ChainOutput};
 use plugin_server_actors::plugins::host_services::HostServiceError;
@@ -385,15 +384,7 @@ async fn throughput_pool(
                     bytes += match event {
                         ChainOutput::Text(text) => text.len(),
                         ChainOutput::Changes(changes) => {
-                            changes.head.len()
-                                + changes
-                                    .properties
-                                    .iter()
-                                    .map(|change| match change {
-                                        PropertyChange::Kept(_) => 4,
-                                        PropertyChange::Set(key, text) => key.len() + text.len(),
-                                    })
-                                    .sum::<usize>()
+                            changes.head.len() + changes.set.len() + 4 * changes.order.len()
                         }
                     };
                 }
