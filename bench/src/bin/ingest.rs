@@ -95,6 +95,10 @@ struct Args {
     /// Also write every result (and the peer's) as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Properties to add to each event the servers get, as a web SDK's events carry 30 to 40
+    /// (`w0`..). The peer's events stay as they are: with this, compare servers only.
+    #[arg(long, default_value_t = 0)]
+    wide: usize,
 }
 
 /// What a deployment runs besides the backlog.
@@ -603,12 +607,16 @@ fn peer_message(
     uuid: &Uuid,
     now: &str,
     set_person: bool,
+    wide: usize,
 ) -> Result<(String, Vec<u8>)> {
-    let set = if set_person {
+    let mut set = if set_person {
         format!(r#", "$set": {{"last_i": {i}}}"#)
     } else {
         String::new()
     };
+    for n in 0..wide {
+        set.push_str(&format!(r#", "w{n}": "value {n} of {}""#, i % 97));
+    }
     let data = format!(
         r#"{{"event": "{event}", "properties": {{"i": {i}, "$current_url": "https://example.com/p?q=1", "blob": "{blob}"{set}}}, "timestamp": "{now}"}}"#,
         blob = "x".repeat(i % 300),
@@ -626,13 +634,19 @@ fn peer_now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn produce_backlog(kafka: &str, topic: &str, events: usize, set_person: bool) -> Result<Duration> {
+fn produce_backlog(
+    kafka: &str,
+    topic: &str,
+    events: usize,
+    set_person: bool,
+    wide: usize,
+) -> Result<Duration> {
     let started = Instant::now();
     let producer = EventProducer::new(kafka, topic)?;
     let now = peer_now();
     for i in 0..events {
         let name = format!("e{}", i % 7);
-        let (key, payload) = peer_message(i, &name, &Uuid::new_v4(), &now, set_person)?;
+        let (key, payload) = peer_message(i, &name, &Uuid::new_v4(), &now, set_person, wide)?;
         producer.send(&key, &payload)?;
     }
     producer.flush()?;
@@ -866,8 +880,11 @@ async fn run_scenario(
         let topic = deployment.topic.clone();
         let kafka = services.kafka.clone();
         let set_person = deployment.scenario.sets_persons();
-        tokio::task::spawn_blocking(move || produce_backlog(&kafka, &topic, events, set_person))
-            .await??
+        let wide = args.wide;
+        tokio::task::spawn_blocking(move || {
+            produce_backlog(&kafka, &topic, events, set_person, wide)
+        })
+        .await??
     };
     println!("produced {events} events in {:.1} s", produce.as_secs_f64());
 
@@ -1158,6 +1175,7 @@ async fn run_latency(
     let rate = (rate / 100).max(1) * 100;
     let seconds = args.latency_seconds;
     let set_person = deployment.scenario.sets_persons();
+    let wide = args.wide;
     let reloads = if deployment.scenario == Scenario::Reload {
         Some(start_reloads(services, deployment).await?)
     } else {
@@ -1185,7 +1203,7 @@ async fn run_latency(
                 } else {
                     format!("e{}", i % 7)
                 };
-                let (key, payload) = peer_message(i, &name, &uuid, &now, set_person)?;
+                let (key, payload) = peer_message(i, &name, &uuid, &now, set_person, wide)?;
                 if marker {
                     markers.push((uuid, Instant::now()));
                 }

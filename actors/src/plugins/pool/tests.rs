@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::event::PluginEvent;
 use crate::plugins::host_services::HostServiceError;
 use crate::plugins::runtime::natives::{CacheOp, FetchReply, FetchRequest, JobRequest, StorageOp};
 use crate::plugins::runtime::{VmIdentity, VmSource};
@@ -181,6 +182,44 @@ async fn every_call_is_timed_in_the_method_histogram() {
     pool.process_events(2, chain_events(vec![event(2, "more")]))
         .await;
     assert_eq!(calls("processEvent"), 8);
+}
+
+/// The pipeline keeps the events it sends and asks for what changed: kept properties come
+/// back as positions, with the text they went in with, and the rest as JSON.
+#[actix::test]
+async fn an_answer_with_changes_rebuilds_the_event_the_chain_made() {
+    let (pool, _) = running([
+        config(
+            70,
+            2,
+            1,
+            "renamer",
+            "exports.processEvent = (e) => { e.properties.n += 1; delete e.properties.gone; e.event += '!'; return e }",
+        ),
+        config(
+            71,
+            2,
+            2,
+            "tagger",
+            "exports.processEvent = (e) => { e.properties.tag = { by: 'tagger' }; return e }",
+        ),
+    ]);
+    let text = r#"{"event":"e","team_id":2,"distinct_id":"d","now":"2024-01-01T00:00:00Z","uuid":"u1","properties":{"kept":1.50,"n":1,"gone":true,"s":"\u00e9"}}"#;
+    let mut event: PluginEvent = serde_json::from_str(text).expect("an event");
+    let mut sent = ChainEvent::from_value(&serde_json::from_str(text).expect("JSON"));
+    sent.json = text.to_owned();
+    sent.answer_with_changes = true;
+    let outcomes = pool.process_events(2, vec![sent]).await;
+    let Some(ChainOutput::Changes(changes)) = outcomes[0].event.clone() else {
+        panic!("an answer with changes: {:?}", outcomes[0].event);
+    };
+    changes.apply(&mut event).expect("applies");
+    assert_eq!(event.event, "e!");
+    assert_eq!(event.uuid, "u1");
+    assert_eq!(
+        event.properties.to_json(),
+        r#"{"kept":1.50,"n":2,"s":"\u00e9","tag":{"by":"tagger"},"$plugins_succeeded":["renamer (70)","tagger (71)"],"$plugins_failed":[]}"#
+    );
 }
 
 #[actix::test]
@@ -1233,6 +1272,11 @@ mod in_processes {
     #[test]
     fn every_call_is_timed_in_the_method_histogram() {
         in_processes(super::every_call_is_timed_in_the_method_histogram);
+    }
+
+    #[test]
+    fn an_answer_with_changes_rebuilds_the_event_the_chain_made() {
+        in_processes(super::an_answer_with_changes_rebuilds_the_event_the_chain_made);
     }
 
     #[test]
