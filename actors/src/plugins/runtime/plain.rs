@@ -159,82 +159,32 @@ pub fn event_text_to_js(
 ) -> Result<(JsValue, Option<Originals>), serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let mut originals = None;
-    let value = deserializer.deserialize_any(EventSeed {
+    let value = deserializer.deserialize_any(KeepingSeed {
         context,
         originals: &mut originals,
+        level: Level::Event,
     })?;
     deserializer.end()?;
     Ok((value, originals))
 }
 
-/// The top level of an event: as [`JsSeed`], but `properties` goes through [`PropertiesSeed`].
-struct EventSeed<'a> {
+/// Builds as [`JsSeed`] does, keeping an event's properties in [`Originals`] on the way.
+struct KeepingSeed<'a> {
     context: &'a mut Context,
     originals: &'a mut Option<Originals>,
+    level: Level,
 }
 
-impl<'de> Visitor<'de> for EventSeed<'_> {
-    type Value = JsValue;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_unit()
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_bool(b)
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_i64(n)
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_u64(n)
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_f64(n)
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<JsValue, E> {
-        JsSeed(self.context).visit_str(text)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<JsValue, A::Error> {
-        JsSeed(self.context).visit_seq(seq)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsValue, A::Error> {
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let value = if key == "properties" {
-                // A later duplicate `properties` wins in the object, so it wins here too.
-                *self.originals = None;
-                map.next_value_seed(PropertiesSeed {
-                    context: &mut *self.context,
-                    originals: &mut *self.originals,
-                })?
-            } else {
-                map.next_value_seed(JsSeed(&mut *self.context))?
-            };
-            entries.push((key_string(&key), value));
-        }
-        Ok(object(entries.into_iter(), self.context))
-    }
+/// Where a [`KeepingSeed`] is in an event.
+#[derive(Clone, Copy, PartialEq)]
+enum Level {
+    /// The event itself: its `properties` are kept.
+    Event,
+    /// The event's `properties`: each entry is kept, if it is an object.
+    Properties,
 }
 
-/// An event's `properties`: as [`JsSeed`], keeping each entry in [`Originals`] when it is an
-/// object.
-struct PropertiesSeed<'a> {
-    context: &'a mut Context,
-    originals: &'a mut Option<Originals>,
-}
-
-impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
+impl<'de> DeserializeSeed<'de> for KeepingSeed<'_> {
     type Value = JsValue;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<JsValue, D::Error> {
@@ -242,14 +192,14 @@ impl<'de> DeserializeSeed<'de> for PropertiesSeed<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for PropertiesSeed<'_> {
+impl<'de> Visitor<'de> for KeepingSeed<'_> {
     type Value = JsValue;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.write_str("a JSON value")
     }
 
-    // Anything but an object leaves nothing to compare with, and is built as any value is.
+    // Anything but an object keeps nothing, and is built as any value is.
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<JsValue, E> {
         JsSeed(self.context).visit_unit()
@@ -282,14 +232,29 @@ impl<'de> Visitor<'de> for PropertiesSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsValue, A::Error> {
         let capacity = map.size_hint().unwrap_or(0);
         let mut entries = Vec::with_capacity(capacity);
-        let mut originals: Originals = Vec::with_capacity(capacity);
+        let mut kept: Originals = Vec::new();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let value = map.next_value_seed(JsSeed(&mut *self.context))?;
+            let value = match self.level {
+                Level::Event if key == "properties" => {
+                    // A later duplicate `properties` wins in the object, so it wins here too.
+                    *self.originals = None;
+                    map.next_value_seed(KeepingSeed {
+                        context: &mut *self.context,
+                        originals: &mut *self.originals,
+                        level: Level::Properties,
+                    })?
+                }
+                _ => map.next_value_seed(JsSeed(&mut *self.context))?,
+            };
             let key = key_string(&key);
-            originals.push((key.clone(), primitive(&value)));
+            if self.level == Level::Properties {
+                kept.push((key.clone(), primitive(&value)));
+            }
             entries.push((key, value));
         }
-        *self.originals = Some(originals);
+        if self.level == Level::Properties {
+            *self.originals = Some(kept);
+        }
         Ok(object(entries.into_iter(), self.context))
     }
 }
