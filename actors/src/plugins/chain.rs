@@ -140,9 +140,9 @@ impl EventChanges {
         let Some(Plain::Object(properties)) = result.get("properties") else {
             return None;
         };
-        let not_properties: Vec<bool> =
-            fields.iter().map(|(key, _)| *key != "properties").collect();
-        let head = serde_json::to_string(&Entries(fields, &not_properties)).ok()?;
+        let head =
+            serde_json::to_string(&Entries(fields, |_, key: &JsString| *key != "properties"))
+                .ok()?;
         // Positions usually follow the input's order: look where the last match ended first.
         let mut next = 0;
         let mut order = Vec::with_capacity(properties.len());
@@ -160,8 +160,10 @@ impl EventChanges {
             }
             order.push(kept);
         }
-        let not_kept: Vec<bool> = order.iter().map(Option::is_none).collect();
-        let set = serde_json::to_string(&Entries(properties, &not_kept)).ok()?;
+        let set = serde_json::to_string(&Entries(properties, |n: usize, _: &JsString| {
+            order[n].is_none()
+        }))
+        .ok()?;
         Some(Self { head, set, order })
     }
 
@@ -186,16 +188,16 @@ impl EventChanges {
     }
 }
 
-/// The entries of an object that a mask picks (one flag per entry, in order), serialized as
-/// an object.
-struct Entries<'a>(&'a [(JsString, Plain)], &'a [bool]);
+/// The entries of an object that `wanted` picks (by position and key), serialized as an
+/// object.
+struct Entries<'a, F>(&'a [(JsString, Plain)], F);
 
-impl Serialize for Entries<'_> {
+impl<F: Fn(usize, &JsString) -> bool> Serialize for Entries<'_, F> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(None)?;
-        for ((key, value), wanted) in self.0.iter().zip(self.1) {
-            if *wanted {
+        for (n, (key, value)) in self.0.iter().enumerate() {
+            if (self.1)(n, key) {
                 map.serialize_entry(&*text_of(key), value)?;
             }
         }

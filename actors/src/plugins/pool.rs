@@ -867,14 +867,15 @@ fn stopped(slot: &WorkerSlot, index: usize, limit: Duration) -> Option<Stopped> 
         return None;
     }
     let Some(report) = worker.stuck_report() else {
+        let request = worker.running_request();
         tracing::error!(
             worker = index,
             pid = worker.pid(),
-            request = worker.running_request(),
+            request,
             "A plugin worker process ended on its own (a crash, such as a native stack overflow, or killed); starting a new one."
         );
         return Some(Stopped {
-            request: worker.running_request(),
+            request,
             plugin_config_id: None,
         });
     };

@@ -154,6 +154,12 @@ fn load(code: &str) -> PluginVm {
     load_with(code, json!({"suffix": "_x"}), &[]).expect("the plugin loads")
 }
 
+/// processEvent on [`event`], which must succeed and return an event.
+fn processed(vm: &mut PluginVm) -> Value {
+    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
+    result.expect("no error").expect("an event")
+}
+
 fn event() -> Value {
     json!({"event": "page", "distinct_id": "u1", "properties": {"i": 1, "$current_url": "https://example.com/x?y=1"}})
 }
@@ -176,8 +182,7 @@ fn runs_a_small_process_event_plugin() {
     let mut vm = load(SMALL_PLUGIN);
     assert!(vm.has(Method::ProcessEvent));
     assert!(!vm.has(Method::OnEvent));
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let out = result.expect("no error").expect("an event");
+    let out = processed(&mut vm);
     assert_eq!(out["event"], "page_x");
     assert_eq!(out["properties"]["host_seen"], "example.com");
     assert_eq!(out["properties"]["renamed"], 1);
@@ -315,8 +320,7 @@ fn the_core_globals_behave_as_javascript_would_define_them() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let out = result.expect("no error").expect("an event");
+    let out = processed(&mut vm);
     assert_eq!(
         out["properties"]["checks"],
         json!({
@@ -357,8 +361,7 @@ fn nodes_annex_b_built_ins_are_there() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let out = result.expect("no error").expect("an event");
+    let out = processed(&mut vm);
     assert_eq!(
         out["properties"]["annexB"],
         json!([
@@ -456,8 +459,7 @@ fn crypto_hashes_and_uuids() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let props = result.expect("ok").expect("event")["properties"].clone();
+    let props = processed(&mut vm)["properties"].clone();
     assert_eq!(
         props["sha256"],
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -491,8 +493,7 @@ fn attachments_behave_like_buffers() {
         &attachments,
     )
     .expect("loads");
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let props = result.expect("ok").expect("event")["properties"].clone();
+    let props = processed(&mut vm)["properties"].clone();
     assert_eq!(props["parsed"]["from"], "to");
     assert_eq!(props["meta"], json!(["application/json", "mapping.json"]));
 }
@@ -561,8 +562,7 @@ fn posthog_api_sends_requests_as_posthogs_server_does() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let api = result.expect("ok").expect("event")["properties"]["api"].clone();
+    let api = processed(&mut vm)["properties"]["api"].clone();
     assert_eq!(
         api,
         json!([
@@ -664,8 +664,7 @@ fn time_is_utc_and_intl_formats_like_node() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let props = result.expect("ok").expect("event")["properties"].clone();
+    let props = processed(&mut vm)["properties"].clone();
     assert_eq!(props["hours"], 3);
     assert_eq!(props["gb"], "2 January 2024");
 }
@@ -689,8 +688,7 @@ fn meta_cache_and_storage_round_trip_json_and_raw_values() {
             return e
         }"#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let out = result.expect("ok").expect("event")["properties"]["out"].clone();
+    let out = processed(&mut vm)["properties"]["out"].clone();
     assert_eq!(
         out,
         json!([{"a": [1, 2]}, "text", "fallback", 1, 2, {"at": 5}, "deleted"])
@@ -720,8 +718,7 @@ fn geoip_locate_answers_through_the_host() {
         }
         "#,
     );
-    let (result, _) = vm.call(Method::ProcessEvent, &[&event()]);
-    let out = result.expect("no error").expect("an event");
+    let out = processed(&mut vm);
     assert_eq!(out["properties"]["city"], "East Finchley");
     assert_eq!(out["properties"]["country"], "GB");
     assert_eq!(out["properties"]["unknown"], Value::Null);

@@ -609,16 +609,16 @@ fn peer_message(
     set_person: bool,
     wide: usize,
 ) -> Result<(String, Vec<u8>)> {
-    let mut set = if set_person {
+    let mut extra = if set_person {
         format!(r#", "$set": {{"last_i": {i}}}"#)
     } else {
         String::new()
     };
     for n in 0..wide {
-        set.push_str(&format!(r#", "w{n}": "value {n} of {}""#, i % 97));
+        extra.push_str(&format!(r#", "w{n}": "value {n} of {}""#, i % 97));
     }
     let data = format!(
-        r#"{{"event": "{event}", "properties": {{"i": {i}, "$current_url": "https://example.com/p?q=1", "blob": "{blob}"{set}}}, "timestamp": "{now}"}}"#,
+        r#"{{"event": "{event}", "properties": {{"i": {i}, "$current_url": "https://example.com/p?q=1", "blob": "{blob}"{extra}}}, "timestamp": "{now}"}}"#,
         blob = "x".repeat(i % 300),
     );
     let payload = format!(

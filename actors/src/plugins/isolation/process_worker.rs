@@ -263,18 +263,12 @@ impl Connection {
         // The socket is one end of a pair, the process's stdin the other: nothing on the file
         // system to clean up or to guard (the plugins' code and configs, API keys among
         // them, cross it), and no writable TMPDIR needed.
-        let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        let pair = std::os::unix::net::UnixStream::pair().and_then(|(ours, theirs)| {
+            ours.set_nonblocking(true)?;
+            Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+        });
+        let (stream, theirs) = match pair {
             Ok(pair) => pair,
-            Err(source) => {
-                self.failed_to_start().await;
-                return Err(ConnectionError::Socket(source));
-            }
-        };
-        let stream = match ours
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(ours))
-        {
-            Ok(stream) => stream,
             Err(source) => {
                 self.failed_to_start().await;
                 return Err(ConnectionError::Socket(source));
@@ -392,8 +386,7 @@ impl Connection {
     /// A process that never got to serve is replaced no sooner than this, so that a command
     /// that cannot start does not start again many times a second.
     async fn failed_to_start(&self) {
-        tokio::time::sleep(RESTART_BACKOFF).await;
-        self.exited.cancel();
+        self.finish(true).await;
     }
 
     /// Kills the process and reaps it, then lets every waiting request go; after a pause
@@ -401,7 +394,13 @@ impl Connection {
     async fn end(&self, child: &mut tokio::process::Child, never_started: bool) {
         let _ = child.start_kill();
         let _ = child.wait().await;
-        if never_started {
+        self.finish(never_started).await;
+    }
+
+    /// Lets every waiting request go and says the process has exited, after a pause first
+    /// when it never started.
+    async fn finish(&self, pause: bool) {
+        if pause {
             tokio::time::sleep(RESTART_BACKOFF).await;
         }
         if let Some(shared) = self.shared.upgrade()

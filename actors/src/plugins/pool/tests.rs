@@ -1127,6 +1127,30 @@ async fn once_in_stats<T>(
 }
 
 /// The worker process's pid as `/_actors` shows it, once it has started.
+/// Team 2's event, through [`bomb_and_healthy`]'s bomb, goes on with the bomb listed as
+/// failed.
+async fn assert_bomb_failed(pool: &PluginVmPool, bomb: &str) {
+    let bombed = pool
+        .process_events(2, chain_events(vec![event(2, "boom")]))
+        .await;
+    assert_eq!(
+        bombed[0].event_value().expect("kept")["properties"]["$plugins_failed"],
+        json!(["bomb (30)"]),
+        "{bomb}"
+    );
+}
+
+/// Team 3's event goes through [`bomb_and_healthy`]'s healthy plugin.
+async fn assert_healthy_flows(pool: &PluginVmPool) {
+    let healthy = pool
+        .process_events(3, chain_events(vec![event(3, "fine")]))
+        .await;
+    assert_eq!(
+        healthy[0].event_value().expect("event")["properties"]["ok"],
+        true
+    );
+}
+
 async fn worker_pid(pool: &PluginVmPool, index: usize) -> u32 {
     once_in_stats(pool, "the worker's pid", |stats| {
         stats["workers"][index]["pid"]
@@ -1152,21 +1176,8 @@ fn a_stopped_worker_process_is_ended_and_replaced() {
             let pool = start(1, Arc::new(Collected::default()));
             pool.set_plugins(bomb_and_healthy(bomb));
             let before = worker_pid(&pool, 0).await;
-            let bombed = pool
-                .process_events(2, chain_events(vec![event(2, "boom")]))
-                .await;
-            assert_eq!(
-                bombed[0].event_value().expect("kept")["properties"]["$plugins_failed"],
-                json!(["bomb (30)"]),
-                "{bomb}"
-            );
-            let healthy = pool
-                .process_events(3, chain_events(vec![event(3, "fine")]))
-                .await;
-            assert_eq!(
-                healthy[0].event_value().expect("event")["properties"]["ok"],
-                true
-            );
+            assert_bomb_failed(&pool, bomb).await;
+            assert_healthy_flows(&pool).await;
             let after = worker_pid(&pool, 0).await;
             assert_ne!(before, after, "{bomb}: a new process serves");
             assert!(
@@ -1242,21 +1253,9 @@ fn a_native_stack_overflow_ends_only_its_worker_process_once() {
         pool.set_plugins(bomb_and_healthy(
             "let a = []; for (let i = 0; i < 1e5; i++) { a = [a] }; JSON.stringify(a)",
         ));
-        let bombed = pool
-            .process_events(2, chain_events(vec![event(2, "boom")]))
-            .await;
-        assert_eq!(
-            bombed[0].event_value().expect("kept")["properties"]["$plugins_failed"],
-            json!(["bomb (30)"])
-        );
+        assert_bomb_failed(&pool, "the stack overflow").await;
         assert_eq!(pool.stats()["workers_replaced"], 1, "one death, not three");
-        let healthy = pool
-            .process_events(3, chain_events(vec![event(3, "fine")]))
-            .await;
-        assert_eq!(
-            healthy[0].event_value().expect("event")["properties"]["ok"],
-            true
-        );
+        assert_healthy_flows(&pool).await;
     });
 }
 

@@ -220,15 +220,17 @@ impl CallArg<'_> {
                     .map_err(|error| CallError::unreadable(&error))
             }
             Self::Event(text, originals) => {
-                *originals.borrow_mut() = None;
-                match plain::event_text_to_js(text, context) {
-                    Ok((value, kept)) => {
-                        *originals.borrow_mut() = kept;
-                        Ok(value)
-                    }
-                    // Repaired text holds values other than the server's: nothing is kept.
-                    Err(_) => Self::Text(text).to_js(context),
-                }
+                // Repaired text holds values other than the server's: only the first parse,
+                // of the text as sent, keeps its properties.
+                let mut first = true;
+                let (value, kept) = parse_like_javascript(text, |text| {
+                    let kept_here = std::mem::replace(&mut first, false);
+                    plain::event_text_to_js(text, context)
+                        .map(|(value, kept)| (value, kept.filter(|_| kept_here)))
+                })
+                .map_err(|error| CallError::unreadable(&error))?;
+                *originals.borrow_mut() = kept;
+                Ok(value)
             }
             Self::Plain(plain) => Ok(plain.to_js(context)),
         }
