@@ -455,7 +455,7 @@ fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent
         // Refused by `validate`.
         Some(PropertiesField::NotObject(_)) | None => Properties::new(),
     };
-    let event = PluginEvent {
+    let event = Box::new(PluginEvent {
         distinct_id: fields.distinct_id.map(into_text).unwrap_or_default(),
         // PostHog's `ip || null`: any falsy value is no ip.
         ip: fields.ip.and_then(into_truthy_text),
@@ -471,7 +471,7 @@ fn into_pipeline_event(fields: RawFields, team_id: Option<i64>) -> PipelineEvent
         uuid: fields.uuid.map(into_text).unwrap_or_default(),
         set: fields.set.and_then(into_object),
         set_once: fields.set_once.and_then(into_object),
-    };
+    });
     PipelineEvent {
         team_id,
         token: fields.token.and_then(|token| match token {

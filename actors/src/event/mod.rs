@@ -39,7 +39,9 @@ pub type JsonObject = Map<String, Value>;
 pub struct PipelineEvent {
     pub team_id: Option<i64>,
     pub token: Option<String>,
-    pub event: PluginEvent,
+    /// Boxed: the pipeline's steps move each event from one batch vector to the next, and
+    /// the event is over 500 bytes.
+    pub event: Box<PluginEvent>,
 }
 
 /// The event as plugins receive and return it from `processEvent` (PostHog's `PluginEvent`).
@@ -218,7 +220,8 @@ pub struct IngestionWarning {
 /// needs, and what `crate::ingest::prepare::build_row` turns into the stored row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StampedEvent {
-    pub event: PluginEvent,
+    /// Boxed, as in [`PipelineEvent`].
+    pub event: Box<PluginEvent>,
     pub uuid: Uuid,
     pub timestamp: DateTime<Utc>,
 }

@@ -420,7 +420,7 @@ impl Run {
                     manager.collect(stamped.events.iter().enumerate().map(|(n, (event, team))| {
                         let group_type_index =
                             identified.and_then(|identified| identified.get(n).copied().flatten());
-                        (team.as_ref(), &event.event, group_type_index)
+                        (team.as_ref(), &*event.event, group_type_index)
                     }))
                 });
                 (build_batch(stamped, persons, groups), new_definitions)
@@ -568,7 +568,7 @@ impl Run {
                 let slot = &mut resolved.events[index];
                 let result = match output {
                     ChainOutput::Text(text) => serde_json::from_str::<PluginEvent>(&text)
-                        .map(|event| slot.event = event)
+                        .map(|event| *slot.event = event)
                         .map_err(|error| error.to_string()),
                     ChainOutput::Changes(changes) => changes.apply(&mut slot.event),
                 };
@@ -696,7 +696,7 @@ struct Resolved {
 }
 
 struct ResolvedEvent {
-    event: PluginEvent,
+    event: Box<PluginEvent>,
     team: Arc<Team>,
     /// Read from the event as it arrived, before plugins (as PostHog does): false for
     /// `$process_person_profile: false`.
@@ -786,8 +786,10 @@ impl Stamped {
     /// in order. A retry parses the same messages into the same events unless a plugin answers
     /// differently.
     fn fingerprint(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // Fixed, so that a retry's fingerprint matches its first attempt's.
+        let mut hasher =
+            foldhash::fast::FixedState::with_seed(0x6261_7463_685f_6670).build_hasher();
         self.events.len().hash(&mut hasher);
         for (event, team) in &self.events {
             team.id.hash(&mut hasher);
@@ -804,7 +806,7 @@ impl Stamped {
         let own = self
             .events
             .iter()
-            .map(|(event, team)| (team.id, event.event.distinct_id.clone()));
+            .map(|(event, team)| OrderKey::new(team.id, &event.event.distinct_id));
         let merged = self
             .person_events
             .iter()
@@ -812,7 +814,7 @@ impl Stamped {
                 Ok(MergeIntent::Merge {
                     previous_distinct_id,
                     ..
-                }) => Some((event.team_id, previous_distinct_id.clone())),
+                }) => Some(OrderKey::new(event.team_id, previous_distinct_id)),
                 _ => None,
             });
         own.chain(merged)

@@ -58,7 +58,7 @@ pub fn prepare_normalized_event(
     created_at: DateTime<Utc>,
     warnings: &mut Vec<IngestionWarning>,
 ) -> Result<EventRow, Box<DeadLetter>> {
-    let stamped = stamp_event(event, team, warnings)?;
+    let stamped = stamp_event(Box::new(event), team, warnings)?;
     build_row(stamped, team, created_at, None, &GroupColumns::default())
 }
 
@@ -89,7 +89,7 @@ pub struct RowPerson {
 /// An event whose `uuid` is unusable is dead-lettered here, before the person step, so that
 /// an event that is never stored changes no person.
 pub fn stamp_event(
-    mut event: PluginEvent,
+    mut event: Box<PluginEvent>,
     team: &Team,
     warnings: &mut Vec<IngestionWarning>,
 ) -> Result<StampedEvent, Box<DeadLetter>> {

@@ -113,10 +113,19 @@ impl PostIngestionPublisher {
         // Per team: `None` when it wants no events, else whether its webhook filters need
         // persons.
         let mut wanted: HashMap<i64, Option<bool>> = HashMap::new();
+        // A batch's rows come in runs of one team: most rows reuse the last answer.
+        let mut last: Option<(i64, Option<bool>)> = None;
         for row in rows {
-            let needs = *wanted
-                .entry(row.team_id)
-                .or_insert_with(|| pool.follow_up_needs(row.team_id));
+            let needs = match last {
+                Some((team_id, needs)) if team_id == row.team_id => needs,
+                _ => {
+                    let needs = *wanted
+                        .entry(row.team_id)
+                        .or_insert_with(|| pool.follow_up_needs(row.team_id));
+                    last = Some((row.team_id, needs));
+                    needs
+                }
+            };
             if let Some(with_persons) = needs {
                 by_team
                     .entry(row.team_id)

@@ -181,13 +181,13 @@ fn run(
             stamped
                 .iter()
                 .take(7)
-                .map(|event| (&team, &event.event, None)),
+                .map(|event| (&team, &*event.event, None)),
         ),
     );
     let started = Instant::now();
     let mut new = 0;
     for batch in stamped.chunks(1_000) {
-        let found = definitions.collect(batch.iter().map(|event| (&team, &event.event, None)));
+        let found = definitions.collect(batch.iter().map(|event| (&team, &*event.event, None)));
         new += found.properties.len();
     }
     let definitions_step = started.elapsed();

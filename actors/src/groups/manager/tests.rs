@@ -79,7 +79,7 @@ fn manager() -> (GroupManager, Arc<CountingStore>) {
 
 fn event(name: &str, properties: Value) -> StampedEvent {
     StampedEvent {
-        event: PluginEvent::for_test(name, properties),
+        event: Box::new(PluginEvent::for_test(name, properties)),
         uuid: Uuid::new_v4(),
         timestamp: Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
     }

@@ -3,7 +3,7 @@ use std::time::Duration;
 use super::*;
 
 fn key(distinct_id: &str) -> OrderKey {
-    (1, distinct_id.to_owned())
+    OrderKey::new(1, distinct_id)
 }
 
 /// Whether `future` is still pending after the runtime had every chance to run it.
