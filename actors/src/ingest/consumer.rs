@@ -171,11 +171,11 @@ struct Span {
 }
 
 impl Tracker {
-    fn register(&mut self, spans: &HashMap<i32, (i64, Option<i64>)>) -> u64 {
+    fn register(&mut self, spans: &[(i32, i64, Option<i64>)]) -> u64 {
         let batch = self.next_batch;
         self.next_batch += 1;
         self.in_flight += 1;
-        for (&partition, &(last_offset, last_timestamp_ms)) in spans {
+        for &(partition, last_offset, last_timestamp_ms) in spans {
             self.partitions
                 .entry(partition)
                 .or_default()
@@ -526,7 +526,22 @@ struct Batch {
     keys: Vec<Option<Vec<u8>>>,
     bytes: usize,
     /// Per partition: last offset and its Kafka timestamp.
-    spans: HashMap<i32, (i64, Option<i64>)>,
+    spans: Vec<(i32, i64, Option<i64>)>,
+}
+
+impl Batch {
+    /// Notes a message's offset and timestamp as its partition's last. A fetch hands over
+    /// messages in runs of one partition, so the last entry is almost always the one.
+    fn note(&mut self, partition: i32, offset: i64, timestamp_ms: Option<i64>) {
+        let entry = match self.spans.last_mut() {
+            Some(last) if last.0 == partition => Some(last),
+            _ => self.spans.iter_mut().find(|span| span.0 == partition),
+        };
+        match entry {
+            Some(span) => *span = (partition, offset, timestamp_ms),
+            None => self.spans.push((partition, offset, timestamp_ms)),
+        }
+    }
 }
 
 impl Reader {
@@ -540,13 +555,17 @@ impl Reader {
         let mut stream = self.runner.consumer.stream();
         let timer = tokio::time::sleep(idle_tick);
         tokio::pin!(timer);
+        // One wait for the stop as well: a fresh one per message registers and drops a waiter
+        // on the token each time.
+        let stopped = self.stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let mut batch = Batch::default();
             timer.as_mut().reset(Instant::now() + idle_tick);
             loop {
                 let received = tokio::select! {
                     biased;
-                    () = self.stop.cancelled() => break,
+                    () = &mut stopped => break,
                     () = &mut timer => None,
                     received = stream.next() => received,
                 };
@@ -581,9 +600,10 @@ impl Reader {
                         if self.runner.overflow.is_some() {
                             batch.keys.push(message.key().map(<[u8]>::to_vec));
                         }
-                        batch.spans.insert(
+                        batch.note(
                             message.partition(),
-                            (message.offset(), message.timestamp().to_millis()),
+                            message.offset(),
+                            message.timestamp().to_millis(),
                         );
                         if batch.messages.len() >= self.runner.config.max_batch_messages
                             || batch.bytes >= self.runner.config.max_batch_bytes

@@ -1,10 +1,19 @@
 use super::*;
 
-fn spans(entries: &[(i32, i64)]) -> HashMap<i32, (i64, Option<i64>)> {
-    entries
-        .iter()
-        .map(|&(p, o)| (p, (o, Some(o * 10))))
-        .collect()
+fn spans(entries: &[(i32, i64)]) -> Vec<(i32, i64, Option<i64>)> {
+    entries.iter().map(|&(p, o)| (p, o, Some(o * 10))).collect()
+}
+
+#[test]
+fn a_batch_keeps_each_partitions_last_offset() {
+    let mut batch = Batch::default();
+    for (partition, offset) in [(0, 1), (0, 2), (1, 7), (0, 3), (1, 8), (2, 4)] {
+        batch.note(partition, offset, Some(offset * 10));
+    }
+    assert_eq!(
+        batch.spans,
+        vec![(0, 3, Some(30)), (1, 8, Some(80)), (2, 4, Some(40))]
+    );
 }
 
 #[test]
