@@ -31,6 +31,27 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Clone, Default)]
 pub struct Properties {
     entries: IndexMap<String, Slot, Hasher>,
+    /// One bit ([`key_bit`]) for each key ever inserted; removing a key leaves its bit. A key
+    /// whose bit is clear is not here. The steps look for keys most events lack (`$groups`,
+    /// `$group_0`..`$group_4`, `$process_person_profile`, `$elements_chain`, ...), each after
+    /// the batch's other events have pushed this event's map out of the cache: the filter,
+    /// beside the event's other fields, answers those without reading the map.
+    keys_seen: u128,
+}
+
+/// A key's bit in [`Properties::keys_seen`], from its length and last two bytes: the keys the
+/// steps look for differ there (`$group_0` from `$group_1`, `$set` from `$unset`), and it
+/// costs a few instructions where a full hash would cost more than the lookup it saves.
+fn key_bit(key: &str) -> u128 {
+    let bytes = key.as_bytes();
+    let tail = match bytes {
+        [] => 0,
+        [only] => u64::from(*only),
+        [.., before, last] => u64::from(u16::from_le_bytes([*before, *last])),
+    };
+    let mixed = (bytes.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ tail.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    1 << (mixed >> 57)
 }
 
 /// One value: as it arrived, or as a step set it.
@@ -102,34 +123,53 @@ impl Properties {
         self.entries.is_empty()
     }
 
+    /// False when `key` is surely not here; true when it may be.
+    fn may_hold(&self, key: &str) -> bool {
+        self.keys_seen & key_bit(key) != 0
+    }
+
+    /// Every insertion goes through here, which keeps [`Self::keys_seen`] whole.
+    fn put(&mut self, key: String, slot: Slot) {
+        self.keys_seen |= key_bit(&key);
+        self.entries.insert(key, slot);
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
+        if !self.may_hold(key) {
+            return None;
+        }
         self.entries.get(key).map(Slot::get)
     }
 
     /// The value under `key`, to change: it is written back from its new value.
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
+        if !self.may_hold(key) {
+            return None;
+        }
         self.entries.get_mut(key).map(Slot::get_mut)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        self.may_hold(key) && self.entries.contains_key(key)
     }
 
     /// Sets `key`, keeping its place when it is already there (as JavaScript does).
     pub fn insert(&mut self, key: String, value: Value) {
-        self.entries.insert(key, Slot::Value(Box::new(value)));
+        self.put(key, Slot::Value(Box::new(value)));
     }
 
     /// Removes `key`, keeping the order of the others.
     pub fn remove(&mut self, key: &str) -> Option<Value> {
+        if !self.may_hold(key) {
+            return None;
+        }
         self.entries.shift_remove(key).map(Slot::into_value)
     }
 
     /// The value under `key`, inserted from `default` when missing.
     pub fn get_or_insert_with(&mut self, key: &str, default: impl FnOnce() -> Value) -> &mut Value {
-        if !self.entries.contains_key(key) {
-            self.entries
-                .insert(key.to_owned(), Slot::Value(Box::new(default())));
+        if !self.contains_key(key) {
+            self.put(key.to_owned(), Slot::Value(Box::new(default())));
         }
         match self.entries.get_mut(key) {
             Some(slot) => slot.get_mut(),
@@ -182,8 +222,11 @@ impl Properties {
         }
         let mut old: Vec<Option<(String, Slot)>> = self.entries.into_iter().map(Some).collect();
         let mut set = set.entries.into_iter();
-        // Room for the keys the pipeline adds after the plugins (`$ip`, `$set_once`).
-        let mut entries = IndexMap::with_capacity_and_hasher(order.len() + 2, Hasher::default());
+        let mut rebuilt = Self {
+            // Room for the keys the pipeline adds after the plugins (`$ip`, `$set_once`).
+            entries: IndexMap::with_capacity_and_hasher(order.len() + 2, Hasher::default()),
+            keys_seen: 0,
+        };
         for position in order {
             // Each position was checked to be there once, and `set` to hold the rest.
             let entry = match position {
@@ -191,10 +234,10 @@ impl Properties {
                 None => set.next(),
             };
             if let Some((key, slot)) = entry {
-                entries.insert(key, slot);
+                rebuilt.put(key, slot);
             }
         }
-        Ok(Self { entries })
+        Ok(rebuilt)
     }
 
     /// The object as JSON text: unchanged values are copied as they arrived.
@@ -310,13 +353,16 @@ impl<'de> Visitor<'de> for ObjectVisitor {
         let capacity = access
             .size_hint()
             .unwrap_or_else(|| LAST_LEN.get() + ADDED_KEYS);
-        let mut entries = IndexMap::with_capacity_and_hasher(capacity, Hasher::default());
+        let mut properties = Properties {
+            entries: IndexMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            keys_seen: 0,
+        };
         while let Some(key) = access.next_key::<String>()? {
             let text: Box<RawValue> = access.next_value()?;
-            entries.insert(key, Slot::raw(text));
+            properties.put(key, Slot::raw(text));
         }
-        LAST_LEN.set(entries.len().min(MAX_REMEMBERED_LEN));
-        Ok(Properties { entries })
+        LAST_LEN.set(properties.len().min(MAX_REMEMBERED_LEN));
+        Ok(properties)
     }
 }
 
@@ -414,6 +460,77 @@ mod tests {
             let (back, error) = properties.clone().rebuild(&order, parsed(set)).unwrap_err();
             assert!(error.contains(reason), "{error}");
             assert_eq!(back.to_json(), r#"{"a":1.0,"b":"x","c":[1]}"#);
+        }
+    }
+
+    /// The keys the pipeline's steps look for in most events, which most events lack.
+    const LOOKED_FOR: [&str; 12] = [
+        "$groups",
+        "$group_0",
+        "$group_1",
+        "$group_2",
+        "$group_3",
+        "$group_4",
+        "$process_person_profile",
+        "$set",
+        "$unset",
+        "$elements_chain",
+        "$elements",
+        "$ip",
+    ];
+
+    #[test]
+    fn every_way_in_leaves_a_key_findable() {
+        let keys: Vec<String> = LOOKED_FOR
+            .iter()
+            .map(|key| (*key).to_owned())
+            .chain((0..300).map(|n| format!("k{n}")))
+            .chain(["".to_owned(), "x".to_owned(), "é".to_owned()])
+            .collect();
+        let text = serde_json::to_string(
+            &keys
+                .iter()
+                .map(|key| (key.clone(), json!(1)))
+                .collect::<Map<_, _>>(),
+        )
+        .unwrap();
+        let from_text = parsed(&text);
+        let inserted: Properties = keys.iter().map(|key| (key.clone(), json!(1))).collect();
+        let mut defaulted = Properties::new();
+        for key in &keys {
+            defaulted.get_or_insert_with(key, || json!(1));
+        }
+        let rebuilt = Properties::new()
+            .rebuild(&vec![None; keys.len()], inserted.clone())
+            .map_err(|(_, error)| error)
+            .unwrap();
+        for properties in [from_text, inserted, defaulted, rebuilt] {
+            let mut properties = properties;
+            for key in &keys {
+                assert!(properties.contains_key(key), "{key}");
+                assert_eq!(properties.get(key), Some(&json!(1)), "{key}");
+                assert!(properties.get_mut(key).is_some(), "{key}");
+            }
+            for key in &keys {
+                assert_eq!(properties.remove(key), Some(json!(1)), "{key}");
+                assert_eq!(properties.get(key), None, "{key}");
+            }
+            assert!(properties.is_empty());
+            properties.insert("$set".to_owned(), json!(2));
+            assert_eq!(properties["$set"], json!(2));
+        }
+    }
+
+    #[test]
+    fn the_keys_most_events_lack_are_told_apart_without_reading_the_map() {
+        // Each has its own bit, so an event holding some of them still skips the others.
+        let bits: std::collections::HashSet<u128> =
+            LOOKED_FOR.iter().map(|key| key_bit(key)).collect();
+        assert_eq!(bits.len(), LOOKED_FOR.len());
+        // And the event of the end-to-end benchmark skips every one.
+        let event = parsed(r#"{"i":1,"$current_url":"https://example.com/p?q=1","blob":"x"}"#);
+        for key in LOOKED_FOR {
+            assert!(!event.may_hold(key), "{key}");
         }
     }
 
