@@ -93,13 +93,23 @@ impl WriteBatch {
             groups,
             recordings,
         } = other;
-        self.events.extend(events);
-        self.dead_letters.extend(dead_letters);
-        self.warnings.extend(warnings);
-        self.persons.extend(persons);
-        self.person_distinct_ids.extend(person_distinct_ids);
-        self.groups.extend(groups);
-        self.recordings.extend(recordings);
+        append_rows(&mut self.events, events);
+        append_rows(&mut self.dead_letters, dead_letters);
+        append_rows(&mut self.warnings, warnings);
+        append_rows(&mut self.persons, persons);
+        append_rows(&mut self.person_distinct_ids, person_distinct_ids);
+        append_rows(&mut self.groups, groups);
+        append_rows(&mut self.recordings, recordings);
+    }
+}
+
+/// `rows` after `into`'s: the writer's buffer is usually empty when a batch arrives, and then
+/// the batch's vector is taken as it is rather than its rows moved one by one.
+fn append_rows<T>(into: &mut Vec<T>, mut rows: Vec<T>) {
+    if into.is_empty() {
+        std::mem::swap(into, &mut rows);
+    } else {
+        into.append(&mut rows);
     }
 }
 

@@ -131,3 +131,12 @@ async fn json_lines_write_each_kind_to_its_own_file() {
     .collect();
     assert_eq!(prefixes, expected);
 }
+
+#[test]
+fn appended_rows_follow_the_rows_already_there() {
+    let mut into: Vec<u32> = Vec::new();
+    append_rows(&mut into, vec![1, 2]);
+    append_rows(&mut into, vec![3]);
+    append_rows(&mut into, Vec::new());
+    assert_eq!(into, [1, 2, 3]);
+}
