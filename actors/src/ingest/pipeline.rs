@@ -16,6 +16,7 @@
 //!
 //! Receives: `IngestBatch` from the Kafka consumer and from HTTP capture (embedded profile).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -396,7 +397,6 @@ impl Run {
             .step("stamp", move || stamp_batch(resolved, with_persons))
             .await?;
         let persons = self.person_step(&stamped, turn).await?;
-        stamped.person_events.clear();
         let groups = match &self.groups {
             Some(manager) => {
                 let started = std::time::Instant::now();
@@ -506,15 +506,17 @@ impl Run {
                 "a retried batch's events differ from its first attempt's; applying their person changes again"
             );
         }
+        // Borrowed from the batch's events, which outlive the step.
+        let person_events = stamped.person_events();
         if let Some(turn) = turn {
             let started = std::time::Instant::now();
-            turn.claim(stamped.order_keys()).await;
+            turn.claim(stamped.order_keys(&person_events)).await;
             self.step_duration
                 .with_label_values(&["order"])
                 .observe(started.elapsed().as_secs_f64());
         }
         let started = std::time::Instant::now();
-        let outcomes = manager.resolve_batch(&stamped.person_events).await;
+        let outcomes = manager.resolve_batch(&person_events).await;
         self.step_duration
             .with_label_values(&["persons"])
             .observe(started.elapsed().as_secs_f64());
@@ -766,8 +768,9 @@ fn resolve_batch(
 /// Events with their timestamps parsed and uuids checked, ready for the person step.
 struct Stamped {
     events: Vec<(StampedEvent, Arc<Team>)>,
-    /// One per event, in the same order; empty without a person step.
-    person_events: Vec<PersonEvent>,
+    /// Whether the person step processes each event's person, in the same order; empty
+    /// without a person step.
+    process_person: Vec<bool>,
     dead_letters: Vec<DeadLetter>,
     warnings: Vec<crate::event::IngestionWarning>,
     /// Person-changing events sent with `$process_person_profile: false` (dropped).
@@ -800,15 +803,26 @@ impl Stamped {
         hasher.finish()
     }
 
+    /// What the person step reads of each event, borrowed from it.
+    fn person_events(&self) -> Vec<PersonEvent<'_>> {
+        self.events
+            .iter()
+            .zip(&self.process_person)
+            .map(|((event, _), &process_person)| person_event(event, process_person))
+            .collect()
+    }
+
     /// The distinct ids whose persons and groups this batch changes: each event's own, and the
-    /// other id an identify, alias or merge names.
-    fn order_keys(&self) -> impl Iterator<Item = OrderKey> + '_ {
+    /// other id an identify, alias or merge names (in `person_events`).
+    fn order_keys<'a>(
+        &'a self,
+        person_events: &'a [PersonEvent<'a>],
+    ) -> impl Iterator<Item = OrderKey> + 'a {
         let own = self
             .events
             .iter()
             .map(|(event, team)| OrderKey::new(team.id, &event.event.distinct_id));
-        let merged = self
-            .person_events
+        let merged = person_events
             .iter()
             .filter_map(|event| match &event.intent {
                 Ok(MergeIntent::Merge {
@@ -849,7 +863,7 @@ fn normalize_process_person(event: &mut PluginEvent, process_person: bool) {
 fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
     let mut stamped = Stamped {
         events: Vec::with_capacity(resolved.events.len()),
-        person_events: Vec::with_capacity(if with_persons {
+        process_person: Vec::with_capacity(if with_persons {
             resolved.events.len()
         } else {
             0
@@ -872,9 +886,7 @@ fn stamp_batch(resolved: Resolved, with_persons: bool) -> Stamped {
         match stamp_event(event, &team, &mut stamped.warnings) {
             Ok(event) => {
                 if with_persons {
-                    stamped
-                        .person_events
-                        .push(person_event(&event, process_person));
+                    stamped.process_person.push(process_person);
                 }
                 stamped.events.push((event, team));
             }
@@ -901,12 +913,12 @@ fn chain_event(event: &PluginEvent) -> ChainEvent {
 }
 
 /// What the person step reads of an event.
-fn person_event(stamped: &StampedEvent, process_person: bool) -> PersonEvent {
+fn person_event(stamped: &StampedEvent, process_person: bool) -> PersonEvent<'_> {
     let event = &stamped.event;
     PersonEvent {
         team_id: event.team_id,
-        distinct_id: event.distinct_id.clone(),
-        event_uuid: event.uuid.clone(),
+        distinct_id: Cow::Borrowed(&event.distinct_id),
+        event_uuid: Cow::Borrowed(&event.uuid),
         timestamp: stamped.timestamp,
         intent: merge_intent(&event.event, &event.distinct_id, &event.properties),
         updates: person_updates(&event.properties),

@@ -253,7 +253,7 @@ impl PersonManager {
     /// take a transaction (PostHog reads each person with its own query instead).
     pub async fn resolve_batch(
         &self,
-        events: &[PersonEvent],
+        events: &[PersonEvent<'_>],
     ) -> Vec<Result<PersonOutcome, PersonError>> {
         let mut ids = self.group_by_distinct_id(events);
         // Some event that merges nothing must be read against the person: one that may change
@@ -419,7 +419,7 @@ impl PersonManager {
     /// that way, so one bad event cannot fail the others.
     async fn write_in_one_go(
         &self,
-        events: &[PersonEvent],
+        events: &[PersonEvent<'_>],
         ids: Vec<(Vec<usize>, Option<Known>)>,
         results: &mut [Option<Result<PersonOutcome, PersonError>>],
     ) -> Result<Vec<(Vec<usize>, Option<Known>)>, PersonStoreError> {
@@ -485,7 +485,7 @@ impl PersonManager {
                 let distinct_id_rows = if created {
                     vec![PersonDistinctIdRow {
                         team_id: person.team_id,
-                        distinct_id: event.distinct_id.clone(),
+                        distinct_id: event.distinct_id.to_string(),
                         person_id: person.uuid,
                         is_deleted: false,
                         version: 0,
@@ -509,7 +509,7 @@ impl PersonManager {
                     }
                 }
                 for id in plan_ids {
-                    learned.push((id.team_id, id.distinct_id.as_str(), known.clone()));
+                    learned.push((id.team_id, &*id.distinct_id, known.clone()));
                 }
                 answers[position].changes = Some(Resolution {
                     // The event's person JSON is this version's: serialized once.
@@ -518,7 +518,7 @@ impl PersonManager {
                         Arc::clone(&answers[position].person.properties),
                     )],
                     person,
-                    distinct_ids: vec![event.distinct_id.clone()],
+                    distinct_ids: vec![event.distinct_id.to_string()],
                     merged_person: None,
                     distinct_id_rows,
                     warnings: Vec::new(),
@@ -540,7 +540,7 @@ impl PersonManager {
             HashMap::with_capacity_and_hasher(events.len(), BatchHasher::default());
         let mut ids: Vec<IdEvents<'a>> = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            let key = (event.team_id, event.distinct_id.as_str());
+            let key = (event.team_id, &*event.distinct_id);
             let position = *positions.entry(key).or_insert_with(|| {
                 ids.push(IdEvents {
                     key,
@@ -585,7 +585,7 @@ impl PersonManager {
     /// `None` when it needs the store. What it answers from is kept as the id's fresh copy.
     fn answer_from_memory(
         &self,
-        event: &PersonEvent,
+        event: &PersonEvent<'_>,
         fresh: &mut Option<Known>,
         known: Option<&Known>,
         lookups: &mut Lookups,
@@ -621,12 +621,12 @@ impl PersonManager {
 
     async fn resolve_one(
         &self,
-        event: &PersonEvent,
+        event: &PersonEvent<'_>,
         known: &mut Option<Known>,
     ) -> Result<PersonOutcome, PersonError> {
         // The same answers without a transaction as the batch's first pass, with the cache
         // looked up for this event (an earlier event of the id may have just filled it).
-        let mut fresh = self.cached(&(event.team_id, event.distinct_id.clone()));
+        let mut fresh = self.cached(&(event.team_id, event.distinct_id.to_string()));
         let mut lookups = Lookups::default();
         let answer = self.answer_from_memory(event, &mut fresh, known.as_ref(), &mut lookups);
         self.count_lookups(&lookups);
@@ -634,11 +634,7 @@ impl PersonManager {
             if lookups.snapshot > 0
                 && let Some(known) = known.as_ref()
             {
-                self.remember(
-                    event.team_id,
-                    std::slice::from_ref(&event.distinct_id),
-                    known,
-                );
+                self.remember(event.team_id, &[event.distinct_id.to_string()], known);
             }
             return Ok(answer);
         }

@@ -1,6 +1,8 @@
 //! Person properties (spec 1.5 steps 1–3): the initial properties of a new person, how an
 //! event's `$set`, `$set_once` and `$unset` change them, and how a merge combines two people.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::event::Properties;
@@ -8,21 +10,33 @@ use crate::event::Properties;
 /// The property naming the event that created the person.
 pub const CREATOR_EVENT_UUID: &str = "$creator_event_uuid";
 
-/// The person-property operations carried by one event.
+/// The person-property operations carried by one event, borrowed from its properties.
+///
+/// The person step reads them once or twice per event, while the event itself is held by the
+/// batch; copying the maps cost an allocation per key and per value, then freeing them all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PersonUpdates {
+pub struct PersonUpdates<'a> {
     /// `$set`: overwrite these keys.
-    pub set: Map<String, Value>,
+    pub set: Cow<'a, Map<String, Value>>,
     /// `$set_once`: write these keys only where the person has none.
-    pub set_once: Map<String, Value>,
+    pub set_once: Cow<'a, Map<String, Value>>,
     /// `$unset`: delete these keys.
     pub unset: Vec<String>,
 }
 
-impl PersonUpdates {
+impl PersonUpdates<'_> {
     /// Whether the event touches no person property at all.
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.set_once.is_empty() && self.unset.is_empty()
+    }
+
+    /// These updates, owning what they borrowed.
+    pub fn into_owned(self) -> PersonUpdates<'static> {
+        PersonUpdates {
+            set: Cow::Owned(self.set.into_owned()),
+            set_once: Cow::Owned(self.set_once.into_owned()),
+            unset: self.unset,
+        }
     }
 
     /// Whether applying these updates to `properties` would leave them different, computed
@@ -56,10 +70,10 @@ impl PersonUpdates {
 /// A `$set` or `$set_once` that is not an object is ignored. `$unset` is normally an array of
 /// keys, but some SDKs send an object whose keys are to be unset, which PostHog accepts too;
 /// non-string array elements are ignored since no SDK sends them.
-pub fn person_updates(properties: &Properties) -> PersonUpdates {
+pub fn person_updates(properties: &Properties) -> PersonUpdates<'_> {
     let object = |key: &str| match properties.get(key) {
-        Some(Value::Object(map)) => map.clone(),
-        _ => Map::new(),
+        Some(Value::Object(map)) => Cow::Borrowed(map),
+        _ => Cow::Owned(Map::new()),
     };
     let unset = match properties.get("$unset") {
         Some(Value::Array(keys)) => keys

@@ -8,6 +8,7 @@
 //! rows it returns, a retry sees the winner's changes and builds on them, so two instances
 //! identifying the same user at once end with one person holding both events' properties.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,22 +24,23 @@ use super::rows::{PersonDistinctIdRow, PersonRow};
 use super::store::{NewPerson, Person, PersonStore, PersonStoreError, PersonTransaction};
 use crate::event::IngestionWarning;
 
-/// What the person step needs of one event, read from it before any database work.
+/// What the person step needs of one event, read from it before any database work. It
+/// borrows from the event where it can: the batch holds the events through the step.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PersonEvent {
+pub struct PersonEvent<'a> {
     pub team_id: i64,
-    pub distinct_id: String,
-    pub event_uuid: String,
+    pub distinct_id: Cow<'a, str>,
+    pub event_uuid: Cow<'a, str>,
     /// The event's parsed timestamp: a new person's `created_at`.
     pub timestamp: DateTime<Utc>,
     /// The merge the event asks for; a refused one becomes a warning.
     pub intent: Result<MergeIntent, IllegalMerge>,
-    pub updates: PersonUpdates,
+    pub updates: PersonUpdates<'a>,
     /// False for `$process_person_profile: false`: the event creates and changes no person.
     pub process_person: bool,
 }
 
-impl PersonEvent {
+impl PersonEvent<'_> {
     /// Whether the event asks for no merge (a refused one raises a warning, so it is not
     /// simple either): only its own person's properties can change.
     pub fn is_simple(&self) -> bool {
@@ -96,7 +98,7 @@ pub enum PersonError {
 /// Runs the person step for `event`, retrying lost races.
 pub async fn resolve(
     store: &dyn PersonStore,
-    event: &PersonEvent,
+    event: &PersonEvent<'_>,
     max_attempts: u32,
 ) -> Result<Resolution, PersonError> {
     let mut warnings = Vec::new();
@@ -122,7 +124,7 @@ pub async fn resolve(
         let mut attempt = Attempt {
             event,
             rows: Collected {
-                distinct_ids: vec![event.distinct_id.clone()],
+                distinct_ids: vec![event.distinct_id.to_string()],
                 merged_person: None,
                 person_rows: Vec::new(),
                 distinct_id_rows: Vec::new(),
@@ -187,7 +189,7 @@ struct Collected {
 
 /// One try at the step; collects what to write to ClickHouse once it commits.
 struct Attempt<'e> {
-    event: &'e PersonEvent,
+    event: &'e PersonEvent<'e>,
     rows: Collected,
 }
 
@@ -224,7 +226,7 @@ impl Attempt<'_> {
             {
                 Some(person) => self.update(transaction.as_mut(), person, identify).await?,
                 None => {
-                    let ids = [event.distinct_id.as_str()];
+                    let ids = [&*event.distinct_id];
                     self.create(transaction.as_mut(), identify, &ids).await?
                 }
             },
@@ -405,7 +407,11 @@ impl Attempt<'_> {
 
 /// The person `event` creates for `distinct_id`: PostHog's v5 id of it, the event's
 /// `$set_once` then `$set` (and its uuid as the creator's), each key's last operation.
-pub(crate) fn new_person(event: &PersonEvent, distinct_id: &str, is_identified: bool) -> NewPerson {
+pub(crate) fn new_person(
+    event: &PersonEvent<'_>,
+    distinct_id: &str,
+    is_identified: bool,
+) -> NewPerson {
     let updates = &event.updates;
     let mut last_operation: Map<String, Value> = updates
         .set_once

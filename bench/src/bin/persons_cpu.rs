@@ -9,6 +9,7 @@
 //!     valgrind --tool=callgrind target/release/persons_cpu 50000
 //! For a profile: `perf record --call-graph dwarf target/release/persons_cpu`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,9 @@ fn main() -> anyhow::Result<()> {
     let uuids: Vec<String> = (0..count + BATCH)
         .map(|_| Uuid::new_v4().to_string())
         .collect();
+    let distinct_ids: Vec<String> = (0..count + BATCH)
+        .map(|i| format!("user-{}", i % DISTINCT_IDS))
+        .collect();
 
     let mut read = Duration::ZERO;
     let mut step = Duration::ZERO;
@@ -57,19 +61,16 @@ fn main() -> anyhow::Result<()> {
     for (number, start) in (0..count + BATCH).step_by(BATCH).enumerate() {
         let end = (start + BATCH).min(count + BATCH);
         let started = Instant::now();
-        // What the pipeline's `person_event` reads of each event.
+        // What the pipeline's `person_event` reads of each event, borrowed from it.
         let events: Vec<PersonEvent> = (start..end)
-            .map(|i| {
-                let distinct_id = format!("user-{}", i % DISTINCT_IDS);
-                PersonEvent {
-                    team_id: 2,
-                    intent: merge_intent("e", &distinct_id, &properties[i]),
-                    distinct_id,
-                    event_uuid: uuids[i].clone(),
-                    timestamp,
-                    updates: person_updates(&properties[i]),
-                    process_person: true,
-                }
+            .map(|i| PersonEvent {
+                team_id: 2,
+                intent: merge_intent("e", &distinct_ids[i], &properties[i]),
+                distinct_id: Cow::Borrowed(&distinct_ids[i]),
+                event_uuid: Cow::Borrowed(&uuids[i]),
+                timestamp,
+                updates: person_updates(&properties[i]),
+                process_person: true,
             })
             .collect();
         let read_time = started.elapsed();

@@ -36,7 +36,11 @@ impl Plan {
     /// a person creates it (PostHog's v5 id, `$set_once` then `$set`, the creator event's
     /// uuid); later events apply `$set_once`, `$set` and `$unset` in order. Each event's
     /// answer is the person as it left it; the version moves once for the batch.
-    pub(super) fn new(events: &[PersonEvent], indices: &[usize], known: Option<&Known>) -> Self {
+    pub(super) fn new(
+        events: &[PersonEvent<'_>],
+        indices: &[usize],
+        known: Option<&Known>,
+    ) -> Self {
         let mut state: Option<(Person, EventPerson)> =
             known.map(|known| ((*known.person).clone(), known.event_person.clone()));
         let mut plan = Plan {
@@ -48,7 +52,7 @@ impl Plan {
         let mut created_person: Option<NewPerson> = None;
         let distinct_id = indices
             .first()
-            .map(|&index| events[index].distinct_id.clone())
+            .map(|&index| events[index].distinct_id.to_string())
             .unwrap_or_default();
         for (position, &index) in indices.iter().enumerate() {
             let event = &events[index];
@@ -102,7 +106,7 @@ impl Plan {
 /// changed. An existing person (cached or in the batch's snapshot) lends its id with empty
 /// properties, and takes the event as its own once it is older than a minute; otherwise the
 /// id is the one PostHog derives from the distinct id.
-pub(super) fn personless(event: &PersonEvent, existing: Option<&EventPerson>) -> PersonOutcome {
+pub(super) fn personless(event: &PersonEvent<'_>, existing: Option<&EventPerson>) -> PersonOutcome {
     let empty: Arc<str> = Arc::from("{}");
     match existing {
         Some(person) => PersonOutcome {

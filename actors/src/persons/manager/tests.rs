@@ -67,17 +67,17 @@ impl PersonStore for CountingStore {
     }
 }
 
-fn event(distinct_id: &str, name: &str, properties: Value) -> PersonEvent {
+fn event(distinct_id: &str, name: &str, properties: Value) -> PersonEvent<'static> {
     let Value::Object(properties) = properties else {
         panic!("object");
     };
     PersonEvent {
         team_id: 2,
-        distinct_id: distinct_id.to_owned(),
-        event_uuid: Uuid::now_v7().to_string(),
+        distinct_id: distinct_id.to_owned().into(),
+        event_uuid: Uuid::now_v7().to_string().into(),
         timestamp: Utc::now(),
         intent: merge_intent(name, distinct_id, &properties.clone().into()),
-        updates: person_updates(&properties.into()),
+        updates: person_updates(&properties.into()).into_owned(),
         process_person: true,
     }
 }

@@ -17,22 +17,22 @@ fn at(second: u32) -> DateTime<Utc> {
         .expect("valid time")
 }
 
-fn event(distinct_id: &str, name: &str, properties: Value, second: u32) -> PersonEvent {
+fn event(distinct_id: &str, name: &str, properties: Value, second: u32) -> PersonEvent<'static> {
     let Value::Object(properties) = properties else {
         panic!("properties must be an object");
     };
     PersonEvent {
         team_id: TEAM,
-        distinct_id: distinct_id.to_owned(),
-        event_uuid: Uuid::now_v7().to_string(),
+        distinct_id: distinct_id.to_owned().into(),
+        event_uuid: Uuid::now_v7().to_string().into(),
         timestamp: at(second),
         intent: merge_intent(name, distinct_id, &properties.clone().into()),
-        updates: person_updates(&properties.into()),
+        updates: person_updates(&properties.into()).into_owned(),
         process_person: true,
     }
 }
 
-async fn run(store: &dyn PersonStore, event: &PersonEvent) -> Resolution {
+async fn run(store: &dyn PersonStore, event: &PersonEvent<'_>) -> Resolution {
     resolve(store, event, 5).await.expect("person step")
 }
 
@@ -78,7 +78,7 @@ async fn first_sight_creates_the_person_with_set_and_set_once(store: &dyn Person
     assert_eq!(without_creator(person), props(json!({ "a": 1, "b": 2 })));
     assert_eq!(
         person.properties["$creator_event_uuid"],
-        Value::String(first.event_uuid.clone())
+        Value::String(first.event_uuid.to_string())
     );
     assert_eq!(resolution.person_rows, vec![PersonRow::of(person)]);
     assert_eq!(resolution.distinct_id_rows.len(), 1);

@@ -3,17 +3,17 @@ use serde_json::{Value, json};
 use super::*;
 use crate::persons::{merge_intent, person_updates};
 
-fn event(distinct_id: &str, properties: Value) -> PersonEvent {
+fn event(distinct_id: &str, properties: Value) -> PersonEvent<'static> {
     let Value::Object(properties) = properties else {
         panic!("object");
     };
     PersonEvent {
         team_id: 2,
-        distinct_id: distinct_id.to_owned(),
-        event_uuid: uuid::Uuid::now_v7().to_string(),
+        distinct_id: distinct_id.to_owned().into(),
+        event_uuid: uuid::Uuid::now_v7().to_string().into(),
         timestamp: Utc::now(),
         intent: merge_intent("$pageview", distinct_id, &properties.clone().into()),
-        updates: person_updates(&properties.into()),
+        updates: person_updates(&properties.into()).into_owned(),
         process_person: true,
     }
 }
