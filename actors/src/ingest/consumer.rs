@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
 use crate::ingest::order::{BatchTurn, KeyOrder};
+use crate::ingest::payloads::Payloads;
 use crate::ingest::pipeline::{IngestBatch, IngestionPipeline, PipelineError};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::system::health::ProgressReporter;
@@ -521,10 +522,9 @@ struct Reader {
 
 #[derive(Default)]
 struct Batch {
-    messages: Vec<Vec<u8>>,
+    messages: Payloads,
     /// The messages' Kafka keys, kept only when overflow rerouting needs them.
     keys: Vec<Option<Vec<u8>>>,
-    bytes: usize,
     /// Per partition: last offset and its Kafka timestamp.
     spans: Vec<(i32, i64, Option<i64>)>,
 }
@@ -589,14 +589,12 @@ impl Reader {
                         timer.as_mut().reset(Instant::now() + idle_tick);
                     }
                     Some(Ok(message)) => {
-                        let payload = message.payload().map(<[u8]>::to_vec).unwrap_or_default();
                         if batch.messages.is_empty() {
                             timer
                                 .as_mut()
                                 .reset(Instant::now() + self.runner.config.max_batch_wait);
                         }
-                        batch.bytes += payload.len();
-                        batch.messages.push(payload);
+                        batch.messages.push(message.payload().unwrap_or_default());
                         if self.runner.overflow.is_some() {
                             batch.keys.push(message.key().map(<[u8]>::to_vec));
                         }
@@ -606,7 +604,7 @@ impl Reader {
                             message.timestamp().to_millis(),
                         );
                         if batch.messages.len() >= self.runner.config.max_batch_messages
-                            || batch.bytes >= self.runner.config.max_batch_bytes
+                            || batch.messages.byte_len() >= self.runner.config.max_batch_bytes
                         {
                             break;
                         }
@@ -681,7 +679,7 @@ impl BatchRunner {
     async fn run(
         self,
         id: u64,
-        messages: Vec<Vec<u8>>,
+        messages: Payloads,
         keys: Vec<Option<Vec<u8>>>,
         turn: &Arc<BatchTurn>,
     ) {
@@ -689,9 +687,12 @@ impl BatchRunner {
         let messages = match &self.overflow {
             Some(router) => {
                 let keyed = messages
-                    .into_iter()
+                    .iter()
                     .zip(keys)
-                    .map(|(payload, key)| KeyedMessage { key, payload })
+                    .map(|(payload, key)| KeyedMessage {
+                        key,
+                        payload: payload.to_vec(),
+                    })
                     .collect();
                 // Split once: a retry must not spend the buckets again.
                 let (kept, overflow) = router.split(keyed);
@@ -706,7 +707,7 @@ impl BatchRunner {
                     self.finish(id, false);
                     return;
                 }
-                kept
+                kept.iter().collect()
             }
             None => messages,
         };

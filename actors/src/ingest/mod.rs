@@ -7,10 +7,12 @@
 //! - [`writer`] and [`sinks`]: the `EventWriter` actor and where rows go (ClickHouse, Kafka
 //!   topics, JSON lines);
 //! - [`teams`]: how an event finds its team (cached, Postgres or embedded);
-//! - [`timestamp`] and [`prepare`]: pure steps on one event, unit tested exhaustively.
+//! - [`timestamp`] and [`prepare`]: pure steps on one event, unit tested exhaustively;
+//! - [`payloads`]: a batch's messages in one buffer.
 
 pub mod consumer;
 pub mod order;
+pub mod payloads;
 pub mod pipeline;
 pub mod prepare;
 pub mod sinks;

@@ -35,6 +35,7 @@ use crate::event::envelope::{EnvelopeLimits, parse_envelope};
 use crate::event::{DeadLetter, DropReason, PipelineEvent, StampedEvent, Team};
 use crate::groups::{EventGroups, GroupManager, GroupOutcome, GroupStoreError};
 use crate::ingest::order::{BatchTurn, OrderKey};
+use crate::ingest::payloads::Payloads;
 use crate::ingest::prepare::{RowPerson, build_row, dead_letter_for_event, stamp_event};
 use crate::ingest::sinks::{RecordingMessage, WriteBatch};
 use crate::ingest::teams::TeamManager;
@@ -59,7 +60,7 @@ use crate::system::stats::{ActorStats, ObservedAddr};
 #[rtype(result = "Result<BatchOutcome, PipelineError>")]
 pub struct IngestBatch {
     /// Shared so that a caller can retry the same batch without copying it.
-    pub messages: Arc<Vec<Vec<u8>>>,
+    pub messages: Arc<Payloads>,
     /// The messages were rerouted to the overflow topic: each team and distinct id gets the
     /// `ingestion_capacity_overflow` warning (at most once an hour).
     pub overflow: bool,
@@ -334,7 +335,7 @@ impl Run {
 
     async fn ingest(
         &self,
-        messages: Arc<Vec<Vec<u8>>>,
+        messages: Arc<Payloads>,
         overflow: bool,
         turn: Option<&BatchTurn>,
     ) -> Result<BatchOutcome, PipelineError> {
@@ -362,7 +363,7 @@ impl Run {
                                     .get("$session_id")
                                     .and_then(serde_json::Value::as_str)
                                     .map(str::to_owned),
-                                payload: raw.clone(),
+                                payload: raw.to_vec(),
                             });
                         }
                         _ => parsed.push(event),
@@ -1040,7 +1041,7 @@ impl crate::event::intake::EventIntake for PipelineIntake {
         &self,
         events: Vec<crate::event::intake::CapturedEvent>,
     ) -> Result<(), crate::event::intake::IntakeError> {
-        let messages = events.into_iter().map(|event| event.payload).collect();
+        let messages = events.iter().map(|event| &event.payload).collect();
         self.pipeline
             .send(IngestBatch {
                 messages: Arc::new(messages),

@@ -42,7 +42,7 @@ impl Harness {
     async fn ingest(&self, messages: Vec<Vec<u8>>) -> Result<BatchOutcome, PipelineError> {
         self.pipeline
             .send(IngestBatch {
-                messages: Arc::new(messages),
+                messages: Arc::new(messages.into_iter().collect()),
                 overflow: false,
                 turn: None,
             })
@@ -290,7 +290,7 @@ async fn an_empty_batch_is_fine() {
     let outcome = harness
         .pipeline
         .send(IngestBatch {
-            messages: Arc::new(Vec::new()),
+            messages: Arc::new(Payloads::new()),
             overflow: false,
             turn: None,
         })
@@ -544,7 +544,7 @@ async fn ingest_in_turn(
 ) -> BatchOutcome {
     pipeline
         .send(IngestBatch {
-            messages: Arc::new(messages),
+            messages: Arc::new(messages.into_iter().collect()),
             overflow: false,
             turn,
         })
