@@ -996,6 +996,38 @@ async fn a_consumption_topic_created_by_the_first_event_is_read_within_seconds()
     deployment.teardown().await;
 }
 
+/// `CLICKHOUSE_COMPRESSION=lz4` compresses inserts and answers even to the test run's
+/// ClickHouse on this host, where `auto` (every other test) sends them plain.
+#[tokio::test]
+async fn events_are_stored_with_lz4_bodies_when_asked() {
+    let deployment = Deployment::create().await;
+    let (_server, _) =
+        deployment.start_server_with(&[("CLICKHOUSE_COMPRESSION", "lz4".to_owned())]);
+    let messages: Vec<Vec<u8>> = (0..20)
+        .map(|n| {
+            envelope(
+                &deployment.token,
+                &format!("user-{n}"),
+                json!({"event": "compressed", "properties": {"n": n, "text": "é".repeat(n)}}),
+                json!({}),
+            )
+        })
+        .collect();
+    produce(&deployment.topic(), &messages).await;
+    let events = wait_for("the compressed events stored", async || {
+        let events = deployment.events().await;
+        (events.len() == 20).then_some(events)
+    })
+    .await;
+    for event in &events {
+        let properties: Value =
+            serde_json::from_str(event["properties"].as_str().expect("text")).expect("json");
+        let n = properties["n"].as_u64().expect("n") as usize;
+        assert_eq!(properties["text"], json!("é".repeat(n)));
+    }
+    deployment.teardown().await;
+}
+
 /// `/_ready` answers 200 once the Kafka consumers have joined their groups (until then 503
 /// `joining`; `system::health`'s tests cover the waiting, which a live broker makes too short
 /// to catch from outside).

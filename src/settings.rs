@@ -108,6 +108,7 @@ pub struct Settings {
     pub clickhouse_user: String,
     pub clickhouse_password: String,
     pub clickhouse_ca: String,
+    pub clickhouse_compression: String,
     #[serde(deserialize_with = "deserialize_flag")]
     pub clickhouse_secure: bool,
     pub clickhouse_json_events_kafka_topic: String,
@@ -471,6 +472,11 @@ impl Settings {
                 format!("no such file {:?}", self.clickhouse_ca),
             ));
         }
+        one_of(
+            "CLICKHOUSE_COMPRESSION",
+            &self.clickhouse_compression,
+            &["auto", "lz4", "none"],
+        )?;
         self.kafka_brokers()?;
         one_of(
             "EMBEDDED_UNKNOWN_TOKENS",

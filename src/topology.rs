@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix::{Addr, Arbiter, MailboxError, Recipient};
 use plugin_server_actors::Shutdown;
 use plugin_server_actors::actions::{ActionHooks, ActionHooksConfig};
-use plugin_server_actors::clickhouse_client::ClickHouseTarget;
+use plugin_server_actors::clickhouse_client::{BodyCompression, ClickHouseTarget};
 use plugin_server_actors::cluster::redis_pool::RedisPoolConfig;
 use plugin_server_actors::cluster::{Cluster, ClusterConfig, InstanceId};
 use plugin_server_actors::definitions::{
@@ -962,6 +962,8 @@ pub fn clickhouse_target(settings: &Settings) -> Result<Option<ClickHouseTarget>
         user: settings.clickhouse_user.clone(),
         password: settings.clickhouse_password.clone(),
         tls: None,
+        // Checked with the other settings.
+        compression: BodyCompression::parse(&settings.clickhouse_compression).unwrap_or_default(),
     };
     Ok(Some(match settings.clickhouse_ca.as_str() {
         "" => target,
