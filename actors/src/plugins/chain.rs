@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use boa_engine::JsString;
@@ -170,14 +171,13 @@ impl EventChanges {
     /// Makes `event`, whose properties went into the chain, what the chain answered. On error
     /// (a head that is not an event, or changes that do not fit) `event` stays as it was.
     pub fn apply(self, event: &mut PluginEvent) -> Result<(), String> {
-        let mut changed: PluginEvent =
-            serde_json::from_str(&self.head).map_err(|error| error.to_string())?;
+        let head: Head<'_> = serde_json::from_str(&self.head).map_err(|error| error.to_string())?;
         let set: Properties = serde_json::from_str(&self.set).map_err(|error| error.to_string())?;
         let properties = std::mem::take(&mut event.properties);
         match properties.rebuild(&self.order, set) {
             Ok(properties) => {
-                changed.properties = properties;
-                *event = changed;
+                head.assign(event);
+                event.properties = properties;
                 Ok(())
             }
             Err((properties, error)) => {
@@ -185,6 +185,65 @@ impl EventChanges {
                 Err(error)
             }
         }
+    }
+}
+
+/// An answer's head: [`PluginEvent`]'s fields but `properties`, read as `PluginEvent` reads
+/// them, borrowing its text. Most plugins leave these fields alone, and a field equal to the
+/// event's keeps the event's string instead of a new copy of the same text.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    distinct_id: Cow<'a, str>,
+    #[serde(borrow)]
+    ip: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    site_url: Option<Cow<'a, str>>,
+    #[serde(default)]
+    team_id: i64,
+    #[serde(borrow)]
+    now: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    sent_at: Option<Cow<'a, str>>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(default)]
+    offset: Option<Value>,
+    #[serde(borrow)]
+    uuid: Cow<'a, str>,
+    #[serde(rename = "$set", default)]
+    set: Option<Map<String, Value>>,
+    #[serde(rename = "$set_once", default)]
+    set_once: Option<Map<String, Value>>,
+}
+
+impl Head<'_> {
+    /// Makes `event`'s fields but `properties` these.
+    fn assign(self, event: &mut PluginEvent) {
+        fn text(value: Cow<'_, str>, into: &mut String) {
+            if *into != *value {
+                *into = value.into_owned();
+            }
+        }
+        fn optional_text(value: Option<Cow<'_, str>>, into: &mut Option<String>) {
+            if into.as_deref() != value.as_deref() {
+                *into = value.map(Cow::into_owned);
+            }
+        }
+        text(self.distinct_id, &mut event.distinct_id);
+        optional_text(self.ip, &mut event.ip);
+        optional_text(self.site_url, &mut event.site_url);
+        event.team_id = self.team_id;
+        text(self.now, &mut event.now);
+        text(self.event, &mut event.event);
+        optional_text(self.sent_at, &mut event.sent_at);
+        event.timestamp = self.timestamp;
+        event.offset = self.offset;
+        text(self.uuid, &mut event.uuid);
+        event.set = self.set;
+        event.set_once = self.set_once;
     }
 }
 
@@ -407,5 +466,85 @@ fn append_labels(event: &mut Value, key: &str, labels: &[String]) {
     }
     if let Some(list) = list.as_array_mut() {
         list.extend(labels.iter().cloned().map(Value::String));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Every field but `properties` set, so that a field `Head` misses shows.
+    fn full_event() -> PluginEvent {
+        PluginEvent {
+            distinct_id: "d\u{e9}".to_owned(),
+            ip: Some("10.0.0.1".to_owned()),
+            site_url: Some("https://example.com".to_owned()),
+            team_id: 7,
+            now: "2024-01-01T00:00:00Z".to_owned(),
+            event: "changed \"name\"".to_owned(),
+            sent_at: Some("2024-01-01T00:00:01Z".to_owned()),
+            properties: Properties::from(json!({"a": 1}).as_object().cloned().unwrap()),
+            timestamp: Some(json!("2024-01-01T00:00:02Z")),
+            offset: Some(json!(5)),
+            uuid: "017ef865-19da-0000-3b60-1506093bf40f".to_owned(),
+            set: Some(json!({"s": 1}).as_object().cloned().unwrap()),
+            set_once: Some(json!({"o": 2}).as_object().cloned().unwrap()),
+        }
+    }
+
+    fn head_of(event: &PluginEvent) -> String {
+        let mut value = serde_json::to_value(event).unwrap();
+        value.as_object_mut().unwrap().remove("properties");
+        value.to_string()
+    }
+
+    #[test]
+    fn a_head_sets_every_field_but_the_properties() {
+        let answer = full_event();
+        let mut event = PluginEvent::for_test("before", json!({"a": 1}));
+        EventChanges {
+            head: head_of(&answer),
+            set: "{}".to_owned(),
+            order: vec![Some(0)],
+        }
+        .apply(&mut event)
+        .unwrap();
+        assert_eq!(event, answer);
+
+        // Fields the answer lacks are gone, as when the whole text is parsed.
+        let mut bare = full_event();
+        let head = json!({"distinct_id": "x", "now": "n", "event": "e", "uuid": "u"});
+        EventChanges {
+            head: head.to_string(),
+            set: "{}".to_owned(),
+            order: vec![Some(0)],
+        }
+        .apply(&mut bare)
+        .unwrap();
+        let mut whole = head;
+        whole["properties"] = json!({"a": 1});
+        assert_eq!(bare, serde_json::from_value::<PluginEvent>(whole).unwrap());
+    }
+
+    #[test]
+    fn a_head_that_is_no_event_changes_nothing() {
+        let mut event = full_event();
+        for head in [
+            r#"{"now":"n","event":"e","uuid":"u"}"#,
+            r#"{"distinct_id":1}"#,
+            "[]",
+        ] {
+            let error = EventChanges {
+                head: head.to_owned(),
+                set: "{}".to_owned(),
+                order: vec![Some(0)],
+            }
+            .apply(&mut event)
+            .unwrap_err();
+            assert!(!error.is_empty());
+            assert_eq!(event, full_event(), "{head}");
+        }
     }
 }
