@@ -128,10 +128,11 @@ impl Properties {
         self.keys_seen & key_bit(key) != 0
     }
 
-    /// Every insertion goes through here, which keeps [`Self::keys_seen`] whole.
-    fn put(&mut self, key: String, slot: Slot) {
+    /// Every insertion goes through here, which keeps [`Self::keys_seen`] whole. Returns the
+    /// key's position.
+    fn put(&mut self, key: String, slot: Slot) -> usize {
         self.keys_seen |= key_bit(&key);
-        self.entries.insert(key, slot);
+        self.entries.insert_full(key, slot).0
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -168,12 +169,17 @@ impl Properties {
 
     /// The value under `key`, inserted from `default` when missing.
     pub fn get_or_insert_with(&mut self, key: &str, default: impl FnOnce() -> Value) -> &mut Value {
-        if !self.contains_key(key) {
-            self.put(key.to_owned(), Slot::Value(Box::new(default())));
-        }
-        match self.entries.get_mut(key) {
-            Some(slot) => slot.get_mut(),
-            None => unreachable!("{key} was just inserted"),
+        // One lookup when the key is there, and none but the insertion when its bit is clear.
+        let found = if self.may_hold(key) {
+            self.entries.get_index_of(key)
+        } else {
+            None
+        };
+        let index =
+            found.unwrap_or_else(|| self.put(key.to_owned(), Slot::Value(Box::new(default()))));
+        match self.entries.get_index_mut(index) {
+            Some((_, slot)) => slot.get_mut(),
+            None => unreachable!("{key} is at {index}"),
         }
     }
 

@@ -43,20 +43,22 @@ impl PersonUpdates<'_> {
     /// without copying them: per touched key, `$unset` wins, then `$set`, then `$set_once`
     /// where the key is missing ([`apply_updates`]'s order).
     pub fn would_change(&self, properties: &Map<String, Value>) -> bool {
-        let final_value = |key: &str| -> Option<&Value> {
-            if self.unset.iter().any(|unset| unset == key) {
-                return None;
-            }
-            if let Some(value) = self.set.get(key) {
-                return Some(value);
-            }
-            properties.get(key).or_else(|| self.set_once.get(key))
-        };
         self.set_once
             .keys()
             .chain(self.set.keys())
             .chain(self.unset.iter())
-            .any(|key| final_value(key) != properties.get(key))
+            .any(|key| {
+                // Looked up once: the person's map is the large one, hashed with SipHash.
+                let current = properties.get(key);
+                let after = if self.unset.iter().any(|unset| unset == key) {
+                    None
+                } else if let Some(value) = self.set.get(key) {
+                    Some(value)
+                } else {
+                    current.or_else(|| self.set_once.get(key))
+                };
+                after != current
+            })
     }
 
     /// Applies these updates; see [`apply_updates`].
