@@ -798,7 +798,8 @@ impl Stamped {
         for (event, team) in &self.events {
             team.id.hash(&mut hasher);
             event.event.distinct_id.hash(&mut hasher);
-            event.event.uuid.hash(&mut hasher);
+            // The uuid as stamped, one to one with its text, which is twice as long to hash.
+            event.uuid.as_u128().hash(&mut hasher);
             event.event.event.hash(&mut hasher);
         }
         hasher.finish()

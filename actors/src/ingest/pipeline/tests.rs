@@ -697,3 +697,68 @@ async fn a_retried_batch_reuses_its_person_step_and_does_not_undo_a_later_batch(
         .collect();
     assert_eq!(seen_in_rows, [json!(1), json!(2), json!(1)]);
 }
+
+/// A retry reuses its first attempt's person answers only for the same events.
+#[test]
+fn a_batch_fingerprint_changes_with_any_events_team_id_uuid_or_name() {
+    let team = |id: i64| {
+        Arc::new(Team {
+            id,
+            uuid: uuid::Uuid::nil(),
+            organization_id: uuid::Uuid::nil(),
+            api_token: format!("token-{id}"),
+            name: "team".to_owned(),
+            anonymize_ips: false,
+            session_recording_opt_in: false,
+            ingested_event: true,
+            slack_incoming_webhook: None,
+            timezone: "UTC".to_owned(),
+        })
+    };
+    let stamped = |changes: &dyn Fn(&mut StampedEvent) -> Option<i64>| {
+        let events = (0..3u128)
+            .map(|n| {
+                let mut event = StampedEvent {
+                    event: Box::new(PluginEvent::for_test("e", json!({}))),
+                    uuid: uuid::Uuid::from_u128(n + 1),
+                    timestamp: Utc::now(),
+                };
+                event.event.distinct_id = format!("user-{n}");
+                let team_id = if n == 1 { changes(&mut event) } else { None };
+                (event, team(team_id.unwrap_or(2)))
+            })
+            .collect();
+        Stamped {
+            events,
+            process_person: vec![true; 3],
+            dead_letters: Vec::new(),
+            warnings: Vec::new(),
+            dropped_personless: 0,
+        }
+        .fingerprint()
+    };
+    let same = stamped(&|_| None);
+    assert_eq!(same, stamped(&|_| None));
+    assert_ne!(same, stamped(&|_| Some(3)));
+    assert_ne!(
+        same,
+        stamped(&|event| {
+            event.uuid = uuid::Uuid::from_u128(99);
+            None
+        })
+    );
+    assert_ne!(
+        same,
+        stamped(&|event| {
+            event.event.distinct_id = "other".to_owned();
+            None
+        })
+    );
+    assert_ne!(
+        same,
+        stamped(&|event| {
+            event.event.event = "renamed".to_owned();
+            None
+        })
+    );
+}
