@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use boa_engine::JsString;
 
@@ -145,13 +146,27 @@ impl EventChanges {
             serde_json::to_string(&Entries(fields, |_, key: &JsString| *key != "properties"))
                 .ok()?;
         // Positions usually follow the input's order: look where the last match ended first.
+        // A key found elsewhere is looked up by name, in an index built on the first such key,
+        // so that a plugin rebuilding a wide object in another order costs one pass, not one
+        // scan per key.
         let mut next = 0;
+        let mut by_key: Option<HashMap<&JsString, usize>> = None;
         let mut order = Vec::with_capacity(properties.len());
         for (key, value) in properties {
             let position = if originals.get(next).is_some_and(|(k, _)| k == key) {
                 Some(next)
             } else {
-                originals.iter().position(|(k, _)| k == key)
+                by_key
+                    .get_or_insert_with(|| {
+                        let mut index = HashMap::with_capacity(originals.len());
+                        // The first of a duplicated key, as a scan would find.
+                        for (position, (k, _)) in originals.iter().enumerate().rev() {
+                            index.insert(k, position);
+                        }
+                        index
+                    })
+                    .get(key)
+                    .copied()
             };
             let kept = position
                 .filter(|&position| originals[position].1.as_ref() == Some(value))

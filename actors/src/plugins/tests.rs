@@ -907,6 +907,13 @@ fn an_answer_with_changes_makes_the_same_event_as_the_whole_text() {
             ],
             r#"{"a":1,"b":2}"#,
         ),
+        // Every property rebuilt in reverse order, one of them changed: each is found by name.
+        (
+            &[
+                "exports.processEvent = (e) => { const p = {}; for (const k of Object.keys(e.properties).reverse()) p[k] = e.properties[k]; p.c = 'new'; e.properties = p; return e }",
+            ],
+            r#"{"a":1,"b":"x","c":"y","d":[1],"e":null,"f":"\u00e9"}"#,
+        ),
         // Integer-like keys come first in JavaScript, either way.
         (
             &["exports.processEvent = (e) => { e.properties.z = 0; return e }"],
