@@ -33,7 +33,7 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Statistics};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
@@ -65,9 +65,6 @@ pub struct KafkaConsumerConfig {
     pub max_batch_bytes: usize,
     pub max_batch_wait: Duration,
     pub max_in_flight_batches: usize,
-    /// Batches that may go in flight beyond `max_in_flight_batches` when they were cut full
-    /// (a backlog), not by time. See [`Slots`].
-    pub backlog_batches: usize,
     pub session_timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -92,7 +89,6 @@ impl KafkaConsumerConfig {
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_wait: Duration::from_millis(100),
             max_in_flight_batches: 2,
-            backlog_batches: 1,
             session_timeout: Duration::from_secs(30),
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
@@ -331,7 +327,7 @@ pub struct KafkaConsumer {
     progress: ProgressReporter,
     /// Runs the batches, so they can finish while the rebalance callback blocks this thread.
     workers: ArbiterHandle,
-    slots: Arc<Slots>,
+    permits: Arc<Semaphore>,
     /// Stops reading; batches already read still finish.
     stop_reading: CancellationToken,
     /// Stops retrying batches (shutdown gave up on them).
@@ -352,10 +348,7 @@ impl KafkaConsumer {
         metrics: ConsumerMetrics,
         progress: ProgressReporter,
     ) -> Self {
-        let slots = Arc::new(Slots::new(
-            config.max_in_flight_batches,
-            config.backlog_batches,
-        ));
+        let permits = Arc::new(Semaphore::new(config.max_in_flight_batches.max(1)));
         let brokers = BrokerWatch::new(config.unreachable_grace);
         Self {
             config,
@@ -370,7 +363,7 @@ impl KafkaConsumer {
             metrics,
             progress,
             workers,
-            slots,
+            permits,
             stop_reading: CancellationToken::new(),
             abandon: CancellationToken::new(),
             overflow: None,
@@ -463,7 +456,7 @@ impl Actor for KafkaConsumer {
         let reader = Reader {
             runner: self.batch_runner(&consumer),
             workers: self.workers.clone(),
-            slots: Arc::clone(&self.slots),
+            permits: Arc::clone(&self.permits),
             stop: self.stop_reading.clone(),
             stats: Arc::clone(&self.stats),
             order: Arc::clone(&self.order),
@@ -492,14 +485,15 @@ impl Handler<Shutdown> for KafkaConsumer {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
         let _timer = self.stats.message_received();
         self.stop_reading.cancel();
-        let slots = Arc::clone(&self.slots);
+        let permits = Arc::clone(&self.permits);
+        let all = self.config.max_in_flight_batches.max(1) as u32;
         let timeout = self.config.shutdown_timeout;
         let consumer = self.consumer.clone();
         let abandon = self.abandon.clone();
         let progress = self.progress.clone();
         Box::pin(async move {
             // Every permit back means every batch read has been stored (or abandoned).
-            let drained = tokio::time::timeout(timeout, slots.all_free()).await;
+            let drained = tokio::time::timeout(timeout, permits.acquire_many(all)).await;
             if drained.is_err() {
                 tracing::error!("shutdown: batches still not stored; they will be re-read");
                 abandon.cancel();
@@ -515,64 +509,12 @@ impl Handler<Shutdown> for KafkaConsumer {
     }
 }
 
-/// The in-flight slots of a consumer's batches.
-///
-/// `max_in_flight_batches` (KAFKA_PARTITIONS_CONSUMED_CONCURRENTLY + 1) are for every batch;
-/// `backlog_batches` more only for batches cut full. Under a backlog every batch is full, and a
-/// third batch in flight drained 6-18 % faster (bench/results/core-path.md, R64), with the
-/// machine busier. At a steady rate the batches are cut by time and keep to the regular
-/// slots: there the extra batch made the produce-to-stored p99 worse (R65), since the steps
-/// then share the cores three ways instead of two.
-struct Slots {
-    regular: Arc<Semaphore>,
-    backlog: Arc<Semaphore>,
-    count: (u32, u32),
-}
-
-impl Slots {
-    fn new(regular: usize, backlog: usize) -> Self {
-        let count = (
-            u32::try_from(regular.max(1)).unwrap_or(u32::MAX),
-            u32::try_from(backlog).unwrap_or(u32::MAX),
-        );
-        Self {
-            regular: Arc::new(Semaphore::new(count.0 as usize)),
-            backlog: Arc::new(Semaphore::new(count.1 as usize)),
-            count,
-        }
-    }
-
-    /// A slot for a batch, a backlog one only for a `full` batch and only when no regular one
-    /// is free; `None` once the semaphores are closed (never, as used).
-    async fn take(&self, full: bool) -> Option<OwnedSemaphorePermit> {
-        let regular = Arc::clone(&self.regular);
-        let taken = if full {
-            let backlog = Arc::clone(&self.backlog);
-            tokio::select! {
-                biased;
-                permit = regular.acquire_owned() => permit,
-                permit = backlog.acquire_owned() => permit,
-            }
-        } else {
-            regular.acquire_owned().await
-        };
-        taken.ok()
-    }
-
-    /// Waits until no batch is in flight.
-    async fn all_free(&self) {
-        let regular = self.regular.acquire_many(self.count.0).await;
-        let backlog = self.backlog.acquire_many(self.count.1).await;
-        drop((regular, backlog));
-    }
-}
-
 /// The read loop: fills a batch, waits for an in-flight slot, hands the batch to a worker.
 /// Reads through `runner`'s consumer, config, metrics and progress reporter.
 struct Reader {
     runner: BatchRunner,
     workers: ArbiterHandle,
-    slots: Arc<Slots>,
+    permits: Arc<Semaphore>,
     stop: CancellationToken,
     stats: Arc<ActorStats>,
     order: Arc<KeyOrder>,
@@ -681,9 +623,7 @@ impl Reader {
             }
             if !batch.messages.is_empty() {
                 self.runner.shared.brokers.reading();
-                let full = batch.messages.len() >= self.runner.config.max_batch_messages
-                    || batch.messages.byte_len() >= self.runner.config.max_batch_bytes;
-                let Some(permit) = self.slots.take(full).await else {
+                let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
                     return;
                 };
                 let id = self

@@ -40,32 +40,3 @@ fn revoked_partitions_are_forgotten() {
     tracker.forget(&[0]);
     assert_eq!(tracker.complete(first), vec![(1, 5, Some(50))]);
 }
-
-#[tokio::test]
-async fn only_a_full_batch_takes_a_backlog_slot() {
-    use std::time::Duration;
-    async fn pending<T>(future: impl std::future::Future<Output = T>) -> bool {
-        tokio::time::timeout(Duration::from_millis(50), future)
-            .await
-            .is_err()
-    }
-    let slots = Slots::new(1, 1);
-    let first = slots.take(false).await.expect("a regular slot");
-    assert!(
-        pending(slots.take(false)).await,
-        "the regular slot is taken"
-    );
-    let backlog = slots
-        .take(true)
-        .await
-        .expect("the backlog slot, for a full batch");
-    assert!(pending(slots.take(true)).await, "both slots are taken");
-    assert!(pending(slots.all_free()).await);
-    drop(first);
-    let again = slots
-        .take(false)
-        .await
-        .expect("the regular slot, free again");
-    drop((again, backlog));
-    slots.all_free().await;
-}
