@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Config, ConfigError, Environment, File, FileFormat};
+use plugin_server_actors::clickhouse_client::BodyCompression;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use url::Url;
@@ -475,7 +476,7 @@ impl Settings {
         one_of(
             "CLICKHOUSE_COMPRESSION",
             &self.clickhouse_compression,
-            &["auto", "lz4", "none"],
+            &BodyCompression::NAMES,
         )?;
         self.kafka_brokers()?;
         one_of(

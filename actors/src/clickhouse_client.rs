@@ -42,7 +42,10 @@ pub enum BodyCompression {
 }
 
 impl BodyCompression {
-    /// `auto`, `lz4` or `none` (any case); `None` for anything else.
+    /// The setting's values, as the settings check lists them.
+    pub const NAMES: [&'static str; 3] = ["auto", "lz4", "none"];
+
+    /// One of [`Self::NAMES`] (any case; empty is `auto`); `None` for anything else.
     pub fn parse(setting: &str) -> Option<Self> {
         match setting.to_ascii_lowercase().as_str() {
             "auto" | "" => Some(Self::Auto),

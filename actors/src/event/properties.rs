@@ -229,8 +229,10 @@ impl Properties {
         let mut old: Vec<Option<(String, Slot)>> = self.entries.into_iter().map(Some).collect();
         let mut set = set.entries.into_iter();
         let mut rebuilt = Self {
-            // Room for the keys the pipeline adds after the plugins (`$ip`, `$set_once`).
-            entries: IndexMap::with_capacity_and_hasher(order.len() + 2, Hasher::default()),
+            entries: IndexMap::with_capacity_and_hasher(
+                order.len() + ADDED_KEYS,
+                Hasher::default(),
+            ),
             keys_seen: 0,
         };
         for position in order {

@@ -531,13 +531,10 @@ struct Batch {
 
 impl Batch {
     /// Notes a message's offset and timestamp as its partition's last. A fetch hands over
-    /// messages in runs of one partition, so the last entry is almost always the one.
+    /// messages in runs of one partition, so the search from the end almost always stops at
+    /// the first entry it looks at.
     fn note(&mut self, partition: i32, offset: i64, timestamp_ms: Option<i64>) {
-        let entry = match self.spans.last_mut() {
-            Some(last) if last.0 == partition => Some(last),
-            _ => self.spans.iter_mut().find(|span| span.0 == partition),
-        };
-        match entry {
+        match self.spans.iter_mut().rev().find(|span| span.0 == partition) {
             Some(span) => *span = (partition, offset, timestamp_ms),
             None => self.spans.push((partition, offset, timestamp_ms)),
         }

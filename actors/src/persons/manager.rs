@@ -634,7 +634,7 @@ impl PersonManager {
             if lookups.snapshot > 0
                 && let Some(known) = known.as_ref()
             {
-                self.remember(event.team_id, &[event.distinct_id.to_string()], known);
+                self.remember(event.team_id, &[&*event.distinct_id], known);
             }
             return Ok(answer);
         }
@@ -667,7 +667,7 @@ impl PersonManager {
         (cached.stored_at.elapsed() < self.config.cache_ttl).then(|| cached.known.clone())
     }
 
-    fn remember(&self, team_id: i64, distinct_ids: &[String], known: &Known) {
+    fn remember(&self, team_id: i64, distinct_ids: &[impl AsRef<str>], known: &Known) {
         let Some(cache) = &self.cache else {
             return;
         };
@@ -675,7 +675,7 @@ impl PersonManager {
         let stored_at = Instant::now();
         let mut key = (team_id, String::new());
         for distinct_id in distinct_ids {
-            cache_put(&mut cache, &mut key, distinct_id, known, stored_at);
+            cache_put(&mut cache, &mut key, distinct_id.as_ref(), known, stored_at);
         }
     }
 

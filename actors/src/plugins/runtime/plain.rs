@@ -467,7 +467,7 @@ fn number_to_json(n: f64) -> Value {
 
 /// A boa string as UTF-8. Text that is not valid UTF-16 (a lone surrogate) keeps its escape
 /// spelled out, as boa's own conversion does.
-pub(crate) fn rust_string(s: &JsString) -> String {
+fn rust_string(s: &JsString) -> String {
     text_of(s).into_owned()
 }
 
