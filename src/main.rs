@@ -14,8 +14,8 @@ use plugin_server_actors::plugins::isolation;
 /// and free took a quarter of the pipeline's CPU in a perf profile of `bench`'s `pipeline_cpu`.
 /// Wrapped so that one plugin call cannot take more than its memory budget (see the alloc crate).
 #[global_allocator]
-static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
-    plugin_server_alloc::BudgetedAllocator(mimalloc::MiMalloc);
+static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<plugin_server_alloc::MiMalloc> =
+    plugin_server_alloc::BudgetedAllocator(plugin_server_alloc::MiMalloc);
 
 /// Exit code for settings that cannot be loaded (as `EX_CONFIG` in sysexits).
 const EXIT_BAD_SETTINGS: u8 = 78;

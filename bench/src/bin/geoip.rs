@@ -18,8 +18,8 @@ use plugin_server_actors::geoip::{
 };
 
 #[global_allocator]
-static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
-    plugin_server_alloc::BudgetedAllocator(mimalloc::MiMalloc);
+static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<plugin_server_alloc::MiMalloc> =
+    plugin_server_alloc::BudgetedAllocator(plugin_server_alloc::MiMalloc);
 
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 /// The server's allocator (see src/main.rs), so the figures match it.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: plugin_server_alloc::MiMalloc = plugin_server_alloc::MiMalloc;
 
 const DISTINCT_IDS: usize = 10_000;
 const BATCH: usize = 10_000;

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 /// The server's allocator (see src/main.rs), so the figures match it.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: plugin_server_alloc::MiMalloc = plugin_server_alloc::MiMalloc;
 
 /// Definitions go nowhere: the steady state is measured, where the caches answer.
 struct NoStore;

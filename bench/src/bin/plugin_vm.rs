@@ -45,8 +45,8 @@ use serde_json::{Value, json};
 /// The server's allocator (see src/main.rs): PluginVm calls open a memory budget that relies on
 /// it, and the memory figures then match the server's.
 #[global_allocator]
-static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<mimalloc::MiMalloc> =
-    plugin_server_alloc::BudgetedAllocator(mimalloc::MiMalloc);
+static ALLOCATOR: plugin_server_alloc::BudgetedAllocator<plugin_server_alloc::MiMalloc> =
+    plugin_server_alloc::BudgetedAllocator(plugin_server_alloc::MiMalloc);
 
 /// The plugin of `node_vm2_memory.js`, byte for byte.
 const SMALL_PLUGIN: &str = "function processEvent(event, meta) { event.properties.host_seen = new URL(event.properties.$current_url).hostname; return event }";
