@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shutdown;
 use crate::ingest::order::{BatchTurn, KeyOrder};
-use crate::ingest::payloads::Payloads;
+use crate::ingest::payloads::{PayloadBuffers, Payloads};
 use crate::ingest::pipeline::{IngestBatch, IngestionPipeline, PipelineError};
 use crate::kafka::{KafkaConnection, KafkaSetupError};
 use crate::system::health::ProgressReporter;
@@ -337,6 +337,8 @@ pub struct KafkaConsumer {
     /// Keeps one distinct id's events in read order across the batches in flight; kept across
     /// restarts, since batches read before one may still be in flight after it.
     order: Arc<KeyOrder>,
+    /// Payload buffers of finished batches, for the next ones.
+    buffers: PayloadBuffers,
 }
 
 impl KafkaConsumer {
@@ -349,6 +351,8 @@ impl KafkaConsumer {
         progress: ProgressReporter,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_in_flight_batches.max(1)));
+        // The batches in flight and the one being read.
+        let buffers = PayloadBuffers::new(config.max_in_flight_batches.max(1) + 1);
         let brokers = BrokerWatch::new(config.unreachable_grace);
         Self {
             config,
@@ -368,6 +372,7 @@ impl KafkaConsumer {
             abandon: CancellationToken::new(),
             overflow: None,
             order: KeyOrder::new(),
+            buffers,
         }
     }
 
@@ -435,6 +440,7 @@ impl KafkaConsumer {
             progress: self.progress.clone(),
             abandon: self.abandon.clone(),
             overflow: self.overflow.clone(),
+            buffers: self.buffers.clone(),
         }
     }
 }
@@ -557,7 +563,10 @@ impl Reader {
         let stopped = self.stop.cancelled();
         tokio::pin!(stopped);
         loop {
-            let mut batch = Batch::default();
+            let mut batch = Batch {
+                messages: self.runner.buffers.take(),
+                ..Batch::default()
+            };
             timer.as_mut().reset(Instant::now() + idle_tick);
             loop {
                 let received = tokio::select! {
@@ -569,6 +578,8 @@ impl Reader {
                 match received {
                     None if !batch.messages.is_empty() => break,
                     None => {
+                        // A second without messages: what a backlog's batches took goes back.
+                        self.runner.buffers.release();
                         // An idle tick is progress only while Kafka answers: with the
                         // brokers gone the loop idles just the same.
                         let unreachable = self
@@ -670,6 +681,8 @@ struct BatchRunner {
     progress: ProgressReporter,
     abandon: CancellationToken,
     overflow: Option<Arc<OverflowRouter>>,
+    /// Where a batch's payload buffers go once it is done with them.
+    buffers: PayloadBuffers,
 }
 
 impl BatchRunner {
@@ -691,6 +704,7 @@ impl BatchRunner {
                         payload: payload.to_vec(),
                     })
                     .collect();
+                self.buffers.give(messages);
                 // Split once: a retry must not spend the buckets again.
                 let (kept, overflow) = router.split(keyed);
                 let overflow = &overflow;
@@ -710,8 +724,8 @@ impl BatchRunner {
         };
         let messages = Arc::new(messages);
         let (pipeline, reads_overflow) = (&self.pipeline, self.config.reads_overflow);
-        if !messages.is_empty()
-            && !self
+        let stored = messages.is_empty()
+            || self
                 .until_done("batch not stored", || {
                     let messages = Arc::clone(&messages);
                     async move {
@@ -729,8 +743,12 @@ impl BatchRunner {
                         }
                     }
                 })
-                .await
-        {
+                .await;
+        // The pipeline has let go of the batch by now, unless it failed while holding it.
+        if let Ok(messages) = Arc::try_unwrap(messages) {
+            self.buffers.give(messages);
+        }
+        if !stored {
             self.finish(id, false);
             return;
         }
