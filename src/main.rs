@@ -76,8 +76,9 @@ fn plugin_worker() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    // Before the pipeline's first batch touches memory (see the function for why).
+    // Before the pipeline's first batch touches memory (see the functions for why).
     let huge_pages_off = plugin_server_alloc::disable_transparent_huge_pages();
+    plugin_server_alloc::set_purge_delay();
     let cli = Cli::parse();
     if cli.plugin_worker {
         return plugin_worker();

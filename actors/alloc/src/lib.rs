@@ -76,6 +76,49 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<bool> {
     Ok(false)
 }
 
+/// How long mimalloc keeps memory that became free before giving it back to the system, when
+/// `MIMALLOC_PURGE_DELAY` does not say.
+///
+/// mimalloc's own 1 s is shorter than some of its thread heaps stay idle here: a batch's steps
+/// run on whichever blocking thread is free, so a heap that served one batch often serves the
+/// next one a second or more later, after its pages were given back, and every page it then
+/// touches faults in again. On the `baseline` benchmark page faults were 6.5 % of the server's
+/// samples with 1 s, 4.8 % with 10 s and 4.0 % never giving memory back
+/// (`bench/results/core-path.md`). With 10 s, memory still goes back once the server is idle.
+pub const PURGE_DELAY_MS: i64 = 10_000;
+
+/// `mi_option_purge_delay` in mimalloc 3's `mi_option_t` (libmimalloc-sys names only
+/// mimalloc 2's options, where this slot had another name).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// mimalloc 3's own purge delay, in milliseconds.
+#[cfg(test)]
+const MIMALLOC_DEFAULT_PURGE_DELAY_MS: i64 = 1000;
+
+/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`] unless `MIMALLOC_PURGE_DELAY` is set;
+/// returns the delay in effect when this set it. Call it first thing in `main`.
+pub fn set_purge_delay() -> Option<i64> {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return None;
+    }
+    // SAFETY: mi_option_set takes plain integers and only stores the option's value.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long);
+    }
+    Some(purge_delay())
+}
+
+/// mimalloc's purge delay in milliseconds as it stands.
+pub fn purge_delay() -> i64 {
+    // SAFETY: mi_option_get reads the option's value.
+    #[allow(unsafe_code)]
+    let value = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+    // `c_long` is 32 bits on some targets.
+    #[allow(clippy::useless_conversion)]
+    i64::from(value)
+}
+
 /// mimalloc, asked through its plain `malloc` whenever that already gives the alignment.
 ///
 /// The `mimalloc` crate sends every Rust allocation through `mi_malloc_aligned`. mimalloc 3
@@ -294,6 +337,21 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for BudgetedAllocator<A> {
 
 #[cfg(test)]
 mod mimalloc_tests {
+    /// The option mimalloc reads when it purges takes the server's delay (tests run with no
+    /// `MIMALLOC_PURGE_DELAY`, as CI does; set, it is left as it is).
+    #[test]
+    fn the_purge_delay_is_the_servers_unless_the_environment_sets_it() {
+        match std::env::var_os("MIMALLOC_PURGE_DELAY") {
+            None => {
+                // mimalloc's default, read first: the option's index is the one it reads.
+                assert_eq!(super::purge_delay(), super::MIMALLOC_DEFAULT_PURGE_DELAY_MS);
+                assert_eq!(super::set_purge_delay(), Some(super::PURGE_DELAY_MS));
+                assert_eq!(super::purge_delay(), super::PURGE_DELAY_MS);
+            }
+            Some(_) => assert_eq!(super::set_purge_delay(), None),
+        }
+    }
+
     use super::MiMalloc;
     use std::alloc::{GlobalAlloc, Layout};
 
