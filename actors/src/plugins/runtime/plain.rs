@@ -51,7 +51,11 @@ impl Plain {
     /// Reduces `value` as `JSON.stringify(value)` would; `None` where it would return
     /// `undefined` (for `undefined`, a function or a symbol).
     pub fn export(value: &JsValue, context: &mut Context) -> JsResult<Option<Self>> {
-        Exporter { stack: Vec::new() }.property(value.clone(), Key::Name(&js_string!()), context)
+        Exporter {
+            stack: Vec::new(),
+            prototypes: PlainPrototypes::of(context),
+        }
+        .property(value.clone(), Key::Name(&js_string!()), context)
     }
 
     /// Builds the value as objects of `context`'s realm, as `JSON.parse` of its text would.
@@ -505,6 +509,50 @@ impl Key<'_> {
 struct Exporter {
     /// The objects being serialized, outermost first: a cycle is an object met again here.
     stack: Vec<JsObject>,
+    /// `None` when the realm's prototypes may give an object a `toJSON`.
+    prototypes: Option<PlainPrototypes>,
+}
+
+/// The realm's `Object.prototype` and `Array.prototype` while neither has a `toJSON` key (and
+/// `Array.prototype` still inherits from `Object.prototype`, whose own prototype is always
+/// null). An ordinary object or array that inherits from one of them directly and has no own
+/// `toJSON` has none to call, so its lookup through the prototype chain can be skipped: that
+/// lookup was a miss on every object of every event.
+struct PlainPrototypes {
+    object: JsObject,
+    array: JsObject,
+}
+
+impl PlainPrototypes {
+    fn of(context: &Context) -> Option<Self> {
+        let constructors = context.intrinsics().constructors();
+        let object = constructors.object().prototype();
+        let array = constructors.array().prototype();
+        let plain = !has_to_json(&object)
+            && !has_to_json(&array)
+            && array.prototype().as_ref() == Some(&object);
+        plain.then_some(Self { object, array })
+    }
+
+    /// Whether `object` has no `toJSON`, own or inherited (`false`: it may have one).
+    fn lacks_to_json(&self, object: &JsObject) -> bool {
+        if !object.is_ordinary() && !object.is_array() {
+            return false;
+        }
+        let inherits_plainly = match object.prototype() {
+            Some(prototype) => prototype == self.object || prototype == self.array,
+            None => true,
+        };
+        inherits_plainly && !has_to_json(object)
+    }
+}
+
+/// Whether `object` has an own `toJSON` property (a value or an accessor).
+fn has_to_json(object: &JsObject) -> bool {
+    object
+        .borrow()
+        .properties()
+        .contains_key(&PropertyKey::from(js_string!("toJSON")))
 }
 
 impl Exporter {
@@ -516,6 +564,14 @@ impl Exporter {
         context: &mut Context,
     ) -> JsResult<Option<Plain>> {
         let value = match value.as_object() {
+            Some(object)
+                if self
+                    .prototypes
+                    .as_ref()
+                    .is_some_and(|prototypes| prototypes.lacks_to_json(&object)) =>
+            {
+                value
+            }
             Some(object) => {
                 let to_json = object.get(js_string!("toJSON"), context)?;
                 match to_json.as_callable() {
@@ -704,6 +760,27 @@ mod tests {
         ];
         for code in cases {
             assert_eq!(export(code).expect("exports"), stringified(code), "{code}");
+        }
+    }
+
+    /// Where a `toJSON` can come from besides the object itself: each one is called, as
+    /// `JSON.stringify` calls it, though plain objects skip looking for one.
+    #[test]
+    fn a_to_json_from_any_prototype_is_called() {
+        let cases = [
+            "(() => { Object.prototype.toJSON = function () { return 'from Object.prototype' }; return {a: {b: 1}, c: [2]} })()",
+            "(() => { Object.defineProperty(Object.prototype, 'toJSON', {get() { return () => 'from a getter' }}); return {a: 1} })()",
+            "(() => { Array.prototype.toJSON = function () { return 'from Array.prototype' }; return {a: [1], b: {c: 2}} })()",
+            "(() => { Object.setPrototypeOf(Array.prototype, {toJSON() { return 'from a swapped prototype' }}); return {a: [1]} })()",
+            "(() => { class Point { constructor() { this.x = 1 } toJSON() { return 'from a class' } }; return {p: new Point(), q: {x: 2}} })()",
+            "(() => { const proto = {toJSON() { return 'from Object.create' }}; return {o: Object.create(proto), plain: {y: 3}} })()",
+            "(() => { const bare = Object.create(null); bare.z = 4; return {bare} })()",
+            "(() => { const bare = Object.create(null); bare.toJSON = () => 'own, on a bare object'; return {bare} })()",
+        ];
+        for code in cases {
+            let exported = export(code).expect("exports");
+            assert_eq!(exported, stringified(code), "{code}");
+            assert!(exported.is_some(), "{code}");
         }
     }
 
