@@ -78,11 +78,13 @@ fn plugin_worker() -> ExitCode {
 fn main() -> ExitCode {
     // Before the pipeline's first batch touches memory (see the functions for why).
     let huge_pages_off = plugin_server_alloc::disable_transparent_huge_pages();
-    plugin_server_alloc::set_purge_delay();
     let cli = Cli::parse();
     if cli.plugin_worker {
+        // A worker's memory comes and goes with its calls, on its own thread, so mimalloc's
+        // own purge delay suits it; a longer one only held freed memory longer (peak RSS).
         return plugin_worker();
     }
+    plugin_server_alloc::set_purge_delay();
     let settings = match Settings::load(&LoadOptions {
         profile: cli.profile.clone(),
         config_file: cli.config.clone(),

@@ -92,8 +92,13 @@ impl PayloadBuffers {
         self.lock().pop().unwrap_or_default()
     }
 
-    /// Keeps `payloads`' buffers, emptied, for a later batch (while fewer than `keep` are).
+    /// Keeps `payloads`' buffers, emptied, for a later batch (while fewer than `keep` are),
+    /// unless the batch filled less than half of them: a backlog's buffer stays only while
+    /// batches are as large, so that a smaller stream after a backlog does not keep its memory.
     pub fn give(&self, mut payloads: Payloads) {
+        if payloads.bytes.len().saturating_mul(2) < payloads.bytes.capacity() {
+            return;
+        }
         payloads.clear();
         let mut spare = self.lock();
         if spare.len() < self.keep {
@@ -145,9 +150,14 @@ mod tests {
         assert!(again.is_empty());
         assert_eq!(again.byte_len(), 0);
         assert_eq!((again.bytes.capacity(), again.ends.capacity()), capacity);
+        // A batch that filled less than half of its buffer gives it up.
+        let mut small = again;
+        small.push(b"one small event");
+        buffers.give(small);
+        assert_eq!(buffers.kept(), 0);
         // Only `keep` are kept; the rest are dropped.
         for _ in 0..3 {
-            buffers.give(Payloads::from_iter([b"x"]));
+            buffers.give(Payloads::from_iter([b"a payload"]));
         }
         assert_eq!(buffers.kept(), 2);
         buffers.release();
