@@ -306,8 +306,8 @@ fn properties_of(
     let own = event
         .properties
         .iter()
-        .filter(|(key, _)| !NOT_EVENT_PROPERTIES.contains(&key.as_str()))
-        .map(|(key, value)| (PropertyKind::Event, key.as_str(), value));
+        .filter(|(key, _)| !NOT_EVENT_PROPERTIES.contains(key))
+        .map(|(key, value)| (PropertyKind::Event, key, value));
     let person = ["$set", "$set_once"]
         .into_iter()
         .filter_map(|key| event.properties.get(key).and_then(Value::as_object))
@@ -353,8 +353,8 @@ fn property_names_of(
     let own = event
         .properties
         .keys()
-        .filter(|key| !NOT_EVENT_PROPERTIES.contains(&key.as_str()))
-        .map(|key| (PropertyKind::Event, key.as_str()));
+        .filter(|key| !NOT_EVENT_PROPERTIES.contains(key))
+        .map(|key| (PropertyKind::Event, key));
     let others = ["$set", "$set_once"]
         .into_iter()
         .filter_map(|key| event.properties.get(key).and_then(Value::as_object))

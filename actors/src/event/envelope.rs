@@ -219,7 +219,7 @@ fn add_campaign_and_initial_properties(properties: &mut Properties) {
             continue;
         };
         if is_campaign {
-            campaign.push((key.clone(), value.clone()));
+            campaign.push((key.to_owned(), value.clone()));
         }
         initial.push((initial_name.to_owned(), value.clone()));
     }

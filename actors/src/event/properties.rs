@@ -14,6 +14,7 @@ use std::fmt;
 use std::ops::Index;
 use std::sync::OnceLock;
 
+use compact_str::CompactString;
 use indexmap::IndexMap;
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -30,7 +31,9 @@ type Hasher = foldhash::fast::RandomState;
 /// A JSON object of properties, in the order the client sent them.
 #[derive(Clone, Default)]
 pub struct Properties {
-    entries: IndexMap<String, Slot, Hasher>,
+    /// Keys of up to 24 bytes (nearly all) are held in the entry itself: no allocation each,
+    /// and a lookup compares a key without following a pointer.
+    entries: IndexMap<CompactString, Slot, Hasher>,
     /// One bit ([`key_bit`]) for each key ever inserted; removing a key leaves its bit. A key
     /// whose bit is clear is not here. The steps look for keys most events lack (`$groups`,
     /// `$group_0`..`$group_4`, `$process_person_profile`, `$elements_chain`, ...), each after
@@ -130,7 +133,7 @@ impl Properties {
 
     /// Every insertion goes through here, which keeps [`Self::keys_seen`] whole. Returns the
     /// key's position.
-    fn put(&mut self, key: String, slot: Slot) -> usize {
+    fn put(&mut self, key: CompactString, slot: Slot) -> usize {
         self.keys_seen |= key_bit(&key);
         self.entries.insert_full(key, slot).0
     }
@@ -156,7 +159,7 @@ impl Properties {
 
     /// Sets `key`, keeping its place when it is already there (as JavaScript does).
     pub fn insert(&mut self, key: String, value: Value) {
-        self.put(key, Slot::Value(Box::new(value)));
+        self.put(CompactString::from(key), Slot::Value(Box::new(value)));
     }
 
     /// Removes `key`, keeping the order of the others.
@@ -175,8 +178,7 @@ impl Properties {
         } else {
             None
         };
-        let index =
-            found.unwrap_or_else(|| self.put(key.to_owned(), Slot::Value(Box::new(default()))));
+        let index = found.unwrap_or_else(|| self.put(key.into(), Slot::Value(Box::new(default()))));
         match self.entries.get_index_mut(index) {
             Some((_, slot)) => slot.get_mut(),
             None => unreachable!("{key} is at {index}"),
@@ -184,19 +186,21 @@ impl Properties {
     }
 
     /// Every key and value in order. Values not read before are parsed here.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
-        self.entries.iter().map(|(key, slot)| (key, slot.get()))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.entries
+            .iter()
+            .map(|(key, slot)| (key.as_str(), slot.get()))
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.entries.keys()
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(CompactString::as_str)
     }
 
     /// The object as a `serde_json` map (for plugins' and tests' JSON).
     pub fn into_map(self) -> Map<String, Value> {
         self.entries
             .into_iter()
-            .map(|(key, slot)| (key, slot.into_value()))
+            .map(|(key, slot)| (key.into_string(), slot.into_value()))
             .collect()
     }
 
@@ -226,7 +230,8 @@ impl Properties {
                 format!("{from_set} properties set, {} given", set.len()),
             ));
         }
-        let mut old: Vec<Option<(String, Slot)>> = self.entries.into_iter().map(Some).collect();
+        let mut old: Vec<Option<(CompactString, Slot)>> =
+            self.entries.into_iter().map(Some).collect();
         let mut set = set.entries.into_iter();
         let mut rebuilt = Self {
             entries: IndexMap::with_capacity_and_hasher(
@@ -315,8 +320,8 @@ impl Serialize for Properties {
         let mut map = serializer.serialize_map(Some(self.entries.len()))?;
         for (key, slot) in &self.entries {
             match slot {
-                Slot::Raw { text, .. } => map.serialize_entry(key, text)?,
-                Slot::Value(value) => map.serialize_entry(key, value)?,
+                Slot::Raw { text, .. } => map.serialize_entry(key.as_str(), text)?,
+                Slot::Value(value) => map.serialize_entry(key.as_str(), value)?,
             }
         }
         map.end()
@@ -365,7 +370,7 @@ impl<'de> Visitor<'de> for ObjectVisitor {
             entries: IndexMap::with_capacity_and_hasher(capacity, Hasher::default()),
             keys_seen: 0,
         };
-        while let Some(key) = access.next_key::<String>()? {
+        while let Some(key) = access.next_key::<CompactString>()? {
             let text: Box<RawValue> = access.next_value()?;
             properties.put(key, Slot::raw(text));
         }

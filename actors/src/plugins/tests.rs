@@ -870,7 +870,13 @@ fn both_answers(codes: &[&str], input: &str) -> (PluginEvent, PluginEvent) {
     let text = chain_outcome(codes, input, false);
     let whole: PluginEvent = serde_json::from_str(text.text().expect("text")).expect("an event");
     assert_eq!(applied, whole, "{codes:?} on {input}");
-    let keys = |event: &PluginEvent| event.properties.keys().cloned().collect::<Vec<_>>();
+    let keys = |event: &PluginEvent| {
+        event
+            .properties
+            .keys()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(keys(&applied), keys(&whole), "{codes:?} on {input}");
     (applied, whole)
 }
