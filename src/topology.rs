@@ -999,6 +999,7 @@ fn kafka_connection(settings: &Settings) -> Option<KafkaConnection> {
         trusted_cert_b64: settings.kafka_trusted_cert_b64.clone(),
         producer_max_queue_size: settings.kafka_producer_max_queue_size,
         start_probe: Default::default(),
+        acknowledged: Default::default(),
     })
 }
 
