@@ -35,18 +35,6 @@ thread_local! {
     };
 }
 
-thread_local! {
-    /// Whether this thread has a budget or a tally open: what an allocation reads first, so
-    /// that the threads that count nothing (all but plugin calls) read one flag.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Sets [`COUNTING`] from the thread's budget, after it changed.
-fn set_budget(budget: Budget) {
-    BUDGET.with(|b| b.set(budget));
-    COUNTING.with(|c| c.set(budget.open || budget.tally_open));
-}
-
 static THREADS_STOPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Turns transparent huge pages off for this process (Linux; elsewhere it does nothing), as
@@ -139,30 +127,51 @@ fn plain_is_aligned(align: usize, size: usize) -> bool {
     align <= MI_MAX_ALIGN_SIZE && align <= size
 }
 
+/// `plain(size)` where its blocks are aligned for `layout`, else `aligned(size, align)`.
+///
+/// # Safety
+/// `plain` and `aligned` must allocate as mimalloc's `mi_malloc`/`mi_malloc_aligned` do
+/// (or their zeroing twins); they accept any size and a power-of-two alignment.
+#[allow(unsafe_code)]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void,
+) -> *mut u8 {
+    // SAFETY: the caller passes mimalloc's functions, which take any size and alignment.
+    unsafe {
+        if plain_is_aligned(layout.align(), layout.size()) {
+            plain(layout.size()).cast()
+        } else {
+            aligned(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: each method calls the mimalloc function for the same request: the plain one only
 // where its blocks are aligned for `layout` (see `MiMalloc`), the aligned one otherwise;
 // `mi_free` and `mi_realloc` take any pointer mimalloc gave out.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for MiMalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: mimalloc's allocation functions accept any size and a power-of-two alignment.
+        // SAFETY: both are mimalloc's allocation functions for the same request.
         unsafe {
-            if plain_is_aligned(layout.align(), layout.size()) {
-                libmimalloc_sys::mi_malloc(layout.size()).cast()
-            } else {
-                libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
+            allocate(
+                layout,
+                libmimalloc_sys::mi_malloc,
+                libmimalloc_sys::mi_malloc_aligned,
+            )
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as above.
+        // SAFETY: as above, zeroed.
         unsafe {
-            if plain_is_aligned(layout.align(), layout.size()) {
-                libmimalloc_sys::mi_zalloc(layout.size()).cast()
-            } else {
-                libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
+            allocate(
+                layout,
+                libmimalloc_sys::mi_zalloc,
+                libmimalloc_sys::mi_zalloc_aligned,
+            )
         }
     }
 
@@ -190,11 +199,13 @@ pub struct BudgetedAllocator<A>(pub A);
 /// Opens a budget of `limit_bytes` for the current thread; it closes when the guard drops.
 pub fn open_budget(limit_bytes: u64) -> BudgetGuard {
     let limit = i64::try_from(limit_bytes).unwrap_or(i64::MAX);
-    let mut budget = BUDGET.with(Cell::get);
-    budget.open = true;
-    budget.used = 0;
-    budget.limit = limit;
-    set_budget(budget);
+    BUDGET.with(|b| {
+        let mut budget = b.get();
+        budget.open = true;
+        budget.used = 0;
+        budget.limit = limit;
+        b.set(budget);
+    });
     BudgetGuard {
         _not_send: std::marker::PhantomData,
     }
@@ -212,21 +223,25 @@ pub struct BudgetGuard {
 
 impl Drop for BudgetGuard {
     fn drop(&mut self) {
-        let mut budget = BUDGET.with(Cell::get);
-        budget.open = false;
-        budget.used = 0;
-        budget.limit = 0;
-        set_budget(budget);
+        BUDGET.with(|b| {
+            let mut budget = b.get();
+            budget.open = false;
+            budget.used = 0;
+            budget.limit = 0;
+            b.set(budget);
+        });
     }
 }
 
 /// Starts counting the net bytes this thread allocates (budgets or not), to size what a piece
 /// of work keeps, such as a plugin VM while it loads. Not nestable: a new tally restarts it.
 pub fn open_tally() -> Tally {
-    let mut budget = BUDGET.with(Cell::get);
-    budget.tally_open = true;
-    budget.tally = 0;
-    set_budget(budget);
+    BUDGET.with(|b| {
+        let mut budget = b.get();
+        budget.tally_open = true;
+        budget.tally = 0;
+        b.set(budget);
+    });
     Tally {
         _not_send: std::marker::PhantomData,
     }
@@ -246,21 +261,16 @@ impl Tally {
 
 impl Drop for Tally {
     fn drop(&mut self) {
-        let mut budget = BUDGET.with(Cell::get);
-        budget.tally_open = false;
-        budget.tally = 0;
-        set_budget(budget);
+        BUDGET.with(|b| {
+            let mut budget = b.get();
+            budget.tally_open = false;
+            budget.tally = 0;
+            b.set(budget);
+        });
     }
-}
-
-fn counting() -> bool {
-    COUNTING.try_with(Cell::get).unwrap_or(false)
 }
 
 fn charge(bytes: usize) {
-    if !counting() {
-        return;
-    }
     let over = BUDGET
         .try_with(|b| {
             let mut budget = b.get();
@@ -287,9 +297,6 @@ fn charge(bytes: usize) {
 }
 
 fn refund(bytes: usize) {
-    if !counting() {
-        return;
-    }
     let _ = BUDGET.try_with(|b| {
         let mut budget = b.get();
         if budget.tally_open {
